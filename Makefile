@@ -1,0 +1,27 @@
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test install lint serve clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collects no test: that is a failure here, like any non-zero exit.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check model_export service tests bench
+
+serve: $(STAMP)
+	$(VENV)/bin/hornet serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache

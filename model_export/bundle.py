@@ -1,0 +1,51 @@
+"""Writing model bundles: engine files plus a validated `manifest.json`.
+
+The manifest schema lives in `service.manifest` (shared with the torch-free service);
+writing goes through it so an export can never produce a bundle the service refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from model_export.checkpoint import file_sha256
+from service.manifest import MANIFEST_NAME, Manifest
+
+_TOOLS = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+          "onnxconverter-common", "tensorrt", "timm", "hornet-serve")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in _TOOLS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, dict]:
+    return {
+        name: {"sha256": file_sha256(bundle_dir / name), "bytes": (bundle_dir / name).stat().st_size}
+        for name in names
+    }
+
+
+def write_manifest(bundle_dir: str | Path, fields: dict) -> Manifest:
+    """Hash every engine file, validate the whole manifest, write it last.
+
+    `fields` holds every Manifest field except `files` and `tools`, which are filled
+    here from the directory's engine files and the installed packages.
+    """
+    bundle_dir = Path(bundle_dir)
+    names = sorted({e["file"] for e in fields["engines"]} | set(fields.pop("extra_files", [])))
+    manifest = Manifest.model_validate(
+        fields | {"files": file_entries(bundle_dir, names), "tools": tool_versions()}
+    )
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+    (bundle_dir / MANIFEST_NAME).write_text(text)
+    return manifest

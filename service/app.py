@@ -1,0 +1,106 @@
+"""`create_app(settings)`: the one place the ASGI application is assembled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.bundle import Bundle
+from service.engines import create_engine
+from service.errors import ServiceError
+from service.metrics import ServiceMetrics
+from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.routers import health, inference, models
+from service.runtime import EngineFactory, ModelPool
+from service.settings import Settings
+
+log = logging.getLogger("hornet.service")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    bundles: Sequence[Bundle] | None = None,
+    engine_factory: EngineFactory = create_engine,
+) -> FastAPI:
+    """The service over `settings.model_dir` (or already verified `bundles`).
+
+    Models load and warm up in the background after startup, so /healthz answers at once
+    and /readyz turns 200 when they are done. `engine_factory` is the seam tests use to
+    put instrumented engines behind real bundles.
+    """
+    metrics = ServiceMetrics()
+    pool = ModelPool(settings, metrics, engine_factory, bundles=bundles)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(pool.load())
+        loading.add_done_callback(_retrieve_exception)
+        try:
+            yield
+        finally:
+            pool.begin_drain()
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await pool.close(settings.drain_timeout_s)
+            log.info("shut down")
+
+    app = FastAPI(
+        title="HorNet Serve",
+        summary="Dynamically batched HorNet classification, segmentation and detection",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(inference.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app
+
+
+def _retrieve_exception(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _error(status: int, code: str, detail: object, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.warning("request failed", extra={"error": exc.code, "detail": str(exc.detail)})
+        return _error(exc.status_code, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(err["loc"]), "msg": err["msg"], "input": str(err.get("input"))[:200]}
+            for err in exc.errors()
+        ]
+        return _error(422, "invalid_parameters", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, f"http_{exc.status_code}")
+        return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, "internal_error", f"{type(exc).__name__}")

@@ -1,0 +1,271 @@
+"""Dynamic batching: single requests in, batches through K engine instances, answers out.
+
+Modelled on Ray Serve's `_BatchQueue`, with what a service facing the internet needs:
+a bounded queue that refuses at once when full, per-request deadlines, requests whose
+client has gone dropped before they reach an engine, an engine failure failing only
+its own batch, and hooks for queue-time/batch-size/compute-time metrics. It knows
+nothing about HTTP, so it can be tested alone.
+
+A batch closes when it holds `max_batch_size` items or `max_delay_s` after its first
+item arrived. Batches are only formed when an engine instance is idle, so while all
+instances are busy the queue fills and the next batch is fuller (adaptive batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+IsGone = Callable[[], Awaitable[bool]]
+BatchWorker = Callable[[list[T]], Sequence[R]]
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue_size` items: the caller should retry later."""
+
+
+class QueueClosed(Exception):
+    """The queue is shutting down and takes no new work."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its answer was ready."""
+
+
+class ClientGone(Exception):
+    """The request's client went away; its item was dropped before the engine."""
+
+
+class BatchFailed(Exception):
+    """The worker raised, or returned a wrong number of results, for this item's batch."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    queue_seconds: list[float]
+    compute_seconds: float
+    failed: bool
+
+
+class BatchObserver(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_done(self, stats: BatchStats) -> None: ...
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    enqueued_at: float
+    deadline: float | None
+    is_gone: IsGone | None = field(default=None)
+
+
+class BatchQueue(Generic[T, R]):
+    """Batches items for a set of interchangeable workers (one per engine instance).
+
+    Each worker is a blocking callable taking a list of items and returning one result
+    per item, in order; it runs in its own thread so the event loop never blocks.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[BatchWorker],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if not workers:
+            raise ValueError("a BatchQueue needs at least one worker")
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size >= 1, max_delay_s >= 0")
+        self._workers = list(workers)
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self._observer = observer
+        self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
+        self._idle: asyncio.Queue[BatchWorker] = asyncio.Queue()
+        self._collecting: list[_Pending[T, R]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a batch (not yet handed to a worker)."""
+        return self._queue.qsize() + len(self._collecting)
+
+    def start(self) -> None:
+        """Start forming batches; call from the running event loop."""
+        if self._loop_task is not None:
+            return
+        self._executor = ThreadPoolExecutor(len(self._workers), thread_name_prefix="engine")
+        for worker in self._workers:
+            self._idle.put_nowait(worker)
+        self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
+
+    async def submit(
+        self, item: T, *, deadline: float | None = None, is_gone: IsGone | None = None
+    ) -> R:
+        """The worker's result for `item`; `deadline` is on the time.monotonic() clock."""
+        return (await self.submit_many([item], deadline=deadline, is_gone=is_gone))[0]
+
+    async def submit_many(
+        self,
+        items: Sequence[T],
+        *,
+        deadline: float | None = None,
+        is_gone: IsGone | None = None,
+    ) -> list[R]:
+        """Results for several independent items, in their order; admitted all or none.
+
+        The items may land in different batches. If one fails, the others are abandoned
+        (dropped if still queued) and the first failure is raised.
+        """
+        if self._closed or self._loop_task is None:
+            raise QueueClosed("the batch queue is not accepting work")
+        free = self.max_queue_size - self.depth
+        if len(items) > free:
+            raise QueueFull(
+                f"queue holds {self.depth} of {self.max_queue_size} items; "
+                f"{len(items)} more do not fit"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = [_Pending(item, loop.create_future(), now, deadline, is_gone) for item in items]
+        for entry in pending:
+            self._queue.put_nowait(entry)
+        self._report_depth()
+        timeout = None if deadline is None else max(deadline - now, 0.0)
+        waiting = asyncio.gather(*(entry.future for entry in pending))
+        try:
+            return list(await asyncio.wait_for(waiting, timeout))
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"no answer within the deadline ({timeout:.3f} s)") from exc
+        finally:
+            for entry in pending:
+                entry.future.cancel()
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Refuse new work, let queued and running batches finish within the bound, stop."""
+        self._closed = True
+        give_up_at = time.monotonic() + drain_timeout_s
+        while (self.depth or self._running) and time.monotonic() < give_up_at:
+            await asyncio.sleep(0.01)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        leftovers = list(self._collecting)
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        self._collecting.clear()
+        for entry in leftovers:
+            _fail(entry, QueueClosed("the service shut down before this request ran"))
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._report_depth()
+
+    async def _form_batches(self) -> None:
+        while True:
+            worker = await self._idle.get()
+            batch = await self._collect()
+            self._collecting = []
+            live = await self._admissible(batch)
+            self._report_depth()
+            if not live:
+                self._idle.put_nowait(worker)
+                continue
+            task = asyncio.create_task(self._execute(worker, live))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _collect(self) -> list[_Pending[T, R]]:
+        """Wait for a first item, then gather more until full or its delay has passed."""
+        self._collecting = [await self._queue.get()]
+        close_at = self._collecting[0].enqueued_at + self.max_delay_s
+        while len(self._collecting) < self.max_batch_size:
+            if not self._queue.empty():
+                self._collecting.append(self._queue.get_nowait())
+                continue
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._collecting.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return list(self._collecting)
+
+    async def _admissible(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
+        """Drop abandoned, expired and disconnected items before they cost engine time."""
+        now = time.monotonic()
+        live = []
+        for entry in batch:
+            if entry.future.done():
+                continue
+            if entry.deadline is not None and now >= entry.deadline:
+                _fail(entry, DeadlineExceeded("deadline passed while queued"))
+                continue
+            if entry.is_gone is not None and await entry.is_gone():
+                _fail(entry, ClientGone("client disconnected while queued"))
+                continue
+            live.append(entry)
+        return live
+
+    async def _execute(self, worker: BatchWorker, batch: list[_Pending[T, R]]) -> None:
+        started = time.monotonic()
+        queue_seconds = [started - entry.enqueued_at for entry in batch]
+        failed = True
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(
+                self._executor, worker, [entry.item for entry in batch]
+            )
+            if len(results) != len(batch):
+                raise BatchFailed(
+                    f"the batched function returned {len(results)} results for {len(batch)} inputs"
+                )
+        except Exception as exc:
+            error = exc if isinstance(exc, BatchFailed) else BatchFailed(_describe(exc))
+            for entry in batch:
+                _fail(entry, error)
+        else:
+            failed = False
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        finally:
+            self._idle.put_nowait(worker)
+            if self._observer is not None:
+                self._observer.batch_done(
+                    BatchStats(len(batch), queue_seconds, time.monotonic() - started, failed)
+                )
+
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_depth(self.depth)
+
+
+def _fail(entry: _Pending, error: Exception) -> None:
+    if not entry.future.done():
+        entry.future.set_exception(error)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"

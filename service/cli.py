@@ -1,0 +1,108 @@
+"""`hornet serve`: run the service over one or more bundles with uvicorn.
+
+Every flag has a HORNET_* environment variable (pydantic-settings); a flag given on the
+command line wins over the environment. On SIGTERM/SIGINT readiness turns false first,
+then uvicorn stops accepting, lets in-flight requests finish within drain_timeout_s,
+and the lifespan drains the batch queues (same bound) before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.bundle import BundleError, load_bundle
+from service.logs import configure_logging
+from service.runtime import ModelPool
+from service.settings import Settings
+
+_FLAGS: list[tuple[str, dict]] = [
+    (
+        "--model-dir",
+        {
+            "action": "append",
+            "metavar": "DIR",
+            "help": "bundle directory; repeat for several models (HORNET_MODEL_DIR, "
+            "comma-separated)",
+        },
+    ),
+    ("--host", {"help": "bind address (HORNET_HOST, default 127.0.0.1)"}),
+    ("--port", {"type": int, "help": "port (HORNET_PORT, default 8000)"}),
+    ("--engine", {"choices": ["onnxruntime", "tensorrt", "torch"], "help": "HORNET_ENGINE"}),
+    ("--device", {"choices": ["cpu", "cuda"], "help": "HORNET_DEVICE"}),
+    ("--precision", {"choices": ["fp32", "fp16"], "help": "engine precision (HORNET_PRECISION)"}),
+    ("--max-batch-size", {"type": int, "metavar": "N", "help": "HORNET_MAX_BATCH_SIZE"}),
+    ("--max-delay-ms", {"type": float, "metavar": "T", "help": "HORNET_MAX_DELAY_MS"}),
+    ("--max-queue-size", {"type": int, "metavar": "Q", "help": "HORNET_MAX_QUEUE_SIZE"}),
+    ("--instances", {"type": int, "metavar": "K", "help": "engines per model (HORNET_INSTANCES)"}),
+    ("--request-timeout-s", {"type": float, "metavar": "S", "help": "HORNET_REQUEST_TIMEOUT_S"}),
+    ("--max-upload-mb", {"type": float, "metavar": "M", "help": "HORNET_MAX_UPLOAD_MB"}),
+    ("--max-pixels", {"type": int, "metavar": "P", "help": "HORNET_MAX_PIXELS"}),
+    ("--engine-threads", {"type": int, "help": "ONNX Runtime intra-op threads, 0 = its default"}),
+    ("--drain-timeout-s", {"type": float, "help": "HORNET_DRAIN_TIMEOUT_S"}),
+    ("--log-level", {"help": "HORNET_LOG_LEVEL"}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hornet serve",
+        description="Serve HorNet model bundles over HTTP with dynamic batching.",
+    )
+    for flag, options in _FLAGS:
+        parser.add_argument(flag, default=None, **options)
+    return parser
+
+
+def load_settings(argv: list[str] | None) -> Settings:
+    """Settings from the environment, overridden by the flags actually given."""
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    return Settings(**given)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Entry point of `hornet serve` and `python -m service`; returns the exit status."""
+    try:
+        settings = load_settings(argv)
+    except ValidationError as exc:
+        print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if not settings.model_dir:
+        print("hornet serve: no model bundles given: pass --model-dir", file=sys.stderr)
+        return 2
+    try:
+        bundles = [load_bundle(path) for path in settings.model_dir]
+    except BundleError as exc:
+        print(f"hornet serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    app = create_app(settings, bundles=bundles)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        access_log=False,
+    )
+    server = _DrainingServer(config, app.state.pool)
+    server.run()
+    return 0 if server.started else 1
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose exit signal turns readiness false before anything stops."""
+
+    def __init__(self, config: uvicorn.Config, pool: ModelPool) -> None:
+        super().__init__(config)
+        self._pool = pool
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._pool.begin_drain()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,258 @@
+"""Engines: one small interface over ONNX Runtime, native TensorRT and torch.
+
+An engine takes named numpy inputs and returns named numpy outputs; it is called from
+one worker thread at a time (the batcher gives each of the K instances its own thread),
+so implementations need no locking. Which file an engine loads comes from the bundle's
+manifest; nothing is guessed from file names.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.manifest import Engine as EngineEntry
+from service.settings import Settings
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested engine cannot run this bundle here (missing runtime, GPU, file...)."""
+
+
+class InferenceEngine(Protocol):
+    description: str
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class OnnxRuntimeEngine:
+    """An ONNX Runtime session on CPU, CUDA or the TensorRT execution provider.
+
+    On CUDA the outputs are bound to device memory through IO binding and copied back
+    once, so ONNX Runtime does not allocate host staging buffers per run.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "cpu",
+        tensorrt_ep: bool = False,
+        precision: str = "fp32",
+        threads: int = 0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        providers = _ort_providers(device, tensorrt_ep, precision, cache_dir)
+        missing = [name for name, _ in providers if name not in ort.get_available_providers()]
+        if missing:
+            raise EngineUnavailable(
+                f"ONNX Runtime here lacks {missing}; it has {ort.get_available_providers()} "
+                "(install onnxruntime-gpu for CUDA/TensorRT)"
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(path),
+            sess_options=options,
+            providers=[p for p, _ in providers],
+            provider_options=[o for _, o in providers],
+        )
+        self._output_names = [o.name for o in self._session.get_outputs()]
+        self._on_gpu = device == "cuda"
+        self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}"
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._on_gpu:
+            return dict(zip(self._output_names, self._session.run(None, dict(inputs)), strict=True))
+        binding = self._session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self._output_names:
+            binding.bind_output(name, "cuda")
+        self._session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _ort_providers(
+    device: str, tensorrt_ep: bool, precision: str, cache_dir: Path | None
+) -> list[tuple[str, dict]]:
+    if device == "cpu":
+        return [("CPUExecutionProvider", {})]
+    providers: list[tuple[str, dict]] = []
+    if tensorrt_ep:
+        trt_options: dict = {
+            "trt_fp16_enable": precision == "fp16",
+            "trt_layer_norm_fp32_fallback": True,
+        }
+        if cache_dir is not None:
+            trt_options |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+            }
+        providers.append(("TensorrtExecutionProvider", trt_options))
+    providers.append(("CUDAExecutionProvider", {}))
+    providers.append(("CPUExecutionProvider", {}))
+    return providers
+
+
+class TensorRTEngine:
+    """A serialized TensorRT engine run with the TensorRT Python API; memory from torch.
+
+    Engines are tied to the GPU architecture and TensorRT version they were built with,
+    so both are checked against the manifest first and a mismatch is refused clearly.
+    Outputs must have shapes known once the input shapes are set (no data-dependent
+    outputs, i.e. not the detection graph).
+    """
+
+    def __init__(self, path: Path, entry: EngineEntry) -> None:
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as exc:
+            raise EngineUnavailable(f"the tensorrt engine needs tensorrt and torch: {exc}") from exc
+        if not torch.cuda.is_available():
+            raise EngineUnavailable("the tensorrt engine needs a CUDA GPU; none is visible")
+        major, minor = torch.cuda.get_device_capability()
+        here = f"{major}.{minor}"
+        if entry.compute_capability and entry.compute_capability != here:
+            raise EngineUnavailable(
+                f"{path.name} was built for compute capability {entry.compute_capability} "
+                f"({entry.gpu_name}); this GPU is {here} ({torch.cuda.get_device_name()})"
+            )
+        if entry.tensorrt_version and _major_minor(entry.tensorrt_version) != _major_minor(
+            trt.__version__
+        ):
+            raise EngineUnavailable(
+                f"{path.name} was built with TensorRT {entry.tensorrt_version}; "
+                f"this is TensorRT {trt.__version__}"
+            )
+        self._trt, self._torch = trt, torch
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self._engine is None:
+            raise EngineUnavailable(f"TensorRT could not deserialize {path}")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self._inputs = [n for n in names if is_input[n]]
+        self._outputs = [n for n in names if not is_input[n]]
+        self.description = f"tensorrt {trt.__version__} {path.name}"
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch, trt = self._torch, self._trt
+        with torch.cuda.stream(self._stream):
+            keep = []
+            for name in self._inputs:
+                host = torch.from_numpy(np.ascontiguousarray(inputs[name]))
+                tensor = host.cuda(non_blocking=True)
+                keep.append(tensor)
+                self._context.set_input_shape(name, tuple(tensor.shape))
+                self._context.set_tensor_address(name, tensor.data_ptr())
+            outputs = {}
+            for name in self._outputs:
+                shape = tuple(self._context.get_tensor_shape(name))
+                if any(dim < 0 for dim in shape):
+                    raise EngineUnavailable(f"output {name} has a data-dependent shape {shape}")
+                dtype = torch.from_numpy(
+                    np.empty(0, dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
+                ).dtype
+                outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                self._context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 reported failure")
+        self._stream.synchronize()
+        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+
+    def close(self) -> None:
+        self._context = None
+        self._engine = None
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split(".")[:2])
+
+
+class TorchEngine:
+    """The eager torch model rebuilt from the registry: for debugging and parity checks.
+
+    Takes the same inputs as the bundle's graph; uint8 NHWC is normalised with the
+    manifest's mean/std first, since the eager model takes normalised float32 NCHW.
+    """
+
+    def __init__(self, bundle: Bundle, device: str) -> None:
+        try:
+            import torch
+
+            from model_export import create_model
+        except ImportError as exc:
+            raise EngineUnavailable(f"the torch engine needs torch, model_export: {exc}") from exc
+        manifest = bundle.manifest
+        if manifest.task != "classify":
+            raise EngineUnavailable(f"the torch engine serves classify, not {manifest.task}")
+        if manifest.weights.random or not manifest.weights.checkpoint:
+            raise EngineUnavailable(
+                f"bundle {manifest.name!r} was exported with random weights; the torch "
+                "engine cannot rebuild them (it needs manifest.weights.checkpoint)"
+            )
+        self._torch = torch
+        self._device = torch.device(device)
+        self._preprocess = manifest.preprocess
+        self._output = manifest.outputs[0].name
+        self._model = create_model(
+            manifest.variant,
+            checkpoint=manifest.weights.checkpoint,
+            num_classes=len(manifest.labels),
+            image_size=manifest.preprocess.input_size[0],
+        ).to(self._device)
+        self.description = f"torch {torch.__version__} {manifest.variant} on {device}"
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from service.imaging import normalize_nchw
+
+        (array,) = inputs.values()
+        if array.dtype == np.uint8:
+            array = normalize_nchw(array, self._preprocess)
+        with self._torch.inference_mode():
+            logits = self._model(self._torch.from_numpy(array).to(self._device))
+        return {self._output: logits.float().cpu().numpy()}
+
+    def close(self) -> None:
+        self._model = None
+
+
+def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
+    """One engine instance for a bundle, as the settings ask (engine, device, precision)."""
+    manifest = bundle.manifest
+    try:
+        if settings.engine == "tensorrt":
+            entry = manifest.engine_for("tensorrt", settings.precision)
+            return TensorRTEngine(bundle.file(entry.file), entry)
+        if settings.engine == "torch":
+            return TorchEngine(bundle, settings.device)
+        entry = manifest.engine_for("onnx", settings.precision)
+    except LookupError as exc:
+        raise EngineUnavailable(str(exc)) from exc
+    return OnnxRuntimeEngine(
+        bundle.file(entry.file),
+        device=settings.device,
+        tensorrt_ep=settings.ort_tensorrt,
+        precision=entry.precision,
+        threads=settings.engine_threads,
+        cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
+    )

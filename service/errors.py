@@ -1,0 +1,65 @@
+"""The service's errors: each carries its HTTP status and a stable machine-readable code.
+
+Client mistakes are 4xx with the fact needed to fix them; 500 is reserved for our own
+failures (an engine that raised). Raised anywhere below the routes and turned into
+`{"error": CODE, "detail": ...}` by the handlers installed in `service.app`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, detail: Any = None, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadImage(ServiceError):
+    status_code = 400
+    code = "bad_image"
+
+
+class UnknownModel(ServiceError):
+    status_code = 404
+    code = "unknown_model"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidParameters(ServiceError):
+    status_code = 422
+    code = "invalid_parameters"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+class Timeout(ServiceError):
+    status_code = 504
+    code = "timeout"
+
+
+class EngineFailure(ServiceError):
+    status_code = 500
+    code = "engine_error"

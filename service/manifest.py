@@ -1,0 +1,148 @@
+"""The model bundle's `manifest.json`: the one contract between export and serving.
+
+A bundle is a directory holding `manifest.json` and the engine files it lists. The export
+stage (`hornet export`, needs torch) writes it; the service (no torch) reads bundles only.
+Everything the service needs to turn an uploaded image into an answer is here: the
+input contract, the preprocessing of the official evaluation pipeline, the labels and
+the outputs. This module has no dependency beyond pydantic so both sides share it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Task = Literal["classify", "segment", "detect"]
+DType = Literal["uint8", "float32", "float16", "int64", "int32", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    """One graph input or output. `-1` marks a dynamic axis (the batch axis first)."""
+
+    name: str
+    dtype: DType
+    shape: list[int]
+    layout: Literal["NCHW", "NHWC"] | None = None
+    description: str = ""
+
+
+class SlidingWindow(_Strict):
+    """mmseg's slide inference: crop tiles of `crop`, step `stride`, average overlaps."""
+
+    crop: tuple[int, int]
+    stride: tuple[int, int]
+
+
+class Preprocess(_Strict):
+    """How a decoded RGB image becomes the graph input.
+
+    resize_mode:
+      - "shorter_side_center_crop": resize the shorter side to int(size / crop_pct)
+        (aspect kept, long side int(scale * long / short)), then center-crop size x size
+        with top = int(round((h - size) / 2)). timm/torchvision eval transform, size < 384.
+      - "direct": resize straight to size x size, no crop (HorNet at 384).
+      - "fit": keep aspect ratio so the image fits `scale` (long, short) as mmseg's
+        Resize(keep_ratio=True); then `sliding_window` tiles of the graph's input size.
+    mean/std are given on the 0-255 scale when `pixel_range` is 255, else on 0-1.
+    normalize_in_graph: the graph takes raw uint8 pixels and normalises inside.
+    """
+
+    resize_mode: Literal["shorter_side_center_crop", "direct", "fit"]
+    input_size: tuple[int, int]
+    crop_pct: float | None = None
+    interpolation: Literal["bicubic", "bilinear", "nearest"]
+    resize_backend: Literal["pil", "opencv"] = "pil"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pixel_range: Literal[1, 255] = 1
+    normalize_in_graph: bool = True
+    scale: tuple[int, int] | None = None
+    sliding_window: SlidingWindow | None = None
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Engine(_Strict):
+    """One runnable artefact of the bundle.
+
+    TensorRT engines only run on the GPU architecture and TensorRT version they were
+    built with; those facts are recorded so the service can refuse a mismatch clearly.
+    """
+
+    format: Literal["onnx", "tensorrt"]
+    precision: Literal["fp32", "fp16"]
+    file: str
+    gf_mode: Literal["matmul", "circular_conv", "dft", "none"] = "none"
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+    batch_profile: tuple[int, int, int] | None = None
+
+
+class Parity(_Strict):
+    """Verification of one engine against the torch model at export time."""
+
+    engine: str
+    reference: str
+    max_abs_error: float
+    relative_error: float
+    top1_agreement: float | None = None
+    tolerance: float
+    passed: bool
+    inputs: str = ""
+
+
+class Weights(_Strict):
+    random: bool
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    variant: str
+    task: Task
+    demo: bool = False
+    description: str = ""
+    weights: Weights
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    preprocess: Preprocess
+    labels: list[str] = Field(min_length=1)
+    engines: list[Engine] = Field(min_length=1)
+    files: dict[str, FileEntry]
+    export: dict = Field(default_factory=dict)
+    parity: list[Parity] = Field(default_factory=list)
+    tools: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _engines_are_listed_files(self) -> Manifest:
+        missing = [e.file for e in self.engines if e.file not in self.files]
+        if missing:
+            raise ValueError(f"engine files not listed under 'files': {missing}")
+        return self
+
+    def engine_for(self, fmt: str, precision: str | None = None) -> Engine:
+        """The engine of a format (and precision, when given); fp32 preferred."""
+        found = [e for e in self.engines if e.format == fmt]
+        if precision is not None:
+            found = [e for e in found if e.precision == precision]
+        if not found:
+            have = [f"{e.format}/{e.precision}" for e in self.engines]
+            raise LookupError(
+                f"bundle {self.name!r} has no {fmt} engine"
+                f"{'' if precision is None else ' in ' + precision}; it has {have}"
+            )
+        return sorted(found, key=lambda e: e.precision != "fp32")[0]

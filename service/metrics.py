@@ -1,0 +1,88 @@
+"""Prometheus metrics, one CollectorRegistry per app so tests can build several apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batching import BatchStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """The service's instruments; `for_model` gives the batcher its observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hornet_requests",
+            "HTTP requests answered",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hornet_request_seconds",
+            "end-to-end request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "hornet_in_flight_requests", "requests being handled", registry=self.registry
+        )
+        self.queue_seconds = Histogram(
+            "hornet_queue_seconds",
+            "time an item waited for its batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "hornet_batch_size",
+            "items per engine call",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine_seconds = Histogram(
+            "hornet_engine_seconds",
+            "engine time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine_failures = Counter(
+            "hornet_engine_failures",
+            "batches whose engine call failed",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_depth_gauge = Gauge(
+            "hornet_queue_depth", "items waiting for a batch", ["model"], registry=self.registry
+        )
+
+    def for_model(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+
+class ModelObserver:
+    """Feeds one model's batcher events into the service metrics."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str) -> None:
+        self._depth = metrics.queue_depth_gauge.labels(model)
+        self._queue = metrics.queue_seconds.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._engine = metrics.engine_seconds.labels(model)
+        self._failures = metrics.engine_failures.labels(model)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_done(self, stats: BatchStats) -> None:
+        self._batch.observe(stats.size)
+        self._engine.observe(stats.compute_seconds)
+        for seconds in stats.queue_seconds:
+            self._queue.observe(seconds)
+        if stats.failed:
+            self._failures.inc()

@@ -1,0 +1,103 @@
+"""The inference routes: classify, segment, detect. Parse, call the model, shape."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.dependencies import Pool, read_uploads, request_deadline
+from service.imaging import SUPPORTED_CONTENT_TYPES
+from service.runtime import ModelRunner
+from service.schemas import ClassifyResponse, DetectResponse, ErrorResponse, SegmentResponse
+
+router = APIRouter(tags=["inference"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "one or more images: repeated multipart 'file' fields, or a raw body",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            **{
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in sorted(SUPPORTED_CONTENT_TYPES)
+            },
+        },
+    }
+}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
+ModelName = Annotated[
+    str | None,
+    Query(description="model name; optional when one model of the task is loaded"),
+]
+
+
+async def _run(request: Request, runner: ModelRunner) -> tuple[list, list]:
+    deadline = request_deadline(request)
+    prepared = await runner.prepare(await read_uploads(request))
+    outputs = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
+    return prepared, outputs
+
+
+@router.post(
+    "/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+)
+async def classify(
+    request: Request,
+    pool: Pool,
+    model: ModelName = None,
+    top_k: Annotated[int, Query(ge=1, le=100_000, description="classes per image")] = 5,
+) -> ClassifyResponse:
+    """Top-k softmax probabilities per image, in upload order."""
+    runner = pool.get("classify", model)
+    _, outputs = await _run(request, runner)
+    k = min(top_k, len(runner.manifest.labels))
+    results = [runner.pipeline.finish(items[0], k) for items in outputs]
+    return ClassifyResponse(model=runner.name, results=results)
+
+
+@router.post(
+    "/segment", response_model=SegmentResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+)
+async def segment(request: Request, pool: Pool, model: ModelName = None) -> SegmentResponse:
+    """Per image: the class-index mask at the image's size and the classes present."""
+    runner = pool.get("segment", model)
+    prepared, outputs = await _run(request, runner)
+    results = await asyncio.gather(
+        *(
+            asyncio.to_thread(runner.pipeline.finish, p, o)
+            for p, o in zip(prepared, outputs, strict=True)
+        )
+    )
+    return SegmentResponse(model=runner.name, results=list(results))
+
+
+@router.post(
+    "/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+)
+async def detect(
+    request: Request,
+    pool: Pool,
+    model: ModelName = None,
+    score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
+) -> DetectResponse:
+    """Per image: boxes in input pixels, labels, scores and COCO RLE instance masks."""
+    runner = pool.get("detect", model)
+    prepared, outputs = await _run(request, runner)
+    results = await asyncio.gather(
+        *(
+            asyncio.to_thread(runner.pipeline.finish, p, o[0], score_threshold)
+            for p, o in zip(prepared, outputs, strict=True)
+        )
+    )
+    return DetectResponse(model=runner.name, results=list(results))

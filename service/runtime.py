@@ -1,0 +1,235 @@
+"""The served models: each bundle with its pipeline, K engine instances and its batcher.
+
+`ModelPool` loads and warms every bundle (off the event loop, so /healthz answers
+while it works), answers which model a request means, and drains on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from service import batching
+from service.bundle import Bundle, load_bundle
+from service.engines import InferenceEngine, create_engine
+from service.errors import (
+    EngineFailure,
+    InvalidParameters,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    Timeout,
+    UnknownModel,
+)
+from service.imaging import decode_image
+from service.metrics import ServiceMetrics
+from service.pipelines import Pipeline, Prepared, pipeline_for
+from service.schemas import BatchSettings, ModelInfo
+from service.settings import Settings
+
+log = logging.getLogger("hornet.service")
+
+EngineFactory = Callable[[Bundle, Settings], InferenceEngine]
+
+
+class ClientDisconnected(ServiceError):
+    status_code = 499
+    code = "client_disconnected"
+
+
+class ModelRunner:
+    """One bundle being served: pipeline + engines + batcher."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        engines: Sequence[InferenceEngine],
+        settings: Settings,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.name = bundle.manifest.name
+        self.pipeline: Pipeline = pipeline_for(bundle.manifest)
+        self.engines = list(engines)
+        self.settings = settings
+        workers = [self._worker_for(engine) for engine in self.engines]
+        self.queue: batching.BatchQueue[Any, Any] = batching.BatchQueue(
+            workers,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            observer=metrics.for_model(self.name),
+        )
+
+    def _worker_for(self, engine: InferenceEngine) -> batching.BatchWorker:
+        def run(items: list[Any]) -> list[Any]:
+            return self.pipeline.run_batch(engine, items)
+
+        return run
+
+    def warm_up(self) -> None:
+        """One run per engine instance, so the first request pays no lazy initialisation."""
+        for engine in self.engines:
+            self.pipeline.run_batch(engine, self.pipeline.warmup_items())
+
+    async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
+        """Decode and preprocess every upload in worker threads, off the event loop."""
+        max_pixels = self.settings.max_pixels
+
+        def prepare_one(data: bytes) -> Prepared:
+            return self.pipeline.prepare(decode_image(data, max_pixels))
+
+        return list(await asyncio.gather(*(asyncio.to_thread(prepare_one, d) for d in uploads)))
+
+    async def infer(
+        self,
+        prepared: Sequence[Prepared],
+        *,
+        deadline: float,
+        is_gone: batching.IsGone | None = None,
+    ) -> list[list[Any]]:
+        """The engine results of every item of every image, grouped per image in order."""
+        items = [item for image in prepared for item in image.items]
+        try:
+            results = await self.queue.submit_many(items, deadline=deadline, is_gone=is_gone)
+        except batching.QueueFull as exc:
+            raise Overloaded(str(exc), headers={"Retry-After": "1"}) from exc
+        except batching.QueueClosed as exc:
+            raise NotReady(str(exc), headers={"Retry-After": "5"}) from exc
+        except batching.DeadlineExceeded as exc:
+            raise Timeout(f"model {self.name!r}: {exc}") from exc
+        except batching.ClientGone as exc:
+            raise ClientDisconnected(str(exc)) from exc
+        except batching.BatchFailed as exc:
+            raise EngineFailure(f"model {self.name!r} engine failed: {exc}") from exc
+        grouped, start = [], 0
+        for image in prepared:
+            grouped.append(results[start : start + len(image.items)])
+            start += len(image.items)
+        return grouped
+
+    def info(self, ready: bool) -> ModelInfo:
+        manifest = self.manifest
+        return ModelInfo(
+            name=self.name,
+            task=manifest.task,
+            variant=manifest.variant,
+            input_size=manifest.preprocess.input_size,
+            labels=len(manifest.labels),
+            engine=self.engines[0].description,
+            batching=BatchSettings(
+                max_batch_size=self.settings.max_batch_size,
+                max_delay_ms=self.settings.max_delay_ms,
+                max_queue_size=self.settings.max_queue_size,
+                instances=len(self.engines),
+            ),
+            demo=manifest.demo,
+            ready=ready,
+        )
+
+    def close_engines(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+
+class ModelPool:
+    """Every served model; `ready` once all are loaded, warmed and batching."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        engine_factory: EngineFactory = create_engine,
+        *,
+        bundles: Sequence[Bundle] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sources: list[Bundle | Any] = list(bundles) if bundles else list(settings.model_dir)
+        self.metrics = metrics
+        self._engine_factory = engine_factory
+        self.runners: dict[str, ModelRunner] = {}
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+
+    async def load(self) -> None:
+        """Load, verify, build and warm every bundle; then start batching and turn ready."""
+        try:
+            if not self._sources:
+                raise ValueError("no model bundles given: pass --model-dir")
+            for source in self._sources:
+                runner = await asyncio.to_thread(self._build_runner, source)
+                if runner.name in self.runners:
+                    raise ValueError(
+                        f"two bundles are named {runner.name!r} "
+                        f"({self.runners[runner.name].bundle.path} and {runner.bundle.path})"
+                    )
+                self.runners[runner.name] = runner
+            for runner in self.runners.values():
+                runner.queue.start()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed", extra={"error": self.load_error})
+            raise
+        self.ready = not self.draining
+        log.info("models ready", extra={"models": sorted(self.runners)})
+
+    def _build_runner(self, source: Bundle | Any) -> ModelRunner:
+        started = time.monotonic()
+        bundle = source if isinstance(source, Bundle) else load_bundle(source)
+        engines = [
+            self._engine_factory(bundle, self.settings) for _ in range(self.settings.instances)
+        ]
+        runner = ModelRunner(bundle, engines, self.settings, self.metrics)
+        runner.warm_up()
+        log.info(
+            "model loaded",
+            extra={
+                "model": runner.name,
+                "task": bundle.manifest.task,
+                "engine": engines[0].description,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return runner
+
+    def get(self, task: str, name: str | None) -> ModelRunner:
+        """The model a request means: by name, or the only model of its task."""
+        if not self.ready:
+            detail = self.load_error or (
+                "shutting down" if self.draining else "models are still loading"
+            )
+            raise NotReady(detail, headers={"Retry-After": "5"})
+        if name is None:
+            of_task = [r for r in self.runners.values() if r.manifest.task == task]
+            if len(of_task) == 1:
+                return of_task[0]
+            if not of_task:
+                raise UnknownModel(f"no {task} model is loaded")
+            raise InvalidParameters(
+                f"several {task} models are loaded; choose one with ?model= "
+                f"({sorted(r.name for r in of_task)})"
+            )
+        runner = self.runners.get(name)
+        if runner is None:
+            raise UnknownModel(f"no model named {name!r}; loaded: {sorted(self.runners)}")
+        if runner.manifest.task != task:
+            raise UnknownModel(f"model {name!r} is a {runner.manifest.task} model, not {task}")
+        return runner
+
+    def begin_drain(self) -> None:
+        """Readiness turns false first, so load balancers stop sending before we stop."""
+        self.draining = True
+        self.ready = False
+
+    async def close(self, drain_timeout_s: float) -> None:
+        self.begin_drain()
+        await asyncio.gather(
+            *(runner.queue.close(drain_timeout_s) for runner in self.runners.values())
+        )
+        for runner in self.runners.values():
+            runner.close_engines()

@@ -1,0 +1,56 @@
+"""Service settings: every `hornet serve` flag, also settable as a HORNET_* variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_model_dirs() -> list[Path]:
+    """Bundles served when no --model-dir is given (the packaged demo bundles, none yet)."""
+    return []
+
+
+class Settings(BaseSettings):
+    """What the server runs and the limits that keep it standing.
+
+    `model_dir` accepts a list, or in the environment a comma-separated string
+    (HORNET_MODEL_DIR=bundles/a,bundles/b).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HORNET_", extra="forbid")
+
+    model_dir: Annotated[list[Path], NoDecode] = Field(default_factory=default_model_dirs)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    engine: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "fp16"] | None = None
+    ort_tensorrt: bool = False
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(64, ge=1)
+    instances: int = Field(1, ge=1, le=64)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    engine_threads: int = Field(0, ge=0)
+    drain_timeout_s: float = Field(10.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        if isinstance(value, Path):
+            return [value]
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -1,0 +1,341 @@
+"""The Kubernetes manifests: schema-valid offline, and wired together the way the docs say."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_checks import K8S_DIR, K8S_VERSIONS, RENDERS, Cli, hornet_argv, one, read_env_file
+
+# Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
+SERVING = ("overlays/cpu", "overlays/gpu", "examples/queue-depth-hpa")
+GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
+
+
+def _kustomizations() -> list[Path]:
+    return sorted(K8S_DIR.rglob("kustomization.yaml"))
+
+
+def _patch_files() -> set[Path]:
+    patches = set()
+    for kustomization in _kustomizations():
+        spec = yaml.safe_load(kustomization.read_text())
+        for patch in spec.get("patches", []):
+            if "path" in patch:
+                patches.add((kustomization.parent / patch["path"]).resolve())
+    return patches
+
+
+def _standalone_manifests() -> list[Path]:
+    """Complete objects on disk: everything but kustomizations and patches."""
+    skip = _patch_files() | {k.resolve() for k in _kustomizations()}
+    return [p for p in sorted(K8S_DIR.rglob("*.yaml")) if p.resolve() not in skip]
+
+
+def _kubernetes_validate():
+    return pytest.importorskip(
+        "kubernetes_validate", reason="pip install kubernetes-validate (offline k8s schemas)"
+    )
+
+
+def _validate(document: dict, version: str) -> None:
+    kubernetes_validate = _kubernetes_validate()
+    try:
+        kubernetes_validate.validate(document, version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        where = ".".join(str(p) for p in error.path)
+        name = document["metadata"]["name"]
+        pytest.fail(f"{document['kind']}/{name} at {where}: {error.message} (k8s {version})")
+
+
+# --- schema --------------------------------------------------------------------------------
+
+
+def test_every_manifest_is_validated_somewhere():
+    """Standalone files are validated as they are; patches only inside a rendered whole."""
+    assert not list(K8S_DIR.rglob("*.yml")), "use .yaml: the checks below look for it"
+    rendered_dirs = {(K8S_DIR / r).resolve() for r in RENDERS}
+    assert {k.parent.resolve() for k in _kustomizations()} == rendered_dirs
+    for patch in _patch_files():
+        assert patch.parent in rendered_dirs, f"{patch} is patched in but never rendered"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", _standalone_manifests(), ids=lambda p: str(p.relative_to(K8S_DIR)))
+def test_manifest_file_validates_strictly(path: Path, version: str):
+    for document in yaml.safe_load_all(path.read_text()):
+        _validate(document, version)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("kustomization", RENDERS)
+def test_rendered_kustomization_validates_strictly(kustomization: str, version: str, rendered):
+    for document in rendered(kustomization):
+        _validate(document, version)
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    kubernetes_validate = _kubernetes_validate()
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 80, "targetPort": "http", "protocl": "TCP"}]},
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, K8S_VERSIONS[0], strict=True)
+
+
+# --- the serving pod -----------------------------------------------------------------------
+
+
+def _pod(objects: list[dict], kind: str) -> dict:
+    return one(objects, kind)["spec"]["template"]["spec"]
+
+
+def _container(pod: dict, name: str) -> dict:
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+def _config(objects: list[dict]) -> dict[str, str]:
+    return one(objects, "ConfigMap", "hornet-serve-config")["data"]
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_probes_use_readyz_and_healthz_on_the_configured_port(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports["http"] == int(_config(objects)["HORNET_PORT"])
+    probes = {
+        kind: server[kind]["httpGet"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert {k: p["path"] for k, p in probes.items()} == {
+        "startupProbe": "/readyz",
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/healthz",
+    }
+    assert all(p["port"] in ("http", ports["http"]) for p in probes.values())
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_shutdown_grace_covers_prestop_and_drain(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    pod = _pod(objects, "Deployment")
+    pre_stop = _container(pod, "hornet-serve")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    config = _config(objects)
+    drain = float(config["HORNET_DRAIN_TIMEOUT_S"])
+    assert pre_stop >= 5, "endpoint removal needs a few seconds to reach every proxy"
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert drain >= float(config["HORNET_REQUEST_TIMEOUT_S"]), "drain shorter than a request"
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_pods_are_non_root_read_only_with_a_tmp_emptydir(kustomization: str, kind: str, rendered):
+    pod = _pod(rendered(kustomization), kind)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+    for container in pod["containers"]:
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp and "emptyDir" in volumes[tmp[0]["name"]], container["name"]
+
+
+def _quantity(value) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    text = str(value)
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_every_container_has_requests_within_limits(kustomization: str, kind: str, rendered):
+    pod = _pod(rendered(kustomization), kind)
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert {"cpu", "memory"} <= requests.keys() and {"cpu", "memory"} <= limits.keys()
+        for resource, limit in limits.items():
+            assert _quantity(requests[resource]) <= _quantity(limit), (container["name"], resource)
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_settings_come_from_the_rendered_configmap(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    names = [e["configMapRef"]["name"] for e in server["envFrom"]]
+    assert names == [one(objects, "ConfigMap", "hornet-serve-config")["metadata"]["name"]]
+    assert all(key.startswith("HORNET_") for key in _config(objects))
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_service_pdb_and_hpa_target_the_serving_pods(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    deployment = one(objects, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = one(objects, "Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    port_names = {
+        p["name"] for p in _container(_pod(objects, "Deployment"), "hornet-serve")["ports"]
+    }
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    assert (
+        one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items()
+        <= labels.items()
+    )
+    job_labels = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= job_labels.items(), "Service selects the Job"
+    target = one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert "replicas" not in deployment["spec"], "the HPA owns replicas"
+
+
+def _claim_mount(pod: dict, container: str, claim: str) -> dict:
+    volume = next(
+        v["name"]
+        for v in pod["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+    )
+    return next(m for m in _container(pod, container)["volumeMounts"] if m["name"] == volume)
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_export_job_writes_the_bundles_the_server_loads(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    claim = one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    serve = _claim_mount(_pod(objects, "Deployment"), "hornet-serve", claim)
+    export = _claim_mount(_pod(objects, "Job"), "export", claim)
+    assert serve["mountPath"] == export["mountPath"]
+    assert serve.get("readOnly") is True and not export.get("readOnly")
+    # HORNET_MODEL_DIR is a comma-separated list of bundle directories (service.settings).
+    bundles = [Path(d) for d in _config(objects)["HORNET_MODEL_DIR"].split(",") if d]
+    assert bundles and all(Path(serve["mountPath"]) in b.parents for b in bundles), bundles
+    args = _container(_pod(objects, "Job"), "export")["args"]
+    assert Path(args[args.index("--out") + 1]) in bundles, "the Job exports a bundle not served"
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_engine_threads_fit_the_cpu_limit(kustomization: str, rendered):
+    objects = rendered(kustomization)
+    limit = _quantity(
+        _container(_pod(objects, "Deployment"), "hornet-serve")["resources"]["limits"]["cpu"]
+    )
+    threads = int(_config(objects)["HORNET_ENGINE_THREADS"])
+    assert 1 <= threads <= limit, "0 (auto) sizes the pool from the node, not the limit"
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_containers_call_accepted_cli_commands(kustomization: str, rendered, cli: Cli):
+    objects = rendered(kustomization)
+    # The images' entrypoints (docker/*.Dockerfile): `hornet` to serve, `hornet export`.
+    serve = ["hornet", *_container(_pod(objects, "Deployment"), "hornet-serve")["args"]]
+    export = ["hornet", "export", *_container(_pod(objects, "Job"), "export")["args"]]
+    for argv in (serve, export):
+        assert cli.error(hornet_argv(argv, cli)) is None, cli.error(hornet_argv(argv, cli))
+
+
+def test_export_job_variant_is_registered(rendered):
+    registry = pytest.importorskip("model_export.registry", reason="needs torch (the export extra)")
+    for kustomization in SERVING:
+        args = _container(_pod(rendered(kustomization), "Job"), "export")["args"]
+        registry.get_variant(args[args.index("--variant") + 1])
+
+
+# --- CPU and GPU overlays ------------------------------------------------------------------
+
+
+def test_cpu_overlay_asks_for_no_gpu(rendered):
+    objects = rendered("overlays/cpu")
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(objects)
+    config = _config(objects)
+    assert (config["HORNET_ENGINE"], config["HORNET_DEVICE"]) == ("onnxruntime", "cpu")
+
+
+@pytest.mark.parametrize("kustomization", GPU_RENDERS)
+@pytest.mark.parametrize(("kind", "container"), [("Deployment", "hornet-serve"), ("Job", "export")])
+def test_gpu_pods_get_one_gpu_on_tainted_gpu_nodes(kustomization, kind, container, rendered):
+    pod = _pod(rendered(kustomization), kind)
+    resources = _container(pod, container)["resources"]
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert int(resources["requests"]["nvidia.com/gpu"]) == 1
+    assert pod["nodeSelector"], "no GPU node selector"
+    assert any(
+        t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"]
+    )
+
+
+@pytest.mark.parametrize("kustomization", GPU_RENDERS)
+def test_engines_are_built_on_the_gpu_type_that_serves_them(kustomization, rendered):
+    objects = rendered(kustomization)
+    assert _pod(objects, "Job")["nodeSelector"] == _pod(objects, "Deployment")["nodeSelector"]
+
+
+@pytest.mark.parametrize("kustomization", GPU_RENDERS)
+def test_gpu_server_uses_tensorrt_within_the_engine_batch_profile(kustomization, rendered):
+    objects = rendered(kustomization)
+    config = _config(objects)
+    assert (config["HORNET_ENGINE"], config["HORNET_DEVICE"]) == ("tensorrt", "cuda")
+    args = _container(_pod(objects, "Job"), "export")["args"]
+    assert args[args.index("--format") + 1] in ("tensorrt", "all")
+    profile_max = int(args[args.index("--batch") + 1].split(":")[2])
+    assert int(config["HORNET_MAX_BATCH_SIZE"]) <= profile_max
+
+
+def test_gpu_rollout_needs_no_spare_gpu(rendered):
+    strategy = one(rendered("overlays/gpu"), "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxSurge"] == 0 and strategy["maxUnavailable"] >= 1
+
+
+# --- autoscaling ---------------------------------------------------------------------------
+
+
+def test_default_hpa_scales_on_cpu(rendered):
+    metrics = one(rendered("overlays/gpu"), "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert [(m["type"], m["resource"]["name"]) for m in metrics] == [("Resource", "cpu")]
+
+
+def test_queue_depth_example_scales_on_the_metric_the_adapter_serves(rendered):
+    metrics = one(rendered("examples/queue-depth-hpa"), "HorizontalPodAutoscaler")["spec"][
+        "metrics"
+    ]
+    assert [(m["type"], m["pods"]["metric"]["name"]) for m in metrics] == [
+        ("Pods", "hornet_queue_depth")
+    ]
+    adapter = yaml.safe_load((K8S_DIR / "examples/prometheus-adapter-rules.yaml").read_text())
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert any(r["name"]["as"] == "hornet_queue_depth" for r in rules)
+    assert all(re.match(r"hornet_queue_depth\b", r["seriesQuery"]) for r in rules)
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_file", sorted(K8S_DIR.rglob("*.env")), ids=lambda p: p.name)
+def test_configmap_sets_only_real_settings(env_file: Path, env_names: set[str]):
+    unknown = set(read_env_file(env_file)) - env_names
+    assert not unknown, (
+        f"{env_file.name} sets {sorted(unknown)}, which `hornet serve` does not read"
+    )
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_configmap_values_are_accepted_by_the_settings(
+    kustomization: str, rendered, settings_class: type, monkeypatch: pytest.MonkeyPatch
+):
+    for name in [n for n in os.environ if n.startswith("HORNET_")]:
+        monkeypatch.delenv(name)
+    for name, value in _config(rendered(kustomization)).items():
+        monkeypatch.setenv(name, value)
+    settings_class()

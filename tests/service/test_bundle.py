@@ -1,0 +1,82 @@
+"""The bundle loader serves a bundle only when every file matches its manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.bundle import BundleError, load_bundle
+
+
+@pytest.fixture
+def bundle_copy(classifier_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(classifier_dir, tmp_path / "copy"))
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_valid_bundle_loads_with_its_manifest(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    assert bundle.name == "tiny_cls"
+    assert bundle.manifest.task == "classify"
+    assert bundle.file("model.onnx").is_file()
+
+
+def test_edited_file_is_refused_naming_it(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256 .* does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_truncated_file_is_refused_by_size(bundle_copy: Path) -> None:
+    data = (bundle_copy / "model.onnx").read_bytes()
+    (bundle_copy / "model.onnx").write_bytes(data[:-10])
+    with pytest.raises(BundleError, match=r"model\.onnx: \d+ bytes, but manifest.json says"):
+        load_bundle(bundle_copy)
+
+
+def test_wrong_sha256_in_manifest_is_refused(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda m: m["files"]["model.onnx"].update(sha256="0" * 64))
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_is_refused_naming_it(bundle_copy: Path) -> None:
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model\.onnx: listed in manifest.json but missing"):
+        load_bundle(bundle_copy)
+
+
+def test_invalid_manifest_is_refused_naming_the_field(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda m: m.update(taks="classify"))
+    with pytest.raises(BundleError, match=r"manifest.json: invalid manifest: taks"):
+        load_bundle(bundle_copy)
+
+
+def test_manifest_that_is_not_json_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_directory_without_manifest_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        load_bundle(tmp_path)
+
+
+def test_file_outside_the_bundle_is_refused(bundle_copy: Path) -> None:
+    def escape(manifest: dict) -> None:
+        manifest["files"]["../outside.onnx"] = manifest["files"]["model.onnx"]
+
+    _edit_manifest(bundle_copy, escape)
+    with pytest.raises(BundleError, match="lies outside the bundle"):
+        load_bundle(bundle_copy)
