@@ -185,8 +185,8 @@ class BatchQueue(Generic[T, R]):
         while True:
             worker = await self._idle.get()
             batch = await self._collect()
-            self._collecting = []
             live = await self._admissible(batch)
+            self._collecting = []
             self._report_depth()
             if not live:
                 self._idle.put_nowait(worker)
@@ -241,6 +241,10 @@ class BatchQueue(Generic[T, R]):
                 raise BatchFailed(
                     f"the batched function returned {len(results)} results for {len(batch)} inputs"
                 )
+        except asyncio.CancelledError:
+            for entry in batch:
+                _fail(entry, QueueClosed("the service shut down while this request ran"))
+            raise
         except Exception as exc:
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(_describe(exc))
             for entry in batch:
