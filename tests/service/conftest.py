@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -18,7 +21,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bundles  # noqa: E402
 
 from service.app import create_app  # noqa: E402
+from service.engines import create_engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
+
+TEST_TIMEOUT_S = 120
+
+
+@pytest.fixture(autouse=True)
+def _no_hang():
+    """A test stuck past TEST_TIMEOUT_S dumps every thread's stack and ends the run,
+    instead of hanging it silently (the tests bound their own waits much tighter)."""
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
@@ -105,3 +120,50 @@ async def wait_until_ready(client: httpx.AsyncClient, timeout_s: float = 20.0) -
             if client.app.state.pool.load_error:
                 raise AssertionError(client.app.state.pool.load_error)
             await anyio.sleep(0.01)
+
+
+def upload(*images: bytes, content_type: str = "image/png") -> list[tuple[str, tuple]]:
+    """Multipart `file` fields, one per image, in order."""
+    return [("file", (f"image{i}.png", data, content_type)) for i, data in enumerate(images)]
+
+
+class InstrumentedEngine:
+    """A real engine that records batch sizes and can be slowed down or made to fail."""
+
+    def __init__(self, inner, delay_s: float = 0.0) -> None:
+        self.inner = inner
+        self.description = inner.description
+        self.delay_s = delay_s
+        self.batch_sizes: list[int] = []
+        self.fail = False
+
+    def run(self, inputs):
+        (batch,) = inputs.values()
+        self.batch_sizes.append(int(batch.shape[0]))
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("engine failure injected by the test")
+        return self.inner.run(inputs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class InstrumentedFactory:
+    """engine_factory building InstrumentedEngines; `gate` holds model loading back."""
+
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.delay_s = delay_s
+        self.gate = gate
+        self.engines: list[InstrumentedEngine] = []
+
+    def __call__(self, bundle, settings) -> InstrumentedEngine:
+        if self.gate is not None and not self.gate.wait(30):
+            raise TimeoutError("the test never opened the loading gate")
+        engine = InstrumentedEngine(create_engine(bundle, settings), self.delay_s)
+        self.engines.append(engine)
+        return engine
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [size for engine in self.engines for size in engine.batch_sizes]
