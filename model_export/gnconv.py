@@ -72,6 +72,9 @@ class GlobalLocalFilter(nn.Module):
         self.complex_weight = nn.Parameter(torch.randn(dim // 2, h, w, 2) * 0.02)
         self.pre_norm = LayerNormChannelsFirst(dim)
         self.post_norm = LayerNormChannelsFirst(dim)
+        # Set by model_export.gf_rewrite: an exactly equivalent DFT-free module for one
+        # fixed feature size. Its buffers are not persistent, so state dicts are unchanged.
+        self.fixed_branch: nn.Module | None = None
 
     def global_branch(self, x: torch.Tensor) -> torch.Tensor:
         """rfft2 -> multiply by the (resized) complex filter -> irfft2, in float32."""
@@ -86,7 +89,7 @@ class GlobalLocalFilter(nn.Module):
         x = self.pre_norm(x)
         local, glob = torch.chunk(x, 2, dim=1)
         local = self.dw(local)
-        glob = self.global_branch(glob)
+        glob = self.global_branch(glob) if self.fixed_branch is None else self.fixed_branch(glob)
         batch, half, height, width = local.shape
         x = torch.stack([local, glob], dim=2).reshape(batch, 2 * half, height, width)
         return self.post_norm(x)
