@@ -275,7 +275,7 @@ def test_compose_stop_grace_outlasts_the_drain():
     for name, service in _compose()["services"].items():
         drain = service.get("environment", {}).get("HORNET_DRAIN_TIMEOUT_S")
         if drain is not None:
-            assert int(service["stop_grace_period"].rstrip("s")) > int(drain), name
+            assert int(service["stop_grace_period"].rstrip("s")) > 2 * int(drain), name
 
 
 def test_compose_serves_the_bundles_its_exports_write():

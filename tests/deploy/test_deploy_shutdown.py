@@ -1,0 +1,256 @@
+"""Graceful shutdown of a real `python -m service` process, as Kubernetes stops a pod.
+
+The kubelet sends SIGTERM (after the preStop sleep) and SIGKILL terminationGracePeriodSeconds
+later. Between the two the server must stop accepting, answer what it already holds and exit
+within HORNET_DRAIN_TIMEOUT_S (k8s/base/serve.env sizes the grace period from it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from deploy_checks import REPO
+
+sys.path.insert(0, str(REPO / "tests" / "service"))
+import bundles  # noqa: E402
+
+PIL = pytest.importorskip("PIL.Image")
+
+STARTUP_TIMEOUT_S = 60.0
+# Requests wait this long for their batch to fill: long enough to be in flight at SIGTERM.
+BATCH_DELAY_S = 3.0
+DRAIN_TIMEOUT_S = 10.0
+# Process exit after the drain bound: interpreter teardown on a loaded CI machine.
+EXIT_MARGIN_S = 5.0
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def terminate_and_wait(self, bound_s: float) -> tuple[int, float]:
+        """SIGTERM, then the exit status and the seconds until the process exited."""
+        sent = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout=bound_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"still running {bound_s:.0f} s after SIGTERM:\n{self.output()}")
+        return status, time.monotonic() - sent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    PIL.new("RGB", (64, 48), (200, 80, 20)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _wait_ready(server: Server) -> None:
+    give_up_at = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < give_up_at:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{server.output()}")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bundles.write_classifier(tmp_path_factory.mktemp("bundles") / "tiny_cls", size=64)
+
+
+@pytest.fixture
+def start_server(bundle_dir: Path, tmp_path: Path) -> Iterator:
+    """`start_server(*flags)`: a ready `python -m service` on a free port, killed at teardown."""
+    started: list[Server] = []
+
+    def start(*flags: str) -> Server:
+        port = _free_port()
+        log = tmp_path / f"server-{port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
+        argv = [sys.executable, "-m", "service", "--model-dir", str(bundle_dir)]
+        argv += ["--port", str(port), "--engine-threads", "1", *flags]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        started.append(server)
+        _wait_ready(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def _slow_batch_flags(delay_s: float, drain_s: float) -> list[str]:
+    """A batch that waits `delay_s` to fill, so requests are still queued at SIGTERM."""
+    return [
+        *("--max-batch-size", "64", "--max-delay-ms", str(delay_s * 1000)),
+        *("--request-timeout-s", str(delay_s + 60), "--drain-timeout-s", str(drain_s)),
+    ]
+
+
+def _classify(url: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/classify",
+        content=_png(),
+        headers={"Content-Type": "image/png"},
+        timeout=DRAIN_TIMEOUT_S + 30,
+    )
+
+
+def _queue_depth(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=2).text
+    match = re.search(r'^hornet_queue_depth\{model="tiny_cls"\} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def _fire(server: Server, pool: ThreadPoolExecutor, count: int) -> list[Future]:
+    """`count` concurrent requests, returned once all of them wait in the batch queue."""
+    requests = [pool.submit(_classify, server.url) for _ in range(count)]
+    give_up_at = time.monotonic() + BATCH_DELAY_S / 2
+    while _queue_depth(server.url) < count:
+        assert time.monotonic() < give_up_at, f"requests never queued:\n{server.output()}"
+        time.sleep(0.05)
+    return requests
+
+
+def _refuses_connections(url: str, within_s: float) -> bool:
+    give_up_at = time.monotonic() + within_s
+    while time.monotonic() < give_up_at:
+        try:
+            httpx.get(f"{url}/healthz", timeout=0.5)
+        except httpx.ConnectError:
+            return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_exit_signal_turns_readiness_false_before_the_server_stops(bundle_dir: Path):
+    """Probes see 503 "draining" from the moment SIGTERM arrives, not once uvicorn reacts."""
+    server_module = pytest.importorskip("service.cli")
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.bundle import load_bundle
+    from service.settings import Settings
+
+    app = create_app(Settings(model_dir=[bundle_dir]), bundles=[load_bundle(bundle_dir)])
+    server = server_module._DrainingServer(uvicorn.Config(app), app.state.pool)
+    with TestClient(app) as client:
+        give_up_at = time.monotonic() + STARTUP_TIMEOUT_S
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < give_up_at, "never ready"
+            time.sleep(0.05)
+        server.handle_exit(signal.SIGTERM, None)
+        readiness = client.get("/readyz")
+    assert server.should_exit
+    assert readiness.status_code == 503 and readiness.json()["status"] == "draining"
+
+
+def test_sigterm_answers_every_queued_request_within_the_drain_bound(start_server):
+    server = start_server(*_slow_batch_flags(BATCH_DELAY_S, DRAIN_TIMEOUT_S))
+    with ThreadPoolExecutor(4) as pool:
+        requests = _fire(server, pool, 4)
+        _, seconds = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+        responses = [r.result() for r in requests]
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert all(len(r.json()["results"]) == 1 for r in responses)
+    assert seconds >= BATCH_DELAY_S / 2, "exited before the queued batch could have run"
+
+
+def test_sigterm_stops_accepting_while_requests_are_still_in_flight(start_server):
+    server = start_server(*_slow_batch_flags(BATCH_DELAY_S, DRAIN_TIMEOUT_S))
+    with ThreadPoolExecutor(2) as pool:
+        requests = _fire(server, pool, 2)
+        server.process.send_signal(signal.SIGTERM)
+        refused = _refuses_connections(server.url, within_s=BATCH_DELAY_S / 2)
+        still_in_flight = not any(r.done() for r in requests)
+        responses = [r.result() for r in requests]
+        server.process.wait(timeout=DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+    assert refused, "new connections were still accepted after SIGTERM"
+    assert still_in_flight, "the queued requests finished before the check; raise BATCH_DELAY_S"
+    assert [r.status_code for r in responses] == [200, 200]
+
+
+def test_idle_server_stops_promptly_on_sigterm(start_server):
+    server = start_server("--drain-timeout-s", str(DRAIN_TIMEOUT_S))
+    _, seconds = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+    assert seconds < EXIT_MARGIN_S, f"an idle server took {seconds:.1f} s to stop"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="service bug: uvicorn (>= 0.29) re-raises the captured SIGTERM after a graceful "
+    "shutdown (Server.capture_signals), so `hornet serve` dies by the signal (status 143) "
+    "instead of returning 0 from serve_main; _DrainingServer.handle_exit should clear "
+    "self._captured_signals. Remove this mark once fixed.",
+)
+def test_graceful_shutdown_exits_with_status_zero(start_server):
+    server = start_server("--drain-timeout-s", str(DRAIN_TIMEOUT_S))
+    status, _ = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+    assert status == 0, f"exit status {status}:\n{server.output()}"
+
+
+def test_a_request_longer_than_the_drain_bound_does_not_hold_the_process(start_server):
+    """The bound: the drain timeout for open requests, then as long for the batch queues."""
+    drain_s = 1.0
+    server = start_server(*_slow_batch_flags(60.0, drain_s))
+    with ThreadPoolExecutor(1) as pool:
+        _fire(server, pool, 1)
+        _, seconds = server.terminate_and_wait(2 * drain_s + EXIT_MARGIN_S)
+    assert seconds < 2 * drain_s + EXIT_MARGIN_S
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="service bug: at the drain bound uvicorn cancels the request task, so the client "
+    "gets uvicorn's bare 500 'Internal Server Error' (and the log an 'Exception in ASGI "
+    "application' traceback) instead of the batch queue's QueueClosed -> 503 with "
+    "Retry-After, which only runs later in the lifespan. Remove this mark once fixed.",
+)
+def test_a_request_cut_off_by_the_drain_bound_is_told_to_retry(start_server):
+    server = start_server(*_slow_batch_flags(60.0, drain_s=1.0))
+    with ThreadPoolExecutor(1) as pool:
+        (request,) = _fire(server, pool, 1)
+        server.terminate_and_wait(2 + EXIT_MARGIN_S)
+        response = request.result()
+    assert response.status_code == 503 and "Retry-After" in response.headers, response.text
