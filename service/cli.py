@@ -9,6 +9,7 @@ and the lifespan drains the batch queues (same bound) before the process exits.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from types import FrameType
 
@@ -19,7 +20,9 @@ from service.app import create_app
 from service.bundle import BundleError, load_bundle
 from service.logs import configure_logging
 from service.runtime import ModelPool
-from service.settings import Settings
+from service.settings import DEMO_BUNDLES_DIR, Settings
+
+log = logging.getLogger("hornet.service")
 
 _FLAGS: list[tuple[str, dict]] = [
     (
@@ -73,7 +76,11 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if not settings.model_dir:
-        print("hornet serve: no model bundles given: pass --model-dir", file=sys.stderr)
+        print(
+            "hornet serve: no model bundles given: pass --model-dir DIR (or HORNET_MODEL_DIR); "
+            f"no demo bundles are installed under {DEMO_BUNDLES_DIR}",
+            file=sys.stderr,
+        )
         return 2
     try:
         bundles = [load_bundle(path) for path in settings.model_dir]
@@ -81,6 +88,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if settings.uses_demo_bundles:
+        log.warning(
+            "NO --model-dir GIVEN: SERVING THE PACKAGED DEMO MODELS. They are not meant for "
+            "real use (see each model's 'demo' flag in /v1/models); pass --model-dir.",
+            extra={"demo_bundles": [str(path) for path in settings.model_dir]},
+        )
     app = create_app(settings, bundles=bundles)
     config = uvicorn.Config(
         app,

@@ -8,10 +8,17 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.manifest import MANIFEST_NAME
+
+DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
+
 
 def default_model_dirs() -> list[Path]:
-    """Bundles served when no --model-dir is given (the packaged demo bundles, none yet)."""
-    return []
+    """Bundles served when no --model-dir is given: every bundle directory (one holding a
+    manifest.json) under the package's demo_bundles/, in name order; none if it is absent."""
+    if not DEMO_BUNDLES_DIR.is_dir():
+        return []
+    return sorted(p for p in DEMO_BUNDLES_DIR.iterdir() if (p / MANIFEST_NAME).is_file())
 
 
 class Settings(BaseSettings):
@@ -50,6 +57,11 @@ class Settings(BaseSettings):
         if isinstance(value, Path):
             return [value]
         return value
+
+    @property
+    def uses_demo_bundles(self) -> bool:
+        """True when no model directory was given and the packaged demos are served."""
+        return "model_dir" not in self.model_fields_set and bool(self.model_dir)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -70,8 +70,9 @@ def classifier_onnx(size: int, normalize_in_graph: bool = True) -> bytes:
         image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, size, size])
         nodes.append(helper.make_node("Identity", ["image"], ["x"]))
     nodes += [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], kernel_shape=[4, 4],
-                         strides=[4, 4]),
+        helper.make_node(
+            "Conv", ["x", "conv_w", "conv_b"], ["c"], kernel_shape=[4, 4], strides=[4, 4]
+        ),
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
         helper.make_node("Flatten", ["g"], ["flat"]),
@@ -245,8 +246,9 @@ def write_segmenter(directory: Path, crop: int = 64, stride: int = 43) -> Path:
             "sliding_window": {"crop": [crop, crop], "stride": [stride, stride]},
         },
         labels=[f"seg{i}" for i in range(SEG_CLASSES)],
-        inputs=[{"name": "image", "dtype": "uint8", "shape": [-1, crop, crop, 3],
-                 "layout": "NHWC"}],
+        inputs=[
+            {"name": "image", "dtype": "uint8", "shape": [-1, crop, crop, 3], "layout": "NHWC"}
+        ],
         outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, SEG_CLASSES, crop, crop]}],
     )
 

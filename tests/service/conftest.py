@@ -97,7 +97,10 @@ test_settings.__test__ = False  # a helper, not a test
 
 @contextlib.asynccontextmanager
 async def serving(
-    model_dirs: list[Path], *, engine_factory: Callable | None = None, wait_ready: bool = True,
+    model_dirs: list[Path],
+    *,
+    engine_factory: Callable | None = None,
+    wait_ready: bool = True,
     **overrides,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An app over `model_dirs` with its lifespan running, and a client speaking HTTP to it."""

@@ -174,9 +174,7 @@ async def test_engine_error_fails_only_its_batch() -> None:
     recorder = Recorder()
     queue = _queue([flaky], max_batch_size=1, max_delay_s=0.0, observer=recorder)
     results = await within(
-        asyncio.gather(
-            queue.submit(12), queue.submit(13), queue.submit(14), return_exceptions=True
-        )
+        asyncio.gather(queue.submit(12), queue.submit(13), queue.submit(14), return_exceptions=True)
     )
     assert results[0] == 12 and results[2] == 14
     assert isinstance(results[1], BatchFailed) and "engine exploded" in str(results[1])

@@ -61,7 +61,10 @@ async def test_overload_answers_503_with_retry_after_and_no_wrong_answers(
     images = distinct_images(photos, 12)
     factory = InstrumentedFactory()
     async with serving(
-        [classifier_dir], engine_factory=factory, max_batch_size=1, max_delay_ms=0,
+        [classifier_dir],
+        engine_factory=factory,
+        max_batch_size=1,
+        max_delay_ms=0,
         max_queue_size=2,
     ) as client:
         singles = [
@@ -125,9 +128,17 @@ async def test_request_of_a_departed_client_never_reaches_the_engine(
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/classify",
+        "raw_path": b"/classify",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
         "headers": [(b"content-type", b"image/png"), (b"content-length", b"%d" % len(body))],
     }
     async with serving([classifier_dir], engine_factory=factory) as client:

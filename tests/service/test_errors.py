@@ -40,7 +40,9 @@ async def test_truncated_image_is_400(classifier_dir, photos) -> None:
 
 async def test_empty_upload_is_400(classifier_dir) -> None:
     async with serving([classifier_dir]) as client:
-        response = await client.post("/classify", content=b"", headers={"content-type": "image/png"})
+        response = await client.post(
+            "/classify", content=b"", headers={"content-type": "image/png"}
+        )
     assert_error(response, 400, "bad_image", detail_has="empty")
 
 
@@ -132,9 +134,7 @@ async def test_bad_query_parameters_are_422(
 
 async def test_multipart_without_a_file_field_is_422(classifier_dir) -> None:
     async with serving([classifier_dir]) as client:
-        response = await client.post(
-            "/classify", files=[("image", ("a.png", b"x", "image/png"))]
-        )
+        response = await client.post("/classify", files=[("image", ("a.png", b"x", "image/png"))])
     assert_error(response, 422, "invalid_parameters", detail_has="'file'")
 
 

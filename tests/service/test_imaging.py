@@ -131,7 +131,9 @@ def test_bilinear_resize_matches_torch_interpolate() -> None:
     values = np.random.default_rng(1).normal(size=(3, 37, 53)).astype(np.float32)
     for height, width in ((80, 120), (20, 31), (37, 53)):
         expected = F.interpolate(
-            torch.from_numpy(values)[None], size=(height, width), mode="bilinear",
+            torch.from_numpy(values)[None],
+            size=(height, width),
+            mode="bilinear",
             align_corners=False,
         )[0].numpy()
         np.testing.assert_allclose(
@@ -141,9 +143,13 @@ def test_bilinear_resize_matches_torch_interpolate() -> None:
 
 def test_resized_argmax_equals_argmax_of_the_resized_logits() -> None:
     logits = np.random.default_rng(2).normal(size=(5, 17, 23)).astype(np.float32)
-    expected = F.interpolate(
-        torch.from_numpy(logits)[None], size=(70, 41), mode="bilinear", align_corners=False
-    )[0].argmax(0).numpy()
+    expected = (
+        F.interpolate(
+            torch.from_numpy(logits)[None], size=(70, 41), mode="bilinear", align_corners=False
+        )[0]
+        .argmax(0)
+        .numpy()
+    )
     np.testing.assert_array_equal(imaging.resized_argmax(logits, 70, 41), expected)
 
 

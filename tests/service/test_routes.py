@@ -140,7 +140,10 @@ async def test_models_lists_every_bundle_with_its_settings(
     assert cls["input_size"] == [224, 224] and cls["labels"] == 10
     assert cls["engine"].startswith("onnxruntime")
     assert cls["batching"] == {
-        "max_batch_size": 4, "max_delay_ms": 2.0, "max_queue_size": 64, "instances": 2
+        "max_batch_size": 4,
+        "max_delay_ms": 2.0,
+        "max_queue_size": 64,
+        "instances": 2,
     }
     assert cls["ready"] is True and cls["demo"] is False
 
@@ -199,7 +202,9 @@ async def test_readyz_reports_a_bundle_that_failed_to_load(tmp_path) -> None:
 async def test_metrics_expose_batch_sizes_requests_and_latency(classifier_dir, photos) -> None:
     async with serving([classifier_dir]) as client:
         await client.post("/classify", files=upload(encode(photos["coffee"])))
-        await client.post("/classify", content=b"not an image", headers={"content-type": "image/png"})
+        await client.post(
+            "/classify", content=b"not an image", headers={"content-type": "image/png"}
+        )
         text = (await client.get("/metrics")).text
     assert 'hornet_batch_size_count{model="tiny_cls"}' in text
     assert 'hornet_requests_total{route="/classify",status="200"} 1.0' in text

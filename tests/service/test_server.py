@@ -1,0 +1,130 @@
+"""`hornet serve` as a real process: uvicorn over a socket, flags and environment,
+JSON logs with request ids, a clean exit on SIGTERM; and the settings it reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import encode, upload
+from test_routes import official_probabilities, scores_by_index
+
+from service import cli, settings as settings_module
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{base_url} not ready within {timeout_s} s")
+
+
+@pytest.fixture
+def server(classifier_dir: Path, tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "HORNET_MAX_BATCH_SIZE": "4", "HORNET_ENGINE_THREADS": "1"}
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-dir", str(classifier_dir),
+             "--port", str(port), "--max-delay-ms", "20"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base_url, process)
+            yield base_url, process, log_path
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, photos) -> None:
+    base_url, process, log_path = server
+    images = [encode(photos[name]) for name in ("chelsea", "astronaut")]
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        response = client.post(
+            "/classify", params={"top_k": 10}, files=upload(*images),
+            headers={"x-request-id": "from-the-test"},
+        )  # fmt: skip
+        models = client.get("/v1/models").json()["models"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "from-the-test"
+    for name, result in zip(("chelsea", "astronaut"), response.json()["results"], strict=True):
+        scores = scores_by_index(result)
+        np.testing.assert_allclose(
+            [scores[i] for i in range(10)], official_probabilities(photos[name]), atol=1e-5
+        )
+    assert models[0]["batching"]["max_batch_size"] == 4  # from the environment
+    assert models[0]["batching"]["max_delay_ms"] == 20.0  # from the flag
+    process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the captured signal at exit
+    assert process.wait(30) in (0, -signal.SIGTERM)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(line.get("request_id") == "from-the-test" for line in lines)
+    messages = [line["message"] for line in lines]
+    assert "models ready" in messages and "shut down" in messages
+
+
+def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HORNET_MAX_QUEUE_SIZE", "7")
+    monkeypatch.setenv("HORNET_PORT", "9000")
+    monkeypatch.setenv("HORNET_MODEL_DIR", f"{tmp_path}/a,{tmp_path}/b")
+    settings = cli.load_settings(["--port", "9100", "--instances", "3"])
+    assert settings.max_queue_size == 7
+    assert (settings.port, settings.instances) == (9100, 3)
+    assert settings.model_dir == [tmp_path / "a", tmp_path / "b"]
+    assert not settings.uses_demo_bundles
+
+
+def test_invalid_flag_values_exit_with_status_2(capsys) -> None:
+    assert cli.serve_main(["--max-batch-size", "0", "--model-dir", "x"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_without_model_dirs_or_demo_bundles_serve_exits_with_status_2(
+    monkeypatch, tmp_path: Path, capsys
+) -> None:
+    monkeypatch.delenv("HORNET_MODEL_DIR", raising=False)
+    monkeypatch.setattr(settings_module, "DEMO_BUNDLES_DIR", tmp_path / "no_demos")
+    assert cli.serve_main([]) == 2
+    assert "--model-dir" in capsys.readouterr().err
+
+
+def test_demo_bundles_are_the_default_model_dirs(
+    monkeypatch, tmp_path: Path, classifier_dir: Path
+) -> None:
+    demos = tmp_path / "demo_bundles"
+    (demos / "not_a_bundle").mkdir(parents=True)
+    (demos / "tiny").symlink_to(classifier_dir)
+    monkeypatch.delenv("HORNET_MODEL_DIR", raising=False)
+    monkeypatch.setattr(settings_module, "DEMO_BUNDLES_DIR", demos)
+    settings = Settings()
+    assert settings.model_dir == [demos / "tiny"]
+    assert settings.uses_demo_bundles
