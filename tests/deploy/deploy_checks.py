@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
@@ -146,48 +147,59 @@ def project_scripts() -> dict[str, str]:
 
 @dataclass
 class Cli:
-    """The `hornet` command as its argparse parser (or, failing that, its --help) sees it."""
+    """The `hornet` command: the argparse parser each of its subcommands parses with."""
 
     program: str
-    parser: argparse.ArgumentParser | None
-    help_flags: dict[str, set[str]]
+    parsers: dict[str, argparse.ArgumentParser]
 
     @property
     def subcommands(self) -> set[str]:
-        return set(self.help_flags)
+        return set(self.parsers)
 
     def error(self, argv: list[str]) -> str | None:
         """Why `argv` (after the program name) would be refused, or None if accepted."""
-        if not argv or argv[0] not in self.subcommands:
+        if not argv or argv[0] not in self.parsers:
             return f"unknown subcommand in {argv}; the CLI has {sorted(self.subcommands)}"
-        if self.parser is not None:
-            stderr = io.StringIO()
-            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-                try:
-                    self.parser.parse_args(argv)
-                except SystemExit as exit_:
-                    if exit_.code not in (0, None):
-                        return stderr.getvalue().strip() or f"exit {exit_.code}"
-            return None
-        flags = {token.split("=", 1)[0] for token in argv[1:] if token.startswith("-")}
-        unknown = flags - self.help_flags[argv[0]]
-        return f"unknown flags {sorted(unknown)} for {argv[0]}" if unknown else None
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                self.parsers[argv[0]].parse_args(argv[1:])
+            except SystemExit as exit_:
+                if exit_.code not in (0, None):
+                    return stderr.getvalue().strip() or f"exit {exit_.code}"
+        return None
 
 
-_PARSER_FACTORIES = ("build_parser", "make_parser", "create_parser", "get_parser", "_build_parser")
+class _ParserReached(Exception):
+    pass
 
 
-def _help_text(main, argv: list[str]) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        with contextlib.suppress(SystemExit):
-            main(argv)
-    return out.getvalue()
+def _parser_of(main, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The parser `main(argv)` parses its arguments with, caught before it runs anything."""
+    reached: list[argparse.ArgumentParser] = []
+
+    def catch(parser, args=None, namespace=None):
+        reached.append(parser)
+        raise _ParserReached
+
+    with (
+        mock.patch.object(argparse.ArgumentParser, "parse_args", catch),
+        mock.patch.object(argparse.ArgumentParser, "parse_known_args", catch),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.suppress(_ParserReached, SystemExit),
+    ):
+        main(argv)
+    return reached[0] if reached else None
 
 
 @cache
 def load_cli() -> Cli | str:
-    """The CLI, or the reason it cannot be inspected yet (the caller skips with it)."""
+    """The CLI, or the reason it cannot be inspected yet (the caller skips with it).
+
+    Subcommands are the `<program> NAME` words of `<program> --help` whose `main([NAME])`
+    reaches an argparse parser; dispatch by hand or by subparsers both work.
+    """
     scripts = project_scripts()
     if not scripts:
         return "pyproject.toml has no [project.scripts]"
@@ -201,29 +213,18 @@ def load_cli() -> Cli | str:
         if missing.name and module_name.startswith(missing.name):
             return f"{module_name} (the `{program}` entry point) does not exist yet"
         raise
-    for name in _PARSER_FACTORIES:
-        factory = getattr(module, name, None)
-        if callable(factory):
-            parser = factory()
-            subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-            if subparsers:
-                flags = {
-                    sub: {opt for action in p._actions for opt in action.option_strings}
-                    for sub, p in subparsers[0].choices.items()
-                }
-                return Cli(program, parser, flags)
     main = getattr(module, function_name, None)
     if main is None:
         return f"{module_name} has no {function_name}()"
-    top = _help_text(main, ["--help"])
-    choices = re.search(r"\{([\w,-]+)\}", top)
-    if choices is None:
-        return f"`{program} --help` lists no subcommands: {top[:200]!r}"
-    flags = {
-        sub: set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", _help_text(main, [sub, "--help"])))
-        for sub in choices.group(1).split(",")
-    }
-    return Cli(program, None, flags)
+    top = io.StringIO()
+    with contextlib.redirect_stdout(top), contextlib.redirect_stderr(top):
+        with contextlib.suppress(SystemExit):
+            main(["--help"])
+    names = set(re.findall(rf"\b{re.escape(program)} ([a-z][\w-]*)", top.getvalue()))
+    parsers = {name: parser for name in names if (parser := _parser_of(main, [name]))}
+    if not parsers:
+        return f"`{program} --help` names no subcommand with a parser: {top.getvalue()[:200]!r}"
+    return Cli(program, parsers)
 
 
 def hornet_argv(argv: list[str], cli: Cli) -> list[str] | None:

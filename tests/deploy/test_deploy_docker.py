@@ -203,11 +203,55 @@ def test_entrypoint_is_exec_form_and_a_project_script(dockerfile: Path, stage: s
     assert argv[0] in project_scripts(), f"{argv[0]} is not in [project.scripts]"
 
 
+def test_cli_check_refuses_unknown_subcommands_and_flags(cli: Cli):
+    assert cli.error(["serve", "--model-dir", "/models/a"]) is None
+    assert cli.error(["serve", "--model-dirs", "/models/a"]) is not None
+    assert cli.error(["export", "--variant", "hornet_tiny_7x7", "--batch", "1:8"]) is not None
+    assert cli.error(["deploy"]) is not None
+
+
 @pytest.mark.parametrize(("dockerfile", "stage"), RUNNABLE, ids=RUNNABLE_IDS)
 def test_entrypoint_is_an_accepted_cli_command(dockerfile: Path, stage: str, cli: Cli):
     argv = final_command(parse_dockerfile(dockerfile), stage)
     assert argv[1:2] == [stage], f"stage {stage} runs {argv}"
     assert cli.error(argv[1:]) is None, cli.error(argv[1:])
+
+
+# What the `export` extra installs, by import name: none of it is in the serve images.
+EXPORT_ONLY_MODULES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "onnx",
+    "onnxscript",
+    "onnxconverter_common",
+)
+_WITHOUT_EXPORT_MODULES = f"""
+import importlib, sys
+class ServeImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {EXPORT_ONLY_MODULES!r}:
+            raise ImportError(f"{{name}} is not installed in the serve images")
+sys.meta_path.insert(0, ServeImage())
+module, _, function = sys.argv[1].partition(":")
+sys.argv = sys.argv[2:]
+sys.exit(getattr(importlib.import_module(module), function)())
+"""
+
+
+def test_hornet_serve_runs_without_the_export_dependencies(cli: Cli):
+    """The serve images carry no torch or onnx: `hornet serve` must not import them."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXPORT_MODULES, project_scripts()[cli.program]]
+        + [cli.program, "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--model-dir" in result.stdout
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
