@@ -1,0 +1,169 @@
+"""The `hornet` command: `hornet export ...` (needs torch) and `hornet serve ...` (does not).
+
+    hornet export --variant hornet_l_gf --fp16
+    hornet export --variant hornet_tiny_7x7 --checkpoint hornet_tiny_7x7.pth --out bundles/t7
+    hornet serve --model-dir bundles/t7
+    hornet list [--task classify|segment|detect]
+
+`python -m model_export` is the same command. Export exits non-zero on any failure,
+including a parity check beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXPORT_EPILOG = """\
+Without --checkpoint the weights are RANDOM: the bundle is marked so and is only good
+for testing the pipeline. --format tensorrt needs the tensorrt package and a CUDA GPU of
+the type that will serve the engine; --format all writes the ONNX bundle first and
+keeps it even when the TensorRT step cannot run.
+"""
+
+
+def _batch(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not (1 <= values[0] <= values[1] <= values[2]):
+        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--variant", required=True, help="variant or alias (see `hornet list`)")
+    parser.add_argument("--checkpoint", type=Path, help="official .pth or .safetensors file")
+    parser.add_argument("--num-classes", type=int, help="e.g. 1000 for a 22k checkpoint's 1k head")
+    parser.add_argument("--image-size", type=int, help="serve at this square size (GF filters resized)")
+    parser.add_argument("--fp16", action="store_true", help="also write a verified fp16 graph/engine")
+    parser.add_argument("--format", choices=("onnx", "tensorrt", "all"), default="onnx")
+    parser.add_argument("--batch", type=_batch, default=(1, 8, 32), metavar="MIN:OPT:MAX",
+                        help="dynamic batch range (TensorRT optimisation profile), default 1:8:32")
+    parser.add_argument("--gf-mode", choices=("auto", "matmul", "circular_conv", "dft"), default="auto",
+                        help="Global Filter graph: auto (DFT-free), or keep the ONNX DFT op (dft)")
+    parser.add_argument("--reference", choices=("float32", "float64"), default="float32",
+                        help="dtype of the torch reference the graph is verified against")
+    parser.add_argument("--out", type=Path, help="bundle directory (default bundles/<variant>)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser(argparse.ArgumentParser(
+        prog="hornet export", description="Export a HorNet variant to a verified model bundle.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )).parse_args(argv)
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        manifest = run_export(args, progress)
+    except Exception as exc:  # every failure: one clear line and a non-zero exit
+        from model_export.checkpoint import CheckpointError
+        from model_export.export import ExportError
+
+        known = (ExportError, CheckpointError, KeyError, ValueError, FileNotFoundError)
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if not isinstance(exc, known):
+            reason = f"{type(exc).__name__}: {exc}"
+        print(f"hornet export: error: {reason}", file=sys.stderr)
+        return 1
+    print(summary(manifest, Path(args.out), time.perf_counter() - started))
+    return 0
+
+
+def run_export(args: argparse.Namespace, progress):
+    from model_export.registry import create_model, get_variant
+
+    variant = get_variant(args.variant)
+    args.out = args.out or Path("bundles") / variant.name
+    formats = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "all": ("onnx", "tensorrt")}[args.format]
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    if args.checkpoint is None:
+        progress("WARNING: no --checkpoint: exporting RANDOM weights (the manifest records it)")
+    if variant.cfg.task == "classify":
+        from model_export.export import export_bundle
+
+        return export_bundle(
+            variant.name, args.out, checkpoint=args.checkpoint, num_classes=args.num_classes,
+            image_size=args.image_size, fp16=args.fp16, formats=formats, batch=args.batch,
+            gf_mode=args.gf_mode, reference=args.reference, progress=progress,
+        )
+    from model_export import export_dense
+
+    if args.format != "onnx":
+        raise ValueError(f"{variant.name}: dense models export to ONNX only for now (--format onnx)")
+    progress(f"building {variant.name}")
+    model = create_model(variant.name, num_classes=args.num_classes, image_size=args.image_size)
+    if variant.cfg.task == "segment":
+        return export_dense.export_segmentation_bundle(
+            model, args.out, checkpoint=args.checkpoint, fp16=args.fp16, gf_mode=args.gf_mode,
+            progress=progress,
+        )
+    if args.fp16:
+        raise ValueError("--fp16 is not supported for detection bundles yet")
+    return export_dense.export_detection_bundle(
+        model, args.out, checkpoint=args.checkpoint, gf_mode=args.gf_mode, progress=progress,
+    )
+
+
+def summary(manifest, out: Path, seconds: float) -> str:
+    lines = [f"bundle {out} ({manifest.task}, {manifest.variant}) in {seconds:.0f} s"]
+    if manifest.weights.random:
+        lines.append("  weights: RANDOM (no checkpoint): for testing only")
+    else:
+        lines.append(f"  weights: {manifest.weights.checkpoint} sha256 {manifest.weights.checkpoint_sha256}")
+    for engine in manifest.engines:
+        size = manifest.files[engine.file].bytes / 1e6
+        extra = f", TensorRT {engine.tensorrt_version} on {engine.gpu_name}" if engine.tensorrt_version else ""
+        lines.append(f"  {engine.format:8} {engine.precision}  {engine.file} ({size:.1f} MB, GF {engine.gf_mode}{extra})")
+    for p in manifest.parity:
+        top1 = "" if p.top1_agreement is None else f", top-1 agreement {p.top1_agreement:.3f}"
+        lines.append(f"  parity {p.engine} vs {p.reference}: relative {p.relative_error:.1e}, max abs "
+                     f"{p.max_abs_error:.1e}{top1} ({'ok' if p.passed else 'FAILED'})")
+    return "\n".join(lines)
+
+
+def list_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hornet list", description="List model variants.")
+    parser.add_argument("--task", choices=("classify", "segment", "detect"))
+    args = parser.parse_args(argv)
+    from model_export.registry import get_variant, list_variants
+
+    for name in list_variants(args.task):
+        variant = get_variant(name)
+        cfg = variant.cfg
+        aliases = f"  (alias {', '.join(variant.aliases)})" if variant.aliases else ""
+        print(f"{name:48} {cfg.task:8} {cfg.image_size:4}px {cfg.num_classes:6} classes{aliases}")
+    return 0
+
+
+COMMANDS = {"export": export_main, "list": list_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        from service.cli import serve_main
+
+        return serve_main(rest)
+    if command not in COMMANDS:
+        print(f"hornet: unknown command {command!r}; commands: export, serve, list", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
