@@ -18,7 +18,8 @@ import pytest
 from conftest import encode, upload
 from test_routes import official_probabilities, scores_by_index
 
-from service import cli, settings as settings_module
+from service import cli
+from service import settings as settings_module
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
