@@ -1,0 +1,243 @@
+"""Load generator for `hornet serve`: throughput and latency per concurrency, against the
+raw engine throughput of the same bundle measured in the same run.
+
+    python bench/loadgen.py --model-dir bundles/hornet_tiny_7x7 --concurrency 1,4,8,16
+
+Steps, one after the other so they do not compete for the CPU:
+  1. raw engine: the bundle's ONNX engine, exactly as the service builds it, run on
+     preprocessed inputs at batch sizes 1..max-batch-size; the best images/s is kept;
+  2. the server: `python -m service` started on a free loopback port (or --url of one
+     already running, loopback only), then warmed up;
+  3. for each concurrency: that many client tasks, each POSTing the image and waiting for
+     its answer, for --duration seconds or --requests requests, whichever ends first.
+The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.bundle import load_bundle  # noqa: E402
+from service.engines import create_engine  # noqa: E402
+from service.pipelines import pipeline_for  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    ok: int
+    errors: dict[int, int]
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        return float(np.percentile(self.latencies, q)) * 1000.0
+
+
+def test_image(size: tuple[int, int]) -> bytes:
+    """A JPEG photo (scikit-image's chelsea when installed, else a smooth synthetic)."""
+    try:
+        from skimage import data
+
+        image = Image.fromarray(data.chelsea())
+    except ImportError:
+        y, x = np.mgrid[0:300, 0:451]
+        image = Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.resize(size, Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def raw_engine_throughput(
+    model_dir: Path, image: bytes, settings: Settings, seconds: float
+) -> dict[int, float]:
+    """images/s of the bare engine per batch size, on the image as the service prepares it."""
+    from service.imaging import decode_image
+
+    bundle = load_bundle(model_dir)
+    pipeline = pipeline_for(bundle.manifest)
+    engine = create_engine(bundle, settings)
+    item = pipeline.prepare(decode_image(image, settings.max_pixels)).items[0]
+    results = {}
+    for batch in sorted({1, *range(2, settings.max_batch_size + 1, 2), settings.max_batch_size}):
+        items = [item] * batch
+        pipeline.run_batch(engine, items)  # warm this shape
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or done < 2 * batch:
+            pipeline.run_batch(engine, items)
+            done += batch
+        results[batch] = done / (time.perf_counter() - started)
+    engine.close()
+    return results
+
+
+def require_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"loadgen only targets loopback addresses; {url!r} is not one")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "service", "--model-dir", str(args.model_dir),
+        "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+        "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
+        "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float = 300) -> None:
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} was not ready within {timeout_s} s")
+
+
+async def run_load(
+    url: str, image: bytes, model: str | None, concurrency: int, seconds: float, limit: int
+) -> LoadResult:
+    """`concurrency` closed-loop clients for `seconds` or `limit` requests in all."""
+    params = {"top_k": 1, **({"model": model} if model else {})}
+    headers = {"content-type": "image/jpeg"}
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        started = time.perf_counter()
+        stop_at = started + seconds
+
+        async def client_loop() -> None:
+            nonlocal issued
+            while time.perf_counter() < stop_at and issued < limit:
+                issued += 1
+                sent = time.perf_counter()
+                response = await client.post(
+                    "/classify", params=params, content=image, headers=headers
+                )
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - sent)
+                else:
+                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return LoadResult(concurrency, len(latencies), errors, elapsed, latencies)
+
+
+async def warm(url: str, image: bytes, model: str | None, count: int = 8) -> None:
+    await run_load(url, image, model, concurrency=4, seconds=60, limit=count)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="classifier bundle")
+    parser.add_argument("--url", help="a running server on loopback (default: start one)")
+    parser.add_argument("--model", help="?model= when the server has several classifiers")
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
+    parser.add_argument("--requests", type=int, default=2000, help="request cap per level")
+    parser.add_argument("--engine-seconds", type=float, default=5.0, help="per batch size")
+    parser.add_argument("--image-size", default="384x256", help="upload WxH (JPEG)")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    image = test_image((width, height))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    settings = Settings(
+        model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
+        engine_threads=args.engine_threads,
+    )  # fmt: skip
+    print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
+          f"cpus {os.cpu_count()}")  # fmt: skip
+    raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
+    best_batch = max(raw, key=raw.get)
+    print("raw engine images/s by batch: "
+          + "  ".join(f"b{b}={v:.1f}" for b, v in raw.items())
+          + f"  (best b{best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
+
+    process = None
+    url = args.url
+    if url is None:
+        process, url = start_server(args)
+    require_loopback(url)
+    try:
+        wait_ready(url, process)
+        asyncio.run(warm(url, image, args.model))
+        print(f"server {url}  max_batch_size {args.max_batch_size}  "
+              f"max_delay_ms {args.max_delay_ms}  instances {args.instances}")  # fmt: skip
+        print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
+              f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}")  # fmt: skip
+        for level in levels:
+            result = asyncio.run(
+                run_load(url, image, args.model, level, args.duration, args.requests)
+            )
+            errors = ",".join(f"{k}:{v}" for k, v in sorted(result.errors.items())) or "-"
+            print(
+                f"{level:>5} {result.ok:>6} {errors:>10} {result.throughput:>8.1f} "
+                f"{result.percentile(50):>8.1f} {result.percentile(95):>8.1f} "
+                f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}"
+            )
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
