@@ -1,0 +1,61 @@
+"""Engines behind one interface: which one a bundle and settings give, and what each
+refuses. GPU engines are checked where a CUDA GPU exists (marked `gpu`)."""
+
+from __future__ import annotations
+
+import bundles
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle
+from service.engines import EngineUnavailable, create_engine
+from service.settings import Settings
+
+
+def _inputs(count: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {"image": rng.integers(0, 256, (count, 224, 224, 3), dtype=np.uint8)}
+
+
+def _run(classifier_dir, **settings) -> np.ndarray:
+    engine = create_engine(load_bundle(classifier_dir), Settings(**settings))
+    try:
+        return engine.run(_inputs())["logits"]
+    finally:
+        engine.close()
+
+
+def test_onnxruntime_cpu_engine_computes_the_graph(classifier_dir) -> None:
+    logits = _run(classifier_dir)
+    expected = [bundles.reference_logits(image) for image in _inputs()["image"]]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tensorrt_engine_needs_a_tensorrt_file_in_the_bundle(classifier_dir) -> None:
+    with pytest.raises(EngineUnavailable, match="has no tensorrt engine"):
+        create_engine(load_bundle(classifier_dir), Settings(engine="tensorrt", device="cuda"))
+
+
+def test_torch_engine_refuses_random_weight_bundles(classifier_dir) -> None:
+    with pytest.raises(EngineUnavailable, match="random weights"):
+        create_engine(load_bundle(classifier_dir), Settings(engine="torch"))
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_engine_matches_cpu(classifier_dir) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    np.testing.assert_allclose(
+        _run(classifier_dir, device="cuda"), _run(classifier_dir), rtol=1e-3, atol=1e-4
+    )
+
+
+def test_cuda_device_without_the_gpu_runtime_is_refused_clearly(classifier_dir) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(EngineUnavailable, match="onnxruntime-gpu"):
+        _run(classifier_dir, device="cuda")
