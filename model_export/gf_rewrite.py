@@ -90,6 +90,8 @@ class MatMulGlobalBranch(_FixedSize):
             "inverse_w": inverse_w, "filter_real": spectrum.real, "filter_imag": spectrum.imag,
         }
         for key, value in tensors.items():
+            # exact zeros where cos/sin vanish (sin(pi) = 1.2e-16 would be an fp16 subnormal)
+            value = np.where(np.abs(value) < 1e-12, 0.0, value)
             self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(), persistent=False)
         self.bins = bins
 
