@@ -75,24 +75,29 @@ def test_image(size: tuple[int, int]) -> bytes:
 
 def raw_engine_throughput(
     model_dir: Path, image: bytes, settings: Settings, seconds: float
-) -> dict[int, float]:
-    """images/s of the bare engine per batch size, on the image as the service prepares it."""
+) -> dict[str, float]:
+    """images/s of the bare engine per batch size, ONNX Runtime thread spinning off and on,
+    on the image as the service prepares it: the best of these is the reference."""
     from service.imaging import decode_image
 
     bundle = load_bundle(model_dir)
     pipeline = pipeline_for(bundle.manifest)
-    engine = create_engine(bundle, settings)
     item = pipeline.prepare(decode_image(image, settings.max_pixels)).items[0]
+    batches = sorted({1, *range(2, settings.max_batch_size + 1, 2), settings.max_batch_size})
     results = {}
-    for batch in sorted({1, *range(2, settings.max_batch_size + 1, 2), settings.max_batch_size}):
-        items = [item] * batch
-        pipeline.run_batch(engine, items)  # warm this shape
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or done < 2 * batch:
-            pipeline.run_batch(engine, items)
-            done += batch
-        results[batch] = done / (time.perf_counter() - started)
-    engine.close()
+    for spinning in (False, True):
+        engine = create_engine(bundle, settings.model_copy(update={"engine_spinning": spinning}))
+        for batch in batches:
+            items = [item] * batch
+            pipeline.run_batch(engine, items)  # warm this shape
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds or done < 2 * batch:
+                pipeline.run_batch(engine, items)
+                done += batch
+            results[f"b{batch}{'+spin' if spinning else ''}"] = done / (
+                time.perf_counter() - started
+            )
+        engine.close()
     return results
 
 
@@ -120,6 +125,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
         "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
         "--log-level", "warning",
+        "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
     return process, f"http://127.0.0.1:{port}"
@@ -190,6 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue-size", type=int, default=256)
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
+    parser.add_argument(
+        "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
+    )
     return parser.parse_args(argv)
 
 
@@ -207,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
     best_batch = max(raw, key=raw.get)
     print("raw engine images/s by batch: "
-          + "  ".join(f"b{b}={v:.1f}" for b, v in raw.items())
-          + f"  (best b{best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
+          + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
+          + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
 
     process = None
     url = args.url
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(url, process)
         asyncio.run(warm(url, image, args.model))
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
-              f"max_delay_ms {args.max_delay_ms}  instances {args.instances}")  # fmt: skip
+              f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
+              f"spinning {args.engine_spinning}")  # fmt: skip
         print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}")  # fmt: skip
         for level in levels:

@@ -47,6 +47,13 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-upload-mb", {"type": float, "metavar": "M", "help": "HORNET_MAX_UPLOAD_MB"}),
     ("--max-pixels", {"type": int, "metavar": "P", "help": "HORNET_MAX_PIXELS"}),
     ("--engine-threads", {"type": int, "help": "ONNX Runtime intra-op threads, 0 = its default"}),
+    (
+        "--engine-spinning",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "let ONNX Runtime threads spin between runs (HORNET_ENGINE_SPINNING)",
+        },
+    ),
     ("--drain-timeout-s", {"type": float, "help": "HORNET_DRAIN_TIMEOUT_S"}),
     ("--log-level", {"help": "HORNET_LOG_LEVEL"}),
 ]

@@ -47,6 +47,7 @@ class OnnxRuntimeEngine:
         tensorrt_ep: bool = False,
         precision: str = "fp32",
         threads: int = 0,
+        spinning: bool = False,
         cache_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -59,6 +60,11 @@ class OnnxRuntimeEngine:
                 "(install onnxruntime-gpu for CUDA/TensorRT)"
             )
         options = ort.SessionOptions()
+        # Spinning intra-op threads keep the cores busy between runs, starving the
+        # decoding threads and the event loop that share them; off unless asked for.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -254,5 +260,6 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         tensorrt_ep=settings.ort_tensorrt,
         precision=entry.precision,
         threads=settings.engine_threads,
+        spinning=settings.engine_spinning,
         cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
     )

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     engine_threads: int = Field(0, ge=0)
+    engine_spinning: bool = False
     drain_timeout_s: float = Field(10.0, ge=0)
     log_level: str = "info"
 
