@@ -2,14 +2,16 @@
 
 Every flag has a HORNET_* environment variable (pydantic-settings); a flag given on the
 command line wins over the environment. On SIGTERM/SIGINT readiness turns false first,
-then uvicorn stops accepting, lets in-flight requests finish within drain_timeout_s,
-and the lifespan drains the batch queues (same bound) before the process exits.
+then uvicorn stops accepting and lets in-flight requests finish; drain_timeout_s after
+the signal the batch queues close and the requests they still hold are answered 503
+with Retry-After, so the whole drain is bounded once, and the process exits with 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from types import FrameType
 
@@ -23,6 +25,10 @@ from service.runtime import ModelPool
 from service.settings import DEMO_BUNDLES_DIR, Settings
 
 log = logging.getLogger("hornet.service")
+
+# After the batch queues close at the drain bound, the time uvicorn still gives the
+# requests they failed to write their 503s before it cancels what is left.
+_LAST_RESPONSES_S = 1.0
 
 _FLAGS: list[tuple[str, dict]] = [
     (
@@ -108,21 +114,33 @@ def serve_main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
     )
-    server = _DrainingServer(config, app.state.pool)
+    server = _DrainingServer(config, app.state.pool, settings.drain_timeout_s)
     server.run()
     return 0 if server.started else 1
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose exit signal turns readiness false before anything stops."""
+    """uvicorn.Server whose exit signal turns readiness false before anything stops,
+    whose shutdown closes the batch queues at the drain bound (503s, not uvicorn's bare
+    500s for cancelled requests), and which exits normally after a graceful shutdown."""
 
-    def __init__(self, config: uvicorn.Config, pool: ModelPool) -> None:
+    def __init__(
+        self, config: uvicorn.Config, pool: ModelPool, drain_timeout_s: float = 10.0
+    ) -> None:
         super().__init__(config)
         self._pool = pool
+        self._drain_timeout_s = drain_timeout_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._pool.begin_drain()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once shut down (the process would die by
+        # SIGTERM); a drained server's exit is a normal one.
+        self._captured_signals.clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._pool.close_within(self._drain_timeout_s)
+        await super().shutdown(sockets)

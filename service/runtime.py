@@ -155,6 +155,8 @@ class ModelPool:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        self._drain_deadline: float | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     async def load(self) -> None:
         """Load, verify, build and warm every bundle; then start batching and turn ready."""
@@ -226,10 +228,29 @@ class ModelPool:
         self.draining = True
         self.ready = False
 
-    async def close(self, drain_timeout_s: float) -> None:
+    def close_within(self, drain_timeout_s: float) -> None:
+        """Start the drain clock now: at `drain_timeout_s` from now the batch queues close
+        and every request they still hold fails with 503 and Retry-After (call from the
+        event loop when the exit signal has been handled)."""
         self.begin_drain()
-        await asyncio.gather(
-            *(runner.queue.close(drain_timeout_s) for runner in self.runners.values())
-        )
+        self._drain_deadline = time.monotonic() + drain_timeout_s
+        loop = asyncio.get_running_loop()
+        loop.call_later(drain_timeout_s, lambda: loop.create_task(self.close(0.0)))
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Refuse new work, let queued and running batches finish by the drain deadline
+        (the earlier of `drain_timeout_s` from now and the one `close_within` set), fail
+        what is left, and release the engines. Later calls wait for the first one."""
+        self.begin_drain()
+        if self._closing is None:
+            give_up_at = time.monotonic() + drain_timeout_s
+            if self._drain_deadline is not None:
+                give_up_at = min(give_up_at, self._drain_deadline)
+            self._closing = asyncio.ensure_future(self._close(give_up_at))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, give_up_at: float) -> None:
+        remaining = max(give_up_at - time.monotonic(), 0.0)
+        await asyncio.gather(*(runner.queue.close(remaining) for runner in self.runners.values()))
         for runner in self.runners.values():
             runner.close_engines()

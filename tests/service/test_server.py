@@ -85,8 +85,7 @@ def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, phot
     assert models[0]["batching"]["max_batch_size"] == 4  # from the environment
     assert models[0]["batching"]["max_delay_ms"] == 20.0  # from the flag
     process.send_signal(signal.SIGTERM)
-    # uvicorn shuts down gracefully, then re-raises the captured signal at exit
-    assert process.wait(30) in (0, -signal.SIGTERM)
+    assert process.wait(30) == 0  # a graceful shutdown is a normal exit, not death by SIGTERM
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(line.get("request_id") == "from-the-test" for line in lines)
     messages = [line["message"] for line in lines]
