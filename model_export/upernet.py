@@ -29,13 +29,16 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _bin_average_matrix(length: int, bins: int) -> torch.Tensor:
-    """(bins, length) matrix averaging adaptive-pooling bin i: [floor(i*L/b), ceil((i+1)*L/b))."""
-    matrix = torch.zeros(bins, length)
+def _bin_average_matrix(length: int, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """(bins, length) matrix averaging adaptive-pooling bin i: [floor(i*L/b), ceil((i+1)*L/b)).
+
+    Built from Python numbers so an exported graph holds it as one constant.
+    """
+    rows = []
     for i in range(bins):
         start, end = (i * length) // bins, -(-(i + 1) * length // bins)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(length)])
+    return torch.tensor(rows, dtype=dtype)
 
 
 class AdaptiveAvgPool(nn.Module):
@@ -51,8 +54,8 @@ class AdaptiveAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = int(x.shape[-2]), int(x.shape[-1])
-        rows = _bin_average_matrix(height, self.size).to(x)
-        cols = _bin_average_matrix(width, self.size).to(x)
+        rows = _bin_average_matrix(height, self.size, x.dtype).to(x.device)
+        cols = _bin_average_matrix(width, self.size, x.dtype).to(x.device)
         return rows @ x @ cols.T
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from dense_tiny import TINY_DET, TINY_SEG, randomize_
 
-from model_export import create_model
+from model_export import create_model, export_dense
 from model_export.export_dense import (
     ParityError,
     SegmentationTileGraph,
@@ -27,18 +27,26 @@ def _seg_model(name: str):
     return randomize_(create_model(name, image_size=TILE, **TINY_SEG), seed=2)
 
 
-@pytest.mark.parametrize(("name", "gf_modes"), [
-    ("upernet_hornet_tiny_7x7", {"none"}),
-    ("horfpn_gf_upernet_hornet_small_7x7", {"dft", "matmul"}),
+@pytest.mark.parametrize(("name", "gf_mode", "engine_gf_mode"), [
+    ("upernet_hornet_tiny_7x7", "auto", "none"),
+    ("upernet_hornet_tiny_gf", "auto", "matmul"),
+    ("horfpn_gf_upernet_hornet_small_7x7", "circular_conv", "circular_conv"),
+    ("upernet_hornet_tiny_gf", "dft", "dft"),
 ])
-def test_segmentation_bundle_matches_torch(tmp_path, name, gf_modes) -> None:
-    manifest = export_segmentation_bundle(_seg_model(name), tmp_path)
+def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mode) -> None:
+    manifest = export_segmentation_bundle(_seg_model(name), tmp_path, gf_mode=gf_mode)
     parity = manifest.parity[0]
     assert parity.passed and parity.relative_error < 1e-5 and parity.top1_agreement > 0.999
     assert manifest.inputs[0].shape == [-1, TILE, TILE, 3] and manifest.inputs[0].dtype == "uint8"
     assert manifest.outputs[0].shape == [-1, 150, TILE, TILE]
-    assert manifest.engines[0].gf_mode in gf_modes
+    assert manifest.engines[0].gf_mode == engine_gf_mode
     assert Manifest.model_validate(json.loads((tmp_path / "manifest.json").read_text())) == manifest
+
+
+def test_auto_gf_mode_avoids_large_matmul_kernels(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(export_dense, "MATMUL_LIMIT_BYTES", 0)
+    manifest = export_segmentation_bundle(_seg_model("upernet_hornet_tiny_gf"), tmp_path)
+    assert manifest.engines[0].gf_mode == "circular_conv" and manifest.parity[0].passed
 
 
 def test_segmentation_graph_normalises_uint8_tiles_inside(tmp_path) -> None:
@@ -96,9 +104,3 @@ def test_detection_bundle_matches_torch(tmp_path) -> None:
     assert len(boxes) > 0 and labels.min() >= 0 and labels.max() <= 79
     assert masks.shape == (len(boxes), 1, 90, 130)
     assert (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 90).all()
-
-
-def test_gf_detection_export_says_why_it_cannot_run_yet(tmp_path) -> None:
-    model = create_model("mask_rcnn_hornet_tiny_gf", **TINY_DET)
-    with pytest.raises(NotImplementedError, match="Global Filters|GF detection"):
-        export_detection_bundle(model, tmp_path)
