@@ -151,3 +151,68 @@ def test_vendored_ade20k_names_equal_mmsegmentations_when_installed() -> None:
     )
     classes = next(k.value for k in metainfo.keywords if k.arg == "classes")
     assert labels_for("ade20k", 150) == list(ast.literal_eval(classes))
+
+
+SMALL_WIDTHS = (96, 192, 384, 768)
+
+
+def _small_widths(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A tiny-backbone head shape at HorNet-S widths (the stage widths are inputs)."""
+    if key.startswith("decode_head.lateral_convs.") and key.endswith("conv.weight"):
+        i = int(key.split(".")[2])
+        return (shape[0], SMALL_WIDTHS[i], *shape[2:])
+    if key.startswith("decode_head.psp_modules.") and key.endswith("conv.weight"):
+        return (shape[0], SMALL_WIDTHS[3], *shape[2:])
+    if key == "decode_head.bottleneck.conv.weight":
+        return (shape[0], SMALL_WIDTHS[3] + 4 * CHANNELS, *shape[2:])
+    return shape
+
+
+def _horfpn_bottleneck_shapes(mixer: str) -> dict[str, tuple[int, ...]]:
+    """HorFPN's fusion module in place of `fpn_bottleneck` (spec): order-2 gnConv of width
+    512 fed 4 * 512 channels, no proj_out, no 1/3 scale, then the ConvModule's BN."""
+    prefix, width = "decode_head.fpn_bottleneck", CHANNELS
+    mixed = width // 2 + width
+    shapes = {
+        f"{prefix}.proj_in.weight": (2 * width, 4 * CHANNELS, 1, 1),
+        f"{prefix}.proj_in.bias": (2 * width,),
+        f"{prefix}.pws.0.weight": (width, width // 2, 1, 1),
+        f"{prefix}.pws.0.bias": (width,),
+    }
+    if mixer == "7x7":
+        shapes[f"{prefix}.dwconv.weight"] = (mixed, 1, 7, 7)
+        shapes[f"{prefix}.dwconv.bias"] = (mixed,)
+    else:
+        shapes[f"{prefix}.dwconv.dw.weight"] = (mixed // 2, 1, 3, 3)
+        shapes[f"{prefix}.dwconv.complex_weight"] = (mixed // 2, 32, 17, 2)
+        for norm in ("pre_norm", "post_norm"):
+            shapes[f"{prefix}.dwconv.{norm}.weight"] = shapes[f"{prefix}.dwconv.{norm}.bias"] = (
+                mixed,
+            )
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"{prefix}.bn.{name}"] = (width,)
+    shapes[f"{prefix}.bn.num_batches_tracked"] = ()
+    return shapes
+
+
+@pytest.mark.parametrize("mixer", ["7x7", "gf"])
+def test_horfpn_upernet_checkpoint_loads_strictly(tmp_path, mixer) -> None:
+    """The head is written from the spec; the backbone (checked against the published key
+    list above) is taken from the model, at depth 1 per stage to stay small."""
+    name = f"horfpn_{mixer}_upernet_hornet_small_7x7"
+    model = create_model(name, depths=(1, 1, 1, 1))
+    backbone = {k: v.shape for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    head = {
+        k: v for k, v in _uper_head_shapes().items()
+        if not k.startswith("decode_head.fpn_bottleneck")
+    }
+    head = {k: _small_widths(k, v) for k, v in head.items()}
+    gen = torch.Generator().manual_seed(1)
+    state = {k: torch.tensor(7) if not shape else torch.rand(shape, generator=gen) + 0.5
+             for k, shape in (backbone | head | _horfpn_bottleneck_shapes(mixer)).items()}
+    path = tmp_path / f"{name}_512_160k_ade20k.pth"
+    torch.save({"state_dict": state}, path)
+    loaded = create_model(name, checkpoint=path, depths=(1, 1, 1, 1)).state_dict()
+    key = "decode_head.fpn_bottleneck.pws.0.weight"
+    torch.testing.assert_close(loaded[key], state[key], rtol=0, atol=0)
+
