@@ -17,7 +17,7 @@ from service.engines import create_engine
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from service.routers import health, inference, models
+from service.routers import health, inference, models, v2
 from service.runtime import EngineFactory, ModelPool
 from service.settings import Settings
 
@@ -64,6 +64,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(inference.router)
+    app.include_router(v2.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
@@ -75,8 +76,16 @@ def _retrieve_exception(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _error(status: int, code: str, detail: object, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def _error(
+    request: Request, status: int, code: str, detail: object, headers: dict | None = None
+) -> JSONResponse:
+    """`{"error": CODE, "detail": ...}`; under /v2 the Open Inference Protocol's
+    `{"error": "CODE: detail"}`, whose one string its clients show."""
+    if request.url.path.startswith("/v2"):
+        body = {"error": f"{code}: {detail}" if detail else code}
+    else:
+        body = {"error": code, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -84,7 +93,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("request failed", extra={"error": exc.code, "detail": str(exc.detail)})
-        return _error(exc.status_code, exc.code, exc.detail, exc.headers)
+        return _error(request, exc.status_code, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -92,15 +101,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"loc": list(err["loc"]), "msg": err["msg"], "input": str(err.get("input"))[:200]}
             for err in exc.errors()
         ]
-        return _error(422, "invalid_parameters", detail)
+        return _error(request, 422, "invalid_parameters", detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+        return _error(request, exc.status_code, code, exc.detail, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, "internal_error", f"{type(exc).__name__}")
+        return _error(request, 500, "internal_error", f"{type(exc).__name__}")

@@ -1,0 +1,283 @@
+"""Open Inference Protocol (KServe v2) tensors: request and response bodies, JSON and binary.
+
+A request body is JSON, or, with the binary tensor extension, a JSON header of
+`Inference-Header-Content-Length` bytes followed by the raw data of the inputs that
+declare `parameters.binary_data_size`, in input order. Numeric tensors travel as
+little-endian row-major bytes; BYTES tensors as elements each prefixed by its 4-byte
+little-endian length (Triton's serialisation). This module knows no models and no HTTP
+framework: it turns bodies into numpy arrays and arrays into bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import ServiceError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+NUMERIC_DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+BYTES = "BYTES"
+
+
+class InvalidInferRequest(ServiceError):
+    status_code = 400
+    code = "invalid_infer_request"
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class RequestInput(_Open):
+    name: str
+    shape: list[int] = Field(description="dimensions, the batch axis first")
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = None
+
+
+class RequestOutput(_Open):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(_Open):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+@dataclass
+class Tensor:
+    """One decoded input: a numpy array (object array of bytes for BYTES)."""
+
+    name: str
+    datatype: str
+    array: np.ndarray
+    binary: bool
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    array: np.ndarray
+    binary: bool
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None
+) -> tuple[InferRequest, list[Tensor]]:
+    """The request's JSON header and its inputs as arrays, checked against their shapes."""
+    header, binary = _split(body, header_length)
+    try:
+        request = InferRequest.model_validate_json(header)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidInferRequest(f"not an inference request: {problems}") from exc
+    tensors, offset = [], 0
+    for spec in request.inputs:
+        size = spec.parameters.get("binary_data_size")
+        if size is None:
+            tensors.append(_from_json(spec))
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidInferRequest(
+                f"input {spec.name!r}: binary_data_size {size!r} does not fit the "
+                f"{len(binary) - offset} binary bytes left after the JSON header"
+            )
+        tensors.append(_from_binary(spec, binary[offset : offset + size]))
+        offset += size
+    if offset != len(binary):
+        raise InvalidInferRequest(
+            f"{len(binary) - offset} bytes after the inputs' binary data belong to no input"
+        )
+    return request, tensors
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.strip().isdigit() or int(header_length) > len(body):
+        raise InvalidInferRequest(
+            f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's byte count "
+            f"(the body has {len(body)} bytes)"
+        )
+    length = int(header_length)
+    return body[:length], body[length:]
+
+
+def _element_count(spec: RequestInput) -> int:
+    if any(d < 0 for d in spec.shape):
+        raise InvalidInferRequest(f"input {spec.name!r}: negative dimension in {spec.shape}")
+    return int(np.prod(spec.shape, dtype=np.int64))
+
+
+def _from_json(spec: RequestInput) -> Tensor:
+    if spec.data is None:
+        raise InvalidInferRequest(
+            f"input {spec.name!r} has neither 'data' nor parameters.binary_data_size"
+        )
+    count = _element_count(spec)
+    if spec.datatype == BYTES:
+        flat = list(_flatten(spec.data))
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidInferRequest(f"input {spec.name!r}: BYTES data must be strings")
+        array = np.empty(len(flat), dtype=object)
+        array[:] = [v.encode("utf-8") for v in flat]
+    else:
+        dtype = _numeric_dtype(spec)
+        try:
+            values = np.asarray(spec.data, dtype=np.float64 if dtype.kind == "f" else None)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInferRequest(f"input {spec.name!r}: data is not numeric") from exc
+        if values.dtype == object or values.dtype.kind not in "biuf":
+            raise InvalidInferRequest(f"input {spec.name!r}: data is not numeric")
+        array = _cast_checked(values.reshape(-1), dtype, spec.name)
+    if array.size != count:
+        raise InvalidInferRequest(
+            f"input {spec.name!r}: {array.size} data elements for shape {spec.shape} "
+            f"({count} elements)"
+        )
+    return Tensor(spec.name, spec.datatype, array.reshape(spec.shape), binary=False)
+
+
+def _flatten(data: Any):
+    if isinstance(data, list):
+        for value in data:
+            yield from _flatten(value)
+    else:
+        yield data
+
+
+def _cast_checked(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        if values.dtype.kind == "f" and not np.all(np.equal(np.floor(values), values)):
+            raise InvalidInferRequest(f"input {name!r}: non-integer values for {dtype}")
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidInferRequest(
+                f"input {name!r}: values outside {info.min}..{info.max} for {dtype}"
+            )
+    return values.astype(dtype)
+
+
+def _numeric_dtype(spec: RequestInput) -> np.dtype:
+    dtype = NUMERIC_DATATYPES.get(spec.datatype)
+    if dtype is None:
+        raise InvalidInferRequest(
+            f"input {spec.name!r}: unknown datatype {spec.datatype!r}; "
+            f"known: {[*NUMERIC_DATATYPES, BYTES]}"
+        )
+    return dtype
+
+
+def _from_binary(spec: RequestInput, data: bytes) -> Tensor:
+    count = _element_count(spec)
+    if spec.datatype == BYTES:
+        elements = deserialize_bytes(data, spec.name)
+        if len(elements) != count:
+            raise InvalidInferRequest(
+                f"input {spec.name!r}: {len(elements)} BYTES elements for shape {spec.shape}"
+            )
+        array = np.empty(count, dtype=object)
+        array[:] = elements
+        return Tensor(spec.name, BYTES, array.reshape(spec.shape), binary=True)
+    dtype = _numeric_dtype(spec)
+    if len(data) != count * dtype.itemsize:
+        raise InvalidInferRequest(
+            f"input {spec.name!r}: {len(data)} bytes of binary data; shape {spec.shape} of "
+            f"{spec.datatype} needs {count * dtype.itemsize}"
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(spec.shape)
+    return Tensor(spec.name, spec.datatype, array, binary=True)
+
+
+def deserialize_bytes(data: bytes, name: str = "") -> list[bytes]:
+    """Elements of a BYTES tensor serialised as (uint32 little-endian length, bytes)*."""
+    elements, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise InvalidInferRequest(f"input {name!r}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidInferRequest(
+                f"input {name!r}: BYTES element of {length} bytes overruns the binary data"
+            )
+        elements.append(bytes(data[offset : offset + length]))
+        offset += length
+    return elements
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for element in array.reshape(-1):
+        raw = element if isinstance(element, bytes) else str(element).encode("utf-8")
+        parts += [struct.pack("<I", len(raw)), raw]
+    return b"".join(parts)
+
+
+def encode_response(
+    model_name: str, model_version: str, request_id: str | None, outputs: list[OutputTensor]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    described, chunks = [], []
+    for output in outputs:
+        entry: dict[str, Any] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": list(output.array.shape),
+        }
+        if output.binary:
+            raw = _raw_bytes(output)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif output.datatype == BYTES:
+            entry["data"] = [_text(v) for v in output.array.reshape(-1)]
+        else:
+            entry["data"] = output.array.reshape(-1).tolist()
+        described.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = described
+    header = json.dumps(response, separators=(",", ":")).encode("utf-8")
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+def _raw_bytes(output: OutputTensor) -> bytes:
+    if output.datatype == BYTES:
+        return serialize_bytes(output.array)
+    dtype = NUMERIC_DATATYPES[output.datatype]
+    return np.ascontiguousarray(output.array, dtype=dtype).tobytes()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)

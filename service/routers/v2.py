@@ -1,0 +1,316 @@
+"""The Open Inference Protocol (KServe v2) REST routes, next to the service's own routes.
+
+Standard clients (tritonclient, KServe clients, perf_analyzer) work unchanged. Requests
+go through the same model pool, batcher, limits, metrics and error handlers as /classify;
+errors answer `{"error": "CODE: what was wrong"}`. Classification bundles take their
+graph's image tensor (uint8, or float32 on the 0-255 scale, NHWC at the input size) or
+encoded images as BYTES (decoded and preprocessed exactly as /classify does) and answer
+`logits` and `probabilities`; segmentation bundles take the tile tensor and answer the
+graph's raw tile logits; detection bundles are refused (see docs/kserve-v2.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service import kserve
+from service.dependencies import Pool, request_deadline
+from service.errors import NotReady, PayloadTooLarge, UnknownModel
+from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
+from service.pipelines import Prepared, softmax
+from service.runtime import ModelPool, ModelRunner
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+SERVER_NAME = "hornet-serve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+MODEL_VERSION = "1"
+ENCODED_IMAGE = "encoded_image"
+PROBABILITIES = "probabilities"
+SERVED_TASKS = ("classify", "segment")
+_PLATFORMS = {
+    "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
+    "tensorrt": ("tensorrt_plan", "tensorrt"),
+    "torch": ("pytorch_libtorch", "pytorch"),
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+    def config(self, **extra: Any) -> dict:
+        return {
+            "name": self.name,
+            "data_type": f"TYPE_{'STRING' if self.datatype == BYTES else self.datatype}",
+            "dims": self.shape[1:],
+            **extra,
+        }
+
+
+@dataclass(frozen=True)
+class V2Model:
+    """What one bundle looks like through the protocol: its tensors, batch axis first."""
+
+    runner: ModelRunner
+    image: TensorMeta
+    encoded: TensorMeta | None
+    outputs: list[TensorMeta]
+
+    @classmethod
+    def of(cls, runner: ModelRunner) -> V2Model:
+        manifest = runner.manifest
+        height, width = (
+            runner.pipeline.window.crop
+            if manifest.task == "segment"
+            else manifest.preprocess.input_size
+        )
+        image = TensorMeta(manifest.inputs[0].name, "UINT8", [-1, height, width, 3])
+        logits = manifest.outputs[0].name
+        classes = len(manifest.labels)
+        if manifest.task == "segment":
+            outputs = [TensorMeta(logits, "FP32", [-1, classes, height, width])]
+            return cls(runner, image, None, outputs)
+        outputs = [
+            TensorMeta(logits, "FP32", [-1, classes]),
+            TensorMeta(PROBABILITIES, "FP32", [-1, classes]),
+        ]
+        return cls(runner, image, TensorMeta(ENCODED_IMAGE, BYTES, [-1, 1]), outputs)
+
+    @property
+    def inputs(self) -> list[TensorMeta]:
+        return [self.image] + ([self.encoded] if self.encoded else [])
+
+
+def _model(pool: ModelPool, name: str, version: str | None) -> V2Model:
+    runner = pool.runners.get(name)
+    if runner is None:
+        if not pool.ready:
+            detail = pool.load_error or "models are still loading"
+            raise NotReady(detail, headers={"Retry-After": "5"})
+        raise UnknownModel(f"no model named {name!r}; loaded: {sorted(pool.runners)}")
+    if runner.manifest.task not in SERVED_TASKS:
+        served = sorted(n for n, r in pool.runners.items() if r.manifest.task in SERVED_TASKS)
+        raise InvalidInferRequest(
+            f"model {name!r} is a {runner.manifest.task} model; the v2 protocol serves "
+            f"classify and segment models ({served}); use POST /{runner.manifest.task}"
+        )
+    if version not in (None, MODEL_VERSION):
+        raise UnknownModel(f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
+    return V2Model.of(runner)
+
+
+@router.get("")
+async def server_metadata() -> dict:
+    """Server name, version and the protocol extensions it supports."""
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live")
+async def server_live() -> dict:
+    """200 while the process answers."""
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={503: {}})
+async def server_ready(pool: Pool) -> JSONResponse:
+    """200 once every model is loaded and warmed up; 503 while loading or draining."""
+    if pool.ready:
+        return JSONResponse({"ready": True})
+    return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/models/{model}")
+@router.get("/models/{model}/versions/{version}")
+async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
+    """The model's name, versions, platform and its tensors (batch axis -1)."""
+    served = _model(pool, model, version)
+    return {
+        "name": model,
+        "versions": [MODEL_VERSION],
+        "platform": _PLATFORMS[pool.settings.engine][0],
+        "inputs": [t.metadata() for t in served.inputs],
+        "outputs": [t.metadata() for t in served.outputs],
+    }
+
+
+@router.get("/models/{model}/ready", responses={503: {}})
+@router.get("/models/{model}/versions/{version}/ready", responses={503: {}})
+async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSONResponse:
+    """200 once the model (and every other) is loaded and warmed up, else 503."""
+    _model(pool, model, version)
+    body = {"name": model, "ready": pool.ready}
+    if pool.ready:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/models/{model}/config")
+@router.get("/models/{model}/versions/{version}/config")
+async def model_config(pool: Pool, model: str, version: str | None = None) -> dict:
+    """The fields of Triton's model configuration its clients and tools read."""
+    served = _model(pool, model, version)
+    settings = pool.settings
+    platform, backend = _PLATFORMS[settings.engine]
+    image_extra = {"format": "FORMAT_NHWC"}
+    inputs = [served.image.config(**image_extra, optional=served.encoded is not None)]
+    if served.encoded is not None:
+        inputs.append(served.encoded.config(optional=True))
+    return {
+        "name": model,
+        "platform": platform,
+        "backend": backend,
+        "max_batch_size": settings.max_batch_size,
+        "input": inputs,
+        "output": [t.config() for t in served.outputs],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000),
+        },
+        "instance_group": [
+            {
+                "count": settings.instances,
+                "kind": f"KIND_{settings.device.upper().replace('CUDA', 'GPU')}",
+            }
+        ],
+    }
+
+
+@router.post("/models/{model}/infer")
+@router.post("/models/{model}/versions/{version}/infer")
+async def infer(request: Request, pool: Pool, model: str, version: str | None = None) -> Response:
+    """Inference on a batch of images given as one input tensor; see docs/kserve-v2.md."""
+    served = _model(pool, model, version)
+    runner = pool.get(served.runner.manifest.task, model)
+    deadline = request_deadline(request)
+    body = await request.body()
+    parsed, tensors = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH))
+    prepared = await _prepare(served, tensors, pool.settings.max_images_per_request)
+    results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
+    logits = np.stack([np.asarray(items[0], dtype=np.float32) for items in results])
+    outputs = _outputs(served, parsed, logits)
+    content, header_length = kserve.encode_response(model, MODEL_VERSION, parsed.id, outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={kserve.HEADER_LENGTH: str(header_length)},
+    )
+
+
+async def _prepare(served: V2Model, tensors: list[Tensor], max_images: int) -> list[Prepared]:
+    expected = [t.name for t in served.inputs]
+    if len(tensors) != 1 or tensors[0].name not in expected:
+        raise InvalidInferRequest(
+            f"send exactly one input, one of {expected}; got {[t.name for t in tensors]}"
+        )
+    (tensor,) = tensors
+    count = tensor.array.shape[0] if tensor.array.ndim else 0
+    if count == 0:
+        raise InvalidInferRequest(
+            f"input {tensor.name!r} holds no images (shape {tensor.array.shape})"
+        )
+    if count > max_images:
+        raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
+    if tensor.name == ENCODED_IMAGE:
+        return await served.runner.prepare(_encoded_images(tensor))
+    return _image_rows(served.image, tensor)
+
+
+def _encoded_images(tensor: Tensor) -> list[bytes]:
+    if (
+        tensor.datatype != BYTES
+        or tensor.array.ndim not in (1, 2)
+        or (tensor.array.ndim == 2 and tensor.array.shape[1] != 1)
+    ):
+        raise InvalidInferRequest(
+            f"input {ENCODED_IMAGE!r} must be BYTES of shape [N] or [N, 1], one encoded image "
+            f"per element; got {tensor.datatype} {list(tensor.array.shape)}"
+        )
+    elements = list(tensor.array.reshape(-1))
+    if tensor.binary:
+        return elements
+    try:
+        return [base64.b64decode(e, validate=True) for e in elements]
+    except binascii.Error as exc:
+        raise InvalidInferRequest(
+            f"input {ENCODED_IMAGE!r} as JSON data takes base64 strings of the encoded images"
+        ) from exc
+
+
+def _image_rows(meta: TensorMeta, tensor: Tensor) -> list[Prepared]:
+    if list(tensor.array.shape[1:]) != meta.shape[1:]:
+        raise InvalidInferRequest(
+            f"input {meta.name!r} must have shape [N, {', '.join(map(str, meta.shape[1:]))}] "
+            f"(NHWC RGB at the model's input size); got {list(tensor.array.shape)}"
+        )
+    if tensor.datatype == "UINT8":
+        pixels = tensor.array
+    elif tensor.datatype == "FP32":
+        values = tensor.array
+        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 255:
+            raise InvalidInferRequest(
+                f"input {meta.name!r} as FP32 takes pixel values in 0..255 (the graph "
+                "normalises them itself); got values outside that range"
+            )
+        pixels = np.rint(values).astype(np.uint8)
+    else:
+        raise InvalidInferRequest(
+            f"input {meta.name!r} must be UINT8 (or FP32 on the 0..255 scale), not "
+            f"{tensor.datatype}"
+        )
+    height, width = meta.shape[1:3]
+    return [Prepared([np.ascontiguousarray(row)], width, height) for row in pixels]
+
+
+def _outputs(
+    served: V2Model, parsed: kserve.InferRequest, logits: np.ndarray
+) -> list[OutputTensor]:
+    values = {served.outputs[0].name: logits}
+    if len(served.outputs) > 1:
+        values[PROBABILITIES] = softmax(logits).astype(np.float32)
+    binary_default = bool(parsed.parameters.get("binary_data_output", False))
+    requested = parsed.outputs or [kserve.RequestOutput(name=name) for name in values]
+    unknown = [r.name for r in requested if r.name not in values]
+    if unknown:
+        raise InvalidInferRequest(f"unknown outputs {unknown}; the model has {list(values)}")
+    tensors = []
+    for output in requested:
+        binary = bool(output.parameters.get("binary_data", binary_default))
+        top_k = output.parameters.get("classification")
+        array = values[output.name]
+        if top_k is None:
+            tensors.append(OutputTensor(output.name, "FP32", array, binary))
+        else:
+            classes = _classification(array, top_k, served.runner.manifest.labels, output.name)
+            tensors.append(OutputTensor(output.name, BYTES, classes, binary))
+    return tensors
+
+
+def _classification(array: np.ndarray, top_k: Any, labels: list[str], name: str) -> np.ndarray:
+    """Triton's classification extension: "value:index:label" strings, best first."""
+    if array.ndim != 2 or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInferRequest(
+            f"output {name!r}: parameters.classification takes a positive class count "
+            "on a classification output"
+        )
+    k = min(top_k, array.shape[1])
+    order = np.argsort(-array, axis=1, kind="stable")[:, :k]
+    classes = np.empty(order.shape, dtype=object)
+    for row, indices in enumerate(order):
+        for column, index in enumerate(indices):
+            classes[row, column] = f"{array[row, index]:f}:{index}:{labels[index]}".encode()
+    return classes
