@@ -4,6 +4,16 @@ without their schedule suffix (`upernet_hornet_tiny_gf`, `horfpn_gf_mask_rcnn_ho
 
 The seg configs carry the mmseg test pipeline as the manifest's preprocess fields
 (`extra["preprocess"]`), so the service tiles exactly as mmseg's slide inference does.
+
+`create_model` overrides reach the constructors, e.g. for tiny demo models:
+- segmentation: `num_classes` (logit channels, background included when trained with
+  one), `image_size` (tile; sizes the GF filters), `base_dim`, `depths`, `channels`
+  (UPerHead width, 512 released);
+- detection: `num_classes` (object classes; torchvision adds background), `base_dim`,
+  `depths`, `fpn_channels` (256 released), `min_size`/`max_size` (the in-graph resize),
+  `box_score_thresh`.
+A `num_classes` other than the variant's drops its label set; pass names to the exporter
+(`model_export.export_dense`, `labels=`).
 """
 
 from __future__ import annotations
