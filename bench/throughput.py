@@ -7,7 +7,7 @@ Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are pres
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
 slows every engine alike; the table gives the median round per engine and batch size.
 `--gf-compare` exports hornet_tiny_7x7 and hornet_tiny_gf (random weights: speed does
-not depend on them) with each Global Filter graph (DFT-free matmul, circular conv, and
+not depend on them) with each Global Filter graph (DFT-free auto, circular conv, and
 the ONNX DFT op) and prints each one's throughput as a ratio of the 7x7 model's.
 Nothing here is asserted; it prints measurements.
 """
@@ -118,7 +118,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one round")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     parser.add_argument("--gf-compare", action="store_true")
-    parser.add_argument("--gf-modes", default="matmul,circular_conv,dft")
+    parser.add_argument("--gf-modes", default="auto,circular_conv,dft")
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]

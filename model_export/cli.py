@@ -43,7 +43,7 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("onnx", "tensorrt", "all"), default="onnx")
     parser.add_argument("--batch", type=_batch, default=(1, 8, 32), metavar="MIN:OPT:MAX",
                         help="dynamic batch range (TensorRT optimisation profile), default 1:8:32")
-    parser.add_argument("--gf-mode", choices=("auto", "matmul", "circular_conv", "dft"), default="auto",
+    parser.add_argument("--gf-mode", choices=("auto", "matmul", "dense_dft", "circular_conv", "dft"), default="auto",
                         help="Global Filter graph: auto (DFT-free), or keep the ONNX DFT op (dft)")
     parser.add_argument("--reference", choices=("float32", "float64"), default="float32",
                         help="dtype of the torch reference the graph is verified against")

@@ -36,8 +36,6 @@ from service.manifest import Manifest
 FP32_TOLERANCE = 1e-5  # relative error of logits vs the torch model
 FP16_TOLERANCE = 1e-2  # relative error of fp16 logits vs the fp32 graph
 DEFAULT_BATCH = (1, 8, 32)
-# Picked by bench/gf_modes.py on a 2-core CPU with ONNX Runtime (see README).
-AUTO_GF_MODE = "matmul"
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
 TRT_FP32 = "model.plan"
@@ -235,10 +233,9 @@ def parity_entry(
 def resolve_gf_mode(model: nn.Module, gf_mode: str) -> str:
     if not global_filter_layers(model):
         return "none"
-    if gf_mode == "auto":
-        return AUTO_GF_MODE
-    if gf_mode not in ("matmul", "circular_conv", "dft"):
-        raise ExportError(f"unknown --gf-mode {gf_mode!r}: choose auto, matmul, circular_conv or dft")
+    if gf_mode not in ("auto", "matmul", "dense_dft", "circular_conv", "dft"):
+        raise ExportError(
+            f"unknown --gf-mode {gf_mode!r}: choose auto, matmul, dense_dft, circular_conv or dft")
     return gf_mode
 
 
@@ -294,9 +291,13 @@ def export_bundle(
     out.mkdir(parents=True, exist_ok=True)
     mode = resolve_gf_mode(model, gf_mode)
     export_model = copy.deepcopy(model).float()
-    if mode in ("matmul", "circular_conv"):
+    if mode not in ("none", "dft"):
         say(f"rewriting {len(global_filter_layers(model))} Global Filters DFT-free ({mode})")
         rewrite_global_filters(export_model, mode)
+    gf_layers: dict[str, int] = {}
+    for layer in global_filter_layers(export_model):
+        form = type(layer.fixed_branch).__name__ if layer.fixed_branch is not None else "DFT"
+        gf_layers[form] = gf_layers.get(form, 0) + 1
     graph = ClassifierGraph(export_model, cfg.mean, cfg.std).eval()
     reference_graph = ClassifierGraph(model, cfg.mean, cfg.std).eval()
 
@@ -320,7 +321,7 @@ def export_bundle(
     refs = torch_reference(reference_graph, inputs, getattr(torch, reference))
     outs = run_onnx(onnx_path, inputs, "image")
     parity = [parity_entry(ONNX_FP32, f"torch {reference}", refs, outs, FP32_TOLERANCE)]
-    engines = [{"format": "onnx", "precision": "fp32", "file": ONNX_FP32, "gf_mode": mode,
+    engines = [{"format": "onnx", "precision": "fp32", "file": ONNX_FP32, "gf_mode": _manifest_gf_mode(mode),
                 "batch_profile": batch}]
     say(_describe(parity[-1]))
 
@@ -330,7 +331,7 @@ def export_bundle(
         convert_fp16(onnx_path, fp16_path)
         outs16 = run_onnx(fp16_path, inputs, "image")
         parity.append(parity_entry(ONNX_FP16, f"onnx {ONNX_FP32}", outs, outs16, FP16_TOLERANCE))
-        engines.append({"format": "onnx", "precision": "fp16", "file": ONNX_FP16, "gf_mode": mode,
+        engines.append({"format": "onnx", "precision": "fp16", "file": ONNX_FP16, "gf_mode": _manifest_gf_mode(mode),
                         "batch_profile": batch})
         say(_describe(parity[-1]))
 
@@ -353,7 +354,7 @@ def export_bundle(
                 trt_error = f"TensorRT build failed: {exc}"
                 break
             engines.append({"format": "tensorrt", "precision": precision, "file": plan,
-                            "gf_mode": mode, "batch_profile": batch, **info})
+                            "gf_mode": _manifest_gf_mode(mode), "batch_profile": batch, **info})
 
     weights = {"random": checkpoint is None and not cfg.extra.get("trained", False)}
     if checkpoint is not None:
@@ -373,7 +374,7 @@ def export_bundle(
         "labels": label_names,
         "engines": engines,
         "export": {"fp16": fp16, "formats": list(formats), "batch": list(batch), "gf_mode": gf_mode,
-                   "gf_mode_used": mode, "reference": reference, "image_size": size, "num_classes": cfg.num_classes,
+                   "gf_layers": gf_layers, "reference": reference, "image_size": size, "num_classes": cfg.num_classes,
                    "opset": _opset(onnx_path), "exporter": "torch.onnx dynamo"},
         "parity": parity,
     })
@@ -383,6 +384,11 @@ def export_bundle(
     if trt_error:
         raise ExportError(f"{trt_error} (the ONNX bundle in {out} is complete)")
     return manifest
+
+
+def _manifest_gf_mode(mode: str) -> str:
+    """The manifest's coarse GF form: the DFT as MatMuls (auto, matmul, dense_dft)."""
+    return "matmul" if mode in ("auto", "dense_dft") else mode
 
 
 def _describe(p: dict) -> str:

@@ -12,6 +12,10 @@ so), hence a circular convolution with the real kernel
 - "matmul": the real DFT written as MatMuls with fixed cos/sin matrices (separable:
   along W, then H), the complex product with the filter, and the inverse the same way;
   O(H W (H + W)) multiply-adds per channel and no weights beyond the filter itself.
+- "dense_dft": the 2-D real DFT as one MatMul over the flattened map and the filter
+  folded into a second one: (H W)(6 H (W/2+1)) multiply-adds per channel, but two
+  large GEMMs shared by all channels; fastest on small maps.
+- "auto": dense_dft up to 64 pixels (7x7 at 224), matmul above.
 - "circular_conv": wrap-pad by (H-1, W-1) on the top/left and run a depthwise H x W
   convolution with the flipped kernel (Pad mode "wrap" + Conv in ONNX).
 
@@ -29,7 +33,15 @@ from torch import nn
 
 from model_export.gnconv import GlobalLocalFilter, resize_complex_filter
 
-GF_MODES = ("matmul", "circular_conv")
+GF_MODES = ("auto", "matmul", "dense_dft", "circular_conv")
+# "auto": measured per feature size with bench/gf_modes.py (ONNX Runtime, 2-core CPU):
+# the one-GEMM dense DFT wins on small maps (7x7, 0.26 vs 0.47 ms for 960 channels at
+# batch 1), the separable form on larger ones (14x14: 1.1 vs 2.4 ms; 24x24: 17 vs 47 ms).
+DENSE_DFT_MAX_PIXELS = 64
+
+
+def auto_mode(size: tuple[int, int]) -> str:
+    return "dense_dft" if size[0] * size[1] <= DENSE_DFT_MAX_PIXELS else "matmul"
 
 
 def global_spectrum(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarray:
@@ -82,12 +94,11 @@ class MatMulGlobalBranch(_FixedSize):
         if width % 2 == 0:
             weight[-1] = 1.0
         forward_w = np.concatenate([cos_w, -sin_w], axis=1)  # (W, 2K): [real | imag]
-        forward_h = np.concatenate([cos_h, sin_h], axis=0)  # (2H, H)
-        inverse_h = np.concatenate([cos_h.T, sin_h.T], axis=0)  # (2H, H), e^{+i}
+        forward_h = np.concatenate([cos_h, sin_h], axis=1)  # (H, 2H): [C_h | S_h]
         inverse_w = np.concatenate([weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T], axis=0)
         tensors = {
-            "forward_w": forward_w, "forward_h": forward_h, "inverse_h": inverse_h,
-            "inverse_w": inverse_w, "filter_real": spectrum.real, "filter_imag": spectrum.imag,
+            "forward_w": forward_w, "forward_h": forward_h, "inverse_w": inverse_w,
+            "filter_real": spectrum.real.transpose(0, 2, 1), "filter_imag": spectrum.imag.transpose(0, 2, 1),
         }
         for key, value in tensors.items():
             # exact zeros where cos/sin vanish (sin(pi) = 1.2e-16 would be an fp16 subnormal)
@@ -96,22 +107,63 @@ class MatMulGlobalBranch(_FixedSize):
         self.bins = bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every MatMul multiplies on the right (one large GEMM each); the H transforms
+        # run on the transposed (.., 2K, H) layout. C_h and S_h are symmetric.
         self._check(x)
         height, bins = self.size[0], self.bins
-        a = torch.matmul(x, self.forward_w.to(x.dtype))  # (B, C, H, 2K)
-        p = torch.matmul(self.forward_h.to(x.dtype), a)  # (B, C, 2H, 2K): [C_h A; S_h A]
-        ch, sh = p[:, :, :height], p[:, :, height:]
-        z_real = ch[..., :bins] + sh[..., bins:]
-        z_imag = ch[..., bins:] - sh[..., :bins]
-        g_real, g_imag = self.filter_real.to(x.dtype), self.filter_imag.to(x.dtype)
-        y_real = z_real * g_real - z_imag * g_imag
-        y_imag = z_real * g_imag + z_imag * g_real
-        # inverse along H: U = (C_h^T - i S_h^T)^* ... = C_h^T Y + i S_h^T Y
-        q = torch.matmul(self.inverse_h.to(x.dtype), torch.cat([y_real, y_imag], dim=-1))
-        cq, sq = q[:, :, :height], q[:, :, height:]
-        u_real = cq[..., :bins] - sq[..., bins:]
-        u_imag = cq[..., bins:] + sq[..., :bins]
-        return torch.matmul(torch.cat([u_real, u_imag], dim=-1), self.inverse_w.to(x.dtype))
+        dtype = x.dtype
+        a = torch.matmul(x, self.forward_w.to(dtype)).transpose(-1, -2)  # (B, C, 2K, H): [A_r; A_i]^T
+        p = torch.matmul(a, self.forward_h.to(dtype))  # (B, C, 2K, 2H): [. C_h | . S_h]
+        z_real = p[:, :, :bins, :height] + p[:, :, bins:, height:]
+        z_imag = p[:, :, bins:, :height] - p[:, :, :bins, height:]
+        g_real, g_imag = self.filter_real.to(dtype), self.filter_imag.to(dtype)
+        y = torch.cat([z_real * g_real - z_imag * g_imag, z_real * g_imag + z_imag * g_real], dim=-2)
+        q = torch.matmul(y, self.forward_h.to(dtype))  # (B, C, 2K, 2H)
+        u_real = q[:, :, :bins, :height] - q[:, :, bins:, height:]
+        u_imag = q[:, :, bins:, :height] + q[:, :, :bins, height:]
+        u = torch.cat([u_real, u_imag], dim=-2).transpose(-1, -2)  # (B, C, H, 2K)
+        return torch.matmul(u, self.inverse_w.to(dtype))
+
+
+class DenseDFTGlobalBranch(_FixedSize):
+    """The 2-D real DFT as one MatMul over the flattened map, the filter, and the inverse
+    as a second MatMul: two large GEMMs shared by all channels (no per-channel matrices).
+
+    S = x @ F gives [Re | Im] of the half spectrum; the complex product with the filter
+    folds into the inverse: y = [S * [g_r | g_r], S * [g_i | g_i]] @ [[I_r; I_i]; [I_i; -I_r]],
+    where I_r, I_i carry c2r's column weights (1 for DC and Nyquist, else 2).
+    """
+
+    def __init__(self, spectrum: np.ndarray, size: tuple[int, int]) -> None:
+        super().__init__(size)
+        height, width = size
+        bins = width // 2 + 1
+        h, w = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+        kh, kw = np.meshgrid(np.arange(height), np.arange(bins), indexing="ij")
+        theta = 2 * np.pi * (np.outer(h.ravel(), kh.ravel()) / height + np.outer(w.ravel(), kw.ravel()) / width)
+        norm = 1.0 / np.sqrt(height * width)
+        forward = np.concatenate([np.cos(theta), -np.sin(theta)], axis=1) * norm  # (HW, 2N)
+        weight = np.where((kw.ravel() == 0) | ((width % 2 == 0) & (kw.ravel() == width // 2)), 1.0, 2.0)
+        inv_real = (weight[:, None] * np.cos(theta.T)) * norm  # (N, HW)
+        inv_imag = -(weight[:, None] * np.sin(theta.T)) * norm
+        inverse = np.concatenate([inv_real, inv_imag, inv_imag, -inv_real], axis=0)  # (4N, HW)
+        g_real = spectrum.real.reshape(spectrum.shape[0], -1)
+        g_imag = spectrum.imag.reshape(spectrum.shape[0], -1)
+        tensors = {
+            "dft": forward, "inverse": inverse,
+            "filter_real": np.concatenate([g_real, g_real], axis=1),
+            "filter_imag": np.concatenate([g_imag, g_imag], axis=1),
+        }
+        for key, value in tensors.items():
+            value = np.where(np.abs(value) < 1e-12, 0.0, value)
+            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        batch, channels, height, width = x.shape
+        s = torch.matmul(x.reshape(batch, channels, height * width), self.dft.to(x.dtype))
+        mixed = torch.cat([s * self.filter_real.to(x.dtype), s * self.filter_imag.to(x.dtype)], dim=-1)
+        return torch.matmul(mixed, self.inverse.to(x.dtype)).reshape(batch, channels, height, width)
 
 
 class CircularConvGlobalBranch(_FixedSize):
@@ -130,7 +182,8 @@ class CircularConvGlobalBranch(_FixedSize):
         return F.conv2d(padded, self.weight.to(x.dtype), groups=x.shape[1])
 
 
-_BRANCHES = {"matmul": MatMulGlobalBranch, "circular_conv": CircularConvGlobalBranch}
+_BRANCHES = {"matmul": MatMulGlobalBranch, "dense_dft": DenseDFTGlobalBranch,
+             "circular_conv": CircularConvGlobalBranch}
 
 
 def global_filter_layers(model: nn.Module) -> list[GlobalLocalFilter]:
@@ -163,7 +216,7 @@ def _default_example(model: nn.Module) -> torch.Tensor:
 
 
 def rewrite_global_filters(
-    model: nn.Module, mode: str = "matmul", example_input: object = None
+    model: nn.Module, mode: str = "auto", example_input: object = None
 ) -> nn.Module:
     """Give every Global Filter of `model` a DFT-free global branch, in place.
 
@@ -171,7 +224,7 @@ def rewrite_global_filters(
     the model's pretrained_cfg input size). A layer the pass does not reach is an error.
     Returns the model; `undo_rewrite` restores the FFT path.
     """
-    if mode not in _BRANCHES:
+    if mode not in GF_MODES:
         raise ValueError(f"unknown gf mode {mode!r}; choose one of {GF_MODES}")
     layers = global_filter_layers(model)
     if not layers:
@@ -183,8 +236,11 @@ def rewrite_global_filters(
         raise ValueError(f"{len(unreached)} Global Filter layers were not reached by the example input")
     param = next(model.parameters())
     for layer in layers:
-        if mode == "matmul":
+        chosen = auto_mode(sizes[layer]) if mode == "auto" else mode
+        if chosen == "matmul":
             branch = MatMulGlobalBranch(global_spectrum(layer, sizes[layer]), sizes[layer])
+        elif chosen == "dense_dft":
+            branch = DenseDFTGlobalBranch(global_spectrum(layer, sizes[layer]), sizes[layer])
         else:
             branch = CircularConvGlobalBranch(global_kernels(layer, sizes[layer]))
         layer.fixed_branch = branch.to(param.device)

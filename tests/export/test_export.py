@@ -40,7 +40,7 @@ def _fresh_images(size: int, n: int = 3, seed: int = 123) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["matmul", "circular_conv"])
+@pytest.mark.parametrize("mode", ["auto", "matmul", "dense_dft", "circular_conv"])
 def test_dft_free_rewrite_is_exact_in_torch(tiny_gf, mode):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     rewritten = rewrite_global_filters(copy.deepcopy(tiny_gf), mode)
