@@ -31,6 +31,7 @@ def _seg_model(name: str):
     ("upernet_hornet_tiny_7x7", "auto", "none"),
     ("upernet_hornet_tiny_gf", "auto", "matmul"),
     ("horfpn_gf_upernet_hornet_small_7x7", "circular_conv", "circular_conv"),
+    ("horfpn_gf_upernet_hornet_small_7x7", "separable", "matmul"),
     ("upernet_hornet_tiny_gf", "dft", "dft"),
 ])
 def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mode) -> None:
@@ -46,7 +47,8 @@ def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mo
 def test_auto_gf_mode_avoids_large_matmul_kernels(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(export_dense, "MATMUL_LIMIT_BYTES", 0)
     manifest = export_segmentation_bundle(_seg_model("upernet_hornet_tiny_gf"), tmp_path)
-    assert manifest.engines[0].gf_mode == "circular_conv" and manifest.parity[0].passed
+    assert manifest.engines[0].gf_mode == "matmul" and manifest.export["gf_graph"] == "separable"
+    assert manifest.parity[0].passed
 
 
 def test_segmentation_graph_normalises_uint8_tiles_inside(tmp_path) -> None:
