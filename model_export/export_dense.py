@@ -10,13 +10,13 @@
   labels (0..K-1, background removed), scores and pasted mask probabilities out.
 
 Global Filters (`gf_mode`):
-- segmentation, "auto": `model_export.gf_rewrite`'s dense "matmul" for the tile's fixed
-  feature sizes while its (H*W)^2 matrices stay small (MATMUL_LIMIT_BYTES), else
-  "separable" (below; recorded as engine gf_mode "matmul"), which on ONNX Runtime CPU
-  ran HorFPN's 128x128 GF layer 7x faster than "circular_conv" (1.1 s vs 7.8 s, 2
-  threads). "matmul" and "circular_conv" ask for the rewrite explicitly; "dft" keeps
-  rfft2/irfft2 and lowers them to the ONNX DFT op with the dynamo exporter (slow on ONNX
-  Runtime CPU, TensorRT >= 11.2 only; EXPORT_FACTS.md).
+- segmentation: "auto", "matmul", "dense_dft" and "circular_conv" are
+  `model_export.gf_rewrite`'s DFT-free graphs for the tile's fixed feature sizes
+  ("auto" picks per layer; without that module "auto" falls back to `SeparableDFTBranch`
+  below). "dft" keeps rfft2/irfft2 and lowers them to the ONNX DFT op with the dynamo
+  exporter (slow on ONNX Runtime CPU, TensorRT >= 11.2 only; EXPORT_FACTS.md). On ONNX
+  Runtime CPU (2 threads) the separable DFT ran HorFPN's 128x128 GF layer in 1.1 s,
+  the circular conv in 7.8 s.
 - detection, "auto" or "matmul": feature sizes follow each image, so a fixed-size
   rewrite cannot serve; each global branch becomes `SeparableDFTBranch`, real DFT
   matrices built in the graph for the image's size (MatMul, Cos, Sin; no DFT op).
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.bundle import write_manifest
-from model_export.checkpoint import file_sha256
+from model_export.checkpoint import file_sha256, load_checkpoint
 from model_export.gnconv import GlobalLocalFilter
 from model_export.labels import labels_for
 from service.manifest import Manifest
@@ -66,12 +66,11 @@ from service.manifest import Manifest
 MODEL_FILE = "model.onnx"
 MODEL_FP16_FILE = "model_fp16.onnx"
 GF_REWRITE_MODULE = "model_export.gf_rewrite"
-SEG_GF_MODES = ("auto", "matmul", "circular_conv", "separable", "dft")
-# The manifest's Engine.gf_mode for each graph; "separable" is matmul-based.
-ENGINE_GF_MODES = {"separable": "matmul"}
+REWRITE_GF_MODES = ("auto", "matmul", "dense_dft", "circular_conv")
+SEG_GF_MODES = (*REWRITE_GF_MODES, "dft")
 DETECTION_GF_MODES = ("auto", "matmul")
-# Above this many bytes of dense MatMul kernels, "auto" picks the separable DFT graph.
-MATMUL_LIMIT_BYTES = 256 * 2**20
+# The manifest's Engine.gf_mode of each graph: the DFT as MatMuls is "matmul".
+ENGINE_GF_MODES = {"auto": "matmul", "dense_dft": "matmul", "separable": "matmul"}
 SEG_TOLERANCE = 1e-5
 SEG_FP16_TOLERANCE = 2e-2
 DETECTION_TOLERANCE = 1e-4
@@ -198,6 +197,14 @@ def _say(progress: Progress, message: str) -> None:
         progress(message)
 
 
+def _load_weights(model: nn.Module, checkpoint: str | PathLike | None, progress: Progress) -> None:
+    """Load `checkpoint` strictly into `model` (in place) through its checkpoint_filter_fn."""
+    if checkpoint is None:
+        return
+    _say(progress, f"loading {checkpoint}")
+    load_checkpoint(model, checkpoint)
+
+
 def _weights(checkpoint: str | PathLike | None) -> dict:
     if checkpoint is None:
         return {"random": True}
@@ -256,23 +263,16 @@ def _check_gf_mode(gf_mode: str, allowed: tuple[str, ...], task: str) -> None:
         )
 
 
-def _seg_gf_mode(gf_mode: str, model: nn.Module, example: torch.Tensor) -> str:
+def _seg_gf_mode(gf_mode: str, model: nn.Module) -> str:
     """The Global Filter graph for a segmentor (`none` without GF layers)."""
     _check_gf_mode(gf_mode, SEG_GF_MODES, "segmentation")
     if not has_global_filters(model):
         return "none"
-    rewrite = _gf_rewrite()
-    if gf_mode in ("matmul", "circular_conv") and rewrite is None:
-        raise ValueError(f"gf_mode {gf_mode!r} needs {GF_REWRITE_MODULE}, which is not installed")
-    if gf_mode != "auto":
+    if gf_mode == "dft" or _gf_rewrite() is not None:
         return gf_mode
-    if rewrite is None:
+    if gf_mode == "auto":
         return "separable"
-    sizes = rewrite.feature_sizes(model, example)
-    matmul_bytes = sum(
-        layer.complex_weight.shape[0] * (h * w) ** 2 * 4 for layer, (h, w) in sizes.items()
-    )
-    return "matmul" if matmul_bytes <= MATMUL_LIMIT_BYTES else "separable"
+    raise ValueError(f"gf_mode {gf_mode!r} needs {GF_REWRITE_MODULE}, which is not installed")
 
 
 def _tile_preprocess(cfg, tile: int, scale: tuple[int, int] | None) -> dict:
@@ -372,7 +372,8 @@ def export_segmentation_bundle(
 ) -> Manifest:
     """Write a segmentation bundle for `model` (a create_model segmentor) at its tile size.
 
-    `checkpoint` only records where the (already loaded) weights came from. `scale`
+    `checkpoint`, when given, is loaded strictly into `model` (in place) and recorded
+    with its sha256; loading a file the model already holds changes nothing. `scale`
     replaces the mmseg fit scale (long, short) the service rescales images to, e.g. for
     a model trained at another resolution. Raises ParityError (after writing the bundle
     and its parity records) when ONNX Runtime's logits differ from torch's by more than
@@ -385,6 +386,7 @@ def export_segmentation_bundle(
     variant = getattr(model, "variant", type(model).__name__)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _load_weights(model, checkpoint, progress)
     model = model.eval()
     gen = torch.Generator().manual_seed(seed)
     example = torch.randint(0, 256, (parity_batch, tile, tile, 3), generator=gen, dtype=torch.uint8)
@@ -392,12 +394,12 @@ def export_segmentation_bundle(
     with torch.no_grad():
         reference = graph(example).numpy()
     normalised = (example[:1].permute(0, 3, 1, 2).float() - graph.mean) / graph.std
-    gf_graph = _seg_gf_mode(gf_mode, model, normalised)
+    gf_graph = _seg_gf_mode(gf_mode, model)
     mode = ENGINE_GF_MODES.get(gf_graph, gf_graph)
-    if gf_graph in ("matmul", "circular_conv"):
-        _say(progress, f"rewriting Global Filters without DFT ({mode}) for {tile}x{tile} tiles")
+    if gf_graph in REWRITE_GF_MODES:
+        _say(progress, f"rewriting Global Filters without DFT ({gf_graph}) for {tile}x{tile} tiles")
         graph.model = _gf_rewrite().rewrite_global_filters(
-            copy.deepcopy(model), mode=mode, example_input=normalised
+            copy.deepcopy(model), mode=gf_graph, example_input=normalised
         )
     if gf_graph == "separable":
         _say(progress, "replacing Global Filter FFTs by separable DFT matrices")
@@ -533,7 +535,9 @@ def export_detection_bundle(
     boxes (relative to the largest coordinate) and scores within `tolerance`, masks
     thresholded at 0.5 agreeing on MASK_AGREEMENT of their pixels. Raises ParityError
     after writing on failure.
-    `fp16` is refused: the detection graph is exported in fp32 only.
+    `checkpoint` is loaded and recorded as for segmentation (this model's own
+    torchvision-layout state dicts; mmdet files are refused with the way to load their
+    backbone and neck). `fp16` is refused: the detection graph is exported in fp32 only.
     """
     if fp16:
         raise ValueError("fp16 detection bundles are not supported; export without fp16")
@@ -543,6 +547,7 @@ def export_detection_bundle(
     variant = getattr(model, "variant", type(model).__name__)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _load_weights(model, checkpoint, progress)
     model = model.eval()
     mode = "matmul" if has_global_filters(model) else "none"
     gen = torch.Generator().manual_seed(seed)

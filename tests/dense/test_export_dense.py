@@ -30,8 +30,9 @@ def _seg_model(name: str):
 @pytest.mark.parametrize(("name", "gf_mode", "engine_gf_mode"), [
     ("upernet_hornet_tiny_7x7", "auto", "none"),
     ("upernet_hornet_tiny_gf", "auto", "matmul"),
+    ("horfpn_gf_upernet_hornet_small_7x7", "matmul", "matmul"),
     ("horfpn_gf_upernet_hornet_small_7x7", "circular_conv", "circular_conv"),
-    ("horfpn_gf_upernet_hornet_small_7x7", "separable", "matmul"),
+    ("upernet_hornet_tiny_gf", "dense_dft", "matmul"),
     ("upernet_hornet_tiny_gf", "dft", "dft"),
 ])
 def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mode) -> None:
@@ -44,8 +45,8 @@ def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mo
     assert Manifest.model_validate(json.loads((tmp_path / "manifest.json").read_text())) == manifest
 
 
-def test_auto_gf_mode_avoids_large_matmul_kernels(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(export_dense, "MATMUL_LIMIT_BYTES", 0)
+def test_auto_gf_mode_without_the_rewrite_uses_separable_dft(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(export_dense, "_gf_rewrite", lambda: None)
     manifest = export_segmentation_bundle(_seg_model("upernet_hornet_tiny_gf"), tmp_path)
     assert manifest.engines[0].gf_mode == "matmul" and manifest.export["gf_graph"] == "separable"
     assert manifest.parity[0].passed

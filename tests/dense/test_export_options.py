@@ -117,6 +117,16 @@ def test_fp16_segmentation_bundle_is_checked_and_listed(tmp_path) -> None:
     assert record.passed and record.top1_agreement > 0.99
 
 
+def test_checkpoint_is_loaded_and_recorded(tmp_path) -> None:
+    trained = _seg_model(num_classes=4)
+    path = tmp_path / "tiny_seg.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    fresh = create_model("upernet_hornet_tiny_7x7", image_size=TILE, num_classes=4, **TINY_SEG)
+    manifest = export_segmentation_bundle(fresh, tmp_path / "bundle", checkpoint=path)
+    torch.testing.assert_close(fresh.state_dict(), trained.state_dict(), rtol=0, atol=0)
+    assert not manifest.weights.random and manifest.weights.checkpoint == "tiny_seg.pth"
+
+
 def test_unknown_gf_mode_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="gf_mode 'fft' is not supported"):
         export_segmentation_bundle(_seg_model(), tmp_path, gf_mode="fft")
