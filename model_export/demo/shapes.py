@@ -210,3 +210,39 @@ def generate_sample(
     into CLASS_NAMES."""
     scene = generate_sample_scene(rng, height, width, radius_range)
     return scene.image, int(scene.labels[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write one generated image as PNG and print its ground truth as JSON.
+
+        python -m model_export.demo.shapes scene.png [--size 240x160] [--seed 7] [--single]
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write a synthetic shapes image (PNG) and "
+                                     "print its ground truth (labels, boxes) as JSON.")
+    parser.add_argument("out", help="PNG file to write")
+    parser.add_argument("--size", default="240x160", help="WIDTHxHEIGHT (default 240x160)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--single", action="store_true",
+                        help="one centred shape (what the classifier expects)")
+    args = parser.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
+    if min(width, height) < 16:
+        parser.error("--size: both sides must be at least 16 pixels")
+    rng = np.random.default_rng(args.seed)
+    scene = (generate_sample_scene if args.single else generate_scene)(rng, height, width)
+    Image.fromarray(scene.image).save(args.out, format="PNG")
+    print(json.dumps({
+        "file": args.out, "width": width, "height": height,
+        "shapes": [{"label": CLASS_NAMES[label], "box": [round(float(v), 1) for v in box]}
+                   for label, box in zip(scene.labels, scene.boxes, strict=True)],
+    }))
+
+
+if __name__ == "__main__":
+    main()

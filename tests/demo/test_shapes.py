@@ -131,3 +131,33 @@ def test_sample_shape_lies_in_the_central_square() -> None:
         x1, y1, x2, y2 = scene.boxes[0]
         assert (width - height) / 2 <= x1 and x2 <= (width + height) / 2
         assert 0 <= y1 and y2 <= height
+
+
+def test_cli_writes_the_seeded_scene_and_its_truth(tmp_path, capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from model_export.demo.shapes import main
+
+    out = tmp_path / "scene.png"
+    main([str(out), "--size", "150x110", "--seed", "3"])
+    truth = json.loads(capsys.readouterr().out)
+    scene = generate_scene(np.random.default_rng(3), 110, 150)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), scene.image)
+    assert [s["label"] for s in truth["shapes"]] == [CLASS_NAMES[i] for i in scene.labels]
+    np.testing.assert_allclose([s["box"] for s in truth["shapes"]], scene.boxes, atol=0.05)
+
+    main([str(out), "--size", "64x64", "--seed", "4", "--single"])
+    truth = json.loads(capsys.readouterr().out)
+    image, label = generate_sample(np.random.default_rng(4), 64, 64)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), image)
+    assert [s["label"] for s in truth["shapes"]] == [CLASS_NAMES[label]]
+
+
+def test_cli_refuses_a_malformed_size(tmp_path) -> None:
+    from model_export.demo.shapes import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "x.png"), "--size", "big"])
+    assert exit_info.value.code == 2
