@@ -81,9 +81,6 @@ DETECT = Recipe(
     steps=800, batch=4, lr=1e-3, data_seed=3003, torch_seed=33,
 )
 RECIPES = {"segment": SEGMENT, "detect": DETECT, "classify": CLASSIFY}
-# The detector's trunk: the segmenter's recipe over this many steps (a shorter schedule
-# than the shipped segmenter's), trained first in the same run.
-DETECT_TRUNK_STEPS = 2000
 # Training images: random sizes in this range (height and width drawn independently).
 TRAIN_SIZES = (48, 320)
 # Layer-scale start for the tiny from-scratch backbones (the release's 1e-6 suits long
@@ -464,7 +461,7 @@ def build_bundle(
     export(model, out_dir)
     training = _training_record(recipe, model, seconds)
     if trunk is not None:
-        training["trunk_from"] = f"{SEGMENT.name} recipe, {DETECT_TRUNK_STEPS} steps"
+        training["trunk_from"] = f"{SEGMENT.name} (its backbone after the full recipe)"
     return mark_demo(out_dir, labels, description, training), model
 
 
@@ -473,15 +470,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundles root")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(RECIPES),
-        help="build these bundles only (detect first trains a segmenter whose trunk "
-        "starts the detector's)",
+        help="build these bundles only (detect starts from the segmenter's trunk: it "
+        "trains the segmenter first unless segment is built in the same run)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     tasks = [t for t in RECIPES if args.only is None or t in args.only]
+    segmenter = None
     for task in tasks:
-        trunk = train_segmenter(steps=DETECT_TRUNK_STEPS).backbone if task == "detect" else None
-        manifest, _ = build_bundle(task, args.out, trunk)
+        trunk = None
+        if task == "detect":
+            # Single-threaded training repeats exactly, so this is the shipped segmenter's
+            # trunk whether it was trained in this run or is trained again here.
+            segmenter = segmenter or train_segmenter()
+            trunk = segmenter.backbone
+        manifest, model = build_bundle(task, args.out, trunk)
+        if task == "segment":
+            segmenter = model
         _report(args.out, manifest)
 
 
