@@ -30,6 +30,7 @@ from torch import nn
 from model_export.bundle import write_manifest
 from model_export.checkpoint import file_sha256
 from model_export.gf_rewrite import global_filter_layers, rewrite_global_filters
+from model_export.gnconv import fuse_layer_norms
 from model_export.labels import labels_for
 from service.manifest import Manifest
 
@@ -294,6 +295,7 @@ def export_bundle(
     if mode not in ("none", "dft"):
         say(f"rewriting {len(global_filter_layers(model))} Global Filters DFT-free ({mode})")
         rewrite_global_filters(export_model, mode)
+    fused_norms = fuse_layer_norms(export_model)
     gf_layers: dict[str, int] = {}
     for layer in global_filter_layers(export_model):
         form = type(layer.fixed_branch).__name__ if layer.fixed_branch is not None else "DFT"
@@ -374,7 +376,7 @@ def export_bundle(
         "labels": label_names,
         "engines": engines,
         "export": {"fp16": fp16, "formats": list(formats), "batch": list(batch), "gf_mode": gf_mode,
-                   "gf_layers": gf_layers, "reference": reference, "image_size": size, "num_classes": cfg.num_classes,
+                   "gf_layers": gf_layers, "fused_layer_norms": fused_norms, "reference": reference, "image_size": size, "num_classes": cfg.num_classes,
                    "opset": _opset(onnx_path), "exporter": "torch.onnx dynamo"},
         "parity": parity,
     })

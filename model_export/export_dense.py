@@ -59,7 +59,7 @@ from torch import nn
 
 from model_export.bundle import write_manifest
 from model_export.checkpoint import file_sha256, load_checkpoint
-from model_export.gnconv import GlobalLocalFilter
+from model_export.gnconv import GlobalLocalFilter, fuse_layer_norms
 from model_export.labels import labels_for
 from service.manifest import Manifest
 
@@ -407,6 +407,9 @@ def export_segmentation_bundle(
     if gf_graph == "separable":
         _say(progress, "replacing Global Filter FFTs by separable DFT matrices")
         graph.model = use_separable_dft(copy.deepcopy(model))
+    if graph.model is model:
+        graph.model = copy.deepcopy(model)
+    fused_norms = fuse_layer_norms(graph.model)
     use_dynamo = gf_graph == "dft"
     exporter = "dynamo" if use_dynamo else "torchscript"
     _say(progress, f"exporting {variant} ({exporter}, opset {opset}) to {out_dir / MODEL_FILE}")
@@ -438,6 +441,7 @@ def export_segmentation_bundle(
         "labels": names,
         "engines": engines,
         "export": {"opset": opset, "exporter": exporter, "image_size": tile, "gf_mode": mode,
+                   "fused_layer_norms": fused_norms,
                    "gf_graph": gf_graph, "batch": "dynamic", "max_batch": MAX_BATCH,
                    "align_corners": False, "fp16": fp16,
                    "fp16_fp32_ops": list(FP16_KEEP_FP32_OPS) if fp16 else []},

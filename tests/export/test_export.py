@@ -68,8 +68,12 @@ def gf_bundle(tiny_gf, tmp_path_factory):
 
 def test_default_gf_graph_has_no_dft_and_matches_torch(tiny_gf, gf_bundle):
     out, manifest = gf_bundle
-    assert "DFT" not in onnx_op_types(out / "model.onnx")
+    ops = onnx_op_types(out / "model.onnx")
+    assert "DFT" not in ops
     assert manifest.engines[0].gf_mode == "matmul"
+    # channels-first norms exported fused; the reference they match is the unfused model
+    assert "LayerNormalization" in ops and manifest.export["fused_layer_norms"] > 0
+    assert not any(getattr(m, "fused", False) for m in tiny_gf.modules())
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
         images = _fresh_images(96, batch, seed=batch)

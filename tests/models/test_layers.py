@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from model_export.gnconv import GlobalLocalFilter, GnConv
 
@@ -108,3 +109,26 @@ def test_gnconv_equals_its_recursive_definition(order):
 def test_gnconv_refuses_a_width_its_order_cannot_split():
     with pytest.raises(ValueError, match="not divisible"):
         GnConv(24, order=5)
+
+
+def test_fused_channels_first_layer_norm_equals_the_written_out_one() -> None:
+    from model_export.gnconv import LayerNormChannelsFirst, fuse_layer_norms
+
+    torch.manual_seed(0)
+    norm = LayerNormChannelsFirst(24)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 24, 7, 5, dtype=torch.float64) * 3 + 1
+    norm = norm.double()
+    # the definition: standardise each pixel's channel vector, then the affine map
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) \
+        + norm.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+    model = nn.Sequential(norm, nn.Conv2d(24, 4, 1).double(), LayerNormChannelsFirst(4).double())
+    unfused = model(x)
+    assert fuse_layer_norms(model) == 2
+    assert norm.fused
+    torch.testing.assert_close(model(x), unfused, rtol=1e-12, atol=1e-12)
