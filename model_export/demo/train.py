@@ -80,7 +80,7 @@ DETECT = Recipe(
     variant="horfpn_7x7_mask_rcnn_hornet_tiny_7x7",
     overrides=dict(base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, min_size=192,
                    max_size=256),
-    steps=800, batch=4, lr=1e-3, data_seed=3003, torch_seed=33,
+    steps=2000, batch=4, lr=1e-3, data_seed=3003, torch_seed=33,
 )
 RECIPES = {"segment": SEGMENT, "detect": DETECT, "classify": CLASSIFY}
 # Training images: random sizes in this range (height and width drawn independently).
