@@ -74,10 +74,17 @@ class _FixedSize(nn.Module):
 class MatMulGlobalBranch(_FixedSize):
     """The real 2-D DFT, the filter and the inverse as MatMuls on real tensors.
 
-    rfft along W: x @ [C_w | -S_w]; fft along H: [C_h; S_h] @ (.); complex product
-    with the filter; inverse fft along H; c2r along W, whose weights (1 for the DC and
-    Nyquist columns, 2 for the rest) make the imaginary parts of those columns drop
-    out exactly as irfft does. All matrices carry the "ortho" scaling.
+    rfft along W: x @ F_w, whose columns interleave cos and -sin, so each row holds
+    (real, imag) pairs; transposed and reshaped (free), row k of a channel is the k-th
+    frequency column [A_r | A_i] (length 2H), and the complex fft along H is one real
+    right-multiply by R = [[C, -S], [S, C]]. The complex product with the filter is
+    z * [G_r | G_r] + z' * [-G_i | G_i], where z' = [Z_i | Z_r] comes from a second
+    MatMul with R's column halves swapped (no slicing). The inverse fft along H is
+    R_inv = [[C, S], [-S, C]], and the c2r along W a MatMul whose rows interleave the
+    weighted cos and -sin (weights 1 for the DC and Nyquist bins, 2 for the rest, so the
+    imaginary parts of those bins drop out exactly as irfft drops them). All matrices
+    carry the "ortho" scaling. Every MatMul multiplies on the right by one shared matrix
+    (one large GEMM in ONNX Runtime), and the graph has no Slice, Split or Concat.
     """
 
     def __init__(self, spectrum: np.ndarray, size: tuple[int, int]) -> None:
@@ -93,12 +100,19 @@ class MatMulGlobalBranch(_FixedSize):
         weight[0] = 1.0
         if width % 2 == 0:
             weight[-1] = 1.0
-        forward_w = np.concatenate([cos_w, -sin_w], axis=1)  # (W, 2K): [real | imag]
-        forward_h = np.concatenate([cos_h, sin_h], axis=1)  # (H, 2H): [C_h | S_h]
-        inverse_w = np.concatenate([weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T], axis=0)
+        forward_w = np.stack([cos_w, -sin_w], axis=2).reshape(width, 2 * bins)  # (W, 2K)
+        inverse_w = np.stack([weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T],
+                             axis=1).reshape(2 * bins, width)  # (2K, W)
+        rotate = np.block([[cos_h, -sin_h], [sin_h, cos_h]])  # (2H, 2H), C and S symmetric
+        rotate_swapped = np.concatenate([rotate[:, height:], rotate[:, :height]], axis=1)
+        inverse_h = np.block([[cos_h, sin_h], [-sin_h, cos_h]])
+        g_real = spectrum.real.transpose(0, 2, 1)  # (C, K, H)
+        g_imag = spectrum.imag.transpose(0, 2, 1)
         tensors = {
-            "forward_w": forward_w, "forward_h": forward_h, "inverse_w": inverse_w,
-            "filter_real": spectrum.real.transpose(0, 2, 1), "filter_imag": spectrum.imag.transpose(0, 2, 1),
+            "forward_w": forward_w, "inverse_w": inverse_w, "forward_h": rotate,
+            "forward_h_swapped": rotate_swapped, "inverse_h": inverse_h,
+            "filter_same": np.concatenate([g_real, g_real], axis=2),  # (C, K, 2H)
+            "filter_swapped": np.concatenate([-g_imag, g_imag], axis=2),
         }
         for key, value in tensors.items():
             # exact zeros where cos/sin vanish (sin(pi) = 1.2e-16 would be an fp16 subnormal)
@@ -107,21 +121,17 @@ class MatMulGlobalBranch(_FixedSize):
         self.bins = bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Every MatMul multiplies on the right (one large GEMM each); the H transforms
-        # run on the transposed (.., 2K, H) layout. C_h and S_h are symmetric.
         self._check(x)
         height, bins = self.size[0], self.bins
         dtype = x.dtype
-        a = torch.matmul(x, self.forward_w.to(dtype)).transpose(-1, -2)  # (B, C, 2K, H): [A_r; A_i]^T
-        p = torch.matmul(a, self.forward_h.to(dtype))  # (B, C, 2K, 2H): [. C_h | . S_h]
-        z_real = p[:, :, :bins, :height] + p[:, :, bins:, height:]
-        z_imag = p[:, :, bins:, :height] - p[:, :, :bins, height:]
-        g_real, g_imag = self.filter_real.to(dtype), self.filter_imag.to(dtype)
-        y = torch.cat([z_real * g_real - z_imag * g_imag, z_real * g_imag + z_imag * g_real], dim=-2)
-        q = torch.matmul(y, self.forward_h.to(dtype))  # (B, C, 2K, 2H)
-        u_real = q[:, :, :bins, :height] - q[:, :, bins:, height:]
-        u_imag = q[:, :, bins:, :height] + q[:, :, :bins, height:]
-        u = torch.cat([u_real, u_imag], dim=-2).transpose(-1, -2)  # (B, C, H, 2K)
+        channels = x.shape[1]
+        a = torch.matmul(x, self.forward_w.to(dtype))  # (B, C, H, 2K): (re, im) pairs
+        v = a.transpose(-1, -2).reshape(-1, channels, bins, 2 * height)  # [A_r | A_i]
+        z = torch.matmul(v, self.forward_h.to(dtype))  # [Z_r | Z_i]
+        z_swapped = torch.matmul(v, self.forward_h_swapped.to(dtype))  # [Z_i | Z_r]
+        y = z * self.filter_same.to(dtype) + z_swapped * self.filter_swapped.to(dtype)
+        u = torch.matmul(y, self.inverse_h.to(dtype))  # [U_r | U_i]
+        u = u.reshape(-1, channels, 2 * bins, height).transpose(-1, -2)  # (B, C, H, 2K)
         return torch.matmul(u, self.inverse_w.to(dtype))
 
 
