@@ -3,6 +3,7 @@ JSON logs with request ids, a clean exit on SIGTERM; and the settings it reads."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,25 +46,37 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0
     raise AssertionError(f"{base_url} not ready within {timeout_s} s")
 
 
-@pytest.fixture
-def server(classifier_dir: Path, tmp_path: Path):
+@contextlib.contextmanager
+def running_server(model_dir: Path, log_path: Path, max_delay_ms: float):
+    """`python -m service` over `model_dir` on a free loopback port, ready; yields its
+    base URL and process; stops it (SIGTERM, then SIGKILL) if it still runs at the end."""
     port = free_port()
     env = {**os.environ, "HORNET_MAX_BATCH_SIZE": "4", "HORNET_ENGINE_THREADS": "1"}
-    log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(classifier_dir),
-             "--port", str(port), "--max-delay-ms", "20"],
+            [sys.executable, "-m", "service", "--model-dir", str(model_dir),
+             "--port", str(port), "--max-delay-ms", str(max_delay_ms)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(base_url, process)
-            yield base_url, process, log_path
-        finally:
-            if process.poll() is None:
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base_url, process)
+        yield base_url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+@pytest.fixture
+def server(classifier_dir: Path, tmp_path: Path):
+    log_path = tmp_path / "server.log"
+    with running_server(classifier_dir, log_path, max_delay_ms=20) as (base_url, process):
+        yield base_url, process, log_path
 
 
 def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, photos) -> None:

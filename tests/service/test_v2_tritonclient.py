@@ -3,15 +3,11 @@ process: health, metadata, config, and binary-data inference equal to /classify'
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from conftest import encode, upload
 from test_routes import official_probabilities, scores_by_index
-from test_server import REPO, free_port, wait_ready
+from test_server import running_server
 from test_v2 import crop_of
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -22,24 +18,14 @@ NAMES = ("chelsea", "astronaut", "portrait")
 @pytest.fixture(scope="module")
 def triton(classifier_dir, tmp_path_factory):
     """A real `python -m service` (uvicorn) and a tritonclient HTTP client to it."""
-    port = free_port()
-    env = {**os.environ, "HORNET_MAX_BATCH_SIZE": "4", "HORNET_ENGINE_THREADS": "1"}
     log_path = tmp_path_factory.mktemp("v2_server") / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(classifier_dir),
-             "--port", str(port), "--max-delay-ms", "5"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=30)
-    try:
-        wait_ready(base_url, process)
-        yield client, base_url
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(30)
+    with running_server(classifier_dir, log_path, max_delay_ms=5) as (base_url, _):
+        client = httpclient.InferenceServerClient(base_url.removeprefix("http://"),
+                                                  network_timeout=30)
+        try:
+            yield client, base_url
+        finally:
+            client.close()
 
 
 def classify_scores(base_url: str, images: list[bytes]) -> np.ndarray:
