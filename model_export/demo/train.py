@@ -330,24 +330,22 @@ def train_classifier(log: Callable = print, trunk: nn.Module | None = None) -> n
     return model
 
 
-def train_segmenter(log: Callable = print, steps: int | None = None) -> nn.Module:
-    """The segmenter of the SEGMENT recipe, over `steps` (its schedule shortened) when given."""
-    recipe = SEGMENT if steps is None else dataclasses.replace(SEGMENT, steps=steps)
-    torch.manual_seed(recipe.torch_seed)
-    rng = np.random.default_rng(recipe.data_seed)
+def train_segmenter(log: Callable = print) -> nn.Module:
+    torch.manual_seed(SEGMENT.torch_seed)
+    rng = np.random.default_rng(SEGMENT.data_seed)
     model = build_segmenter()
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
 
     def loss_of_step(step: int) -> torch.Tensor:
-        tiles, targets = zip(*(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)),
+        tiles, targets = zip(*(segmentation_tile(rng, preprocess) for _ in range(SEGMENT.batch)),
                              strict=True)
         x = _normalise(np.stack(tiles), cfg.mean, cfg.std, preprocess.pixel_range)
         x, y = _augment(x, rng, torch.from_numpy(np.stack(targets)).long())
         weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
         return F.cross_entropy(model(x), y, weight=weight, ignore_index=255)
 
-    model.final_loss = _train(model, recipe, loss_of_step, log)
+    model.final_loss = _train(model, SEGMENT, loss_of_step, log)
     return model
 
 
