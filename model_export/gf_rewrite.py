@@ -63,6 +63,14 @@ class _FixedSize(nn.Module):
         super().__init__()
         self.size = tuple(size)
 
+    def _register_matrices(self, tensors: dict[str, np.ndarray]) -> None:
+        """float32 non-persistent buffers, with exact zeros where cos/sin vanish
+        (sin(pi) = 1.2e-16 would be an fp16 subnormal)."""
+        for key, value in tensors.items():
+            value = np.where(np.abs(value) < 1e-12, 0.0, value)
+            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(),
+                                 persistent=False)
+
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.size:
             raise ValueError(
@@ -114,10 +122,7 @@ class MatMulGlobalBranch(_FixedSize):
             "filter_same": np.concatenate([g_real, g_real], axis=2),  # (C, K, 2H)
             "filter_swapped": np.concatenate([-g_imag, g_imag], axis=2),
         }
-        for key, value in tensors.items():
-            # exact zeros where cos/sin vanish (sin(pi) = 1.2e-16 would be an fp16 subnormal)
-            value = np.where(np.abs(value) < 1e-12, 0.0, value)
-            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(), persistent=False)
+        self._register_matrices(tensors)
         self.bins = bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +169,7 @@ class DenseDFTGlobalBranch(_FixedSize):
             "filter_real": np.concatenate([g_real, g_real], axis=1),
             "filter_imag": np.concatenate([g_imag, g_imag], axis=1),
         }
-        for key, value in tensors.items():
-            value = np.where(np.abs(value) < 1e-12, 0.0, value)
-            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(), persistent=False)
+        self._register_matrices(tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -192,8 +195,7 @@ class CircularConvGlobalBranch(_FixedSize):
         return F.conv2d(padded, self.weight.to(x.dtype), groups=x.shape[1])
 
 
-_BRANCHES = {"matmul": MatMulGlobalBranch, "dense_dft": DenseDFTGlobalBranch,
-             "circular_conv": CircularConvGlobalBranch}
+_SPECTRUM_BRANCHES = {"matmul": MatMulGlobalBranch, "dense_dft": DenseDFTGlobalBranch}
 
 
 def global_filter_layers(model: nn.Module) -> list[GlobalLocalFilter]:
@@ -247,12 +249,10 @@ def rewrite_global_filters(
     param = next(model.parameters())
     for layer in layers:
         chosen = auto_mode(sizes[layer]) if mode == "auto" else mode
-        if chosen == "matmul":
-            branch = MatMulGlobalBranch(global_spectrum(layer, sizes[layer]), sizes[layer])
-        elif chosen == "dense_dft":
-            branch = DenseDFTGlobalBranch(global_spectrum(layer, sizes[layer]), sizes[layer])
-        else:
+        if chosen == "circular_conv":
             branch = CircularConvGlobalBranch(global_kernels(layer, sizes[layer]))
+        else:
+            branch = _SPECTRUM_BRANCHES[chosen](global_spectrum(layer, sizes[layer]), sizes[layer])
         layer.fixed_branch = branch.to(param.device)
     return model
 
