@@ -124,7 +124,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "--port", str(port), "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
         "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
-        "--log-level", "warning",
+        "--log-level", "warning", "--device", args.device, "--precision", args.precision,
         "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -196,6 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue-size", type=int, default=256)
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument(
         "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
     )
@@ -209,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = Settings(
         model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
-        engine_threads=args.engine_threads,
+        engine_threads=args.engine_threads, device=args.device, precision=args.precision,
     )  # fmt: skip
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
-          f"cpus {os.cpu_count()}")  # fmt: skip
+          f"cpus {os.cpu_count()}  device {args.device}/{args.precision}")  # fmt: skip
     raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
     best_batch = max(raw, key=raw.get)
     print("raw engine images/s by batch: "

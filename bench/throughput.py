@@ -1,14 +1,20 @@
 """Raw engine throughput and latency of model bundles, side by side in one run.
 
     python bench/throughput.py BUNDLE [BUNDLE ...] [--batch 1,8] [--rounds 5] [--seconds 1]
-    python bench/throughput.py --gf-compare [--image-size 224]
+    python bench/throughput.py --gf-compare [--image-size 224] [--fp16]
+    python bench/throughput.py --gf-compare --device cuda --fp16 --torch
 
 Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are present)
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
 slows every engine alike; the table gives the median round per engine and batch size.
+ONNX graphs run through the service's own engine class (`--device cuda`: the CUDA
+execution provider with IO binding, as `hornet serve --device cuda` runs them).
 `--gf-compare` exports hornet_tiny_7x7 and hornet_tiny_gf (random weights: speed does
 not depend on them) with each Global Filter graph (DFT-free auto, circular conv, and
 the ONNX DFT op) and prints each one's throughput as a ratio of the 7x7 model's.
+`--torch` adds the eager torch model of each bundle's variant on the same device, fed
+the same uint8 images (copied over, normalised there, logits copied back): what a
+plain PyTorch server runs; the table then gives every engine's ratio to it.
 Nothing here is asserted; it prints measurements.
 """
 
@@ -30,20 +36,49 @@ from service.bundle import load_bundle  # noqa: E402
 
 
 class OrtRunner:
-    def __init__(self, path: Path, input_name: str, threads: int) -> None:
-        import onnxruntime as ort
+    def __init__(self, path: Path, input_name: str, threads: int, device: str, precision: str) -> None:
+        from service.engines import OnnxRuntimeEngine
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # Spinning intra-op threads: ONNX Runtime's own default, its fastest raw figure.
+        self.engine = OnnxRuntimeEngine(
+            path, device=device, precision=precision, threads=threads, spinning=True
+        )
         self.input_name = input_name
 
     def __call__(self, batch: np.ndarray) -> None:
-        self.session.run(None, {self.input_name: batch})
+        self.engine.run({self.input_name: batch})
 
 
-def runners(bundle_dir: Path, threads: int) -> list[tuple[str, object, np.dtype, tuple]]:
+class TorchRunner:
+    """The eager model of a bundle's variant: uint8 NHWC in, logits back on the host."""
+
+    def __init__(self, manifest, device: str, half: bool) -> None:
+        import torch
+
+        from model_export import create_model
+
+        pre = manifest.preprocess
+        self.torch = torch
+        self.dtype = torch.float16 if half else torch.float32
+        self.device = torch.device(device)
+        model = create_model(manifest.variant, num_classes=len(manifest.labels), image_size=pre.input_size[0])
+        self.model = model.to(self.device, self.dtype).eval()
+        self.mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch: np.ndarray) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+            x = ((x - self.mean) / self.std).to(self.dtype)
+            self.model(x).float().cpu()
+
+
+def runners(
+    bundle_dir: Path, threads: int, device: str = "cpu", torch_baseline: bool = False
+) -> list[tuple[str, object, np.dtype, tuple]]:
+    """(label, run, input dtype, input shape) for each engine of a bundle; with
+    `torch_baseline` also the eager model of its variant, labelled `VARIANT torch eager/P`."""
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     spec = manifest.inputs[0]
@@ -52,7 +87,8 @@ def runners(bundle_dir: Path, threads: int) -> list[tuple[str, object, np.dtype,
     for engine in manifest.engines:
         label = f"{manifest.name} {engine.format}/{engine.precision} (GF {engine.gf_mode})"
         if engine.format == "onnx":
-            found.append((label, OrtRunner(bundle.path / engine.file, spec.name, threads), dtype, spec.shape[1:]))
+            run = OrtRunner(bundle.path / engine.file, spec.name, threads, device, engine.precision)
+            found.append((label, run, dtype, spec.shape[1:]))
         elif engine.format == "tensorrt":
             try:
                 from service.engines import TensorRTEngine
@@ -61,7 +97,14 @@ def runners(bundle_dir: Path, threads: int) -> list[tuple[str, object, np.dtype,
                 found.append((label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, spec.shape[1:]))
             except Exception as exc:  # no GPU/tensorrt here: say so, measure the rest
                 print(f"# skipping {label}: {exc}", file=sys.stderr)
+        if torch_baseline and engine.format == "onnx" and spec.dtype == "uint8" and spec.layout == "NHWC":
+            label = torch_label(manifest.variant, engine.precision)
+            found.append((label, TorchRunner(manifest, device, engine.precision == "fp16"), dtype, spec.shape[1:]))
     return found
+
+
+def torch_label(variant: str, precision: str) -> str:
+    return f"{variant} torch eager/{precision}"
 
 
 def measure(items, batches: list[int], rounds: int, seconds: float) -> dict:
@@ -97,7 +140,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def gf_compare(image_size: int, modes: list[str], work: Path) -> list[Path]:
+def median_throughput(results: dict, label: str, batch: int) -> float:
+    return statistics.median(results[(label, batch)]["throughput"])
+
+
+def describe(device: str) -> str:
+    if device == "cpu":
+        return f"{os.cpu_count()} CPUs"
+    try:
+        import torch
+
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}), {os.cpu_count()} CPUs"
+    except Exception:  # noqa: BLE001 - only a label
+        return "CUDA device"
+
+
+def gf_compare(image_size: int, modes: list[str], work: Path, fp16: bool) -> list[Path]:
     from model_export.export import export_bundle
 
     bundles = []
@@ -105,7 +163,7 @@ def gf_compare(image_size: int, modes: list[str], work: Path) -> list[Path]:
     for variant, mode in jobs:
         out = work / (f"{variant}" if mode == "auto" else f"{variant}_{mode}")
         print(f"# exporting {out.name} ...", file=sys.stderr, flush=True)
-        export_bundle(variant, out, image_size=image_size, gf_mode=mode, name=out.name)
+        export_bundle(variant, out, image_size=image_size, gf_mode=mode, name=out.name, fp16=fp16)
         bundles.append(out)
     return bundles
 
@@ -120,27 +178,53 @@ def main() -> int:
     parser.add_argument("--gf-compare", action="store_true")
     parser.add_argument("--gf-modes", default="auto,circular_conv,dft")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--fp16", action="store_true", help="--gf-compare exports fp16 graphs too")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the ONNX graphs (and --torch models) run")
+    parser.add_argument("--torch", action="store_true",
+                        help="also time each variant's eager torch model (needs torch)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         bundles = list(args.bundles)
         if args.gf_compare:
-            bundles += gf_compare(args.image_size, args.gf_modes.split(","), Path(tmp))
+            bundles += gf_compare(args.image_size, args.gf_modes.split(","), Path(tmp), args.fp16)
         if not bundles:
             parser.error("give bundle directories or --gf-compare")
-        items = [item for b in bundles for item in runners(b, args.threads)]
-        print(f"# {os.cpu_count()} CPUs, onnxruntime threads={args.threads or 'default'}, "
+        items, variant_of = [], {}
+        for bundle_dir in bundles:
+            variant = load_bundle(bundle_dir).manifest.variant
+            for item in runners(bundle_dir, args.threads, args.device, args.torch):
+                if item[0] not in variant_of:  # one eager model per variant and precision
+                    items.append(item)
+                    variant_of[item[0]] = variant
+        print(f"# {describe(args.device)}, onnxruntime threads={args.threads or 'default'}, "
               f"{args.rounds} alternating rounds of {args.seconds}s, median round reported")
         results = measure(items, batches, args.rounds, args.seconds)
         print(table(results))
+        if args.torch:
+            print("\nthroughput / eager torch of the same variant and precision:")
+            for label, *_ in items:
+                precision = label.split(" ")[1].split("/")[-1]
+                base_label = torch_label(variant_of[label], precision)
+                if "torch eager" in label or base_label not in variant_of:
+                    continue
+                for batch in batches:
+                    ratio = median_throughput(results, label, batch) / median_throughput(results, base_label, batch)
+                    print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
         if args.gf_compare:
-            base = items[0][0]
+            base = next(label for label, *_ in items if "onnx/fp32" in label)
             print("\nGF throughput / 7x7 throughput at equal size "
                   f"({args.image_size}px; target on 2 CPUs: DFT-free >= 0.9):")
-            for label, *_ in items[1:]:
+            for label, *_ in items:
+                if variant_of[label] != "hornet_tiny_gf":
+                    continue
+                if "torch eager" in label:
+                    base_label = torch_label("hornet_tiny_7x7", label.split("/")[-1])
+                else:
+                    base_label = base.replace("onnx/fp32", label.split(" ")[1])
                 for batch in batches:
-                    ratio = statistics.median(results[(label, batch)]["throughput"]) / statistics.median(
-                        results[(base, batch)]["throughput"])
+                    ratio = median_throughput(results, label, batch) / median_throughput(results, base_label, batch)
                     print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
     return 0
 

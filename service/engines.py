@@ -8,6 +8,7 @@ manifest; nothing is guessed from file names.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,11 @@ class OnnxRuntimeEngine:
     ) -> None:
         import onnxruntime as ort
 
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* pip packages when
+            # they are installed, so no LD_LIBRARY_PATH is needed outside the GPU image.
+            with contextlib.suppress(OSError):
+                ort.preload_dlls()
         providers = _ort_providers(device, tensorrt_ep, precision, cache_dir)
         missing = [name for name, _ in providers if name not in ort.get_available_providers()]
         if missing:
