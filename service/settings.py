@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "fp16"] | None = None
     ort_tensorrt: bool = False
+    cuda_tf32: bool = False
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_delay_ms: float = Field(5.0, ge=0)
     max_queue_size: int = Field(64, ge=1)
