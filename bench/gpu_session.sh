@@ -8,6 +8,10 @@
 #      service's CUDA engine, side by side with eager torch on the same GPU;
 #   4. `hornet serve --device cuda` under load (bench/loadgen.py) on a tiny bundle.
 #
+# The exports dominate the time (a tiny model takes about a minute each, fp16 included,
+# on a 16-core H100 machine); run the steps in separate commands where one is limited
+# to 10 minutes: `... OUT env tests`, then `... OUT bench`, then `... OUT load`.
+#
 #   bash bench/gpu_session.sh [OUT_DIR] [STEP ...]   steps: env tests bench load (default all)
 #   PYTHON=python3 by default.
 #
@@ -53,7 +57,8 @@ if want tests; then
 fi
 
 if want bench; then
-    "$py" bench/throughput.py --gf-compare --fp16 --torch --device cuda --batch 1,8,32 \
+    "$py" bench/throughput.py --gf-compare --gf-modes "${GF_MODES:-auto,dft}" --fp16 --torch \
+        --device cuda --batch 1,8,32 \
         --rounds "${ROUNDS:-3}" --seconds 1 2>&1 | grep -v -i warn | tee "$out/throughput-cuda.txt"
 fi
 
