@@ -7,11 +7,12 @@ so), hence a circular convolution with the real kernel
 
     g_c = irfft2(W_c / sqrt(H * W), s=(H, W), norm="ortho")
 
-(its response to a unit impulse at the origin). Two exactly equivalent graphs follow:
+(its response to a unit impulse at the origin). Exactly equivalent graphs follow:
 
 - "matmul": the real DFT written as MatMuls with fixed cos/sin matrices (separable:
   along W, then H), the complex product with the filter, and the inverse the same way;
-  O(H W (H + W)) multiply-adds per channel and no weights beyond the filter itself.
+  O(H W (H + W)) multiply-adds per channel, no weights beyond the filter itself, and
+  no data movement of its own (see MatMulGlobalBranch).
 - "dense_dft": the 2-D real DFT as one MatMul over the flattened map and the filter
   folded into a second one: (H W)(6 H (W/2+1)) multiply-adds per channel, but two
   large GEMMs shared by all channels; fastest on small maps.
@@ -34,9 +35,11 @@ from torch import nn
 from model_export.gnconv import GlobalLocalFilter, resize_complex_filter
 
 GF_MODES = ("auto", "matmul", "dense_dft", "circular_conv")
-# "auto": measured per feature size with bench/gf_modes.py (ONNX Runtime, 2-core CPU):
-# the one-GEMM dense DFT wins on small maps (7x7, 0.26 vs 0.47 ms for 960 channels at
-# batch 1), the separable form on larger ones (14x14: 1.1 vs 2.4 ms; 24x24: 17 vs 47 ms).
+# "auto": measured per feature size with bench/gf_modes.py (ONNX Runtime, 2-core CPU,
+# one GF branch, batch 1/8): the one-GEMM dense DFT wins on small maps (7x7, 496
+# channels: 0.10/0.60 ms vs 0.20/1.14 for matmul), the separable form on larger ones
+# (12x12: 0.33/2.4 vs 0.51/4.0; 14x14, 240 channels: 0.24/1.6 vs 0.50/3.4; 24x24:
+# 0.62/4.6 vs 3.5/26); circular_conv is never the fastest.
 DENSE_DFT_MAX_PIXELS = 64
 
 
@@ -80,19 +83,29 @@ class _FixedSize(nn.Module):
 
 
 class MatMulGlobalBranch(_FixedSize):
-    """The real 2-D DFT, the filter and the inverse as MatMuls on real tensors.
+    """The real 2-D DFT, the filter and the inverse as MatMuls on real tensors, laid out
+    so that the graph needs no Transpose, Slice, Split or Concat of its own.
 
-    rfft along W: x @ F_w, whose columns interleave cos and -sin, so each row holds
-    (real, imag) pairs; transposed and reshaped (free), row k of a channel is the k-th
-    frequency column [A_r | A_i] (length 2H), and the complex fft along H is one real
-    right-multiply by R = [[C, -S], [S, C]]. The complex product with the filter is
-    z * [G_r | G_r] + z' * [-G_i | G_i], where z' = [Z_i | Z_r] comes from a second
-    MatMul with R's column halves swapped (no slicing). The inverse fft along H is
-    R_inv = [[C, S], [-S, C]], and the c2r along W a MatMul whose rows interleave the
-    weighted cos and -sin (weights 1 for the DC and Nyquist bins, 2 for the rest, so the
-    imaginary parts of those bins drop out exactly as irfft drops them). All matrices
-    carry the "ortho" scaling. Every MatMul multiplies on the right by one shared matrix
-    (one large GEMM in ONNX Runtime), and the graph has no Slice, Split or Concat.
+    With K = W//2 + 1 bins, C/S the (symmetric, "ortho"-scaled) cos/sin matrices along
+    H, and A = A_r + i A_i the rfft of x along W:
+
+    1. t = x @ F (F: W x 4K). Reshaped (free) to (2H, 2K), row (h, j) holds, for every
+       bin k, the terms that the fft along H combines with C (j = 0) and with S (j = 1)
+       to make Z_r = A_r C + A_i S and Z_i = A_i C - A_r S.
+    2. z = t^T @ M (M: 2H x H, rows alternating C and S): the fft along H as one
+       contraction over (h, j). The transpose feeds the MatMul directly, so ONNX Runtime
+       fuses it into the GEMM (FusedMatMul) instead of copying: as a Transpose of the
+       small maps between a Reshape and a MatMul it took 0.5 ms per layer at batch 1 on
+       2 threads, more than all the layer's GEMMs. Row k of z, reshaped (free), is
+       [Z_r | Z_i].
+    3. p = z * [[G_r | G_i], [G_i | G_r]], broadcast over a new axis of two and
+       reshaped (free) to [Z_r G_r | Z_i G_i | Z_r G_i | Z_i G_r] per bin: the four
+       products of the complex multiplication with the filter.
+    4. u = p @ N (N: 4H x 2H): the sums Y_r = p0 - p1 and Y_i = p2 + p3, and the inverse
+       fft along H, in one right-multiply, giving [U_r | U_i] per bin.
+    5. out = u'^T @ I_w with u' the free reshape to rows (k, re/im): the c2r along W
+       (weights 1 for the DC and Nyquist bins, 2 for the rest, so the imaginary parts of
+       those bins drop out as irfft drops them), again with the transpose fused.
     """
 
     def __init__(self, spectrum: np.ndarray, size: tuple[int, int]) -> None:
@@ -108,19 +121,22 @@ class MatMulGlobalBranch(_FixedSize):
         weight[0] = 1.0
         if width % 2 == 0:
             weight[-1] = 1.0
-        forward_w = np.stack([cos_w, -sin_w], axis=2).reshape(width, 2 * bins)  # (W, 2K)
+        # Step 1, columns (j, k, re/im) with A_r = x @ cos_w and A_i = -x @ sin_w:
+        # j = 0 (times C): A_r for Z_r, A_i for Z_i; j = 1 (times S): A_i, -A_r.
+        with_c = np.stack([cos_w, -sin_w], axis=2).reshape(width, 2 * bins)
+        with_s = np.stack([-sin_w, -cos_w], axis=2).reshape(width, 2 * bins)
+        forward_h = np.stack([cos_h, sin_h], axis=1).reshape(2 * height, height)
+        inverse_h = np.vstack([np.hstack([cos_h, sin_h]), -np.hstack([cos_h, sin_h]),
+                               np.hstack([-sin_h, cos_h]), np.hstack([-sin_h, cos_h])])
         inverse_w = np.stack([weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T],
-                             axis=1).reshape(2 * bins, width)  # (2K, W)
-        rotate = np.block([[cos_h, -sin_h], [sin_h, cos_h]])  # (2H, 2H), C and S symmetric
-        rotate_swapped = np.concatenate([rotate[:, height:], rotate[:, :height]], axis=1)
-        inverse_h = np.block([[cos_h, sin_h], [-sin_h, cos_h]])
+                             axis=1).reshape(2 * bins, width)  # rows (k, re/im)
         g_real = spectrum.real.transpose(0, 2, 1)  # (C, K, H)
         g_imag = spectrum.imag.transpose(0, 2, 1)
         tensors = {
-            "forward_w": forward_w, "inverse_w": inverse_w, "forward_h": rotate,
-            "forward_h_swapped": rotate_swapped, "inverse_h": inverse_h,
-            "filter_same": np.concatenate([g_real, g_real], axis=2),  # (C, K, 2H)
-            "filter_swapped": np.concatenate([-g_imag, g_imag], axis=2),
+            "forward_w": np.concatenate([with_c, with_s], axis=1), "forward_h": forward_h,
+            "inverse_h": inverse_h, "inverse_w": inverse_w,
+            "filter": np.stack([np.concatenate([g_real, g_imag], axis=2),
+                                np.concatenate([g_imag, g_real], axis=2)], axis=2),  # (C, K, 2, 2H)
         }
         self._register_matrices(tensors)
         self.bins = bins
@@ -130,14 +146,12 @@ class MatMulGlobalBranch(_FixedSize):
         height, bins = self.size[0], self.bins
         dtype = x.dtype
         channels = x.shape[1]
-        a = torch.matmul(x, self.forward_w.to(dtype))  # (B, C, H, 2K): (re, im) pairs
-        v = a.transpose(-1, -2).reshape(-1, channels, bins, 2 * height)  # [A_r | A_i]
-        z = torch.matmul(v, self.forward_h.to(dtype))  # [Z_r | Z_i]
-        z_swapped = torch.matmul(v, self.forward_h_swapped.to(dtype))  # [Z_i | Z_r]
-        y = z * self.filter_same.to(dtype) + z_swapped * self.filter_swapped.to(dtype)
-        u = torch.matmul(y, self.inverse_h.to(dtype))  # [U_r | U_i]
-        u = u.reshape(-1, channels, 2 * bins, height).transpose(-1, -2)  # (B, C, H, 2K)
-        return torch.matmul(u, self.inverse_w.to(dtype))
+        t = torch.matmul(x, self.forward_w.to(dtype)).reshape(-1, channels, 2 * height, 2 * bins)
+        z = torch.matmul(t.transpose(-1, -2), self.forward_h.to(dtype))  # (B, C, 2K, H)
+        p = z.reshape(-1, channels, bins, 1, 2 * height) * self.filter.to(dtype)
+        u = torch.matmul(p.reshape(-1, channels, bins, 4 * height), self.inverse_h.to(dtype))
+        u = u.reshape(-1, channels, 2 * bins, height)  # rows (k, re/im)
+        return torch.matmul(u.transpose(-1, -2), self.inverse_w.to(dtype))
 
 
 class DenseDFTGlobalBranch(_FixedSize):
