@@ -29,9 +29,13 @@ def branch(mode: str, spectrum: np.ndarray, size: tuple[int, int]):
     from model_export import gf_rewrite
 
     if mode == "circular_conv":
-        kernels = np.fft.irfft2(spectrum / np.sqrt(size[0] * size[1]), s=size, axes=(1, 2), norm="ortho")
+        kernels = np.fft.irfft2(
+            spectrum / np.sqrt(size[0] * size[1]), s=size, axes=(1, 2), norm="ortho"
+        )
         return gf_rewrite.CircularConvGlobalBranch(kernels)
-    cls = {"matmul": gf_rewrite.MatMulGlobalBranch, "dense_dft": gf_rewrite.DenseDFTGlobalBranch}[mode]
+    cls = {"matmul": gf_rewrite.MatMulGlobalBranch, "dense_dft": gf_rewrite.DenseDFTGlobalBranch}[
+        mode
+    ]
     return cls(spectrum, size)
 
 
@@ -40,8 +44,16 @@ def session(module, x, threads: int):
     import torch
 
     buffer = io.BytesIO()
-    torch.onnx.export(module.eval(), (torch.from_numpy(x),), buffer, dynamo=True, opset_version=20,
-                      input_names=["x"], dynamic_shapes=None, verbose=False)
+    torch.onnx.export(
+        module.eval(),
+        (torch.from_numpy(x),),
+        buffer,
+        dynamo=True,
+        opset_version=20,
+        input_names=["x"],
+        dynamic_shapes=None,
+        verbose=False,
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -49,11 +61,15 @@ def session(module, x, threads: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="7,14,24")
     parser.add_argument("--channels", type=int, default=240)
     parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--threads", type=int, default=0, help="0: ONNX Runtime's default (all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="0: ONNX Runtime's default (all cores)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.5)
     args = parser.parse_args()
@@ -62,7 +78,9 @@ def main() -> int:
     for side in (int(s) for s in args.sizes.split(",")):
         size = (side, side)
         bins = side // 2 + 1
-        spectrum = rng.standard_normal((args.channels, side, bins)) + 1j * rng.standard_normal((args.channels, side, bins))
+        spectrum = rng.standard_normal((args.channels, side, bins)) + 1j * rng.standard_normal(
+            (args.channels, side, bins)
+        )
         for batch in (int(b) for b in args.batch.split(",")):
             x = rng.standard_normal((batch, args.channels, side, side)).astype(np.float32)
             want = np.fft.irfft2(np.fft.rfft2(x, norm="ortho") * spectrum, s=size, norm="ortho")
@@ -83,8 +101,12 @@ def main() -> int:
                         count += 1
                     times[mode].append((time.perf_counter() - start) / count * 1e3)
             medians = {m: statistics.median(t) for m, t in times.items()}
-            print(f"{side:>5} {batch:>5} " + " ".join(f"{medians[m]:>16.3f}" for m in MODES)
-                  + f"   {min(medians, key=medians.get)}", flush=True)
+            print(
+                f"{side:>5} {batch:>5} "
+                + " ".join(f"{medians[m]:>16.3f}" for m in MODES)
+                + f"   {min(medians, key=medians.get)}",
+                flush=True,
+            )
     return 0
 
 

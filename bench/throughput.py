@@ -36,7 +36,9 @@ from service.bundle import load_bundle  # noqa: E402
 
 
 class OrtRunner:
-    def __init__(self, path: Path, input_name: str, threads: int, device: str, precision: str) -> None:
+    def __init__(
+        self, path: Path, input_name: str, threads: int, device: str, precision: str
+    ) -> None:
         from service.engines import OnnxRuntimeEngine
 
         # Spinning intra-op threads: ONNX Runtime's own default, its fastest raw figure.
@@ -61,7 +63,9 @@ class TorchRunner:
         self.torch = torch
         self.dtype = torch.float16 if half else torch.float32
         self.device = torch.device(device)
-        model = create_model(manifest.variant, num_classes=len(manifest.labels), image_size=pre.input_size[0])
+        model = create_model(
+            manifest.variant, num_classes=len(manifest.labels), image_size=pre.input_size[0]
+        )
         self.model = model.to(self.device, self.dtype).eval()
         self.mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -94,12 +98,26 @@ def runners(
                 from service.engines import TensorRTEngine
 
                 trt = TensorRTEngine(bundle.path / engine.file, engine)
-                found.append((label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, spec.shape[1:]))
+                found.append(
+                    (label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, spec.shape[1:])
+                )
             except Exception as exc:  # no GPU/tensorrt here: say so, measure the rest
                 print(f"# skipping {label}: {exc}", file=sys.stderr)
-        if torch_baseline and engine.format == "onnx" and spec.dtype == "uint8" and spec.layout == "NHWC":
+        if (
+            torch_baseline
+            and engine.format == "onnx"
+            and spec.dtype == "uint8"
+            and spec.layout == "NHWC"
+        ):
             label = torch_label(manifest.variant, engine.precision)
-            found.append((label, TorchRunner(manifest, device, engine.precision == "fp16"), dtype, spec.shape[1:]))
+            found.append(
+                (
+                    label,
+                    TorchRunner(manifest, device, engine.precision == "fp16"),
+                    dtype,
+                    spec.shape[1:],
+                )
+            )
     return found
 
 
@@ -111,11 +129,13 @@ def measure(items, batches: list[int], rounds: int, seconds: float) -> dict:
     rng = np.random.default_rng(0)
     results: dict = {}
     for batch in batches:
-        inputs = [rng.integers(0, 256, (batch, *shape)).astype(dtype) for _, _, dtype, shape in items]
-        for (_, run, _, _), x in zip(items, inputs):
+        inputs = [
+            rng.integers(0, 256, (batch, *shape)).astype(dtype) for _, _, dtype, shape in items
+        ]
+        for (_, run, _, _), x in zip(items, inputs, strict=True):
             run(x)  # warm-up
         for _ in range(rounds):
-            for (label, run, _, _), x in zip(items, inputs):
+            for (label, run, _, _), x in zip(items, inputs, strict=True):
                 latencies = []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds or not latencies:
@@ -169,20 +189,31 @@ def gf_compare(image_size: int, modes: list[str], work: Path, fp16: bool) -> lis
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("bundles", nargs="*", type=Path)
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one round")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)"
+    )
     parser.add_argument("--gf-compare", action="store_true")
     parser.add_argument("--gf-modes", default="auto,circular_conv,dft")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--fp16", action="store_true", help="--gf-compare exports fp16 graphs too")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the ONNX graphs (and --torch models) run")
-    parser.add_argument("--torch", action="store_true",
-                        help="also time each variant's eager torch model (needs torch)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the ONNX graphs (and --torch models) run",
+    )
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="also time each variant's eager torch model (needs torch)",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,8 +229,10 @@ def main() -> int:
                 if item[0] not in variant_of:  # one eager model per variant and precision
                     items.append(item)
                     variant_of[item[0]] = variant
-        print(f"# {describe(args.device)}, onnxruntime threads={args.threads or 'default'}, "
-              f"{args.rounds} alternating rounds of {args.seconds}s, median round reported")
+        print(
+            f"# {describe(args.device)}, onnxruntime threads={args.threads or 'default'}, "
+            f"{args.rounds} alternating rounds of {args.seconds}s, median round reported"
+        )
         results = measure(items, batches, args.rounds, args.seconds)
         print(table(results))
         if args.torch:
@@ -210,12 +243,16 @@ def main() -> int:
                 if "torch eager" in label or base_label not in variant_of:
                     continue
                 for batch in batches:
-                    ratio = median_throughput(results, label, batch) / median_throughput(results, base_label, batch)
+                    ratio = median_throughput(results, label, batch) / median_throughput(
+                        results, base_label, batch
+                    )
                     print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
         if args.gf_compare:
             base = next(label for label, *_ in items if "onnx/fp32" in label)
-            print("\nGF throughput / 7x7 throughput at equal size "
-                  f"({args.image_size}px; target on 2 CPUs: DFT-free >= 0.9):")
+            print(
+                "\nGF throughput / 7x7 throughput at equal size "
+                f"({args.image_size}px; target on 2 CPUs: DFT-free >= 0.9):"
+            )
             for label, *_ in items:
                 if variant_of[label] != "hornet_tiny_gf":
                     continue
@@ -224,7 +261,9 @@ def main() -> int:
                 else:
                     base_label = base.replace("onnx/fp32", label.split(" ")[1])
                 for batch in batches:
-                    ratio = median_throughput(results, label, batch) / median_throughput(results, base_label, batch)
+                    ratio = median_throughput(results, label, batch) / median_throughput(
+                        results, base_label, batch
+                    )
                     print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
     return 0
 

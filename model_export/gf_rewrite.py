@@ -50,7 +50,9 @@ def auto_mode(size: tuple[int, int]) -> str:
 def global_spectrum(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarray:
     """The (C, H, W//2+1) complex filter at `size`, resized exactly as the model does."""
     height, width = size
-    weight = resize_complex_filter(layer.complex_weight.detach().float().cpu(), (height, width // 2 + 1))
+    weight = resize_complex_filter(
+        layer.complex_weight.detach().float().cpu(), (height, width // 2 + 1)
+    )
     return weight[..., 0].double().numpy() + 1j * weight[..., 1].double().numpy()
 
 
@@ -58,7 +60,9 @@ def global_kernels(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarra
     """The (C, H, W) float64 spatial kernels of a GF layer's global branch at `size`."""
     height, width = size
     spectrum = global_spectrum(layer, size)
-    return np.fft.irfft2(spectrum / np.sqrt(height * width), s=(height, width), axes=(1, 2), norm="ortho")
+    return np.fft.irfft2(
+        spectrum / np.sqrt(height * width), s=(height, width), axes=(1, 2), norm="ortho"
+    )
 
 
 class _FixedSize(nn.Module):
@@ -71,8 +75,9 @@ class _FixedSize(nn.Module):
         (sin(pi) = 1.2e-16 would be an fp16 subnormal)."""
         for key, value in tensors.items():
             value = np.where(np.abs(value) < 1e-12, 0.0, value)
-            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)).float(),
-                                 persistent=False)
+            self.register_buffer(
+                key, torch.from_numpy(np.ascontiguousarray(value)).float(), persistent=False
+            )
 
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.size:
@@ -126,17 +131,31 @@ class MatMulGlobalBranch(_FixedSize):
         with_c = np.stack([cos_w, -sin_w], axis=2).reshape(width, 2 * bins)
         with_s = np.stack([-sin_w, -cos_w], axis=2).reshape(width, 2 * bins)
         forward_h = np.stack([cos_h, sin_h], axis=1).reshape(2 * height, height)
-        inverse_h = np.vstack([np.hstack([cos_h, sin_h]), -np.hstack([cos_h, sin_h]),
-                               np.hstack([-sin_h, cos_h]), np.hstack([-sin_h, cos_h])])
-        inverse_w = np.stack([weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T],
-                             axis=1).reshape(2 * bins, width)  # rows (k, re/im)
+        inverse_h = np.vstack(
+            [
+                np.hstack([cos_h, sin_h]),
+                -np.hstack([cos_h, sin_h]),
+                np.hstack([-sin_h, cos_h]),
+                np.hstack([-sin_h, cos_h]),
+            ]
+        )
+        inverse_w = np.stack(
+            [weight[:, None] * cos_w.T, -weight[:, None] * sin_w.T], axis=1
+        ).reshape(2 * bins, width)  # rows (k, re/im)
         g_real = spectrum.real.transpose(0, 2, 1)  # (C, K, H)
         g_imag = spectrum.imag.transpose(0, 2, 1)
         tensors = {
-            "forward_w": np.concatenate([with_c, with_s], axis=1), "forward_h": forward_h,
-            "inverse_h": inverse_h, "inverse_w": inverse_w,
-            "filter": np.stack([np.concatenate([g_real, g_imag], axis=2),
-                                np.concatenate([g_imag, g_real], axis=2)], axis=2),  # (C, K, 2, 2H)
+            "forward_w": np.concatenate([with_c, with_s], axis=1),
+            "forward_h": forward_h,
+            "inverse_h": inverse_h,
+            "inverse_w": inverse_w,
+            "filter": np.stack(
+                [
+                    np.concatenate([g_real, g_imag], axis=2),
+                    np.concatenate([g_imag, g_real], axis=2),
+                ],
+                axis=2,
+            ),  # (C, K, 2, 2H)
         }
         self._register_matrices(tensors)
         self.bins = bins
@@ -169,17 +188,24 @@ class DenseDFTGlobalBranch(_FixedSize):
         bins = width // 2 + 1
         h, w = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
         kh, kw = np.meshgrid(np.arange(height), np.arange(bins), indexing="ij")
-        theta = 2 * np.pi * (np.outer(h.ravel(), kh.ravel()) / height + np.outer(w.ravel(), kw.ravel()) / width)
+        theta = (
+            2
+            * np.pi
+            * (np.outer(h.ravel(), kh.ravel()) / height + np.outer(w.ravel(), kw.ravel()) / width)
+        )
         norm = 1.0 / np.sqrt(height * width)
         forward = np.concatenate([np.cos(theta), -np.sin(theta)], axis=1) * norm  # (HW, 2N)
-        weight = np.where((kw.ravel() == 0) | ((width % 2 == 0) & (kw.ravel() == width // 2)), 1.0, 2.0)
+        weight = np.where(
+            (kw.ravel() == 0) | ((width % 2 == 0) & (kw.ravel() == width // 2)), 1.0, 2.0
+        )
         inv_real = (weight[:, None] * np.cos(theta.T)) * norm  # (N, HW)
         inv_imag = -(weight[:, None] * np.sin(theta.T)) * norm
         inverse = np.concatenate([inv_real, inv_imag, inv_imag, -inv_real], axis=0)  # (4N, HW)
         g_real = spectrum.real.reshape(spectrum.shape[0], -1)
         g_imag = spectrum.imag.reshape(spectrum.shape[0], -1)
         tensors = {
-            "dft": forward, "inverse": inverse,
+            "dft": forward,
+            "inverse": inverse,
             "filter_real": np.concatenate([g_real, g_real], axis=1),
             "filter_imag": np.concatenate([g_imag, g_imag], axis=1),
         }
@@ -189,7 +215,9 @@ class DenseDFTGlobalBranch(_FixedSize):
         self._check(x)
         batch, channels, height, width = x.shape
         s = torch.matmul(x.reshape(batch, channels, height * width), self.dft.to(x.dtype))
-        mixed = torch.cat([s * self.filter_real.to(x.dtype), s * self.filter_imag.to(x.dtype)], dim=-1)
+        mixed = torch.cat(
+            [s * self.filter_real.to(x.dtype), s * self.filter_imag.to(x.dtype)], dim=-1
+        )
         return torch.matmul(mixed, self.inverse.to(x.dtype)).reshape(batch, channels, height, width)
 
 
@@ -216,7 +244,9 @@ def global_filter_layers(model: nn.Module) -> list[GlobalLocalFilter]:
     return [m for m in model.modules() if isinstance(m, GlobalLocalFilter)]
 
 
-def feature_sizes(model: nn.Module, example_input: object) -> dict[GlobalLocalFilter, tuple[int, int]]:
+def feature_sizes(
+    model: nn.Module, example_input: object
+) -> dict[GlobalLocalFilter, tuple[int, int]]:
     """Run the model once and record the feature size each GF layer sees."""
     sizes: dict[GlobalLocalFilter, tuple[int, int]] = {}
 
@@ -236,7 +266,9 @@ def feature_sizes(model: nn.Module, example_input: object) -> dict[GlobalLocalFi
 def _default_example(model: nn.Module) -> torch.Tensor:
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg is None:
-        raise ValueError("model has no pretrained_cfg: pass example_input to rewrite_global_filters")
+        raise ValueError(
+            "model has no pretrained_cfg: pass example_input to rewrite_global_filters"
+        )
     param = next(model.parameters())
     return torch.zeros(1, *cfg.input_size, dtype=param.dtype, device=param.device)
 
@@ -256,10 +288,14 @@ def rewrite_global_filters(
     if not layers:
         return model
     undo_rewrite(model)
-    sizes = feature_sizes(model, _default_example(model) if example_input is None else example_input)
+    sizes = feature_sizes(
+        model, _default_example(model) if example_input is None else example_input
+    )
     unreached = [layer for layer in layers if layer not in sizes]
     if unreached:
-        raise ValueError(f"{len(unreached)} Global Filter layers were not reached by the example input")
+        raise ValueError(
+            f"{len(unreached)} Global Filter layers were not reached by the example input"
+        )
     param = next(model.parameters())
     for layer in layers:
         chosen = auto_mode(sizes[layer]) if mode == "auto" else mode
