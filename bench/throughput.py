@@ -6,7 +6,8 @@
 
 Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are present)
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
-slows every engine alike; the table gives the median round per engine and batch size.
+slows every engine alike; the table gives the median round per engine and batch size,
+and each ratio is the median of the round-by-round ratios (with their quartiles).
 ONNX graphs run through the service's own engine class (`--device cuda`: the CUDA
 execution provider with IO binding, as `hornet serve --device cuda` runs them).
 `--gf-compare` exports hornet_tiny_7x7 and hornet_tiny_gf (random weights: speed does
@@ -160,8 +161,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def median_throughput(results: dict, label: str, batch: int) -> float:
-    return statistics.median(results[(label, batch)]["throughput"])
+def paired_ratio(results: dict, label: str, base: str, batch: int) -> tuple[float, float, float]:
+    """Throughput of `label` over `base`, round by round (the two ran back to back in each
+    round, so load from elsewhere hits both alike): median, and the quartiles of the ratio."""
+    ratios = [
+        a / b
+        for a, b in zip(
+            results[(label, batch)]["throughput"], results[(base, batch)]["throughput"], strict=True
+        )
+    ]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), quartiles[0], quartiles[2]
+
+
+def print_ratio(label: str, base: str, results: dict, batches: list[int]) -> None:
+    for batch in batches:
+        ratio, low, high = paired_ratio(results, label, base, batch)
+        spread = f"(rounds' quartiles {low:.2f}-{high:.2f})"
+        print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x  {spread}")
 
 
 def describe(device: str) -> str:
@@ -242,11 +259,7 @@ def main() -> int:
                 base_label = torch_label(variant_of[label], precision)
                 if "torch eager" in label or base_label not in variant_of:
                     continue
-                for batch in batches:
-                    ratio = median_throughput(results, label, batch) / median_throughput(
-                        results, base_label, batch
-                    )
-                    print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
+                print_ratio(label, base_label, results, batches)
         if args.gf_compare:
             base = next(label for label, *_ in items if "onnx/fp32" in label)
             print(
@@ -260,11 +273,7 @@ def main() -> int:
                     base_label = torch_label("hornet_tiny_7x7", label.split("/")[-1])
                 else:
                     base_label = base.replace("onnx/fp32", label.split(" ")[1])
-                for batch in batches:
-                    ratio = median_throughput(results, label, batch) / median_throughput(
-                        results, base_label, batch
-                    )
-                    print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x")
+                print_ratio(label, base_label, results, batches)
     return 0
 
 
