@@ -61,3 +61,18 @@ def test_cuda_device_without_the_gpu_runtime_is_refused_clearly(classifier_dir) 
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(EngineUnavailable, match="onnxruntime-gpu"):
         _run(classifier_dir, device="cuda")
+
+
+def test_cuda_provider_keeps_fp32_unless_tf32_is_asked_for() -> None:
+    """The CUDA provider's documented `use_tf32` option (default on in ONNX Runtime) is
+    sent explicitly: off by default, on with --cuda-tf32 / HORNET_CUDA_TF32."""
+    from service.cli import load_settings
+    from service.engines import _ort_providers
+
+    def cuda_options(settings: Settings) -> dict:
+        providers = _ort_providers(settings.device, False, "fp32", None, settings.cuda_tf32)
+        return dict(providers)["CUDAExecutionProvider"]
+
+    assert cuda_options(load_settings(["--device", "cuda"])) == {"use_tf32": 0}
+    assert cuda_options(load_settings(["--device", "cuda", "--cuda-tf32"])) == {"use_tf32": 1}
+    assert _ort_providers("cpu", False, "fp32", None, True) == [("CPUExecutionProvider", {})]
