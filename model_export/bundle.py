@@ -14,8 +14,18 @@ from pathlib import Path
 from model_export.checkpoint import file_sha256
 from service.manifest import MANIFEST_NAME, Manifest
 
-_TOOLS = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-          "onnxconverter-common", "tensorrt", "timm", "hornet-serve")
+_TOOLS = (
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxconverter-common",
+    "tensorrt",
+    "timm",
+    "hornet-serve",
+)
 
 
 def tool_versions() -> dict[str, str]:
@@ -30,7 +40,10 @@ def tool_versions() -> dict[str, str]:
 
 def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, dict]:
     return {
-        name: {"sha256": file_sha256(bundle_dir / name), "bytes": (bundle_dir / name).stat().st_size}
+        name: {
+            "sha256": file_sha256(bundle_dir / name),
+            "bytes": (bundle_dir / name).stat().st_size,
+        }
         for name in names
     }
 

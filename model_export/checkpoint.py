@@ -95,7 +95,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
         target = own.get(key)
         if target is not None and key.endswith("complex_weight") and value.shape != target.shape:
             if value.shape[0] == target.shape[0] and value.shape[-1] == 2:
-                value = resize_complex_filter(value.float(), tuple(target.shape[1:3])).to(value.dtype)
+                value = resize_complex_filter(value.float(), tuple(target.shape[1:3])).to(
+                    value.dtype
+                )
         if (
             target is not None
             and key in ("head.weight", "head.bias")
@@ -107,7 +109,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return out
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
     """`load_state_dict(strict=True)` with an error that names every mismatch."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -118,8 +122,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if state_dict[k].shape != own[k].shape
     )
     problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches", mismatched)):
+    for what, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
         if items:
             shown = ", ".join(items[:_MAX_LISTED])
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""

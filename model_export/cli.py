@@ -30,7 +30,9 @@ def _batch(text: str) -> tuple[int, int, int]:
     except ValueError:
         values = ()
     if len(values) != 3 or not (1 <= values[0] <= values[1] <= values[2]):
-        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}"
+        )
     return values  # type: ignore[return-value]
 
 
@@ -38,25 +40,46 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--variant", required=True, help="variant or alias (see `hornet list`)")
     parser.add_argument("--checkpoint", type=Path, help="official .pth or .safetensors file")
     parser.add_argument("--num-classes", type=int, help="e.g. 1000 for a 22k checkpoint's 1k head")
-    parser.add_argument("--image-size", type=int, help="serve at this square size (GF filters resized)")
-    parser.add_argument("--fp16", action="store_true", help="also write a verified fp16 graph/engine")
+    parser.add_argument(
+        "--image-size", type=int, help="serve at this square size (GF filters resized)"
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", help="also write a verified fp16 graph/engine"
+    )
     parser.add_argument("--format", choices=("onnx", "tensorrt", "all"), default="onnx")
-    parser.add_argument("--batch", type=_batch, default=(1, 8, 32), metavar="MIN:OPT:MAX",
-                        help="dynamic batch range (TensorRT optimisation profile), default 1:8:32")
-    parser.add_argument("--gf-mode", choices=("auto", "matmul", "dense_dft", "circular_conv", "dft"), default="auto",
-                        help="Global Filter graph: auto (DFT-free), or keep the ONNX DFT op (dft)")
-    parser.add_argument("--reference", choices=("float32", "float64"), default="float32",
-                        help="dtype of the torch reference the graph is verified against")
+    parser.add_argument(
+        "--batch",
+        type=_batch,
+        default=(1, 8, 32),
+        metavar="MIN:OPT:MAX",
+        help="dynamic batch range (TensorRT optimisation profile), default 1:8:32",
+    )
+    parser.add_argument(
+        "--gf-mode",
+        choices=("auto", "matmul", "dense_dft", "circular_conv", "dft"),
+        default="auto",
+        help="Global Filter graph: auto (DFT-free), or keep the ONNX DFT op (dft)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype of the torch reference the graph is verified against",
+    )
     parser.add_argument("--out", type=Path, help="bundle directory (default bundles/<variant>)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    args = export_parser(argparse.ArgumentParser(
-        prog="hornet export", description="Export a HorNet variant to a verified model bundle.",
-        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )).parse_args(argv)
+    args = export_parser(
+        argparse.ArgumentParser(
+            prog="hornet export",
+            description="Export a HorNet variant to a verified model bundle.",
+            epilog=EXPORT_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    ).parse_args(argv)
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -84,7 +107,9 @@ def run_export(args: argparse.Namespace, progress):
 
     variant = get_variant(args.variant)
     args.out = args.out or Path("bundles") / variant.name
-    formats = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "all": ("onnx", "tensorrt")}[args.format]
+    formats = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "all": ("onnx", "tensorrt")}[
+        args.format
+    ]
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     if args.checkpoint is None:
@@ -93,25 +118,43 @@ def run_export(args: argparse.Namespace, progress):
         from model_export.export import export_bundle
 
         return export_bundle(
-            variant.name, args.out, checkpoint=args.checkpoint, num_classes=args.num_classes,
-            image_size=args.image_size, fp16=args.fp16, formats=formats, batch=args.batch,
-            gf_mode=args.gf_mode, reference=args.reference, progress=progress,
+            variant.name,
+            args.out,
+            checkpoint=args.checkpoint,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            fp16=args.fp16,
+            formats=formats,
+            batch=args.batch,
+            gf_mode=args.gf_mode,
+            reference=args.reference,
+            progress=progress,
         )
     from model_export import export_dense
 
     if args.format != "onnx":
-        raise ValueError(f"{variant.name}: dense models export to ONNX only for now (--format onnx)")
+        raise ValueError(
+            f"{variant.name}: dense models export to ONNX only for now (--format onnx)"
+        )
     progress(f"building {variant.name}")
     model = create_model(variant.name, num_classes=args.num_classes, image_size=args.image_size)
     if variant.cfg.task == "segment":
         return export_dense.export_segmentation_bundle(
-            model, args.out, checkpoint=args.checkpoint, fp16=args.fp16, gf_mode=args.gf_mode,
+            model,
+            args.out,
+            checkpoint=args.checkpoint,
+            fp16=args.fp16,
+            gf_mode=args.gf_mode,
             progress=progress,
         )
     if args.fp16:
         raise ValueError("--fp16 is not supported for detection bundles yet")
     return export_dense.export_detection_bundle(
-        model, args.out, checkpoint=args.checkpoint, gf_mode=args.gf_mode, progress=progress,
+        model,
+        args.out,
+        checkpoint=args.checkpoint,
+        gf_mode=args.gf_mode,
+        progress=progress,
     )
 
 
@@ -120,15 +163,24 @@ def summary(manifest, out: Path, seconds: float) -> str:
     if manifest.weights.random:
         lines.append("  weights: RANDOM (no checkpoint): for testing only")
     else:
-        lines.append(f"  weights: {manifest.weights.checkpoint} sha256 {manifest.weights.checkpoint_sha256}")
+        lines.append(
+            f"  weights: {manifest.weights.checkpoint} sha256 {manifest.weights.checkpoint_sha256}"
+        )
     for engine in manifest.engines:
         size = manifest.files[engine.file].bytes / 1e6
-        extra = f", TensorRT {engine.tensorrt_version} on {engine.gpu_name}" if engine.tensorrt_version else ""
-        lines.append(f"  {engine.format:8} {engine.precision}  {engine.file} ({size:.1f} MB, GF {engine.gf_mode}{extra})")
+        extra = (
+            f", TensorRT {engine.tensorrt_version} on {engine.gpu_name}"
+            if engine.tensorrt_version
+            else ""
+        )
+        detail = f"{size:.1f} MB, GF {engine.gf_mode}{extra}"
+        lines.append(f"  {engine.format:8} {engine.precision}  {engine.file} ({detail})")
     for p in manifest.parity:
         top1 = "" if p.top1_agreement is None else f", top-1 agreement {p.top1_agreement:.3f}"
-        lines.append(f"  parity {p.engine} vs {p.reference}: relative {p.relative_error:.1e}, max abs "
-                     f"{p.max_abs_error:.1e}{top1} ({'ok' if p.passed else 'FAILED'})")
+        lines.append(
+            f"  parity {p.engine} vs {p.reference}: relative {p.relative_error:.1e}, max abs "
+            f"{p.max_abs_error:.1e}{top1} ({'ok' if p.passed else 'FAILED'})"
+        )
     return "\n".join(lines)
 
 
@@ -160,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(rest)
     if command not in COMMANDS:
-        print(f"hornet: unknown command {command!r}; commands: export, serve, list", file=sys.stderr)
+        print(
+            f"hornet: unknown command {command!r}; commands: export, serve, list", file=sys.stderr
+        )
         return 2
     return COMMANDS[command](rest)
 

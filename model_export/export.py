@@ -9,9 +9,9 @@ Every export is verified: ONNX Runtime runs the graph on seeded random images an
 real photos, the logits are compared with the torch model run in float64, and the
 report goes into the manifest. The reference runs in float32 by default (float64
 torch convolutions are ~50x slower on CPU: minutes for the large variants);
-`reference="float64"` (`--reference float64`) uses float64; beyond tolerance the export fails (after writing the
-bundle, so the failing artefact can be inspected, but with `passed: false` and a
-non-zero exit).
+`reference="float64"` (`--reference float64`) uses float64; beyond tolerance the export
+fails (after writing the bundle, so the failing artefact can be inspected, but with
+`passed: false` and a non-zero exit).
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def convert_fp16(src: Path, dst: Path) -> None:
     # The converter relabels a Cast's output (here uint8 -> float) as fp16 without
     # changing the Cast itself; make each such Cast produce what its consumers expect.
     fp16_values = {
-        v.name for v in converted.graph.value_info
+        v.name
+        for v in converted.graph.value_info
         if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     }
     for node in converted.graph.node:
@@ -163,7 +164,9 @@ def _photos() -> list[np.ndarray]:
         from skimage import data
     except ImportError:
         return []
-    return [np.asarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")]
+    return [
+        np.asarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")
+    ]
 
 
 def eval_crop(image: np.ndarray, preprocess: dict) -> np.ndarray:
@@ -210,9 +213,7 @@ def run_onnx(path: Path, inputs: dict[str, np.ndarray], input_name: str) -> dict
     return {k: session.run(None, {input_name: v})[0] for k, v in inputs.items()}
 
 
-def parity_entry(
-    engine: str, reference: str, refs: dict, outs: dict, tolerance: float
-) -> dict:
+def parity_entry(engine: str, reference: str, refs: dict, outs: dict, tolerance: float) -> dict:
     ref = np.concatenate([refs[k] for k in refs])
     got = np.concatenate([outs[k] for k in refs])
     max_abs, relative, top1 = _errors(ref, got)
@@ -236,7 +237,8 @@ def resolve_gf_mode(model: nn.Module, gf_mode: str) -> str:
         return "none"
     if gf_mode not in ("auto", "matmul", "dense_dft", "circular_conv", "dft"):
         raise ExportError(
-            f"unknown --gf-mode {gf_mode!r}: choose auto, matmul, dense_dft, circular_conv or dft")
+            f"unknown --gf-mode {gf_mode!r}: choose auto, matmul, dense_dft, circular_conv or dft"
+        )
     return gf_mode
 
 
@@ -275,15 +277,19 @@ def export_bundle(
         from model_export.registry import create_model
 
         say(f"building {variant}" + (f" from {checkpoint}" if checkpoint else " (RANDOM weights)"))
-        model = create_model(variant, checkpoint=checkpoint, num_classes=num_classes, image_size=image_size)
+        model = create_model(
+            variant, checkpoint=checkpoint, num_classes=num_classes, image_size=image_size
+        )
     model = model.eval()
     cfg = model.pretrained_cfg
     if cfg.task != "classify":
         raise ExportError(f"{variant} is a {cfg.task} model; export_bundle handles classifiers")
     preprocess = cfg.preprocess()
     size = cfg.image_size
-    label_names = list(labels) if labels is not None else list(
-        cfg.extra.get("labels") or labels_for(cfg.label_set, cfg.num_classes)
+    label_names = (
+        list(labels)
+        if labels is not None
+        else list(cfg.extra.get("labels") or labels_for(cfg.label_set, cfg.num_classes))
     )
     if len(label_names) != cfg.num_classes:
         raise ExportError(f"{len(label_names)} labels for {cfg.num_classes} outputs")
@@ -314,7 +320,8 @@ def export_bundle(
     ops = onnx_op_types(onnx_path)
     if mode != "dft" and "DFT" in ops:
         raise ExportError("the DFT-free graph still contains a DFT op")
-    say(f"  wrote {onnx_path.name} ({onnx_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.0f} s")
+    size_mb, seconds = onnx_path.stat().st_size / 1e6, time.perf_counter() - started
+    say(f"  wrote {onnx_path.name} ({size_mb:.1f} MB) in {seconds:.0f} s")
 
     if reference not in ("float32", "float64"):
         raise ExportError(f"reference must be float32 or float64, got {reference!r}")
@@ -323,8 +330,15 @@ def export_bundle(
     refs = torch_reference(reference_graph, inputs, getattr(torch, reference))
     outs = run_onnx(onnx_path, inputs, "image")
     parity = [parity_entry(ONNX_FP32, f"torch {reference}", refs, outs, FP32_TOLERANCE)]
-    engines = [{"format": "onnx", "precision": "fp32", "file": ONNX_FP32, "gf_mode": _manifest_gf_mode(mode),
-                "batch_profile": batch}]
+    engines = [
+        {
+            "format": "onnx",
+            "precision": "fp32",
+            "file": ONNX_FP32,
+            "gf_mode": _manifest_gf_mode(mode),
+            "batch_profile": batch,
+        }
+    ]
     say(_describe(parity[-1]))
 
     if fp16:
@@ -333,8 +347,15 @@ def export_bundle(
         convert_fp16(onnx_path, fp16_path)
         outs16 = run_onnx(fp16_path, inputs, "image")
         parity.append(parity_entry(ONNX_FP16, f"onnx {ONNX_FP32}", outs, outs16, FP16_TOLERANCE))
-        engines.append({"format": "onnx", "precision": "fp16", "file": ONNX_FP16, "gf_mode": _manifest_gf_mode(mode),
-                        "batch_profile": batch})
+        engines.append(
+            {
+                "format": "onnx",
+                "precision": "fp16",
+                "file": ONNX_FP16,
+                "gf_mode": _manifest_gf_mode(mode),
+                "batch_profile": batch,
+            }
+        )
         say(_describe(parity[-1]))
 
     trt_error = None
@@ -346,40 +367,84 @@ def export_bundle(
         ):
             say(f"building TensorRT {precision} engine (batch {batch[0]}:{batch[1]}:{batch[2]})")
             try:
-                info = build_engine(source, out / plan, {"image": (size, size, 3)}, batch,
-                                    fp16=precision == "fp16", fp32_onnx_path=onnx_path,
-                                    timing_cache=out / "timing.cache")
+                info = build_engine(
+                    source,
+                    out / plan,
+                    {"image": (size, size, 3)},
+                    batch,
+                    fp16=precision == "fp16",
+                    fp32_onnx_path=onnx_path,
+                    timing_cache=out / "timing.cache",
+                )
             except TensorRTUnavailable as exc:
                 trt_error = str(exc)
                 break
             except RuntimeError as exc:
                 trt_error = f"TensorRT build failed: {exc}"
                 break
-            engines.append({"format": "tensorrt", "precision": precision, "file": plan,
-                            "gf_mode": _manifest_gf_mode(mode), "batch_profile": batch, **info})
+            engines.append(
+                {
+                    "format": "tensorrt",
+                    "precision": precision,
+                    "file": plan,
+                    "gf_mode": _manifest_gf_mode(mode),
+                    "batch_profile": batch,
+                    **info,
+                }
+            )
 
     weights = {"random": checkpoint is None and not cfg.extra.get("trained", False)}
     if checkpoint is not None:
-        weights |= {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": file_sha256(checkpoint)}
-    manifest = write_manifest(out, {
-        "name": name or out.name,
-        "variant": variant,
-        "task": "classify",
-        "demo": demo,
-        "description": description or _default_description(variant, weights),
-        "weights": weights,
-        "inputs": [{"name": "image", "dtype": "uint8", "shape": [-1, size, size, 3], "layout": "NHWC",
-                    "description": "RGB pixels after the evaluation resize/crop; normalised in the graph"}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, cfg.num_classes],
-                     "description": "unnormalised class scores (softmax gives probabilities)"}],
-        "preprocess": preprocess,
-        "labels": label_names,
-        "engines": engines,
-        "export": {"fp16": fp16, "formats": list(formats), "batch": list(batch), "gf_mode": gf_mode,
-                   "gf_layers": gf_layers, "fused_layer_norms": fused_norms, "reference": reference, "image_size": size, "num_classes": cfg.num_classes,
-                   "opset": _opset(onnx_path), "exporter": "torch.onnx dynamo"},
-        "parity": parity,
-    })
+        weights |= {
+            "checkpoint": Path(checkpoint).name,
+            "checkpoint_sha256": file_sha256(checkpoint),
+        }
+    manifest = write_manifest(
+        out,
+        {
+            "name": name or out.name,
+            "variant": variant,
+            "task": "classify",
+            "demo": demo,
+            "description": description or _default_description(variant, weights),
+            "weights": weights,
+            "inputs": [
+                {
+                    "name": "image",
+                    "dtype": "uint8",
+                    "shape": [-1, size, size, 3],
+                    "layout": "NHWC",
+                    "description": "RGB pixels after the evaluation resize/crop; "
+                    "normalised in the graph",
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "logits",
+                    "dtype": "float32",
+                    "shape": [-1, cfg.num_classes],
+                    "description": "unnormalised class scores (softmax gives probabilities)",
+                }
+            ],
+            "preprocess": preprocess,
+            "labels": label_names,
+            "engines": engines,
+            "export": {
+                "fp16": fp16,
+                "formats": list(formats),
+                "batch": list(batch),
+                "gf_mode": gf_mode,
+                "gf_layers": gf_layers,
+                "fused_layer_norms": fused_norms,
+                "reference": reference,
+                "image_size": size,
+                "num_classes": cfg.num_classes,
+                "opset": _opset(onnx_path),
+                "exporter": "torch.onnx dynamo",
+            },
+            "parity": parity,
+        },
+    )
     failed = [p for p in parity if not p["passed"]]
     if failed:
         raise ExportError("parity check failed: " + "; ".join(_describe(p) for p in failed))
@@ -395,9 +460,11 @@ def _manifest_gf_mode(mode: str) -> str:
 
 def _describe(p: dict) -> str:
     verdict = "ok" if p["passed"] else "FAILED"
-    return (f"  {p['engine']} vs {p['reference']}: max abs {p['max_abs_error']:.2e}, "
-            f"relative {p['relative_error']:.2e} (tolerance {p['tolerance']:.0e}), "
-            f"top-1 agreement {p['top1_agreement']:.3f} [{verdict}]")
+    return (
+        f"  {p['engine']} vs {p['reference']}: max abs {p['max_abs_error']:.2e}, "
+        f"relative {p['relative_error']:.2e} (tolerance {p['tolerance']:.0e}), "
+        f"top-1 agreement {p['top1_agreement']:.3f} [{verdict}]"
+    )
 
 
 def _default_description(variant: str, weights: dict) -> str:

@@ -297,15 +297,26 @@ def _export_segmentation_graph(
         if use_dynamo:
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             program = torch.onnx.export(
-                graph, (example,), dynamo=True, opset_version=opset,
-                input_names=["image"], output_names=["logits"],
-                dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+                graph,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes={"image": {0: batch}},
+                optimize=True,
+                verbose=False,
             )
             program.save(str(path))
             return
         torch.onnx.export(
-            graph, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=["image"], output_names=["logits"],
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
 
@@ -322,11 +333,14 @@ def _convert_fp16(src: Path, dst: Path) -> None:
 
     graph = onnx.load(str(src))
     inferred = onnx.shape_inference.infer_shapes(graph).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*inferred.value_info, *inferred.input, *inferred.initializer]
-             if hasattr(v, "type")}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.value_info, *inferred.input, *inferred.initializer]
+        if hasattr(v, "type")
+    }
     non_float_casts = [
-        node.name for node in graph.graph.node
+        node.name
+        for node in graph.graph.node
         if node.op_type == "Cast" and types.get(node.input[0]) != onnx.TensorProto.FLOAT
     ]
     with warnings.catch_warnings():
@@ -348,12 +362,15 @@ def _seg_parity(
     max_abs, rel = _errors(reference, got)
     batch, tile = example.shape[0], example.shape[1]
     return {
-        "engine": path.name, "reference": "torch fp32 eager", "max_abs_error": max_abs,
+        "engine": path.name,
+        "reference": "torch fp32 eager",
+        "max_abs_error": max_abs,
         "relative_error": rel,
         "top1_agreement": float((reference.argmax(1) == got.argmax(1)).mean()),
-        "tolerance": tolerance, "passed": rel < tolerance,
+        "tolerance": tolerance,
+        "passed": rel < tolerance,
         "inputs": f"{batch} seeded random uint8 tiles {tile}x{tile}, {precision} graph; "
-                  f"relative_error = max abs error / largest torch logit",
+        f"relative_error = max abs error / largest torch logit",
     }
 
 
@@ -420,39 +437,66 @@ def export_segmentation_bundle(
     if fp16:
         _say(progress, f"converting to fp16: {out_dir / MODEL_FP16_FILE}")
         _convert_fp16(out_dir / MODEL_FILE, out_dir / MODEL_FP16_FILE)
-        parity.append(_seg_parity(
-            out_dir / MODEL_FP16_FILE, example, reference, SEG_FP16_TOLERANCE, "fp16"
-        ))
+        parity.append(
+            _seg_parity(out_dir / MODEL_FP16_FILE, example, reference, SEG_FP16_TOLERANCE, "fp16")
+        )
         engines.append(
             {"format": "onnx", "precision": "fp16", "file": MODEL_FP16_FILE, "gf_mode": mode}
         )
-    manifest = write_manifest(out_dir, {
-        "name": name or variant,
-        "variant": variant,
-        "task": "segment",
-        "description": f"{variant}: one {tile}x{tile} sliding-window tile per batch row",
-        "weights": _weights(checkpoint),
-        "inputs": [{"name": "image", "dtype": "uint8", "layout": "NHWC",
-                    "shape": [-1, tile, tile, 3], "description": "RGB tiles, 0-255"}],
-        "outputs": [{"name": "logits", "dtype": "float32", "layout": "NCHW",
-                     "shape": [-1, classes, tile, tile],
-                     "description": "class logits resized to the tile (bilinear)"}],
-        "preprocess": _tile_preprocess(cfg, tile, scale),
-        "labels": names,
-        "engines": engines,
-        "export": {"opset": opset, "exporter": exporter, "image_size": tile, "gf_mode": mode,
-                   "fused_layer_norms": fused_norms,
-                   "gf_graph": gf_graph, "batch": "dynamic", "max_batch": MAX_BATCH,
-                   "align_corners": False, "fp16": fp16,
-                   "fp16_fp32_ops": list(FP16_KEEP_FP32_OPS) if fp16 else []},
-        "parity": parity,
-    })
+    manifest = write_manifest(
+        out_dir,
+        {
+            "name": name or variant,
+            "variant": variant,
+            "task": "segment",
+            "description": f"{variant}: one {tile}x{tile} sliding-window tile per batch row",
+            "weights": _weights(checkpoint),
+            "inputs": [
+                {
+                    "name": "image",
+                    "dtype": "uint8",
+                    "layout": "NHWC",
+                    "shape": [-1, tile, tile, 3],
+                    "description": "RGB tiles, 0-255",
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "logits",
+                    "dtype": "float32",
+                    "layout": "NCHW",
+                    "shape": [-1, classes, tile, tile],
+                    "description": "class logits resized to the tile (bilinear)",
+                }
+            ],
+            "preprocess": _tile_preprocess(cfg, tile, scale),
+            "labels": names,
+            "engines": engines,
+            "export": {
+                "opset": opset,
+                "exporter": exporter,
+                "image_size": tile,
+                "gf_mode": mode,
+                "fused_layer_norms": fused_norms,
+                "gf_graph": gf_graph,
+                "batch": "dynamic",
+                "max_batch": MAX_BATCH,
+                "align_corners": False,
+                "fp16": fp16,
+                "fp16_fp32_ops": list(FP16_KEEP_FP32_OPS) if fp16 else [],
+            },
+            "parity": parity,
+        },
+    )
     failed = [p for p in parity if not p["passed"]]
     if failed:
-        raise ParityError("; ".join(
-            f"{out_dir / p['engine']}: relative error {p['relative_error']:.3g} >= "
-            f"{p['tolerance']:g}" for p in failed
-        ))
+        raise ParityError(
+            "; ".join(
+                f"{out_dir / p['engine']}: relative error {p['relative_error']:.3g} >= "
+                f"{p['tolerance']:g}"
+                for p in failed
+            )
+        )
     return manifest
 
 
@@ -464,8 +508,9 @@ def _match_detections(ref: list[np.ndarray], got: list[np.ndarray]) -> np.ndarra
     comparing row by row keeps such ties from reading as errors.
     """
     boxes, labels, scores = ref[0], ref[1], ref[2]
-    distance = (np.abs(boxes[:, None, :] - got[0][None, :, :]).sum(-1)
-                + np.abs(scores[:, None] - got[2][None, :]))
+    distance = np.abs(boxes[:, None, :] - got[0][None, :, :]).sum(-1) + np.abs(
+        scores[:, None] - got[2][None, :]
+    )
     distance[labels[:, None] != got[1][None, :]] = np.inf
     order = distance.argmin(1)
     if np.isinf(distance.min(1, initial=0.0)).any() or len(set(order.tolist())) != len(order):
@@ -487,8 +532,10 @@ def _detection_parity(
             problems.append(f"no detections on {where}")
         order = _match_detections(ref, got) if ref[0].shape == got[0].shape else None
         if order is None:
-            problems.append(f"{where}: {got[0].shape[0]} ONNX detections do not pair with "
-                            f"torch's {ref[0].shape[0]} (count or labels differ)")
+            problems.append(
+                f"{where}: {got[0].shape[0]} ONNX detections do not pair with "
+                f"torch's {ref[0].shape[0]} (count or labels differ)"
+            )
             continue
         box_abs, box_rel = _errors(ref[0], got[0][order])
         score_abs, _ = _errors(ref[2], got[2][order])
@@ -501,15 +548,21 @@ def _detection_parity(
     passed = not problems and worst_rel < tolerance and agreement >= MASK_AGREEMENT
     shapes = ", ".join("x".join(map(str, i.shape[:2])) for i in images)
     return {
-        "engine": path.name, "reference": "torch fp32 eager", "max_abs_error": worst_abs,
-        "relative_error": worst_rel, "top1_agreement": 0.0 if problems else 1.0,
-        "tolerance": tolerance, "passed": passed,
-        "inputs": (f"seeded random uint8 images {shapes}; detections paired by label and box; "
-                   f"relative_error = max(box error / largest coordinate, score error); "
-                   f"binary mask pixel agreement {agreement:.6f} (limit {MASK_AGREEMENT:g}), "
-                   f"mask probability max abs error {worst_mask:.3g}; "
-                   f"top1_agreement = all labels paired")
-                  + (f"; {'; '.join(problems)}" if problems else ""),
+        "engine": path.name,
+        "reference": "torch fp32 eager",
+        "max_abs_error": worst_abs,
+        "relative_error": worst_rel,
+        "top1_agreement": 0.0 if problems else 1.0,
+        "tolerance": tolerance,
+        "passed": passed,
+        "inputs": (
+            f"seeded random uint8 images {shapes}; detections paired by label and box; "
+            f"relative_error = max(box error / largest coordinate, score error); "
+            f"binary mask pixel agreement {agreement:.6f} (limit {MASK_AGREEMENT:g}), "
+            f"mask probability max abs error {worst_mask:.3g}; "
+            f"top1_agreement = all labels paired"
+        )
+        + (f"; {'; '.join(problems)}" if problems else ""),
     }
 
 
@@ -558,8 +611,9 @@ def export_detection_bundle(
     model = model.eval()
     mode = "matmul" if has_global_filters(model) else "none"
     gen = torch.Generator().manual_seed(seed)
-    images = [torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
-              for h, w in image_sizes]
+    images = [
+        torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8) for h, w in image_sizes
+    ]
     graph = DetectionGraph(model).eval()
     exported = graph
     if mode == "matmul":
@@ -570,43 +624,81 @@ def export_detection_bundle(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            exported, (images[0],), str(out_dir / MODEL_FILE), dynamo=False,
-            opset_version=opset, input_names=["image"], output_names=outputs,
-            dynamic_axes={"image": {0: "height", 1: "width"}, "boxes": {0: "detections"},
-                          "labels": {0: "detections"}, "scores": {0: "detections"},
-                          "masks": {0: "detections", 2: "height", 3: "width"}},
+            exported,
+            (images[0],),
+            str(out_dir / MODEL_FILE),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=outputs,
+            dynamic_axes={
+                "image": {0: "height", 1: "width"},
+                "boxes": {0: "detections"},
+                "labels": {0: "detections"},
+                "scores": {0: "detections"},
+                "masks": {0: "detections", 2: "height", 3: "width"},
+            },
         )
     _say(progress, f"checking parity with ONNX Runtime on {len(images)} image sizes")
     parity = _detection_parity(graph, out_dir / MODEL_FILE, images, tolerance)
-    manifest = write_manifest(out_dir, {
-        "name": name or variant,
-        "variant": variant,
-        "task": "detect",
-        "description": f"{variant}: Mask R-CNN, one image per call, resized in the graph",
-        "weights": _weights(checkpoint),
-        "inputs": [{"name": "image", "dtype": "uint8", "layout": "NHWC", "shape": [-1, -1, 3],
-                    "description": "one RGB image, 0-255, any size"}],
-        "outputs": [
-            {"name": "boxes", "dtype": "float32", "shape": [-1, 4],
-             "description": "x1, y1, x2, y2 in input pixels"},
-            {"name": "labels", "dtype": "int64", "shape": [-1],
-             "description": "index into labels"},
-            {"name": "scores", "dtype": "float32", "shape": [-1]},
-            {"name": "masks", "dtype": "float32", "shape": [-1, 1, -1, -1], "layout": "NCHW",
-             "description": "mask probabilities pasted at image size; 0.5 threshold"},
-        ],
-        "preprocess": _detection_preprocess(cfg, model),
-        "labels": names,
-        "engines": [{"format": "onnx", "precision": "fp32", "file": MODEL_FILE,
-                     "gf_mode": mode}],
-        "export": {"opset": opset, "exporter": "torchscript", "resize_in_graph": True,
-                   "min_size": model.transform.min_size[0], "max_size": model.transform.max_size,
-                   "box_score_thresh": model.roi_heads.score_thresh,
-                   "detections_per_img": model.roi_heads.detections_per_img,
-                   "gf_mode": mode,
-                   "gf_graph": "separable" if mode != "none" else "none"},
-        "parity": [parity],
-    })
+    manifest = write_manifest(
+        out_dir,
+        {
+            "name": name or variant,
+            "variant": variant,
+            "task": "detect",
+            "description": f"{variant}: Mask R-CNN, one image per call, resized in the graph",
+            "weights": _weights(checkpoint),
+            "inputs": [
+                {
+                    "name": "image",
+                    "dtype": "uint8",
+                    "layout": "NHWC",
+                    "shape": [-1, -1, 3],
+                    "description": "one RGB image, 0-255, any size",
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "boxes",
+                    "dtype": "float32",
+                    "shape": [-1, 4],
+                    "description": "x1, y1, x2, y2 in input pixels",
+                },
+                {
+                    "name": "labels",
+                    "dtype": "int64",
+                    "shape": [-1],
+                    "description": "index into labels",
+                },
+                {"name": "scores", "dtype": "float32", "shape": [-1]},
+                {
+                    "name": "masks",
+                    "dtype": "float32",
+                    "shape": [-1, 1, -1, -1],
+                    "layout": "NCHW",
+                    "description": "mask probabilities pasted at image size; 0.5 threshold",
+                },
+            ],
+            "preprocess": _detection_preprocess(cfg, model),
+            "labels": names,
+            "engines": [
+                {"format": "onnx", "precision": "fp32", "file": MODEL_FILE, "gf_mode": mode}
+            ],
+            "export": {
+                "opset": opset,
+                "exporter": "torchscript",
+                "resize_in_graph": True,
+                "min_size": model.transform.min_size[0],
+                "max_size": model.transform.max_size,
+                "box_score_thresh": model.roi_heads.score_thresh,
+                "detections_per_img": model.roi_heads.detections_per_img,
+                "gf_mode": mode,
+                "gf_graph": "separable" if mode != "none" else "none",
+            },
+            "parity": [parity],
+        },
+    )
     if not parity["passed"]:
         raise ParityError(
             f"{out_dir / MODEL_FILE}: relative error {parity['relative_error']:.3g} "

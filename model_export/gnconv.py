@@ -33,8 +33,9 @@ class LayerNormChannelsFirst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            y = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias,
-                             self.eps)
+            y = F.layer_norm(
+                x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps
+            )
             return y.permute(0, 3, 1, 2)
         u = x.mean(1, keepdim=True)
         s = (x - u).pow(2).mean(1, keepdim=True)
@@ -138,7 +139,9 @@ class GnConv(nn.Module):
     ) -> None:
         super().__init__()
         if dim % 2 ** (order - 1):
-            raise ValueError(f"gnConv width {dim} is not divisible by 2^(order-1)={2 ** (order - 1)}")
+            raise ValueError(
+                f"gnConv width {dim} is not divisible by 2^(order-1)={2 ** (order - 1)}"
+            )
         self.order = order
         self.dims = [dim // 2**i for i in range(order)][::-1]
         self.scale = scale

@@ -113,9 +113,7 @@ class FPN(nn.Module):
         self.lateral_convs = nn.ModuleList(
             ConvModule(c, out_channels, 1, norm=False, act=False) for c in in_channels
         )
-        self.fpn_convs = nn.ModuleList(
-            self._fusion(out_channels, fusion) for _ in in_channels
-        )
+        self.fpn_convs = nn.ModuleList(self._fusion(out_channels, fusion) for _ in in_channels)
 
     @staticmethod
     def _fusion(channels: int, fusion: str | None) -> nn.Module:

@@ -40,9 +40,7 @@ def gf_filter_sizes(image_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return tuple(sizes)  # type: ignore[return-value]
 
 
-def stage_mixers(
-    gf: bool, image_size: int = 224
-) -> tuple[partial, partial, partial, partial]:
+def stage_mixers(gf: bool, image_size: int = 224) -> tuple[partial, partial, partial, partial]:
     """Spatial mixer factory per stage: 7x7 everywhere, or GF in stages 3 and 4."""
     if not gf:
         return (depthwise_conv7x7,) * 4  # type: ignore[return-value]
@@ -73,11 +71,15 @@ class HorNetTrunk(nn.Module):
         self.dims = dims
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(
-            nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNormChannelsFirst(dims[0]))
+            nn.Sequential(
+                nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNormChannelsFirst(dims[0])
+            )
         )
         for i in range(3):
             self.downsample_layers.append(
-                nn.Sequential(LayerNormChannelsFirst(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2))
+                nn.Sequential(
+                    LayerNormChannelsFirst(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2)
+                )
             )
         mixers = stage_mixers(gf, image_size)
         self.stages = nn.ModuleList()
@@ -162,7 +164,9 @@ def _register_classifier(
         return HorNet(num_classes=num_classes, **kwargs)
 
     build.__name__ = name
-    build.__doc__ = f"{name}: HorNet, C={base_dim}, {'GF' if gf else '7x7'} mixers, {image_size} px."
+    build.__doc__ = (
+        f"{name}: HorNet, C={base_dim}, {'GF' if gf else '7x7'} mixers, {image_size} px."
+    )
     register_variant(
         name, build, _classifier_cfg(num_classes, label_set, image_size), aliases=(alias,)
     )

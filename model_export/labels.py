@@ -98,5 +98,7 @@ def labels_for(label_set: str | None, num_classes: int) -> list[str]:
         raise KeyError(f"unknown label set {label_set!r}; known: {sorted(LABEL_SETS)}")
     names = LABEL_SETS[label_set]()
     if len(names) != num_classes:
-        raise ValueError(f"label set {label_set!r} has {len(names)} names for {num_classes} outputs")
+        raise ValueError(
+            f"label set {label_set!r} has {len(names)} names for {num_classes} outputs"
+        )
     return names

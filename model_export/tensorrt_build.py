@@ -26,7 +26,9 @@ def _gpu() -> tuple[str, str]:
     try:
         import torch
     except ImportError as exc:
-        raise TensorRTUnavailable("TensorRT engines need torch with CUDA to identify the GPU") from exc
+        raise TensorRTUnavailable(
+            "TensorRT engines need torch with CUDA to identify the GPU"
+        ) from exc
     if not torch.cuda.is_available():
         raise TensorRTUnavailable(
             "no CUDA GPU is visible here, and a TensorRT engine must be built on the GPU type "
@@ -41,7 +43,8 @@ def tensorrt_module():
         import tensorrt
     except ImportError as exc:
         raise TensorRTUnavailable(
-            "the tensorrt package is not installed (pip install 'hornet-serve[gpu]' on a GPU machine)"
+            "the tensorrt package is not installed "
+            "(pip install 'hornet-serve[gpu]' on a GPU machine)"
         ) from exc
     return tensorrt
 
@@ -91,8 +94,14 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {source.name} (see its log above)")
+        raise RuntimeError(
+            f"TensorRT failed to build an engine from {source.name} (see its log above)"
+        )
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None:
         timing_cache.write_bytes(bytes(cache.serialize()))
-    return {"tensorrt_version": trt.__version__, "gpu_name": gpu_name, "compute_capability": capability}
+    return {
+        "tensorrt_version": trt.__version__,
+        "gpu_name": gpu_name,
+        "compute_capability": capability,
+    }

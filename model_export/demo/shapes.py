@@ -70,8 +70,10 @@ def shape_outline(
         raise ValueError(f"{CLASS_NAMES[label]} has no polygon outline")
     cx, cy = centre
     return [
-        (cx + radius * math.cos(angle + 2 * math.pi * k / corners),
-         cy + radius * math.sin(angle + 2 * math.pi * k / corners))
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / corners),
+            cy + radius * math.sin(angle + 2 * math.pi * k / corners),
+        )
         for k in range(corners)
     ]
 
@@ -215,18 +217,21 @@ def generate_sample(
 def main(argv: list[str] | None = None) -> None:
     """Write one generated image as PNG and print its ground truth as JSON.
 
-        python -m model_export.demo.shapes scene.png [--size 240x160] [--seed 7] [--single]
+    python -m model_export.demo.shapes scene.png [--size 240x160] [--seed 7] [--single]
     """
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="Write a synthetic shapes image (PNG) and "
-                                     "print its ground truth (labels, boxes) as JSON.")
+    parser = argparse.ArgumentParser(
+        description="Write a synthetic shapes image (PNG) and "
+        "print its ground truth (labels, boxes) as JSON."
+    )
     parser.add_argument("out", help="PNG file to write")
     parser.add_argument("--size", default="240x160", help="WIDTHxHEIGHT (default 240x160)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--single", action="store_true",
-                        help="one centred shape (what the classifier expects)")
+    parser.add_argument(
+        "--single", action="store_true", help="one centred shape (what the classifier expects)"
+    )
     args = parser.parse_args(argv)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -237,11 +242,19 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     scene = (generate_sample_scene if args.single else generate_scene)(rng, height, width)
     Image.fromarray(scene.image).save(args.out, format="PNG")
-    print(json.dumps({
-        "file": args.out, "width": width, "height": height,
-        "shapes": [{"label": CLASS_NAMES[label], "box": [round(float(v), 1) for v in box]}
-                   for label, box in zip(scene.labels, scene.boxes, strict=True)],
-    }))
+    print(
+        json.dumps(
+            {
+                "file": args.out,
+                "width": width,
+                "height": height,
+                "shapes": [
+                    {"label": CLASS_NAMES[label], "box": [round(float(v), 1) for v in box]}
+                    for label, box in zip(scene.labels, scene.boxes, strict=True)
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -67,20 +67,31 @@ CLASSIFY = Recipe(
     name="shapes_classify",
     variant="hornet_tiny_gf",
     overrides=dict(base_dim=16, depths=(1, 1, 2, 1), image_size=64),
-    steps=4000, batch=32, lr=1e-3, data_seed=1001, torch_seed=11,
+    steps=4000,
+    batch=32,
+    lr=1e-3,
+    data_seed=1001,
+    torch_seed=11,
 )
 SEGMENT = Recipe(
     name="shapes_segment",
     variant="horfpn_gf_upernet_hornet_small_7x7",
     overrides=dict(base_dim=16, depths=(1, 1, 1, 1), channels=32, image_size=96),
-    steps=6000, batch=12, lr=3e-3, data_seed=2002, torch_seed=22,
+    steps=6000,
+    batch=12,
+    lr=3e-3,
+    data_seed=2002,
+    torch_seed=22,
 )
 DETECT = Recipe(
     name="shapes_detect",
     variant="horfpn_7x7_mask_rcnn_hornet_tiny_7x7",
-    overrides=dict(base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, min_size=192,
-                   max_size=256),
-    steps=2000, batch=4, lr=1e-3, data_seed=3003, torch_seed=33,
+    overrides=dict(base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, min_size=192, max_size=256),
+    steps=2000,
+    batch=4,
+    lr=1e-3,
+    data_seed=3003,
+    torch_seed=33,
 )
 RECIPES = {"segment": SEGMENT, "detect": DETECT, "classify": CLASSIFY}
 # Training images: random sizes in this range (height and width drawn independently).
@@ -246,18 +257,21 @@ def build_detector() -> nn.Module:
     heads.box_head = TwoMLPHead(channels * resolution**2, BOX_HEAD_DIM)
     heads.box_predictor = FastRCNNPredictor(BOX_HEAD_DIM, len(CLASS_NAMES) + 1)
     heads.mask_head = MaskRCNNHeads(channels, list(MASK_HEAD_DIMS), 1)
-    heads.mask_predictor = MaskRCNNPredictor(MASK_HEAD_DIMS[-1], MASK_HEAD_DIMS[-1],
-                                             len(CLASS_NAMES) + 1)
+    heads.mask_predictor = MaskRCNNPredictor(
+        MASK_HEAD_DIMS[-1], MASK_HEAD_DIMS[-1], len(CLASS_NAMES) + 1
+    )
     heads.fg_bg_sampler.batch_size_per_image = ROI_BATCH
     model.rpn._pre_nms_top_n["training"] = RPN_TRAIN_TOP_N
     model.rpn._post_nms_top_n["training"] = RPN_TRAIN_TOP_N
     cfg = model.pretrained_cfg
     min_size, max_size = DETECT.overrides["min_size"], DETECT.overrides["max_size"]
     preprocess = cfg.extra["preprocess"] | {
-        "input_size": (min_size, max_size), "scale": (max_size, min_size),
+        "input_size": (min_size, max_size),
+        "scale": (max_size, min_size),
     }
     model.pretrained_cfg = dataclasses.replace(
-        cfg, label_set=None,
+        cfg,
+        label_set=None,
         extra=cfg.extra | {"preprocess": preprocess, "min_size": min_size, "max_size": max_size},
     )
     _start_layer_scales(model)
@@ -304,10 +318,12 @@ def _train(
         optimiser.step()
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
-            log(f"{recipe.name} step {step + 1}/{recipe.steps} loss "
-                f"{np.mean(losses[-50:]):.4f} ({time.perf_counter() - started:.0f} s)")
+            log(
+                f"{recipe.name} step {step + 1}/{recipe.steps} loss "
+                f"{np.mean(losses[-50:]):.4f} ({time.perf_counter() - started:.0f} s)"
+            )
     model.eval()
-    return float(np.mean(losses[-max(1, recipe.steps // 10):]))
+    return float(np.mean(losses[-max(1, recipe.steps // 10) :]))
 
 
 def train_classifier(log: Callable = print, trunk: nn.Module | None = None) -> nn.Module:
@@ -338,8 +354,9 @@ def train_segmenter(log: Callable = print) -> nn.Module:
     preprocess = Preprocess(**cfg.preprocess())
 
     def loss_of_step(step: int) -> torch.Tensor:
-        tiles, targets = zip(*(segmentation_tile(rng, preprocess) for _ in range(SEGMENT.batch)),
-                             strict=True)
+        tiles, targets = zip(
+            *(segmentation_tile(rng, preprocess) for _ in range(SEGMENT.batch)), strict=True
+        )
         x = _normalise(np.stack(tiles), cfg.mean, cfg.std, preprocess.pixel_range)
         x, y = _augment(x, rng, torch.from_numpy(np.stack(targets)).long())
         weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
@@ -373,12 +390,17 @@ def _training_record(recipe: Recipe, model: nn.Module, seconds: float) -> dict:
     return {
         "command": f"{COMMAND} --only {recipe.name.removeprefix('shapes_')}",
         "data": "model_export.demo.shapes (synthetic circles, squares, triangles)",
-        "variant_overrides": {k: list(v) if isinstance(v, tuple) else v
-                              for k, v in recipe.overrides.items()},
-        "steps": recipe.steps, "batch": recipe.batch, "lr": recipe.lr,
-        "data_seed": recipe.data_seed, "torch_seed": recipe.torch_seed,
+        "variant_overrides": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in recipe.overrides.items()
+        },
+        "steps": recipe.steps,
+        "batch": recipe.batch,
+        "lr": recipe.lr,
+        "data_seed": recipe.data_seed,
+        "torch_seed": recipe.torch_seed,
         "final_loss": round(model.final_loss, 5),
-        "train_seconds": round(seconds, 1), "torch_threads": THREADS,
+        "train_seconds": round(seconds, 1),
+        "torch_threads": THREADS,
     }
 
 
@@ -402,8 +424,9 @@ def mark_demo(bundle_dir: Path, labels: list[str], description: str, training: d
 def export_classifier(model: nn.Module, out_dir: Path) -> Manifest:
     from model_export.export import export_bundle
 
-    return export_bundle(CLASSIFY.variant, out_dir, model=model, name=CLASSIFY.name,
-                         labels=CLASS_NAMES, demo=True)
+    return export_bundle(
+        CLASSIFY.variant, out_dir, model=model, name=CLASSIFY.name, labels=CLASS_NAMES, demo=True
+    )
 
 
 def export_segmenter(model: nn.Module, out_dir: Path) -> Manifest:
@@ -439,16 +462,31 @@ def export_detector(model: nn.Module, out_dir: Path) -> Manifest:
 
 
 TASKS: dict[str, tuple[Recipe, Callable, Callable, list[str], str]] = {
-    "classify": (CLASSIFY, train_classifier, export_classifier, list(CLASS_NAMES),
-                 "Demo: tiny HorNet-GF classifier of synthetic circles, squares and triangles "
-                 "(one shape per image)."),
-    "segment": (SEGMENT, train_segmenter, export_segmenter, list(SEGMENT_LABELS),
-                "Demo: tiny UperNet with a HorFPN (GF) head segmenting synthetic circles, "
-                "squares and triangles; images are fitted to a 96-pixel short side "
-                "(192 long at most) and tiled."),
-    "detect": (DETECT, train_detector, export_detector, list(CLASS_NAMES),
-               "Demo: tiny Mask R-CNN with a HorFPN (7x7) neck detecting synthetic circles, "
-               "squares and triangles."),
+    "classify": (
+        CLASSIFY,
+        train_classifier,
+        export_classifier,
+        list(CLASS_NAMES),
+        "Demo: tiny HorNet-GF classifier of synthetic circles, squares and triangles "
+        "(one shape per image).",
+    ),
+    "segment": (
+        SEGMENT,
+        train_segmenter,
+        export_segmenter,
+        list(SEGMENT_LABELS),
+        "Demo: tiny UperNet with a HorFPN (GF) head segmenting synthetic circles, "
+        "squares and triangles; images are fitted to a 96-pixel short side "
+        "(192 long at most) and tiled.",
+    ),
+    "detect": (
+        DETECT,
+        train_detector,
+        export_detector,
+        list(CLASS_NAMES),
+        "Demo: tiny Mask R-CNN with a HorFPN (7x7) neck detecting synthetic circles, "
+        "squares and triangles.",
+    ),
 }
 
 
@@ -473,7 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundles root")
     parser.add_argument(
-        "--only", nargs="+", choices=sorted(RECIPES),
+        "--only",
+        nargs="+",
+        choices=sorted(RECIPES),
         help="build these bundles only (classify and detect start from the segmenter's "
         "trunk: it is trained first unless segment is built in the same run)",
     )
@@ -495,8 +535,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _report(out_root: Path, manifest: Manifest) -> None:
-    print(json.dumps({"bundle": str(out_root / manifest.name), "task": manifest.task,
-                      "files": {k: v.bytes for k, v in manifest.files.items()}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bundle": str(out_root / manifest.name),
+                "task": manifest.task,
+                "files": {k: v.bytes for k, v in manifest.files.items()},
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

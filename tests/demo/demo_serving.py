@@ -38,13 +38,15 @@ def uploads(images: list[np.ndarray]) -> list[tuple[str, tuple[str, bytes, str]]
 @contextlib.asynccontextmanager
 async def serving(*tasks: str) -> AsyncIterator[httpx.AsyncClient]:
     """The real app over the shipped demo bundles of `tasks`, lifespan running, ready."""
-    settings = Settings(model_dir=[bundle_dir(t) for t in tasks], engine_threads=1,
-                        max_delay_ms=2.0)
+    settings = Settings(
+        model_dir=[bundle_dir(t) for t in tasks], engine_threads=1, max_delay_ms=2.0
+    )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo",
-                                     timeout=120.0) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://demo", timeout=120.0
+        ) as client:
             with anyio.fail_after(60):
                 while (await client.get("/readyz")).status_code != 200:
                     if app.state.pool.load_error:

@@ -105,8 +105,7 @@ async def test_segmenter_mean_iou_over_http_is_at_least_0_8() -> None:
     async with serving("segment") as client:
         for height, width in SIZES:
             scenes = [generate_scene(rng, height, width) for _ in range(8)]
-            for scene, result in zip(scenes, await _post(client, "/segment", scenes),
-                                     strict=True):
+            for scene, result in zip(scenes, await _post(client, "/segment", scenes), strict=True):
                 predicted = _decode_mask(result["mask_png"])
                 assert predicted.shape == (height, width)
                 for k in range(classes):
@@ -124,14 +123,12 @@ async def test_detector_finds_80_percent_of_shapes_over_http() -> None:
     async with serving("detect") as client:
         for height, width in SIZES:
             scenes = [generate_scene(rng, height, width) for _ in range(8)]
-            for scene, result in zip(scenes, await _post(client, "/detect", scenes),
-                                     strict=True):
+            for scene, result in zip(scenes, await _post(client, "/detect", scenes), strict=True):
                 found += _matched(scene, result["detections"])
                 total += len(scene.labels)
                 detections += len(result["detections"])
     recall = found / total
-    print(f"detection: {found}/{total} shapes found (recall {recall:.3f}), "
-          f"{detections} detections")
+    print(f"detection: {found}/{total} shapes found (recall {recall:.3f}), {detections} detections")
     assert recall >= 0.8
 
 
@@ -140,8 +137,11 @@ def _matched(scene, detections: list[dict]) -> int:
     unused = list(detections)
     count = 0
     for label, box in zip(scene.labels, scene.boxes, strict=True):
-        scored = [(_box_iou(box, np.array(d["box"])), i) for i, d in enumerate(unused)
-                  if d["label"] == CLASS_NAMES[label]]
+        scored = [
+            (_box_iou(box, np.array(d["box"])), i)
+            for i, d in enumerate(unused)
+            if d["label"] == CLASS_NAMES[label]
+        ]
         best = max(scored, default=(0.0, -1))
         if best[0] >= 0.5:
             count += 1
@@ -166,5 +166,7 @@ async def test_models_route_says_the_demo_models_are_demo() -> None:
     async with serving("classify", "segment", "detect") as client:
         models = (await client.get("/v1/models")).json()["models"]
     assert {m["name"]: m["demo"] for m in models} == {
-        "shapes_classify": True, "shapes_segment": True, "shapes_detect": True,
+        "shapes_classify": True,
+        "shapes_segment": True,
+        "shapes_detect": True,
     }

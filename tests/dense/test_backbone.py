@@ -18,7 +18,10 @@ def test_feature_maps_have_strides_4_to_32_and_stage_widths() -> None:
     with torch.no_grad():
         features = backbone(torch.randn(2, 3, 128, 192))
     assert [tuple(f.shape) for f in features] == [
-        (2, 16, 32, 48), (2, 32, 16, 24), (2, 64, 8, 12), (2, 128, 4, 6),
+        (2, 16, 32, 48),
+        (2, 32, 16, 24),
+        (2, 64, 8, 12),
+        (2, 128, 4, 6),
     ]
 
 
@@ -38,10 +41,13 @@ def test_backbone_keys_are_the_official_names() -> None:
         assert f"backbone.stages.{i}.0.gnconv.proj_in.weight" in keys
 
 
-@pytest.mark.parametrize(("name", "stage3", "stage4"), [
-    ("upernet_hornet_tiny_gf", (32, 17), (16, 9)),
-    ("upernet_hornet_large_gf", (40, 21), (20, 11)),
-])
+@pytest.mark.parametrize(
+    ("name", "stage3", "stage4"),
+    [
+        ("upernet_hornet_tiny_gf", (32, 17), (16, 9)),
+        ("upernet_hornet_large_gf", (40, 21), (20, 11)),
+    ],
+)
 def test_seg_gf_filters_fit_the_served_tile(name, stage3, stage4) -> None:
     model = create_model(name, depths=(1, 1, 1, 1), channels=32)
     filters = [model.backbone.stages[i][0].gnconv.dwconv.complex_weight for i in (2, 3)]
@@ -63,10 +69,13 @@ def test_every_official_detection_variant_is_registered() -> None:
     assert set(list_variants("detect")) == expected
 
 
-@pytest.mark.parametrize(("name", "tile", "stride", "scale"), [
-    ("upernet_hornet_base_gf", 512, 341, (2048, 512)),
-    ("upernet_hornet_large_7x7", 640, 426, (2560, 640)),
-])
+@pytest.mark.parametrize(
+    ("name", "tile", "stride", "scale"),
+    [
+        ("upernet_hornet_base_gf", 512, 341, (2048, 512)),
+        ("upernet_hornet_large_7x7", 640, 426, (2560, 640)),
+    ],
+)
 def test_seg_config_holds_the_mmseg_test_pipeline(name, tile, stride, scale) -> None:
     model = create_model(name, depths=(1, 1, 1, 1), channels=32)
     pre = model.pretrained_cfg.preprocess()

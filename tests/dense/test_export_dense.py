@@ -27,14 +27,17 @@ def _seg_model(name: str):
     return randomize_(create_model(name, image_size=TILE, **TINY_SEG), seed=2)
 
 
-@pytest.mark.parametrize(("name", "gf_mode", "engine_gf_mode"), [
-    ("upernet_hornet_tiny_7x7", "auto", "none"),
-    ("upernet_hornet_tiny_gf", "auto", "matmul"),
-    ("horfpn_gf_upernet_hornet_small_7x7", "matmul", "matmul"),
-    ("horfpn_gf_upernet_hornet_small_7x7", "circular_conv", "circular_conv"),
-    ("upernet_hornet_tiny_gf", "dense_dft", "matmul"),
-    ("upernet_hornet_tiny_gf", "dft", "dft"),
-])
+@pytest.mark.parametrize(
+    ("name", "gf_mode", "engine_gf_mode"),
+    [
+        ("upernet_hornet_tiny_7x7", "auto", "none"),
+        ("upernet_hornet_tiny_gf", "auto", "matmul"),
+        ("horfpn_gf_upernet_hornet_small_7x7", "matmul", "matmul"),
+        ("horfpn_gf_upernet_hornet_small_7x7", "circular_conv", "circular_conv"),
+        ("upernet_hornet_tiny_gf", "dense_dft", "matmul"),
+        ("upernet_hornet_tiny_gf", "dft", "dft"),
+    ],
+)
 def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mode) -> None:
     manifest = export_segmentation_bundle(_seg_model(name), tmp_path, gf_mode=gf_mode)
     parity = manifest.parity[0]

@@ -25,8 +25,12 @@ def _global_local_filter(x, p):
     local = F.conv2d(local, p["dw.weight"], padding=1, groups=local.shape[1])
     height, width = glob.shape[-2:]
     spectrum = torch.fft.rfft2(glob, dim=(2, 3), norm="ortho")
-    weight = F.interpolate(p["complex_weight"].permute(3, 0, 1, 2), size=spectrum.shape[2:],
-                           mode="bilinear", align_corners=True).permute(1, 2, 3, 0)
+    weight = F.interpolate(
+        p["complex_weight"].permute(3, 0, 1, 2),
+        size=spectrum.shape[2:],
+        mode="bilinear",
+        align_corners=True,
+    ).permute(1, 2, 3, 0)
     spectrum = spectrum * torch.complex(weight[..., 0], weight[..., 1])
     glob = torch.fft.irfft2(spectrum, s=(height, width), dim=(2, 3), norm="ortho")
     mixed = torch.empty(x.shape)
@@ -38,13 +42,13 @@ def _fusion_definition(x, p, out_channels, mixer, proj_out):
     """order-2 gnConv of width out_channels, mixer output NOT scaled, then BN + ReLU."""
     dims = [out_channels // 2, out_channels]
     fused = F.conv2d(x, p["proj_in.weight"], p["proj_in.bias"])
-    pwa, abc = fused[:, : dims[0]], fused[:, dims[0]:]
+    pwa, abc = fused[:, : dims[0]], fused[:, dims[0] :]
     if mixer == "7x7":
         dw = F.conv2d(abc, p["dwconv.weight"], p["dwconv.bias"], padding=3, groups=abc.shape[1])
     else:
         dw = _global_local_filter(abc, {k[7:]: v for k, v in p.items() if k.startswith("dwconv.")})
     y = pwa * dw[:, : dims[0]]
-    y = F.conv2d(y, p["pws.0.weight"], p["pws.0.bias"]) * dw[:, dims[0]:]
+    y = F.conv2d(y, p["pws.0.weight"], p["pws.0.bias"]) * dw[:, dims[0] :]
     if proj_out:
         y = F.conv2d(y, p["proj_out.weight"], p["proj_out.bias"])
     var = p["bn.running_var"][:, None, None]
@@ -96,12 +100,22 @@ def test_fpn_top_down_path_sums_upsampled_laterals() -> None:
         torch.testing.assert_close(outs["0"], fpn.fpn_convs[0](merged))
 
 
-@pytest.mark.parametrize(("fusion", "conv_keys"), [
-    (None, {"fpn_convs.0.conv.weight", "fpn_convs.0.conv.bias"}),
-    ("7x7", {"fpn_convs.0.proj_in.weight", "fpn_convs.0.dwconv.weight", "fpn_convs.0.pws.0.bias",
-             "fpn_convs.0.proj_out.weight"}),
-    ("gf", {"fpn_convs.3.dwconv.complex_weight", "fpn_convs.3.proj_out.bias"}),
-])
+@pytest.mark.parametrize(
+    ("fusion", "conv_keys"),
+    [
+        (None, {"fpn_convs.0.conv.weight", "fpn_convs.0.conv.bias"}),
+        (
+            "7x7",
+            {
+                "fpn_convs.0.proj_in.weight",
+                "fpn_convs.0.dwconv.weight",
+                "fpn_convs.0.pws.0.bias",
+                "fpn_convs.0.proj_out.weight",
+            },
+        ),
+        ("gf", {"fpn_convs.3.dwconv.complex_weight", "fpn_convs.3.proj_out.bias"}),
+    ],
+)
 def test_fpn_keys_follow_the_mmdet_layout(fusion, conv_keys) -> None:
     keys = set(FPN([16, 32, 64, 128], 256, fusion=fusion).state_dict())
     assert {"lateral_convs.0.conv.weight", "lateral_convs.3.conv.bias"} <= keys
@@ -155,8 +169,10 @@ def _adaptive_pool(x, bins):
 def _uper_head_definition(features, p):
     """mmseg's UPerHead (align_corners False) written from its description."""
     top = features[-1]
-    pooled = [_up(_conv_bn_relu(_adaptive_pool(top, s), p, f"psp_modules.{i}.1", 0), top.shape[-2:])
-              for i, s in enumerate((1, 2, 3, 6))]
+    pooled = [
+        _up(_conv_bn_relu(_adaptive_pool(top, s), p, f"psp_modules.{i}.1", 0), top.shape[-2:])
+        for i, s in enumerate((1, 2, 3, 6))
+    ]
     laterals = [_conv_bn_relu(f, p, f"lateral_convs.{i}", 0) for i, f in enumerate(features[:-1])]
     laterals.append(_conv_bn_relu(torch.cat([top, *pooled], 1), p, "bottleneck", 1))
     for i in (3, 2, 1):
@@ -171,8 +187,10 @@ def test_uper_head_matches_its_definition() -> None:
     model = randomize_(create_model("upernet_hornet_tiny_7x7", image_size=160, **TINY_SEG), seed=4)
     gen = torch.Generator().manual_seed(5)
     # 160 px: a 5x5 top level, so pool scales 2, 3 and 6 have overlapping, uneven bins.
-    features = [torch.randn(1, c, 160 // s, 160 // s, generator=gen)
-                for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32), strict=True)]
+    features = [
+        torch.randn(1, c, 160 // s, 160 // s, generator=gen)
+        for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32), strict=True)
+    ]
     with torch.no_grad():
         got = model.decode_head(features)
     expected = _uper_head_definition(features, model.decode_head.state_dict())

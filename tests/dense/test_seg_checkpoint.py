@@ -146,7 +146,8 @@ def test_vendored_ade20k_names_equal_mmsegmentations_when_installed() -> None:
         pytest.skip("mmsegmentation is not installed (pip install --no-deps mmsegmentation)")
     tree = ast.parse((Path(spec.origin).parent / "datasets" / "ade.py").read_text())
     metainfo = next(
-        node.value for node in ast.walk(tree)
+        node.value
+        for node in ast.walk(tree)
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "METAINFO"
     )
     classes = next(k.value for k in metainfo.keywords if k.arg == "classes")
@@ -203,16 +204,18 @@ def test_horfpn_upernet_checkpoint_loads_strictly(tmp_path, mixer) -> None:
     model = create_model(name, depths=(1, 1, 1, 1))
     backbone = {k: v.shape for k, v in model.state_dict().items() if k.startswith("backbone.")}
     head = {
-        k: v for k, v in _uper_head_shapes().items()
+        k: v
+        for k, v in _uper_head_shapes().items()
         if not k.startswith("decode_head.fpn_bottleneck")
     }
     head = {k: _small_widths(k, v) for k, v in head.items()}
     gen = torch.Generator().manual_seed(1)
-    state = {k: torch.tensor(7) if not shape else torch.rand(shape, generator=gen) + 0.5
-             for k, shape in (backbone | head | _horfpn_bottleneck_shapes(mixer)).items()}
+    state = {
+        k: torch.tensor(7) if not shape else torch.rand(shape, generator=gen) + 0.5
+        for k, shape in (backbone | head | _horfpn_bottleneck_shapes(mixer)).items()
+    }
     path = tmp_path / f"{name}_512_160k_ade20k.pth"
     torch.save({"state_dict": state}, path)
     loaded = create_model(name, checkpoint=path, depths=(1, 1, 1, 1)).state_dict()
     key = "decode_head.fpn_bottleneck.pws.0.weight"
     torch.testing.assert_close(loaded[key], state[key], rtol=0, atol=0)
-

@@ -61,8 +61,9 @@ def test_rewritten_filter_refuses_another_feature_size(tiny_gf):
 @pytest.fixture(scope="module")
 def gf_bundle(tiny_gf, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
-    manifest = export_bundle("hornet_tiny_gf", out, model=tiny_gf, fp16=True, reference="float64",
-                             batch=(1, 4, 16))
+    manifest = export_bundle(
+        "hornet_tiny_gf", out, model=tiny_gf, fp16=True, reference="float64", batch=(1, 4, 16)
+    )
     return out, manifest
 
 
@@ -89,7 +90,12 @@ def test_manifest_records_contract_preprocessing_and_parity(gf_bundle):
     assert Manifest.model_validate(raw) == manifest
     assert load_bundle(out).manifest == manifest
     (image,) = manifest.inputs
-    assert (image.name, image.dtype, image.layout, image.shape) == ("image", "uint8", "NHWC", [-1, 96, 96, 3])
+    assert (image.name, image.dtype, image.layout, image.shape) == (
+        "image",
+        "uint8",
+        "NHWC",
+        [-1, 96, 96, 3],
+    )
     assert manifest.outputs[0].shape == [-1, 1000] and len(manifest.labels) == 1000
     pre = manifest.preprocess
     assert pre.normalize_in_graph and pre.interpolation == "bicubic" and pre.crop_pct == 0.875
@@ -176,8 +182,12 @@ def test_graph_normalises_uint8_pixels_inside(tiny_gf):
 
 
 def _hornet(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_export", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "model_export", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -206,8 +216,19 @@ def test_cli_tensorrt_without_tensorrt_fails_in_one_sentence_and_keeps_the_onnx_
     except ImportError:
         pass
     out = tmp_path / "t7"
-    run = _hornet("export", "--variant", "hornet_small_7x7", "--image-size", "64", "--format", "all",
-                  "--batch", "1:2:4", "--out", str(out))
+    run = _hornet(
+        "export",
+        "--variant",
+        "hornet_small_7x7",
+        "--image-size",
+        "64",
+        "--format",
+        "all",
+        "--batch",
+        "1:2:4",
+        "--out",
+        str(out),
+    )
     assert run.returncode == 1
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("hornet export: error:") and "tensorrt" in error and str(out) in error
@@ -235,8 +256,14 @@ def test_tensorrt_engine_matches_onnx_runtime(tiny_gf, tmp_path, fp16):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed")
     from service.engines import TensorRTEngine
 
-    manifest = export_bundle("hornet_tiny_gf", tmp_path, model=tiny_gf, fp16=fp16,
-                             formats=("onnx", "tensorrt"), batch=(1, 4, 8))
+    manifest = export_bundle(
+        "hornet_tiny_gf",
+        tmp_path,
+        model=tiny_gf,
+        fp16=fp16,
+        formats=("onnx", "tensorrt"),
+        batch=(1, 4, 8),
+    )
     entry = manifest.engine_for("tensorrt", "fp16" if fp16 else "fp32")
     assert entry.tensorrt_version and entry.gpu_name and entry.compute_capability
     engine = TensorRTEngine(tmp_path / entry.file, entry)

@@ -11,8 +11,12 @@ from safetensors.torch import save_file
 
 from model_export import create_model
 from model_export.checkpoint import CheckpointError
-from model_export.labels import (hornet22k_synsets, imagenet1k_synsets, in1k_rows_of_22k_head,
-                                 labels_for)
+from model_export.labels import (
+    hornet22k_synsets,
+    imagenet1k_synsets,
+    in1k_rows_of_22k_head,
+    labels_for,
+)
 
 from .conftest import TINY, randomize_
 
@@ -78,8 +82,17 @@ def test_22k_head_loads_as_itself_and_as_imagenet_1k(tmp_path, images):
     names22k, names1k = labels_for("hornet-22k", 10459), labels_for("imagenet-1k", 1000)
     assert [names22k[r] for r in rows] == names1k
     # the nine synsets the w21 list lacks are the last nine rows
-    extras = ["n02085782", "n02089078", "n02089867", "n02089973", "n02091635", "n02108000",
-              "n02112706", "n02113978", "n04399382"]
+    extras = [
+        "n02085782",
+        "n02089078",
+        "n02089867",
+        "n02089973",
+        "n02091635",
+        "n02108000",
+        "n02112706",
+        "n02113978",
+        "n04399382",
+    ]
     assert [rows[syn1k.index(s)] for s in extras] == list(range(10450, 10459))
 
 
@@ -91,8 +104,12 @@ def test_label_lists_are_human_readable_and_unique_per_synset():
 
 def test_a_checkpoint_of_another_variant_is_refused_with_the_mismatches_named(tmp_path):
     path = tmp_path / "small.pth"
-    torch.save({"model": create_model("hornet_small_gf", **TINY | {"base_dim": 64}).state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"shape mismatches: .*downsample_layers\.0\.0\.weight"):
+    torch.save(
+        {"model": create_model("hornet_small_gf", **TINY | {"base_dim": 64}).state_dict()}, path
+    )
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatches: .*downsample_layers\.0\.0\.weight"
+    ):
         create_model("hornet_tiny_gf", checkpoint=path, **TINY)
 
 
@@ -133,8 +150,11 @@ def test_a_pickle_carrying_an_arbitrary_object_is_never_run(tmp_path):
     payload = _Payload()
     payload.target = str(marker)
     path = tmp_path / "evil.pth"
-    torch.save({"model": create_model("hornet_tiny_gf", **TINY).state_dict(), "x": payload}, path,
-               pickle_module=pickle)
+    torch.save(
+        {"model": create_model("hornet_tiny_gf", **TINY).state_dict(), "x": payload},
+        path,
+        pickle_module=pickle,
+    )
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         create_model("hornet_tiny_gf", checkpoint=path, **TINY)
     assert not marker.exists()

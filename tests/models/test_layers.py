@@ -53,26 +53,40 @@ def _gf_reference(layer: GlobalLocalFilter, x: np.ndarray) -> np.ndarray:
     ).numpy()
     height, width = x.shape[-2:]
     weight = p["complex_weight"]  # (C, h, w, 2)
-    weight = np.moveaxis(_bilinear_align_corners(np.moveaxis(weight, -1, 0), (height, width // 2 + 1)), 0, -1)
+    weight = np.moveaxis(
+        _bilinear_align_corners(np.moveaxis(weight, -1, 0), (height, width // 2 + 1)), 0, -1
+    )
     # The global kernel: the branch's response to a unit impulse.
-    kernel = np.fft.irfft2((weight[..., 0] + 1j * weight[..., 1]) / np.sqrt(height * width),
-                           s=(height, width), norm="ortho")
+    kernel = np.fft.irfft2(
+        (weight[..., 0] + 1j * weight[..., 1]) / np.sqrt(height * width),
+        s=(height, width),
+        norm="ortho",
+    )
     glob_out = _circular_conv(glob, kernel)
     mixed = np.empty_like(x)
     mixed[:, 0::2], mixed[:, 1::2] = local_out, glob_out  # interleaved, not concatenated
     return _ln_cf(mixed, p["post_norm.weight"], p["post_norm.bias"])
 
 
-@pytest.mark.parametrize("filter_hw, feature_hw", [((14, 8), (14, 14)), ((7, 4), (7, 7)),
-                                                   ((14, 8), (24, 24)), ((24, 13), (14, 14)),
-                                                   ((6, 4), (6, 7))])
+@pytest.mark.parametrize(
+    "filter_hw, feature_hw",
+    [
+        ((14, 8), (14, 14)),
+        ((7, 4), (7, 7)),
+        ((14, 8), (24, 24)),
+        ((24, 13), (14, 14)),
+        ((6, 4), (6, 7)),
+    ],
+)
 def test_global_filter_is_a_circular_convolution_with_a_global_kernel(filter_hw, feature_hw):
     gen = torch.Generator().manual_seed(0)
     layer = GlobalLocalFilter(16, *filter_hw)
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "complex" in name else 0.3)
-                    + (1.0 if name.endswith("norm.weight") else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * (1.0 if "complex" in name else 0.3)
+                + (1.0 if name.endswith("norm.weight") else 0.0)
+            )
     x = torch.randn(2, 16, *feature_hw, generator=gen)
     got = layer(x).detach().double().numpy()
     want = _gf_reference(layer, x.double().numpy())
@@ -94,11 +108,15 @@ def test_gnconv_equals_its_recursive_definition(order):
     # Written from the paper: p0 = pwa * f(q0); p_{k+1} = g_k(p_k) * f(q_{k+1}).
     dims = [dim // 2**k for k in range(order)][::-1]
     fused = torch.nn.functional.conv2d(x, layer.proj_in.weight, layer.proj_in.bias)
-    pwa, abc = fused[:, : dims[0]], fused[:, dims[0]:]
-    mixed = torch.nn.functional.conv2d(abc, layer.dwconv.weight, layer.dwconv.bias, padding=3,
-                                       groups=sum(dims)) / 3
+    pwa, abc = fused[:, : dims[0]], fused[:, dims[0] :]
+    mixed = (
+        torch.nn.functional.conv2d(
+            abc, layer.dwconv.weight, layer.dwconv.bias, padding=3, groups=sum(dims)
+        )
+        / 3
+    )
     starts = np.cumsum([0] + dims)
-    q = [mixed[:, starts[k]: starts[k + 1]] for k in range(order)]
+    q = [mixed[:, starts[k] : starts[k + 1]] for k in range(order)]
     p = pwa * q[0]
     for k in range(order - 1):
         p = torch.nn.functional.conv2d(p, layer.pws[k].weight, layer.pws[k].bias) * q[k + 1]
@@ -124,8 +142,9 @@ def test_fused_channels_first_layer_norm_equals_the_written_out_one() -> None:
     # the definition: standardise each pixel's channel vector, then the affine map
     mean = x.mean(1, keepdim=True)
     var = ((x - mean) ** 2).mean(1, keepdim=True)
-    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) \
-        + norm.bias.view(1, -1, 1, 1)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(
+        1, -1, 1, 1
+    ) + norm.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
     model = nn.Sequential(norm, nn.Conv2d(24, 4, 1).double(), LayerNormChannelsFirst(4).double())
     unfused = model(x)

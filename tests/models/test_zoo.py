@@ -25,11 +25,16 @@ SPEC = {
     "hornet_large_gf_img384": (216.35, 101.57, 384, 10459),
 }
 ALIASES = {
-    "hornet_t_7x7": "hornet_tiny_7x7", "hornet_t_gf": "hornet_tiny_gf",
-    "hornet_s_7x7": "hornet_small_7x7", "hornet_s_gf": "hornet_small_gf",
-    "hornet_b_7x7": "hornet_base_7x7", "hornet_b_gf": "hornet_base_gf",
-    "hornet_b_gf_384": "hornet_base_gf_img384", "hornet_l_7x7": "hornet_large_7x7",
-    "hornet_l_gf": "hornet_large_gf", "hornet_l_gf_384": "hornet_large_gf_img384",
+    "hornet_t_7x7": "hornet_tiny_7x7",
+    "hornet_t_gf": "hornet_tiny_gf",
+    "hornet_s_7x7": "hornet_small_7x7",
+    "hornet_s_gf": "hornet_small_gf",
+    "hornet_b_7x7": "hornet_base_7x7",
+    "hornet_b_gf": "hornet_base_gf",
+    "hornet_b_gf_384": "hornet_base_gf_img384",
+    "hornet_l_7x7": "hornet_large_7x7",
+    "hornet_l_gf": "hornet_large_gf",
+    "hornet_l_gf_384": "hornet_large_gf_img384",
 }
 KEYS_FILE = Path(__file__).parents[1] / "data" / "hornet_tiny_gf.keys.txt"
 
@@ -99,7 +104,9 @@ def test_unknown_variant_lists_the_valid_names():
 def test_pretrained_cfgs_carry_the_official_transforms():
     tiny = get_variant("hornet_tiny_7x7").cfg
     assert (tiny.crop_pct, tiny.interpolation) == (0.875, "bicubic")
-    assert tiny.mean == pytest.approx((0.485, 0.456, 0.406)) and tiny.std == pytest.approx((0.229, 0.224, 0.225))
+    assert tiny.mean == pytest.approx((0.485, 0.456, 0.406)) and tiny.std == pytest.approx(
+        (0.229, 0.224, 0.225)
+    )
     big = get_variant("hornet_large_gf_img384").cfg
     assert big.crop_pct == 1.0 and big.label_set == "hornet-22k"
     assert big.preprocess()["resize_mode"] == "direct"

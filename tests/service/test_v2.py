@@ -177,8 +177,9 @@ async def test_encoded_images_as_base64_json_equal_classify(classifier_dir, phot
     for row, (name, result) in enumerate(zip(names, classify.json()["results"], strict=True)):
         scores = scores_by_index(result)
         np.testing.assert_allclose(probabilities[row], [scores[i] for i in range(10)], atol=1e-6)
-        np.testing.assert_allclose(probabilities[row], official_probabilities(photos[name]),
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            probabilities[row], official_probabilities(photos[name]), rtol=1e-4, atol=1e-7
+        )
 
 
 async def test_binary_inputs_and_outputs(classifier_dir, photos) -> None:

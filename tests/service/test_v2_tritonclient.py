@@ -20,8 +20,9 @@ def triton(classifier_dir, tmp_path_factory):
     """A real `python -m service` (uvicorn) and a tritonclient HTTP client to it."""
     log_path = tmp_path_factory.mktemp("v2_server") / "server.log"
     with running_server(classifier_dir, log_path, max_delay_ms=5) as (base_url, _):
-        client = httpclient.InferenceServerClient(base_url.removeprefix("http://"),
-                                                  network_timeout=30)
+        client = httpclient.InferenceServerClient(
+            base_url.removeprefix("http://"), network_timeout=30
+        )
         try:
             yield client, base_url
         finally:
@@ -67,8 +68,9 @@ def test_tritonclient_binary_image_tensor_equals_classify(triton, photos) -> Non
     np.testing.assert_allclose(_softmax(logits), expected, atol=1e-6)
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
     for row, name in enumerate(NAMES):
-        np.testing.assert_allclose(probabilities[row], official_probabilities(photos[name]),
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            probabilities[row], official_probabilities(photos[name]), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_tritonclient_binary_encoded_images_equal_classify(triton, photos) -> None:
