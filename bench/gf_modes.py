@@ -29,10 +29,7 @@ def branch(mode: str, spectrum: np.ndarray, size: tuple[int, int]):
     from model_export import gf_rewrite
 
     if mode == "circular_conv":
-        kernels = np.fft.irfft2(
-            spectrum / np.sqrt(size[0] * size[1]), s=size, axes=(1, 2), norm="ortho"
-        )
-        return gf_rewrite.CircularConvGlobalBranch(kernels)
+        return gf_rewrite.CircularConvGlobalBranch(gf_rewrite.spectrum_kernels(spectrum, size))
     cls = {"matmul": gf_rewrite.MatMulGlobalBranch, "dense_dft": gf_rewrite.DenseDFTGlobalBranch}[
         mode
     ]

@@ -58,8 +58,12 @@ def global_spectrum(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarr
 
 def global_kernels(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarray:
     """The (C, H, W) float64 spatial kernels of a GF layer's global branch at `size`."""
+    return spectrum_kernels(global_spectrum(layer, size), size)
+
+
+def spectrum_kernels(spectrum: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The circular-convolution kernels equal to filtering by a (C, H, W//2+1) spectrum."""
     height, width = size
-    spectrum = global_spectrum(layer, size)
     return np.fft.irfft2(
         spectrum / np.sqrt(height * width), s=(height, width), axes=(1, 2), norm="ortho"
     )
