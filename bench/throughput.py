@@ -13,7 +13,8 @@ execution provider with IO binding, as `hornet serve --device cuda` runs them).
 `--gf-compare` exports hornet_tiny_7x7 and hornet_tiny_gf (random weights: speed does
 not depend on them) with each Global Filter graph (DFT-free auto, circular conv, and
 the ONNX DFT op) and prints each one's throughput as a ratio of the 7x7 model's.
-`--torch` adds the eager torch model of each bundle's variant on the same device, fed
+`--torch` adds the eager torch model of each classifier bundle's registry variant
+(`hornet export` bundles; not the demo ones) on the same device, fed
 the same uint8 images (copied over, normalised there, logits copied back): what a
 plain PyTorch server runs; the table then gives every engine's ratio to it.
 Nothing here is asserted; it prints measurements.
@@ -83,31 +84,37 @@ def runners(
     bundle_dir: Path, threads: int, device: str = "cpu", torch_baseline: bool = False
 ) -> list[tuple[str, object, np.dtype, tuple]]:
     """(label, run, input dtype, input shape) for each engine of a bundle; with
-    `torch_baseline` also the eager model of its variant, labelled `VARIANT torch eager/P`."""
+    `torch_baseline` also the eager model of its variant, labelled `VARIANT torch eager/P`.
+    The shape has None for the batch axis; graphs without one (detectors take one image
+    of any size) get the preprocessing's input size and run one image per call."""
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     spec = manifest.inputs[0]
     dtype = np.dtype(spec.dtype)
+    shape = call_shape(spec.shape, spec.layout, manifest.preprocess.input_size)
     found = []
     for engine in manifest.engines:
         label = f"{manifest.name} {engine.format}/{engine.precision} (GF {engine.gf_mode})"
         if engine.format == "onnx":
             run = OrtRunner(bundle.path / engine.file, spec.name, threads, device, engine.precision)
-            found.append((label, run, dtype, spec.shape[1:]))
+            found.append((label, run, dtype, shape))
         elif engine.format == "tensorrt":
             try:
                 from service.engines import TensorRTEngine
 
                 trt = TensorRTEngine(bundle.path / engine.file, engine)
-                found.append(
-                    (label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, spec.shape[1:])
-                )
+                found.append((label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, shape))
             except Exception as exc:  # no GPU/tensorrt here: say so, measure the rest
                 print(f"# skipping {label}: {exc}", file=sys.stderr)
+        # The eager model is the registry's variant: `hornet export` bundles only (the
+        # demo bundles are tiny custom networks under a registry variant's name).
+        eager_comparable = (
+            manifest.task == "classify" and spec.dtype == "uint8" and not manifest.demo
+        )
         if (
             torch_baseline
             and engine.format == "onnx"
-            and spec.dtype == "uint8"
+            and eager_comparable
             and spec.layout == "NHWC"
         ):
             label = torch_label(manifest.variant, engine.precision)
@@ -116,10 +123,21 @@ def runners(
                     label,
                     TorchRunner(manifest, device, engine.precision == "fp16"),
                     dtype,
-                    spec.shape[1:],
+                    shape,
                 )
             )
     return found
+
+
+def call_shape(shape: list[int], layout: str, input_size: tuple[int, int]) -> tuple:
+    """One call's input shape: None for the batch axis, -1 spatial sizes from the
+    preprocessing's (height, width)."""
+    spatial = {"NHWC": (1, 2), "NCHW": (2, 3), "HWC": (0, 1)}.get(
+        layout if len(shape) == 4 else "HWC", ()
+    )
+    sizes = dict(zip(spatial, input_size, strict=True))
+    filled = tuple(sizes.get(axis, n) if n == -1 else n for axis, n in enumerate(shape))
+    return (None, *filled[1:]) if len(shape) == 4 else filled
 
 
 def torch_label(variant: str, precision: str) -> str:
@@ -130,13 +148,17 @@ def measure(items, batches: list[int], rounds: int, seconds: float) -> dict:
     rng = np.random.default_rng(0)
     results: dict = {}
     for batch in batches:
+        # Graphs without a batch axis take one image per call: measured at batch 1 only.
+        runs = [(label, run, dtype, shape) for label, run, dtype, shape in items
+                if shape[0] is None or batch == 1]  # fmt: skip
         inputs = [
-            rng.integers(0, 256, (batch, *shape)).astype(dtype) for _, _, dtype, shape in items
+            rng.integers(0, 256, (batch, *shape[1:]) if shape[0] is None else shape).astype(dtype)
+            for _, _, dtype, shape in runs
         ]
-        for (_, run, _, _), x in zip(items, inputs, strict=True):
+        for (_, run, _, _), x in zip(runs, inputs, strict=True):
             run(x)  # warm-up
         for _ in range(rounds):
-            for (label, run, _, _), x in zip(items, inputs, strict=True):
+            for (label, run, _, _), x in zip(runs, inputs, strict=True):
                 latencies = []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds or not latencies:
@@ -252,13 +274,15 @@ def main() -> int:
         )
         results = measure(items, batches, args.rounds, args.seconds)
         print(table(results))
-        if args.torch:
+        pairs = [
+            (label, torch_label(variant_of[label], label.split(" ")[1].split("/")[-1]))
+            for label, *_ in items
+            if "torch eager" not in label
+        ]
+        pairs = [(label, base) for label, base in pairs if base in variant_of]
+        if pairs:
             print("\nthroughput / eager torch of the same variant and precision:")
-            for label, *_ in items:
-                precision = label.split(" ")[1].split("/")[-1]
-                base_label = torch_label(variant_of[label], precision)
-                if "torch eager" in label or base_label not in variant_of:
-                    continue
+            for label, base_label in pairs:
                 print_ratio(label, base_label, results, batches)
         if args.gf_compare:
             base = next(label for label, *_ in items if "onnx/fp32" in label)
