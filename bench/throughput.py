@@ -28,13 +28,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.bundle import load_bundle  # noqa: E402
+from service.bundle import Bundle, load_bundle  # noqa: E402
 
 
 class OrtRunner:
@@ -80,14 +82,19 @@ class TorchRunner:
             self.model(x).float().cpu()
 
 
-def runners(
-    bundle_dir: Path, threads: int, device: str = "cpu", torch_baseline: bool = False
-) -> list[tuple[str, object, np.dtype, tuple]]:
-    """(label, run, input dtype, input shape) for each engine of a bundle; with
-    `torch_baseline` also the eager model of its variant, labelled `VARIANT torch eager/P`.
-    The shape has None for the batch axis; graphs without one (detectors take one image
-    of any size) get the preprocessing's input size and run one image per call."""
-    bundle = load_bundle(bundle_dir)
+class Item(NamedTuple):
+    label: str
+    run: Callable[[np.ndarray], object]
+    dtype: np.dtype
+    shape: tuple  # one call's input: None for the batch axis (see call_shape)
+    variant: str
+    kind: str  # "onnx", "tensorrt" or "torch"
+    precision: str
+
+
+def runners(bundle: Bundle, threads: int, device: str = "cpu") -> list[Item]:
+    """One item per engine of a bundle. Graphs without a batch axis (detectors take one
+    image of any size) get the preprocessing's input size and run one image per call."""
     manifest = bundle.manifest
     spec = manifest.inputs[0]
     dtype = np.dtype(spec.dtype)
@@ -97,36 +104,45 @@ def runners(
         label = f"{manifest.name} {engine.format}/{engine.precision} (GF {engine.gf_mode})"
         if engine.format == "onnx":
             run = OrtRunner(bundle.path / engine.file, spec.name, threads, device, engine.precision)
-            found.append((label, run, dtype, shape))
-        elif engine.format == "tensorrt":
+        else:
             try:
                 from service.engines import TensorRTEngine
 
                 trt = TensorRTEngine(bundle.path / engine.file, engine)
-                found.append((label, lambda b, trt=trt, n=spec.name: trt.run({n: b}), dtype, shape))
             except Exception as exc:  # no GPU/tensorrt here: say so, measure the rest
                 print(f"# skipping {label}: {exc}", file=sys.stderr)
-        # The eager model is the registry's variant: `hornet export` bundles only (the
-        # demo bundles are tiny custom networks under a registry variant's name).
-        eager_comparable = (
-            manifest.task == "classify" and spec.dtype == "uint8" and not manifest.demo
+                continue
+            run = lambda b, trt=trt, n=spec.name: trt.run({n: b})  # noqa: E731
+        found.append(
+            Item(label, run, dtype, shape, manifest.variant, engine.format, engine.precision)
         )
-        if (
-            torch_baseline
-            and engine.format == "onnx"
-            and eager_comparable
-            and spec.layout == "NHWC"
-        ):
-            label = torch_label(manifest.variant, engine.precision)
-            found.append(
-                (
-                    label,
-                    TorchRunner(manifest, device, engine.precision == "fp16"),
-                    dtype,
-                    shape,
-                )
-            )
     return found
+
+
+def eager_baselines(bundles: list[Bundle], device: str) -> list[Item]:
+    """The eager torch model of each registry classifier variant, once per precision its
+    bundles have: `hornet export` bundles only (the demo bundles are tiny custom networks
+    under a registry variant's name), fed the same uint8 NHWC input."""
+    found: dict[tuple[str, str], Item] = {}
+    for bundle in bundles:
+        manifest = bundle.manifest
+        spec = manifest.inputs[0]
+        if (
+            manifest.task != "classify"
+            or manifest.demo
+            or (spec.dtype, spec.layout) != ("uint8", "NHWC")
+        ):
+            continue
+        shape = call_shape(spec.shape, spec.layout, manifest.preprocess.input_size)
+        for precision in sorted({e.precision for e in manifest.engines}):
+            key = (manifest.variant, precision)
+            if key not in found:
+                run = TorchRunner(manifest, device, precision == "fp16")
+                label = f"{manifest.variant} torch eager/{precision}"
+                found[key] = Item(
+                    label, run, np.dtype("uint8"), shape, manifest.variant, "torch", precision
+                )
+    return list(found.values())
 
 
 def call_shape(shape: list[int], layout: str, input_size: tuple[int, int]) -> tuple:
@@ -140,25 +156,21 @@ def call_shape(shape: list[int], layout: str, input_size: tuple[int, int]) -> tu
     return (None, *filled[1:]) if len(shape) == 4 else filled
 
 
-def torch_label(variant: str, precision: str) -> str:
-    return f"{variant} torch eager/{precision}"
-
-
 def measure(items, batches: list[int], rounds: int, seconds: float) -> dict:
     rng = np.random.default_rng(0)
     results: dict = {}
     for batch in batches:
         # Graphs without a batch axis take one image per call: measured at batch 1 only.
-        runs = [(label, run, dtype, shape) for label, run, dtype, shape in items
-                if shape[0] is None or batch == 1]  # fmt: skip
+        runs = [item for item in items if item.shape[0] is None or batch == 1]
+        shapes = [(batch, *i.shape[1:]) if i.shape[0] is None else i.shape for i in runs]
         inputs = [
-            rng.integers(0, 256, (batch, *shape[1:]) if shape[0] is None else shape).astype(dtype)
-            for _, _, dtype, shape in runs
+            rng.integers(0, 256, shape).astype(item.dtype)
+            for item, shape in zip(runs, shapes, strict=True)
         ]
-        for (_, run, _, _), x in zip(runs, inputs, strict=True):
-            run(x)  # warm-up
+        for item, x in zip(runs, inputs, strict=True):
+            item.run(x)  # warm-up
         for _ in range(rounds):
-            for (label, run, _, _), x in zip(runs, inputs, strict=True):
+            for (label, run, *_), x in zip(runs, inputs, strict=True):
                 latencies = []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds or not latencies:
@@ -261,43 +273,36 @@ def main() -> int:
             bundles += gf_compare(args.image_size, args.gf_modes.split(","), Path(tmp), args.fp16)
         if not bundles:
             parser.error("give bundle directories or --gf-compare")
-        items, variant_of = [], {}
-        for bundle_dir in bundles:
-            variant = load_bundle(bundle_dir).manifest.variant
-            for item in runners(bundle_dir, args.threads, args.device, args.torch):
-                if item[0] not in variant_of:  # one eager model per variant and precision
-                    items.append(item)
-                    variant_of[item[0]] = variant
+        loaded = [load_bundle(path) for path in bundles]
+        items = [item for bundle in loaded for item in runners(bundle, args.threads, args.device)]
+        if args.torch:
+            items += eager_baselines(loaded, args.device)
         print(
             f"# {describe(args.device)}, onnxruntime threads={args.threads or 'default'}, "
             f"{args.rounds} alternating rounds of {args.seconds}s, median round reported"
         )
         results = measure(items, batches, args.rounds, args.seconds)
         print(table(results))
-        pairs = [
-            (label, torch_label(variant_of[label], label.split(" ")[1].split("/")[-1]))
-            for label, *_ in items
-            if "torch eager" not in label
-        ]
-        pairs = [(label, base) for label, base in pairs if base in variant_of]
+
+        def counterpart(item: Item, variant: str, kind: str) -> Item | None:
+            wanted = (variant, kind, item.precision)
+            return next((o for o in items if (o.variant, o.kind, o.precision) == wanted), None)
+
+        pairs = [(item, counterpart(item, item.variant, "torch")) for item in items]
+        pairs = [(item, base) for item, base in pairs if item.kind != "torch" and base]
         if pairs:
             print("\nthroughput / eager torch of the same variant and precision:")
-            for label, base_label in pairs:
-                print_ratio(label, base_label, results, batches)
+            for item, base in pairs:
+                print_ratio(item.label, base.label, results, batches)
         if args.gf_compare:
-            base = next(label for label, *_ in items if "onnx/fp32" in label)
             print(
                 "\nGF throughput / 7x7 throughput at equal size "
                 f"({args.image_size}px; target on 2 CPUs: DFT-free >= 0.9):"
             )
-            for label, *_ in items:
-                if variant_of[label] != "hornet_tiny_gf":
-                    continue
-                if "torch eager" in label:
-                    base_label = torch_label("hornet_tiny_7x7", label.split("/")[-1])
-                else:
-                    base_label = base.replace("onnx/fp32", label.split(" ")[1])
-                print_ratio(label, base_label, results, batches)
+            for item in items:
+                base = counterpart(item, "hornet_tiny_7x7", item.kind)
+                if item.variant == "hornet_tiny_gf" and base:
+                    print_ratio(item.label, base.label, results, batches)
     return 0
 
 
