@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import ApiKeyMiddleware, advertise_api_keys
 from service.bundle import Bundle
 from service.engines import create_engine
 from service.errors import ServiceError
@@ -67,7 +68,10 @@ def create_app(
     app.include_router(v2.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    api_keys = settings.accepted_api_keys()
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    advertise_api_keys(app, api_keys, settings.protect_probes)
     return app
 
 

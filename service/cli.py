@@ -70,6 +70,33 @@ _FLAGS: list[tuple[str, dict]] = [
     ),
     ("--drain-timeout-s", {"type": float, "help": "HORNET_DRAIN_TIMEOUT_S"}),
     ("--log-level", {"help": "HORNET_LOG_LEVEL"}),
+    (
+        "--api-key",
+        {
+            "action": "append",
+            "dest": "api_keys",
+            "metavar": "KEY",
+            "help": "require this key (Authorization: Bearer KEY or X-API-Key: KEY); repeat "
+            "for several. Anyone who can list processes sees it: prefer --api-key-file or "
+            "HORNET_API_KEYS (comma-separated)",
+        },
+    ),
+    (
+        "--api-key-file",
+        {
+            "metavar": "PATH",
+            "help": "require one of the keys in PATH, one a line, # comments allowed "
+            "(HORNET_API_KEY_FILE)",
+        },
+    ),
+    (
+        "--protect-probes",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "with API keys, require one on /healthz, /readyz, /metrics and the v2 "
+            "health routes too (HORNET_PROTECT_PROBES, default off)",
+        },
+    ),
 ]
 
 

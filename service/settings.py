@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.manifest import MANIFEST_NAME
@@ -19,6 +19,22 @@ def default_model_dirs() -> list[Path]:
     if not DEMO_BUNDLES_DIR.is_dir():
         return []
     return sorted(p for p in DEMO_BUNDLES_DIR.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def read_api_key_file(path: Path) -> list[SecretStr]:
+    """The keys in `path`, one a line; blank lines and lines starting with `#` are skipped,
+    so a mounted Kubernetes Secret can list the current and the next key while rotating."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"API key file {path}: cannot read it: {reason}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(
+            f"API key file {path} holds no key (one a line; blank lines and # comments are ignored)"
+        )
+    return [SecretStr(key) for key in keys]
 
 
 class Settings(BaseSettings):
@@ -50,6 +66,9 @@ class Settings(BaseSettings):
     engine_spinning: bool = False
     drain_timeout_s: float = Field(10.0, ge=0)
     log_level: str = "info"
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    protect_probes: bool = False
 
     @field_validator("model_dir", mode="before")
     @classmethod
@@ -59,6 +78,40 @@ class Settings(BaseSettings):
         if isinstance(value, Path):
             return [value]
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # No format checks here: pydantic would print the raw value (the keys) in its error.
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            return value
+        stripped = (key.strip() if isinstance(key, str) else key for key in value)
+        return [key for key in stripped if key != ""]
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_holds_keys(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_api_key_file(value)
+        return value
+
+    @model_validator(mode="after")
+    def _probes_protected_only_with_keys(self) -> Settings:
+        # Fires only when no key is configured, so its error cannot show one.
+        if self.protect_probes and not (self.api_keys or self.api_key_file):
+            raise ValueError(
+                "protect_probes needs API keys to check: give --api-key-file "
+                "(HORNET_API_KEY_FILE) or HORNET_API_KEYS"
+            )
+        return self
+
+    def accepted_api_keys(self) -> list[SecretStr]:
+        """Every key a request may present: api_keys, then the lines of api_key_file.
+        Empty means authentication is off."""
+        from_file = read_api_key_file(self.api_key_file) if self.api_key_file else []
+        return [*self.api_keys, *from_file]
 
     @property
     def uses_demo_bundles(self) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from deploy_checks import K8S_DIR, K8S_VERSIONS, RENDERS, Cli, hornet_argv, one,
 # Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
 SERVING = ("overlays/cpu", "overlays/gpu", "examples/queue-depth-hpa")
 GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
+# Renders only with a key file that is never committed: checked on a copy (below).
+API_KEYS_EXAMPLE = "examples/api-keys"
 
 
 def _kustomizations() -> list[Path]:
@@ -57,7 +61,7 @@ def _validate(document: dict, version: str) -> None:
 def test_every_manifest_is_validated_somewhere():
     """Standalone files are validated as they are; patches only inside a rendered whole."""
     assert not list(K8S_DIR.rglob("*.yml")), "use .yaml: the checks below look for it"
-    rendered_dirs = {(K8S_DIR / r).resolve() for r in RENDERS}
+    rendered_dirs = {(K8S_DIR / r).resolve() for r in (*RENDERS, API_KEYS_EXAMPLE)}
     assert {k.parent.resolve() for k in _kustomizations()} == rendered_dirs
     for patch in _patch_files():
         assert patch.parent in rendered_dirs, f"{patch} is patched in but never rendered"
@@ -341,3 +345,68 @@ def test_configmap_values_are_accepted_by_the_settings(
     for name, value in _config(rendered(kustomization)).items():
         monkeypatch.setenv(name, value)
     settings_class()
+
+
+# --- API keys (k8s/examples/api-keys) ------------------------------------------------------
+
+EXAMPLE_KEYS = "# rotation: the new key first, the old one until clients moved\nkey-new\nkey-old\n"
+
+
+@pytest.fixture(scope="module")
+def api_keys_objects(rendered, tmp_path_factory) -> list[dict]:
+    """The example rendered from a copy of k8s/ holding a made-up api-keys.txt (the real
+    one is git-ignored). An absolute path passed to `rendered` replaces K8S_DIR."""
+    copy = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S_DIR, copy, ignore=shutil.ignore_patterns("api-keys.txt"))
+    (copy / API_KEYS_EXAMPLE / "api-keys.txt").write_text(EXAMPLE_KEYS)
+    return rendered(str(copy / API_KEYS_EXAMPLE))
+
+
+def test_api_keys_file_is_git_ignored():
+    ignored = (K8S_DIR / API_KEYS_EXAMPLE / ".gitignore").read_text().split()
+    assert "api-keys.txt" in ignored
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_api_keys_example_validates_strictly(api_keys_objects: list[dict], version: str):
+    for document in api_keys_objects:
+        _validate(document, version)
+
+
+def test_api_keys_secret_is_mounted_read_only_where_the_key_file_setting_points(
+    api_keys_objects: list[dict], env_names: set[str]
+):
+    secret = one(api_keys_objects, "Secret", "hornet-api-keys")
+    deployment = one(api_keys_objects, "Deployment")
+    assert secret["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]  # hash suffix too
+    server = _container(pod, "hornet-serve")
+    mount = next(m for m in server["volumeMounts"] if m["name"] == volume["name"])
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert "HORNET_API_KEY_FILE" in env_names
+    assert Path(env["HORNET_API_KEY_FILE"]) == Path(mount["mountPath"]) / "keys"
+    assert set(secret["data"]) == {"keys"}
+
+
+def test_api_keys_secret_holds_a_key_file_the_settings_read(
+    api_keys_objects: list[dict], settings_class: type, tmp_path: Path
+):
+    data = one(api_keys_objects, "Secret", "hornet-api-keys")["data"]["keys"]
+    key_file = tmp_path / "keys"
+    key_file.write_bytes(base64.b64decode(data))
+    settings = settings_class(model_dir=[tmp_path], api_key_file=key_file)
+    assert [k.get_secret_value() for k in settings.accepted_api_keys()] == ["key-new", "key-old"]
+
+
+def test_api_keys_example_leaves_the_probes_open(api_keys_objects: list[dict]):
+    server = _container(_pod(api_keys_objects, "Deployment"), "hornet-serve")
+    probes = [
+        server[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    ]
+    assert [p["path"] for p in probes] == ["/readyz", "/readyz", "/healthz"]
+    assert not any("httpHeaders" in p for p in probes), "keys in probes would sit in the spec"
+    settings = {**_config(api_keys_objects), **{e["name"]: e["value"] for e in server["env"]}}
+    assert settings.get("HORNET_PROTECT_PROBES", "false").lower() in ("false", "0")

@@ -1,0 +1,368 @@
+"""API keys, off by default: real `python -m service` processes asked with and without
+a key, over REST, the v2 protocol and Triton's own client; and the settings that hold
+the keys without ever showing them."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import encode, upload
+from pydantic import SecretStr, ValidationError
+from test_server import REPO, free_port
+
+from service import cli
+from service.auth import key_matches
+from service.settings import Settings
+
+httpclient = pytest.importorskip("tritonclient.http")
+
+KEY = "hornet-test-key-1f0c9a7e52d84b36"
+SECOND_KEY = "hornet-test-key-9b2e4d6f08a1c375"
+FILE_KEY = "hornet-test-key-file-5d3a8c1e7f"
+WRONG_KEY = "hornet-test-key-wrong-0000000000"
+CHALLENGE = 'Bearer realm="hornet"'
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@contextlib.contextmanager
+def running(model_dir: Path, log_path: Path, *flags: str, env: dict | None = None, key=None):
+    """`python -m service` over `model_dir` with `flags` and `env` (and no other HORNET_*
+    variable), ready (asked with `key`, for servers whose probes need one); yields its
+    base URL; stops it at the end."""
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-dir", str(model_dir),
+             "--port", str(port), "--engine-threads", "1", *flags],
+            cwd=REPO, env={**inherited, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base_url, process, bearer(key) if key else {})
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _wait_ready(base_url: str, process: subprocess.Popen, headers: dict[str, str]) -> None:
+    give_up_at = time.monotonic() + 60
+    while time.monotonic() < give_up_at:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/readyz", headers=headers, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{base_url} not ready within 60 s")
+
+
+@pytest.fixture(scope="module")
+def open_server(classifier_dir, tmp_path_factory):
+    """No key configured: the default."""
+    log_path = tmp_path_factory.mktemp("open_server") / "server.log"
+    with running(classifier_dir, log_path) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def keyed_server(classifier_dir, tmp_path_factory):
+    """Two keys from HORNET_API_KEYS (a rotation: old and new both accepted)."""
+    log_path = tmp_path_factory.mktemp("keyed_server") / "server.log"
+    env = {"HORNET_API_KEYS": f"{KEY}, {SECOND_KEY}"}
+    with running(classifier_dir, log_path, env=env) as base_url:
+        yield base_url, log_path
+
+
+@pytest.fixture(scope="module")
+def file_server(classifier_dir, tmp_path_factory):
+    """A key from --api-key-file, with --protect-probes."""
+    directory = tmp_path_factory.mktemp("file_server")
+    key_file = directory / "keys"
+    key_file.write_text(f"# mounted from the hornet-api-keys Secret\n\n  {FILE_KEY}  \n# end\n")
+    flags = ("--api-key-file", str(key_file), "--protect-probes")
+    with running(classifier_dir, directory / "server.log", *flags, key=FILE_KEY) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return encode(np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+
+
+def classify(base_url: str, image: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{base_url}/classify", files=upload(image), headers=headers, timeout=30)
+
+
+def v2_infer_body() -> dict:
+    pixels = np.zeros((1, 224, 224, 3), dtype=np.uint8)
+    tensor = {"name": "image", "shape": list(pixels.shape), "datatype": "UINT8"}
+    return {"inputs": [{**tensor, "data": pixels.ravel().tolist()}]}
+
+
+# --- off by default ------------------------------------------------------------------------
+
+
+def test_without_keys_no_route_asks_for_one(open_server, image) -> None:
+    assert classify(open_server, image).status_code == 200
+    assert httpx.get(f"{open_server}/v1/models").status_code == 200
+    assert httpx.get(f"{open_server}/v2/models/tiny_cls").status_code == 200
+
+
+def test_without_keys_the_openapi_document_has_no_security(open_server) -> None:
+    document = httpx.get(f"{open_server}/openapi.json").json()
+    assert "securitySchemes" not in document.get("components", {})
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    assert not any("security" in op or "401" in op["responses"] for op in operations)
+
+
+# --- with keys -----------------------------------------------------------------------------
+
+
+def test_a_request_without_a_key_gets_401_with_a_bearer_challenge(keyed_server, image) -> None:
+    base_url, _ = keyed_server
+    response = classify(base_url, image)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == CHALLENGE
+    assert response.headers["x-request-id"]
+    body = response.json()
+    assert body["error"] == "unauthorized"
+    assert "Authorization: Bearer" in body["detail"] and "X-API-Key" in body["detail"]
+
+
+def test_a_wrong_key_gets_401_with_invalid_token(keyed_server, image) -> None:
+    base_url, _ = keyed_server
+    for headers in (bearer(WRONG_KEY), {"X-API-Key": WRONG_KEY}, bearer(KEY[:-1])):
+        response = classify(base_url, image, headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == f'{CHALLENGE}, error="invalid_token"'
+        assert response.json()["error"] == "unauthorized"
+
+
+def test_a_basic_authorization_header_is_no_key(keyed_server) -> None:
+    base_url, _ = keyed_server
+    response = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Basic {KEY}"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == CHALLENGE
+
+
+def test_the_right_key_as_a_bearer_token_is_served(keyed_server, image) -> None:
+    base_url, _ = keyed_server
+    response = classify(base_url, image, bearer(KEY))
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["top_k"]
+
+
+def test_the_right_key_in_x_api_key_is_served(keyed_server, image) -> None:
+    base_url, _ = keyed_server
+    assert classify(base_url, image, {"X-API-Key": KEY}).status_code == 200
+
+
+def test_the_second_of_two_keys_is_served(keyed_server) -> None:
+    base_url, _ = keyed_server
+    assert httpx.get(f"{base_url}/v1/models", headers=bearer(SECOND_KEY)).status_code == 200
+
+
+def test_the_bearer_scheme_is_case_insensitive(keyed_server) -> None:
+    base_url, _ = keyed_server
+    headers = {"Authorization": f"bearer {KEY}"}
+    assert httpx.get(f"{base_url}/v1/models", headers=headers).status_code == 200
+
+
+def test_probes_metrics_and_docs_stay_open_by_default(keyed_server) -> None:
+    base_url, _ = keyed_server
+    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(f"{base_url}{path}").status_code == 200, path
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(f"{base_url}{path}").status_code == 200, path
+
+
+def test_v2_routes_need_the_key_and_answer_in_the_kserve_error_shape(keyed_server) -> None:
+    base_url, _ = keyed_server
+    url = f"{base_url}/v2/models/tiny_cls/infer"
+    refused = httpx.post(url, json=v2_infer_body(), timeout=30)
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == CHALLENGE
+    assert list(refused.json()) == ["error"]
+    assert refused.json()["error"].startswith("unauthorized: ")
+    assert httpx.get(f"{base_url}/v2/models/tiny_cls").status_code == 401
+    served = httpx.post(url, json=v2_infer_body(), headers=bearer(KEY), timeout=30)
+    assert served.status_code == 200, served.text
+
+
+def test_tritonclient_is_served_with_the_key_in_its_headers(keyed_server) -> None:
+    base_url, _ = keyed_server
+    client = httpclient.InferenceServerClient(base_url.removeprefix("http://"), network_timeout=30)
+    pixels = np.zeros((2, 224, 224, 3), dtype=np.uint8)
+    tensor = httpclient.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=True)
+    try:
+        with pytest.raises(httpclient.InferenceServerException, match="unauthorized"):
+            client.infer("tiny_cls", [tensor])
+        result = client.infer("tiny_cls", [tensor], headers=bearer(KEY))
+        assert client.is_server_ready()  # the probe needs no key
+    finally:
+        client.close()
+    assert result.as_numpy("probabilities").shape == (2, 10)
+
+
+def test_refusals_are_counted_in_the_request_metrics(keyed_server, image) -> None:
+    base_url, _ = keyed_server
+    classify(base_url, image, bearer(WRONG_KEY))
+    metrics = httpx.get(f"{base_url}/metrics").text
+    assert 'hornet_requests_total{route="unmatched",status="401"}' in metrics
+
+
+def test_the_openapi_document_advertises_both_ways_to_send_a_key(keyed_server) -> None:
+    base_url, _ = keyed_server
+    document = httpx.get(f"{base_url}/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {"type": "http", "scheme": "bearer"}
+    assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    classify_op = document["paths"]["/classify"]["post"]
+    assert classify_op["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+    unauthorized = classify_op["responses"]["401"]["content"]["application/json"]["schema"]
+    assert unauthorized == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "ErrorResponse" in document["components"]["schemas"]
+    assert "security" in document["paths"]["/v2/models/{model}/infer"]["post"]
+    assert "security" not in document["paths"]["/healthz"]["get"]
+
+
+def test_the_log_never_shows_a_key(keyed_server, image) -> None:
+    base_url, log_path = keyed_server
+    for headers in (bearer(KEY), {"X-API-Key": SECOND_KEY}, bearer(WRONG_KEY)):
+        classify(base_url, image, headers)
+        httpx.post(f"{base_url}/v2/models/tiny_cls/infer", json={"inputs": []}, headers=headers)
+    httpx.get(f"{base_url}/v1/models", headers={"X-API-Key": WRONG_KEY})
+    log = log_path.read_text()
+    assert '"status": 401' in log and '"status": 200' in log  # the requests were logged
+    for key in (KEY, SECOND_KEY, WRONG_KEY):
+        assert key not in log
+    assert "Bearer" not in log
+
+
+# --- key file and protected probes ---------------------------------------------------------
+
+
+def test_a_key_from_the_key_file_is_served(file_server, image) -> None:
+    assert classify(file_server, image, bearer(FILE_KEY)).status_code == 200
+    assert classify(file_server, image, {"X-API-Key": FILE_KEY}).status_code == 200
+
+
+def test_comment_lines_of_the_key_file_are_no_keys(file_server) -> None:
+    for comment in ("# mounted from the hornet-api-keys Secret", "# end", "#"):
+        headers = {"X-API-Key": comment}
+        assert httpx.get(f"{file_server}/v1/models", headers=headers).status_code == 401
+
+
+def test_protected_probes_need_the_key(file_server) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        refused = httpx.get(f"{file_server}{path}")
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"] == CHALLENGE
+        assert httpx.get(f"{file_server}{path}", headers=bearer(FILE_KEY)).status_code == 200
+
+
+def test_docs_stay_open_even_with_protected_probes(file_server) -> None:
+    assert httpx.get(f"{file_server}/docs").status_code == 200
+    document = httpx.get(f"{file_server}/openapi.json").json()
+    assert "security" in document["paths"]["/healthz"]["get"]
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_settings_repr_hides_the_keys(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{FILE_KEY}\n")
+    settings = Settings(model_dir=[tmp_path], api_keys=[KEY], api_key_file=key_file)
+    assert KEY not in repr(settings) and KEY not in str(settings)
+    assert FILE_KEY not in repr(settings)
+    assert [k.get_secret_value() for k in settings.accepted_api_keys()] == [KEY, FILE_KEY]
+
+
+def test_keys_from_the_environment_are_comma_separated(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HORNET_API_KEYS", f" {KEY}, ,{SECOND_KEY} ")
+    settings = Settings(model_dir=[tmp_path])
+    assert [k.get_secret_value() for k in settings.api_keys] == [KEY, SECOND_KEY]
+
+
+def test_keys_are_off_by_default(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HORNET_API_KEYS", raising=False)
+    monkeypatch.delenv("HORNET_API_KEY_FILE", raising=False)
+    settings = Settings(model_dir=[tmp_path])
+    assert settings.accepted_api_keys() == [] and settings.protect_probes is False
+
+
+def test_repeated_api_key_flags_give_several_keys() -> None:
+    settings = cli.load_settings(["--model-dir", "x", "--api-key", KEY, "--api-key", SECOND_KEY])
+    assert settings.api_keys == [SecretStr(KEY), SecretStr(SECOND_KEY)]
+
+
+@pytest.mark.parametrize(
+    "content", [None, "", "# only a comment\n\n"], ids=["missing", "empty", "comments"]
+)
+def test_a_key_file_without_keys_is_a_settings_error_naming_it(content, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ValidationError, match=str(key_file)):
+        Settings(model_dir=[tmp_path], api_key_file=key_file)
+
+
+def test_the_cli_refuses_a_missing_key_file_with_status_2(capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    assert cli.serve_main(["--model-dir", "x", "--api-key-file", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_protecting_probes_without_keys_is_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="protect_probes needs API keys"):
+        Settings(model_dir=[tmp_path], protect_probes=True)
+
+
+def test_a_key_file_error_does_not_show_the_other_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as error:
+        Settings(model_dir=[tmp_path], api_keys=KEY, api_key_file=tmp_path / "nope")
+    assert KEY not in str(error.value)
+
+
+# --- key comparison ------------------------------------------------------------------------
+
+
+def test_key_matches_any_configured_key_exactly() -> None:
+    keys = [KEY.encode(), SECOND_KEY.encode()]
+    assert key_matches(KEY.encode(), keys) and key_matches(SECOND_KEY.encode(), keys)
+    for near in (KEY[:-1], KEY + "0", KEY.upper(), "", f"{KEY},{SECOND_KEY}"):
+        assert not key_matches(near.encode(), keys), near
+    assert not key_matches(KEY.encode(), [])
+
+
+def test_key_matches_compares_every_key(monkeypatch) -> None:
+    compared = []
+    real_compare = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    assert key_matches(b"first", [b"first", b"second", b"third"])
+    assert len(compared) == 3
