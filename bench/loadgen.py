@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -117,18 +118,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def launch_server(flags: list[str], **popen: Any) -> tuple[subprocess.Popen, str]:
+    """`python -m service` with `flags` on a free 127.0.0.1 port; `popen` goes to Popen
+    (output, environment, limits). Returns the process and its base URL."""
     port = free_port()
-    command = [
-        sys.executable, "-m", "service", "--model-dir", str(args.model_dir),
-        "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+    command = [sys.executable, "-m", "service", *flags, "--port", str(port)]
+    return subprocess.Popen(command, cwd=REPO, **popen), f"http://127.0.0.1:{port}"
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    flags = [
+        "--model-dir", str(args.model_dir), "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
         "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
         "--log-level", "warning", "--device", args.device, "--precision", args.precision,
         "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
-    return process, f"http://127.0.0.1:{port}"
+    return launch_server(flags, stdout=subprocess.DEVNULL)
 
 
 def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float = 300) -> None:
