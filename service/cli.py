@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.bundle import BundleError, load_bundle
 from service.logs import configure_logging
+from service.memory import configure_allocator
 from service.runtime import ModelPool
 from service.settings import DEMO_BUNDLES_DIR, Settings
 
@@ -52,6 +53,23 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--request-timeout-s", {"type": float, "metavar": "S", "help": "HORNET_REQUEST_TIMEOUT_S"}),
     ("--max-upload-mb", {"type": float, "metavar": "M", "help": "HORNET_MAX_UPLOAD_MB"}),
     ("--max-pixels", {"type": int, "metavar": "P", "help": "HORNET_MAX_PIXELS"}),
+    (
+        "--max-aspect-ratio",
+        {
+            "type": float,
+            "metavar": "R",
+            "help": "refuse images whose longer side is over R times the shorter with 413; "
+            "0 = any (HORNET_MAX_ASPECT_RATIO, default 0)",
+        },
+    ),
+    (
+        "--decode-threads",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "threads decoding uploads, 0 = one per CPU (HORNET_DECODE_THREADS)",
+        },
+    ),
     ("--engine-threads", {"type": int, "help": "ONNX Runtime intra-op threads, 0 = its default"}),
     (
         "--engine-spinning",
@@ -136,6 +154,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    configure_allocator()
     if settings.uses_demo_bundles:
         log.warning(
             "NO --model-dir GIVEN: SERVING THE PACKAGED DEMO MODELS. They are not meant for "

@@ -118,14 +118,13 @@ class SegmentPipeline(_GraphIO):
 
     def prepare(self, image: Image.Image) -> Prepared:
         preprocess = self.manifest.preprocess
-        array = np.asarray(image, dtype=np.uint8)
-        height, width = array.shape[:2]
-        if preprocess.scale is not None:
-            fit_h, fit_w = imaging.fit_size(height, width, preprocess.scale)
-            array = imaging.resize_linear_uint8(array, fit_h, fit_w, preprocess.resize_backend)
+        if preprocess.scale is None:
+            array = np.asarray(image, dtype=np.uint8)
+        else:
+            array = imaging.fit_image(image, preprocess.scale, preprocess.resize_backend)
         boxes = list(imaging.window_boxes(array.shape[0], array.shape[1], self.window))
         tiles = [imaging.tile(array, box, self.window.crop) for box in boxes]
-        return Prepared(tiles, width, height, _SegmentContext(array.shape[:2], boxes))
+        return Prepared(tiles, *image.size, _SegmentContext(array.shape[:2], boxes))
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[np.ndarray]:
         return list(engine.run(self._batch_input(items))[self.output_names[0]])
@@ -146,12 +145,12 @@ class SegmentPipeline(_GraphIO):
         return SegmentResult(
             width=prepared.width,
             height=prepared.height,
-            mask_png=_mask_png(mask, channels),
+            mask_png=_mask_png(mask),
             classes=self._present(mask),
         )
 
     def _present(self, mask: np.ndarray) -> list[SegmentClass]:
-        counts = np.bincount(mask.ravel(), minlength=len(self.manifest.labels))
+        counts = imaging.class_counts(mask, len(self.manifest.labels))
         total = mask.size
         return [
             SegmentClass(index=int(i), label=self.manifest.labels[i], fraction=counts[i] / total)
@@ -159,21 +158,39 @@ class SegmentPipeline(_GraphIO):
         ]
 
 
-def _mask_png(mask: np.ndarray, classes: int) -> str:
-    if classes <= 256:
-        image = Image.fromarray(mask.astype(np.uint8), mode="L")
-    else:
-        image = Image.fromarray(mask.astype(np.uint16))
+def _mask_png(mask: np.ndarray) -> str:
+    """Base64 PNG of a uint8 (8-bit greyscale) or uint16 (16-bit) class-index mask; zlib
+    level 1: masks are long runs, so it compresses them about as well as the default
+    level, several times faster."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    Image.fromarray(mask).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@dataclass
+class _DetectContext:
+    """The size the engine saw; boxes and masks come back in its pixels."""
+
+    fitted: tuple[int, int]
+
+
 class DetectPipeline(_GraphIO):
-    """Mask R-CNN graphs take one image per call; a batch is a loop over its images."""
+    """Mask R-CNN graphs take one image per call; a batch is a loop over its images.
+
+    With a `scale` in the manifest the host resizes the image to fit it (the size the
+    detector's own transform resizes to), so the engine's work and memory are those of
+    the model's input whatever was uploaded; boxes are scaled back to the upload's
+    pixels and each mask is resized and RLE-encoded one detection at a time, within its
+    box. Without a scale the engine gets the decoded image as it is.
+    """
 
     def prepare(self, image: Image.Image) -> Prepared:
-        return Prepared([np.asarray(image, dtype=np.uint8)], *image.size)
+        preprocess = self.manifest.preprocess
+        if preprocess.scale is None:
+            array = np.asarray(image, dtype=np.uint8)
+        else:
+            array = imaging.fit_image(image, preprocess.scale, "opencv")
+        return Prepared([array], *image.size, _DetectContext(array.shape[:2]))
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[dict]:
         return [engine.run({self.input_name: item}) for item in items]
@@ -183,21 +200,16 @@ class DetectPipeline(_GraphIO):
         return [np.zeros((height, width, 3), dtype=np.uint8)]
 
     def finish(self, prepared: Prepared, outputs: dict, score_threshold: float) -> DetectResult:
-        from pycocotools import mask as coco_mask
-
         scores = np.asarray(outputs["scores"], dtype=np.float32).reshape(-1)
         keep = np.flatnonzero(scores >= score_threshold)
-        boxes = np.asarray(outputs["boxes"], dtype=np.float32).reshape(-1, 4)[keep]
+        fitted_h, fitted_w = prepared.context.fitted
+        to_upload = np.array(
+            [prepared.width / fitted_w, prepared.height / fitted_h] * 2, dtype=np.float32
+        )
+        boxes = np.asarray(outputs["boxes"], dtype=np.float32).reshape(-1, 4)[keep] * to_upload
         labels = np.asarray(outputs["labels"]).reshape(-1)[keep]
         masks = outputs.get("masks")
-        rles: list[RLE | None] = [None] * len(keep)
-        if masks is not None and len(keep):
-            binary = np.asarray(masks)[keep, 0] > 0.5
-            encoded = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0), np.uint8))
-            rles = [
-                RLE(size=tuple(rle["size"]), counts=rle["counts"].decode("utf-8"))
-                for rle in encoded
-            ]
+        size = (prepared.height, prepared.width)
         names = self.manifest.labels
         detections = [
             Detection(
@@ -205,11 +217,61 @@ class DetectPipeline(_GraphIO):
                 index=int(label),
                 label=names[int(label)] if 0 <= int(label) < len(names) else str(int(label)),
                 score=float(scores[k]),
-                mask=rle,
+                mask=None if masks is None else _mask_rle(masks[k, 0], box, size),
             )
-            for k, box, label, rle in zip(keep, boxes, labels, rles, strict=True)
+            for k, box, label in zip(keep, boxes, labels, strict=True)
         ]
         return DetectResult(width=prepared.width, height=prepared.height, detections=detections)
+
+
+def _mask_rle(probabilities: np.ndarray, box: np.ndarray, size: tuple[int, int]) -> RLE:
+    """COCO RLE of one detection's mask (probability > 0.5) at the upload's `size`.
+
+    `probabilities` is the mask pasted at the engine's input size. At the upload's size
+    it is resized bilinearly (as F.interpolate) and only the box, widened by two engine
+    pixels for the paste's border, is computed: pasted masks are zero outside it. At the
+    engine's own size the whole mask is taken as it is.
+    """
+    height, width = size
+    if probabilities.shape == size:
+        return _rle(np.asfortranarray(probabilities > 0.5), (0, width), size)
+    margin_y = 2 * height / probabilities.shape[0]
+    margin_x = 2 * width / probabilities.shape[1]
+    y0, y1 = _span(box[1] - margin_y, box[3] + margin_y, height)
+    x0, x1 = _span(box[0] - margin_x, box[2] + margin_x, width)
+    strip = np.zeros((height, x1 - x0), dtype=np.uint8, order="F")
+    if y1 > y0 and x1 > x0:
+        window = imaging.resized_window(probabilities, size, (y0, y1), (x0, x1))
+        strip[y0:y1] = window > 0.5
+    return _rle(strip, (x0, x1), size)
+
+
+def _span(low: float, high: float, limit: int) -> tuple[int, int]:
+    start = min(max(int(np.floor(low)), 0), limit)
+    return start, min(max(int(np.ceil(high)), start), limit)
+
+
+def _rle(strip: np.ndarray, columns: tuple[int, int], size: tuple[int, int]) -> RLE:
+    """COCO compressed RLE of an image that is zero outside `columns`, from the
+    full-height strip of those columns (column-major runs, starting with zeros)."""
+    from pycocotools import mask as coco_mask
+
+    height, width = size
+    flat = strip.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size]))).tolist()
+    if flat.size and flat[0]:
+        runs.insert(0, 0)
+    if not runs:
+        runs = [0]
+    runs[0] += columns[0] * height
+    trailing = (width - columns[1]) * height
+    if len(runs) % 2:
+        runs[-1] += trailing
+    elif trailing:
+        runs.append(trailing)
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+    return RLE(size=(height, width), counts=encoded["counts"].decode("ascii"))
 
 
 def pipeline_for(manifest: Manifest) -> ClassifyPipeline | SegmentPipeline | DetectPipeline:

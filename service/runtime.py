@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from service import batching
@@ -25,6 +26,7 @@ from service.errors import (
     UnknownModel,
 )
 from service.imaging import decode_image
+from service.memory import LARGE_IMAGE_PIXELS, MemoryReleaser
 from service.metrics import ServiceMetrics
 from service.pipelines import Pipeline, Prepared, pipeline_for
 from service.schemas import BatchSettings, ModelInfo
@@ -49,8 +51,12 @@ class ModelRunner:
         engines: Sequence[InferenceEngine],
         settings: Settings,
         metrics: ServiceMetrics,
+        decoder: Executor,
+        releaser: MemoryReleaser,
     ) -> None:
         self.bundle = bundle
+        self.decoder = decoder
+        self.releaser = releaser
         self.manifest = bundle.manifest
         self.name = bundle.manifest.name
         self.pipeline: Pipeline = pipeline_for(bundle.manifest)
@@ -77,13 +83,18 @@ class ModelRunner:
             self.pipeline.run_batch(engine, self.pipeline.warmup_items())
 
     async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
-        """Decode and preprocess every upload in worker threads, off the event loop."""
-        max_pixels = self.settings.max_pixels
+        """Decode and preprocess every upload in the decoding threads, off the event loop
+        (their number bounds how many decoded images exist at once)."""
+        loop = asyncio.get_running_loop()
+        prepared = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
+        return list(await asyncio.gather(*prepared))
 
-        def prepare_one(data: bytes) -> Prepared:
-            return self.pipeline.prepare(decode_image(data, max_pixels))
-
-        return list(await asyncio.gather(*(asyncio.to_thread(prepare_one, d) for d in uploads)))
+    def _prepare_one(self, data: bytes) -> Prepared:
+        settings = self.settings
+        image = decode_image(data, settings.max_pixels, settings.max_aspect_ratio)
+        if image.width * image.height > LARGE_IMAGE_PIXELS:
+            self.releaser.note_large_work()
+        return self.pipeline.prepare(image)
 
     async def infer(
         self,
@@ -157,6 +168,8 @@ class ModelPool:
         self.load_error: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
+        self.decoder = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.releaser = MemoryReleaser()
 
     async def load(self) -> None:
         """Load, verify, build and warm every bundle; then start batching and turn ready."""
@@ -186,7 +199,9 @@ class ModelPool:
         engines = [
             self._engine_factory(bundle, self.settings) for _ in range(self.settings.instances)
         ]
-        runner = ModelRunner(bundle, engines, self.settings, self.metrics)
+        runner = ModelRunner(
+            bundle, engines, self.settings, self.metrics, self.decoder, self.releaser
+        )
         runner.warm_up()
         log.info(
             "model loaded",
@@ -254,3 +269,4 @@ class ModelPool:
         await asyncio.gather(*(runner.queue.close(remaining) for runner in self.runners.values()))
         for runner in self.runners.values():
             runner.close_engines()
+        self.decoder.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -63,6 +64,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     engine_threads: int = Field(0, ge=0)
+    decode_threads: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(0.0, ge=0)
     engine_spinning: bool = False
     drain_timeout_s: float = Field(10.0, ge=0)
     log_level: str = "info"
@@ -117,6 +120,12 @@ class Settings(BaseSettings):
     def uses_demo_bundles(self) -> bool:
         """True when no model directory was given and the packaged demos are served."""
         return "model_dir" not in self.model_fields_set and bool(self.model_dir)
+
+    @property
+    def decode_workers(self) -> int:
+        """Threads decoding and preprocessing uploads: decode_threads, or one per CPU.
+        Each holds at most one decoded image, which bounds their memory together."""
+        return self.decode_threads or os.cpu_count() or 1
 
     @property
     def max_upload_bytes(self) -> int:

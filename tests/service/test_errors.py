@@ -164,3 +164,14 @@ async def test_unknown_route_is_404_in_the_same_shape(classifier_dir) -> None:
     async with serving([classifier_dir]) as client:
         response = await client.get("/nowhere")
     assert_error(response, 404, "not_found")
+
+
+async def test_image_beyond_the_aspect_ratio_limit_is_413_naming_the_limit(
+    classifier_dir,
+) -> None:
+    async with serving([classifier_dir], max_aspect_ratio=10) as client:
+        wide = await client.post("/classify", files=upload(png_claiming_size(2000, 100)))
+        square = await client.post("/classify", files=upload(encode(np.zeros((60, 60, 3), "u1"))))
+    assert_error(wide, 413, "payload_too_large", detail_has="--max-aspect-ratio")
+    assert "2000x100" in wide.json()["detail"]
+    assert square.status_code == 200

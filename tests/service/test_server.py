@@ -46,17 +46,48 @@ def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0
     raise AssertionError(f"{base_url} not ready within {timeout_s} s")
 
 
+def _limit_memory(limit_bytes: int | None):
+    """preexec_fn capping the child's address space, so a runaway allocation fails the
+    server (MemoryError, or the process dies) instead of taking the machine."""
+    if limit_bytes is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply
+
+
 @contextlib.contextmanager
-def running_server(model_dir: Path, log_path: Path, max_delay_ms: float):
-    """`python -m service` over `model_dir` on a free loopback port, ready; yields its
-    base URL and process; stops it (SIGTERM, then SIGKILL) if it still runs at the end."""
+def running_server(
+    model_dir: Path | None,
+    log_path: Path,
+    max_delay_ms: float = 5.0,
+    *,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    memory_limit_bytes: int | None = None,
+):
+    """`python -m service` over `model_dir` (None: the packaged demo models) on a free
+    loopback port, ready; yields its base URL and process; stops it (SIGTERM, then
+    SIGKILL) if it still runs at the end. `args` are extra flags, `env` extra variables."""
     port = free_port()
-    env = {**os.environ, "HORNET_MAX_BATCH_SIZE": "4", "HORNET_ENGINE_THREADS": "1"}
+    environment = {
+        **os.environ,
+        "HORNET_MAX_BATCH_SIZE": "4",
+        "HORNET_ENGINE_THREADS": "1",
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "service", "--port", str(port)]
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
+    command += ["--max-delay-ms", str(max_delay_ms), *args]
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(model_dir),
-             "--port", str(port), "--max-delay-ms", str(max_delay_ms)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_limit_memory(memory_limit_bytes),
         )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     try:
