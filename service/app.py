@@ -44,12 +44,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(pool.load())
         loading.add_done_callback(_retrieve_exception)
+        releasing = asyncio.create_task(pool.releaser.run())
         try:
             yield
         finally:
             pool.begin_drain()
             loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            releasing.cancel()
+            await asyncio.gather(loading, releasing, return_exceptions=True)
             await pool.close(settings.drain_timeout_s)
             log.info("shut down")
 
