@@ -16,6 +16,7 @@ from service.auth import ApiKeyMiddleware, advertise_api_keys
 from service.bundle import Bundle
 from service.engines import create_engine
 from service.errors import ServiceError
+from service.logs import request_id
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.routers import health, inference, models, v2
@@ -83,14 +84,24 @@ def _retrieve_exception(task: asyncio.Task) -> None:
 
 
 def _error(
-    request: Request, status: int, code: str, detail: object, headers: dict | None = None
+    request: Request,
+    status: int,
+    code: str,
+    detail: object,
+    headers: dict | None = None,
+    *,
+    rid: str | None = None,
 ) -> JSONResponse:
     """`{"error": CODE, "detail": ...}`; under /v2 the Open Inference Protocol's
-    `{"error": "CODE: detail"}`, whose one string its clients show."""
+    `{"error": "CODE: detail"}`, whose one string its clients show. A 5xx, our own
+    failure, also carries `request_id` (the X-Request-ID header), for the user to quote
+    and the operator to find in the logs."""
     if request.url.path.startswith("/v2"):
         body = {"error": f"{code}: {detail}" if detail else code}
     else:
         body = {"error": code, "detail": detail}
+    if status >= 500 and rid is not None:
+        body["request_id"] = rid
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -99,7 +110,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("request failed", extra={"error": exc.code, "detail": str(exc.detail)})
-        return _error(request, exc.status_code, exc.code, exc.detail, exc.headers)
+        return _error(
+            request, exc.status_code, exc.code, exc.detail, exc.headers, rid=request_id.get()
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,8 +126,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(request, exc.status_code, code, exc.detail, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return _error(request, exc.status_code, code, exc.detail, headers, rid=request_id.get())
 
+    # Starlette runs this handler outside every middleware, where RequestContextMiddleware
+    # no longer holds the request's id: the answer carries none rather than a wrong one.
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")

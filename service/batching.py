@@ -3,8 +3,9 @@
 Modelled on Ray Serve's `_BatchQueue`, with what a service facing the internet needs:
 a bounded queue that refuses at once when full, per-request deadlines, requests whose
 client has gone dropped before they reach an engine, an engine failure failing only
-its own batch, and hooks for queue-time/batch-size/compute-time metrics. It knows
-nothing about HTTP, so it can be tested alone.
+its own batch (logged with its traceback and the ids of the requests it held, read from
+`service.logs.request_id` when they were submitted), and hooks for queue-time/batch-size/
+compute-time metrics. It knows nothing about HTTP, so it can be tested alone.
 
 A batch closes when it holds `max_batch_size` items or `max_delay_s` after its first
 item arrived. Batches are only formed when an engine instance is idle, so while all
@@ -14,11 +15,16 @@ instances are busy the queue fills and the next batch is fuller (adaptive batchi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+from service.logs import request_id
+
+log = logging.getLogger("hornet.service.batching")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,6 +74,7 @@ class _Pending(Generic[T, R]):
     enqueued_at: float
     deadline: float | None
     is_gone: IsGone | None = field(default=None)
+    request_id: str | None = field(default_factory=request_id.get)
 
 
 class BatchQueue(Generic[T, R]):
@@ -246,6 +253,14 @@ class BatchQueue(Generic[T, R]):
                 _fail(entry, QueueClosed("the service shut down while this request ran"))
             raise
         except Exception as exc:
+            log.error(
+                "batch failed",
+                exc_info=exc,
+                extra={
+                    "batch_size": len(batch),
+                    "request_ids": list(dict.fromkeys(entry.request_id for entry in batch)),
+                },
+            )
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(_describe(exc))
             for entry in batch:
                 _fail(entry, error)

@@ -11,9 +11,10 @@ framework: it turns bodies into numpy arrays and arrays into bodies.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +38,10 @@ NUMERIC_DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
+# Bounds that keep a declared shape cheap to check and printable in an error message:
+# numpy 1's dimension limit, and numpy's index type (int64) per dimension.
+MAX_DIMENSIONS = 32
+MAX_DIMENSION = int(np.iinfo(np.int64).max)
 
 
 class InvalidInferRequest(ServiceError):
@@ -50,7 +55,9 @@ class _Open(BaseModel):
 
 class RequestInput(_Open):
     name: str
-    shape: list[int] = Field(description="dimensions, the batch axis first")
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIMENSION)]] = Field(
+        max_length=MAX_DIMENSIONS, fail_fast=True, description="dimensions, the batch axis first"
+    )
     datatype: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: Any = None
@@ -64,8 +71,9 @@ class RequestOutput(_Open):
 class InferRequest(_Open):
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = None
+    # fail_fast: a body of a million bad inputs reports the first, not a million errors.
+    inputs: list[RequestInput] = Field(min_length=1, fail_fast=True)
+    outputs: list[RequestOutput] | None = Field(None, fail_fast=True)
 
 
 @dataclass
@@ -122,19 +130,31 @@ def parse_infer_request(
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > len(body):
         raise InvalidInferRequest(
             f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's byte count "
             f"(the body has {len(body)} bytes)"
         )
-    length = int(header_length)
+    length = int(text)
     return body[:length], body[length:]
 
 
 def _element_count(spec: RequestInput) -> int:
-    if any(d < 0 for d in spec.shape):
-        raise InvalidInferRequest(f"input {spec.name!r}: negative dimension in {spec.shape}")
-    return int(np.prod(spec.shape, dtype=np.int64))
+    """The shape's element count, exact: a product that overflowed int64 could wrap
+    round to the few elements sent."""
+    return math.prod(spec.shape)
+
+
+def _shaped(array: np.ndarray, spec: RequestInput) -> np.ndarray:
+    """`array` in the declared shape; one numpy cannot hold (a zero next to dimensions
+    whose product is past its maximum size) is the client's mistake, not ours."""
+    try:
+        return array.reshape(spec.shape)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInferRequest(
+            f"input {spec.name!r}: shape {spec.shape} is not a valid tensor shape ({exc})"
+        ) from exc
 
 
 def _from_json(spec: RequestInput) -> Tensor:
@@ -163,7 +183,7 @@ def _from_json(spec: RequestInput) -> Tensor:
             f"input {spec.name!r}: {array.size} data elements for shape {spec.shape} "
             f"({count} elements)"
         )
-    return Tensor(spec.name, spec.datatype, array.reshape(spec.shape), binary=False)
+    return Tensor(spec.name, spec.datatype, _shaped(array, spec), binary=False)
 
 
 def _flatten(data: Any):
@@ -206,14 +226,14 @@ def _from_binary(spec: RequestInput, data: bytes) -> Tensor:
             )
         array = np.empty(count, dtype=object)
         array[:] = elements
-        return Tensor(spec.name, BYTES, array.reshape(spec.shape), binary=True)
+        return Tensor(spec.name, BYTES, _shaped(array, spec), binary=True)
     dtype = _numeric_dtype(spec)
     if len(data) != count * dtype.itemsize:
         raise InvalidInferRequest(
             f"input {spec.name!r}: {len(data)} bytes of binary data; shape {spec.shape} of "
             f"{spec.datatype} needs {count * dtype.itemsize}"
         )
-    array = np.frombuffer(data, dtype=dtype).reshape(spec.shape)
+    array = _shaped(np.frombuffer(data, dtype=dtype), spec)
     return Tensor(spec.name, spec.datatype, array, binary=True)
 
 

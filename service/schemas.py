@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 class ErrorResponse(BaseModel):
     error: str = Field(description="stable machine-readable code, e.g. 'payload_too_large'")
     detail: object = Field(None, description="what was wrong and how to fix it")
+    request_id: str | None = Field(None, description="on a 5xx: the X-Request-ID to quote")
 
 
 class ClassScore(BaseModel):

@@ -1,0 +1,178 @@
+"""An engine that raises fails only its own batch's requests, with 500, the request id in
+the body and the traceback in the log, and the service stays ready; a bundle whose file
+fails its sha256 check stops `hornet serve` at start-up with one line and exit status 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from conftest import InstrumentedEngine, InstrumentedFactory, encode, serving, upload
+
+from service.engines import create_engine
+from service.logs import JsonFormatter
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FailingOnceEngine(InstrumentedEngine):
+    """After `arm()`, holds the next batch it gets until `release` is set, then fails it
+    (InstrumentedEngine's injected RuntimeError); batches before and after run normally."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def run(self, inputs):
+        if not self.armed:
+            return super().run(inputs)
+        self.armed = False
+        self.holding.set()
+        self.release.wait(30)
+        self.fail = True
+        try:
+            return super().run(inputs)
+        finally:
+            self.fail = False
+
+
+class FailingOnceFactory(InstrumentedFactory):
+    def __call__(self, bundle, settings) -> FailingOnceEngine:
+        engine = FailingOnceEngine(create_engine(bundle, settings))
+        self.engines.append(engine)
+        return engine
+
+
+def v2_image_request() -> dict:
+    pixels = np.zeros((1, 224, 224, 3), np.uint8)
+    return {
+        "inputs": [
+            {"name": "image", "shape": list(pixels.shape), "datatype": "UINT8",
+             "data": pixels.reshape(-1).tolist()}
+        ]
+    }  # fmt: skip
+
+
+@pytest.fixture
+def json_log():
+    """The service's log lines as the JSON formatter writes them (request ids included)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("hornet")
+    logger.addHandler(handler)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_engine_error_fails_only_its_batch_with_500_and_request_ids(
+    classifier_dir, host_normalised_dir, photos, json_log
+) -> None:
+    image = encode(photos["chelsea"])
+    factory = FailingOnceFactory()
+    async with serving(
+        [classifier_dir, host_normalised_dir],
+        engine_factory=factory,
+        max_batch_size=2,
+        max_delay_ms=10_000,  # a batch closes when it holds two requests, not on a timer
+    ) as client:
+        engine = client.app.state.pool.runners["tiny_cls"].engines[0]
+        responses: dict[str, object] = {}
+
+        async def classify(name: str, model: str) -> None:
+            responses[name] = await client.post(
+                "/classify", params={"model": model}, files=upload(image),
+                headers={"x-request-id": name},
+            )  # fmt: skip
+
+        async def v2_infer(name: str) -> None:  # no X-Request-ID: the server makes one up
+            responses[name] = await client.post(
+                "/v2/models/tiny_cls/infer", json=v2_image_request()
+            )
+
+        engine.arm()
+        async with anyio.create_task_group() as group:
+            group.start_soon(classify, "failing-rest", "tiny_cls")
+            group.start_soon(v2_infer, "failing-v2")
+            with anyio.fail_after(30):
+                await anyio.to_thread.run_sync(engine.holding.wait)
+            # While the failing batch is held in the engine: the other model answers, and
+            # two more requests queue for tiny_cls's next batch.
+            group.start_soon(classify, "other-model-1", "tiny_cls_nchw")
+            group.start_soon(classify, "other-model-2", "tiny_cls_nchw")
+            group.start_soon(classify, "next-batch-1", "tiny_cls")
+            group.start_soon(classify, "next-batch-2", "tiny_cls")
+            queue = client.app.state.pool.runners["tiny_cls"].queue
+            with anyio.fail_after(30):
+                while queue.depth < 2:
+                    await anyio.sleep(0.005)
+            engine.release.set()
+        ready = await client.get("/readyz")
+
+    rest, v2 = responses.pop("failing-rest"), responses.pop("failing-v2")
+    assert rest.status_code == 500 and v2.status_code == 500
+    assert rest.json() == {
+        "error": "engine_error",
+        "detail": "model 'tiny_cls' engine failed: "
+        "RuntimeError: engine failure injected by the test",
+        "request_id": "failing-rest",
+    }
+    assert rest.headers["x-request-id"] == "failing-rest"
+    assert set(v2.json()) == {"error", "request_id"}
+    assert v2.json()["error"].startswith("engine_error: model 'tiny_cls' engine failed")
+    assert v2.json()["request_id"] == v2.headers["x-request-id"]
+    assert {name: r.status_code for name, r in responses.items()} == dict.fromkeys(responses, 200)
+    assert engine.batch_sizes[-2:] == [2, 2]  # the failed batch, then the next one
+    assert ready.status_code == 200
+
+    lines = json_log()
+    (failure,) = [line for line in lines if line["message"] == "batch failed"]
+    assert failure["level"] == "error"
+    assert sorted(failure["request_ids"]) == sorted(["failing-rest", v2.headers["x-request-id"]])
+    assert failure["exception"].startswith("Traceback (most recent call last)")
+    assert "RuntimeError: engine failure injected by the test" in failure["exception"]
+    failed_requests = {line["request_id"] for line in lines if line["message"] == "request failed"}
+    assert failed_requests == {"failing-rest", v2.headers["x-request-id"]}
+
+
+def corrupted_copy(bundle: Path, into: Path) -> Path:
+    """A copy of `bundle` whose model.onnx has one byte changed (same size)."""
+    copy = shutil.copytree(bundle, into / bundle.name)
+    model = copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    return copy
+
+
+def test_a_bundle_failing_its_sha256_check_stops_the_server_with_one_line(
+    classifier_dir: Path, tmp_path: Path
+) -> None:
+    bundle = corrupted_copy(classifier_dir, tmp_path)
+    finished = subprocess.run(
+        [sys.executable, "-m", "service", "--model-dir", str(bundle), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert finished.returncode == 2
+    assert finished.stdout == ""
+    (line,) = finished.stderr.splitlines()
+    assert line.startswith(f"hornet serve: {bundle / 'model.onnx'}: sha256 ")
+    assert "does not match" in line and "manifest.json" in line
