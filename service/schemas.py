@@ -2,15 +2,59 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+_REQUEST_ID = "5xx only: the request's X-Request-ID, to quote when reporting the failure"
+
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="stable machine-readable code, e.g. 'payload_too_large'")
-    detail: object = Field(None, description="what was wrong and how to fix it")
-    request_id: str | None = Field(None, description="on a 5xx: the X-Request-ID to quote")
+    """Every error answer of the service's own routes (all but /v2)."""
+
+    error: str = Field(
+        description="stable machine-readable code, e.g. 'payload_too_large'",
+        examples=["unknown_model"],
+    )
+    detail: object = Field(
+        description="what was wrong and how to fix it: a message, or for "
+        "'invalid_parameters' on a query parameter a list of {loc, msg, input}",
+        examples=["no model named 'nope'; loaded: ['shapes_classify']"],
+    )
+    request_id: str | None = Field(None, description=_REQUEST_ID)
+
+
+class V2ErrorResponse(BaseModel):
+    """Every error answer under /v2: the Open Inference Protocol's one string."""
+
+    error: str = Field(
+        description="'CODE: what was wrong', the codes of ErrorResponse",
+        examples=["unknown_model: no model named 'nope'; loaded: ['shapes_classify']"],
+    )
+    request_id: str | None = Field(None, description=_REQUEST_ID)
+
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def error_responses(body: object, meanings: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: for each error status it answers, what it means there and
+    the body it carries (`body`: ErrorResponse, V2ErrorResponse or a union); 503 also
+    promises Retry-After."""
+    return {
+        status: {
+            "model": body,
+            "description": meaning,
+            **({"headers": RETRY_AFTER} if status == 503 else {}),
+        }
+        for status, meaning in meanings.items()
+    }
 
 
 class ClassScore(BaseModel):
@@ -99,3 +143,53 @@ class ModelsResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready", "not_ready", "draining"]
     detail: str = ""
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2ServerLive(BaseModel):
+    live: bool
+
+
+class V2ServerReady(BaseModel):
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(examples=["UINT8"])
+    shape: list[int] = Field(description="-1 where any size is accepted")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list | None = Field(None, description="row-major elements, unless sent as binary")
+    parameters: dict[str, object] | None = Field(
+        None, description="binary_data_size when the tensor's bytes follow the JSON header"
+    )
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, echoed when it sent one")
+    outputs: list[V2OutputTensor]

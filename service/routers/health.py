@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.dependencies import Metrics, Pool
-from service.schemas import HealthResponse
+from service.schemas import RETRY_AFTER, HealthResponse
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,17 @@ async def healthz() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
-@router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+@router.get(
+    "/readyz",
+    response_model=HealthResponse,
+    responses={
+        503: {
+            "model": HealthResponse,
+            "description": "not_ready while models load (or failed to), draining on shutdown",
+            "headers": RETRY_AFTER,
+        }
+    },
+)
 async def readyz(pool: Pool) -> HealthResponse | JSONResponse:
     """200 once every model is loaded and warmed up; 503 while loading or draining."""
     if pool.ready:
@@ -29,7 +39,16 @@ async def readyz(pool: Pool) -> HealthResponse | JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(service_metrics: Metrics) -> Response:
     """Prometheus exposition of this app's registry."""
     return Response(generate_latest(service_metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,32 +10,62 @@ from fastapi import APIRouter, Query, Request
 from service.dependencies import Pool, read_uploads, request_deadline
 from service.imaging import SUPPORTED_CONTENT_TYPES
 from service.runtime import ModelRunner
-from service.schemas import ClassifyResponse, DetectResponse, ErrorResponse, SegmentResponse
+from service.schemas import (
+    ClassifyResponse,
+    DetectResponse,
+    ErrorResponse,
+    SegmentResponse,
+    error_responses,
+)
 
 router = APIRouter(tags=["inference"])
 
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
-        "description": "one or more images: repeated multipart 'file' fields, or a raw body",
+        "description": "one or more images: repeated multipart 'file' upload fields, or the "
+        "raw bytes of one image with its image content type",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary", "minLength": 1},
+                            "minItems": 1,
+                            "description": "the images, one file upload each, in order",
+                        }
                     },
                     "required": ["file"],
                 }
             },
             **{
-                t: {"schema": {"type": "string", "format": "binary"}}
+                t: {"schema": {"type": "string", "format": "binary", "minLength": 1}}
                 for t in sorted(SUPPORTED_CONTENT_TYPES)
             },
         },
     }
 }
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
+_ERRORS = error_responses(
+    ErrorResponse,
+    {
+        400: "bad_image: an upload is empty, truncated or not decodable; bad_request: a "
+        "malformed multipart body",
+        404: "unknown_model: no model of that name, the named model serves another task, "
+        "or no model of this task is loaded",
+        413: "payload_too_large: the body is over --max-upload-mb, more images than "
+        "max_images_per_request, or an image over --max-pixels",
+        415: "unsupported_media_type: the content type is neither multipart/form-data nor a "
+        "supported image type, or an upload is no supported image format",
+        422: "invalid_parameters: a query parameter out of range, a multipart body without "
+        "'file' uploads, or several models of the task loaded and none chosen",
+        500: "engine_error: the engine failed on this request's batch; internal_error",
+        503: "overloaded: the model's queue is full; not_ready: models are loading or the "
+        "server is draining",
+        504: "timeout: no answer within --request-timeout-s",
+    },
+)
 ModelName = Annotated[
     str | None,
     Query(description="model name; optional when one model of the task is loaded"),

@@ -6,7 +6,8 @@ errors answer `{"error": "CODE: what was wrong"}`. Classification bundles take t
 graph's image tensor (uint8, or float32 on the 0-255 scale, NHWC at the input size) or
 encoded images as BYTES (decoded and preprocessed exactly as /classify does) and answer
 `logits` and `probabilities`; segmentation bundles take the tile tensor and answer the
-graph's raw tile logits; detection bundles are refused (see docs/kserve-v2.md).
+graph's raw tile logits. Detection bundles answer metadata, readiness and configuration
+(their graph's tensors, unbatched) but refuse inference (see docs/kserve-v2.md).
 """
 
 from __future__ import annotations
@@ -24,8 +25,20 @@ from service import kserve
 from service.dependencies import Pool, request_deadline
 from service.errors import NotReady, PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
+from service.manifest import TensorSpec
 from service.pipelines import Prepared, softmax
 from service.runtime import ModelPool, ModelRunner
+from service.schemas import (
+    RETRY_AFTER,
+    V2ErrorResponse,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2ServerLive,
+    V2ServerMetadata,
+    V2ServerReady,
+    error_responses,
+)
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -36,6 +49,7 @@ MODEL_VERSION = "1"
 ENCODED_IMAGE = "encoded_image"
 PROBABILITIES = "probabilities"
 SERVED_TASKS = ("classify", "segment")
+_DATATYPES = {dtype.name: name for name, dtype in kserve.NUMERIC_DATATYPES.items()}
 _PLATFORMS = {
     "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
     "tensorrt": ("tensorrt_plan", "tensorrt"),
@@ -52,27 +66,39 @@ class TensorMeta:
     def metadata(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
 
-    def config(self, **extra: Any) -> dict:
+    @classmethod
+    def of(cls, spec: TensorSpec) -> TensorMeta:
+        return cls(spec.name, _DATATYPES[spec.dtype], list(spec.shape))
+
+    def config(self, *, batched: bool = True, **extra: Any) -> dict:
+        """Triton's dims leave out the batch axis of a batched model's tensors."""
         return {
             "name": self.name,
             "data_type": f"TYPE_{'STRING' if self.datatype == BYTES else self.datatype}",
-            "dims": self.shape[1:],
+            "dims": self.shape[1:] if batched else self.shape,
             **extra,
         }
 
 
 @dataclass(frozen=True)
 class V2Model:
-    """What one bundle looks like through the protocol: its tensors, batch axis first."""
+    """What one bundle looks like through the protocol: its tensors, batch axis first
+    when `batched`. Detection graphs take one image of any size and answer as many boxes
+    as they find: their tensors are the manifest's, unbatched, and served for metadata
+    only."""
 
     runner: ModelRunner
     image: TensorMeta
     encoded: TensorMeta | None
     outputs: list[TensorMeta]
+    batched: bool = True
 
     @classmethod
     def of(cls, runner: ModelRunner) -> V2Model:
         manifest = runner.manifest
+        if manifest.task not in SERVED_TASKS:
+            outputs = [TensorMeta.of(spec) for spec in manifest.outputs]
+            return cls(runner, TensorMeta.of(manifest.inputs[0]), None, outputs, batched=False)
         height, width = (
             runner.pipeline.window.crop
             if manifest.task == "segment"
@@ -102,30 +128,124 @@ def _model(pool: ModelPool, name: str, version: str | None) -> V2Model:
             detail = pool.load_error or "models are still loading"
             raise NotReady(detail, headers={"Retry-After": "5"})
         raise UnknownModel(f"no model named {name!r}; loaded: {sorted(pool.runners)}")
-    if runner.manifest.task not in SERVED_TASKS:
-        served = sorted(n for n, r in pool.runners.items() if r.manifest.task in SERVED_TASKS)
-        raise InvalidInferRequest(
-            f"model {name!r} is a {runner.manifest.task} model; the v2 protocol serves "
-            f"classify and segment models ({served}); use POST /{runner.manifest.task}"
-        )
     if version not in (None, MODEL_VERSION):
         raise UnknownModel(f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
     return V2Model.of(runner)
 
 
-@router.get("")
+def _inferable(pool: ModelPool, served: V2Model) -> V2Model:
+    task = served.runner.manifest.task
+    if task not in SERVED_TASKS:
+        inferable = sorted(n for n, r in pool.runners.items() if r.manifest.task in SERVED_TASKS)
+        raise InvalidInferRequest(
+            f"model {served.runner.name!r} is a {task} model; v2 inference serves classify "
+            f"and segment models ({inferable}); use POST /{task}"
+        )
+    return served
+
+
+def _inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its $defs written in place, because in an OpenAPI
+    document a '#/$defs/...' reference would be read from the document's root."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+_NOT_READY = "not_ready: models are loading (or failed to) or the server is draining"
+_UNKNOWN = "unknown_model: no model of that name, or no such version of it"
+_INVALID = "invalid_parameters: a parameter that does not validate"
+_MODEL_ERRORS = error_responses(
+    V2ErrorResponse,
+    {404: _UNKNOWN, 422: _INVALID, 503: f"{_NOT_READY}, and no model of that name is loaded yet"},
+)
+_READY_ERRORS = {
+    **_MODEL_ERRORS,
+    **error_responses(
+        V2ModelReady | V2ErrorResponse,
+        {
+            503: f"{_NOT_READY}: the model's name and ready false; for a name not loaded "
+            "yet, an error"
+        },
+    ),
+}
+_INFER_ERRORS = error_responses(
+    V2ErrorResponse,
+    {
+        400: "invalid_infer_request: not an inference request, or its inputs do not fit the "
+        "model (name, shape, datatype, element count, values, base64), or a detect model; "
+        "bad_image: an encoded image that does not decode",
+        404: _UNKNOWN,
+        413: "payload_too_large: the body is over --max-upload-mb, more images than "
+        "max_images_per_request, or an encoded image over --max-pixels",
+        415: "unsupported_media_type: an encoded image in no supported format",
+        422: _INVALID,
+        500: "engine_error: the engine failed on this request's batch; internal_error",
+        503: f"overloaded: the model's queue is full; {_NOT_READY}",
+        504: "timeout: no answer within --request-timeout-s",
+    },
+)
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "an inference request as JSON, or with the binary tensor extension "
+        "its JSON header followed by the inputs' bytes (see docs/kserve-v2.md)",
+        "content": {
+            "application/json": {"schema": _inlined(kserve.InferRequest.model_json_schema())},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": kserve.HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": "the JSON header's byte count when binary tensor data follows it",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    ],
+}
+_INFER_OK = {
+    "description": "the outputs as JSON, or with binary outputs the JSON header (of "
+    "Inference-Header-Content-Length bytes) followed by their bytes",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+@router.get("", response_model=V2ServerMetadata)
 async def server_metadata() -> dict:
     """Server name, version and the protocol extensions it supports."""
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=V2ServerLive)
 async def server_live() -> dict:
     """200 while the process answers."""
     return {"live": True}
 
 
-@router.get("/health/ready", responses={503: {}})
+@router.get(
+    "/health/ready",
+    response_model=V2ServerReady,
+    responses={
+        503: {
+            "model": V2ServerReady,
+            "description": _NOT_READY,
+            "headers": RETRY_AFTER,
+        }
+    },
+)
 async def server_ready(pool: Pool) -> JSONResponse:
     """200 once every model is loaded and warmed up; 503 while loading or draining."""
     if pool.ready:
@@ -133,10 +253,13 @@ async def server_ready(pool: Pool) -> JSONResponse:
     return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/models/{model}")
-@router.get("/models/{model}/versions/{version}")
+@router.get("/models/{model}", response_model=V2ModelMetadata, responses=_MODEL_ERRORS)
+@router.get(
+    "/models/{model}/versions/{version}", response_model=V2ModelMetadata, responses=_MODEL_ERRORS
+)
 async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
-    """The model's name, versions, platform and its tensors (batch axis -1)."""
+    """The model's name, versions, platform and its tensors (batch axis -1, except a
+    detect model's: one image, as many boxes as found)."""
     served = _model(pool, model, version)
     return {
         "name": model,
@@ -147,8 +270,12 @@ async def model_metadata(pool: Pool, model: str, version: str | None = None) -> 
     }
 
 
-@router.get("/models/{model}/ready", responses={503: {}})
-@router.get("/models/{model}/versions/{version}/ready", responses={503: {}})
+@router.get("/models/{model}/ready", response_model=V2ModelReady, responses=_READY_ERRORS)
+@router.get(
+    "/models/{model}/versions/{version}/ready",
+    response_model=V2ModelReady,
+    responses=_READY_ERRORS,
+)
 async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSONResponse:
     """200 once the model (and every other) is loaded and warmed up, else 503."""
     _model(pool, model, version)
@@ -158,27 +285,27 @@ async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSO
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/models/{model}/config")
-@router.get("/models/{model}/versions/{version}/config")
+@router.get("/models/{model}/config", responses=_MODEL_ERRORS)
+@router.get("/models/{model}/versions/{version}/config", responses=_MODEL_ERRORS)
 async def model_config(pool: Pool, model: str, version: str | None = None) -> dict:
     """The fields of Triton's model configuration its clients and tools read."""
     served = _model(pool, model, version)
     settings = pool.settings
     platform, backend = _PLATFORMS[settings.engine]
+    batched = served.batched
     image_extra = {"format": "FORMAT_NHWC"}
-    inputs = [served.image.config(**image_extra, optional=served.encoded is not None)]
+    inputs = [
+        served.image.config(batched=batched, **image_extra, optional=served.encoded is not None)
+    ]
     if served.encoded is not None:
         inputs.append(served.encoded.config(optional=True))
-    return {
+    config = {
         "name": model,
         "platform": platform,
         "backend": backend,
-        "max_batch_size": settings.max_batch_size,
+        "max_batch_size": settings.max_batch_size if batched else 0,
         "input": inputs,
-        "output": [t.config() for t in served.outputs],
-        "dynamic_batching": {
-            "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000),
-        },
+        "output": [t.config(batched=batched) for t in served.outputs],
         "instance_group": [
             {
                 "count": settings.instances,
@@ -186,13 +313,26 @@ async def model_config(pool: Pool, model: str, version: str | None = None) -> di
             }
         ],
     }
+    if batched:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)
+        }
+    return config
 
 
-@router.post("/models/{model}/infer")
-@router.post("/models/{model}/versions/{version}/infer")
+_INFER_ROUTE = {
+    "response_model": V2InferResponse,
+    "responses": {200: _INFER_OK, **_INFER_ERRORS},
+    "openapi_extra": _INFER_BODY,
+}
+
+
+@router.post("/models/{model}/infer", **_INFER_ROUTE)
+@router.post("/models/{model}/versions/{version}/infer", **_INFER_ROUTE)
 async def infer(request: Request, pool: Pool, model: str, version: str | None = None) -> Response:
-    """Inference on a batch of images given as one input tensor; see docs/kserve-v2.md."""
-    served = _model(pool, model, version)
+    """Inference on a batch of images given as one input tensor; see docs/kserve-v2.md.
+    Detection models answer 400: use POST /detect."""
+    served = _inferable(pool, _model(pool, model, version))
     runner = pool.get(served.runner.manifest.task, model)
     deadline = request_deadline(request)
     body = await request.body()

@@ -248,11 +248,31 @@ async def test_segment_models_answer_raw_tile_logits(segmenter_dir) -> None:
     assert output["name"] == "logits" and output["shape"] == [2, 4, 64, 64]
 
 
-async def test_detect_models_are_refused_naming_the_served_ones(
+async def test_detect_models_answer_metadata_of_their_graphs_unbatched_tensors(
     classifier_dir, detector_dir
 ) -> None:
     async with serving([classifier_dir, detector_dir]) as client:
-        response = await client.get("/v2/models/tiny_det")
+        meta = await client.get("/v2/models/tiny_det")
+        ready = await client.get("/v2/models/tiny_det/versions/1/ready")
+        config = await client.get("/v2/models/tiny_det/config")
+    assert meta.status_code == 200 and ready.json() == {"name": "tiny_det", "ready": True}
+    assert meta.json()["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta.json()["outputs"]] == [
+        ("boxes", "FP32", [-1, 4]),
+        ("labels", "INT64", [-1]),
+        ("scores", "FP32", [-1]),
+        ("masks", "FP32", [-1, 1, -1, -1]),
+    ]
+    assert config.json()["max_batch_size"] == 0 and "dynamic_batching" not in config.json()
+    assert config.json()["input"][0]["dims"] == [-1, -1, 3]
+
+
+async def test_detect_models_refuse_inference_naming_the_served_ones(
+    classifier_dir, detector_dir
+) -> None:
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+    async with serving([classifier_dir, detector_dir]) as client:
+        response = await client.post("/v2/models/tiny_det/infer", json=json_infer("image", pixels))
     assert response.status_code == 400
     assert "tiny_cls" in response.json()["error"] and "/detect" in response.json()["error"]
 
