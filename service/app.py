@@ -18,7 +18,11 @@ from service.engines import create_engine
 from service.errors import ServiceError
 from service.logs import request_id
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.middleware import (
+    REQUEST_ID_SCOPE_KEY,
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+)
 from service.routers import health, inference, models, v2
 from service.runtime import EngineFactory, ModelPool
 from service.settings import Settings
@@ -129,9 +133,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         return _error(request, exc.status_code, code, exc.detail, headers, rid=request_id.get())
 
-    # Starlette runs this handler outside every middleware, where RequestContextMiddleware
-    # no longer holds the request's id: the answer carries none rather than a wrong one.
+    # Starlette runs this handler outside every middleware, after RequestContextMiddleware
+    # has reset its context; the id it gave the request is kept in the request's scope.
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error(request, 500, "internal_error", f"{type(exc).__name__}")
+        rid = request.scope.get(REQUEST_ID_SCOPE_KEY)
+        token = request_id.set(rid)
+        try:
+            log.exception("unhandled error")
+        finally:
+            request_id.reset(token)
+        headers = {"X-Request-ID": rid} if rid else None
+        return _error(request, 500, "internal_error", f"{type(exc).__name__}", headers, rid=rid)

@@ -17,6 +17,9 @@ from service.metrics import ServiceMetrics
 log = logging.getLogger("hornet.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Where the request's id is kept in the ASGI scope, for handlers that run outside this
+# middleware (Starlette's handler of unexpected exceptions).
+REQUEST_ID_SCOPE_KEY = "hornet.request_id"
 
 
 class RequestContextMiddleware:
@@ -34,6 +37,7 @@ class RequestContextMiddleware:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope[REQUEST_ID_SCOPE_KEY] = rid
         token = request_id.set(rid)
         status = 500
         started = time.perf_counter()

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import anyio
+import httpx
 import numpy as np
 import pytest
 from conftest import InstrumentedEngine, InstrumentedFactory, encode, serving, upload
@@ -176,3 +177,40 @@ def test_a_bundle_failing_its_sha256_check_stops_the_server_with_one_line(
     (line,) = finished.stderr.splitlines()
     assert line.startswith(f"hornet serve: {bundle / 'model.onnx'}: sha256 ")
     assert "does not match" in line and "manifest.json" in line
+
+
+class WrongShapeEngine(InstrumentedEngine):
+    """Answers with logits of the wrong shape: the route's answer-building then raises an
+    exception that is not one of the service's errors (an unexpected 500)."""
+
+    def run(self, inputs):
+        outputs = super().run(inputs)
+        return {name: value[..., :0] for name, value in outputs.items()}
+
+
+async def test_an_unexpected_error_answers_500_with_the_request_id(classifier_dir) -> None:
+    """Starlette handles unexpected exceptions outside every middleware: the request's
+    id still reaches the body, the X-Request-ID header and the log line."""
+    from conftest import test_settings
+
+    from service.app import create_app
+
+    app = create_app(
+        test_settings([classifier_dir]),
+        engine_factory=lambda bundle, settings: WrongShapeEngine(create_engine(bundle, settings)),
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            with anyio.fail_after(20):
+                while (await client.get("/readyz")).status_code != 200:
+                    await anyio.sleep(0.01)
+            response = await client.post(
+                "/classify",
+                files=upload(encode(np.zeros((32, 32, 3), np.uint8))),
+                headers={"X-Request-ID": "unexpected-1"},
+            )
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"] == "internal_error" and body["request_id"] == "unexpected-1"
+    assert response.headers["x-request-id"] == "unexpected-1"
