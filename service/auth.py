@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, V2ErrorResponse
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
@@ -135,16 +135,21 @@ def _add_security(document: dict, protect_probes: bool) -> None:
             "APIKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
         }
     )
-    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.setdefault("schemas", {}).setdefault("ErrorResponse", error_schema)
-    unauthorized = {
-        "description": "no API key, or not one of the server's keys",
-        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-    }
+    schemas = components.setdefault("schemas", {})
+    for model in (ErrorResponse, V2ErrorResponse):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.setdefault(model.__name__, schema)
     for path, operations in document.get("paths", {}).items():
         if not is_protected(path, protect_probes):
             continue
+        model = V2ErrorResponse if path.startswith("/v2") else ErrorResponse
+        unauthorized = {
+            "description": "no API key, or not one of the server's keys",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
         for operation in operations.values():
             operation["security"] = [{"HTTPBearer": []}, {"APIKeyHeader": []}]
             operation.setdefault("responses", {})["401"] = unauthorized

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import InvalidParameters, PayloadTooLarge, UnsupportedMediaType
 from service.imaging import SUPPORTED_CONTENT_TYPES
@@ -48,7 +49,15 @@ async def read_uploads(request: Request) -> list[bytes]:
 
 
 async def _read_multipart(request: Request, max_images: int) -> list[bytes]:
-    form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+    try:
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+    except StarletteHTTPException as exc:  # python-multipart stopped at a limit we set
+        if "files" in str(exc.detail):
+            raise PayloadTooLarge(
+                f"more than {max_images} images in one request; the limit is {max_images} "
+                "(HORNET_MAX_IMAGES_PER_REQUEST)"
+            ) from exc
+        raise
     try:
         files = form.getlist("file")
         if not files:

@@ -88,7 +88,12 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_json(send, 413, {"error": PayloadTooLarge.code, "detail": self._detail()})
+            code, detail = PayloadTooLarge.code, self._detail()
+            if scope["path"].startswith("/v2"):  # the Open Inference Protocol's error shape
+                body: dict = {"error": f"{code}: {detail}"}
+            else:
+                body = {"error": code, "detail": detail}
+            await _send_json(send, 413, body)
             return
         received = 0
 

@@ -175,3 +175,26 @@ async def test_image_beyond_the_aspect_ratio_limit_is_413_naming_the_limit(
     assert_error(wide, 413, "payload_too_large", detail_has="--max-aspect-ratio")
     assert "2000x100" in wide.json()["detail"]
     assert square.status_code == 200
+
+
+async def test_far_too_many_images_in_one_request_is_413_too(classifier_dir, photos) -> None:
+    """Past the multipart parser's own file limit (one over ours) it stops reading: that
+    is the same 413, not the parser's 400."""
+    image = encode(photos["coffee"][:32, :32])
+    async with serving([classifier_dir], max_images_per_request=2) as client:
+        response = await client.post("/classify", files=upload(*[image] * 5))
+    assert_error(response, 413, "payload_too_large", detail_has="more than 2 images")
+
+
+async def test_v2_body_over_the_declared_upload_limit_is_413_in_the_kserve_shape(
+    classifier_dir,
+) -> None:
+    async with serving([classifier_dir], max_upload_mb=0.01) as client:
+        response = await client.post(
+            "/v2/models/tiny_cls/infer",
+            content=b"{" + b" " * 20_000 + b"}",
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 413
+    assert set(response.json()) == {"error"}
+    assert response.json()["error"].startswith("payload_too_large: request body over")
