@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from service.bundle import load_bundle  # noqa: E402
 from service.imaging import decode_image  # noqa: E402
-from service.pipelines import pipeline_for  # noqa: E402
+from service.pipelines import AnswerOptions, pipeline_for  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 SHAPES = [(40000, 1), (1, 40000), (20000, 2), (2, 20000), (6000, 6000)]
@@ -70,11 +70,7 @@ def _engine_output(pipeline, prepared) -> list:
 
 
 def _finish(pipeline, prepared, outputs) -> None:
-    task = pipeline.manifest.task
-    if task == "segment":
-        pipeline.finish(prepared, outputs)
-    elif task == "detect":
-        pipeline.finish(prepared, outputs[0], 0.5)
+    pipeline.finish(prepared, outputs, AnswerOptions())
 
 
 def _median_seconds(step, repeat: int) -> tuple[float, object]:

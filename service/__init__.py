@@ -3,3 +3,9 @@
 Everything the service knows about a model comes from its bundle (`service.bundle`);
 `service.app.create_app` builds the ASGI app and `service.cli.serve_main` runs it.
 """
+
+from importlib.metadata import version
+
+__version__ = version("hornet-serve")
+"""The installed distribution's version, as pyproject.toml states it: the one place it is
+written."""

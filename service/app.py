@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import __version__
 from service.auth import ApiKeyMiddleware, advertise_api_keys
 from service.bundle import Bundle
 from service.engines import create_engine
@@ -63,7 +64,7 @@ def create_app(
     app = FastAPI(
         title="HorNet Serve",
         summary="Dynamically batched HorNet classification, segmentation and detection",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.settings = settings

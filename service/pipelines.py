@@ -5,6 +5,11 @@ classification, the sliding-window tiles for segmentation, the whole image for
 detection), runs a batch of items through one engine instance, and turns an image's
 item results into its answer. Only `run_batch` touches the engine; it runs in the
 engine's worker thread, the rest in the request's thread-pool call.
+
+The same pipeline serves the tensor protocol (`/v2`): it declares the tensors it takes
+and answers, turns a request's image tensor into the same items, and its engine results
+into output arrays; the protocol's parsing and encoding stay in `service.kserve` and
+its router.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from PIL import Image
 
 from service import imaging
 from service.engines import InferenceEngine
+from service.kserve import BYTES, NUMERIC_DATATYPES, InvalidInferRequest, Tensor
 from service.manifest import Manifest
 from service.schemas import (
     RLE,
@@ -29,6 +35,12 @@ from service.schemas import (
     SegmentClass,
     SegmentResult,
 )
+
+ENCODED_IMAGE = "encoded_image"
+PROBABILITIES = "probabilities"
+_DATATYPES = {dtype.name: name for name, dtype in NUMERIC_DATATYPES.items()}
+
+Answer = ClassifyResult | SegmentResult | DetectResult
 
 
 @dataclass
@@ -41,14 +53,58 @@ class Prepared:
     context: Any = None
 
 
+@dataclass(frozen=True)
+class AnswerOptions:
+    """What a request asks of its answers; each task reads the options that concern it."""
+
+    top_k: int = 5  # classes per image (classify)
+    score_threshold: float = 0.5  # the lowest detection score kept (detect)
+
+
+@dataclass(frozen=True)
+class ServedTensor:
+    """A tensor as the Open Inference Protocol names it: its datatype is the protocol's
+    (UINT8, FP32, BYTES...), -1 in its shape a free axis."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class TensorInterface:
+    """What a pipeline takes and answers as tensors: the graph's own image tensor, the
+    encoded images it decodes itself (when it takes them), and its outputs, all with
+    the batch axis first when `batched`. An unbatched interface is the graph's as its
+    manifest states it (a detector: one image of any size, as many boxes as found)."""
+
+    image: ServedTensor
+    encoded: ServedTensor | None
+    outputs: list[ServedTensor]
+    batched: bool = True
+
+    @property
+    def inputs(self) -> list[ServedTensor]:
+        return [self.image] + ([self.encoded] if self.encoded else [])
+
+
 class Pipeline(Protocol):
     manifest: Manifest
 
+    @property
+    def tensors(self) -> TensorInterface: ...
+
     def prepare(self, image: Image.Image) -> Prepared: ...
+
+    def prepare_tensor(self, tensor: Tensor) -> list[Prepared]: ...
 
     def run_batch(self, engine: InferenceEngine, items: list[Any]) -> list[Any]: ...
 
     def warmup_items(self) -> list[Any]: ...
+
+    def finish(self, prepared: Prepared, results: list[Any], options: AnswerOptions) -> Answer: ...
+
+    def output_arrays(self, results: list[list[Any]]) -> dict[str, np.ndarray]: ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -59,12 +115,60 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class _GraphIO:
-    """The bundle's single image input and its outputs, by name."""
+    """The bundle's single image input and its outputs, by name, and as tensors."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.input_name = manifest.inputs[0].name
         self.output_names = [spec.name for spec in manifest.outputs]
+
+    @property
+    def tensors(self) -> TensorInterface:
+        """The graph's tensors as the manifest states them, unbatched."""
+        image, *outputs = (
+            ServedTensor(spec.name, _DATATYPES[spec.dtype], list(spec.shape))
+            for spec in [self.manifest.inputs[0], *self.manifest.outputs]
+        )
+        return TensorInterface(image, None, outputs, batched=False)
+
+    def _image_tensor(self, height: int, width: int) -> ServedTensor:
+        """The graph's image input as the host hands it over: RGB pixels, NHWC."""
+        return ServedTensor(self.input_name, "UINT8", [-1, height, width, 3])
+
+    def prepare_tensor(self, tensor: Tensor) -> list[Prepared]:
+        """One image per row of the image tensor, whose rows are already at the graph's
+        input size: uint8 as they are, float32 (on the 0..255 scale) rounded. The graph,
+        or `_batch_input`, normalises them as it does the crops `prepare` makes."""
+        image = self.tensors.image
+        if list(tensor.array.shape[1:]) != image.shape[1:]:
+            raise InvalidInferRequest(
+                f"input {image.name!r} must have shape "
+                f"[N, {', '.join(map(str, image.shape[1:]))}] "
+                f"(NHWC RGB at the model's input size); got {list(tensor.array.shape)}"
+            )
+        if tensor.datatype == "UINT8":
+            pixels = tensor.array
+        elif tensor.datatype == "FP32":
+            values = tensor.array
+            if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 255:
+                raise InvalidInferRequest(
+                    f"input {image.name!r} as FP32 takes pixel values in 0..255 (the graph "
+                    "normalises them itself); got values outside that range"
+                )
+            pixels = np.rint(values).astype(np.uint8)
+        else:
+            raise InvalidInferRequest(
+                f"input {image.name!r} must be UINT8 (or FP32 on the 0..255 scale), not "
+                f"{tensor.datatype}"
+            )
+        height, width = image.shape[1:3]
+        return [Prepared([np.ascontiguousarray(row)], width, height) for row in pixels]
+
+    def output_arrays(self, results: list[list[Any]]) -> dict[str, np.ndarray]:
+        """The graph's output for the images of a tensor request (one item each), as one
+        batch."""
+        rows = [np.asarray(items[0], dtype=np.float32) for items in results]
+        return {self.output_names[0]: np.stack(rows)}
 
     def _batch_input(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         batch = np.stack(items)
@@ -74,6 +178,21 @@ class _GraphIO:
 
 
 class ClassifyPipeline(_GraphIO):
+    @property
+    def tensors(self) -> TensorInterface:
+        """Crops at the input size, or encoded images preprocessed as `prepare` does;
+        the graph's logits and their softmax."""
+        height, width = self.manifest.preprocess.input_size
+        classes = [-1, len(self.manifest.labels)]
+        return TensorInterface(
+            self._image_tensor(height, width),
+            ServedTensor(ENCODED_IMAGE, BYTES, [-1, 1]),
+            [
+                ServedTensor(self.output_names[0], "FP32", classes),
+                ServedTensor(PROBABILITIES, "FP32", classes),
+            ],
+        )
+
     def prepare(self, image: Image.Image) -> Prepared:
         crop = imaging.classification_input(image, self.manifest.preprocess)
         return Prepared([crop], *image.size)
@@ -86,9 +205,16 @@ class ClassifyPipeline(_GraphIO):
         height, width = self.manifest.preprocess.input_size
         return [np.zeros((height, width, 3), dtype=np.uint8)]
 
-    def finish(self, logits: np.ndarray, top_k: int) -> ClassifyResult:
-        probabilities = softmax(logits)
-        order = np.argsort(-probabilities, kind="stable")[:top_k]
+    def output_arrays(self, results: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+        arrays = super().output_arrays(results)
+        arrays[PROBABILITIES] = softmax(arrays[self.output_names[0]]).astype(np.float32)
+        return arrays
+
+    def finish(
+        self, prepared: Prepared, results: list[np.ndarray], options: AnswerOptions
+    ) -> ClassifyResult:
+        probabilities = softmax(results[0])
+        order = np.argsort(-probabilities, kind="stable")[: options.top_k]
         labels = self.manifest.labels
         return ClassifyResult(
             top_k=[
@@ -116,6 +242,16 @@ class SegmentPipeline(_GraphIO):
         else:
             self.window = preprocess.sliding_window
 
+    @property
+    def tensors(self) -> TensorInterface:
+        """One sliding-window tile per row, and the graph's raw tile logits: an image
+        gives a varying number of tiles, so tiling and the final mask stay `prepare`'s
+        and `finish`'s."""
+        height, width = self.window.crop
+        classes = len(self.manifest.labels)
+        logits = ServedTensor(self.output_names[0], "FP32", [-1, classes, height, width])
+        return TensorInterface(self._image_tensor(height, width), None, [logits])
+
     def prepare(self, image: Image.Image) -> Prepared:
         preprocess = self.manifest.preprocess
         if preprocess.scale is None:
@@ -132,12 +268,15 @@ class SegmentPipeline(_GraphIO):
     def warmup_items(self) -> list[np.ndarray]:
         return [np.zeros((*self.window.crop, 3), dtype=np.uint8)]
 
-    def finish(self, prepared: Prepared, tile_logits: list[np.ndarray]) -> SegmentResult:
+    def finish(
+        self, prepared: Prepared, results: list[np.ndarray], options: AnswerOptions
+    ) -> SegmentResult:
+        """The tiles' logits averaged where they overlap, argmax at the image's size."""
         context: _SegmentContext = prepared.context
-        channels = tile_logits[0].shape[0]
+        channels = results[0].shape[0]
         summed = np.zeros((channels, *context.fitted), dtype=np.float32)
         count = np.zeros(context.fitted, dtype=np.float32)
-        for (y1, y2, x1, x2), logits in zip(context.boxes, tile_logits, strict=True):
+        for (y1, y2, x1, x2), logits in zip(context.boxes, results, strict=True):
             summed[:, y1:y2, x1:x2] += logits[:, : y2 - y1, : x2 - x1]
             count[y1:y2, x1:x2] += 1
         summed /= count
@@ -199,9 +338,12 @@ class DetectPipeline(_GraphIO):
         height, width = self.manifest.preprocess.input_size
         return [np.zeros((height, width, 3), dtype=np.uint8)]
 
-    def finish(self, prepared: Prepared, outputs: dict, score_threshold: float) -> DetectResult:
+    def finish(
+        self, prepared: Prepared, results: list[dict], options: AnswerOptions
+    ) -> DetectResult:
+        (outputs,) = results
         scores = np.asarray(outputs["scores"], dtype=np.float32).reshape(-1)
-        keep = np.flatnonzero(scores >= score_threshold)
+        keep = np.flatnonzero(scores >= options.score_threshold)
         fitted_h, fitted_w = prepared.context.fitted
         to_upload = np.array(
             [prepared.width / fitted_w, prepared.height / fitted_h] * 2, dtype=np.float32

@@ -214,29 +214,42 @@ class ModelPool:
         )
         return runner
 
-    def get(self, task: str, name: str | None) -> ModelRunner:
-        """The model a request means: by name, or the only model of its task."""
+    def require_ready(self) -> None:
+        """Work waits (503) until every model is loaded and warm, and stops at the drain."""
         if not self.ready:
             detail = self.load_error or (
                 "shutting down" if self.draining else "models are still loading"
             )
             raise NotReady(detail, headers={"Retry-After": "5"})
+
+    def get(self, name: str | None, task: str | None = None, *, ready: bool = True) -> ModelRunner:
+        """The model a request means: the one named (which must serve `task`, when given),
+        or the only model of `task`. With `ready` the pool must be ready, as work needs;
+        without, a model already loaded is found while others load or the server drains
+        (for what only describes it), and a name not loaded yet waits for the loading."""
+        if ready:
+            self.require_ready()
         if name is None:
-            of_task = [r for r in self.runners.values() if r.manifest.task == task]
-            if len(of_task) == 1:
-                return of_task[0]
-            if not of_task:
-                raise UnknownModel(f"no {task} model is loaded")
-            raise InvalidParameters(
-                f"several {task} models are loaded; choose one with ?model= "
-                f"({sorted(r.name for r in of_task)})"
-            )
+            return self._only_model_of(task)
         runner = self.runners.get(name)
         if runner is None:
+            self.require_ready()
             raise UnknownModel(f"no model named {name!r}; loaded: {sorted(self.runners)}")
-        if runner.manifest.task != task:
+        if task is not None and runner.manifest.task != task:
             raise UnknownModel(f"model {name!r} is a {runner.manifest.task} model, not {task}")
         return runner
+
+    def _only_model_of(self, task: str | None) -> ModelRunner:
+        of_task = [r for r in self.runners.values() if r.manifest.task == task]
+        if len(of_task) == 1:
+            return of_task[0]
+        if not of_task:
+            self.require_ready()
+            raise UnknownModel(f"no {task} model is loaded")
+        raise InvalidParameters(
+            f"several {task} models are loaded; choose one with ?model= "
+            f"({sorted(r.name for r in of_task)})"
+        )
 
     def begin_drain(self) -> None:
         """Readiness turns false first, so load balancers stop sending before we stop."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
 
 from service.dependencies import Pool, read_uploads, request_deadline
 from service.imaging import SUPPORTED_CONTENT_TYPES
+from service.pipelines import AnswerOptions
 from service.runtime import ModelRunner
 from service.schemas import (
     ClassifyResponse,
@@ -19,6 +20,8 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["inference"])
+
+ResponseModel = TypeVar("ResponseModel", ClassifyResponse, SegmentResponse, DetectResponse)
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -72,11 +75,21 @@ ModelName = Annotated[
 ]
 
 
-async def _run(request: Request, runner: ModelRunner) -> tuple[list, list]:
+async def _answer(
+    request: Request, runner: ModelRunner, response: type[ResponseModel], options: AnswerOptions
+) -> ResponseModel:
+    """Every uploaded image through the runner's pipeline: decode and prepare, infer,
+    finish each answer off the event loop, in upload order."""
     deadline = request_deadline(request)
     prepared = await runner.prepare(await read_uploads(request))
-    outputs = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    return prepared, outputs
+    results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
+    answers = await asyncio.gather(
+        *(
+            asyncio.to_thread(runner.pipeline.finish, p, r, options)
+            for p, r in zip(prepared, results, strict=True)
+        )
+    )
+    return response(model=runner.name, results=list(answers))
 
 
 @router.post(
@@ -86,14 +99,13 @@ async def classify(
     request: Request,
     pool: Pool,
     model: ModelName = None,
-    top_k: Annotated[int, Query(ge=1, le=100_000, description="classes per image")] = 5,
+    top_k: Annotated[
+        int, Query(ge=1, le=100_000, description="classes per image")
+    ] = AnswerOptions.top_k,
 ) -> ClassifyResponse:
     """Top-k softmax probabilities per image, in upload order."""
-    runner = pool.get("classify", model)
-    _, outputs = await _run(request, runner)
-    k = min(top_k, len(runner.manifest.labels))
-    results = [runner.pipeline.finish(items[0], k) for items in outputs]
-    return ClassifyResponse(model=runner.name, results=results)
+    runner = pool.get(model, "classify")
+    return await _answer(request, runner, ClassifyResponse, AnswerOptions(top_k=top_k))
 
 
 @router.post(
@@ -101,15 +113,8 @@ async def classify(
 )
 async def segment(request: Request, pool: Pool, model: ModelName = None) -> SegmentResponse:
     """Per image: the class-index mask at the image's size and the classes present."""
-    runner = pool.get("segment", model)
-    prepared, outputs = await _run(request, runner)
-    results = await asyncio.gather(
-        *(
-            asyncio.to_thread(runner.pipeline.finish, p, o)
-            for p, o in zip(prepared, outputs, strict=True)
-        )
-    )
-    return SegmentResponse(model=runner.name, results=list(results))
+    runner = pool.get(model, "segment")
+    return await _answer(request, runner, SegmentResponse, AnswerOptions())
 
 
 @router.post(
@@ -119,15 +124,10 @@ async def detect(
     request: Request,
     pool: Pool,
     model: ModelName = None,
-    score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = 0.5,
+    score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = AnswerOptions.score_threshold,
 ) -> DetectResponse:
     """Per image: boxes in input pixels, labels, scores and COCO RLE instance masks."""
-    runner = pool.get("detect", model)
-    prepared, outputs = await _run(request, runner)
-    results = await asyncio.gather(
-        *(
-            asyncio.to_thread(runner.pipeline.finish, p, o[0], score_threshold)
-            for p, o in zip(prepared, outputs, strict=True)
-        )
+    runner = pool.get(model, "detect")
+    return await _answer(
+        request, runner, DetectResponse, AnswerOptions(score_threshold=score_threshold)
     )
-    return DetectResponse(model=runner.name, results=list(results))

@@ -1,32 +1,33 @@
 """The Open Inference Protocol (KServe v2) REST routes, next to the service's own routes.
 
 Standard clients (tritonclient, KServe clients, perf_analyzer) work unchanged. Requests
-go through the same model pool, batcher, limits, metrics and error handlers as /classify;
-errors answer `{"error": "CODE: what was wrong"}`. Classification bundles take their
-graph's image tensor (uint8, or float32 on the 0-255 scale, NHWC at the input size) or
-encoded images as BYTES (decoded and preprocessed exactly as /classify does) and answer
-`logits` and `probabilities`; segmentation bundles take the tile tensor and answer the
-graph's raw tile logits. Detection bundles answer metadata, readiness and configuration
-(their graph's tensors, unbatched) but refuse inference (see docs/kserve-v2.md).
+go through the same model pool, pipeline, batcher, limits, metrics and error handlers as
+/classify; errors answer `{"error": "CODE: what was wrong"}`. Classification bundles take
+their graph's image tensor (uint8, or float32 on the 0-255 scale, NHWC at the input size)
+or encoded images as BYTES (decoded and preprocessed exactly as /classify does) and
+answer `logits` and `probabilities`; segmentation bundles take the tile tensor and answer
+the graph's raw tile logits. Detection bundles answer metadata, readiness and
+configuration (their graph's tensors, unbatched) but refuse inference (see
+docs/kserve-v2.md). Each pipeline declares those tensors and turns them into its items
+and back; this module keeps the protocol's part: parsing, binary data, the response
+encoding and the classification extension.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import kserve
+from service import __version__, kserve
 from service.dependencies import Pool, request_deadline
-from service.errors import NotReady, PayloadTooLarge, UnknownModel
+from service.errors import PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.manifest import TensorSpec
-from service.pipelines import Prepared, softmax
+from service.pipelines import Prepared, ServedTensor
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
@@ -43,13 +44,9 @@ from service.schemas import (
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 SERVER_NAME = "hornet-serve"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 MODEL_VERSION = "1"
-ENCODED_IMAGE = "encoded_image"
-PROBABILITIES = "probabilities"
 SERVED_TASKS = ("classify", "segment")
-_DATATYPES = {dtype.name: name for name, dtype in kserve.NUMERIC_DATATYPES.items()}
 _PLATFORMS = {
     "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
     "tensorrt": ("tensorrt_plan", "tensorrt"),
@@ -57,91 +54,40 @@ _PLATFORMS = {
 }
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    datatype: str
-    shape: list[int]
-
-    def metadata(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
-
-    @classmethod
-    def of(cls, spec: TensorSpec) -> TensorMeta:
-        return cls(spec.name, _DATATYPES[spec.dtype], list(spec.shape))
-
-    def config(self, *, batched: bool = True, **extra: Any) -> dict:
-        """Triton's dims leave out the batch axis of a batched model's tensors."""
-        return {
-            "name": self.name,
-            "data_type": f"TYPE_{'STRING' if self.datatype == BYTES else self.datatype}",
-            "dims": self.shape[1:] if batched else self.shape,
-            **extra,
-        }
+def _metadata(tensor: ServedTensor) -> dict:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
 
 
-@dataclass(frozen=True)
-class V2Model:
-    """What one bundle looks like through the protocol: its tensors, batch axis first
-    when `batched`. Detection graphs take one image of any size and answer as many boxes
-    as they find: their tensors are the manifest's, unbatched, and served for metadata
-    only."""
-
-    runner: ModelRunner
-    image: TensorMeta
-    encoded: TensorMeta | None
-    outputs: list[TensorMeta]
-    batched: bool = True
-
-    @classmethod
-    def of(cls, runner: ModelRunner) -> V2Model:
-        manifest = runner.manifest
-        if manifest.task not in SERVED_TASKS:
-            outputs = [TensorMeta.of(spec) for spec in manifest.outputs]
-            return cls(runner, TensorMeta.of(manifest.inputs[0]), None, outputs, batched=False)
-        height, width = (
-            runner.pipeline.window.crop
-            if manifest.task == "segment"
-            else manifest.preprocess.input_size
-        )
-        image = TensorMeta(manifest.inputs[0].name, "UINT8", [-1, height, width, 3])
-        logits = manifest.outputs[0].name
-        classes = len(manifest.labels)
-        if manifest.task == "segment":
-            outputs = [TensorMeta(logits, "FP32", [-1, classes, height, width])]
-            return cls(runner, image, None, outputs)
-        outputs = [
-            TensorMeta(logits, "FP32", [-1, classes]),
-            TensorMeta(PROBABILITIES, "FP32", [-1, classes]),
-        ]
-        return cls(runner, image, TensorMeta(ENCODED_IMAGE, BYTES, [-1, 1]), outputs)
-
-    @property
-    def inputs(self) -> list[TensorMeta]:
-        return [self.image] + ([self.encoded] if self.encoded else [])
+def _config(tensor: ServedTensor, *, batched: bool, **extra: Any) -> dict:
+    """Triton's dims leave out the batch axis of a batched model's tensors."""
+    return {
+        "name": tensor.name,
+        "data_type": f"TYPE_{'STRING' if tensor.datatype == BYTES else tensor.datatype}",
+        "dims": tensor.shape[1:] if batched else tensor.shape,
+        **extra,
+    }
 
 
-def _model(pool: ModelPool, name: str, version: str | None) -> V2Model:
-    runner = pool.runners.get(name)
-    if runner is None:
-        if not pool.ready:
-            detail = pool.load_error or "models are still loading"
-            raise NotReady(detail, headers={"Retry-After": "5"})
-        raise UnknownModel(f"no model named {name!r}; loaded: {sorted(pool.runners)}")
+def _model(pool: ModelPool, name: str, version: str | None) -> ModelRunner:
+    """The named model, found while others still load (metadata answers then); a bundle
+    has the one version."""
+    runner = pool.get(name, ready=False)
     if version not in (None, MODEL_VERSION):
         raise UnknownModel(f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
-    return V2Model.of(runner)
+    return runner
 
 
-def _inferable(pool: ModelPool, served: V2Model) -> V2Model:
-    task = served.runner.manifest.task
+def _inferable(pool: ModelPool, runner: ModelRunner) -> ModelRunner:
+    """Detection graphs take one image of any size and answer as many boxes as they find,
+    which fits no batched tensor contract."""
+    task = runner.manifest.task
     if task not in SERVED_TASKS:
         inferable = sorted(n for n, r in pool.runners.items() if r.manifest.task in SERVED_TASKS)
         raise InvalidInferRequest(
-            f"model {served.runner.name!r} is a {task} model; v2 inference serves classify "
+            f"model {runner.name!r} is a {task} model; v2 inference serves classify "
             f"and segment models ({inferable}); use POST /{task}"
         )
-    return served
+    return runner
 
 
 def _inlined(schema: dict) -> dict:
@@ -226,7 +172,7 @@ _INFER_OK = {
 @router.get("", response_model=V2ServerMetadata)
 async def server_metadata() -> dict:
     """Server name, version and the protocol extensions it supports."""
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", response_model=V2ServerLive)
@@ -260,13 +206,13 @@ async def server_ready(pool: Pool) -> JSONResponse:
 async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
     """The model's name, versions, platform and its tensors (batch axis -1, except a
     detect model's: one image, as many boxes as found)."""
-    served = _model(pool, model, version)
+    tensors = _model(pool, model, version).pipeline.tensors
     return {
         "name": model,
         "versions": [MODEL_VERSION],
         "platform": _PLATFORMS[pool.settings.engine][0],
-        "inputs": [t.metadata() for t in served.inputs],
-        "outputs": [t.metadata() for t in served.outputs],
+        "inputs": [_metadata(t) for t in tensors.inputs],
+        "outputs": [_metadata(t) for t in tensors.outputs],
     }
 
 
@@ -289,23 +235,27 @@ async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSO
 @router.get("/models/{model}/versions/{version}/config", responses=_MODEL_ERRORS)
 async def model_config(pool: Pool, model: str, version: str | None = None) -> dict:
     """The fields of Triton's model configuration its clients and tools read."""
-    served = _model(pool, model, version)
+    tensors = _model(pool, model, version).pipeline.tensors
     settings = pool.settings
     platform, backend = _PLATFORMS[settings.engine]
-    batched = served.batched
-    image_extra = {"format": "FORMAT_NHWC"}
+    batched = tensors.batched
     inputs = [
-        served.image.config(batched=batched, **image_extra, optional=served.encoded is not None)
+        _config(
+            tensors.image,
+            batched=batched,
+            format="FORMAT_NHWC",
+            optional=tensors.encoded is not None,
+        )
     ]
-    if served.encoded is not None:
-        inputs.append(served.encoded.config(optional=True))
+    if tensors.encoded is not None:
+        inputs.append(_config(tensors.encoded, batched=batched, optional=True))
     config = {
         "name": model,
         "platform": platform,
         "backend": backend,
         "max_batch_size": settings.max_batch_size if batched else 0,
         "input": inputs,
-        "output": [t.config(batched=batched) for t in served.outputs],
+        "output": [_config(t, batched=batched) for t in tensors.outputs],
         "instance_group": [
             {
                 "count": settings.instances,
@@ -332,15 +282,14 @@ _INFER_ROUTE = {
 async def infer(request: Request, pool: Pool, model: str, version: str | None = None) -> Response:
     """Inference on a batch of images given as one input tensor; see docs/kserve-v2.md.
     Detection models answer 400: use POST /detect."""
-    served = _inferable(pool, _model(pool, model, version))
-    runner = pool.get(served.runner.manifest.task, model)
+    runner = _inferable(pool, _model(pool, model, version))
+    pool.require_ready()
     deadline = request_deadline(request)
     body = await request.body()
     parsed, tensors = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH))
-    prepared = await _prepare(served, tensors, pool.settings.max_images_per_request)
+    prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
     results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    logits = np.stack([np.asarray(items[0], dtype=np.float32) for items in results])
-    outputs = _outputs(served, parsed, logits)
+    outputs = _outputs(runner, parsed, runner.pipeline.output_arrays(results))
     content, header_length = kserve.encode_response(model, MODEL_VERSION, parsed.id, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -351,8 +300,11 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     )
 
 
-async def _prepare(served: V2Model, tensors: list[Tensor], max_images: int) -> list[Prepared]:
-    expected = [t.name for t in served.inputs]
+async def _prepare(runner: ModelRunner, tensors: list[Tensor], max_images: int) -> list[Prepared]:
+    """The request's one input as the pipeline's items: encoded images decoded and
+    preprocessed as /classify's uploads, an image tensor by the pipeline."""
+    declared = runner.pipeline.tensors
+    expected = [t.name for t in declared.inputs]
     if len(tensors) != 1 or tensors[0].name not in expected:
         raise InvalidInferRequest(
             f"send exactly one input, one of {expected}; got {[t.name for t in tensors]}"
@@ -365,9 +317,9 @@ async def _prepare(served: V2Model, tensors: list[Tensor], max_images: int) -> l
         )
     if count > max_images:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
-    if tensor.name == ENCODED_IMAGE:
-        return await served.runner.prepare(_encoded_images(tensor))
-    return _image_rows(served.image, tensor)
+    if declared.encoded is not None and tensor.name == declared.encoded.name:
+        return await runner.prepare(_encoded_images(tensor))
+    return runner.pipeline.prepare_tensor(tensor)
 
 
 def _encoded_images(tensor: Tensor) -> list[bytes]:
@@ -377,7 +329,7 @@ def _encoded_images(tensor: Tensor) -> list[bytes]:
         or (tensor.array.ndim == 2 and tensor.array.shape[1] != 1)
     ):
         raise InvalidInferRequest(
-            f"input {ENCODED_IMAGE!r} must be BYTES of shape [N] or [N, 1], one encoded image "
+            f"input {tensor.name!r} must be BYTES of shape [N] or [N, 1], one encoded image "
             f"per element; got {tensor.datatype} {list(tensor.array.shape)}"
         )
     elements = list(tensor.array.reshape(-1))
@@ -387,41 +339,15 @@ def _encoded_images(tensor: Tensor) -> list[bytes]:
         return [base64.b64decode(e, validate=True) for e in elements]
     except binascii.Error as exc:
         raise InvalidInferRequest(
-            f"input {ENCODED_IMAGE!r} as JSON data takes base64 strings of the encoded images"
+            f"input {tensor.name!r} as JSON data takes base64 strings of the encoded images"
         ) from exc
 
 
-def _image_rows(meta: TensorMeta, tensor: Tensor) -> list[Prepared]:
-    if list(tensor.array.shape[1:]) != meta.shape[1:]:
-        raise InvalidInferRequest(
-            f"input {meta.name!r} must have shape [N, {', '.join(map(str, meta.shape[1:]))}] "
-            f"(NHWC RGB at the model's input size); got {list(tensor.array.shape)}"
-        )
-    if tensor.datatype == "UINT8":
-        pixels = tensor.array
-    elif tensor.datatype == "FP32":
-        values = tensor.array
-        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 255:
-            raise InvalidInferRequest(
-                f"input {meta.name!r} as FP32 takes pixel values in 0..255 (the graph "
-                "normalises them itself); got values outside that range"
-            )
-        pixels = np.rint(values).astype(np.uint8)
-    else:
-        raise InvalidInferRequest(
-            f"input {meta.name!r} must be UINT8 (or FP32 on the 0..255 scale), not "
-            f"{tensor.datatype}"
-        )
-    height, width = meta.shape[1:3]
-    return [Prepared([np.ascontiguousarray(row)], width, height) for row in pixels]
-
-
 def _outputs(
-    served: V2Model, parsed: kserve.InferRequest, logits: np.ndarray
+    runner: ModelRunner, parsed: kserve.InferRequest, values: dict[str, np.ndarray]
 ) -> list[OutputTensor]:
-    values = {served.outputs[0].name: logits}
-    if len(served.outputs) > 1:
-        values[PROBABILITIES] = softmax(logits).astype(np.float32)
+    """The outputs the request names (all when it names none), as binary data or JSON, or
+    as the classification extension's top classes."""
     binary_default = bool(parsed.parameters.get("binary_data_output", False))
     requested = parsed.outputs or [kserve.RequestOutput(name=name) for name in values]
     unknown = [r.name for r in requested if r.name not in values]
@@ -435,7 +361,7 @@ def _outputs(
         if top_k is None:
             tensors.append(OutputTensor(output.name, "FP32", array, binary))
         else:
-            classes = _classification(array, top_k, served.runner.manifest.labels, output.name)
+            classes = _classification(array, top_k, runner.manifest.labels, output.name)
             tensors.append(OutputTensor(output.name, BYTES, classes, binary))
     return tensors
 
