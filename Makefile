@@ -19,8 +19,8 @@ test: lint
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check model_export service tests bench
-	$(VENV)/bin/ruff format --check model_export service tests bench
+	$(VENV)/bin/ruff check hornet_bundle hornet_cli model_export service tests bench
+	$(VENV)/bin/ruff format --check hornet_bundle hornet_cli model_export service tests bench
 
 serve: $(STAMP)
 	$(VENV)/bin/hornet serve

@@ -53,6 +53,7 @@ RUN pip install --no-deps --only-binary=:all: --extra-index-url https://pypi.nvi
     -r /tmp/requirements-tensorrt.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY hornet_cli ./hornet_cli
 COPY model_export ./model_export
 COPY service ./service
 

@@ -1,5 +1,7 @@
+"""`python -m model_export ...` is `hornet ...` (export, list, and the other subcommands)."""
+
 import sys
 
-from model_export.cli import main
+from hornet_cli import main
 
 sys.exit(main())

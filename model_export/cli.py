@@ -1,20 +1,19 @@
-"""The `hornet` command: `hornet export ...` (needs torch) and `hornet serve ...` (does not).
+"""`hornet export` and `hornet list`, the exporter's subcommands of the `hornet` command
+(hornet_cli), contributed through the `hornet.commands` entry points. Both need torch
+(the export extra); without it they say so in one sentence.
 
-    hornet export --variant hornet_l_gf --fp16
-    hornet export --variant hornet_tiny_7x7 --checkpoint hornet_tiny_7x7.pth --out bundles/t7
-    hornet serve --model-dir bundles/t7
-    hornet list [--task classify|segment|detect]
-
-`python -m model_export` is the same command. Export exits non-zero on any failure,
-including a parity check beyond tolerance.
+Export exits non-zero on any failure, including a parity check beyond tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
+
+from hornet_cli import Command
 
 EXPORT_EPILOG = """\
 Without --checkpoint the weights are RANDOM: the bundle is marked so and is only good
@@ -22,6 +21,42 @@ for testing the pipeline. --format tensorrt needs the tensorrt package and a CUD
 the type that will serve the engine; --format all writes the ONNX bundle first and
 keeps it even when the TensorRT step cannot run.
 """
+
+
+# Import names of what the `export` extra installs (pyproject.toml).
+EXPORT_MODULES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "onnx",
+    "onnxscript",
+    "onnxconverter_common",
+)
+
+
+def missing_export_modules() -> list[str]:
+    """The export extra's modules this environment lacks (the serve images lack them all)."""
+    return [name for name in EXPORT_MODULES if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # an import hook that refuses the module
+        return False
+
+
+def _export_extra_missing(command: str) -> bool:
+    """True, after saying so in one sentence, when the export extra is not installed."""
+    missing = missing_export_modules()
+    if missing:
+        print(
+            f"hornet {command}: error: {', '.join(missing)} not installed; this command needs "
+            "the export extra: pip install 'hornet-serve[export]'",
+            file=sys.stderr,
+        )
+    return bool(missing)
 
 
 def _batch(text: str) -> tuple[int, int, int]:
@@ -71,15 +106,10 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    args = export_parser(
-        argparse.ArgumentParser(
-            prog="hornet export",
-            description="Export a HorNet variant to a verified model bundle.",
-            epilog=EXPORT_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    ).parse_args(argv)
+def export_variant(args: argparse.Namespace) -> int:
+    """Run `hornet export` with its parsed arguments; returns the exit status."""
+    if _export_extra_missing("export"):
+        return 1
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -184,10 +214,15 @@ def summary(manifest, out: Path, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def list_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hornet list", description="List model variants.")
+def list_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=("classify", "segment", "detect"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def print_variants(args: argparse.Namespace) -> int:
+    """Run `hornet list`: one line per variant."""
+    if _export_extra_missing("list"):
+        return 1
     from model_export.registry import get_variant, list_variants
 
     for name in list_variants(args.task):
@@ -198,26 +233,16 @@ def list_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"export": export_main, "list": list_main}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "serve":
-        from service.cli import serve_main
-
-        return serve_main(rest)
-    if command not in COMMANDS:
-        print(
-            f"hornet: unknown command {command!r}; commands: export, serve, list", file=sys.stderr
-        )
-        return 2
-    return COMMANDS[command](rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+export_command = Command(
+    help="export a HorNet variant to a verified model bundle (needs torch)",
+    description="Export a HorNet variant to a verified model bundle.",
+    epilog=EXPORT_EPILOG,
+    add_arguments=export_parser,
+    run=export_variant,
+)
+list_command = Command(
+    help="list the model variants (needs torch)",
+    description="List model variants.",
+    add_arguments=list_parser,
+    run=print_variants,
+)

@@ -1,4 +1,5 @@
-"""Service settings: every `hornet serve` flag, also settable as a HORNET_* variable."""
+"""Service settings: each one is a `hornet serve` flag (service/flags.py) and a HORNET_*
+environment variable; `hornet serve --help` lists them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.flags import Flag
 from service.manifest import MANIFEST_NAME
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
@@ -47,31 +49,88 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HORNET_", extra="forbid")
 
-    model_dir: Annotated[list[Path], NoDecode] = Field(default_factory=default_model_dirs)
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    engine: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
-    device: Literal["cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "fp16"] | None = None
-    ort_tensorrt: bool = False
-    cuda_tf32: bool = False
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    max_delay_ms: float = Field(5.0, ge=0)
-    max_queue_size: int = Field(64, ge=1)
-    instances: int = Field(1, ge=1, le=64)
-    request_timeout_s: float = Field(30.0, gt=0)
-    max_upload_mb: float = Field(20.0, gt=0)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_images_per_request: int = Field(64, ge=1)
-    engine_threads: int = Field(0, ge=0)
-    decode_threads: int = Field(0, ge=0)
-    max_aspect_ratio: float = Field(0.0, ge=0)
-    engine_spinning: bool = False
-    drain_timeout_s: float = Field(10.0, ge=0)
-    log_level: str = "info"
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    api_key_file: Path | None = None
-    protect_probes: bool = False
+    model_dir: Annotated[list[Path], NoDecode, Flag(metavar="DIR")] = Field(
+        default_factory=default_model_dirs,
+        description="bundle directory; repeat for several models; unset: the packaged demo bundles",
+    )
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    engine: Literal["onnxruntime", "tensorrt", "torch"] = Field(
+        "onnxruntime",
+        description="onnxruntime, tensorrt (the bundle's native TensorRT engines) or torch "
+        "(debugging)",
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the engines run")
+    precision: Literal["fp32", "fp16"] | None = Field(
+        None, description="engine precision; unset: the bundle's fp32 engine where it has one"
+    )
+    ort_tensorrt: bool = Field(
+        False,
+        description="on CUDA, run ONNX Runtime engines through its TensorRT execution provider "
+        "first (CUDA for what it cannot take)",
+    )
+    cuda_tf32: bool = Field(
+        False,
+        description="let fp32 engines on CUDA use TF32 matrix units: faster, logits off by "
+        "about 1e-3 relative",
+    )
+    max_batch_size: Annotated[int, Flag(metavar="N")] = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="a batch closes at N images, or --max-delay-ms after its first request",
+    )
+    max_delay_ms: Annotated[float, Flag(metavar="T")] = Field(
+        5.0,
+        ge=0,
+        description="a batch closes T ms after its first request, or at --max-batch-size images",
+    )
+    max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
+        64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"
+    )
+    instances: Annotated[int, Flag(metavar="K")] = Field(
+        1, ge=1, le=64, description="engine instances (worker threads) per model"
+    )
+    request_timeout_s: Annotated[float, Flag(metavar="S")] = Field(
+        30.0, gt=0, description="deadline of a request in seconds; past it: 504"
+    )
+    max_upload_mb: Annotated[float, Flag(metavar="M")] = Field(
+        20.0, gt=0, description="larger uploads (MB): 413"
+    )
+    max_pixels: Annotated[int, Flag(metavar="P")] = Field(
+        40_000_000, ge=1, description="larger images (checked before decoding): 413"
+    )
+    max_images_per_request: Annotated[int, Flag(metavar="N")] = Field(
+        64, ge=1, description="more images in one request: 413"
+    )
+    engine_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads, 0 = its default"
+    )
+    decode_threads: Annotated[int, Flag(metavar="N")] = Field(
+        0, ge=0, description="threads decoding uploads, 0 = one per CPU"
+    )
+    max_aspect_ratio: Annotated[float, Flag(metavar="R")] = Field(
+        0.0,
+        ge=0,
+        description="refuse images whose longer side is over R times the shorter with 413; 0 = any",
+    )
+    engine_spinning: bool = Field(False, description="let ONNX Runtime threads spin between runs")
+    drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown bound in seconds")
+    log_level: str = Field("info", description="log level")
+    api_keys: Annotated[list[SecretStr], NoDecode, Flag("--api-key", metavar="KEY")] = Field(
+        default_factory=list,
+        description="require this key (Authorization: Bearer KEY or X-API-Key: KEY); repeat "
+        "for several. Anyone who can list processes sees it: prefer --api-key-file or the "
+        "environment variable",
+    )
+    api_key_file: Annotated[Path | None, Flag(metavar="PATH")] = Field(
+        None, description="require one of the keys in PATH, one a line, # comments allowed"
+    )
+    protect_probes: bool = Field(
+        False,
+        description="with API keys, require one on /healthz, /readyz, /metrics and the v2 "
+        "health routes too",
+    )
 
     @field_validator("model_dir", mode="before")
     @classmethod

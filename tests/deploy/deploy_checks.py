@@ -20,7 +20,6 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from unittest import mock
 
 import yaml
 
@@ -170,41 +169,18 @@ class Cli:
         return None
 
 
-class _ParserReached(Exception):
-    pass
-
-
-def _parser_of(main, argv: list[str]) -> argparse.ArgumentParser | None:
-    """The parser `main(argv)` parses its arguments with, caught before it runs anything."""
-    reached: list[argparse.ArgumentParser] = []
-
-    def catch(parser, args=None, namespace=None):
-        reached.append(parser)
-        raise _ParserReached
-
-    with (
-        mock.patch.object(argparse.ArgumentParser, "parse_args", catch),
-        mock.patch.object(argparse.ArgumentParser, "parse_known_args", catch),
-        contextlib.redirect_stdout(io.StringIO()),
-        contextlib.redirect_stderr(io.StringIO()),
-        contextlib.suppress(_ParserReached, SystemExit),
-    ):
-        main(argv)
-    return reached[0] if reached else None
-
-
 @cache
 def load_cli() -> Cli | str:
     """The CLI, or the reason it cannot be inspected yet (the caller skips with it).
 
-    Subcommands are the `<program> NAME` words of `<program> --help` whose `main([NAME])`
-    reaches an argparse parser; dispatch by hand or by subparsers both work.
+    The `[project.scripts]` program's module gives its subcommands' parsers through its
+    public `subcommand_parsers()`.
     """
     scripts = project_scripts()
     if not scripts:
         return "pyproject.toml has no [project.scripts]"
     program, target = next(iter(scripts.items()))
-    module_name, _, function_name = target.partition(":")
+    module_name = target.partition(":")[0]
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     try:
@@ -213,17 +189,12 @@ def load_cli() -> Cli | str:
         if missing.name and module_name.startswith(missing.name):
             return f"{module_name} (the `{program}` entry point) does not exist yet"
         raise
-    main = getattr(module, function_name, None)
-    if main is None:
-        return f"{module_name} has no {function_name}()"
-    top = io.StringIO()
-    with contextlib.redirect_stdout(top), contextlib.redirect_stderr(top):
-        with contextlib.suppress(SystemExit):
-            main(["--help"])
-    names = set(re.findall(rf"\b{re.escape(program)} ([a-z][\w-]*)", top.getvalue()))
-    parsers = {name: parser for name in names if (parser := _parser_of(main, [name]))}
+    subcommand_parsers = getattr(module, "subcommand_parsers", None)
+    if subcommand_parsers is None:
+        return f"{module_name} has no subcommand_parsers()"
+    parsers = subcommand_parsers()
     if not parsers:
-        return f"`{program} --help` names no subcommand with a parser: {top.getvalue()[:200]!r}"
+        return f"`{program}` has no subcommands (are its entry points installed?)"
     return Cli(program, parsers)
 
 

@@ -87,6 +87,23 @@ def test_copy_sources_exist_and_reach_the_build_context(dockerfile: Path):
     assert not problems, problems
 
 
+def _installed_packages() -> set[str]:
+    """Top-level packages `pip install .` installs ([tool.setuptools.packages.find])."""
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    return {pattern.rstrip("*").rstrip(".") for pattern in find["find"]["include"]}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
+def test_images_copy_every_package_the_project_installs(dockerfile: Path):
+    """A package left out installs silently and breaks `hornet` only at run time."""
+    copied = set()
+    for instruction in parse_dockerfile(dockerfile):
+        words = instruction.value.split()
+        if instruction.keyword == "COPY" and not any(w.startswith("--from=") for w in words):
+            copied |= {w.rstrip("/") for w in words[:-1] if not w.startswith("--")}
+    assert _installed_packages() <= copied, _installed_packages() - copied
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
 def test_base_images_are_pinned_by_version_tag(dockerfile: Path):
     instructions = parse_dockerfile(dockerfile)
@@ -240,18 +257,40 @@ sys.exit(getattr(importlib.import_module(module), function)())
 """
 
 
-def test_hornet_serve_runs_without_the_export_dependencies(cli: Cli):
-    """The serve images carry no torch or onnx: `hornet serve` must not import them."""
-    result = subprocess.run(
+def _run_without_export_modules(cli: Cli, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-c", _WITHOUT_EXPORT_MODULES, project_scripts()[cli.program]]
-        + [cli.program, "serve", "--help"],
+        + [cli.program, *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_hornet_serve_runs_without_the_export_dependencies(cli: Cli):
+    """The serve images carry no torch or onnx: `hornet serve` must not import them."""
+    result = _run_without_export_modules(cli, "serve", "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--model-dir" in result.stdout
+
+
+def test_hornet_help_runs_without_the_export_dependencies(cli: Cli):
+    result = _run_without_export_modules(cli, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"export", "list", "serve"} <= set(result.stdout.split())
+
+
+@pytest.mark.parametrize("argv", [["export", "--variant", "hornet_tiny_7x7"], ["list"]])
+def test_export_commands_without_the_export_dependencies_say_how_to_install_them(
+    cli: Cli, argv: list[str]
+):
+    result = _run_without_export_modules(cli, *argv)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"hornet {argv[0]}: error: torch" in result.stderr
+    assert "pip install 'hornet-serve[export]'" in result.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)

@@ -1,0 +1,7 @@
+"""`python -m hornet_cli ...` is `hornet ...`."""
+
+import sys
+
+from hornet_cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""`hornet serve` flags are generated from `Settings`: one per setting, flag > env > default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from hornet_cli import subcommand_parsers
+from service.cli import load_settings
+from service.flags import add_settings_flags, env_name
+from service.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _no_hornet_environment(monkeypatch):
+    for name in [n for n in os.environ if n.upper().startswith("HORNET_")]:
+        monkeypatch.delenv(name)
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    return subcommand_parsers()["serve"]
+
+
+def test_every_setting_has_a_flag():
+    dests = {action.dest for action in _serve_parser()._actions if action.option_strings}
+    assert dests - {"help"} == set(Settings.model_fields)
+
+
+def test_every_setting_has_a_description():
+    assert [n for n, f in Settings.model_fields.items() if not f.description] == []
+
+
+def test_help_names_every_environment_variable():
+    text = _serve_parser().format_help()
+    missing = [
+        env_name(Settings, n) for n in Settings.model_fields if env_name(Settings, n) not in text
+    ]
+    assert missing == []
+
+
+def test_help_shows_the_environment_variable_and_the_default():
+    assert "(env HORNET_MAX_BATCH_SIZE, default 8)" in " ".join(
+        _serve_parser().format_help().split()
+    )
+
+
+def test_help_never_shows_a_secret_default():
+    api_key = next(a for a in _serve_parser()._actions if a.dest == "api_keys")
+    assert api_key.option_strings == ["--api-key"]
+    assert "default" not in api_key.help
+
+
+# (flag arguments, environment variable, its value, setting, default, from env, from flag)
+CASES = {
+    "int": (["--max-batch-size", "4"], "HORNET_MAX_BATCH_SIZE", "16", "max_batch_size", 8, 16, 4),
+    "bool": (
+        ["--no-engine-spinning"],
+        "HORNET_ENGINE_SPINNING",
+        "true",
+        "engine_spinning",
+        False,
+        True,
+        False,
+    ),
+    "list": (
+        ["--model-dir", "c", "--model-dir", "d"],
+        "HORNET_MODEL_DIR",
+        "a,b",
+        "model_dir",
+        Settings().model_dir,
+        [Path("a"), Path("b")],
+        [Path("c"), Path("d")],
+    ),
+    "Literal": (["--device", "cpu"], "HORNET_DEVICE", "cuda", "device", "cpu", "cuda", "cpu"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_default_when_neither_flag_nor_environment_gives_it(case: tuple[Any, ...]):
+    _, _, _, setting, default, _, _ = case
+    assert getattr(load_settings([]), setting) == default
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_environment_wins_over_the_default(case: tuple[Any, ...], monkeypatch):
+    _, env, value, setting, _, from_env, _ = case
+    monkeypatch.setenv(env, value)
+    assert getattr(load_settings([]), setting) == from_env
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_flag_wins_over_the_environment(case: tuple[Any, ...], monkeypatch):
+    flags, env, value, setting, _, _, from_flag = case
+    monkeypatch.setenv(env, value)
+    assert getattr(load_settings(flags), setting) == from_flag
+
+
+def test_a_setting_no_flag_can_carry_is_refused_by_name():
+    class Odd(BaseSettings):
+        limits: dict[str, int] = {}
+
+    with pytest.raises(TypeError, match=r"Odd\.limits"):
+        add_settings_flags(argparse.ArgumentParser(), Odd)
