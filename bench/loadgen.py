@@ -36,7 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.bundle import load_bundle  # noqa: E402
+from hornet_bundle import load_bundle  # noqa: E402
 from service.engines import create_engine  # noqa: E402
 from service.pipelines import pipeline_for  # noqa: E402
 from service.settings import Settings  # noqa: E402

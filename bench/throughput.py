@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.bundle import Bundle, load_bundle  # noqa: E402
+from hornet_bundle import Bundle, load_bundle  # noqa: E402
 
 
 class OrtRunner:
@@ -227,14 +227,15 @@ def describe(device: str) -> str:
 
 
 def gf_compare(image_size: int, modes: list[str], work: Path, fp16: bool) -> list[Path]:
-    from model_export.export import export_bundle
+    from model_export.export import ExportOptions, export
 
     bundles = []
     jobs = [("hornet_tiny_7x7", "auto")] + [("hornet_tiny_gf", mode) for mode in modes]
     for variant, mode in jobs:
         out = work / (f"{variant}" if mode == "auto" else f"{variant}_{mode}")
         print(f"# exporting {out.name} ...", file=sys.stderr, flush=True)
-        export_bundle(variant, out, image_size=image_size, gf_mode=mode, name=out.name, fp16=fp16)
+        options = ExportOptions(image_size=image_size, gf_mode=mode, name=out.name, fp16=fp16)
+        export(variant, out, options)
         bundles.append(out)
     return bundles
 

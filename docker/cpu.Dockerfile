@@ -23,6 +23,7 @@ RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY hornet_cli ./hornet_cli
+COPY hornet_bundle ./hornet_bundle
 COPY model_export ./model_export
 COPY service ./service
 # A regular (not editable) install, so /src is not needed at run time. The build backend

@@ -54,6 +54,7 @@ RUN pip install --no-deps --only-binary=:all: --extra-index-url https://pypi.nvi
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY hornet_cli ./hornet_cli
+COPY hornet_bundle ./hornet_bundle
 COPY model_export ./model_export
 COPY service ./service
 

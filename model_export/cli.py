@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from hornet_cli import Command
+from model_export.gf_mode import GFMode
 
 EXPORT_EPILOG = """\
 Without --checkpoint the weights are RANDOM: the bundle is marked so and is only good
@@ -21,7 +22,6 @@ for testing the pipeline. --format tensorrt needs the tensorrt package and a CUD
 the type that will serve the engine; --format all writes the ONNX bundle first and
 keeps it even when the TensorRT step cannot run.
 """
-
 
 # Import names of what the `export` extra installs (pyproject.toml).
 EXPORT_MODULES = (
@@ -85,14 +85,14 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch",
         type=_batch,
-        default=(1, 8, 32),
         metavar="MIN:OPT:MAX",
-        help="dynamic batch range (TensorRT optimisation profile), default 1:8:32",
+        help="dynamic batch range (TensorRT optimisation profile), default 1:8:32 "
+        "(segmentation 1:8:64)",
     )
     parser.add_argument(
         "--gf-mode",
-        choices=("auto", "matmul", "dense_dft", "circular_conv", "dft"),
-        default="auto",
+        choices=[mode.value for mode in GFMode],
+        default=GFMode.AUTO.value,
         help="Global Filter graph: auto (DFT-free), or keep the ONNX DFT op (dft)",
     )
     parser.add_argument(
@@ -133,7 +133,7 @@ def export_variant(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace, progress):
-    from model_export.registry import create_model, get_variant
+    from model_export.registry import get_variant
 
     variant = get_variant(args.variant)
     args.out = args.out or Path("bundles") / variant.name
@@ -144,48 +144,26 @@ def run_export(args: argparse.Namespace, progress):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     if args.checkpoint is None:
         progress("WARNING: no --checkpoint: exporting RANDOM weights (the manifest records it)")
-    if variant.cfg.task == "classify":
-        from model_export.export import export_bundle
-
-        return export_bundle(
-            variant.name,
-            args.out,
-            checkpoint=args.checkpoint,
-            num_classes=args.num_classes,
-            image_size=args.image_size,
-            fp16=args.fp16,
-            formats=formats,
-            batch=args.batch,
-            gf_mode=args.gf_mode,
-            reference=args.reference,
-            progress=progress,
-        )
-    from model_export import export_dense
-
-    if args.format != "onnx":
+    if variant.cfg.task != "classify" and args.format != "onnx":
         raise ValueError(
             f"{variant.name}: dense models export to ONNX only for now (--format onnx)"
         )
-    progress(f"building {variant.name}")
-    model = create_model(variant.name, num_classes=args.num_classes, image_size=args.image_size)
-    if variant.cfg.task == "segment":
-        return export_dense.export_segmentation_bundle(
-            model,
-            args.out,
-            checkpoint=args.checkpoint,
-            fp16=args.fp16,
-            gf_mode=args.gf_mode,
-            progress=progress,
-        )
-    if args.fp16:
+    if variant.cfg.task == "detect" and args.fp16:
         raise ValueError("--fp16 is not supported for detection bundles yet")
-    return export_dense.export_detection_bundle(
-        model,
-        args.out,
+    from model_export.export import ExportOptions, export
+
+    options = ExportOptions(
         checkpoint=args.checkpoint,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        fp16=args.fp16,
+        formats=formats,
+        batch=args.batch,
         gf_mode=args.gf_mode,
+        reference=args.reference,
         progress=progress,
     )
+    return export(variant.name, args.out, options)
 
 
 def summary(manifest, out: Path, seconds: float) -> str:
@@ -208,7 +186,7 @@ def summary(manifest, out: Path, seconds: float) -> str:
     for p in manifest.parity:
         top1 = "" if p.top1_agreement is None else f", top-1 agreement {p.top1_agreement:.3f}"
         lines.append(
-            f"  parity {p.engine} vs {p.reference}: relative {p.relative_error:.1e}, max abs "
+            f"  parity {p.engine} vs {p.reference}: {p.metric} {p.value:.1e}, max abs "
             f"{p.max_abs_error:.1e}{top1} ({'ok' if p.passed else 'FAILED'})"
         )
     return "\n".join(lines)

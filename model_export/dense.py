@@ -13,7 +13,7 @@ The seg configs carry the mmseg test pipeline as the manifest's preprocess field
   `depths`, `fpn_channels` (256 released), `min_size`/`max_size` (the in-graph resize),
   `box_score_thresh`.
 A `num_classes` other than the variant's drops its label set; pass names to the exporter
-(`model_export.export_dense`, `labels=`).
+(`model_export.export.ExportOptions(labels=...)`).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_export.gf_mode import REWRITE_MODES, GFMode
 from model_export.gnconv import GlobalLocalFilter, resize_complex_filter
 
-GF_MODES = ("auto", "matmul", "dense_dft", "circular_conv")
 # "auto": measured per feature size with bench/gf_modes.py (ONNX Runtime, 2-core CPU,
 # one GF branch, batch 1/8): the one-GEMM dense DFT wins on small maps (7x7, 496
 # channels: 0.10/0.60 ms vs 0.20/1.14 for matmul), the separable form on larger ones
@@ -43,8 +43,8 @@ GF_MODES = ("auto", "matmul", "dense_dft", "circular_conv")
 DENSE_DFT_MAX_PIXELS = 64
 
 
-def auto_mode(size: tuple[int, int]) -> str:
-    return "dense_dft" if size[0] * size[1] <= DENSE_DFT_MAX_PIXELS else "matmul"
+def auto_mode(size: tuple[int, int]) -> GFMode:
+    return GFMode.DENSE_DFT if size[0] * size[1] <= DENSE_DFT_MAX_PIXELS else GFMode.MATMUL
 
 
 def global_spectrum(layer: GlobalLocalFilter, size: tuple[int, int]) -> np.ndarray:
@@ -241,7 +241,7 @@ class CircularConvGlobalBranch(_FixedSize):
         return F.conv2d(padded, self.weight.to(x.dtype), groups=x.shape[1])
 
 
-_SPECTRUM_BRANCHES = {"matmul": MatMulGlobalBranch, "dense_dft": DenseDFTGlobalBranch}
+_SPECTRUM_BRANCHES = {GFMode.MATMUL: MatMulGlobalBranch, GFMode.DENSE_DFT: DenseDFTGlobalBranch}
 
 
 def global_filter_layers(model: nn.Module) -> list[GlobalLocalFilter]:
@@ -286,8 +286,9 @@ def rewrite_global_filters(
     the model's pretrained_cfg input size). A layer the pass does not reach is an error.
     Returns the model; `undo_rewrite` restores the FFT path.
     """
-    if mode not in GF_MODES:
-        raise ValueError(f"unknown gf mode {mode!r}; choose one of {GF_MODES}")
+    if mode not in REWRITE_MODES:
+        choices = tuple(m.value for m in REWRITE_MODES)
+        raise ValueError(f"unknown gf mode {mode!r}; choose one of {choices}")
     layers = global_filter_layers(model)
     if not layers:
         return model
@@ -302,8 +303,8 @@ def rewrite_global_filters(
         )
     param = next(model.parameters())
     for layer in layers:
-        chosen = auto_mode(sizes[layer]) if mode == "auto" else mode
-        if chosen == "circular_conv":
+        chosen = auto_mode(sizes[layer]) if mode == GFMode.AUTO else GFMode(mode)
+        if chosen == GFMode.CIRCULAR_CONV:
             branch = CircularConvGlobalBranch(global_kernels(layer, sizes[layer]))
         else:
             branch = _SPECTRUM_BRANCHES[chosen](global_spectrum(layer, sizes[layer]), sizes[layer])

@@ -1,6 +1,6 @@
 """HorNet Serve: the dynamically batched inference microservice over model bundles.
 
-Everything the service knows about a model comes from its bundle (`service.bundle`);
+Everything the service knows about a model comes from its bundle (read through `hornet_bundle`);
 `service.app.create_app` builds the ASGI app and `service.cli.serve_main` runs it.
 """
 

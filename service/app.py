@@ -12,9 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hornet_bundle import Bundle
 from service import __version__
 from service.auth import ApiKeyMiddleware, advertise_api_keys
-from service.bundle import Bundle
 from service.engines import create_engine
 from service.errors import ServiceError
 from service.logs import request_id

@@ -66,8 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     stopped; 2 for settings or bundles it cannot serve, 1 if it never started."""
     # The app (FastAPI, the engines) is imported here, so building the `hornet` parser
     # for another subcommand does not pay for it.
+    from hornet_bundle import BundleError, load_bundle
     from service.app import create_app
-    from service.bundle import BundleError, load_bundle
 
     try:
         settings = Settings(**given_settings(args))

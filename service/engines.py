@@ -1,36 +1,26 @@
-"""Engines: one small interface over ONNX Runtime, native TensorRT and torch.
+"""Engines: one small interface over ONNX Runtime and native TensorRT, plus plugins.
 
 An engine takes named numpy inputs and returns named numpy outputs; it is called from
 one worker thread at a time (the batcher gives each of the K instances its own thread),
 so implementations need no locking. Which file an engine loads comes from the bundle's
-manifest; nothing is guessed from file names.
+manifest; nothing is guessed from file names. Engines other packages contribute (the
+export side's eager `torch` engine) are found by name under the `hornet.engines` entry
+points, so the service imports none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from importlib import metadata
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from service.bundle import Bundle
-from service.manifest import Engine as EngineEntry
+from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, InferenceEngine
+from hornet_bundle import Engine as EngineEntry
 from service.settings import Settings
-
-
-class EngineUnavailable(RuntimeError):
-    """The requested engine cannot run this bundle here (missing runtime, GPU, file...)."""
-
-
-class InferenceEngine(Protocol):
-    description: str
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def close(self) -> None: ...
 
 
 class OnnxRuntimeEngine:
@@ -204,52 +194,19 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-class TorchEngine:
-    """The eager torch model rebuilt from the registry: for debugging and parity checks.
-
-    Takes the same inputs as the bundle's graph; uint8 NHWC is normalised with the
-    manifest's mean/std first, since the eager model takes normalised float32 NCHW.
-    """
-
-    def __init__(self, bundle: Bundle, device: str) -> None:
-        try:
-            import torch
-
-            from model_export import create_model
-        except ImportError as exc:
-            raise EngineUnavailable(f"the torch engine needs torch, model_export: {exc}") from exc
-        manifest = bundle.manifest
-        if manifest.task != "classify":
-            raise EngineUnavailable(f"the torch engine serves classify, not {manifest.task}")
-        if manifest.weights.random or not manifest.weights.checkpoint:
-            raise EngineUnavailable(
-                f"bundle {manifest.name!r} was exported with random weights; the torch "
-                "engine cannot rebuild them (it needs manifest.weights.checkpoint)"
-            )
-        self._torch = torch
-        self._device = torch.device(device)
-        self._preprocess = manifest.preprocess
-        self._output = manifest.outputs[0].name
-        self._model = create_model(
-            manifest.variant,
-            checkpoint=manifest.weights.checkpoint,
-            num_classes=len(manifest.labels),
-            image_size=manifest.preprocess.input_size[0],
-        ).to(self._device)
-        self.description = f"torch {torch.__version__} {manifest.variant} on {device}"
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from service.imaging import normalize_nchw
-
-        (array,) = inputs.values()
-        if array.dtype == np.uint8:
-            array = normalize_nchw(array, self._preprocess)
-        with self._torch.inference_mode():
-            logits = self._model(self._torch.from_numpy(array).to(self._device))
-        return {self._output: logits.float().cpu().numpy()}
-
-    def close(self) -> None:
-        self._model = None
+def registered_engine(name: str) -> Callable[..., InferenceEngine]:
+    """The engine factory another package registered as `name` under `hornet.engines`."""
+    found = metadata.entry_points(group=ENGINE_ENTRY_POINTS, name=name)
+    if not found:
+        raise EngineUnavailable(
+            f"engine {name!r} is not installed here: no {ENGINE_ENTRY_POINTS!r} entry point "
+            f"named {name!r} (the torch engine comes with pip install 'hornet-serve[export]')"
+        )
+    (entry_point, *_) = found
+    try:
+        return entry_point.load()
+    except ImportError as exc:
+        raise EngineUnavailable(f"the {name} engine cannot be loaded: {exc}") from exc
 
 
 def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
@@ -259,8 +216,8 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         if settings.engine == "tensorrt":
             entry = manifest.engine_for("tensorrt", settings.precision)
             return TensorRTEngine(bundle.file(entry.file), entry)
-        if settings.engine == "torch":
-            return TorchEngine(bundle, settings.device)
+        if settings.engine != "onnxruntime":
+            return registered_engine(settings.engine)(bundle, device=settings.device)
         entry = manifest.engine_for("onnx", settings.precision)
     except LookupError as exc:
         raise EngineUnavailable(str(exc)) from exc

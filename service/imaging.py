@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hornet_bundle import Preprocess, SlidingWindow
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from service.manifest import Preprocess, SlidingWindow
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 SUPPORTED_CONTENT_TYPES = frozenset(

@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from hornet_bundle import Manifest
 from service import imaging
 from service.engines import InferenceEngine
 from service.kserve import BYTES, NUMERIC_DATATYPES, InvalidInferRequest, Tensor
-from service.manifest import Manifest
 from service.schemas import (
     RLE,
     ClassifyResult,

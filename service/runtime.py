@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
+from hornet_bundle import Bundle, load_bundle
 from service import batching
-from service.bundle import Bundle, load_bundle
 from service.engines import InferenceEngine, create_engine
 from service.errors import (
     EngineFailure,

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hornet_bundle import MANIFEST_NAME
 from service.flags import Flag
-from service.manifest import MANIFEST_NAME
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
 

@@ -31,16 +31,16 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from hornet_bundle import MANIFEST_NAME, Manifest, Preprocess, write_manifest
 from model_export import create_model
-from model_export.bundle import write_manifest
 from model_export.demo.shapes import (
     CLASS_NAMES,
     SEGMENT_LABELS,
     generate_sample,
     generate_scene,
 )
+from model_export.export import ExportOptions, ParityImages, export
 from service import imaging
-from service.manifest import MANIFEST_NAME, Manifest, Preprocess
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "service" / "demo_bundles"
 COMMAND = "python -m model_export.demo.train"
@@ -113,7 +113,8 @@ SEG_BACKGROUND_WEIGHT = 0.5
 # 0.48 against 0.41 with a 192 long side.
 SEG_SCALE = (192, 96)
 ROI_BATCH = 128
-# Detection parity images when export_dense's noise images give no detections.
+# Detection parity images: on the exporter's noise images a trained shapes detector
+# rightly finds nothing.
 PARITY_SEED = 4004
 PARITY_SIZES = ((180, 240), (150, 120))
 
@@ -422,43 +423,20 @@ def mark_demo(bundle_dir: Path, labels: list[str], description: str, training: d
 
 
 def export_classifier(model: nn.Module, out_dir: Path) -> Manifest:
-    from model_export.export import export_bundle
-
-    return export_bundle(
-        CLASSIFY.variant, out_dir, model=model, name=CLASSIFY.name, labels=CLASS_NAMES, demo=True
-    )
+    options = ExportOptions(name=CLASSIFY.name, labels=CLASS_NAMES, demo=True)
+    return export(model, out_dir, options)
 
 
 def export_segmenter(model: nn.Module, out_dir: Path) -> Manifest:
-    from model_export.export_dense import export_segmentation_bundle
-
-    return export_segmentation_bundle(model, out_dir, name=SEGMENT.name)
+    return export(model, out_dir, ExportOptions(name=SEGMENT.name))
 
 
 def export_detector(model: nn.Module, out_dir: Path) -> Manifest:
-    """Export with export_dense's checks; its parity images are uniform noise, on which a
-    trained shapes detector rightly finds nothing, which export_dense reads as a failure.
-    Then parity is checked again on shapes scenes with the same pairing and tolerances."""
-    from model_export import export_dense
-
-    try:
-        return export_dense.export_detection_bundle(model, out_dir, name=DETECT.name)
-    except export_dense.ParityError:
-        manifest = Manifest.model_validate_json((out_dir / MANIFEST_NAME).read_text())
-        if "no detections" not in manifest.parity[0].inputs:
-            raise
+    """Checked on shapes scenes, with the exporter's pairing and tolerances."""
     rng = np.random.default_rng(PARITY_SEED)
-    images = [torch.from_numpy(generate_scene(rng, h, w).image) for h, w in PARITY_SIZES]
-    graph = export_dense.DetectionGraph(model).eval()
-    parity = export_dense._detection_parity(
-        graph, out_dir / export_dense.MODEL_FILE, images, export_dense.DETECTION_TOLERANCE
-    )
-    parity["inputs"] = f"shapes scenes (seed {PARITY_SEED}): " + parity["inputs"]
-    fields = manifest.model_dump(mode="json", exclude={"files", "tools"})
-    manifest = write_manifest(out_dir, fields | {"parity": [parity]})
-    if not parity["passed"]:
-        raise export_dense.ParityError(f"{out_dir}: {parity['inputs']}")
-    return manifest
+    images = [generate_scene(rng, h, w).image for h, w in PARITY_SIZES]
+    shapes = ParityImages(images, f"shapes scenes (seed {PARITY_SEED})")
+    return export(model, out_dir, ExportOptions(name=DETECT.name, parity_images=shapes))
 
 
 TASKS: dict[str, tuple[Recipe, Callable, Callable, list[str], str]] = {

@@ -16,13 +16,13 @@ from demo_serving import bundle_dir, serving, uploads
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from hornet_bundle import MANIFEST_NAME, Manifest
 from model_export.demo.shapes import (
     CLASS_NAMES,
     SEGMENT_LABELS,
     generate_sample,
     generate_scene,
 )
-from service.manifest import MANIFEST_NAME, Manifest
 
 pytestmark = pytest.mark.anyio
 

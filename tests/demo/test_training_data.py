@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hornet_bundle import Preprocess
 from model_export.demo import train
-from service.manifest import Preprocess
 
 
 def _preprocess(model) -> Preprocess:

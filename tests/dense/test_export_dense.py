@@ -11,14 +11,10 @@ import pytest
 import torch
 from dense_tiny import TINY_DET, TINY_SEG, randomize_
 
-from model_export import create_model, export_dense
-from model_export.export_dense import (
-    ParityError,
-    SegmentationTileGraph,
-    export_detection_bundle,
-    export_segmentation_bundle,
-)
-from service.manifest import Manifest
+from hornet_bundle import Manifest
+from model_export import create_model
+from model_export.export import ExportOptions, ParityError, export, segment
+from model_export.export.segment import SegmentationTileGraph
 
 TILE = 128
 
@@ -39,9 +35,9 @@ def _seg_model(name: str):
     ],
 )
 def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mode) -> None:
-    manifest = export_segmentation_bundle(_seg_model(name), tmp_path, gf_mode=gf_mode)
+    manifest = export(_seg_model(name), tmp_path, ExportOptions(gf_mode=gf_mode))
     parity = manifest.parity[0]
-    assert parity.passed and parity.relative_error < 1e-5 and parity.top1_agreement > 0.999
+    assert parity.passed and parity.max_relative_error < 1e-5 and parity.pixel_agreement > 0.999
     assert manifest.inputs[0].shape == [-1, TILE, TILE, 3] and manifest.inputs[0].dtype == "uint8"
     assert manifest.outputs[0].shape == [-1, 150, TILE, TILE]
     assert manifest.engines[0].gf_mode == engine_gf_mode
@@ -49,15 +45,15 @@ def test_segmentation_bundle_matches_torch(tmp_path, name, gf_mode, engine_gf_mo
 
 
 def test_auto_gf_mode_without_the_rewrite_uses_separable_dft(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(export_dense, "_gf_rewrite", lambda: None)
-    manifest = export_segmentation_bundle(_seg_model("upernet_hornet_tiny_gf"), tmp_path)
+    monkeypatch.setattr(segment, "_gf_rewrite", lambda: None)
+    manifest = export(_seg_model("upernet_hornet_tiny_gf"), tmp_path)
     assert manifest.engines[0].gf_mode == "matmul" and manifest.export["gf_graph"] == "separable"
     assert manifest.parity[0].passed
 
 
 def test_segmentation_graph_normalises_uint8_tiles_inside(tmp_path) -> None:
     model = _seg_model("upernet_hornet_tiny_7x7")
-    manifest = export_segmentation_bundle(model, tmp_path)
+    manifest = export(model, tmp_path)
     tiles = np.random.default_rng(5).integers(0, 256, (3, TILE, TILE, 3), dtype=np.uint8)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": tiles})[0]
@@ -69,7 +65,7 @@ def test_segmentation_graph_normalises_uint8_tiles_inside(tmp_path) -> None:
 
 
 def test_segmentation_manifest_records_the_sliding_window(tmp_path) -> None:
-    manifest = export_segmentation_bundle(_seg_model("upernet_hornet_tiny_7x7"), tmp_path)
+    manifest = export(_seg_model("upernet_hornet_tiny_7x7"), tmp_path)
     pre = manifest.preprocess
     assert pre.resize_mode == "fit" and pre.scale == (2048, 512) and pre.pixel_range == 255
     assert pre.sliding_window.crop == (TILE, TILE)
@@ -80,7 +76,7 @@ def test_segmentation_manifest_records_the_sliding_window(tmp_path) -> None:
 
 def test_segmentation_parity_failure_is_raised_and_recorded(tmp_path) -> None:
     with pytest.raises(ParityError, match="relative error"):
-        export_segmentation_bundle(_seg_model("upernet_hornet_tiny_7x7"), tmp_path, tolerance=0.0)
+        export(_seg_model("upernet_hornet_tiny_7x7"), tmp_path, ExportOptions(tolerance=0.0))
     record = json.loads((tmp_path / "manifest.json").read_text())["parity"][0]
     assert record["passed"] is False
 
@@ -99,9 +95,9 @@ def test_tile_graph_is_the_normalised_model() -> None:
 def test_detection_bundle_matches_torch(tmp_path) -> None:
     model = create_model("horfpn_7x7_mask_rcnn_hornet_tiny_7x7", box_score_thresh=0.0, **TINY_DET)
     randomize_(model, seed=3, gamma=0.1)
-    manifest = export_detection_bundle(model, tmp_path, image_sizes=((120, 160), (100, 90)))
+    manifest = export(model, tmp_path, ExportOptions(image_sizes=((120, 160), (100, 90))))
     parity = manifest.parity[0]
-    assert parity.passed and parity.relative_error < 1e-4 and parity.top1_agreement == 1.0
+    assert parity.passed and parity.box_score_error < 1e-4 and parity.detections_paired == 1.0
     assert [o.name for o in manifest.outputs] == ["boxes", "labels", "scores", "masks"]
     assert len(manifest.labels) == 80 and manifest.labels[0] == "person"
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -169,8 +169,8 @@ def test_exit_signal_turns_readiness_false_before_the_server_stops(bundle_dir: P
     server_module = pytest.importorskip("service.cli")
     from fastapi.testclient import TestClient
 
+    from hornet_bundle import load_bundle
     from service.app import create_app
-    from service.bundle import load_bundle
     from service.settings import Settings
 
     app = create_app(Settings(model_dir=[bundle_dir]), bundles=[load_bundle(bundle_dir)])

@@ -13,11 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export import create_model, export
-from model_export.export import ClassifierGraph, ExportError, export_bundle, onnx_op_types
+from hornet_bundle import BundleError, Manifest, load_bundle
+from model_export import create_model
+from model_export.export import ExportError, ExportOptions, classify, export
+from model_export.export.classify import ClassifierGraph
+from model_export.export.onnx_graph import onnx_op_types
 from model_export.gf_rewrite import rewrite_global_filters
-from service.bundle import BundleError, load_bundle
-from service.manifest import Manifest
 
 from ..models.conftest import TINY, randomize_
 
@@ -61,9 +62,8 @@ def test_rewritten_filter_refuses_another_feature_size(tiny_gf):
 @pytest.fixture(scope="module")
 def gf_bundle(tiny_gf, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
-    manifest = export_bundle(
-        "hornet_tiny_gf", out, model=tiny_gf, fp16=True, reference="float64", batch=(1, 4, 16)
-    )
+    options = ExportOptions(fp16=True, reference="float64", batch=(1, 4, 16))
+    manifest = export(tiny_gf, out, options)
     return out, manifest
 
 
@@ -102,9 +102,9 @@ def test_manifest_records_contract_preprocessing_and_parity(gf_bundle):
     assert manifest.weights.random is True
     assert "RANDOM" in manifest.description
     fp32, fp16 = manifest.parity
-    assert fp32.passed and fp32.reference == "torch float64" and fp32.relative_error < 1e-5
+    assert fp32.passed and fp32.reference == "torch float64" and fp32.relative_l2_error < 1e-5
     assert "photos: 4" in fp32.inputs and "random: 4" in fp32.inputs
-    assert fp16.passed and fp16.relative_error < 1e-2
+    assert fp16.passed and fp16.relative_l2_error < 1e-2
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest.tools)
     for name, entry in manifest.files.items():
         assert entry.bytes == (out / name).stat().st_size
@@ -128,7 +128,7 @@ def test_fp16_graph_keeps_io_types_and_norm_statistics_in_fp32(gf_bundle):
 
 
 def test_dft_mode_keeps_the_onnx_dft_op_and_matches_torch(tiny_gf, tmp_path):
-    manifest = export_bundle("hornet_tiny_gf", tmp_path, model=tiny_gf, gf_mode="dft")
+    manifest = export(tiny_gf, tmp_path, ExportOptions(gf_mode="dft"))
     assert "DFT" in onnx_op_types(tmp_path / "model.onnx") and manifest.engines[0].gf_mode == "dft"
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     images = _fresh_images(96, 2)
@@ -137,9 +137,9 @@ def test_dft_mode_keeps_the_onnx_dft_op_and_matches_torch(tiny_gf, tmp_path):
 
 
 def test_a_parity_failure_fails_the_export_and_is_recorded(tiny_gf, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "FP32_TOLERANCE", 1e-12)
+    monkeypatch.setattr(classify, "FP32_TOLERANCE", 1e-12)
     with pytest.raises(ExportError, match="parity check failed"):
-        export_bundle("hornet_tiny_gf", tmp_path, model=tiny_gf, gf_mode="circular_conv")
+        export(tiny_gf, tmp_path, ExportOptions(gf_mode="circular_conv"))
     manifest = load_bundle(tmp_path).manifest
     assert manifest.parity[0].passed is False
 
@@ -256,14 +256,8 @@ def test_tensorrt_engine_matches_onnx_runtime(tiny_gf, tmp_path, fp16):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed")
     from service.engines import TensorRTEngine
 
-    manifest = export_bundle(
-        "hornet_tiny_gf",
-        tmp_path,
-        model=tiny_gf,
-        fp16=fp16,
-        formats=("onnx", "tensorrt"),
-        batch=(1, 4, 8),
-    )
+    options = ExportOptions(fp16=fp16, formats=("onnx", "tensorrt"), batch=(1, 4, 8))
+    manifest = export(tiny_gf, tmp_path, options)
     entry = manifest.engine_for("tensorrt", "fp16" if fp16 else "fp32")
     assert entry.tensorrt_version and entry.gpu_name and entry.compute_capability
     engine = TensorRTEngine(tmp_path / entry.file, entry)

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 from test_server import running_server
 
+from hornet_bundle import Preprocess
 from service import imaging
-from service.manifest import Preprocess
 
 GIB = 1 << 30
 MIB = 1 << 20

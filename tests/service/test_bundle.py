@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bundle import BundleError, load_bundle
+from hornet_bundle import BundleError, load_bundle
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import bundles
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
+from hornet_bundle import load_bundle
 from service.engines import EngineUnavailable, create_engine
 from service.settings import Settings
 

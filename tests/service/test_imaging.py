@@ -12,9 +12,9 @@ from conftest import encode
 from PIL import Image
 from torchvision import transforms
 
+from hornet_bundle import Preprocess, SlidingWindow
 from service import imaging
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from service.manifest import Preprocess, SlidingWindow
 
 PHOTO_NAMES = ["astronaut", "coffee", "chelsea", "rocket", "portrait"]
 

@@ -1,4 +1,4 @@
-"""Official-pipeline parity: a HorNet exported by `export_bundle` and served over HTTP
+"""Official-pipeline parity: a HorNet exported by `export` and served over HTTP
 scores real photos as the torch model does on torchvision's evaluation transform."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def tiny_hornet(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Modu
     torch.manual_seed(0)
     model = create_model("hornet_tiny_gf", base_dim=16, depths=(1, 1, 1, 1))
     out = tmp_path_factory.mktemp("bundles") / "tiny_hornet_gf"
-    export.export_bundle("hornet_tiny_gf", out, model=model, name="tiny_hornet_gf")
+    export.export(model, out, export.ExportOptions(name="tiny_hornet_gf"))
     return model, out
 
 

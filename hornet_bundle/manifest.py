@@ -1,10 +1,9 @@
 """The model bundle's `manifest.json`: the one contract between export and serving.
 
-A bundle is a directory holding `manifest.json` and the engine files it lists. The export
-stage (`hornet export`, needs torch) writes it; the service (no torch) reads bundles only.
 Everything the service needs to turn an uploaded image into an answer is here: the
 input contract, the preprocessing of the official evaluation pipeline, the labels and
-the outputs. This module has no dependency beyond pydantic so both sides share it.
+the outputs; and what the export verified (`parity`). Manifests of an older schema
+version are read through `hornet_bundle.versions`, which says which versions it reads.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+from hornet_bundle.versions import SCHEMA_VERSION, upgrade
 
 Task = Literal["classify", "segment", "detect"]
 DType = Literal["uint8", "float32", "float16", "int64", "int32", "bool"]
@@ -90,17 +88,52 @@ class Engine(_Strict):
     batch_profile: tuple[int, int, int] | None = None
 
 
+ParityMetric = Literal["relative_l2_error", "max_relative_error", "box_score_error"]
+
+
 class Parity(_Strict):
-    """Verification of one engine against the torch model at export time."""
+    """Verification of one engine against a reference at export time.
+
+    `metric` names the figure that `tolerance` bounds (passed: figure < tolerance, plus
+    `min_mask_pixel_agreement` for detection); every figure is stored under its own
+    name, and a figure that does not apply to the task is None.
+    """
 
     engine: str
     reference: str
-    max_abs_error: float
-    relative_error: float
-    top1_agreement: float | None = None
+    metric: ParityMetric
     tolerance: float
     passed: bool
+    max_abs_error: float
+    # classify: ||got - ref|| / ||ref|| over all logits (L2 norms)
+    relative_l2_error: float | None = None
+    # segment: max |got - ref| / max |ref| over all logits
+    max_relative_error: float | None = None
+    # detect: max(box error / largest reference coordinate, score abs error), paired
+    box_score_error: float | None = None
+    # classify: fraction of images whose top-1 class agrees
+    top1_agreement: float | None = None
+    # segment: fraction of pixels whose argmax class agrees
+    pixel_agreement: float | None = None
+    # detect: every image's detections paired one to one (same count, same labels)
+    detections_paired: bool | None = None
+    # detect: fraction of 0.5-thresholded mask pixels that agree, its lower limit, and
+    # the largest mask probability difference
+    mask_pixel_agreement: float | None = None
+    min_mask_pixel_agreement: float | None = None
+    mask_max_abs_error: float | None = None
     inputs: str = ""
+
+    @model_validator(mode="after")
+    def _metric_is_recorded(self) -> Parity:
+        if getattr(self, self.metric) is None:
+            raise ValueError(f"parity metric {self.metric!r} has no value")
+        return self
+
+    @property
+    def value(self) -> float:
+        """The figure that `tolerance` bounds."""
+        return getattr(self, self.metric)
 
 
 class Weights(_Strict):
@@ -110,7 +143,9 @@ class Weights(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    """One bundle's manifest. Older schema versions are upgraded as they are read."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str
     variant: str
     task: Task
@@ -126,6 +161,11 @@ class Manifest(_Strict):
     export: dict = Field(default_factory=dict)
     parity: list[Parity] = Field(default_factory=list)
     tools: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_older_versions(cls, data: object) -> object:
+        return upgrade(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _engines_are_listed_files(self) -> Manifest:

@@ -1,7 +1,7 @@
-"""Writing model bundles: engine files plus a validated `manifest.json`.
+"""Writing a bundle's `manifest.json` for the engine files already in its directory.
 
-The manifest schema lives in `service.manifest` (shared with the torch-free service);
-writing goes through it so an export can never produce a bundle the service refuses.
+Writing goes through the schema, so an export can never produce a bundle the reader
+refuses.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from model_export.checkpoint import file_sha256
-from service.manifest import MANIFEST_NAME, Manifest
+from hornet_bundle.files import MANIFEST_NAME, sha256_of
+from hornet_bundle.manifest import Manifest
 
-_TOOLS = (
+# Distributions whose versions each manifest records (those installed).
+TOOLS = (
     "torch",
     "torchvision",
     "onnx",
@@ -30,7 +31,7 @@ _TOOLS = (
 
 def tool_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in _TOOLS:
+    for dist in TOOLS:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -40,10 +41,7 @@ def tool_versions() -> dict[str, str]:
 
 def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, dict]:
     return {
-        name: {
-            "sha256": file_sha256(bundle_dir / name),
-            "bytes": (bundle_dir / name).stat().st_size,
-        }
+        name: {"sha256": sha256_of(bundle_dir / name), "bytes": (bundle_dir / name).stat().st_size}
         for name in names
     }
 

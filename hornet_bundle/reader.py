@@ -1,4 +1,4 @@
-"""Loading a model bundle: read `manifest.json`, validate it, verify every listed file.
+"""Reading a model bundle: read `manifest.json`, validate it, verify every listed file.
 
 A bundle that does not match its manifest (an edited, truncated or missing file, an
 invalid manifest) is refused with a `BundleError` naming the file, before any engine
@@ -7,14 +7,14 @@ sees it: serving the wrong weights silently is the failure this guards against.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_NAME, Manifest
+from hornet_bundle.files import MANIFEST_NAME, sha256_of
+from hornet_bundle.manifest import Manifest
 
 
 class BundleError(ValueError):
@@ -37,15 +37,6 @@ class Bundle:
         if name not in self.manifest.files:
             raise BundleError(f"{self.path}: {name!r} is not listed in {MANIFEST_NAME}")
         return self.path / name
-
-
-def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB engines do not fill memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_manifest(path: Path) -> Manifest:

@@ -1,0 +1,25 @@
+"""The names of a bundle's files and how their contents are fingerprinted."""
+
+from __future__ import annotations
+
+import hashlib
+from os import PathLike
+
+MANIFEST_NAME = "manifest.json"
+ONNX_FP32 = "model.onnx"
+# Bundles of schema version 1 may name their fp16 graph `model_fp16.onnx` (the dense
+# exporter did); the manifest's `engines` says which file is which, so both load.
+ONNX_FP16 = "model.fp16.onnx"
+TRT_FP32 = "model.plan"
+TRT_FP16 = "model.fp16.plan"
+# TensorRT's timing cache: kept next to the engines to speed up rebuilds, never listed.
+TIMING_CACHE = "timing.cache"
+
+
+def sha256_of(path: str | PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB engines do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
