@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hornet_bundle import Bundle
 from service import __version__
@@ -25,7 +26,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.routers import health, inference, models, v2
-from service.runtime import EngineFactory, ModelPool
+from service.runtime import ClientDisconnected, EngineFactory, ModelPool
 from service.settings import Settings
 
 log = logging.getLogger("hornet.service")
@@ -118,6 +119,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(
             request, exc.status_code, exc.code, exc.detail, exc.headers, rid=request_id.get()
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        """The client hung up while its body was read: nobody is left to answer, so no
+        error line; counted as 499, like a client that leaves while queued."""
+        gone = ClientDisconnected("the client closed the connection while sending its body")
+        return _error(request, gone.status_code, gone.code, gone.detail)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
