@@ -36,7 +36,6 @@ import io
 import json
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -50,11 +49,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-from loadgen import REPO, launch_server, require_loopback, wait_ready
+from loadgen import serving
 from PIL import Image
 
 from model_export.demo import shapes
 
+REPO = Path(__file__).resolve().parents[1]
 # Tolerances against the single-request reference. Batched and single engine calls gave
 # bit-identical outputs here (ONNX Runtime CPU, 1 and 2 threads, batches of 2-8 mixed
 # images: max difference 0), so any difference at all is suspect; the margins only
@@ -641,13 +641,19 @@ def read_rss_mb(pid: int) -> float | None:
     return None
 
 
-async def sample_rss(
-    pid: int, soak: Soak, stop_at: float, samples: list[tuple[float, float]]
+async def sample_server(
+    pid: int | None, soak: Soak, stop_at: float, rss: list[tuple], load: list[tuple]
 ) -> None:
+    """Each second: the server's RSS (s, MB), and the machine's 1-minute load average
+    with the server's CPU seconds so far (s, load, cpu), to tell a slower server from a
+    busier machine."""
     while time.perf_counter() < stop_at:
-        rss = read_rss_mb(pid)
-        if rss is not None:
-            samples.append((time.perf_counter() - soak.started, rss))
+        at = time.perf_counter() - soak.started
+        mb = read_rss_mb(pid) if pid is not None else None
+        if mb is not None:
+            rss.append((at, mb))
+        cpu = process_cpu_seconds(pid) if pid is not None else None
+        load.append((at, os.getloadavg()[0], cpu))
         await asyncio.sleep(RSS_INTERVAL_S)
 
 
@@ -662,10 +668,12 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 async def run_traffic(
     soak: Soak, args: argparse.Namespace, pid: int | None
-) -> tuple[list[tuple[float, float]], dict]:
-    """The mixed traffic for --duration seconds; returns the RSS samples (s, MB) and the
-    CPU seconds the server and this client spent meanwhile (they share the machine)."""
-    rss: list[tuple[float, float]] = []
+) -> tuple[list[tuple], list[tuple], dict]:
+    """The mixed traffic for --duration seconds; returns the RSS and load samples (see
+    sample_server) and the CPU seconds the server and this client spent meanwhile (they
+    share the machine)."""
+    rss: list[tuple] = []
+    load: list[tuple] = []
     deck = Deck(traffic_weights(soak.models), random.Random(args.seed))
     limits = httpx.Limits(
         max_connections=args.concurrency, max_keepalive_connections=args.concurrency
@@ -680,8 +688,7 @@ async def run_traffic(
             for n in range(args.concurrency)
         ]
         tasks.append(bursts(soak, args.burst_every, random.Random(args.seed - 1), stop_at))
-        if pid is not None:
-            tasks.append(sample_rss(pid, soak, stop_at, rss))
+        tasks.append(sample_server(pid, soak, stop_at, rss, load))
         await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - soak.started
     server_end = process_cpu_seconds(pid) if pid is not None else None
@@ -690,33 +697,21 @@ async def run_traffic(
         "client_s": round(time.process_time() - client_cpu, 1),
         "server_s": round(server_end - server_cpu, 1) if server_end and server_cpu else None,
     }
-    return rss, cpu
+    return rss, load, cpu
 
 
 # --- the server --------------------------------------------------------------------------
 
 
-def start_server(
-    args: argparse.Namespace, log_path: Path
-) -> tuple[subprocess.Popen, str, list[str]]:
-    """`python -m service` with its address space capped and its stderr in `log_path`."""
-    flags = [
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """`python -m service` flags: the soak's models, warnings and errors logged."""
+    return [
         "--log-level",
         "warning",
         "--engine-threads",
         str(args.engine_threads),
         *(f for d in args.model_dir for f in ("--model-dir", str(d))),
     ]
-    limit = int(args.memory_limit_gb * 2**30)
-
-    def cap_memory() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    with log_path.open("w") as log:
-        process, url = launch_server(
-            flags, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=cap_memory
-        )
-    return process, url, flags
 
 
 def scrape_metrics(url: str) -> tuple[Counter, float]:
@@ -834,6 +829,26 @@ def error_summary(lines: list[dict]) -> list[dict]:
     ]
 
 
+def machine_report(load: list[tuple], duration: float) -> dict:
+    """Per third of the run: the machine's mean 1-minute load average and the cores the
+    server used (None without its pid)."""
+    report = {}
+    for name, start, stop in (
+        ("first_third", 0, duration / 3),
+        ("last_third", 2 * duration / 3, duration),
+    ):
+        rows = [row for row in load if start <= row[0] < stop]
+        if len(rows) < 2:
+            continue
+        (t0, _, cpu0), (t1, _, cpu1) = rows[0], rows[-1]
+        cores = (cpu1 - cpu0) / (t1 - t0) if cpu0 is not None and cpu1 is not None else None
+        report[name] = {
+            "load_avg_1m": round(float(np.mean([row[1] for row in rows])), 2),
+            "server_cores": round(cores, 2) if cores is not None else None,
+        }
+    return report
+
+
 def examples(outcomes: list[Outcome], failure: str) -> list[dict]:
     found = [o for o in outcomes if o.failure == failure][:MAX_EXAMPLES]
     return [
@@ -935,6 +950,11 @@ def print_report(report: dict) -> None:
             f"  {route:<26} {first['p50_ms']}/{first['p99_ms']} (n={first['n']}) -> "
             f"{last['p50_ms']}/{last['p99_ms']} (n={last['n']})  x{row['p99_drift']}"
         )
+    for name, row in report["machine"].items():
+        print(
+            f"  {name.replace('_', ' ')}: machine load average {row['load_avg_1m']}, "
+            f"server used {row['server_cores']} cores"
+        )
     cpu = report["cpu_seconds"]
     print(
         f"CPU seconds over {cpu['wall_s']} s of traffic: server {cpu['server_s']}, "
@@ -1032,15 +1052,15 @@ def after_traffic(url: str, before: Counter, process: subprocess.Popen | None) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    process, flags, log_path = None, [], None
-    url, pid, source = args.url, args.pid, source_revision()
-    if url is None:
+    flags, log_path = [], None
+    if args.url is None:
+        flags = server_flags(args)
         log_path = args.server_log or Path(tempfile.mkstemp(prefix="soak-server-")[1])
-        process, url, flags = start_server(args, log_path)
-        pid = process.pid
-    require_loopback(url)
-    try:
-        wait_ready(url, process)
+    source = source_revision()
+    memory_limit = int(args.memory_limit_gb * 2**30)
+    server = serving(args.url, flags, log_path=log_path, memory_limit_bytes=memory_limit)
+    with server as (url, process):
+        pid = args.pid if process is None else process.pid
         models = served_models(url)
         samples = {task: image_pool(task, args.seed) for task in {m.task for m in models}}
         print(
@@ -1050,16 +1070,14 @@ def main(argv: list[str] | None = None) -> int:
         soak = Soak(url, models, samples, reference_answers(url, models, samples))
         before, _ = scrape_metrics(url)
         print(f"references: {len(soak.references)}; {args.duration:.0f} s of traffic")
-        rss, cpu = asyncio.run(run_traffic(soak, args, pid))
+        rss, load, cpu = asyncio.run(run_traffic(soak, args, pid))
         found = after_traffic(url, before, process)
-    finally:
-        if process is not None and process.poll() is None:
-            process.kill()
     error_log = error_log_lines(log_path) if log_path else []
     extra = {
         "server": {"url": url, "flags": flags, "pid": pid, "source": source},
         "server_log": str(log_path) if log_path else None,
         "cpu_seconds": cpu,
+        "machine": machine_report(load, args.duration),
         **found,
         "error_log": error_log,
         "error_log_summary": error_summary(error_log),
