@@ -25,7 +25,7 @@ from service.middleware import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
 )
-from service.routers import health, inference, models, v2
+from service.routers import health, inference, models, page, v2
 from service.runtime import ClientDisconnected, EngineFactory, ModelPool
 from service.settings import Settings
 
@@ -75,6 +75,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(v2.router)
+    app.include_router(page.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     api_keys = settings.accepted_api_keys()

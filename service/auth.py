@@ -2,7 +2,8 @@
 
 Off unless keys are configured (settings.api_keys, settings.api_key_file). A request
 shows its key as `Authorization: Bearer KEY` or `X-API-Key: KEY`; the probes and
-/metrics stay open unless settings.protect_probes, and the API docs always do. Keys and
+/metrics stay open unless settings.protect_probes, and the API docs and the try-it page
+(which holds no secret: it asks the user for a key) always do. Keys and
 the headers carrying them are never logged.
 """
 
@@ -21,6 +22,7 @@ from service.schemas import ErrorResponse, V2ErrorResponse
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+PAGE_PATHS = frozenset({"/", "/static/page.js", "/static/page.css"})  # service.routers.page
 API_KEY_HEADER = "X-API-Key"
 CHALLENGE = 'Bearer realm="hornet"'
 
@@ -41,7 +43,7 @@ def key_matches(candidate: bytes, keys: Sequence[bytes]) -> bool:
 
 def is_protected(path: str, protect_probes: bool) -> bool:
     """Whether a request to `path` (or an OpenAPI path template) needs a key."""
-    if path in DOCS_PATHS:
+    if path in DOCS_PATHS or path in PAGE_PATHS:
         return False
     return protect_probes or path not in PROBE_PATHS
 

@@ -109,6 +109,14 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def page_url(config: uvicorn.Config) -> str:
+    """The try-it page's address (GET /); a wildcard bind is shown as the loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.host, config.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}/"
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signal turns readiness false before anything stops,
     whose shutdown closes the batch queues at the drain bound (503s, not uvicorn's bare
@@ -127,6 +135,12 @@ class _DrainingServer(uvicorn.Server):
         # uvicorn re-raises captured signals once shut down (the process would die by
         # SIGTERM); a drained server's exit is a normal one.
         self._captured_signals.clear()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            url = page_url(self.config)
+            log.info(f"try the models in a browser: {url}", extra={"url": url})
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._pool.close_within(self._drain_timeout_s)

@@ -1,0 +1,113 @@
+"""What the page tests run: a real `python -m service` process and headless Chromium
+(Debian's `chromium` and `chromium-driver`) driven by Selenium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_BUNDLES = REPO / "service" / "demo_bundles"
+_SERVER_MEMORY_BYTES = 8 << 30
+_APT_PACKAGES = ("chromium", "chromium-driver")
+
+
+def install_chromium() -> str | None:
+    """Installs Debian's chromium and its driver; None when done, else why not."""
+    if os.geteuid() != 0:
+        return "not root, so cannot apt-get install " + " ".join(_APT_PACKAGES)
+    if shutil.which("apt-get") is None:
+        return "no apt-get to install " + " ".join(_APT_PACKAGES)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *_APT_PACKAGES],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            return f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}"
+    return None
+
+
+@contextlib.contextmanager
+def open_browser(chromium: tuple[str, str], width: int = 1200, height: int = 900):
+    """Headless Chromium at `width` x `height` CSS pixels (device scale 1)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = chromium
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--force-device-scale-factor=1",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (_SERVER_MEMORY_BYTES, _SERVER_MEMORY_BYTES))
+
+
+@contextlib.contextmanager
+def running_service(log_path: Path, *flags: str) -> Iterator[str]:
+    """`python -m service` with `flags` on a free loopback port (one engine thread, its
+    address space capped), ready; yields its base URL; stops it at the end."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
+    env["HORNET_ENGINE_THREADS"] = "1"
+    command = [sys.executable, "-m", "service", "--port", str(port), *flags]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_limit_memory,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base_url, process)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{base_url} not ready within {timeout_s} s")
