@@ -30,9 +30,12 @@ def install_chromium() -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *_APT_PACKAGES],
+        ["apt-get", "install", "-y", "-qq", *_APT_PACKAGES],
     ):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(command)} took over 900 s"
         if done.returncode != 0:
             return f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}"
     return None
