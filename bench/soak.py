@@ -960,10 +960,10 @@ def print_report(report: dict) -> None:
         f"CPU seconds over {cpu['wall_s']} s of traffic: server {cpu['server_s']}, "
         f"this client {cpu['client_s']} ({report['cpus']} cpus, shared with the server)"
     )
+    took = f" in {report['exit_seconds']} s" if report["exit_seconds"] is not None else ""
     print(
         f"in flight at the end: {report['in_flight_at_end']}   ready at the end: "
-        f"{report['ready_at_end']}   exit after SIGTERM: {report['exit_status']} "
-        f"in {report['exit_seconds']} s"
+        f"{report['ready_at_end']}   exit after SIGTERM: {report['exit_status']}{took}"
     )
     print(f"server error-log lines: {len(report['error_log'])}  (log: {report['server_log']})")
     for entry in error_summary(report["error_log"]):
