@@ -109,6 +109,8 @@ class BatchQueue(Generic[T, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._running_items = 0
+        self._item_seconds: float | None = None
 
     @property
     def depth(self) -> int:
@@ -150,8 +152,9 @@ class BatchQueue(Generic[T, R]):
                 f"queue holds {self.depth} of {self.max_queue_size} items; "
                 f"{len(items)} more do not fit"
             )
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
+        self._refuse_past_deadline(len(items), now, deadline)
+        loop = asyncio.get_running_loop()
         pending = [_Pending(item, loop.create_future(), now, deadline, is_gone) for item in items]
         for entry in pending:
             self._queue.put_nowait(entry)
@@ -165,6 +168,31 @@ class BatchQueue(Generic[T, R]):
         finally:
             for entry in pending:
                 entry.future.cancel()
+
+    @property
+    def work_ahead(self) -> int:
+        """Items queued or running: what a new item waits behind."""
+        return self.depth + self._running_items
+
+    def expected_wait_s(self, items: int) -> float | None:
+        """Seconds until `items` more would be answered, from the measured compute time
+        per item (an exponential average over recent batches) and the work ahead of
+        them; None before the first batch has run."""
+        if self._item_seconds is None:
+            return None
+        return (self.work_ahead + items) * self._item_seconds / len(self._workers)
+
+    def _refuse_past_deadline(self, items: int, now: float, deadline: float | None) -> None:
+        """Shed at once (QueueFull: 503 with Retry-After) what could only time out (504)
+        after holding a place in the queue: a slow model's full queue can take longer
+        than a request's deadline, however few items it holds."""
+        expected = self.expected_wait_s(items)
+        if deadline is None or expected is None or now + expected <= deadline:
+            return
+        raise QueueFull(
+            f"the queue's work ahead would take about {expected:.1f} s, past this request's "
+            f"deadline in {max(deadline - now, 0.0):.1f} s"
+        )
 
     async def close(self, drain_timeout_s: float) -> None:
         """Refuse new work, let queued and running batches finish within the bound, stop."""
@@ -237,6 +265,7 @@ class BatchQueue(Generic[T, R]):
 
     async def _execute(self, worker: BatchWorker, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()
+        self._running_items += len(batch)
         queue_seconds = [started - entry.enqueued_at for entry in batch]
         failed = True
         try:
@@ -266,15 +295,22 @@ class BatchQueue(Generic[T, R]):
                 _fail(entry, error)
         else:
             failed = False
+            self._note_compute(time.monotonic() - started, len(batch))
             for entry, result in zip(batch, results, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(result)
         finally:
+            self._running_items -= len(batch)
             self._idle.put_nowait(worker)
             if self._observer is not None:
                 self._observer.batch_done(
                     BatchStats(len(batch), queue_seconds, time.monotonic() - started, failed)
                 )
+
+    def _note_compute(self, seconds: float, items: int) -> None:
+        per_item = seconds / items
+        previous = self._item_seconds
+        self._item_seconds = per_item if previous is None else 0.7 * previous + 0.3 * per_item
 
     def _report_depth(self) -> None:
         if self._observer is not None:
