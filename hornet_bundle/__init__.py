@@ -3,7 +3,9 @@
 A bundle is a directory holding `manifest.json` and the engine files it lists. The
 exporter (`model_export`, needs torch) writes bundles; the service (`service`, no torch)
 reads them. Both depend on this package and neither on the other; it needs nothing
-beyond pydantic and the standard library.
+beyond pydantic and the standard library, but for `hornet_bundle.preprocess` (the image
+transforms the manifest's `preprocess` describes: numpy, Pillow, OpenCV), which is
+imported on its own.
 """
 
 from hornet_bundle.engine import ENGINE_ENTRY_POINTS, EngineUnavailable, InferenceEngine

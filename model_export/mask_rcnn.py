@@ -15,13 +15,14 @@ released detector until its heads are trained or converted.
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Mapping
 from os import PathLike
 
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from model_export.checkpoint import (
     CheckpointError,
@@ -37,6 +38,14 @@ MMDET_STD = (58.395, 57.12, 57.375)
 FPN_CHANNELS = 256
 MMDET_PARTS = {"backbone.": "backbone.backbone.", "neck.": "backbone.neck."}
 MMDET_HEADS = ("rpn_head.", "roi_head.")
+# torchvision's MaskRCNN keyword arguments (its own and the FasterRCNN ones it passes on)
+# that HorNetMaskRCNN forwards; the backbone, class count and normalisation are its own.
+TORCHVISION_OPTIONS = frozenset(
+    name
+    for cls in (MaskRCNN, FasterRCNN)
+    for name, parameter in inspect.signature(cls.__init__).parameters.items()
+    if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+) - {"self", "backbone", "num_classes", "image_mean", "image_std"}
 
 
 class HorNetFPNBackbone(nn.Module):
@@ -60,7 +69,10 @@ class HorNetMaskRCNN(MaskRCNN):
 
     Takes a list of float RGB CHW images in [0, 1] (torchvision's convention; the
     transform normalises with mmdet's mean/std / 255). `num_classes` counts the object
-    classes (80 for COCO); torchvision's heads add the background class 0.
+    classes (80 for COCO); torchvision's heads add the background class 0. Keyword
+    arguments named in `TORCHVISION_OPTIONS` (rpn_pre_nms_top_n_train,
+    box_batch_size_per_image, box_detections_per_img, ...) go to torchvision's
+    MaskRCNN, the others to the HorNet backbone.
     """
 
     def __init__(
@@ -71,8 +83,10 @@ class HorNetMaskRCNN(MaskRCNN):
         min_size: int = 800,
         max_size: int = 1333,
         box_score_thresh: float = 0.05,
-        **backbone_kwargs,
+        **kwargs,
     ) -> None:
+        detector = {k: v for k, v in kwargs.items() if k in TORCHVISION_OPTIONS}
+        backbone_kwargs = {k: v for k, v in kwargs.items() if k not in TORCHVISION_OPTIONS}
         backbone = HorNetFPNBackbone(fusion=fusion, out_channels=fpn_channels, **backbone_kwargs)
         super().__init__(
             backbone,
@@ -82,6 +96,7 @@ class HorNetMaskRCNN(MaskRCNN):
             image_mean=[m / 255 for m in MMDET_MEAN],
             image_std=[s / 255 for s in MMDET_STD],
             box_score_thresh=box_score_thresh,
+            **detector,
         )
         self.num_object_classes = num_classes
 

@@ -4,7 +4,10 @@ Everything here is CPU work run off the event loop. The transforms reproduce, bi
 bit, what the model was evaluated with (timm/torchvision eval transform for
 classification, mmseg's test pipeline for segmentation), because "same scores as the
 official pipeline" is the service's first promise. The parameters come from the
-bundle's `manifest.preprocess`, never from constants here.
+bundle's `manifest.preprocess`, never from constants here. The resize, crop and window
+transforms that manifest section describes belong to the bundle contract
+(`hornet_bundle.preprocess`, which the demo models also train through); the pipelines
+reach them through this module.
 
 Colour conversion follows PIL's `Image.convert("RGB")` (what torchvision/timm loaders
 do), with one exception: 16-bit greyscale ('I;16*', 'I') which PIL would clip to 255
@@ -15,15 +18,17 @@ do), with one exception: 16-bit greyscale ('I;16*', 'I') which PIL would clip to
 from __future__ import annotations
 
 import io
-import math
 import warnings
-from collections.abc import Iterator
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hornet_bundle import Preprocess, SlidingWindow
+from hornet_bundle import Preprocess
+from hornet_bundle.preprocess import classification_input as classification_input
+from hornet_bundle.preprocess import fit_image as fit_image
+from hornet_bundle.preprocess import fit_size as fit_size
+from hornet_bundle.preprocess import tile as tile
+from hornet_bundle.preprocess import window_boxes as window_boxes
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
@@ -41,15 +46,8 @@ SUPPORTED_CONTENT_TYPES = frozenset(
         "image/gif",
     }
 )
-_RESAMPLE = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-}
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
-# Resized images up to this many model crops are resized whole (exact); see classification_input.
-EXACT_RESIZE_CROPS = 64
 
 
 def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 0.0) -> Image.Image:
@@ -113,79 +111,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def classification_input(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """The uint8 HWC crop the classifier was evaluated on (timm/torchvision eval transform).
-
-    shorter_side_center_crop: torchvision Resize(int(size / crop_pct)) then
-    CenterCrop(size); direct: Resize((h, w)). Both with PIL's resampling.
-
-    The resize-then-crop is done as written while the resized image stays within
-    `EXACT_RESIZE_CROPS` crops (aspect ratios up to about 50:1 at 224 px): bit-identical to
-    torchvision. Beyond that (a 40000x1 image would resize to 10 million pixels wide) only
-    the crop's region is resampled, with PIL's `box`: the same filter, but PIL may then
-    round its two passes in the other order, so pixels differ by rounding (under one
-    grey level on average on noise, tests/service/test_bounded_work.py); the work stays
-    one crop.
-    """
-    height, width = preprocess.input_size
-    resample = _RESAMPLE[preprocess.interpolation]
-    if preprocess.resize_mode == "direct":
-        return np.asarray(image.resize((width, height), resample), dtype=np.uint8)
-    if preprocess.resize_mode != "shorter_side_center_crop":
-        raise ValueError(f"resize_mode {preprocess.resize_mode!r} is not a classification mode")
-    crop_pct = preprocess.crop_pct or 1.0
-    resized_w, resized_h = _shorter_side_size(image.size, height, width, crop_pct)
-    small = resized_w * resized_h <= EXACT_RESIZE_CROPS * height * width
-    if small or resized_w < width or resized_h < height:
-        resized = image.resize((resized_w, resized_h), resample)
-        return _center_crop(np.asarray(resized, dtype=np.uint8), height, width)
-    return _crop_then_resize(image, (resized_w, resized_h), height, width, resample)
-
-
-def _crop_then_resize(
-    image: Image.Image,
-    resized: tuple[int, int],
-    height: int,
-    width: int,
-    resample: Image.Resampling,
-) -> np.ndarray:
-    """The center crop of `image.resize(resized)` computed over the crop's region only."""
-    resized_w, resized_h = resized
-    top = int(round((resized_h - height) / 2.0))
-    left = int(round((resized_w - width) / 2.0))
-    scale_x, scale_y = image.width / resized_w, image.height / resized_h
-    box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
-    return np.asarray(image.resize((width, height), resample, box=box), dtype=np.uint8)
-
-
-def _shorter_side_size(
-    size: tuple[int, int], height: int, width: int, crop_pct: float
-) -> tuple[int, int]:
-    """PIL (w, h) after timm's scale step: shorter side for square crops, else both sides."""
-    if height != width:
-        return math.floor(width / crop_pct), math.floor(height / crop_pct)
-    target = math.floor(height / crop_pct)
-    in_w, in_h = size
-    if in_w <= in_h:
-        return target, int(target * in_h / in_w)
-    return int(target * in_w / in_h), target
-
-
-def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """torchvision CenterCrop: pad with zeros when smaller, then top = round((h - size) / 2)."""
-    in_h, in_w = array.shape[:2]
-    if in_h < height or in_w < width:
-        pad_h, pad_w = max(height - in_h, 0), max(width - in_w, 0)
-        array = np.pad(
-            array,
-            ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)),
-        )
-        in_h, in_w = array.shape[:2]
-    top = int(round((in_h - height) / 2.0))
-    left = int(round((in_w - width) / 2.0))
-    return np.ascontiguousarray(array[top : top + height, left : left + width])
-
-
 def normalize_nchw(batch: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     """uint8 NHWC -> normalised float32 NCHW, for graphs with normalize_in_graph false."""
     values = batch.astype(np.float32)
@@ -194,35 +119,6 @@ def normalize_nchw(batch: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     mean = np.asarray(preprocess.mean, dtype=np.float32)
     std = np.asarray(preprocess.std, dtype=np.float32)
     return np.ascontiguousarray(((values - mean) / std).transpose(0, 3, 1, 2))
-
-
-def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv rescale_size(keep_ratio=True): the largest size fitting (long, short) scale.
-
-    Each side is at least one pixel (mmcv would give 0 for a 40000x1 image and fail).
-    """
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
-
-
-def fit_image(image: Image.Image, scale: tuple[int, int], backend: str) -> np.ndarray:
-    """The uint8 HWC image resized to fit `scale` (mmcv imrescale), as the model's
-    pipeline resized it: work and memory are those of the fitted image plus one decode."""
-    fit_h, fit_w = fit_size(image.height, image.width, scale)
-    if backend == "pil":
-        resized = image.resize((fit_w, fit_h), Image.Resampling.BILINEAR)
-        return np.asarray(resized, dtype=np.uint8)
-    return resize_linear_uint8(np.asarray(image, dtype=np.uint8), fit_h, fit_w, backend)
-
-
-def resize_linear_uint8(array: np.ndarray, height: int, width: int, backend: str) -> np.ndarray:
-    """Bilinear resize of an HWC uint8 image as the dense pipelines did it: 'opencv' is
-    cv2.INTER_LINEAR (mmcv's imresize, no antialiasing), 'pil' is PIL's bilinear."""
-    if backend == "pil":
-        image = Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def _linear_taps(
@@ -283,28 +179,3 @@ def class_counts(mask: np.ndarray, classes: int) -> np.ndarray:
     for start in range(0, mask.shape[0], rows_per_band):
         counts += np.bincount(mask[start : start + rows_per_band].ravel(), minlength=classes)
     return counts
-
-
-def window_boxes(
-    height: int, width: int, window: SlidingWindow
-) -> Iterator[tuple[int, int, int, int]]:
-    """mmseg slide_inference windows (y1, y2, x1, x2); border windows shifted back inside."""
-    crop_h, crop_w = window.crop
-    stride_h, stride_w = window.stride
-    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-    for row in range(rows):
-        for col in range(cols):
-            y2 = min(row * stride_h + crop_h, height)
-            x2 = min(col * stride_w + crop_w, width)
-            yield max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2
-
-
-def tile(array: np.ndarray, box: tuple[int, int, int, int], crop: tuple[int, int]) -> np.ndarray:
-    """One window of an HWC image, zero-padded bottom/right to the graph's fixed crop."""
-    y1, y2, x1, x2 = box
-    piece = array[y1:y2, x1:x2]
-    pad_h, pad_w = crop[0] - piece.shape[0], crop[1] - piece.shape[1]
-    if pad_h or pad_w:
-        piece = np.pad(piece, ((0, pad_h), (0, pad_w), (0, 0)))
-    return np.ascontiguousarray(piece)

@@ -276,7 +276,7 @@ def export_classifier(model: nn.Module, out_dir: str | Path, options: ExportOpti
         "opset": onnx_opset(out / ONNX_FP32),
         "exporter": "torch.onnx dynamo",
     }
-    common = _manifest_fields(model, out, options, labels, export)
+    common = _manifest_fields(model, out, options, labels, fields.export_record(export, options))
     manifest = write_manifest(out, common | {"engines": engines, "parity": records})
     parity.raise_on_failure(records, out)
     if trt_error:

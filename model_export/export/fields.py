@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from hornet_bundle import Weights, sha256_of
+from model_export.export.options import ExportOptions
 from model_export.labels import labels_for
 from model_export.registry import PretrainedCfg
 
@@ -72,6 +73,15 @@ def bundle_identity(
         "description": options.description or describe(variant, weights),
         "weights": weights.model_dump(),
     }
+
+
+def export_record(facts: dict, options: ExportOptions) -> dict:
+    """The manifest's `export` record: the exporter's `facts`, then options.export_extra."""
+    extra = dict(options.export_extra or {})
+    clashes = sorted(facts.keys() & extra.keys())
+    if clashes:
+        raise ValueError(f"export_extra may not replace what the exporter records: {clashes}")
+    return facts | extra
 
 
 def image_input(shape: list[int], description: str) -> dict:

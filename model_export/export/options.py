@@ -6,7 +6,7 @@ applies to one task only says so; a None default means "the task's own default".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -50,6 +50,9 @@ class ExportOptions:
     name: str | None = None
     demo: bool = False
     description: str = ""
+    # More entries for the manifest's `export` record, after the exporter's own (the demo
+    # builder's `demo_training`); one the exporter writes itself is refused.
+    export_extra: Mapping[str, Any] | None = None
     # segment: the (long, short) scale images are fitted to, replacing the variant's.
     scale: tuple[int, int] | None = None
     opset: int | None = None

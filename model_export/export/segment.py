@@ -189,7 +189,7 @@ def export_segmentation(model: nn.Module, out_dir: str | Path, options: ExportOp
         "fp16": options.fp16,
         "fp16_fp32_ops": list(KEEP_FP32_OPS) if options.fp16 else [],
     }
-    common = _manifest_fields(model, options, labels, export)
+    common = _manifest_fields(model, options, labels, fields.export_record(export, options))
     manifest = write_manifest(out, common | {"engines": engines, "parity": records})
     parity.raise_on_failure(records, out)
     return manifest

@@ -1,5 +1,5 @@
-"""The layering rule: the bundle contract depends on neither half, the service never
-imports the exporter, and the exporter takes only the contract from the service side."""
+"""The layering rule: the bundle contract depends on neither half and neither half imports
+the other; what both need (the manifest, the preprocess transforms) is in the contract."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# Imports of `service` the exporter still makes, each with the reason and what ends it.
-EXPORTER_USES_OF_SERVICE = {
-    # The demo models train on the service's own preprocessing (so they see what the
-    # served graph sees); goes when the demo builder is split from model_export.
-    ("model_export/demo/train.py", "service"),
-}
 CONTRACT_MAY_IMPORT = {"pydantic", "hornet_bundle"}
+# The transforms of the manifest's `preprocess` need the service's core image libraries;
+# the rest of the contract does not load them.
+TRANSFORMS = "hornet_bundle/preprocess.py"
+TRANSFORMS_MAY_IMPORT = CONTRACT_MAY_IMPORT | {"numpy", "PIL", "cv2"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -53,9 +51,8 @@ def test_the_service_never_imports_the_exporter() -> None:
     assert [(f, m) for f, m in _top_level("service") if m == "model_export"] == []
 
 
-def test_the_exporter_imports_only_the_contract_from_the_service_side() -> None:
-    uses = {(f, m) for f, m in _top_level("model_export") if m == "service"}
-    assert uses <= EXPORTER_USES_OF_SERVICE, sorted(uses - EXPORTER_USES_OF_SERVICE)
+def test_the_exporter_never_imports_the_service() -> None:
+    assert [(f, m) for f, m in _top_level("model_export") if m == "service"] == []
 
 
 @pytest.mark.parametrize("half", ["service", "model_export"])
@@ -67,6 +64,24 @@ def test_the_contract_needs_only_pydantic_and_the_standard_library() -> None:
     outside = {
         (f, m)
         for f, m in _top_level("hornet_bundle")
-        if m not in CONTRACT_MAY_IMPORT and m not in sys.stdlib_module_names
+        if f != TRANSFORMS and m not in CONTRACT_MAY_IMPORT and m not in sys.stdlib_module_names
     }
     assert outside == set()
+
+
+def test_the_preprocess_transforms_need_only_the_services_image_libraries() -> None:
+    outside = {
+        (f, m)
+        for f, m in _top_level("hornet_bundle")
+        if f == TRANSFORMS and m not in TRANSFORMS_MAY_IMPORT and m not in sys.stdlib_module_names
+    }
+    assert outside == set()
+
+
+def test_the_rest_of_the_contract_never_loads_the_preprocess_transforms() -> None:
+    loaders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "hornet_bundle").rglob("*.py")
+        if "hornet_bundle.preprocess" in _imports(path)
+    ]
+    assert loaders == []

@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from hornet_bundle import Preprocess
-from model_export.demo import train
+from model_export.demo.data import classification_batch, detection_sample, segmentation_tile
+from model_export.demo.models import (
+    build_classifier,
+    build_detector,
+    build_segmenter,
+    transfer_trunk,
+)
 
 
 def _preprocess(model) -> Preprocess:
@@ -14,10 +20,10 @@ def _preprocess(model) -> Preprocess:
 
 
 def test_segmentation_tiles_are_the_graph_input_size_with_aligned_targets() -> None:
-    preprocess = _preprocess(train.build_segmenter())
+    preprocess = _preprocess(build_segmenter())
     rng = np.random.default_rng(0)
     for _ in range(10):
-        tile, target = train.segmentation_tile(rng, preprocess)
+        tile, target = segmentation_tile(rng, preprocess)
         assert tile.shape == (*preprocess.input_size, 3) and tile.dtype == np.uint8
         assert target.shape == preprocess.input_size
         assert set(np.unique(target)) <= {0, 1, 2, 3, 255}
@@ -26,14 +32,14 @@ def test_segmentation_tiles_are_the_graph_input_size_with_aligned_targets() -> N
 
 
 def test_classification_batch_is_the_service_crop() -> None:
-    preprocess = _preprocess(train.build_classifier())
-    crops, labels = train.classification_batch(np.random.default_rng(1), preprocess, 6)
+    preprocess = _preprocess(build_classifier())
+    crops, labels = classification_batch(np.random.default_rng(1), preprocess, 6)
     assert crops.shape == (6, *preprocess.input_size, 3) and crops.dtype == np.uint8
     assert set(labels.tolist()) <= {0, 1, 2}
 
 
 def test_detection_targets_follow_torchvision_conventions() -> None:
-    image, target = train.detection_sample(np.random.default_rng(2))
+    image, target = detection_sample(np.random.default_rng(2))
     assert image.dtype == torch.float32 and 0.0 <= image.min() and image.max() <= 1.0
     assert target["labels"].min() >= 1 and target["labels"].max() <= 3
     assert target["masks"].shape[1:] == image.shape[1:]
@@ -42,9 +48,9 @@ def test_detection_targets_follow_torchvision_conventions() -> None:
 
 def test_trunk_transfer_copies_the_shared_backbone() -> None:
     torch.manual_seed(0)
-    segmenter = train.build_segmenter()
-    detector = train.build_detector()
-    copied = train.transfer_trunk(segmenter.backbone, detector.backbone.backbone)
+    segmenter = build_segmenter()
+    detector = build_detector()
+    copied = transfer_trunk(segmenter.backbone, detector.backbone.backbone)
     assert "stages.0.0.gnconv.dwconv.weight" in copied
     source = segmenter.backbone.state_dict()
     target = detector.backbone.backbone.state_dict()

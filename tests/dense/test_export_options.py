@@ -148,3 +148,15 @@ def test_progress_messages_reach_the_callback(tmp_path) -> None:
     messages: list[str] = []
     export(_seg_model(), tmp_path, ExportOptions(progress=messages.append))
     assert any("exporting" in m for m in messages) and any("parity" in m for m in messages)
+
+
+def test_export_extra_is_recorded_after_the_exporters_own_facts(tmp_path) -> None:
+    options = ExportOptions(export_extra={"demo_training": {"steps": 3}})
+    manifest = export(_seg_model(), tmp_path, options)
+    assert list(manifest.export)[-1] == "demo_training"
+    assert manifest.export["demo_training"] == {"steps": 3} and manifest.export["opset"]
+
+
+def test_export_extra_may_not_replace_what_the_exporter_records(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"export_extra .* \['opset'\]"):
+        export(_seg_model(), tmp_path, ExportOptions(export_extra={"opset": 1}))

@@ -85,3 +85,17 @@ def test_create_model_refuses_an_mmdet_file_and_says_how_to_load_it(tmp_path) ->
     path, _ = _mmdet_file(tmp_path, model)
     with pytest.raises(CheckpointError, match="load_backbone_and_neck"):
         create_model("mask_rcnn_hornet_tiny_7x7", checkpoint=path, **TINY_DET)
+
+
+def test_torchvision_options_reach_the_rpn_and_the_roi_heads() -> None:
+    model = create_model(
+        "mask_rcnn_hornet_tiny_7x7",
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=500,
+        box_batch_size_per_image=128,
+        box_detections_per_img=50,
+        **TINY_DET,
+    ).train()
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (600, 500)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    assert model.roi_heads.detections_per_img == 50

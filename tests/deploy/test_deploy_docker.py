@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -102,6 +103,40 @@ def test_images_copy_every_package_the_project_installs(dockerfile: Path):
         if instruction.keyword == "COPY" and not any(w.startswith("--from=") for w in words):
             copied |= {w.rstrip("/") for w in words[:-1] if not w.startswith("--")}
     assert _installed_packages() <= copied, _installed_packages() - copied
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
+def test_images_leave_the_demo_training_out(dockerfile: Path):
+    """The demo training (python -m model_export.demo.train) is a development tool: it
+    never reaches the build context, so the images do not install it."""
+    ignore = dockerignore_patterns(dockerfile)
+    demo = [str(p.relative_to(REPO)) for p in (REPO / "model_export" / "demo").rglob("*.py")]
+    assert demo and [p for p in demo if not is_dockerignored(p, ignore)] == []
+
+
+def _imports_demo(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(m == "model_export.demo" or m.startswith("model_export.demo.") for m in modules):
+            return True
+    return False
+
+
+def test_nothing_the_images_install_imports_the_demo_training():
+    """What the images leave out must not be needed by what they install."""
+    ignore = dockerignore_patterns(DOCKERFILES[0])
+    users = [
+        str(path.relative_to(REPO))
+        for package in sorted(_installed_packages())
+        for path in (REPO / package).rglob("*.py")
+        if not is_dockerignored(str(path.relative_to(REPO)), ignore) and _imports_demo(path)
+    ]
+    assert users == []
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)

@@ -127,9 +127,9 @@ def test_crop_then_resize_is_close_to_the_center_crop_of_the_full_resize(monkeyp
     rng = np.random.default_rng(0)
     for width, height in [(3000, 2), (2, 3000), (1500, 7), (640, 480), (33, 1000)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        monkeypatch.setattr(imaging, "EXACT_RESIZE_CROPS", 10**9)
+        monkeypatch.setattr("hornet_bundle.preprocess.EXACT_RESIZE_CROPS", 10**9)
         whole = imaging.classification_input(image, preprocess).astype(int)
-        monkeypatch.setattr(imaging, "EXACT_RESIZE_CROPS", 0)
+        monkeypatch.setattr("hornet_bundle.preprocess.EXACT_RESIZE_CROPS", 0)
         cropped = imaging.classification_input(image, preprocess).astype(int)
         assert cropped.shape == whole.shape == (64, 64, 3)
         assert np.abs(cropped - whole).mean() < 1.0, (width, height)

@@ -1,0 +1,92 @@
+"""Training batches of synthetic shapes, through the preprocessing the bundles are served
+with (`hornet_bundle.preprocess`), so the models learn from what the served graphs see."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hornet_bundle import Preprocess
+from hornet_bundle.preprocess import (
+    classification_input,
+    fit_size,
+    resize_linear_uint8,
+    tile,
+    window_boxes,
+)
+from model_export.demo.shapes import generate_sample, generate_scene
+
+# Training images: random sizes in this range (height and width drawn independently).
+TRAIN_SIZES = (48, 320)
+
+
+def _random_size(rng: np.random.Generator) -> tuple[int, int]:
+    return int(rng.integers(*TRAIN_SIZES)), int(rng.integers(*TRAIN_SIZES))
+
+
+def normalise(batch: np.ndarray, mean, std, pixel_range: int) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW normalised as the exported graph does inside."""
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+    if pixel_range == 1:
+        x = x / 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def augment(images: torch.Tensor, rng: np.random.Generator, *targets: torch.Tensor):
+    """Random flips and quarter turns, applied alike to images (N, C, H, W) and targets
+    (N, H, W): the shapes' classes are invariant under them."""
+    if rng.random() < 0.5:
+        images, targets = images.flip(-1), tuple(t.flip(-1) for t in targets)
+    turns = int(rng.integers(4))
+    images = torch.rot90(images, turns, (-2, -1))
+    return (images, *(torch.rot90(t, turns, (-2, -1)) for t in targets))
+
+
+def classification_batch(
+    rng: np.random.Generator, preprocess: Preprocess, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`size` samples of random image sizes through the service's classification crop."""
+    crops, labels = [], []
+    for _ in range(size):
+        image, label = generate_sample(rng, *_random_size(rng))
+        crops.append(classification_input(Image.fromarray(image), preprocess))
+        labels.append(label)
+    return np.stack(crops), np.array(labels, dtype=np.int64)
+
+
+def segmentation_tile(
+    rng: np.random.Generator, preprocess: Preprocess
+) -> tuple[np.ndarray, np.ndarray]:
+    """One scene fitted to the bundle's scale and cut into one of the service's sliding
+    windows, chosen at random; the class mask follows with nearest resizing, and 255
+    (ignored) on any padding."""
+    scene = generate_scene(rng, *_random_size(rng))
+    height, width = scene.class_mask.shape
+    fit_h, fit_w = fit_size(height, width, preprocess.scale)
+    image = resize_linear_uint8(scene.image, fit_h, fit_w, preprocess.resize_backend)
+    mask = np.asarray(
+        Image.fromarray(scene.class_mask).resize((fit_w, fit_h), Image.Resampling.NEAREST)
+    )
+    window = preprocess.sliding_window
+    boxes = list(window_boxes(fit_h, fit_w, window))
+    box = boxes[int(rng.integers(len(boxes)))]
+    y1, y2, x1, x2 = box
+    target = np.full(window.crop, 255, dtype=np.uint8)
+    target[: y2 - y1, : x2 - x1] = mask[y1:y2, x1:x2]
+    return tile(image, box, window.crop), target
+
+
+def detection_sample(rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """One scene as torchvision's detection input: float CHW in [0, 1] and its targets
+    (labels shifted by one: torchvision's class 0 is the background)."""
+    scene = generate_scene(rng, *_random_size(rng))
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
+    target = {
+        "boxes": torch.from_numpy(scene.boxes),
+        "labels": torch.from_numpy(scene.labels + 1),
+        "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
+    }
+    return image, target

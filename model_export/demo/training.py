@@ -1,0 +1,150 @@
+"""Training the demo models: one seeded loop (AdamW, warmup then cosine, clipped
+gradients) and each task's loss over its batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hornet_bundle import Preprocess
+from model_export.demo.data import (
+    augment,
+    classification_batch,
+    detection_sample,
+    normalise,
+    segmentation_tile,
+)
+from model_export.demo.models import (
+    build_classifier,
+    build_detector,
+    build_segmenter,
+    transfer_trunk,
+)
+from model_export.demo.recipes import CLASSIFY, DETECT, SEG_BACKGROUND_WEIGHT, SEGMENT, Recipe
+from model_export.demo.shapes import CLASS_NAMES
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A trained demo model (in eval mode) and the mean loss of its last tenth of steps."""
+
+    model: nn.Module
+    final_loss: float
+
+
+def _optimiser(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, Callable]:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+        lr=recipe.lr,
+    )
+    warmup = max(1, recipe.steps // 20)
+
+    def schedule(step: int) -> None:
+        if step < warmup:
+            factor = (step + 1) / warmup
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (recipe.steps - warmup)))
+        for group in optimiser.param_groups:
+            group["lr"] = recipe.lr * factor
+
+    return optimiser, schedule
+
+
+def _run_steps(
+    model: nn.Module, recipe: Recipe, loss_of_step: Callable[[int], torch.Tensor], log: Log
+) -> float:
+    """Run the recipe's steps; returns the mean loss of the last tenth."""
+    optimiser, schedule = _optimiser(model, recipe)
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(recipe.steps):
+        schedule(step)
+        loss = loss_of_step(step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimiser.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(
+                f"{recipe.name} step {step + 1}/{recipe.steps} loss "
+                f"{np.mean(losses[-50:]):.4f} ({time.perf_counter() - started:.0f} s)"
+            )
+    model.eval()
+    return float(np.mean(losses[-max(1, recipe.steps // 10) :]))
+
+
+def _seeded(
+    recipe: Recipe, build: Callable[[Recipe], nn.Module]
+) -> tuple[np.random.Generator, nn.Module]:
+    """The recipe's data generator, and its model built after seeding torch (so its
+    initialisation is the recipe's)."""
+    torch.manual_seed(recipe.torch_seed)
+    return np.random.default_rng(recipe.data_seed), build(recipe)
+
+
+def _start_from(trunk: nn.Module | None, target: nn.Module, recipe: Recipe, log: Log) -> None:
+    if trunk is not None:
+        copied = transfer_trunk(trunk, target)
+        log(f"{recipe.name}: {len(copied)} tensors from the segmenter")
+
+
+def train_classifier(
+    recipe: Recipe = CLASSIFY, log: Log = print, trunk: nn.Module | None = None
+) -> Trained:
+    rng, model = _seeded(recipe, build_classifier)
+    _start_from(trunk, model, recipe, log)
+    cfg = model.pretrained_cfg
+    preprocess = Preprocess(**cfg.preprocess())
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        crops, labels = classification_batch(rng, preprocess, recipe.batch)
+        x = normalise(crops, cfg.mean, cfg.std, 1)
+        (x,) = augment(x, rng)
+        return F.cross_entropy(model(x), torch.from_numpy(labels), label_smoothing=0.05)
+
+    return Trained(model, _run_steps(model, recipe, loss_of_step, log))
+
+
+def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
+    """From scratch: its trunk is the one that starts the other two."""
+    rng, model = _seeded(recipe, build_segmenter)
+    cfg = model.pretrained_cfg
+    preprocess = Preprocess(**cfg.preprocess())
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        tiles, targets = zip(
+            *(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)), strict=True
+        )
+        x = normalise(np.stack(tiles), cfg.mean, cfg.std, preprocess.pixel_range)
+        x, y = augment(x, rng, torch.from_numpy(np.stack(targets)).long())
+        weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
+        return F.cross_entropy(model(x), y, weight=weight, ignore_index=255)
+
+    return Trained(model, _run_steps(model, recipe, loss_of_step, log))
+
+
+def train_detector(
+    recipe: Recipe = DETECT, log: Log = print, trunk: nn.Module | None = None
+) -> Trained:
+    rng, model = _seeded(recipe, build_detector)
+    _start_from(trunk, model.backbone.backbone, recipe, log)
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        images, targets = zip(*(detection_sample(rng) for _ in range(recipe.batch)), strict=True)
+        losses = model(list(images), list(targets))
+        return sum(losses.values())
+
+    return Trained(model, _run_steps(model, recipe, loss_of_step, log))
