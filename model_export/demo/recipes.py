@@ -37,7 +37,12 @@ CLASSIFY = Recipe(
 SEGMENT = Recipe(
     name="shapes_segment",
     variant="horfpn_gf_upernet_hornet_small_7x7",
-    overrides=dict(base_dim=16, depths=(1, 1, 1, 1), channels=32, image_size=96),
+    # A tiny network of our own on the HorFPN UperNet's structure: its fusion module has
+    # no proj_out (the official configs' proj_out=True is for their released weights), as
+    # the shipped demo bundle was trained.
+    overrides=dict(
+        base_dim=16, depths=(1, 1, 1, 1), channels=32, image_size=96, fusion_proj_out=False
+    ),
     steps=6000,
     batch=12,
     lr=3e-3,
