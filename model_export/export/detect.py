@@ -114,6 +114,7 @@ def detection_parity(graph: nn.Module, path: Path, images: ParityImages, toleran
         where = f"{image.shape[0]}x{image.shape[1]}"
         if ref[0].shape[0] == 0:
             problems.append(f"no detections on {where}")
+            continue
         order = match_detections(ref, got) if ref[0].shape == got[0].shape else None
         if order is None:
             problems.append(

@@ -106,3 +106,11 @@ def test_detection_bundle_matches_torch(tmp_path) -> None:
     assert len(boxes) > 0 and labels.min() >= 0 and labels.max() <= 79
     assert masks.shape == (len(boxes), 1, 90, 130)
     assert (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 90).all()
+    assert (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 90).all()
+
+
+def test_a_detector_that_finds_nothing_fails_parity_with_a_clear_error(tmp_path) -> None:
+    model = create_model("horfpn_7x7_mask_rcnn_hornet_tiny_7x7", box_score_thresh=1.01, **TINY_DET)
+    randomize_(model, seed=3, gamma=0.1)
+    with pytest.raises(ParityError, match="no detections on 120x160"):
+        export(model, tmp_path, ExportOptions(image_sizes=((120, 160),)))
