@@ -106,7 +106,6 @@ def test_detection_bundle_matches_torch(tmp_path) -> None:
     assert len(boxes) > 0 and labels.min() >= 0 and labels.max() <= 79
     assert masks.shape == (len(boxes), 1, 90, 130)
     assert (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 90).all()
-    assert (boxes[:, 2] <= 130).all() and (boxes[:, 3] <= 90).all()
 
 
 def test_a_detector_that_finds_nothing_fails_parity_with_a_clear_error(tmp_path) -> None:
