@@ -16,11 +16,8 @@ import io
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = ("matmul", "dense_dft", "circular_conv")
 

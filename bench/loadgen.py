@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import ipaddress
 import os
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,14 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from hornet_bundle import load_bundle
+from service.engines import create_engine
+from service.pipelines import pipeline_for
+from service.settings import Settings
+from service.testing import ServerNotReady, running_server, wait_ready
 
-from hornet_bundle import load_bundle  # noqa: E402
-from service.engines import create_engine  # noqa: E402
-from service.pipelines import pipeline_for  # noqa: E402
-from service.settings import Settings  # noqa: E402
+# Bundles too big for a CPU, or TensorRT engines built at start-up, take minutes to load.
+READY_TIMEOUT_S = 300
 
 
 @dataclass
@@ -112,43 +114,36 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"loadgen only targets loopback addresses; {url!r} is not one")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_server(flags: list[str], **popen: Any) -> tuple[subprocess.Popen, str]:
-    """`python -m service` with `flags` on a free 127.0.0.1 port; `popen` goes to Popen
-    (output, environment, limits). Returns the process and its base URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "service", *flags, "--port", str(port)]
-    return subprocess.Popen(command, cwd=REPO, **popen), f"http://127.0.0.1:{port}"
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    flags = [
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """The `python -m service` flags for the benchmark's settings."""
+    return [
         "--model-dir", str(args.model_dir), "--max-batch-size", str(args.max_batch_size),
         "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
         "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
         "--log-level", "warning", "--device", args.device, "--precision", args.precision,
+        "--engine", args.engine, "--decode-threads", str(args.decode_threads),
         "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
     ]  # fmt: skip
-    return launch_server(flags, stdout=subprocess.DEVNULL)
 
 
-def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float = 300) -> None:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} was not ready within {timeout_s} s")
+@contextlib.contextmanager
+def serving(
+    url: str | None, flags: list[str], **options: Any
+) -> Iterator[tuple[str, subprocess.Popen | None]]:
+    """A ready server's URL and process: the one at `url` (loopback only; no process),
+    else `python -m service *flags` started for the run (`options` go to
+    service.testing.running_server) and stopped after it. A server that never gets ready
+    ends the run with the reason."""
+    try:
+        if url is not None:
+            require_loopback(url)
+            wait_ready(url, timeout_s=READY_TIMEOUT_S)
+            yield url, None
+            return
+        with running_server(flags, ready_timeout_s=READY_TIMEOUT_S, **options) as server:
+            yield server.url, server.process
+    except ServerNotReady as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 async def run_load(
@@ -203,7 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--engine", choices=("onnxruntime", "openvino"), default="onnxruntime")
+    parser.add_argument("--decode-threads", type=int, default=0, help="0 = one per CPU")
     parser.add_argument(
         "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
     )
@@ -218,22 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
         engine_threads=args.engine_threads, device=args.device, precision=args.precision,
+        engine=args.engine,
     )  # fmt: skip
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
-          f"cpus {os.cpu_count()}  device {args.device}/{args.precision}")  # fmt: skip
+          f"cpus {os.cpu_count()}  {args.engine} {args.device}/{args.precision}  "
+          f"engine/decode threads {args.engine_threads}/{args.decode_threads}")  # fmt: skip
     raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
     best_batch = max(raw, key=raw.get)
     print("raw engine images/s by batch: "
           + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
           + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
 
-    process = None
-    url = args.url
-    if url is None:
-        process, url = start_server(args)
-    require_loopback(url)
-    try:
-        wait_ready(url, process)
+    with serving(args.url, server_flags(args)) as (url, _):
         asyncio.run(warm(url, image, args.model))
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
@@ -250,10 +243,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.percentile(50):>8.1f} {result.percentile(95):>8.1f} "
                 f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}"
             )
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
     return 0
 
 

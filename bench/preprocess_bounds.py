@@ -17,20 +17,16 @@ import argparse
 import io
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hornet_bundle import load_bundle  # noqa: E402
-from service.imaging import decode_image  # noqa: E402
-from service.pipelines import AnswerOptions, pipeline_for  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from hornet_bundle import load_bundle
+from service.imaging import decode_image
+from service.pipelines import AnswerOptions, pipeline_for
+from service.settings import Settings
 
 SHAPES = [(40000, 1), (1, 40000), (20000, 2), (2, 20000), (6000, 6000)]
 

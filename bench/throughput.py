@@ -34,9 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hornet_bundle import Bundle, load_bundle  # noqa: E402
+from hornet_bundle import Bundle, load_bundle
 
 
 class OrtRunner:

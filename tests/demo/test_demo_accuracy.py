@@ -12,7 +12,6 @@ import io
 
 import numpy as np
 import pytest
-from demo_serving import bundle_dir, serving, uploads
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -23,6 +22,7 @@ from model_export.demo.shapes import (
     generate_sample,
     generate_scene,
 )
+from tests.helpers.demo import bundle_dir, serving_demo, uploads
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +80,7 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
 async def test_classifier_accuracy_over_http_is_at_least_95_percent() -> None:
     rng = np.random.default_rng(TEST_SEED)
     correct = total = 0
-    async with serving("classify") as client:
+    async with serving_demo("classify") as client:
         for height, width in SIZES:
             samples = [generate_sample(rng, height, width) for _ in range(30)]
             for start in range(0, len(samples), BATCH):
@@ -102,7 +102,7 @@ async def test_segmenter_mean_iou_over_http_is_at_least_0_8() -> None:
     classes = len(SEGMENT_LABELS)
     intersection = np.zeros(classes)
     union = np.zeros(classes)
-    async with serving("segment") as client:
+    async with serving_demo("segment") as client:
         for height, width in SIZES:
             scenes = [generate_scene(rng, height, width) for _ in range(8)]
             for scene, result in zip(scenes, await _post(client, "/segment", scenes), strict=True):
@@ -120,7 +120,7 @@ async def test_segmenter_mean_iou_over_http_is_at_least_0_8() -> None:
 async def test_detector_finds_80_percent_of_shapes_over_http() -> None:
     rng = np.random.default_rng(TEST_SEED + 2)
     found = total = detections = 0
-    async with serving("detect") as client:
+    async with serving_demo("detect") as client:
         for height, width in SIZES:
             scenes = [generate_scene(rng, height, width) for _ in range(8)]
             for scene, result in zip(scenes, await _post(client, "/detect", scenes), strict=True):
@@ -151,7 +151,7 @@ def _matched(scene, detections: list[dict]) -> int:
 
 async def test_detector_masks_are_at_image_size() -> None:
     scene = generate_scene(np.random.default_rng(TEST_SEED + 3), 130, 170, num_shapes=(2, 2))
-    async with serving("detect") as client:
+    async with serving_demo("detect") as client:
         response = await client.post("/detect", files=uploads([scene.image]))
     detections = response.json()["results"][0]["detections"]
     assert detections
@@ -163,7 +163,7 @@ async def test_detector_masks_are_at_image_size() -> None:
 
 
 async def test_models_route_says_the_demo_models_are_demo() -> None:
-    async with serving("classify", "segment", "detect") as client:
+    async with serving_demo("classify", "segment", "detect") as client:
         models = (await client.get("/v1/models")).json()["models"]
     assert {m["name"]: m["demo"] for m in models} == {
         "shapes_classify": True,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dense_tiny import TINY
 
 from model_export import create_model, list_variants
 from model_export.hornet import HorNetFeatures
+from tests.helpers.dense_tiny import TINY
 
 SIZES = ("tiny", "small", "base", "large")
 MIXERS = ("7x7", "gf")

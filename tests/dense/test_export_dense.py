@@ -9,12 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from dense_tiny import TINY_DET, TINY_SEG, randomize_
 
 from hornet_bundle import Manifest
 from model_export import create_model
 from model_export.export import ExportOptions, ParityError, export, segment
 from model_export.export.segment import SegmentationTileGraph
+from tests.helpers.dense_tiny import TINY_DET, TINY_SEG, randomize_
 
 TILE = 128
 

@@ -8,7 +8,6 @@ import dataclasses
 import onnx
 import pytest
 import torch
-from dense_tiny import TINY_DET, TINY_SEG, randomize_
 
 from model_export import create_model
 from model_export.export import ExportOptions, export
@@ -16,6 +15,7 @@ from model_export.export.detect import detection_preprocess
 from model_export.export.segment import export_segmentation
 from model_export.gnconv import GlobalLocalFilter
 from model_export.separable_dft import SeparableDFTBranch
+from tests.helpers.dense_tiny import TINY_DET, TINY_SEG, randomize_
 
 TILE = 128
 SHAPES_SEG = ["background", "circle", "square", "triangle"]

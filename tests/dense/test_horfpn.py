@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_tiny import TINY_SEG, randomize_
 
 from model_export import create_model
 from model_export.horfpn import FPN, GnConvModule
+from tests.helpers.dense_tiny import TINY_SEG, randomize_
 
 
 def _layer_norm_cf(x, weight, bias):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dense_tiny import TINY_DET, randomize_
 
 from model_export import create_model
 from model_export.checkpoint import CheckpointError
 from model_export.mask_rcnn import load_backbone_and_neck
+from tests.helpers.dense_tiny import TINY_DET, randomize_
 
 
 @pytest.fixture(scope="module")

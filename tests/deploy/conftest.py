@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from deploy_checks import Cli, load_cli, load_settings_class, render, setting_env_names
+
+from tests.helpers.deploy_checks import (
+    Cli,
+    load_cli,
+    load_settings_class,
+    render,
+    setting_env_names,
+)
 
 
 def _or_skip(loaded):

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_checks import (
+from packaging.requirements import Requirement
+
+from tests.helpers.deploy_checks import (
     COMPOSE_FILE,
     DOCKER_DIR,
     DOCKERFILES,
@@ -28,7 +30,6 @@ from deploy_checks import (
     shell_cli_calls,
     stage_names,
 )
-from packaging.requirements import Requirement
 
 DOCKERFILE_IDS = [p.name for p in DOCKERFILES]
 LOCKS = {name: DOCKER_DIR / f"requirements-{name}.txt" for name in ("cpu", "gpu", "export")}

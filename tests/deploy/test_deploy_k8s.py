@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_checks import K8S_DIR, K8S_VERSIONS, RENDERS, Cli, hornet_argv, one, read_env_file
+
+from tests.helpers.deploy_checks import (
+    K8S_DIR,
+    K8S_VERSIONS,
+    RENDERS,
+    Cli,
+    hornet_argv,
+    one,
+    read_env_file,
+)
 
 # Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
 SERVING = ("overlays/cpu", "overlays/gpu", "examples/queue-depth-hpa")

@@ -7,26 +7,23 @@ within HORNET_DRAIN_TIMEOUT_S (k8s/base/serve.env sizes the grace period from it
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
+import itertools
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
-from deploy_checks import REPO
 
-sys.path.insert(0, str(REPO / "tests" / "service"))
-import bundles  # noqa: E402
+from service.testing import RunningServer, running_server
+from tests.helpers import bundles
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -38,32 +35,17 @@ DRAIN_TIMEOUT_S = 10.0
 EXIT_MARGIN_S = 5.0
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def terminate_and_wait(self, bound_s: float) -> tuple[int, float]:
-        """SIGTERM, then the exit status and the seconds until the process exited."""
-        sent = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            status = self.process.wait(timeout=bound_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"still running {bound_s:.0f} s after SIGTERM:\n{self.output()}")
-        return status, time.monotonic() - sent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _terminate_and_wait(server: RunningServer, bound_s: float) -> tuple[int, float]:
+    """SIGTERM, then the exit status and the seconds until the process exited."""
+    sent = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        status = server.process.wait(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        pytest.fail(f"still running {bound_s:.0f} s after SIGTERM:\n{server.log_tail()}")
+    return status, time.monotonic() - sent
 
 
 def _png() -> bytes:
@@ -72,50 +54,29 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-def _wait_ready(server: Server) -> None:
-    give_up_at = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < give_up_at:
-        if server.process.poll() is not None:
-            pytest.fail(f"server exited with {server.process.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{server.output()}")
-
-
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bundles.write_classifier(tmp_path_factory.mktemp("bundles") / "tiny_cls", size=64)
 
 
 @pytest.fixture
-def start_server(bundle_dir: Path, tmp_path: Path) -> Iterator:
-    """`start_server(*flags)`: a ready `python -m service` on a free port, killed at teardown."""
-    started: list[Server] = []
+def start_server(bundle_dir: Path, tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """`start_server(*flags)`: a ready `python -m service` on a free port (no HORNET_*
+    variable from this environment), stopped at teardown if still running."""
+    numbers = itertools.count()
+    with contextlib.ExitStack() as servers:
 
-    def start(*flags: str) -> Server:
-        port = _free_port()
-        log = tmp_path / f"server-{port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
-        argv = [sys.executable, "-m", "service", "--model-dir", str(bundle_dir)]
-        argv += ["--port", str(port), "--engine-threads", "1", *flags]
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT
+        def start(*flags: str) -> RunningServer:
+            argv = ["--model-dir", str(bundle_dir), "--engine-threads", "1", *flags]
+            server = running_server(
+                argv,
+                log_path=tmp_path / f"server-{next(numbers)}.log",
+                inherit_settings=False,
+                ready_timeout_s=STARTUP_TIMEOUT_S,
             )
-        server = Server(process, f"http://127.0.0.1:{port}", log)
-        started.append(server)
-        _wait_ready(server)
-        return server
+            return servers.enter_context(server)
 
-    yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        yield start
 
 
 def _slow_batch_flags(delay_s: float, drain_s: float) -> list[str]:
@@ -141,12 +102,12 @@ def _queue_depth(url: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _fire(server: Server, pool: ThreadPoolExecutor, count: int) -> list[Future]:
+def _fire(server: RunningServer, pool: ThreadPoolExecutor, count: int) -> list[Future]:
     """`count` concurrent requests, returned once all of them wait in the batch queue."""
     requests = [pool.submit(_classify, server.url) for _ in range(count)]
     give_up_at = time.monotonic() + BATCH_DELAY_S / 2
     while _queue_depth(server.url) < count:
-        assert time.monotonic() < give_up_at, f"requests never queued:\n{server.output()}"
+        assert time.monotonic() < give_up_at, f"requests never queued:\n{server.log_tail()}"
         time.sleep(0.05)
     return requests
 
@@ -190,7 +151,7 @@ def test_sigterm_answers_every_queued_request_within_the_drain_bound(start_serve
     server = start_server(*_slow_batch_flags(BATCH_DELAY_S, DRAIN_TIMEOUT_S))
     with ThreadPoolExecutor(4) as pool:
         requests = _fire(server, pool, 4)
-        _, seconds = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+        _, seconds = _terminate_and_wait(server, DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
         responses = [r.result() for r in requests]
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     assert all(len(r.json()["results"]) == 1 for r in responses)
@@ -213,14 +174,14 @@ def test_sigterm_stops_accepting_while_requests_are_still_in_flight(start_server
 
 def test_idle_server_stops_promptly_on_sigterm(start_server):
     server = start_server("--drain-timeout-s", str(DRAIN_TIMEOUT_S))
-    _, seconds = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+    _, seconds = _terminate_and_wait(server, DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
     assert seconds < EXIT_MARGIN_S, f"an idle server took {seconds:.1f} s to stop"
 
 
 def test_graceful_shutdown_exits_with_status_zero(start_server):
     server = start_server("--drain-timeout-s", str(DRAIN_TIMEOUT_S))
-    status, _ = server.terminate_and_wait(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
-    assert status == 0, f"exit status {status}:\n{server.output()}"
+    status, _ = _terminate_and_wait(server, DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
+    assert status == 0, f"exit status {status}:\n{server.log_tail()}"
 
 
 def test_a_request_longer_than_the_drain_bound_does_not_hold_the_process(start_server):
@@ -229,7 +190,7 @@ def test_a_request_longer_than_the_drain_bound_does_not_hold_the_process(start_s
     server = start_server(*_slow_batch_flags(60.0, drain_s))
     with ThreadPoolExecutor(1) as pool:
         _fire(server, pool, 1)
-        _, seconds = server.terminate_and_wait(drain_s + EXIT_MARGIN_S)
+        _, seconds = _terminate_and_wait(server, drain_s + EXIT_MARGIN_S)
     assert seconds < drain_s + EXIT_MARGIN_S
 
 
@@ -237,6 +198,6 @@ def test_a_request_cut_off_by_the_drain_bound_is_told_to_retry(start_server):
     server = start_server(*_slow_batch_flags(60.0, drain_s=1.0))
     with ThreadPoolExecutor(1) as pool:
         (request,) = _fire(server, pool, 1)
-        server.terminate_and_wait(2 + EXIT_MARGIN_S)
+        _terminate_and_wait(server, 2 + EXIT_MARGIN_S)
         response = request.result()
     assert response.status_code == 503 and "Retry-After" in response.headers, response.text

@@ -4,24 +4,19 @@ the keys without ever showing them."""
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import encode, upload
 from pydantic import SecretStr, ValidationError
-from test_server import REPO, free_port
 
 from service import cli
 from service.auth import key_matches
 from service.settings import Settings
+from service.testing import running_server
+from tests.helpers.images import encode, upload
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -36,50 +31,25 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@contextlib.contextmanager
 def running(model_dir: Path, log_path: Path, *flags: str, env: dict | None = None, key=None):
     """`python -m service` over `model_dir` with `flags` and `env` (and no other HORNET_*
-    variable), ready (asked with `key`, for servers whose probes need one); yields its
-    base URL; stops it at the end."""
-    port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(model_dir),
-             "--port", str(port), "--engine-threads", "1", *flags],
-            cwd=REPO, env={**inherited, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base_url, process, bearer(key) if key else {})
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen, headers: dict[str, str]) -> None:
-    give_up_at = time.monotonic() + 60
-    while time.monotonic() < give_up_at:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/readyz", headers=headers, timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{base_url} not ready within 60 s")
+    variable), ready (asked with `key`, for servers whose probes need one); stopped at
+    the end."""
+    return running_server(
+        ["--model-dir", str(model_dir), "--engine-threads", "1", *flags],
+        log_path=log_path,
+        env=env,
+        inherit_settings=False,
+        ready_headers=bearer(key) if key else None,
+    )
 
 
 @pytest.fixture(scope="module")
 def open_server(classifier_dir, tmp_path_factory):
     """No key configured: the default."""
     log_path = tmp_path_factory.mktemp("open_server") / "server.log"
-    with running(classifier_dir, log_path) as base_url:
-        yield base_url
+    with running(classifier_dir, log_path) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +57,8 @@ def keyed_server(classifier_dir, tmp_path_factory):
     """Two keys from HORNET_API_KEYS (a rotation: old and new both accepted)."""
     log_path = tmp_path_factory.mktemp("keyed_server") / "server.log"
     env = {"HORNET_API_KEYS": f"{KEY}, {SECOND_KEY}"}
-    with running(classifier_dir, log_path, env=env) as base_url:
-        yield base_url, log_path
+    with running(classifier_dir, log_path, env=env) as server:
+        yield server.url, log_path
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +68,8 @@ def file_server(classifier_dir, tmp_path_factory):
     key_file = directory / "keys"
     key_file.write_text(f"# mounted from the hornet-api-keys Secret\n\n  {FILE_KEY}  \n# end\n")
     flags = ("--api-key-file", str(key_file), "--protect-probes")
-    with running(classifier_dir, directory / "server.log", *flags, key=FILE_KEY) as base_url:
-        yield base_url
+    with running(classifier_dir, directory / "server.log", *flags, key=FILE_KEY) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -21,33 +21,60 @@ from service.batching import (
 pytestmark = pytest.mark.anyio
 
 
+async def within(awaitable, seconds: float = 5.0):
+    """Await with a bound, so a batcher bug fails the test instead of hanging the run."""
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class Recorder:
-    """Observer keeping every batch's stats."""
+    """Observer keeping every batch's stats and every queue depth it is told."""
 
     def __init__(self) -> None:
         self.batches: list[BatchStats] = []
         self.depths: list[int] = []
+        self._told = asyncio.Event()
 
     def queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
+        self._told.set()
 
     def batch_done(self, stats: BatchStats) -> None:
         self.batches.append(stats)
 
+    async def depth_becomes(self, depth: int) -> None:
+        """Return once the queue says it holds `depth` items."""
+        while not (self.depths and self.depths[-1] == depth):
+            self._told.clear()
+            await within(self._told.wait())
 
-def doubler(seen: list[list[int]] | None = None, delay_s: float = 0.0):
+
+def doubler(seen: list[list[int]] | None = None):
     def run(items: list[int]) -> list[int]:
         if seen is not None:
             seen.append(list(items))
-        time.sleep(delay_s)
         return [2 * item for item in items]
 
     return run
 
 
-async def within(awaitable, seconds: float = 5.0):
-    """Await with a bound, so a batcher bug fails the test instead of hanging the run."""
-    return await asyncio.wait_for(awaitable, seconds)
+class HeldWorker:
+    """A doubling worker that holds each batch until the test releases it; `entered` is
+    set once a batch has reached it."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.seen.append(list(items))
+        self.entered.set()
+        if not self.released.wait(5):
+            raise TimeoutError("the test never released the worker")
+        return [2 * item for item in items]
+
+    async def wait_entered(self) -> None:
+        assert await within(asyncio.to_thread(self.entered.wait, 5)), "no batch reached it"
 
 
 def _queue(workers, **overrides) -> BatchQueue:
@@ -86,64 +113,54 @@ async def test_submit_many_returns_results_in_item_order() -> None:
 
 async def test_instances_run_batches_in_parallel() -> None:
     active, peak, lock = [0], [0], threading.Lock()
+    both_running = threading.Event()
 
-    def slow(items: list[int]) -> list[int]:
+    def held_until_both_run(items: list[int]) -> list[int]:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.1)
+            if active[0] == 2:
+                both_running.set()
+        both_running.wait(2)
         with lock:
             active[0] -= 1
         return items
 
-    queue = _queue([slow, slow], max_batch_size=2, max_delay_s=0.0)
+    queue = _queue([held_until_both_run, held_until_both_run], max_batch_size=2, max_delay_s=0.0)
     await within(asyncio.gather(*(queue.submit(i) for i in range(8))))
     assert peak[0] == 2
     await within(queue.close(1.0))
 
 
 async def test_full_queue_refuses_at_once() -> None:
-    release = threading.Event()
-
-    def blocked(items: list[int]) -> list[int]:
-        release.wait(5)
-        return items
-
-    queue = _queue([blocked], max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
+    worker, recorder = HeldWorker(), Recorder()
+    queue = _queue([worker], max_batch_size=1, max_delay_s=0.0, max_queue_size=2, observer=recorder)
     running = [asyncio.ensure_future(queue.submit(0))]
-    await asyncio.sleep(0.05)  # the first item is in the engine
+    await worker.wait_entered()  # the first item is in the engine
     running += [asyncio.ensure_future(queue.submit(i)) for i in (1, 2)]
-    await asyncio.sleep(0.01)  # two queued behind it
+    await recorder.depth_becomes(2)  # two queued behind it
     started = time.monotonic()
     with pytest.raises(QueueFull, match="queue holds 2 of 2"):
         await within(queue.submit(99))
     with pytest.raises(QueueFull):
         await within(queue.submit_many([1, 2]))
     assert time.monotonic() - started < 0.05
-    release.set()
-    assert await within(asyncio.gather(*running)) == [0, 1, 2]
+    worker.released.set()
+    assert await within(asyncio.gather(*running)) == [0, 2, 4]
     await within(queue.close(1.0))
 
 
 async def test_request_past_its_deadline_times_out_and_never_runs() -> None:
-    seen: list[list[int]] = []
-    release = threading.Event()
-
-    def gated(items: list[int]) -> list[int]:
-        seen.append(list(items))
-        release.wait(5)
-        return items
-
-    queue = _queue([gated], max_batch_size=1, max_delay_s=0.0)
+    worker = HeldWorker()
+    queue = _queue([worker], max_batch_size=1, max_delay_s=0.0)
     first = asyncio.ensure_future(queue.submit(1))
-    await asyncio.sleep(0.02)
+    await worker.wait_entered()  # the engine is busy with the first item
     with pytest.raises(DeadlineExceeded):
         await within(queue.submit(2, deadline=time.monotonic() + 0.05))
-    release.set()
-    assert await within(first) == 1
-    await asyncio.sleep(0.05)
-    assert seen == [[1]]
-    await within(queue.close(1.0))
+    worker.released.set()
+    assert await within(first) == 2
+    await within(queue.close(1.0))  # the expired item would have run by now
+    assert worker.seen == [[1]]
 
 
 async def test_departed_client_is_dropped_before_the_engine() -> None:
@@ -201,21 +218,33 @@ async def test_observer_sees_batch_sizes_and_queue_times() -> None:
     await within(queue.close(1.0))
 
 
-async def test_close_finishes_queued_work_then_refuses_new_work() -> None:
-    queue = _queue([doubler(delay_s=0.05)], max_batch_size=1, max_delay_s=0.0)
+async def one_running_three_queued(worker: HeldWorker) -> tuple[BatchQueue, list]:
+    """A queue taking one item at a time, given items 0-3: the first held in `worker`,
+    the other three waiting behind it."""
+    recorder = Recorder()
+    queue = _queue([worker], max_batch_size=1, max_delay_s=0.0, observer=recorder)
     pending = [asyncio.ensure_future(queue.submit(i)) for i in range(4)]
-    await asyncio.sleep(0)
-    await within(queue.close(5.0))
+    await worker.wait_entered()
+    await recorder.depth_becomes(3)
+    return queue, pending
+
+
+async def test_close_finishes_queued_work_then_refuses_new_work() -> None:
+    worker = HeldWorker()
+    queue, pending = await one_running_three_queued(worker)
+    closing = asyncio.ensure_future(queue.close(5.0))
+    worker.released.set()
+    await within(closing)
     assert await within(asyncio.gather(*pending)) == [0, 2, 4, 6]
     with pytest.raises(QueueClosed):
         await within(queue.submit(1))
 
 
 async def test_close_past_the_drain_bound_fails_what_is_left() -> None:
-    queue = _queue([doubler(delay_s=0.2)], max_batch_size=1, max_delay_s=0.0)
-    pending = [asyncio.ensure_future(queue.submit(i)) for i in range(4)]
-    await asyncio.sleep(0.01)
-    await within(queue.close(0.05))
+    worker = HeldWorker()
+    queue, pending = await one_running_three_queued(worker)
+    await within(queue.close(0.05))  # the engine still holds its batch
+    worker.released.set()
     results = await within(asyncio.gather(*pending, return_exceptions=True))
     assert any(isinstance(r, QueueClosed) for r in results)
     assert all(r in (0, 2, 4, 6) or isinstance(r, QueueClosed) for r in results)

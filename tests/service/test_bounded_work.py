@@ -18,15 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
-from test_server import running_server
 
 from hornet_bundle import Preprocess
 from service import imaging
+from service.testing import running_server
+from tests.helpers.memory import memory_of
 
 GIB = 1 << 30
 MIB = 1 << 20
 EXTREME_SHAPES = [(40000, 1), (1, 40000), (20000, 2), (2, 20000), (9000, 1)]
 ROUTES = ("classify", "segment", "detect")
+# The demo models (no --model-dir); batches of up to 4 of the large photos at once.
+SERVER_FLAGS = ["--max-batch-size", "4", "--engine-threads", "1", "--max-delay-ms", "5"]
 # The documented bound (docs/limits.md): peak resident memory over idle under this
 # battery, and how close to idle the server must come back once it is over.
 PEAK_OVER_IDLE = 3 * GIB
@@ -52,16 +55,6 @@ def _photo_36mpx() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
-
-
-def _memory(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (the process's peak) in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0]) * 1024
-    return fields
 
 
 def _post(base_url: str, route: str, data: bytes, content_type: str) -> httpx.Response:
@@ -98,8 +91,8 @@ def _check_answer(route: str, response: httpx.Response, width: int, height: int)
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("bounded") / "server.log"
-    with running_server(None, log_path, memory_limit_bytes=16 * GIB) as (base_url, process):
-        yield base_url, process
+    with running_server(SERVER_FLAGS, log_path=log_path, memory_limit_bytes=16 * GIB) as server:
+        yield server.url, server.process
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -139,10 +132,11 @@ def test_memory_stays_bounded_under_a_battery_of_large_photos(tmp_path: Path) ->
     photo = _photo_36mpx()
     extremes = [_png(w, h) for w, h in EXTREME_SHAPES]
     log_path = tmp_path / "server.log"
-    with running_server(None, log_path, memory_limit_bytes=16 * GIB) as (base_url, process):
+    server = running_server(SERVER_FLAGS, log_path=log_path, memory_limit_bytes=16 * GIB)
+    with server as (base_url, process, _):
         for route in ROUTES:  # warm every route's code paths with an ordinary image
             _check_answer(route, _post(base_url, route, _png(640, 480), "image/png"), 640, 480)
-        idle = _memory(process.pid)["VmRSS"]
+        idle = memory_of(process.pid)["VmRSS"]
         timings = {}
         with ThreadPoolExecutor(max_workers=4) as pool:
             for route in ROUTES:
@@ -155,7 +149,7 @@ def test_memory_stays_bounded_under_a_battery_of_large_photos(tmp_path: Path) ->
                     _check_answer(route, response, 6000, 6000)
                 for data, (width, height) in zip(extremes, EXTREME_SHAPES, strict=True):
                     _check_answer(route, _post(base_url, route, data, "image/png"), width, height)
-        peak = _memory(process.pid)["VmHWM"]
+        peak = memory_of(process.pid)["VmHWM"]
         settled = _wait_for_rss_below(process.pid, idle + SETTLED_OVER_IDLE, timeout_s=10.0)
         assert process.poll() is None
     print(
@@ -172,7 +166,7 @@ def _wait_for_rss_below(pid: int, limit: int, timeout_s: float) -> int:
     (memory is handed back to the system after each request's work, not instantly)."""
     give_up_at = time.monotonic() + timeout_s
     while True:
-        rss = _memory(pid)["VmRSS"]
+        rss = memory_of(pid)["VmRSS"]
         if rss < limit or time.monotonic() > give_up_at:
             return rss
         time.sleep(0.2)

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import httpx
-from test_server import running_server
+
+from service.testing import running_server
 
 PNG_START = b"\x89PNG\r\n\x1a\n" + b"\0" * 1000
 MULTIPART_START = (
@@ -39,7 +40,9 @@ def test_a_client_hanging_up_mid_body_is_a_499_without_an_error_line(
     classifier_dir: Path, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "server.log"
-    with running_server(classifier_dir, log_path) as (base_url, process):
+    flags = ["--model-dir", str(classifier_dir), "--max-batch-size", "4", "--engine-threads", "1"]
+    server = running_server([*flags, "--max-delay-ms", "5"], log_path=log_path)
+    with server as (base_url, process, _):
         _hang_up_mid_body(base_url, "/classify", "image/png", PNG_START)
         _hang_up_mid_body(base_url, "/classify", "multipart/form-data; boundary=x", MULTIPART_START)
         v2_infer = "/v2/models/tiny_cls/infer"

@@ -8,7 +8,10 @@ import asyncio
 import anyio
 import numpy as np
 import pytest
-from conftest import InstrumentedFactory, encode, serving, upload
+
+from tests.helpers.engines import InstrumentedFactory
+from tests.helpers.images import encode, upload
+from tests.helpers.serving import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -71,8 +74,16 @@ async def test_overload_answers_503_with_retry_after_and_no_wrong_answers(
             (await client.post("/classify", params={"top_k": 10}, files=upload(i))).json()
             for i in images
         ]
-        factory.engines[0].delay_s = 0.1
-        responses = await _post_all(client, images)
+        engine = factory.engines[0]
+        engine.hold()  # the first admitted request waits in the engine, the next fill the queue
+        posts = [
+            asyncio.ensure_future(client.post("/classify", params={"top_k": 10}, files=upload(i)))
+            for i in images
+        ]
+        with anyio.fail_after(60):
+            await asyncio.wait(posts, return_when=asyncio.FIRST_COMPLETED)  # a refusal
+            engine.release()
+            responses = await asyncio.gather(*posts)
     statuses = [r.status_code for r in responses]
     assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
     assert set(statuses) == {200, 503}
@@ -89,9 +100,9 @@ async def test_request_past_its_deadline_is_504(classifier_dir, photos) -> None:
     async with serving(
         [classifier_dir], engine_factory=factory, request_timeout_s=0.2, drain_timeout_s=2
     ) as client:
-        factory.engines[0].delay_s = 0.6
+        factory.engines[0].hold()  # the request is still in the engine at its deadline
         response = await client.post("/classify", files=upload(encode(photos["coffee"])))
-        factory.engines[0].delay_s = 0.0
+        factory.engines[0].release()
     assert response.status_code == 504
     assert response.json()["error"] == "timeout" and "deadline" in response.json()["detail"]
 

@@ -17,10 +17,12 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-from conftest import InstrumentedEngine, InstrumentedFactory, encode, serving, upload
 
 from service.engines import create_engine
 from service.logs import JsonFormatter
+from tests.helpers.engines import InstrumentedEngine, InstrumentedFactory
+from tests.helpers.images import encode, upload
+from tests.helpers.serving import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -191,9 +193,8 @@ class WrongShapeEngine(InstrumentedEngine):
 async def test_an_unexpected_error_answers_500_with_the_request_id(classifier_dir) -> None:
     """Starlette handles unexpected exceptions outside every middleware: the request's
     id still reaches the body, the X-Request-ID header and the log line."""
-    from conftest import test_settings
-
     from service.app import create_app
+    from tests.helpers.serving import test_settings
 
     app = create_app(
         test_settings([classifier_dir]),

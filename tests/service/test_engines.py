@@ -3,13 +3,13 @@ refuses. GPU engines are checked where a CUDA GPU exists (marked `gpu`)."""
 
 from __future__ import annotations
 
-import bundles
 import numpy as np
 import pytest
 
 from hornet_bundle import load_bundle
 from service.engines import EngineUnavailable, create_engine
 from service.settings import Settings
+from tests.helpers import bundles
 
 
 def _inputs(count: int = 3) -> dict[str, np.ndarray]:

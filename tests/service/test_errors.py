@@ -7,8 +7,10 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import encode, serving, upload
 from PIL import Image
+
+from tests.helpers.images import encode, upload
+from tests.helpers.serving import serving
 
 pytestmark = pytest.mark.anyio
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import encode
 from PIL import Image
 from torchvision import transforms
 
 from hornet_bundle import Preprocess, SlidingWindow
 from service import imaging
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
+from tests.helpers.images import encode
 
 PHOTO_NAMES = ["astronaut", "coffee", "chelsea", "rocket", "portrait"]
 

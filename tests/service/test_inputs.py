@@ -7,9 +7,11 @@ import io
 
 import numpy as np
 import pytest
-from conftest import encode, serving, upload
 from PIL import Image
-from test_routes import official_probabilities, scores_by_index
+
+from tests.helpers.images import encode, upload
+from tests.helpers.references import official_probabilities, scores_by_index
+from tests.helpers.serving import serving
 
 pytestmark = pytest.mark.anyio
 

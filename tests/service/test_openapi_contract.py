@@ -22,19 +22,17 @@ example database), single-worker and bounded (`--max-examples`). Its configurati
 
 from __future__ import annotations
 
-import os
-import resource
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from test_server import REPO, free_port, wait_ready
 
 from service.app import create_app
 from service.schemas import ErrorResponse, V2ErrorResponse
 from service.settings import Settings
+from service.testing import running_server
 
 SERVER_MEMORY_BYTES = 8 * 1024**3
 MAX_EXAMPLES = 20
@@ -154,33 +152,15 @@ async def test_invalid_query_parameters_answer_the_documented_422() -> None:
     ErrorResponse.model_validate(response.json())
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (SERVER_MEMORY_BYTES, SERVER_MEMORY_BYTES))
-
-
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m service` on the demo bundles (no --model-dir), its address space
     capped so a hostile input can't take the machine down with it."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "HORNET_ENGINE_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limit_memory,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with running_server(
+        ["--engine-threads", "1"], log_path=log_path, memory_limit_bytes=SERVER_MEMORY_BYTES
+    ) as server:
+        yield server.url
 
 
 @pytest.mark.parametrize("phase", ["coverage", "fuzzing", "stateful"])

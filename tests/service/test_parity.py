@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import encode, serving, upload
 from PIL import Image
 from torchvision import transforms
+
+from tests.helpers.images import encode, upload
+from tests.helpers.serving import serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -8,33 +8,18 @@ import json
 import threading
 
 import anyio
-import bundles
 import numpy as np
 import pytest
-from conftest import InstrumentedFactory, encode, serving, upload, wait_until_ready
 from PIL import Image
 from pycocotools import mask as coco_mask
-from torchvision import transforms
+
+from tests.helpers import bundles
+from tests.helpers.engines import InstrumentedFactory
+from tests.helpers.images import encode, upload
+from tests.helpers.references import official_probabilities, scores_by_index
+from tests.helpers.serving import serving, wait_until_ready
 
 pytestmark = pytest.mark.anyio
-
-OFFICIAL_CROP = transforms.Compose(
-    [
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.PILToTensor(),
-    ]
-)
-
-
-def official_probabilities(array: np.ndarray) -> np.ndarray:
-    """The test classifier's softmax on the torchvision eval crop, in float64 numpy."""
-    crop = OFFICIAL_CROP(Image.fromarray(array)).permute(1, 2, 0).numpy()
-    return bundles.reference_probabilities(crop)
-
-
-def scores_by_index(result: dict) -> dict[int, float]:
-    return {entry["index"]: entry["score"] for entry in result["top_k"]}
 
 
 async def test_classify_answers_official_softmax_per_image_in_upload_order(

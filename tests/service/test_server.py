@@ -3,111 +3,30 @@ JSON logs with request ids, a clean exit on SIGTERM; and the settings it reads."
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import encode, upload
-from test_routes import official_probabilities, scores_by_index
 
 from service import cli
 from service import settings as settings_module
 from service.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{base_url} not ready within {timeout_s} s")
-
-
-def _limit_memory(limit_bytes: int | None):
-    """preexec_fn capping the child's address space, so a runaway allocation fails the
-    server (MemoryError, or the process dies) instead of taking the machine."""
-    if limit_bytes is None:
-        return None
-
-    def apply() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return apply
-
-
-@contextlib.contextmanager
-def running_server(
-    model_dir: Path | None,
-    log_path: Path,
-    max_delay_ms: float = 5.0,
-    *,
-    args: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
-    memory_limit_bytes: int | None = None,
-):
-    """`python -m service` over `model_dir` (None: the packaged demo models) on a free
-    loopback port, ready; yields its base URL and process; stops it (SIGTERM, then
-    SIGKILL) if it still runs at the end. `args` are extra flags, `env` extra variables."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "HORNET_MAX_BATCH_SIZE": "4",
-        "HORNET_ENGINE_THREADS": "1",
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "service", "--port", str(port)]
-    if model_dir is not None:
-        command += ["--model-dir", str(model_dir)]
-    command += ["--max-delay-ms", str(max_delay_ms), *args]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_limit_memory(memory_limit_bytes),
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process)
-        yield base_url, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+from service.testing import RunningServer, running_server
+from tests.helpers.images import encode, upload
+from tests.helpers.references import official_probabilities, scores_by_index
 
 
 @pytest.fixture
-def server(classifier_dir: Path, tmp_path: Path):
-    log_path = tmp_path / "server.log"
-    with running_server(classifier_dir, log_path, max_delay_ms=20) as (base_url, process):
-        yield base_url, process, log_path
+def server(classifier_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
+    """max_batch_size from the environment, max_delay_ms from a flag."""
+    flags = ["--model-dir", str(classifier_dir), "--max-delay-ms", "20"]
+    env = {"HORNET_MAX_BATCH_SIZE": "4", "HORNET_ENGINE_THREADS": "1"}
+    with running_server(flags, log_path=tmp_path / "server.log", env=env) as server:
+        yield server
 
 
 def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, photos) -> None:

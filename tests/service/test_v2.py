@@ -7,22 +7,17 @@ import base64
 import json
 import struct
 
-import bundles
 import numpy as np
 import pytest
-from conftest import InstrumentedFactory, encode, serving, upload
-from test_routes import OFFICIAL_CROP, official_probabilities, scores_by_index
 
 from service.pipelines import softmax
+from tests.helpers import bundles
+from tests.helpers.engines import InstrumentedFactory
+from tests.helpers.images import encode, upload
+from tests.helpers.references import crop_of, official_probabilities, scores_by_index
+from tests.helpers.serving import serving
 
 pytestmark = pytest.mark.anyio
-
-
-def crop_of(array: np.ndarray) -> np.ndarray:
-    """The uint8 HWC crop /classify feeds the graph for this photo."""
-    from PIL import Image
-
-    return OFFICIAL_CROP(Image.fromarray(array)).permute(1, 2, 0).numpy()
 
 
 def json_infer(name: str, array: np.ndarray, datatype: str = "UINT8", **extra) -> dict:

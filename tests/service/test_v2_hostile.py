@@ -6,18 +6,15 @@ started (no case makes it allocate what a body only declares)."""
 from __future__ import annotations
 
 import json
-import os
-import resource
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from test_server import free_port, wait_ready
 
-REPO = Path(__file__).resolve().parents[2]
+from service.testing import running_server
+from tests.helpers.memory import memory_of
+
 MEMORY_CAP_BYTES = 4 << 30  # address space: a case that tried a big allocation fails fast
 MAX_GROWTH_BYTES = 100 << 20
 IMAGE_SHAPE = [1, 224, 224, 3]
@@ -25,47 +22,17 @@ IMAGE_ELEMENTS = 224 * 224 * 3
 INFER = "/v2/models/tiny_cls/infer"
 
 
-def _cap_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP_BYTES, MEMORY_CAP_BYTES))
-
-
-def memory_of(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (the peak resident size) of a process, in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 @pytest.fixture(scope="module")
 def server(classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real server over the tiny classifier, its address space capped, warmed by one
     valid request; yields a client, the process and its memory before any hostile case."""
-    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1"]
     log_path = tmp_path_factory.mktemp("hostile") / "server.log"
-    env = {**os.environ, "HORNET_ENGINE_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(classifier_dir),
-             "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_cap_memory,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, process)
-        with httpx.Client(base_url=base_url, timeout=60) as client:
-            warm = client.post(INFER, json=json_image([0] * IMAGE_ELEMENTS))
-            assert warm.status_code == 200, warm.text
-            yield client, process, memory_of(process.pid)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    server = running_server(flags, log_path=log_path, memory_limit_bytes=MEMORY_CAP_BYTES)
+    with server as (base_url, process, _), httpx.Client(base_url=base_url, timeout=60) as client:
+        warm = client.post(INFER, json=json_image([0] * IMAGE_ELEMENTS))
+        assert warm.status_code == 200, warm.text
+        yield client, process, memory_of(process.pid)
 
 
 def json_body(name: str, shape: list, datatype: str, data: object) -> tuple[bytes, dict]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import encode, upload
-from test_routes import official_probabilities, scores_by_index
-from test_server import running_server
-from test_v2 import crop_of
+
+from service.testing import running_server
+from tests.helpers.images import encode, upload
+from tests.helpers.references import crop_of, official_probabilities, scores_by_index
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -19,7 +19,9 @@ NAMES = ("chelsea", "astronaut", "portrait")
 def triton(classifier_dir, tmp_path_factory):
     """A real `python -m service` (uvicorn) and a tritonclient HTTP client to it."""
     log_path = tmp_path_factory.mktemp("v2_server") / "server.log"
-    with running_server(classifier_dir, log_path, max_delay_ms=5) as (base_url, _):
+    flags = ["--model-dir", str(classifier_dir), "--max-batch-size", "4", "--engine-threads", "1"]
+    with running_server([*flags, "--max-delay-ms", "5"], log_path=log_path) as server:
+        base_url = server.url
         client = httpclient.InferenceServerClient(
             base_url.removeprefix("http://"), network_timeout=30
         )

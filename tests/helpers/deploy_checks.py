@@ -1,7 +1,8 @@
 """Readers for the deployment checks: Dockerfiles, kustomize renders, the CLI contract.
 
 Loaders return either what they read or a string saying why they could not (a missing
-tool or module); conftest.py turns that string into a skip, so nothing passes unchecked.
+tool or module); tests/deploy/conftest.py turns that string into a skip, so nothing
+passes unchecked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -181,8 +181,6 @@ def load_cli() -> Cli | str:
         return "pyproject.toml has no [project.scripts]"
     program, target = next(iter(scripts.items()))
     module_name = target.partition(":")[0]
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as missing:
@@ -226,8 +224,6 @@ def shell_cli_calls(command: str, program: str) -> list[list[str]]:
 @cache
 def load_settings_class() -> type | str:
     """`service.settings.Settings` (pydantic-settings), or why it cannot be loaded yet."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     try:
         module = importlib.import_module("service.settings")
     except ModuleNotFoundError as missing:

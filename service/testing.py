@@ -1,0 +1,174 @@
+"""A real `hornet serve` process on a loopback port, for integration tests and benchmarks.
+
+    with running_server(["--model-dir", "bundles/tiny"], log_path=Path("serve.log")) as server:
+        urllib.request.urlopen(f"{server.url}/v1/models")
+
+`running_server` starts `python -m service` with the given flags on a free 127.0.0.1
+port, its address space capped if asked, and returns once its readiness probe answers
+200; a server that exits or never gets ready fails with the end of its log. A server
+still running at the end gets SIGTERM (it drains), then SIGKILL. The standard library
+only, so it works wherever the service is installed; the repository's tests and
+bench/ scripts start their servers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+LOOPBACK = "127.0.0.1"
+# The probe goes straight to the loopback port, whatever HTTP(S)_PROXY says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ServerNotReady(RuntimeError):
+    """The server exited, or its readiness probe did not answer 200 in time."""
+
+
+class RunningServer(NamedTuple):
+    url: str
+    process: subprocess.Popen
+    log_path: Path | None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's output (empty when it went to this process's stderr)."""
+        return _tail(self.log_path, chars)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def wait_ready(
+    url: str,
+    process: subprocess.Popen | None = None,
+    *,
+    timeout_s: float = 60.0,
+    path: str = "/readyz",
+    headers: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Return once GET `url``path` answers 200; raise ServerNotReady, with the end of
+    `log_path`, when `process` exits first or `timeout_s` passes."""
+    probe = urllib.request.Request(f"{url}{path}", headers=dict(headers or {}))
+    give_up_at = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServerNotReady(
+                f"the server exited with status {process.returncode}{_log_note(log_path)}"
+            )
+        if _answers_200(probe):
+            return
+        if time.monotonic() >= give_up_at:
+            raise ServerNotReady(
+                f"{url}{path} did not answer 200 within {timeout_s:g} s{_log_note(log_path)}"
+            )
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM a server still running, SIGKILL it if it has not exited `timeout_s` later;
+    its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+@contextlib.contextmanager
+def running_server(
+    flags: Sequence[str] = (),
+    *,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    inherit_settings: bool = True,
+    memory_limit_bytes: int | None = None,
+    ready_headers: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 60.0,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[RunningServer]:
+    """`python -m service *flags` on a free loopback port, ready; stopped at the end.
+
+    log_path: where the server's output (its JSON log lines, on stderr) is written;
+        None: this process's stderr.
+    env: variables set for the server over this process's environment; with
+        `inherit_settings=False` this process's HORNET_* variables are left out, so
+        the server reads only `flags`, `env` and its defaults.
+    memory_limit_bytes: the server's address space (RLIMIT_AS), so that a runaway
+        allocation fails the server instead of the machine.
+    ready_headers: sent with the readiness probe (a key, when probes are protected).
+    """
+    port = free_port()
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if inherit_settings or not name.startswith("HORNET_")
+    }
+    environment.update(env or {})
+    command = [sys.executable, "-m", "service", *flags, "--port", str(port)]
+    with contextlib.ExitStack() as files:
+        if log_path is None:
+            stdout, stderr = subprocess.DEVNULL, None
+        else:
+            stdout, stderr = files.enter_context(log_path.open("w")), subprocess.STDOUT
+        process = subprocess.Popen(
+            command,
+            env=environment,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=_address_space_cap(memory_limit_bytes),
+        )
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_ready(
+            url, process, timeout_s=ready_timeout_s, headers=ready_headers, log_path=log_path
+        )
+        yield RunningServer(url, process, log_path)
+    finally:
+        stop(process, stop_timeout_s)
+
+
+def _answers_200(probe: urllib.request.Request) -> bool:
+    try:
+        with _DIRECT.open(probe, timeout=1.0) as response:
+            return response.status == 200
+    except (OSError, http.client.HTTPException):  # refused, reset, timed out, 503, ...
+        return False
+
+
+def _address_space_cap(limit_bytes: int | None) -> Callable[[], None] | None:
+    if limit_bytes is None:
+        return None
+
+    def cap() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return cap
+
+
+def _tail(log_path: Path | None, chars: int) -> str:
+    if log_path is None or not log_path.is_file():
+        return ""
+    return log_path.read_text(errors="replace")[-chars:]
+
+
+def _log_note(log_path: Path | None) -> str:
+    tail = _tail(log_path, 4000)
+    return f"; the end of {log_path}:\n{tail}" if tail else ""
