@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from service.testing import running_server
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_BUNDLES = REPO / "service" / "demo_bundles"
@@ -66,51 +63,15 @@ def open_browser(chromium: tuple[str, str], width: int = 1200, height: int = 900
         driver.quit()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _limit_memory() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (_SERVER_MEMORY_BYTES, _SERVER_MEMORY_BYTES))
-
-
 @contextlib.contextmanager
 def running_service(log_path: Path, *flags: str) -> Iterator[str]:
     """`python -m service` with `flags` on a free loopback port (one engine thread, its
     address space capped), ready; yields its base URL; stops it at the end."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
-    env["HORNET_ENGINE_THREADS"] = "1"
-    command = [sys.executable, "-m", "service", "--port", str(port), *flags]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_limit_memory,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base_url, process)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    give_up_at = time.monotonic() + timeout_s
-    while time.monotonic() < give_up_at:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{base_url} not ready within {timeout_s} s")
+    with running_server(
+        flags,
+        log_path=log_path,
+        env={"HORNET_ENGINE_THREADS": "1"},
+        inherit_settings=False,
+        memory_limit_bytes=_SERVER_MEMORY_BYTES,
+    ) as server:
+        yield server.url
