@@ -93,12 +93,21 @@ def detection_cfg() -> PretrainedCfg:
 
 
 def _register_upernet(name: str, size: str, mixer: str, fusion: str | None, tile: int) -> None:
+    """A UperNet variant; with `fusion` its `fpn_bottleneck` is HorFPN's gnConv module as
+    both official HorFPN configs set it (`conv_cfg`: order 2, kernel 7 or GF 32x17, and
+    `proj_out=True`, although the head's own default is False)."""
     base_dim = BACKBONE_DIMS[size]
 
     def build(
         num_classes: int = ADE20K_CLASSES, image_size: int = tile, **overrides
     ) -> HorNetUperNet:
-        kwargs = dict(base_dim=base_dim, gf=mixer == "gf", image_size=image_size, fusion=fusion)
+        kwargs = dict(
+            base_dim=base_dim,
+            gf=mixer == "gf",
+            image_size=image_size,
+            fusion=fusion,
+            fusion_proj_out=fusion is not None,
+        )
         return HorNetUperNet(num_classes=num_classes, **(kwargs | overrides))
 
     build.__name__ = name

@@ -78,7 +78,9 @@ class UPerHead(nn.Module):
     levels resized to stride 4, concatenated, fused, classified per pixel.
 
     `fusion` None is mmseg's 3x3 ConvModule `fpn_bottleneck`; '7x7' or 'gf' is HorFPN's
-    gnConv module there (then BN + ReLU; `fusion_proj_out` adds its 1x1 proj_out).
+    gnConv module there (then BN + ReLU; `fusion_proj_out` adds its 1x1 proj_out). False
+    is the official head class's default, but both official HorFPN configs set it True,
+    and so do the registered HorFPN variants (model_export.dense).
     """
 
     def __init__(

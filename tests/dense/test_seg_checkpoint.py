@@ -171,7 +171,8 @@ def _small_widths(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _horfpn_bottleneck_shapes(mixer: str) -> dict[str, tuple[int, ...]]:
     """HorFPN's fusion module in place of `fpn_bottleneck` (spec): order-2 gnConv of width
-    512 fed 4 * 512 channels, no proj_out, no 1/3 scale, then the ConvModule's BN."""
+    512 fed 4 * 512 channels, proj_out (as both official configs set it), no 1/3 scale,
+    then the ConvModule's BN."""
     prefix, width = "decode_head.fpn_bottleneck", CHANNELS
     mixed = width // 2 + width
     shapes = {
@@ -179,6 +180,8 @@ def _horfpn_bottleneck_shapes(mixer: str) -> dict[str, tuple[int, ...]]:
         f"{prefix}.proj_in.bias": (2 * width,),
         f"{prefix}.pws.0.weight": (width, width // 2, 1, 1),
         f"{prefix}.pws.0.bias": (width,),
+        f"{prefix}.proj_out.weight": (width, width, 1, 1),
+        f"{prefix}.proj_out.bias": (width,),
     }
     if mixer == "7x7":
         shapes[f"{prefix}.dwconv.weight"] = (mixed, 1, 7, 7)
