@@ -40,6 +40,12 @@ def file_sha256(path: str | PathLike) -> str:
 
 def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
     """The state dict stored in `path`, unwrapped from its training container."""
+    return read_checkpoint_file(path)[0]
+
+
+def read_checkpoint_file(path: str | PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict stored in `path` and the file's `meta` dict (mmcv/mmdet/mmseg
+    files keep e.g. the label names under meta['CLASSES']; empty when absent)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -48,7 +54,7 @@ def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            return load_file(path), {}
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
@@ -60,7 +66,8 @@ def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint: {err}") from err
-    return unwrap_state_dict(obj, source=str(path))
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return unwrap_state_dict(obj, source=str(path)), dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -141,8 +148,13 @@ def load_state_dict_strict(
 
 def load_checkpoint(model: nn.Module, path: str | PathLike) -> nn.Module:
     """Read, adapt and strictly load. A model class may bring its own adapter as a
-    staticmethod `checkpoint_filter_fn(state_dict, model)` (e.g. mmseg layouts)."""
-    state = read_checkpoint(path)
+    staticmethod `checkpoint_filter_fn(state_dict, model)` (e.g. mmseg layouts), and a
+    method `apply_checkpoint_meta(meta, source)` that reads the file's `meta` (e.g. the
+    label names of an mmdet file), called after the weights loaded."""
+    state, meta = read_checkpoint_file(path)
     filter_fn = getattr(model, "checkpoint_filter_fn", None) or checkpoint_filter_fn
     load_state_dict_strict(model, filter_fn(state, model), source=str(path))
+    apply_meta = getattr(model, "apply_checkpoint_meta", None)
+    if apply_meta is not None:
+        apply_meta(meta, str(path))
     return model

@@ -15,7 +15,7 @@ from os import PathLike
 from torch import nn
 
 # Modules whose import registers variants. Loaded on first use of the registry.
-_VARIANT_MODULES = ("model_export.hornet", "model_export.dense")
+_VARIANT_MODULES = ("model_export.hornet", "model_export.dense", "model_export.mmdet_detectors")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,10 @@ def test_every_official_detection_variant_is_registered() -> None:
     expected |= {
         f"horfpn_{f}_mask_rcnn_hornet_{s}_{m}" for f in MIXERS for s in SIZES for m in MIXERS
     }
+    # mmdet's layout (model_export.mmdet_detectors): the released cascades, the HorFPN study.
+    expected |= {f"cascade_mask_rcnn_hornet_{s}_{m}" for s in SIZES for m in MIXERS}
+    expected |= {f"mmdet_{name}_mask_rcnn_hornet_small_7x7" for name in ("horfpn_7x7", "horfpn_gf")}
+    expected |= {"mmdet_mask_rcnn_hornet_small_7x7"}
     assert set(list_variants("detect")) == expected
 
 
