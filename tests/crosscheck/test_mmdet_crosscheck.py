@@ -1,0 +1,153 @@
+"""Detection cross-checked against mmdet itself (issue P10, item 4).
+
+mmdet_reference.py builds each official detection config (mmdet_configs.py) with mmdet
+2.28's own code in the OpenMMLab environment, with our HorNet backbone and HorFPN neck
+registered under the official names, fills it with seeded weights, saves an mmdet
+checkpoint and detects on three photographs with mmdet's test pipeline
+(`inference_detector`). Here the same checkpoint is loaded strictly into our variant and
+the photographs go through our torch model with mmdet's pipeline on the host
+(model_export.mmdet_pipeline).
+
+Substitution: mmcv is installed without its compiled ops, so mmdet's RoIAlign and NMS
+kernels are torchvision's (mmcv_ext_detection.py; MMDET_FACTS.md measured them equal to
+mmcv 1.7.2's CPU kernels). Everything around them is mmdet's.
+
+Configurations: every configured architecture at tiny widths (the logic: cascade 7x7 and
+GF, the 384-px GF filter sizes of HorNet-L, Mask R-CNN with FPN and both HorFPN necks),
+and the real-size cascade with HorNet-T GF end to end.
+
+"Match": every mmdet detection has one of ours with the same label, box IoU >= 0.99 (or,
+for a box clipped to zero width or height, corners within 0.01 px) and score within
+1e-3, except at the tail of a full list (scores within 1e-3 of the 100th, where rounding
+may swap the 100th and 101st); none of ours above 0.3 is unmatched; the matched masks
+agree on >= 99% of the pixels of the mmdet box.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from model_export import create_model
+from model_export.mmdet_pipeline import finish, prepare
+from tests.crosscheck.mm_env import run_in_mm_env
+from tests.crosscheck.mmdet_configs import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+PHOTOS = ("astronaut", "coffee", "chelsea")
+SEED = 11
+TINY = (
+    "cascade_mask_rcnn_hornet_tiny_7x7",
+    "cascade_mask_rcnn_hornet_tiny_gf",
+    "cascade_mask_rcnn_hornet_large_gf",
+    "mmdet_mask_rcnn_hornet_small_7x7",
+    "mmdet_horfpn_7x7_mask_rcnn_hornet_small_7x7",
+    "mmdet_horfpn_gf_mask_rcnn_hornet_small_7x7",
+)
+FULL = "cascade_mask_rcnn_hornet_tiny_gf"
+MIN_IOU = 0.99
+DEGENERATE_TOLERANCE_PX = 0.01
+SCORE_TOLERANCE = 1e-3
+UNMATCHED_SCORE = 0.3
+MASK_AGREEMENT = 0.99
+MAX_PER_IMG = 100
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """scikit-image's photographs as PNG files (mmdet reads files)."""
+    from skimage import data
+
+    out = tmp_path_factory.mktemp("photos")
+    paths = {}
+    for name in PHOTOS:
+        paths[name] = out / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(photos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mmdet's checkpoints and detections: <out>/<config>[-full]/{mmdet.pth, <photo>.npz}."""
+    out = tmp_path_factory.mktemp("mmdet")
+    specs = ",".join([*TINY, f"{FULL}:full"])
+    script = HERE / "mmdet_reference.py"
+    run_in_mm_env(script, str(out), str(SEED), specs, *map(str, photos.values()), timeout_s=1800)
+    return out
+
+
+def detect(model: torch.nn.Module, photo: Path) -> dict[str, np.ndarray]:
+    """Our torch model with mmdet's test pipeline on the host."""
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    prepared = prepare(rgb, model.pretrained_cfg.mean, model.pretrained_cfg.std)
+    with torch.no_grad():
+        (result,) = model(prepared.image, [prepared.image_shape])
+    return finish(result, prepared)
+
+
+def mismatches(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> list[str]:
+    """Every way `ours` fails to match `ref` (empty when they match)."""
+    problems = []
+    iou = box_iou(torch.from_numpy(ref["boxes"]), torch.from_numpy(ours["boxes"])).numpy()
+    close = np.abs(ref["scores"][:, None] - ours["scores"][None, :]) <= SCORE_TOLERANCE
+    # A box clipped to zero width or height at the border has no IoU: equal corners match.
+    corners = np.abs(ref["boxes"][:, None, :] - ours["boxes"][None, :, :]).max(-1)
+    same_box = (iou >= MIN_IOU) | (corners <= DEGENERATE_TOLERANCE_PX)
+    ok = (ref["labels"][:, None] == ours["labels"][None, :]) & close & same_box
+    full = len(ref["scores"]) == MAX_PER_IMG
+    tail = ref["scores"][-1] + SCORE_TOLERANCE if full else -np.inf
+    for i in np.flatnonzero(~ok.any(1)):
+        if ref["scores"][i] > tail:
+            problems.append(
+                f"mmdet detection {i} (label {ref['labels'][i]}, score {ref['scores'][i]:.4f}, "
+                f"box {ref['boxes'][i].round(1)}) has no match"
+            )
+    for j in np.flatnonzero(~ok.any(0) & (ours["scores"] > UNMATCHED_SCORE)):
+        problems.append(f"our detection {j} (score {ours['scores'][j]:.4f}) is not mmdet's")
+    for i in np.flatnonzero(ok.any(1)):
+        j = np.flatnonzero(ok[i])[np.argmax(iou[i, ok[i]])]
+        x0, y0 = np.floor(ref["boxes"][i, :2]).astype(int)
+        x1, y1 = np.ceil(ref["boxes"][i, 2:]).astype(int)
+        region = np.s_[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1]
+        agreement = (ref["masks"][i][region] == ours["masks"][j][region]).mean()
+        if agreement < MASK_AGREEMENT:
+            problems.append(f"mask of mmdet detection {i}: pixel agreement {agreement:.4f}")
+    return problems
+
+
+def _check(reference: Path, photos: dict[str, Path], name: str, folder: str, **overrides):
+    model = create_model(name, checkpoint=reference / folder / "mmdet.pth", **overrides)
+    seconds = {}
+    for photo, path in photos.items():
+        ref = dict(np.load(reference / folder / f"{photo}.npz"))
+        start = time.perf_counter()
+        ours = detect(model, path)
+        seconds[photo] = round(time.perf_counter() - start, 1)
+        assert len(ref["scores"]) > 10, f"{name} on {photo}: mmdet found too few to compare"
+        problems = mismatches(ref, ours)
+        assert not problems, f"{name} on {photo}: " + "; ".join(problems[:10])
+    print(f"{name} ({folder}): ours {seconds} s")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_detector_detects_as_mmdet(reference, photos, name) -> None:
+    _check(reference, photos, name, name, **TINY_OVERRIDES)
+
+
+def test_real_size_tiny_gf_cascade_detects_as_mmdet(reference, photos) -> None:
+    _check(reference, photos, FULL, f"{FULL}-full")
+
+
+def test_mmdet_checkpoint_labels_come_from_its_meta(reference) -> None:
+    """mmcv's save_checkpoint wrote meta CLASSES (mmdet's COCO names): they are the labels."""
+    model = create_model(TINY[0], checkpoint=reference / TINY[0] / "mmdet.pth", **TINY_OVERRIDES)
+    labels = model.pretrained_cfg.extra["labels"]
+    assert len(labels) == 80 and labels[0] == "person" and labels[-1] == "toothbrush"
