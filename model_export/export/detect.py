@@ -23,10 +23,12 @@ from torch import nn
 
 from hornet_bundle import ONNX_FP32, Manifest, write_manifest
 from model_export.export import fields, parity
+from model_export.export.errors import ExportError
 from model_export.export.onnx_graph import export_torchscript
 from model_export.export.options import ExportOptions, ParityImages
 from model_export.export.session import ort_session
 from model_export.gf_mode import GFMode, check_gf_mode
+from model_export.mask_rcnn import HorNetMaskRCNN
 from model_export.separable_dft import has_global_filters, use_separable_dft
 
 GF_MODES = (GFMode.AUTO, GFMode.MATMUL)
@@ -156,6 +158,12 @@ def export_detection(model: nn.Module, out_dir: str | Path, options: ExportOptio
     (or on `options.parity_images`). Raises ParityError after writing on failure. fp16
     is refused: the detection graph is exported in fp32 only.
     """
+    if not isinstance(model, HorNetMaskRCNN):
+        raise ExportError(
+            f"{type(model).__name__} (an mmdet-layout detector) cannot be exported yet: only "
+            "the torchvision-layout Mask R-CNNs (mask_rcnn_hornet_*, horfpn_*_mask_rcnn_*) "
+            "export today; the mmdet-layout graph is open work (issue P10, item 3)"
+        )
     if options.fp16:
         raise ValueError("fp16 detection bundles are not supported; export without fp16")
     check_gf_mode(options.gf_mode, GF_MODES, "detection")
