@@ -168,6 +168,8 @@ def detections(result) -> dict[str, np.ndarray]:
 def run_config(spec: str, seed: int, photos: list[Path], out: Path) -> dict:
     name, _, size = spec.partition(":")
     config = CONFIGS[name] if size == "full" else tiny(CONFIGS[name])
+    if size == "full":  # a minute or more per photograph at full size: the first one only
+        photos = photos[:1]
     model = revert_sync_batchnorm(init_detector(mmcv.Config(config), device="cpu")).eval()
     fill_(model, seed, FC_CLS_SCALE[config["model"]["type"]])
     model.CLASSES = tuple(get_classes("coco"))

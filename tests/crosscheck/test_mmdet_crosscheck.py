@@ -143,7 +143,8 @@ def test_tiny_detector_detects_as_mmdet(reference, photos, name) -> None:
 
 
 def test_real_size_tiny_gf_cascade_detects_as_mmdet(reference, photos) -> None:
-    _check(reference, photos, FULL, f"{FULL}-full")
+    first = dict(list(photos.items())[:1])  # the reference ran it on the first photo only
+    _check(reference, first, FULL, f"{FULL}-full")
 
 
 def test_mmdet_checkpoint_labels_come_from_its_meta(reference) -> None:
