@@ -3,6 +3,7 @@
     python bench/throughput.py BUNDLE [BUNDLE ...] [--batch 1,8] [--rounds 5] [--seconds 1]
     python bench/throughput.py --gf-compare [--image-size 224] [--fp16]
     python bench/throughput.py --gf-compare --device cuda --fp16 --torch
+    python bench/throughput.py BUNDLE --engines onnxruntime,openvino --openvino-precision fp32,bf16
 
 Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are present)
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
@@ -17,6 +18,11 @@ the ONNX DFT op) and prints each one's throughput as a ratio of the 7x7 model's.
 (`hornet export` bundles; not the demo ones) on the same device, fed
 the same uint8 images (copied over, normalised there, logits copied back): what a
 plain PyTorch server runs; the table then gives every engine's ratio to it.
+`--engines onnxruntime,openvino` adds OpenVINO (the service's `--engine openvino`) over
+each bundle's fp32 graph at each `--openvino-precision` (bf16 only where the CPU has
+bf16 arithmetic; otherwise skipped, saying so) and prints its ratio to ONNX Runtime fp32
+of the same bundle. Whenever hornet_tiny_7x7 and hornet_tiny_gf bundles are both measured
+(`--gf-compare`, or given), each engine's GF is compared with its own 7x7.
 Nothing here is asserted; it prints measurements.
 """
 
@@ -47,6 +53,17 @@ class OrtRunner:
         self.engine = OnnxRuntimeEngine(
             path, device=device, precision=precision, threads=threads, spinning=True
         )
+        self.input_name = input_name
+
+    def __call__(self, batch: np.ndarray) -> None:
+        self.engine.run({self.input_name: batch})
+
+
+class OpenVinoRunner:
+    def __init__(self, path: Path, input_name: str, threads: int, precision: str) -> None:
+        from service.engines import OpenVinoEngine
+
+        self.engine = OpenVinoEngine(path, precision=precision, threads=threads)
         self.input_name = input_name
 
     def __call__(self, batch: np.ndarray) -> None:
@@ -86,13 +103,17 @@ class Item(NamedTuple):
     dtype: np.dtype
     shape: tuple  # one call's input: None for the batch axis (see call_shape)
     variant: str
-    kind: str  # "onnx", "tensorrt" or "torch"
+    kind: str  # "onnx", "tensorrt", "openvino" or "torch"
     precision: str
+    bundle: str = ""
 
 
-def runners(bundle: Bundle, threads: int, device: str = "cpu") -> list[Item]:
-    """One item per engine of a bundle. Graphs without a batch axis (detectors take one
-    image of any size) get the preprocessing's input size and run one image per call."""
+def runners(
+    bundle: Bundle, threads: int, device: str = "cpu", openvino: tuple[str, ...] = ()
+) -> list[Item]:
+    """One item per engine of a bundle, and one per `openvino` precision over its fp32
+    graph. Graphs without a batch axis (detectors take one image of any size) get the
+    preprocessing's input size and run one image per call."""
     manifest = bundle.manifest
     spec = manifest.inputs[0]
     dtype = np.dtype(spec.dtype)
@@ -112,7 +133,27 @@ def runners(bundle: Bundle, threads: int, device: str = "cpu") -> list[Item]:
                 continue
             run = lambda b, trt=trt, n=spec.name: trt.run({n: b})  # noqa: E731
         found.append(
-            Item(label, run, dtype, shape, manifest.variant, engine.format, engine.precision)
+            Item(
+                label,
+                run,
+                dtype,
+                shape,
+                manifest.variant,
+                engine.format,
+                engine.precision,
+                manifest.name,
+            )
+        )
+    fp32 = manifest.engine_for("onnx", "fp32")
+    for precision in openvino:
+        label = f"{manifest.name} openvino/{precision} (GF {fp32.gf_mode})"
+        try:
+            run = OpenVinoRunner(bundle.path / fp32.file, spec.name, threads, precision)
+        except Exception as exc:  # no openvino, or no bf16 on this CPU: say so, measure the rest
+            print(f"# skipping {label}: {exc}", file=sys.stderr)
+            continue
+        found.append(
+            Item(label, run, dtype, shape, manifest.variant, "openvino", precision, manifest.name)
         )
     return found
 
@@ -208,6 +249,8 @@ def paired_ratio(results: dict, label: str, base: str, batch: int) -> tuple[floa
 
 def print_ratio(label: str, base: str, results: dict, batches: list[int]) -> None:
     for batch in batches:
+        if (label, batch) not in results:  # graphs without a batch axis: batch 1 only
+            continue
         ratio, low, high = paired_ratio(results, label, base, batch)
         spread = f"(rounds' quartiles {low:.2f}-{high:.2f})"
         print(f"  {label:58} batch {batch:3d}: {ratio:.2f}x  {spread}")
@@ -238,6 +281,12 @@ def gf_compare(image_size: int, modes: list[str], work: Path, fp16: bool) -> lis
     return bundles
 
 
+def ort_fp32(item: Item, items: list[Item]) -> Item | None:
+    """The ONNX Runtime run of `item`'s bundle's fp32 graph."""
+    wanted = (item.bundle, "onnx", "fp32")
+    return next((o for o in items if (o.bundle, o.kind, o.precision) == wanted), None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -264,7 +313,19 @@ def main() -> int:
         action="store_true",
         help="also time each variant's eager torch model (needs torch)",
     )
+    parser.add_argument(
+        "--engines",
+        default="onnxruntime",
+        help="comma-separated: onnxruntime (each bundle's graphs), openvino (its fp32 graph)",
+    )
+    parser.add_argument(
+        "--openvino-precision",
+        default="fp32",
+        help="comma-separated precisions OpenVINO runs the fp32 graph at: fp32, bf16",
+    )
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    openvino = tuple(args.openvino_precision.split(",")) if "openvino" in engines else ()
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         bundles = list(args.bundles)
@@ -273,11 +334,15 @@ def main() -> int:
         if not bundles:
             parser.error("give bundle directories or --gf-compare")
         loaded = [load_bundle(path) for path in bundles]
-        items = [item for bundle in loaded for item in runners(bundle, args.threads, args.device)]
+        items = [
+            item
+            for bundle in loaded
+            for item in runners(bundle, args.threads, args.device, openvino)
+        ]
         if args.torch:
             items += eager_baselines(loaded, args.device)
         print(
-            f"# {describe(args.device)}, onnxruntime threads={args.threads or 'default'}, "
+            f"# {describe(args.device)}, engine threads={args.threads or 'default'}, "
             f"{args.rounds} alternating rounds of {args.seconds}s, median round reported"
         )
         results = measure(items, batches, args.rounds, args.seconds)
@@ -293,10 +358,17 @@ def main() -> int:
             print("\nthroughput / eager torch of the same variant and precision:")
             for item, base in pairs:
                 print_ratio(item.label, base.label, results, batches)
-        if args.gf_compare:
+        ov_pairs = [(item, ort_fp32(item, items)) for item in items if item.kind == "openvino"]
+        ov_pairs = [(item, base) for item, base in ov_pairs if base]
+        if ov_pairs:
+            print("\nthroughput / ONNX Runtime fp32 of the same bundle:")
+            for item, base in ov_pairs:
+                print_ratio(item.label, base.label, results, batches)
+        variants = {item.variant for item in items}
+        if {"hornet_tiny_7x7", "hornet_tiny_gf"} <= variants:
             print(
-                "\nGF throughput / 7x7 throughput at equal size "
-                f"({args.image_size}px; target on 2 CPUs: DFT-free >= 0.9):"
+                "\nGF throughput / 7x7 throughput of the same engine at equal size "
+                "(target on 2 CPUs: DFT-free >= 0.9):"
             )
             for item in items:
                 base = counterpart(item, "hornet_tiny_7x7", item.kind)

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from hornet_bundle.versions import SCHEMA_VERSION, upgrade
 
 Task = Literal["classify", "segment", "detect"]
 DType = Literal["uint8", "float32", "float16", "int64", "int32", "bool"]
+# What a bundle may be served at: its engines' file precisions, and bf16 (OpenVINO runs
+# the fp32 graph at it).
+Precision = Literal["fp32", "fp16", "bf16"]
 
 
 class _Strict(BaseModel):
@@ -101,6 +111,11 @@ class Parity(_Strict):
 
     engine: str
     reference: str
+    # The precision `engine` ran at when not its file's own (bf16: OpenVINO's inference
+    # precision over the fp32 graph), and the runtime and CPU that ran it; both None for
+    # the export's own checks of each engine file.
+    precision: Precision | None = None
+    runtime: str | None = None
     metric: ParityMetric
     tolerance: float
     passed: bool
@@ -123,6 +138,16 @@ class Parity(_Strict):
     min_mask_pixel_agreement: float | None = None
     mask_max_abs_error: float | None = None
     inputs: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_precision(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """`precision` and `runtime` are written only when set, so the export's own
+        records read as before in a hornet-serve that predates them."""
+        data = handler(self)
+        for name in ("precision", "runtime"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
     def _metric_is_recorded(self) -> Parity:
@@ -173,6 +198,14 @@ class Manifest(_Strict):
         if missing:
             raise ValueError(f"engine files not listed under 'files': {missing}")
         return self
+
+    def verified_precisions(self) -> set[str]:
+        """The precisions this bundle may be served at without --allow-unverified-precision:
+        fp32, the precision it was exported and checked in, and every other precision with
+        a passed parity record (an fp16 engine file's, or a `hornet verify` run's)."""
+        file_precision = {e.file: e.precision for e in self.engines}
+        passed = {p.precision or file_precision.get(p.engine) for p in self.parity if p.passed}
+        return {"fp32"} | (passed - {None})
 
     def engine_for(self, fmt: str, precision: str | None = None) -> Engine:
         """The engine of a format (and precision, when given); fp32 preferred."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hornet_bundle.files import MANIFEST_NAME, sha256_of
 from hornet_bundle.manifest import Manifest
+from hornet_bundle.reader import Bundle
 
 # Distributions whose versions each manifest records (those installed).
 TOOLS = (
@@ -59,4 +60,20 @@ def write_manifest(bundle_dir: str | Path, fields: dict) -> Manifest:
     )
     text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
     (bundle_dir / MANIFEST_NAME).write_text(text)
+    return manifest
+
+
+def rewrite_manifest(bundle: Bundle, changes: dict) -> Manifest:
+    """Write `bundle`'s manifest again with `changes` (top-level fields) applied: validated
+    through the schema, its files hashed again, the export's `tools` kept. For records
+    added after the export (`hornet verify`'s parity records); the files themselves are
+    not touched, so their hashes stay those the loader checked."""
+    current = bundle.manifest.model_dump(mode="json")
+    fields = {k: v for k, v in current.items() if k not in ("files", "tools")} | changes
+    manifest = Manifest.model_validate(
+        fields
+        | {"files": file_entries(bundle.path, sorted(current["files"])), "tools": current["tools"]}
+    )
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+    (bundle.path / MANIFEST_NAME).write_text(text)
     return manifest

@@ -28,6 +28,9 @@ from service.memory import configure_allocator
 from service.settings import DEMO_BUNDLES_DIR, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hornet_bundle import Bundle
     from service.runtime import ModelPool
 
 log = logging.getLogger("hornet.service")
@@ -87,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if not _precisions_verified(bundles, settings):
+        return 2
     configure_allocator()
     if settings.uses_demo_bundles:
         log.warning(
@@ -107,6 +112,25 @@ def serve(args: argparse.Namespace) -> int:
     server = _DrainingServer(config, app.state.pool, settings.drain_timeout_s)
     server.run()
     return 0 if server.started else 1
+
+
+def _precisions_verified(bundles: Sequence[Bundle], settings: Settings) -> bool:
+    """False, after saying why on stderr, when a bundle was not verified at the requested
+    precision; with --allow-unverified-precision a warning instead."""
+    from service.engines import unverified_precision
+
+    for bundle in bundles:
+        reason = unverified_precision(bundle, settings)
+        if reason is None:
+            continue
+        if not settings.allow_unverified_precision:
+            print(f"hornet serve: {reason}", file=sys.stderr)
+            return False
+        log.warning(
+            "serving an unverified precision (--allow-unverified-precision)",
+            extra={"model": bundle.name, "precision": settings.precision, "reason": reason},
+        )
+    return True
 
 
 def page_url(config: uvicorn.Config) -> str:

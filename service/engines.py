@@ -1,4 +1,4 @@
-"""Engines: one small interface over ONNX Runtime and native TensorRT, plus plugins.
+"""Engines: one small interface over ONNX Runtime, OpenVINO and native TensorRT, plus plugins.
 
 An engine takes named numpy inputs and returns named numpy outputs; it is called from
 one worker thread at a time (the batcher gives each of the K instances its own thread),
@@ -194,6 +194,103 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
+# OpenVINO's names for the precisions it runs an fp32 graph at.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_runs_bf16() -> bool:
+    """True when this CPU has bf16 arithmetic (AVX512_BF16 or AMX-BF16), as OpenVINO's CPU
+    plugin reports it (its OPTIMIZATION_CAPABILITIES list BF16), else as /proc/cpuinfo
+    does. Without it OpenVINO silently runs bf16 requests in fp32."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except ImportError:
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def _cpu_name() -> str:
+    try:
+        import openvino as ov
+
+        return ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    except ImportError:
+        return "this CPU"
+
+
+class OpenVinoEngine:
+    """The bundle's fp32 ONNX graph compiled by OpenVINO for the CPU, run in fp32 or bf16.
+
+    bf16 is OpenVINO's inference precision on the same graph (weights and activations
+    rounded to bf16, accumulation in fp32), so it needs no file of its own; the CPU must
+    do bf16 arithmetic, else OpenVINO would quietly run fp32 and the request is refused.
+    Shapes stay as the graph declares them (dynamic batch, dynamic image size for the
+    detector). One synchronous infer request with the LATENCY hint: one stream over
+    `threads` cores (0 = all), which the batcher keeps busy with whole batches (the
+    THROUGHPUT hint splits the cores into streams a single request cannot use).
+    """
+
+    def __init__(self, path: Path, *, precision: str = "fp32", threads: int = 0) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EngineUnavailable(
+                "the openvino engine needs the openvino package: pip install "
+                "'hornet-serve[openvino]'"
+            ) from exc
+        if precision not in OPENVINO_PRECISIONS:
+            raise EngineUnavailable(
+                f"the openvino engine runs fp32 or bf16, not {precision} (fp16 graphs are "
+                "for CUDA: --engine onnxruntime --device cuda)"
+            )
+        if precision == "bf16" and not cpu_runs_bf16():
+            raise EngineUnavailable(
+                f"--precision bf16 needs a CPU with AVX512_BF16 or AMX-BF16, and {_cpu_name()} "
+                "has neither (OpenVINO would silently run fp32): use --precision fp32"
+            )
+        config = {
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        ran = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if precision == "bf16" and "bf16" not in ran:
+            raise EngineUnavailable(f"OpenVINO compiled {path.name} for {ran}, not bf16")
+        self._request = self._compiled.create_infer_request()
+        self._outputs = [(port, port.get_any_name()) for port in self._compiled.outputs]
+        self.description = f"openvino {ov.__version__} CPU {precision} {path.name}"
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        # The request reuses its output buffers on the next run: copy them out.
+        return {name: np.array(results[port]) for port, name in self._outputs}
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def openvino_engine(
+    bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0
+) -> OpenVinoEngine:
+    """The openvino engine over a bundle's fp32 ONNX graph; also registered as the
+    `openvino` entry point of `hornet.engines`, which `hornet verify` runs bundles with."""
+    if device != "cpu":
+        raise EngineUnavailable(f"the openvino engine runs on the CPU, not {device}")
+    entry = bundle.manifest.engine_for("onnx", "fp32")
+    return OpenVinoEngine(bundle.file(entry.file), precision=precision, threads=threads)
+
+
 def registered_engine(name: str) -> Callable[..., InferenceEngine]:
     """The engine factory another package registered as `name` under `hornet.engines`."""
     found = metadata.entry_points(group=ENGINE_ENTRY_POINTS, name=name)
@@ -209,6 +306,23 @@ def registered_engine(name: str) -> Callable[..., InferenceEngine]:
         raise EngineUnavailable(f"the {name} engine cannot be loaded: {exc}") from exc
 
 
+def unverified_precision(bundle: Bundle, settings: Settings) -> str | None:
+    """Why `bundle` may not be served at the settings' precision (one sentence naming the
+    bundle, the precision and how to verify it), or None when its manifest verified it."""
+    precision = settings.precision or "fp32"
+    if settings.engine == "torch" or precision in bundle.manifest.verified_precisions():
+        return None
+    how = (
+        f"verify it on this machine with `hornet verify {bundle.path} --precision {precision}`"
+        if precision == "bf16"
+        else "export it again with `hornet export ... --fp16`, which verifies the fp16 graph"
+    )
+    return (
+        f"bundle {bundle.name!r} ({bundle.path}) has no passed parity record for {precision}: "
+        f"{how}, or pass --allow-unverified-precision to serve it unverified"
+    )
+
+
 def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
     """One engine instance for a bundle, as the settings ask (engine, device, precision)."""
     manifest = bundle.manifest
@@ -216,6 +330,10 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         if settings.engine == "tensorrt":
             entry = manifest.engine_for("tensorrt", settings.precision)
             return TensorRTEngine(bundle.file(entry.file), entry)
+        if settings.engine == "openvino":
+            return openvino_engine(
+                bundle, settings.device, settings.precision or "fp32", settings.engine_threads
+            )
         if settings.engine != "onnxruntime":
             return registered_engine(settings.engine)(bundle, device=settings.device)
         entry = manifest.engine_for("onnx", settings.precision)

@@ -55,14 +55,21 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
-    engine: Literal["onnxruntime", "tensorrt", "torch"] = Field(
+    engine: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "onnxruntime",
-        description="onnxruntime, tensorrt (the bundle's native TensorRT engines) or torch "
-        "(debugging)",
+        description="onnxruntime, openvino (CPU; fp32 or bf16), tensorrt (the bundle's native "
+        "TensorRT engines) or torch (debugging)",
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the engines run")
-    precision: Literal["fp32", "fp16"] | None = Field(
-        None, description="engine precision; unset: the bundle's fp32 engine where it has one"
+    precision: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None,
+        description="engine precision; unset: the bundle's fp32 engine where it has one. bf16: "
+        "--engine openvino on a CPU with AVX512_BF16 or AMX",
+    )
+    allow_unverified_precision: bool = Field(
+        False,
+        description="serve a precision the bundle's manifest has no passed parity record for "
+        "(see `hornet verify`), with a warning, instead of refusing to start",
     )
     ort_tensorrt: bool = Field(
         False,
@@ -104,7 +111,9 @@ class Settings(BaseSettings):
         64, ge=1, description="more images in one request: 413"
     )
     engine_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads, 0 = its default"
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads, OpenVINO inference threads; 0 = its default",
     )
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0, ge=0, description="threads decoding uploads, 0 = one per CPU"
@@ -166,6 +175,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "protect_probes needs API keys to check: give --api-key-file "
                 "(HORNET_API_KEY_FILE) or HORNET_API_KEYS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_only_on_openvino(self) -> Settings:
+        if self.precision == "bf16" and self.engine != "openvino":
+            raise ValueError(
+                f"precision bf16 runs on --engine openvino only: {self.engine} runs the "
+                "bundle's fp32 or fp16 graphs as they are"
             )
         return self
 

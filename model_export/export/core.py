@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from hornet_bundle import Manifest
 
+# Precisions model_export.export.precision verifies (kept here: it imports numpy).
+VERIFIABLE_PRECISIONS = ("bf16",)
 # task -> (module, function) of its exporter
 EXPORTERS = {
     "classify": ("model_export.export.classify", "export_classifier"),
@@ -42,8 +44,15 @@ def export(
     Raises ValueError (invalid options, a missing checkpoint, an unknown variant is a
     KeyError), CheckpointError (weights that do not fit), ParityError (after writing
     the bundle, its parity records marked failed) or ExportError (any other step).
+    Each of options.verify_precisions is then checked and recorded on the written bundle
+    (model_export.export.precision), failing the same way.
     """
     options = options or ExportOptions()
+    unknown = set(options.verify_precisions) - set(VERIFIABLE_PRECISIONS)
+    if unknown:
+        raise ValueError(
+            f"cannot verify precisions {sorted(unknown)}; verifiable: {VERIFIABLE_PRECISIONS}"
+        )
     model = _model(variant_or_model, options)
     task = getattr(getattr(model, "pretrained_cfg", None), "task", None)
     if task not in EXPORTERS:
@@ -52,7 +61,12 @@ def export(
             "build it with model_export.create_model"
         )
     module, function = EXPORTERS[task]
-    return getattr(importlib.import_module(module), function)(model, Path(out_dir), options)
+    manifest = getattr(importlib.import_module(module), function)(model, Path(out_dir), options)
+    for precision in options.verify_precisions:
+        from model_export.export.precision import verify_precision
+
+        manifest = verify_precision(out_dir, precision, options.say)
+    return manifest
 
 
 def _model(variant_or_model: str | nn.Module, options: ExportOptions) -> nn.Module:

@@ -36,6 +36,9 @@ class ExportOptions:
     image_size: int | None = None
     # An fp16 graph next to the fp32 one, verified against it (classify, segment).
     fp16: bool = False
+    # Precisions the bundle is also verified at once written (("bf16",): OpenVINO's bf16
+    # over the fp32 graph, model_export.export.precision), each recorded in the manifest.
+    verify_precisions: Sequence[str] = ()
     # classify: ("onnx",) or ("onnx", "tensorrt").
     formats: Sequence[str] = ("onnx",)
     # MIN:OPT:MAX batch sizes of the graph (classify 1:8:32, segment 1:8:64 by default;

@@ -1,0 +1,236 @@
+"""Verifying a bundle at a precision it has no graph of its own for: bf16 on OpenVINO.
+
+    hornet verify bundles/t7 --precision bf16
+    hornet export --variant hornet_tiny_7x7 --verify-precision bf16
+
+bf16 is OpenVINO's inference precision over the bundle's fp32 graph, so nothing new is
+written but the evidence: the graph runs through the engine the service serves it with
+(the `openvino` entry point of `hornet.engines`, found by name: the exporter imports no
+service code) and through ONNX Runtime in fp32 (the graph the export verified against
+torch), on the images the export checks (seeded random images, and the scikit-image
+photographs), and the figures go into the manifest as a parity record with `precision`
+and `runtime` set; `hornet serve` refuses a precision without a passed record. Torch is
+not needed, except for detection bundles (the pairing of detections is the exporter's).
+
+Tolerances, per task, of the bf16 outputs against fp32:
+- classify: relative L2 error of the logits under 2e-2, and the same top-1 class on
+  every photograph (`top1_agreement` is over all images; random images of a random-weight
+  model have near-ties that may flip);
+- segment: largest logit difference under 5e-2 of the largest logit;
+- detect: detections paired one to one, boxes and scores within 2e-2, and 0.99 of the
+  0.5-thresholded mask pixels agreeing.
+The segment and detect bounds were set without bf16 hardware to measure them on.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, Manifest, load_bundle
+from hornet_bundle.preprocess import classification_input, fit_image, tile, window_boxes
+from hornet_bundle.writer import rewrite_manifest
+from model_export.export import parity
+from model_export.export.core import VERIFIABLE_PRECISIONS
+from model_export.export.errors import ExportError
+from model_export.export.session import ort_session
+
+TOLERANCES = {"classify": 2e-2, "segment": 5e-2, "detect": 2e-2}
+MIN_MASK_PIXEL_AGREEMENT = 0.99
+RANDOM_IMAGES = 4
+SEED = 0
+DETECT_SIZES = ((480, 640), (400, 320))
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+
+Run = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def photographs() -> list[np.ndarray]:
+    """The scikit-image photographs the classifier export checks (uint8 RGB)."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise ExportError(
+            "precision verification runs the scikit-image photographs: pip install scikit-image"
+        ) from exc
+    return [np.asarray(getattr(data, name)()) for name in PHOTO_NAMES]
+
+
+def precision_engine(bundle: Bundle, precision: str):
+    """The served engine that runs `bundle` at `precision` (the `openvino` entry point)."""
+    found = metadata.entry_points(group=ENGINE_ENTRY_POINTS, name="openvino")
+    if not found:
+        raise ExportError(
+            f"no {ENGINE_ENTRY_POINTS!r} entry point named 'openvino': reinstall hornet-serve"
+        )
+    try:
+        return next(iter(found)).load()(bundle, device="cpu", precision=precision)
+    except (EngineUnavailable, ImportError) as exc:
+        raise ExportError(f"{precision} cannot be verified here: {exc}") from exc
+
+
+def verify_precision(
+    bundle_dir: str | PathLike, precision: str, say: Callable[[str], None] = lambda _: None
+) -> Manifest:
+    """Check `precision` against the bundle's fp32 graph and record the parity record in
+    its manifest (replacing an earlier one for that precision).
+
+    Raises ValueError for a precision or bundle this cannot verify, ExportError when the
+    engine cannot run it here, ParityError (after writing the failed record) beyond
+    tolerance.
+    """
+    if precision not in VERIFIABLE_PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} cannot be verified; one of {VERIFIABLE_PRECISIONS}"
+        )
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    image = manifest.inputs[0]
+    if (image.dtype, image.layout) != ("uint8", "NHWC"):
+        raise ValueError(f"{bundle.path}: verification needs a uint8 NHWC image input")
+    reference_file = manifest.engine_for("onnx", "fp32").file
+    names = [output.name for output in manifest.outputs]
+    session = ort_session(bundle.file(reference_file))
+    engine = precision_engine(bundle, precision)
+    say(f"verifying {bundle.path} at {precision} ({engine.description}) against fp32")
+
+    def reference(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(names, {image.name: x})
+
+    def candidate(x: np.ndarray) -> list[np.ndarray]:
+        out = engine.run({image.name: x})
+        return [out[name] for name in names]
+
+    try:
+        figures, inputs, passed = RECORDERS[manifest.task](manifest, reference, candidate)
+    finally:
+        engine.close()
+    metric = METRICS[manifest.task]
+    tolerance = TOLERANCES[manifest.task]
+    record = parity.record(
+        reference_file,
+        f"onnxruntime fp32 {reference_file}",
+        metric,
+        tolerance,
+        figures,
+        inputs,
+        passed,
+    ) | {"precision": precision, "runtime": f"{engine.description} on {cpu_model()}"}
+    kept = [p.model_dump(mode="json") for p in manifest.parity if p.precision != precision]
+    written = rewrite_manifest(bundle, {"parity": [*kept, record]})
+    say("  " + parity.describe(record))
+    parity.raise_on_failure([record], bundle.path)
+    return written
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the record (what bf16 was verified on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _classify(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+    pre = manifest.preprocess
+    height, width = pre.input_size
+    rng = np.random.default_rng(SEED)
+    batches = {
+        "random": rng.integers(0, 256, (RANDOM_IMAGES, height, width, 3), dtype=np.uint8),
+        "photos": np.stack(
+            [classification_input(Image.fromarray(p).convert("RGB"), pre) for p in photographs()]
+        ),
+    }
+    refs = {k: reference(v)[0] for k, v in batches.items()}
+    outs = {k: candidate(v)[0] for k, v in batches.items()}
+    ref, got = np.concatenate(list(refs.values())), np.concatenate(list(outs.values()))
+    photos_agree = parity.argmax_agreement(refs["photos"], outs["photos"], axis=-1)
+    figures = {
+        "max_abs_error": parity.max_abs_error(ref, got),
+        "relative_l2_error": parity.relative_l2_error(ref, got),
+        "top1_agreement": parity.argmax_agreement(ref, got, axis=-1),
+    }
+    inputs = (
+        f"random: {RANDOM_IMAGES}, photos: {len(batches['photos'])}; "
+        f"top-1 agreement on the photos {photos_agree:.3f} (must be 1)"
+    )
+    return figures, inputs, photos_agree == 1.0
+
+
+def _segment(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+    pre = manifest.preprocess
+    crop = pre.input_size
+    window = pre.sliding_window
+    rng = np.random.default_rng(SEED)
+    tiles = list(rng.integers(0, 256, (2, *crop, 3), dtype=np.uint8))
+    for photo in photographs():
+        fitted = fit_image(Image.fromarray(photo).convert("RGB"), pre.scale, pre.resize_backend)
+        box = next(window_boxes(fitted.shape[0], fitted.shape[1], window))
+        tiles.append(tile(fitted, box, crop))
+    batch = np.stack(tiles)
+    ref, got = reference(batch)[0], candidate(batch)[0]
+    figures = {
+        "max_abs_error": parity.max_abs_error(ref, got),
+        "max_relative_error": parity.max_relative_error(ref, got),
+        "pixel_agreement": parity.argmax_agreement(ref, got, axis=1),
+    }
+    inputs = f"2 seeded random tiles and the first tile of {len(tiles) - 2} photos, {crop}"
+    return figures, inputs, True
+
+
+def _detect(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+    from model_export.export.detect import match_detections
+
+    rng = np.random.default_rng(SEED)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in DETECT_SIZES]
+    images += photographs()
+    worst = {"max_abs_error": 0.0, "box_score_error": 0.0, "mask_max_abs_error": 0.0}
+    agreement, problems = 1.0, []
+    for image in images:
+        ref, got = reference(image), candidate(image)
+        where = f"{image.shape[0]}x{image.shape[1]}"
+        if ref[0].shape != got[0].shape:
+            problems.append(f"{where}: {got[0].shape[0]} detections, fp32 {ref[0].shape[0]}")
+            continue
+        if ref[0].shape[0] == 0:
+            continue
+        order = match_detections(ref, got)
+        if order is None:
+            problems.append(f"{where}: the detections do not pair by label and box")
+            continue
+        score = parity.max_abs_error(ref[2], got[2][order])
+        figures = {
+            "max_abs_error": max(parity.max_abs_error(ref[0], got[0][order]), score),
+            "box_score_error": max(parity.max_relative_error(ref[0], got[0][order]), score),
+            "mask_max_abs_error": parity.max_abs_error(ref[3], got[3][order]),
+        }
+        worst = {k: max(v, figures[k]) for k, v in worst.items()}
+        agreement = min(agreement, float(((ref[3] > 0.5) == (got[3][order] > 0.5)).mean()))
+    figures = worst | {
+        "detections_paired": not problems,
+        "mask_pixel_agreement": agreement,
+        "min_mask_pixel_agreement": MIN_MASK_PIXEL_AGREEMENT,
+    }
+    shapes = ", ".join(f"{i.shape[0]}x{i.shape[1]}" for i in images)
+    inputs = f"seeded random images and photos {shapes}" + "".join(f"; {p}" for p in problems)
+    return figures, inputs, not problems and agreement >= MIN_MASK_PIXEL_AGREEMENT
+
+
+RECORDERS = {"classify": _classify, "segment": _segment, "detect": _detect}
+METRICS = {
+    "classify": "relative_l2_error",
+    "segment": "max_relative_error",
+    "detect": "box_score_error",
+}

@@ -1,0 +1,191 @@
+"""Verifying a bundle at bf16 (`hornet verify`, `hornet export --verify-precision`): the
+figures against the fp32 graph go into the manifest, consistently hashed, and a failure
+fails the command and is recorded as failed.
+
+Where the CPU has no bf16 arithmetic the engine is replaced by an emulation: ONNX
+Runtime fp32 with every float output rounded to bf16, which exercises everything but
+OpenVINO's bf16 kernels; the real engine is checked where the CPU has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from hornet_bundle import Bundle, load_bundle
+from model_export import cli, create_model
+from model_export.export import ExportError, ExportOptions, ParityError, export, precision
+from tests.helpers import bundles, demo
+
+from ..models.conftest import TINY, randomize_
+
+pytest.importorskip("skimage", reason="the verification photographs come from scikit-image")
+
+
+def _to_bf16(array: np.ndarray) -> np.ndarray:
+    """float32 rounded to the nearest bf16 (8 significant bits), as float32."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return rounded.view(np.float32)
+
+
+class EmulatedBf16:
+    """The bundle's fp32 graph on ONNX Runtime, float outputs rounded to bf16, plus
+    `noise` times each output's largest magnitude (a broken engine)."""
+
+    description = "emulated bf16 (ONNX Runtime fp32, outputs rounded)"
+
+    def __init__(self, bundle: Bundle, noise: float = 0.0) -> None:
+        path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+        self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._names = [o.name for o in self._session.get_outputs()]
+        self._noise = noise
+
+    def run(self, inputs: dict) -> dict:
+        outputs = dict(zip(self._names, self._session.run(None, dict(inputs)), strict=True))
+        rng = np.random.default_rng(0)
+        for name, value in outputs.items():
+            if value.dtype == np.float32 and value.size:
+                scale = self._noise * np.abs(value).max()
+                outputs[name] = _to_bf16(value + scale * rng.standard_normal(value.shape))
+        return outputs
+
+    def close(self) -> None:
+        self._session = None
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(precision, "precision_engine", lambda bundle, _: EmulatedBf16(bundle))
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    monkeypatch.setattr(
+        precision, "precision_engine", lambda bundle, _: EmulatedBf16(bundle, noise=0.3)
+    )
+
+
+WRITERS = {
+    "classify": bundles.write_classifier,
+    "segment": bundles.write_segmenter,
+    "detect": bundles.write_detector,
+}
+
+
+@pytest.mark.parametrize("task", sorted(WRITERS))
+def test_verify_records_bf16_figures_in_a_manifest_that_still_loads(task, tmp_path, emulated):
+    bundle_dir = WRITERS[task](tmp_path / task)
+    assert "bf16" not in load_bundle(bundle_dir).manifest.verified_precisions()
+    precision.verify_precision(bundle_dir, "bf16")
+    manifest = load_bundle(bundle_dir).manifest  # files re-hashed consistently
+    (record,) = [p for p in manifest.parity if p.precision == "bf16"]
+    assert record.passed and record.engine == "model.onnx"
+    assert record.reference == "onnxruntime fp32 model.onnx"
+    assert record.runtime.startswith("emulated bf16")
+    assert 0 < record.value < precision.TOLERANCES[task]
+    assert "bf16" in manifest.verified_precisions()
+
+
+def test_classifier_record_has_the_top1_agreement_and_names_the_photos(tmp_path, emulated):
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    manifest = precision.verify_precision(bundle_dir, "bf16")
+    (record,) = [p for p in manifest.parity if p.precision == "bf16"]
+    assert record.top1_agreement == 1.0 and record.relative_l2_error < 2e-2
+    assert "photos: 4" in record.inputs and "top-1 agreement on the photos 1.000" in record.inputs
+
+
+def test_verifying_again_replaces_the_earlier_record(tmp_path, emulated):
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    precision.verify_precision(bundle_dir, "bf16")
+    manifest = precision.verify_precision(bundle_dir, "bf16")
+    assert [p.precision for p in manifest.parity] == ["bf16"]
+
+
+def test_only_the_verified_record_writes_precision_and_runtime(tmp_path, emulated):
+    """Records without them read as before in a hornet-serve that predates the fields."""
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    raw = json.loads((bundle_dir / "manifest.json").read_text())
+    raw["parity"] = [
+        {"engine": "model.onnx", "reference": "torch float32", "metric": "relative_l2_error",
+         "tolerance": 1e-5, "passed": True, "max_abs_error": 0.0, "relative_l2_error": 0.0}
+    ]  # fmt: skip
+    raw["schema_version"] = 2  # the record above is written in version 2's names
+    (bundle_dir / "manifest.json").write_text(json.dumps(raw))
+    precision.verify_precision(bundle_dir, "bf16")
+    written = json.loads((bundle_dir / "manifest.json").read_text())["parity"]
+    assert [("precision" in r, "runtime" in r) for r in written] == [(False, False), (True, True)]
+
+
+def test_a_failed_verification_raises_and_is_recorded_as_failed(tmp_path, broken):
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    with pytest.raises(ParityError, match="parity check failed"):
+        precision.verify_precision(bundle_dir, "bf16")
+    manifest = load_bundle(bundle_dir).manifest
+    assert [p.passed for p in manifest.parity if p.precision == "bf16"] == [False]
+    assert "bf16" not in manifest.verified_precisions()
+
+
+def test_hornet_verify_exits_0_and_prints_the_record(tmp_path, emulated, capsys):
+    bundle_dir = bundles.write_segmenter(tmp_path / "seg")
+    args = argparse.Namespace(bundle=bundle_dir, precision="bf16")
+    assert cli.verify_bundle(args) == 0
+    out = capsys.readouterr().out
+    assert "bf16 verified" in out and "max_relative_error" in out
+
+
+def test_hornet_verify_fails_in_one_line_beyond_tolerance(tmp_path, broken, capsys):
+    args = argparse.Namespace(bundle=bundles.write_classifier(tmp_path / "cls"), precision="bf16")
+    assert cli.verify_bundle(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hornet verify: error: parity check failed") and "\n" not in err
+
+
+def test_export_with_verify_precision_records_bf16_in_the_manifest(tmp_path, emulated):
+    model = randomize_(create_model("hornet_tiny_7x7", **TINY, image_size=64), seed=3)
+    manifest = export(model, tmp_path, ExportOptions(verify_precisions=("bf16",)))
+    assert [(p.precision, p.passed) for p in manifest.parity] == [(None, True), ("bf16", True)]
+    assert load_bundle(tmp_path).manifest == manifest
+
+
+def test_export_cli_passes_verify_precision_to_the_export_options() -> None:
+    parser = cli.export_parser(argparse.ArgumentParser())
+    args = parser.parse_args(["--variant", "hornet_tiny_7x7", "--verify-precision", "bf16"])
+    assert args.verify_precision == ["bf16"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--variant", "hornet_tiny_7x7", "--verify-precision", "fp16"])
+
+
+def test_an_unknown_precision_is_refused_before_anything_is_exported(tmp_path) -> None:
+    with pytest.raises(ValueError, match="cannot verify precisions"):
+        export("hornet_tiny_7x7", tmp_path, ExportOptions(verify_precisions=("int8",)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_without_bf16_arithmetic_the_verification_says_why(tmp_path, monkeypatch) -> None:
+    from service import engines
+
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(engines, "cpu_runs_bf16", lambda: False)
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    with pytest.raises(ExportError, match="bf16 cannot be verified here: .*AVX512_BF16"):
+        precision.verify_precision(bundle_dir, "bf16")
+
+
+def test_demo_classifier_verifies_at_bf16_on_openvino(tmp_path) -> None:
+    from service.engines import cpu_runs_bf16
+
+    pytest.importorskip("openvino")
+    if not cpu_runs_bf16():
+        pytest.skip("this CPU has no bf16 arithmetic (AVX512_BF16 or AMX-BF16)")
+    bundle_dir = Path(shutil.copytree(demo.bundle_dir("classify"), tmp_path / "demo"))
+    manifest = precision.verify_precision(bundle_dir, "bf16")
+    (record,) = [p for p in manifest.parity if p.precision == "bf16"]
+    assert record.passed and record.relative_l2_error < 2e-2
+    assert record.runtime.startswith("openvino ")

@@ -1,0 +1,109 @@
+"""`--engine openvino`: the bundle's fp32 graph compiled by OpenVINO for the CPU, in fp32
+or bf16, computing what ONNX Runtime computes; and what it refuses, in one sentence."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from hornet_bundle import ENGINE_ENTRY_POINTS, load_bundle
+from hornet_bundle.preprocess import classification_input
+from service import engines
+from service.engines import EngineUnavailable, cpu_runs_bf16, create_engine
+from service.settings import Settings
+from tests.helpers import demo
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+RNG = np.random.default_rng(11)
+INPUTS = {
+    "classify": RNG.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8),
+    "segment": RNG.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),
+    "detect": RNG.integers(0, 256, (48, 80, 3), dtype=np.uint8),
+}
+
+
+def _outputs(bundle_dir, image: np.ndarray, **settings) -> dict[str, np.ndarray]:
+    engine = create_engine(load_bundle(bundle_dir), Settings(**settings))
+    try:
+        return engine.run({"image": image})
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("task", "fixture"),
+    [("classify", "classifier_dir"), ("segment", "segmenter_dir"), ("detect", "detector_dir")],
+)
+def test_openvino_fp32_matches_onnxruntime(task, fixture, request) -> None:
+    bundle_dir = request.getfixturevalue(fixture)
+    want = _outputs(bundle_dir, INPUTS[task])
+    got = _outputs(bundle_dir, INPUTS[task], engine="openvino")
+    assert got.keys() == want.keys()
+    for name, expected in want.items():
+        assert got[name].dtype == expected.dtype and got[name].shape == expected.shape
+        np.testing.assert_allclose(
+            got[name], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+        )
+
+
+def test_openvino_keeps_the_batch_axis_dynamic(classifier_dir) -> None:
+    one = _outputs(classifier_dir, INPUTS["classify"][:1], engine="openvino")["logits"]
+    three = _outputs(classifier_dir, INPUTS["classify"], engine="openvino")["logits"]
+    np.testing.assert_allclose(three[:1], one, rtol=1e-5, atol=1e-6)
+
+
+def test_openvino_describes_itself_with_its_precision(classifier_dir) -> None:
+    engine = create_engine(load_bundle(classifier_dir), Settings(engine="openvino"))
+    assert engine.description.startswith("openvino ") and " fp32 model.onnx" in engine.description
+    engine.close()
+
+
+def test_bf16_on_a_cpu_without_bf16_is_refused_naming_the_missing_capability(
+    classifier_dir, monkeypatch
+) -> None:
+    monkeypatch.setattr(engines, "cpu_runs_bf16", lambda: False)
+    with pytest.raises(EngineUnavailable, match=r"needs a CPU with AVX512_BF16 or AMX-BF16"):
+        create_engine(load_bundle(classifier_dir), Settings(engine="openvino", precision="bf16"))
+
+
+def test_openvino_refuses_fp16(classifier_dir) -> None:
+    with pytest.raises(EngineUnavailable, match="runs fp32 or bf16, not fp16"):
+        create_engine(load_bundle(classifier_dir), Settings(engine="openvino", precision="fp16"))
+
+
+def test_openvino_runs_on_the_cpu_only(classifier_dir) -> None:
+    with pytest.raises(EngineUnavailable, match="runs on the CPU, not cuda"):
+        create_engine(load_bundle(classifier_dir), Settings(engine="openvino", device="cuda"))
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "tensorrt", "torch"])
+def test_bf16_on_another_engine_is_an_invalid_setting(engine) -> None:
+    with pytest.raises(ValidationError, match="precision bf16 runs on --engine openvino only"):
+        Settings(engine=engine, precision="bf16")
+
+
+def test_the_openvino_engine_is_registered_for_the_exporters_verification() -> None:
+    (entry_point,) = metadata.entry_points(group=ENGINE_ENTRY_POINTS, name="openvino")
+    assert entry_point.load() is engines.openvino_engine
+
+
+@pytest.mark.skipif(
+    not cpu_runs_bf16(), reason="this CPU has no bf16 arithmetic (AVX512_BF16 or AMX-BF16)"
+)
+def test_bf16_demo_classifier_agrees_with_fp32_on_the_photographs(photos) -> None:
+    bundle = load_bundle(demo.bundle_dir("classify"))
+    crops = np.stack(
+        [
+            classification_input(Image.fromarray(p).convert("RGB"), bundle.manifest.preprocess)
+            for p in photos.values()
+        ]
+    )
+    fp32 = _outputs(bundle.path, crops)["logits"]
+    bf16 = _outputs(bundle.path, crops, engine="openvino", precision="bf16")["logits"]
+    assert np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32) < 2e-2
+    assert (bf16.argmax(-1) == fp32.argmax(-1)).all()

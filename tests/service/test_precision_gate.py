@@ -1,0 +1,122 @@
+"""A bundle is served only at a precision its manifest verified: fp32 (what it was
+exported and checked in), an fp16 engine file with a passed parity record, or a passed
+`hornet verify` record (bf16). Anything else stops `hornet serve` with status 2 and one
+sentence saying how to verify it, unless --allow-unverified-precision is given."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hornet_bundle import Manifest, load_bundle
+from service import cli
+from service.engines import cpu_runs_bf16, unverified_precision
+from service.settings import Settings
+from service.testing import ServerNotReady, running_server
+from tests.helpers import bundles, demo
+
+PASSED_BF16 = {
+    "engine": "model.onnx",
+    "reference": "onnxruntime fp32 model.onnx",
+    "precision": "bf16",
+    "runtime": "openvino",
+    "metric": "relative_l2_error",
+    "tolerance": 2e-2,
+    "passed": True,
+    "max_abs_error": 0.01,
+    "relative_l2_error": 0.005,
+}
+
+
+def _with_fp16_engine(directory: Path) -> Path:
+    """A classifier whose manifest lists an fp16 graph (a copy of the fp32 one, which ONNX
+    Runtime runs on the CPU) with no parity record for it."""
+    bundles.write_classifier(directory)
+    shutil.copy(directory / "model.onnx", directory / "model.fp16.onnx")
+    path = directory / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["engines"].append({"format": "onnx", "precision": "fp16", "file": "model.fp16.onnx"})
+    raw["files"]["model.fp16.onnx"] = raw["files"]["model.onnx"]
+    path.write_text(json.dumps(raw))
+    return directory
+
+
+def _manifest(classifier_dir: Path, parity: list[dict]) -> Manifest:
+    raw = load_bundle(classifier_dir).manifest.model_dump(mode="json")
+    return Manifest.model_validate(raw | {"parity": parity})
+
+
+def test_fp32_is_verified_by_the_export_itself(classifier_dir) -> None:
+    assert _manifest(classifier_dir, []).verified_precisions() == {"fp32"}
+
+
+def test_a_passed_bf16_record_verifies_bf16(classifier_dir) -> None:
+    assert _manifest(classifier_dir, [PASSED_BF16]).verified_precisions() == {"fp32", "bf16"}
+
+
+def test_a_failed_record_verifies_nothing(classifier_dir) -> None:
+    failed = PASSED_BF16 | {"passed": False}
+    assert _manifest(classifier_dir, [failed]).verified_precisions() == {"fp32"}
+
+
+def test_an_fp16_engine_files_passed_record_verifies_fp16(tmp_path) -> None:
+    bundle_dir = _with_fp16_engine(tmp_path / "cls")
+    fp16 = PASSED_BF16 | {"engine": "model.fp16.onnx", "precision": None}
+    assert _manifest(bundle_dir, [fp16]).verified_precisions() == {"fp32", "fp16"}
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_the_demo_bundles_serve_on_openvino_at_fp32_without_verification(task) -> None:
+    bundle = load_bundle(demo.bundle_dir(task))
+    assert unverified_precision(bundle, Settings(engine="openvino")) is None
+
+
+def test_serve_refuses_an_unverified_precision_in_one_sentence(classifier_dir, capsys) -> None:
+    argv = ["--model-dir", str(classifier_dir), "--engine", "openvino", "--precision", "bf16"]
+    assert cli.serve_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err == (
+        f"hornet serve: bundle 'tiny_cls' ({classifier_dir}) has no passed parity record for "
+        f"bf16: verify it on this machine with `hornet verify {classifier_dir} --precision "
+        "bf16`, or pass --allow-unverified-precision to serve it unverified"
+    )
+
+
+def test_serve_refuses_an_fp16_graph_without_a_parity_record(tmp_path, capsys) -> None:
+    bundle_dir = _with_fp16_engine(tmp_path / "cls")
+    assert cli.serve_main(["--model-dir", str(bundle_dir), "--precision", "fp16"]) == 2
+    assert "no passed parity record for fp16" in capsys.readouterr().err
+
+
+def test_allow_unverified_precision_starts_with_a_warning(tmp_path) -> None:
+    bundle_dir = _with_fp16_engine(tmp_path / "cls")
+    log = tmp_path / "server.log"
+    flags = ["--model-dir", str(bundle_dir), "--precision", "fp16"]
+    with running_server([*flags, "--allow-unverified-precision"], log_path=log) as server:
+        models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
+    assert models["models"][0]["engine"].endswith("model.fp16.onnx")
+    assert "serving an unverified precision" in log.read_text()
+
+
+def test_the_demo_bundles_serve_on_openvino(tmp_path) -> None:
+    pytest.importorskip("openvino")
+    with running_server(["--engine", "openvino"], log_path=tmp_path / "server.log") as server:
+        models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
+    assert {m["engine"].split()[0] for m in models["models"]} == {"openvino"}
+    assert len(models["models"]) == 3
+
+
+@pytest.mark.skipif(cpu_runs_bf16(), reason="this CPU has bf16 arithmetic")
+def test_allowed_unverified_bf16_still_needs_bf16_arithmetic(classifier_dir, tmp_path) -> None:
+    pytest.importorskip("openvino")
+    log = tmp_path / "server.log"
+    flags = ["--model-dir", str(classifier_dir), "--engine", "openvino", "--precision", "bf16"]
+    with pytest.raises(ServerNotReady):
+        with running_server([*flags, "--allow-unverified-precision"], log_path=log):
+            pass
+    assert "needs a CPU with AVX512_BF16 or AMX-BF16" in log.read_text()
