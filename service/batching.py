@@ -77,6 +77,12 @@ class _Pending(Generic[T, R]):
     request_id: str | None = field(default_factory=request_id.get)
 
 
+# Admission asks for this much slack over the expected wait: compute time per item varies
+# with what else runs on the machine (a 10-minute soak beside a test suite on 2 cores still
+# saw 11 detection 504s with no margin).
+ADMISSION_MARGIN = 1.5
+
+
 class BatchQueue(Generic[T, R]):
     """Batches items for a set of interchangeable workers (one per engine instance).
 
@@ -187,7 +193,7 @@ class BatchQueue(Generic[T, R]):
         after holding a place in the queue: a slow model's full queue can take longer
         than a request's deadline, however few items it holds."""
         expected = self.expected_wait_s(items)
-        if deadline is None or expected is None or now + expected <= deadline:
+        if deadline is None or expected is None or now + ADMISSION_MARGIN * expected <= deadline:
             return
         raise QueueFull(
             f"the queue's work ahead would take about {expected:.1f} s, past this request's "
