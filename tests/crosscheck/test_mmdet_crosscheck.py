@@ -42,7 +42,6 @@ from tests.crosscheck.mmdet_configs import TINY_OVERRIDES
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
-PHOTOS = ("astronaut", "coffee", "chelsea")
 SEED = 11
 TINY = (
     "cascade_mask_rcnn_hornet_tiny_7x7",
@@ -59,19 +58,6 @@ SCORE_TOLERANCE = 1e-3
 UNMATCHED_SCORE = 0.3
 MASK_AGREEMENT = 0.99
 MAX_PER_IMG = 100
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """scikit-image's photographs as PNG files (mmdet reads files)."""
-    from skimage import data
-
-    out = tmp_path_factory.mktemp("photos")
-    paths = {}
-    for name in PHOTOS:
-        paths[name] = out / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(paths[name])
-    return paths
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from tests.crosscheck.mmseg_configs import CONFIGS, CROP_SIZE, IMG_NORM_CFG, TIN
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
-PHOTOS = ("astronaut", "coffee", "chelsea")
 SEED = 7
 MARGIN = 1e-3
 AGREEMENT = 0.99
@@ -47,19 +46,6 @@ MIN_CONFIDENT_SHARE = 0.5
 FIT_SCALE = (2048, 512)
 STRIDE = 341
 TRAINING_ONLY = "auxiliary_head."
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """scikit-image's photographs as PNG files (mmseg reads files)."""
-    from skimage import data
-
-    out = tmp_path_factory.mktemp("photos")
-    paths = {}
-    for name in PHOTOS:
-        paths[name] = out / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(paths[name])
-    return paths
 
 
 @pytest.fixture(scope="module")
