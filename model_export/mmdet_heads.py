@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import batched_nms, roi_align
 
 from model_export.horfpn import ConvModule
@@ -105,8 +106,12 @@ def decode_boxes(
     if image_shape is None:
         return out
     height, width = image_shape[0], image_shape[1]
-    x = out[..., 0::2].clamp(min=0, max=width)
-    y = out[..., 1::2].clamp(min=0, max=height)
+    if isinstance(width, torch.Tensor):  # a traced graph's size, read from its input
+        x = torch.minimum(out[..., 0::2].clamp(min=0), width.to(out.dtype))
+        y = torch.minimum(out[..., 1::2].clamp(min=0), height.to(out.dtype))
+    else:
+        x = out[..., 0::2].clamp(min=0, max=width)
+        y = out[..., 1::2].clamp(min=0, max=height)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
 
 
@@ -152,7 +157,8 @@ class RPNHead(nn.Module):
             level_scores = logits[0].permute(1, 2, 0).reshape(-1).sigmoid()
             level_deltas = deltas[0].permute(1, 2, 0).reshape(-1, 4)
             anchors = self.anchors.grid_anchors(level, height, width).to(feature.device)
-            keep = min(self.nms_pre, level_scores.shape[0])
+            # torchvision's min(k, n) that stays dynamic in a traced graph
+            keep = _topk_min(level_scores, self.nms_pre, 0)
             level_scores, order = level_scores.topk(keep)
             scores.append(level_scores)
             boxes.append(decode_boxes(anchors[order], level_deltas[order], image_shape=image_shape))
@@ -299,7 +305,8 @@ def multiclass_nms(
     num_classes = scores.shape[1] - 1
     scores = scores[:, :num_classes].reshape(-1)
     boxes = boxes.reshape(-1, 4)
-    labels = torch.arange(num_classes, device=scores.device).repeat(boxes.shape[0] // num_classes)
+    labels = torch.arange(num_classes, device=scores.device)
+    labels = labels[None, :].expand(boxes.shape[0] // num_classes, num_classes).reshape(-1)
     index = torch.nonzero(scores > score_threshold).squeeze(1)
     boxes, scores, labels = boxes[index], scores[index], labels[index]
     keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_per_img]

@@ -179,3 +179,51 @@ def class_counts(mask: np.ndarray, classes: int) -> np.ndarray:
     for start in range(0, mask.shape[0], rows_per_band):
         counts += np.bincount(mask[start : start + rows_per_band].ravel(), minlength=classes)
     return counts
+
+
+def _paste_taps(start: int, stop: int, low: float, high: float, cells: int) -> np.ndarray:
+    """(stop - start, cells) weights of `grid_sample(align_corners=False)`'s bilinear
+    taps with zero padding, for pixel centres start + 0.5 .. stop - 0.5 along one axis
+    of a box spanning low..high (mmdet's _do_paste_mask: a zero-length box samples the
+    map's centre line, as its inf-to-0 replacement does)."""
+    centres = np.arange(start, stop, dtype=np.float64) + 0.5
+    extent = high - low
+    grid = (centres - low) / extent * 2 - 1 if extent > 0 else np.zeros_like(centres)
+    position = ((grid + 1) * cells - 1) / 2
+    left = np.floor(position)
+    frac = position - left
+    weights = np.zeros((centres.size, cells + 2), dtype=np.float64)
+    rows = np.arange(centres.size)
+    # Columns shifted by one: taps at -1 and `cells` land in the two padding columns.
+    left = left.astype(np.int64)
+    weights[rows, np.clip(left, -1, cells) + 1] += 1 - frac
+    weights[rows, np.clip(left + 1, -1, cells) + 1] += frac
+    return weights[:, 1:-1]
+
+
+def paste_mask_window(
+    mask: np.ndarray, box: np.ndarray, size: tuple[int, int], band_pixels: int = 1 << 22
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """One detection's square mask probability map pasted into its box on an image of
+    `size` (height, width) and thresholded at 0.5 (>=), as mmdet's `_do_paste_mask` +
+    `>= mask_thr_binary` do, computed only over the box widened by one pixel (mmdet's
+    own CPU region; outside it the mask is empty).
+
+    Returns the uint8 window and its (y0, y1), (x0, x1) in the image. Bilinear sampling
+    is separable, so the window is `rows_taps @ mask @ cols_taps.T`, a band of rows at
+    a time (memory: `band_pixels` floats plus the uint8 window)."""
+    height, width = size
+    x0 = min(max(int(np.floor(box[0])) - 1, 0), width)
+    y0 = min(max(int(np.floor(box[1])) - 1, 0), height)
+    x1 = min(max(int(np.ceil(box[2])) + 1, x0), width)
+    y1 = min(max(int(np.ceil(box[3])) + 1, y0), height)
+    cells_y, cells_x = mask.shape
+    columns = _paste_taps(x0, x1, float(box[0]), float(box[2]), cells_x)
+    across = mask.astype(np.float64) @ columns.T  # (cells_y, x1 - x0)
+    window = np.empty((y1 - y0, x1 - x0), dtype=np.uint8)
+    rows_per_band = max(1, band_pixels // max(1, x1 - x0))
+    for start in range(y0, y1, rows_per_band):
+        stop = min(start + rows_per_band, y1)
+        taps = _paste_taps(start, stop, float(box[1]), float(box[3]), cells_y)
+        window[start - y0 : stop - y0] = (taps @ across) >= 0.5
+    return window, (y0, y1), (x0, x1)

@@ -317,10 +317,12 @@ class DetectPipeline(_GraphIO):
     """Mask R-CNN graphs take one image per call; a batch is a loop over its images.
 
     With a `scale` in the manifest the host resizes the image to fit it (the size the
-    detector's own transform resizes to), so the engine's work and memory are those of
-    the model's input whatever was uploaded; boxes are scaled back to the upload's
-    pixels and each mask is resized and RLE-encoded one detection at a time, within its
-    box. Without a scale the engine gets the decoded image as it is.
+    detector's own transform, or mmdet's test pipeline, resizes to), so the engine's
+    work and memory are those of the model's input whatever was uploaded; boxes are
+    scaled back to the upload's pixels and each mask is made and RLE-encoded one
+    detection at a time, within its box: an mmdet-layout graph's 28x28 map is pasted
+    onto the upload as mmdet pastes it, a torchvision-layout graph's mask (pasted at the
+    engine's size) is resized. Without a scale the engine gets the decoded image as it is.
     """
 
     def prepare(self, image: Image.Image) -> Prepared:
@@ -359,11 +361,22 @@ class DetectPipeline(_GraphIO):
                 index=int(label),
                 label=names[int(label)] if 0 <= int(label) < len(names) else str(int(label)),
                 score=float(scores[k]),
-                mask=None if masks is None else _mask_rle(masks[k, 0], box, size),
+                mask=None if masks is None else self._mask(masks[k], box, size),
             )
             for k, box, label in zip(keep, boxes, labels, strict=True)
         ]
         return DetectResult(width=prepared.width, height=prepared.height, detections=detections)
+
+    def _mask(self, mask: np.ndarray, box: np.ndarray, size: tuple[int, int]) -> RLE:
+        """One detection's mask at the upload's size: a graph's (28, 28) map in the box
+        is pasted as mmdet pastes it; a (1, h, w) map pasted at the engine's size is
+        resized within the box."""
+        if mask.ndim == 2:
+            window, rows, (x0, x1) = imaging.paste_mask_window(mask, box, size)
+            strip = np.zeros((size[0], x1 - x0), dtype=np.uint8, order="F")
+            strip[rows[0] : rows[1]] = window
+            return _rle(strip, (x0, x1), size)
+        return _mask_rle(mask[0], box, size)
 
 
 def _mask_rle(probabilities: np.ndarray, box: np.ndarray, size: tuple[int, int]) -> RLE:

@@ -1,4 +1,5 @@
-"""Detection export: torchvision Mask R-CNN, one uint8 [H, W, 3] image per call.
+"""Detection export: torchvision Mask R-CNN, one uint8 [H, W, 3] image per call (the
+mmdet-layout detectors: model_export.export.detect_mmdet, which shares the parity here).
 
 The TorchScript exporter (torchvision's tested route: NonMaxSuppression and RoiAlign
 symbolics) writes boxes, labels (0..K-1, background removed), scores and pasted mask
@@ -152,18 +153,17 @@ def detection_preprocess(cfg, model: nn.Module) -> dict:
 
 
 def export_detection(model: nn.Module, out_dir: str | Path, options: ExportOptions) -> Manifest:
-    """Write a detection bundle for `model` (a create_model HorNetMaskRCNN).
+    """Write a detection bundle for `model`: a torchvision-layout HorNetMaskRCNN here, an
+    mmdet-layout detector (the released ones) by model_export.export.detect_mmdet.
 
     The graph is traced on the first of `options.image_sizes` and checked on all of them
     (or on `options.parity_images`). Raises ParityError after writing on failure. fp16
     is refused: the detection graph is exported in fp32 only.
     """
     if not isinstance(model, HorNetMaskRCNN):
-        raise ExportError(
-            f"{type(model).__name__} (an mmdet-layout detector) cannot be exported yet: only "
-            "the torchvision-layout Mask R-CNNs (mask_rcnn_hornet_*, horfpn_*_mask_rcnn_*) "
-            "export today; the mmdet-layout graph is open work (issue P10, item 3)"
-        )
+        from model_export.export.detect_mmdet import export_mmdet_detection
+
+        return export_mmdet_detection(model, Path(out_dir), options)
     if options.fp16:
         raise ValueError("fp16 detection bundles are not supported; export without fp16")
     check_gf_mode(options.gf_mode, GF_MODES, "detection")
