@@ -24,7 +24,6 @@ from torch import nn
 
 from hornet_bundle import ONNX_FP32, Manifest, write_manifest
 from model_export.export import fields, parity
-from model_export.export.errors import ExportError
 from model_export.export.onnx_graph import export_torchscript
 from model_export.export.options import ExportOptions, ParityImages
 from model_export.export.session import ort_session

@@ -70,8 +70,9 @@ class MMDetDetectionGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (image.permute(2, 0, 1)[None].float() - self.mean) / self.std
         height, width = x.shape[-2], x.shape[-1]
-        divisor = self.size_divisor
-        x = F.pad(x, (0, (divisor - width % divisor) % divisor, 0, (divisor - height % divisor) % divisor))
+        pad_w = (self.size_divisor - width % self.size_divisor) % self.size_divisor
+        pad_h = (self.size_divisor - height % self.size_divisor) % self.size_divisor
+        x = F.pad(x, (0, pad_w, 0, pad_h))
         image_shape = (torch.as_tensor(height), torch.as_tensor(width))
         if not torch.jit.is_tracing():
             image_shape = (int(height), int(width))
@@ -115,9 +116,9 @@ def export_mmdet_detection(
     tolerance = options.tolerance if options.tolerance is not None else TOLERANCE
     record = detection_parity(graph, path, images, tolerance)
     options.say("  " + parity.describe(record))
-    manifest = write_manifest(out, _manifest_fields(model, options, labels, mode, opset) | {
-        "parity": [record]
-    })
+    manifest = write_manifest(
+        out, _manifest_fields(model, options, labels, mode, opset) | {"parity": [record]}
+    )
     parity.raise_on_failure([record], out)
     return manifest
 
