@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -92,6 +92,7 @@ class OutputTensor:
     datatype: str
     array: np.ndarray
     binary: bool
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_infer_request(
@@ -273,14 +274,17 @@ def encode_response(
             "datatype": output.datatype,
             "shape": list(output.array.shape),
         }
+        parameters = dict(output.parameters)
         if output.binary:
             raw = _raw_bytes(output)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            parameters["binary_data_size"] = len(raw)
             chunks.append(raw)
         elif output.datatype == BYTES:
             entry["data"] = [_text(v) for v in output.array.reshape(-1)]
         else:
             entry["data"] = output.array.reshape(-1).tolist()
+        if parameters:
+            entry["parameters"] = parameters
         described.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:

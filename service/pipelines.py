@@ -8,15 +8,15 @@ engine's worker thread, the rest in the request's thread-pool call.
 
 The same pipeline serves the tensor protocol (`/v2`): it declares the tensors it takes
 and answers, turns a request's image tensor into the same items, and its engine results
-into output arrays; the protocol's parsing and encoding stay in `service.kserve` and
-its router.
+into output arrays (a detector: its finished answer, as tensors); the protocol's parsing
+and encoding stay in `service.kserve` and its router.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,7 +25,7 @@ from PIL import Image
 from hornet_bundle import Manifest
 from service import imaging
 from service.engines import InferenceEngine
-from service.kserve import BYTES, NUMERIC_DATATYPES, InvalidInferRequest, Tensor
+from service.kserve import BYTES, InvalidInferRequest, Tensor
 from service.schemas import (
     RLE,
     ClassifyResult,
@@ -38,7 +38,7 @@ from service.schemas import (
 
 ENCODED_IMAGE = "encoded_image"
 PROBABILITIES = "probabilities"
-_DATATYPES = {dtype.name: name for name, dtype in NUMERIC_DATATYPES.items()}
+LABEL_NAMES = "label_names"
 
 Answer = ClassifyResult | SegmentResult | DetectResult
 
@@ -73,19 +73,28 @@ class ServedTensor:
 
 @dataclass(frozen=True)
 class TensorInterface:
-    """What a pipeline takes and answers as tensors: the graph's own image tensor, the
-    encoded images it decodes itself (when it takes them), and its outputs, all with
-    the batch axis first when `batched`. An unbatched interface is the graph's as its
-    manifest states it (a detector: one image of any size, as many boxes as found)."""
+    """What a pipeline takes and answers as tensors: the graph's own image tensor (when
+    it takes one), the encoded images it decodes itself (when it takes them), and its
+    outputs, all with the batch axis first when `batched`. An unbatched interface answers
+    one image per request (a detector: as many rows as it finds objects)."""
 
-    image: ServedTensor
+    image: ServedTensor | None
     encoded: ServedTensor | None
     outputs: list[ServedTensor]
     batched: bool = True
 
     @property
     def inputs(self) -> list[ServedTensor]:
-        return [self.image] + ([self.encoded] if self.encoded else [])
+        return [t for t in (self.image, self.encoded) if t is not None]
+
+
+@dataclass
+class TensorOutputs:
+    """A tensor request's answer: each output's array, and the protocol parameters some
+    outputs carry (a detector's masks: the image size their RLE counts are at)."""
+
+    arrays: dict[str, np.ndarray]
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Pipeline(Protocol):
@@ -104,7 +113,9 @@ class Pipeline(Protocol):
 
     def finish(self, prepared: Prepared, results: list[Any], options: AnswerOptions) -> Answer: ...
 
-    def output_arrays(self, results: list[list[Any]]) -> dict[str, np.ndarray]: ...
+    def output_arrays(
+        self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
+    ) -> TensorOutputs: ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -121,15 +132,6 @@ class _GraphIO:
         self.manifest = manifest
         self.input_name = manifest.inputs[0].name
         self.output_names = [spec.name for spec in manifest.outputs]
-
-    @property
-    def tensors(self) -> TensorInterface:
-        """The graph's tensors as the manifest states them, unbatched."""
-        image, *outputs = (
-            ServedTensor(spec.name, _DATATYPES[spec.dtype], list(spec.shape))
-            for spec in [self.manifest.inputs[0], *self.manifest.outputs]
-        )
-        return TensorInterface(image, None, outputs, batched=False)
 
     def _image_tensor(self, height: int, width: int) -> ServedTensor:
         """The graph's image input as the host hands it over: RGB pixels, NHWC."""
@@ -164,11 +166,13 @@ class _GraphIO:
         height, width = image.shape[1:3]
         return [Prepared([np.ascontiguousarray(row)], width, height) for row in pixels]
 
-    def output_arrays(self, results: list[list[Any]]) -> dict[str, np.ndarray]:
+    def output_arrays(
+        self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
+    ) -> TensorOutputs:
         """The graph's output for the images of a tensor request (one item each), as one
         batch."""
         rows = [np.asarray(items[0], dtype=np.float32) for items in results]
-        return {self.output_names[0]: np.stack(rows)}
+        return TensorOutputs({self.output_names[0]: np.stack(rows)})
 
     def _batch_input(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         batch = np.stack(items)
@@ -205,10 +209,13 @@ class ClassifyPipeline(_GraphIO):
         height, width = self.manifest.preprocess.input_size
         return [np.zeros((height, width, 3), dtype=np.uint8)]
 
-    def output_arrays(self, results: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
-        arrays = super().output_arrays(results)
-        arrays[PROBABILITIES] = softmax(arrays[self.output_names[0]]).astype(np.float32)
-        return arrays
+    def output_arrays(
+        self, prepared: list[Prepared], results: list[list[np.ndarray]], options: AnswerOptions
+    ) -> TensorOutputs:
+        outputs = super().output_arrays(prepared, results, options)
+        logits = outputs.arrays[self.output_names[0]]
+        outputs.arrays[PROBABILITIES] = softmax(logits).astype(np.float32)
+        return outputs
 
     def finish(
         self, prepared: Prepared, results: list[np.ndarray], options: AnswerOptions
@@ -339,6 +346,50 @@ class DetectPipeline(_GraphIO):
     def warmup_items(self) -> list[np.ndarray]:
         height, width = self.manifest.preprocess.input_size
         return [np.zeros((height, width, 3), dtype=np.uint8)]
+
+    @property
+    def tensors(self) -> TensorInterface:
+        """One encoded image per request, decoded and prepared as `prepare` does an upload,
+        and its detections as `finish` makes them, one row each: boxes in the upload's
+        pixels, scores, class indices and names, and each mask's COCO RLE counts. Unbatched:
+        the detections of several images form no one tensor."""
+        outputs = [
+            ServedTensor("boxes", "FP32", [-1, 4]),
+            ServedTensor("scores", "FP32", [-1]),
+            ServedTensor("labels", "INT64", [-1]),
+            ServedTensor(LABEL_NAMES, BYTES, [-1]),
+        ]
+        if "masks" in self.output_names:
+            outputs.append(ServedTensor("masks", BYTES, [-1]))
+        encoded = ServedTensor(ENCODED_IMAGE, BYTES, [1, 1])
+        return TensorInterface(None, encoded, outputs, batched=False)
+
+    def prepare_tensor(self, tensor: Tensor) -> list[Prepared]:
+        """A detector takes encoded images only: its graph's input is the image as
+        `prepare` fits it, which is the server's job."""
+        raise InvalidInferRequest(
+            f"input {tensor.name!r}: a detect model takes {ENCODED_IMAGE!r} only, one encoded "
+            "image file"
+        )
+
+    def output_arrays(
+        self, prepared: list[Prepared], results: list[list[dict]], options: AnswerOptions
+    ) -> TensorOutputs:
+        """The one image's answer as /detect gives it (`finish`), as tensors; the masks'
+        RLE counts are at the image's size, which their parameters give."""
+        (image,), (items,) = prepared, results
+        detections = self.finish(image, items, options).detections
+        arrays = {
+            "boxes": np.array([d.box for d in detections], dtype=np.float32).reshape(-1, 4),
+            "scores": np.array([d.score for d in detections], dtype=np.float32),
+            "labels": np.array([d.index for d in detections], dtype=np.int64),
+            LABEL_NAMES: np.array([d.label.encode() for d in detections], dtype=object),
+        }
+        if "masks" not in self.output_names:
+            return TensorOutputs(arrays)
+        arrays["masks"] = np.array([d.mask.counts.encode() for d in detections], dtype=object)
+        size = {"height": image.height, "width": image.width}
+        return TensorOutputs(arrays, {"masks": size})
 
     def finish(
         self, prepared: Prepared, results: list[dict], options: AnswerOptions

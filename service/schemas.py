@@ -184,7 +184,9 @@ class V2OutputTensor(BaseModel):
     shape: list[int]
     data: list | None = Field(None, description="row-major elements, unless sent as binary")
     parameters: dict[str, object] | None = Field(
-        None, description="binary_data_size when the tensor's bytes follow the JSON header"
+        None,
+        description="binary_data_size when the tensor's bytes follow the JSON header; a "
+        "detect model's masks: the height and width of the image their RLE counts are at",
     )
 
 

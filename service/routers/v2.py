@@ -6,15 +6,16 @@ go through the same model pool, pipeline, batcher, limits, metrics and error han
 their graph's image tensor (uint8, or float32 on the 0-255 scale, NHWC at the input size)
 or encoded images as BYTES (decoded and preprocessed exactly as /classify does) and
 answer `logits` and `probabilities`; segmentation bundles take the tile tensor and answer
-the graph's raw tile logits. Detection bundles answer metadata, readiness and
-configuration (their graph's tensors, unbatched) but refuse inference (see
-docs/kserve-v2.md). Each pipeline declares those tensors and turns them into its items
-and back; this module keeps the protocol's part: parsing, binary data, the response
-encoding and the classification extension.
+the graph's raw tile logits; detection bundles take one encoded image per request and
+answer /detect's detections of it as tensors (unbatched; see docs/kserve-v2.md). Each
+pipeline declares those tensors and turns them into its items and back; this module keeps
+the protocol's part: parsing, binary data, request options, the response encoding and
+the classification extension.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Any
@@ -27,7 +28,7 @@ from service import __version__, kserve
 from service.dependencies import Pool, request_deadline
 from service.errors import PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.pipelines import Prepared, ServedTensor
+from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
@@ -46,7 +47,7 @@ router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 SERVER_NAME = "hornet-serve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 MODEL_VERSION = "1"
-SERVED_TASKS = ("classify", "segment")
+SCORE_THRESHOLD = "score_threshold"
 _PLATFORMS = {
     "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
     "tensorrt": ("tensorrt_plan", "tensorrt"),
@@ -74,19 +75,6 @@ def _model(pool: ModelPool, name: str, version: str | None) -> ModelRunner:
     runner = pool.get(name, ready=False)
     if version not in (None, MODEL_VERSION):
         raise UnknownModel(f"model {name!r} has only version {MODEL_VERSION}, not {version!r}")
-    return runner
-
-
-def _inferable(pool: ModelPool, runner: ModelRunner) -> ModelRunner:
-    """Detection graphs take one image of any size and answer as many boxes as they find,
-    which fits no batched tensor contract."""
-    task = runner.manifest.task
-    if task not in SERVED_TASKS:
-        inferable = sorted(n for n, r in pool.runners.items() if r.manifest.task in SERVED_TASKS)
-        raise InvalidInferRequest(
-            f"model {runner.name!r} is a {task} model; v2 inference serves classify "
-            f"and segment models ({inferable}); use POST /{task}"
-        )
     return runner
 
 
@@ -128,7 +116,8 @@ _INFER_ERRORS = error_responses(
     V2ErrorResponse,
     {
         400: "invalid_infer_request: not an inference request, or its inputs do not fit the "
-        "model (name, shape, datatype, element count, values, base64), or a detect model; "
+        "model (name, shape, datatype, element count, values, base64, more than one image "
+        "for a detect model), or a score_threshold outside 0..1; "
         "bad_image: an encoded image that does not decode",
         404: _UNKNOWN,
         413: "payload_too_large: the body is over --max-upload-mb, more images than "
@@ -205,7 +194,7 @@ async def server_ready(pool: Pool) -> JSONResponse:
 )
 async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
     """The model's name, versions, platform and its tensors (batch axis -1, except a
-    detect model's: one image, as many boxes as found)."""
+    detect model's: one image, one row per detection)."""
     tensors = _model(pool, model, version).pipeline.tensors
     return {
         "name": model,
@@ -239,16 +228,18 @@ async def model_config(pool: Pool, model: str, version: str | None = None) -> di
     settings = pool.settings
     platform, backend = _PLATFORMS[settings.engine]
     batched = tensors.batched
-    inputs = [
-        _config(
-            tensors.image,
-            batched=batched,
-            format="FORMAT_NHWC",
-            optional=tensors.encoded is not None,
+    inputs = []
+    if tensors.image is not None:
+        inputs.append(
+            _config(
+                tensors.image,
+                batched=batched,
+                format="FORMAT_NHWC",
+                optional=tensors.encoded is not None,
+            )
         )
-    ]
     if tensors.encoded is not None:
-        inputs.append(_config(tensors.encoded, batched=batched, optional=True))
+        inputs.append(_config(tensors.encoded, batched=batched, optional=tensors.image is not None))
     config = {
         "name": model,
         "platform": platform,
@@ -280,16 +271,18 @@ _INFER_ROUTE = {
 @router.post("/models/{model}/infer", **_INFER_ROUTE)
 @router.post("/models/{model}/versions/{version}/infer", **_INFER_ROUTE)
 async def infer(request: Request, pool: Pool, model: str, version: str | None = None) -> Response:
-    """Inference on a batch of images given as one input tensor; see docs/kserve-v2.md.
-    Detection models answer 400: use POST /detect."""
-    runner = _inferable(pool, _model(pool, model, version))
+    """Inference on a batch of images given as one input tensor (one encoded image for a
+    detect model); see docs/kserve-v2.md."""
+    runner = _model(pool, model, version)
     pool.require_ready()
     deadline = request_deadline(request)
     body = await request.body()
     parsed, tensors = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH))
+    options = _answer_options(parsed)
     prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
     results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    outputs = _outputs(runner, parsed, runner.pipeline.output_arrays(results))
+    answer = await asyncio.to_thread(runner.pipeline.output_arrays, prepared, results, options)
+    outputs = _outputs(runner, parsed, answer)
     content, header_length = kserve.encode_response(model, MODEL_VERSION, parsed.id, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -300,9 +293,23 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     )
 
 
+def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:
+    """The request parameters the answer reads: a detect model's `score_threshold`, the
+    lowest score kept (as /detect's query parameter)."""
+    if SCORE_THRESHOLD not in parsed.parameters:
+        return AnswerOptions()
+    threshold = parsed.parameters[SCORE_THRESHOLD]
+    is_number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+    if not (is_number and 0 <= threshold <= 1):
+        raise InvalidInferRequest(
+            f"parameters.{SCORE_THRESHOLD} takes a number in 0..1; got {threshold!r}"
+        )
+    return AnswerOptions(score_threshold=float(threshold))
+
+
 async def _prepare(runner: ModelRunner, tensors: list[Tensor], max_images: int) -> list[Prepared]:
     """The request's one input as the pipeline's items: encoded images decoded and
-    preprocessed as /classify's uploads, an image tensor by the pipeline."""
+    preprocessed as the image routes' uploads, an image tensor by the pipeline."""
     declared = runner.pipeline.tensors
     expected = [t.name for t in declared.inputs]
     if len(tensors) != 1 or tensors[0].name not in expected:
@@ -314,6 +321,12 @@ async def _prepare(runner: ModelRunner, tensors: list[Tensor], max_images: int) 
     if count == 0:
         raise InvalidInferRequest(
             f"input {tensor.name!r} holds no images (shape {tensor.array.shape})"
+        )
+    if not declared.batched and count != 1:
+        raise InvalidInferRequest(
+            f"model {runner.name!r} takes one image per request ({tensor.name!r} of shape "
+            f"[1] or [1, 1]); got {count}: the detections of several images form no one "
+            "tensor, so send a request per image"
         )
     if count > max_images:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
@@ -344,10 +357,12 @@ def _encoded_images(tensor: Tensor) -> list[bytes]:
 
 
 def _outputs(
-    runner: ModelRunner, parsed: kserve.InferRequest, values: dict[str, np.ndarray]
+    runner: ModelRunner, parsed: kserve.InferRequest, answer: TensorOutputs
 ) -> list[OutputTensor]:
     """The outputs the request names (all when it names none), as binary data or JSON, or
     as the classification extension's top classes."""
+    values = answer.arrays
+    datatypes = {t.name: t.datatype for t in runner.pipeline.tensors.outputs}
     binary_default = bool(parsed.parameters.get("binary_data_output", False))
     requested = parsed.outputs or [kserve.RequestOutput(name=name) for name in values]
     unknown = [r.name for r in requested if r.name not in values]
@@ -358,20 +373,28 @@ def _outputs(
         binary = bool(output.parameters.get("binary_data", binary_default))
         top_k = output.parameters.get("classification")
         array = values[output.name]
+        parameters = answer.parameters.get(output.name, {})
         if top_k is None:
-            tensors.append(OutputTensor(output.name, "FP32", array, binary))
+            datatype = datatypes[output.name]
+            tensors.append(OutputTensor(output.name, datatype, array, binary, parameters))
         else:
-            classes = _classification(array, top_k, runner.manifest.labels, output.name)
+            classes = _classification(runner, array, top_k, output.name)
             tensors.append(OutputTensor(output.name, BYTES, classes, binary))
     return tensors
 
 
-def _classification(array: np.ndarray, top_k: Any, labels: list[str], name: str) -> np.ndarray:
+def _classification(runner: ModelRunner, array: np.ndarray, top_k: Any, name: str) -> np.ndarray:
     """Triton's classification extension: "value:index:label" strings, best first."""
-    if array.ndim != 2 or not isinstance(top_k, int) or top_k < 1:
+    labels = runner.manifest.labels
+    if (
+        runner.manifest.task != "classify"
+        or array.ndim != 2
+        or not isinstance(top_k, int)
+        or top_k < 1
+    ):
         raise InvalidInferRequest(
             f"output {name!r}: parameters.classification takes a positive class count "
-            "on a classification output"
+            "on a classification model's output"
         )
     k = min(top_k, array.shape[1])
     order = np.argsort(-array, axis=1, kind="stable")[:, :k]

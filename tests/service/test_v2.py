@@ -243,33 +243,93 @@ async def test_segment_models_answer_raw_tile_logits(segmenter_dir) -> None:
     assert output["name"] == "logits" and output["shape"] == [2, 4, 64, 64]
 
 
-async def test_detect_models_answer_metadata_of_their_graphs_unbatched_tensors(
-    classifier_dir, detector_dir
+async def test_detect_models_describe_one_encoded_image_and_its_detections_unbatched(
+    detector_dir,
 ) -> None:
-    async with serving([classifier_dir, detector_dir]) as client:
+    async with serving([detector_dir]) as client:
         meta = await client.get("/v2/models/tiny_det")
         ready = await client.get("/v2/models/tiny_det/versions/1/ready")
-        config = await client.get("/v2/models/tiny_det/config")
+        config = (await client.get("/v2/models/tiny_det/config")).json()
     assert meta.status_code == 200 and ready.json() == {"name": "tiny_det", "ready": True}
-    assert meta.json()["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}]
+    assert meta.json()["inputs"] == [
+        {"name": "encoded_image", "datatype": "BYTES", "shape": [1, 1]}
+    ]
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta.json()["outputs"]] == [
         ("boxes", "FP32", [-1, 4]),
-        ("labels", "INT64", [-1]),
         ("scores", "FP32", [-1]),
-        ("masks", "FP32", [-1, 1, -1, -1]),
+        ("labels", "INT64", [-1]),
+        ("label_names", "BYTES", [-1]),
+        ("masks", "BYTES", [-1]),
     ]
-    assert config.json()["max_batch_size"] == 0 and "dynamic_batching" not in config.json()
-    assert config.json()["input"][0]["dims"] == [-1, -1, 3]
+    assert config["max_batch_size"] == 0 and "dynamic_batching" not in config
+    assert config["input"] == [
+        {"name": "encoded_image", "data_type": "TYPE_STRING", "dims": [1, 1], "optional": False}
+    ]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("boxes", "TYPE_FP32", [-1, 4]),
+        ("scores", "TYPE_FP32", [-1]),
+        ("labels", "TYPE_INT64", [-1]),
+        ("label_names", "TYPE_STRING", [-1]),
+        ("masks", "TYPE_STRING", [-1]),
+    ]
 
 
-async def test_detect_models_refuse_inference_naming_the_served_ones(
-    classifier_dir, detector_dir
+async def test_detect_models_answer_the_detect_routes_detections_as_tensors(
+    detector_dir,
 ) -> None:
+    image = encode(np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    request = {
+        "inputs": [
+            {"name": "encoded_image", "shape": [1], "datatype": "BYTES",
+             "data": [base64.b64encode(image).decode()]}
+        ]
+    }  # fmt: skip
+    async with serving([detector_dir]) as client:
+        reference = (await client.post("/detect", files=upload(image))).json()["results"][0]
+        response = await client.post("/v2/models/tiny_det/infer", json=request)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    detections = reference["detections"]
+    assert len(detections) == 1  # the fixture graph's second box scores 0.3, under 0.5
+    assert outputs["boxes"]["shape"] == [1, 4]
+    assert outputs["boxes"]["data"] == [v for d in detections for v in d["box"]]
+    assert outputs["scores"]["data"] == [d["score"] for d in detections]
+    assert (outputs["labels"]["datatype"], outputs["labels"]["shape"]) == ("INT64", [1])
+    assert outputs["labels"]["data"] == [d["index"] for d in detections]
+    assert outputs["label_names"]["data"] == [d["label"] for d in detections] == ["cat"]
+    assert outputs["masks"]["data"] == [d["mask"]["counts"] for d in detections]
+    assert outputs["masks"]["parameters"] == {"height": 48, "width": 80}
+
+
+async def test_detect_models_answer_empty_tensors_when_nothing_scores_the_threshold(
+    detector_dir,
+) -> None:
+    image = encode(np.zeros((32, 32, 3), np.uint8))
+    body, headers = binary_infer(
+        [("encoded_image", "BYTES", [1, 1], bytes_tensor(image))],
+        parameters={"score_threshold": 0.95, "binary_data_output": True},
+    )
+    async with serving([detector_dir]) as client:
+        response = await client.post("/v2/models/tiny_det/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    length = int(response.headers["Inference-Header-Content-Length"])
+    outputs = json.loads(response.content[:length])["outputs"]
+    assert len(response.content) == length
+    assert [(o["name"], o["shape"], o["parameters"]["binary_data_size"]) for o in outputs] == [
+        ("boxes", [0, 4], 0),
+        ("scores", [0], 0),
+        ("labels", [0], 0),
+        ("label_names", [0], 0),
+        ("masks", [0], 0),
+    ]
+
+
+async def test_detect_models_take_encoded_images_only(detector_dir) -> None:
     pixels = np.zeros((1, 8, 8, 3), np.uint8)
-    async with serving([classifier_dir, detector_dir]) as client:
+    async with serving([detector_dir]) as client:
         response = await client.post("/v2/models/tiny_det/infer", json=json_infer("image", pixels))
     assert response.status_code == 400
-    assert "tiny_cls" in response.json()["error"] and "/detect" in response.json()["error"]
+    assert "one of ['encoded_image']" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
