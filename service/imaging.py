@@ -181,28 +181,26 @@ def class_counts(mask: np.ndarray, classes: int) -> np.ndarray:
     return counts
 
 
-def _paste_taps(start: int, stop: int, low: float, high: float, cells: int) -> np.ndarray:
-    """(stop - start, cells) weights of `grid_sample(align_corners=False)`'s bilinear
-    taps with zero padding, for pixel centres start + 0.5 .. stop - 0.5 along one axis
-    of a box spanning low..high (mmdet's _do_paste_mask: a zero-length box samples the
-    map's centre line, as its inf-to-0 replacement does)."""
+def _paste_taps(
+    start: int, stop: int, low: float, high: float, cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`grid_sample(align_corners=False)`'s bilinear taps along one axis, for pixel
+    centres start + 0.5 .. stop - 0.5 of a box spanning low..high over a map of `cells`:
+    indices of the two taps into the map padded with one zero cell on each side (zero
+    padding), and the second tap's weight. A zero-length box samples the map's centre
+    line, as mmdet's _do_paste_mask (its inf-to-0 replacement) does."""
     centres = np.arange(start, stop, dtype=np.float64) + 0.5
     extent = high - low
     grid = (centres - low) / extent * 2 - 1 if extent > 0 else np.zeros_like(centres)
     position = ((grid + 1) * cells - 1) / 2
     left = np.floor(position)
-    frac = position - left
-    weights = np.zeros((centres.size, cells + 2), dtype=np.float64)
-    rows = np.arange(centres.size)
-    # Columns shifted by one: taps at -1 and `cells` land in the two padding columns.
+    frac = (position - left).astype(np.float32)
     left = left.astype(np.int64)
-    weights[rows, np.clip(left, -1, cells) + 1] += 1 - frac
-    weights[rows, np.clip(left + 1, -1, cells) + 1] += frac
-    return weights[:, 1:-1]
+    return np.clip(left, -1, cells) + 1, np.clip(left + 1, -1, cells) + 1, frac
 
 
 def paste_mask_window(
-    mask: np.ndarray, box: np.ndarray, size: tuple[int, int], band_pixels: int = 1 << 22
+    mask: np.ndarray, box: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """One detection's square mask probability map pasted into its box on an image of
     `size` (height, width) and thresholded at 0.5 (>=), as mmdet's `_do_paste_mask` +
@@ -210,20 +208,40 @@ def paste_mask_window(
     own CPU region; outside it the mask is empty).
 
     Returns the uint8 window and its (y0, y1), (x0, x1) in the image. Bilinear sampling
-    is separable, so the window is `rows_taps @ mask @ cols_taps.T`, a band of rows at
-    a time (memory: `band_pixels` floats plus the uint8 window)."""
+    is separable: the map is first sampled along x at the window's columns (a small
+    array of map rows), then each window row blends two of those rows, and only where
+    that blend crosses 0.5 is computed (memory: the uint8 window plus one run of rows,
+    1/28 of the box, as booleans)."""
     height, width = size
     x0 = min(max(int(np.floor(box[0])) - 1, 0), width)
     y0 = min(max(int(np.floor(box[1])) - 1, 0), height)
     x1 = min(max(int(np.ceil(box[2])) + 1, x0), width)
     y1 = min(max(int(np.ceil(box[3])) + 1, y0), height)
     cells_y, cells_x = mask.shape
-    columns = _paste_taps(x0, x1, float(box[0]), float(box[2]), cells_x)
-    across = mask.astype(np.float64) @ columns.T  # (cells_y, x1 - x0)
+    padded = np.zeros((cells_y + 2, cells_x + 2), dtype=np.float32)
+    padded[1:-1, 1:-1] = mask
+    first, second, frac = _paste_taps(x0, x1, float(box[0]), float(box[2]), cells_x)
+    across = padded[:, first] * (1 - frac) + padded[:, second] * frac  # (cells_y + 2, cols)
     window = np.empty((y1 - y0, x1 - x0), dtype=np.uint8)
-    rows_per_band = max(1, band_pixels // max(1, x1 - x0))
-    for start in range(y0, y1, rows_per_band):
-        stop = min(start + rows_per_band, y1)
-        taps = _paste_taps(start, stop, float(box[1]), float(box[3]), cells_y)
-        window[start - y0 : stop - y0] = (taps @ across) >= 0.5
+    first, second, frac = _paste_taps(y0, y1, float(box[1]), float(box[3]), cells_y)
+    # Rows between the same two map rows form runs, along which the second tap's weight
+    # grows: in each column the value low + frac * step crosses 0.5 once, so the run's
+    # pixels at or above the threshold are a suffix (step > 0) or a prefix (step < 0).
+    taps = first * (cells_y + 2) + second  # equal taps, equal `left` (or both taps zero)
+    bounds = np.flatnonzero(np.diff(taps, prepend=-1)).tolist() + [first.size]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        low = across[first[start]]
+        step = across[second[start]] - low
+        run = frac[start:stop]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossing = (np.float32(0.5) - low) / step
+        falling = step < 0
+        first_on = np.where(
+            falling,
+            np.searchsorted(run, crossing, side="right"),
+            np.searchsorted(run, crossing, side="left"),
+        )
+        first_on = np.where(step == 0, np.where(low >= 0.5, 0, run.size), first_on)
+        rows = np.arange(run.size)[:, None]
+        np.not_equal(rows >= first_on, falling, out=window[start:stop].view(bool))
     return window, (y0, y1), (x0, x1)

@@ -64,13 +64,18 @@ def export_torchscript(
 
 
 def onnx_op_types(path: Path) -> set[str]:
-    """Every op type in the graph at `path`, local functions included."""
+    """Every op type in the graph at `path`: local functions and the subgraphs of
+    control-flow nodes (If, Loop, Scan) included."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    ops = {node.op_type for node in model.graph.node}
-    for function in model.functions:
-        ops |= {node.op_type for node in function.node}
+    ops: set[str] = set()
+    pending = [list(model.graph.node), *(list(f.node) for f in model.functions)]
+    while pending:
+        for node in pending.pop():
+            ops.add(node.op_type)
+            for attribute in node.attribute:
+                pending.extend(list(g.node) for g in [attribute.g, *attribute.graphs] if g)
     return ops
 
 

@@ -293,11 +293,3 @@ def test_tiny_cascade_returns_detections_within_the_image(tiny_cascade) -> None:
     assert (out["boxes"][:, 2] <= 300).all() and (out["boxes"][:, 3] <= 250).all()
     assert ((out["masks"] >= 0) & (out["masks"] <= 1)).all()
     assert (out["scores"] > 0.05).all() and (out["labels"] < CLASSES).all()
-
-
-def test_exporting_an_mmdet_layout_detector_is_refused_with_the_reason(tmp_path) -> None:
-    from model_export.export import ExportError, ExportOptions, export
-
-    model = create_model("cascade_mask_rcnn_hornet_tiny_7x7", **TINY)
-    with pytest.raises(ExportError, match="cannot be exported yet"):
-        export(model, tmp_path, ExportOptions())
