@@ -207,11 +207,13 @@ def paste_mask_window(
     `>= mask_thr_binary` do, computed only over the box widened by one pixel (mmdet's
     own CPU region; outside it the mask is empty).
 
-    Returns the uint8 window and its (y0, y1), (x0, x1) in the image. Bilinear sampling
-    is separable: the map is first sampled along x at the window's columns (a small
-    array of map rows), then each window row blends two of those rows, and only where
-    that blend crosses 0.5 is computed (memory: the uint8 window plus one run of rows,
-    1/28 of the box, as booleans)."""
+    Returns the uint8 window, column-major (Fortran order, as COCO's RLE reads it), and
+    its (y0, y1), (x0, x1) in the image. Bilinear sampling is separable: the map is
+    first sampled along y at the window's rows (a small array of map columns); then the
+    window's columns between the same two map columns form runs along which each row's
+    value moves linearly from one map column to the next, crossing 0.5 at most once,
+    so each run is found by one comparison per pixel (memory: the window plus one run
+    of columns, about 1/28 of the box, as booleans)."""
     height, width = size
     x0 = min(max(int(np.floor(box[0])) - 1, 0), width)
     y0 = min(max(int(np.floor(box[1])) - 1, 0), height)
@@ -220,19 +222,17 @@ def paste_mask_window(
     cells_y, cells_x = mask.shape
     padded = np.zeros((cells_y + 2, cells_x + 2), dtype=np.float32)
     padded[1:-1, 1:-1] = mask
-    first, second, frac = _paste_taps(x0, x1, float(box[0]), float(box[2]), cells_x)
-    across = padded[:, first] * (1 - frac) + padded[:, second] * frac  # (cells_y + 2, cols)
-    window = np.empty((y1 - y0, x1 - x0), dtype=np.uint8)
     first, second, frac = _paste_taps(y0, y1, float(box[1]), float(box[3]), cells_y)
-    # Rows between the same two map rows form runs, along which the second tap's weight
-    # grows: in each column the value low + frac * step crosses 0.5 once, so the run's
-    # pixels at or above the threshold are a suffix (step > 0) or a prefix (step < 0).
-    taps = first * (cells_y + 2) + second  # equal taps, equal `left` (or both taps zero)
+    down = padded[first] * (1 - frac)[:, None] + padded[second] * frac[:, None]
+    down = np.ascontiguousarray(down.T)  # (map columns, window rows)
+    columns = np.empty((x1 - x0, y1 - y0), dtype=np.uint8)  # the window, transposed
+    first, second, frac = _paste_taps(x0, x1, float(box[0]), float(box[2]), cells_x)
+    taps = first * (cells_x + 2) + second  # equal taps, equal `left` (or both taps zero)
     bounds = np.flatnonzero(np.diff(taps, prepend=-1)).tolist() + [first.size]
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        low = across[first[start]]
-        step = across[second[start]] - low
-        run = frac[start:stop]
+        low = down[first[start]]
+        step = down[second[start]] - low
+        run = frac[start:stop]  # increasing along the run
         with np.errstate(divide="ignore", invalid="ignore"):
             crossing = (np.float32(0.5) - low) / step
         falling = step < 0
@@ -242,6 +242,6 @@ def paste_mask_window(
             np.searchsorted(run, crossing, side="left"),
         )
         first_on = np.where(step == 0, np.where(low >= 0.5, 0, run.size), first_on)
-        rows = np.arange(run.size)[:, None]
-        np.not_equal(rows >= first_on, falling, out=window[start:stop].view(bool))
-    return window, (y0, y1), (x0, x1)
+        index = np.arange(run.size)[:, None]
+        np.not_equal(index >= first_on, falling, out=columns[start:stop].view(bool))
+    return columns.T, (y0, y1), (x0, x1)

@@ -423,10 +423,7 @@ class DetectPipeline(_GraphIO):
         is pasted as mmdet pastes it; a (1, h, w) map pasted at the engine's size is
         resized within the box."""
         if mask.ndim == 2:
-            window, rows, (x0, x1) = imaging.paste_mask_window(mask, box, size)
-            strip = np.zeros((size[0], x1 - x0), dtype=np.uint8, order="F")
-            strip[rows[0] : rows[1]] = window
-            return _rle(strip, (x0, x1), size)
+            return _window_rle(*imaging.paste_mask_window(mask, box, size), size)
         return _mask_rle(mask[0], box, size)
 
 
@@ -476,6 +473,41 @@ def _rle(strip: np.ndarray, columns: tuple[int, int], size: tuple[int, int]) -> 
         runs[-1] += trailing
     elif trailing:
         runs.append(trailing)
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
+    return RLE(size=(height, width), counts=encoded["counts"].decode("ascii"))
+
+
+def _window_rle(
+    window: np.ndarray, rows: tuple[int, int], columns: tuple[int, int], size: tuple[int, int]
+) -> RLE:
+    """COCO compressed RLE of an image of `size` that is zero outside `window` (0/1,
+    column-major) at `rows` x `columns`, from the window alone: runs change where two
+    window pixels that are neighbours in the image's column-major order differ, where a
+    window column starts or ends on a 1 that zeros outside the window border, and at
+    the window's first and last pixels."""
+    from pycocotools import mask as coco_mask
+
+    height, width = size
+    (y0, y1), (x0, _) = rows, columns
+    tall = y1 - y0
+    flat = window.ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # a 0/1 change before these
+    ends = np.zeros(0, np.int64)  # 1s followed by zeros outside the window: change after
+    if tall and tall < height:  # zeros lie between one column's end and the next's start
+        changes = changes[changes % tall != 0]
+        starts = np.arange(0, flat.size, tall)
+        changes = np.concatenate([changes, starts[flat[starts] != 0]])
+        ends = starts[flat[starts + tall - 1] != 0] + tall - 1
+    elif flat.size:
+        changes = np.concatenate([changes, np.flatnonzero(flat[:1])])
+        ends = np.flatnonzero(flat[-1:]) + flat.size - 1
+
+    def to_image(index: np.ndarray) -> np.ndarray:  # window column-major -> image's
+        return (x0 + index // max(tall, 1)) * height + y0 + index % max(tall, 1)
+
+    cuts = np.sort(np.concatenate([to_image(changes), to_image(ends) + 1]))
+    cuts = cuts[cuts < height * width]
+    runs = np.diff(np.concatenate(([0], cuts, [height * width]))).tolist()
     encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     return RLE(size=(height, width), counts=encoded["counts"].decode("ascii"))
 

@@ -35,3 +35,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmdet_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Cascade Mask R-CNN (the released detectors' layout, seeded weights, COCO
+    labels) exported once for the whole run."""
+    from tests.helpers.dense_tiny import export_tiny_mmdet_detector
+
+    out = tmp_path_factory.mktemp("tiny_mmdet") / "cascade_mask_rcnn_hornet_tiny_7x7"
+    export_tiny_mmdet_detector(out)
+    return out

@@ -32,13 +32,7 @@ from hornet_bundle import ONNX_FP32, Manifest, write_manifest
 from hornet_bundle.preprocess import fit_image
 from model_export.cascade_mask_rcnn import MMDetHorNetDetector
 from model_export.export import fields, parity
-from model_export.export.detect import (
-    DEFAULT_OPSET,
-    GF_MODES,
-    OUTPUTS,
-    TOLERANCE,
-    detection_parity,
-)
+from model_export.export.detect import DEFAULT_OPSET, GF_MODES, OUTPUTS, detection_parity
 from model_export.export.onnx_graph import export_torchscript
 from model_export.export.options import ExportOptions, ParityImages
 from model_export.export.precision import PHOTO_NAMES, photographs
@@ -47,6 +41,12 @@ from model_export.mmdet_pipeline import SCALE
 from model_export.separable_dft import has_global_filters, use_separable_dft
 
 MASK_SIZE = 28
+# box_score_error bound: boxes relative to the image, scores absolute. The issue's (and
+# the cross-check's) bound on scores against mmdet itself is 1e-3; ONNX Runtime's
+# reordered float sums move the softmax of the stages' mean logits by up to ~3e-4 on
+# the HorFPN Mask R-CNN (tiny widths, seeded weights), so the graph is held to that
+# same 1e-3, not to the torchvision graph's 1e-4.
+TOLERANCE = 1e-3
 AXES = {
     "image": {0: "height", 1: "width"},
     "boxes": {0: "detections"},

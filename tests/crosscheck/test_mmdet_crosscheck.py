@@ -16,6 +16,12 @@ Configurations: every configured architecture at tiny widths (the logic: cascade
 GF, the 384-px GF filter sizes of HorNet-L, Mask R-CNN with FPN and both HorFPN necks),
 and the real-size cascade with HorNet-T GF end to end.
 
+Each checkpoint is also exported to a verified bundle (model_export.export, as `hornet
+export --checkpoint` does) and served by a real server process; the photographs posted
+to /detect (score threshold 0.05, mmdet's) must match mmdet's detections the same way:
+the served path's host resize, graph, box rescaling and per-detection mask pasting
+(service.pipelines.DetectPipeline) against mmdet's own.
+
 "Match": every mmdet detection has one of ours with the same label, box IoU >= 0.99 (or,
 for a box clipped to zero width or height, corners within 0.01 px) and score within
 1e-3, except at the tail of a full list (scores within 1e-3 of the 100th, where rounding
@@ -25,17 +31,24 @@ agree on >= 99% of the pixels of the mmdet box.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as coco_mask
 from torchvision.ops import box_iou
 
 from model_export import create_model
+from model_export.export import ExportOptions, export
+from model_export.export.detect_mmdet import fitted_photographs
+from model_export.export.options import ParityImages
 from model_export.mmdet_pipeline import finish, prepare
+from service.testing import running_server
 from tests.crosscheck.mm_env import run_in_mm_env
 from tests.crosscheck.mmdet_configs import TINY_OVERRIDES
 
@@ -62,8 +75,15 @@ MAX_PER_IMG = 100
 
 @pytest.fixture(scope="module")
 def reference(photos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """mmdet's checkpoints and detections: <out>/<config>[-full]/{mmdet.pth, <photo>.npz}."""
-    out = tmp_path_factory.mktemp("mmdet")
+    """mmdet's checkpoints and detections: <out>/<config>[-full]/{mmdet.pth, <photo>.npz}.
+
+    HORNET_MMDET_REFERENCE=DIR keeps them in DIR and reuses them when its report.json
+    exists (for working on our side without waiting for mmdet again)."""
+    kept = os.environ.get("HORNET_MMDET_REFERENCE")
+    if kept and (Path(kept) / "report.json").is_file():
+        return Path(kept)
+    out = Path(kept) if kept else tmp_path_factory.mktemp("mmdet")
+    out.mkdir(parents=True, exist_ok=True)
     specs = ",".join([*TINY, f"{FULL}:full"])
     script = HERE / "mmdet_reference.py"
     run_in_mm_env(script, str(out), str(SEED), specs, *map(str, photos.values()), timeout_s=1800)
@@ -109,18 +129,81 @@ def mismatches(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> list[
     return problems
 
 
-def _check(reference: Path, photos: dict[str, Path], name: str, folder: str, **overrides):
-    model = create_model(name, checkpoint=reference / folder / "mmdet.pth", **overrides)
+def _check_all(reference: Path, photos: dict[str, Path], name: str, folder: str, run) -> None:
+    """`run(photo path)` answers as mmdet on every photograph."""
     seconds = {}
     for photo, path in photos.items():
         ref = dict(np.load(reference / folder / f"{photo}.npz"))
         start = time.perf_counter()
-        ours = detect(model, path)
+        ours = run(path)
         seconds[photo] = round(time.perf_counter() - start, 1)
         assert len(ref["scores"]) > 10, f"{name} on {photo}: mmdet found too few to compare"
         problems = mismatches(ref, ours)
         assert not problems, f"{name} on {photo}: " + "; ".join(problems[:10])
     print(f"{name} ({folder}): ours {seconds} s")
+
+
+def _check(reference: Path, photos: dict[str, Path], name: str, folder: str, **overrides):
+    model = create_model(name, checkpoint=reference / folder / "mmdet.pth", **overrides)
+    _check_all(reference, photos, name, folder, lambda path: detect(model, path))
+
+
+@pytest.fixture(scope="module")
+def server(reference: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every checkpoint exported to a verified bundle (the real-size one checked on the
+    first photograph only, as the reference ran it) and served by one server process."""
+    out = tmp_path_factory.mktemp("bundles")
+    dirs = []
+    for name in TINY:
+        checkpoint = reference / name / "mmdet.pth"
+        model = create_model(name, checkpoint=checkpoint, **TINY_OVERRIDES)
+        export(model, out / name, ExportOptions(checkpoint=checkpoint, name=f"{name}-tiny"))
+        dirs.append(out / name)
+    fitted = fitted_photographs()
+    first = ParityImages(fitted.images[:1], f"the first of {fitted.description}")
+    checkpoint = reference / f"{FULL}-full" / "mmdet.pth"
+    manifest = export(FULL, out / "full", ExportOptions(checkpoint=checkpoint, parity_images=first))
+    assert manifest.parity[0].passed and manifest.labels[0] == "person"
+    dirs.append(out / "full")
+    flags = [arg for d in dirs for arg in ("--model-dir", str(d))]
+    flags += ["--engine-threads", "2", "--request-timeout-s", "600"]
+    with running_server(flags, log_path=out / "server.log") as running:
+        yield running.url
+
+
+def served(url: str, model: str, photo: Path) -> dict[str, np.ndarray]:
+    """POST /detect's answer as mmdet's result arrays (full-size binary masks)."""
+    response = httpx.post(
+        f"{url}/detect",
+        params={"model": model, "score_threshold": 0.05},
+        content=photo.read_bytes(),
+        headers={"Content-Type": "image/png"},
+        timeout=600.0,
+    )
+    assert response.status_code == 200, response.text[:500]
+    (result,) = response.json()["results"]
+    detections = result["detections"]
+    masks = [
+        coco_mask.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+        for d in detections
+    ]
+    size = (result["height"], result["width"])
+    return {
+        "boxes": np.array([d["box"] for d in detections], np.float32).reshape(-1, 4),
+        "scores": np.array([d["score"] for d in detections], np.float32),
+        "labels": np.array([d["index"] for d in detections], np.int64),
+        "masks": np.array(masks, bool).reshape(-1, *size),
+    }
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_served_tiny_bundle_detects_as_mmdet(reference, photos, server, name) -> None:
+    _check_all(reference, photos, name, name, lambda path: served(server, f"{name}-tiny", path))
+
+
+def test_served_real_size_tiny_gf_bundle_detects_as_mmdet(reference, photos, server) -> None:
+    first = dict(list(photos.items())[:1])
+    _check_all(reference, first, FULL, f"{FULL}-full", lambda path: served(server, FULL, path))
 
 
 @pytest.mark.parametrize("name", TINY)

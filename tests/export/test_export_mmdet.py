@@ -15,7 +15,6 @@ from PIL import Image
 
 from hornet_bundle import load_bundle
 from hornet_bundle.preprocess import fit_image
-from model_export import create_model
 from model_export.export import ExportOptions, export
 from model_export.export.detect import match_detections
 from model_export.export.onnx_graph import onnx_op_types
@@ -25,30 +24,16 @@ from model_export.export.session import ort_session
 from model_export.labels import coco_classes
 from model_export.mmdet_pipeline import paste_masks, prepare
 from service.imaging import paste_mask_window
-from tests.helpers.dense_tiny import randomize_
+from tests.helpers.dense_tiny import tiny_mmdet_detector
 
-TINY = dict(base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, fc_channels=64)
 GF = "cascade_mask_rcnn_hornet_tiny_gf"
-
-
-def tiny_detector(name: str = GF, background_bias: float | None = None) -> torch.nn.Module:
-    """Seeded, non-trivial weights whose class scores spread over (0.05, 1) (class
-    weights x16, as the cross-check's), or none above 0.05 with a large background bias."""
-    model = randomize_(create_model(name, **TINY), seed=3).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "fc_cls"):
-                module.fc_cls.weight.mul_(16)
-                if background_bias is not None:
-                    module.fc_cls.bias[-1] = background_bias
-    return model
 
 
 @pytest.fixture(scope="module")
 def gf_bundle(tmp_path_factory: pytest.TempPathFactory):
     """Checked on the photographs fitted to (400, 240) instead of the bundle's (1333,
     800) to keep this quick; the cross-check exports with the default photographs."""
-    model = tiny_detector()
+    model = tiny_mmdet_detector(GF)
     out = tmp_path_factory.mktemp("mmdet_gf")
     small = [fit_image(Image.fromarray(photo), (400, 240), "opencv") for photo in photographs()]
     export(model, out, ExportOptions(parity_images=_images(small, "small photographs")))
@@ -93,7 +78,7 @@ def test_graph_equals_the_torch_model_with_mmdets_pipeline_at_any_size(gf_bundle
 
 
 def test_a_graph_without_detections_answers_empty_arrays(tmp_path) -> None:
-    model = tiny_detector("cascade_mask_rcnn_hornet_tiny_7x7", background_bias=100.0)
+    model = tiny_mmdet_detector(background_bias=100.0)
     image = np.random.default_rng(0).integers(0, 256, (160, 224, 3), dtype=np.uint8)
     options = ExportOptions(parity_images=_images([np.full((64, 64, 3), 128, np.uint8)]))
     with pytest.raises(Exception, match="no detections"):
@@ -105,7 +90,7 @@ def test_a_graph_without_detections_answers_empty_arrays(tmp_path) -> None:
 
 def test_fp16_detection_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="fp16"):
-        export(tiny_detector(), tmp_path, ExportOptions(fp16=True))
+        export(tiny_mmdet_detector(), tmp_path, ExportOptions(fp16=True))
 
 
 def _images(arrays, description: str = "test images") -> ParityImages:

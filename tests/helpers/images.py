@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def encode(array: np.ndarray | Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -18,3 +18,16 @@ def encode(array: np.ndarray | Image.Image, fmt: str = "PNG", **options) -> byte
 def upload(*images: bytes, content_type: str = "image/png") -> list[tuple[str, tuple]]:
     """Multipart `file` fields, one per image, in order."""
     return [("file", (f"image{i}.png", data, content_type)) for i, data in enumerate(images)]
+
+
+def photo_36mpx() -> bytes:
+    """A 6000x6000 JPEG with shapes on a gradient (about 2 MB, under the upload limit)."""
+    ramp = np.linspace(40, 215, 6000, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(ramp, (6000, 1))] * 3, axis=-1))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((500, 600, 2500, 2600), fill=(220, 40, 40))
+    draw.rectangle((3200, 3000, 5200, 5000), fill=(40, 200, 60))
+    draw.polygon([(1000, 5600), (2200, 3400), (3400, 5600)], fill=(30, 60, 220))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

@@ -16,12 +16,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as coco_mask
 
 from hornet_bundle import Preprocess
 from service import imaging
 from service.testing import running_server
+from tests.helpers.images import photo_36mpx
 from tests.helpers.memory import memory_of
 
 GIB = 1 << 30
@@ -41,19 +42,6 @@ def _png(width: int, height: int) -> bytes:
     rgb = np.stack([values, 255 - values, np.full_like(values, 90)], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _photo_36mpx() -> bytes:
-    """A 6000x6000 JPEG with shapes on a gradient (about 2 MB, under the upload limit)."""
-    ramp = np.linspace(40, 215, 6000, dtype=np.uint8)
-    image = Image.fromarray(np.stack([np.tile(ramp, (6000, 1))] * 3, axis=-1))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((500, 600, 2500, 2600), fill=(220, 40, 40))
-    draw.rectangle((3200, 3000, 5200, 5000), fill=(40, 200, 60))
-    draw.polygon([(1000, 5600), (2200, 3400), (3400, 5600)], fill=(30, 60, 220))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
 
 
@@ -129,7 +117,7 @@ def test_crop_then_resize_is_close_to_the_center_crop_of_the_full_resize(monkeyp
 
 
 def test_memory_stays_bounded_under_a_battery_of_large_photos(tmp_path: Path) -> None:
-    photo = _photo_36mpx()
+    photo = photo_36mpx()
     extremes = [_png(w, h) for w, h in EXTREME_SHAPES]
     log_path = tmp_path / "server.log"
     server = running_server(SERVER_FLAGS, log_path=log_path, memory_limit_bytes=16 * GIB)

@@ -26,34 +26,11 @@ OUTPUTS = ("boxes", "scores", "labels", "label_names", "masks")
 
 
 @pytest.fixture(scope="module")
-def cascade_dir(tmp_path_factory, photos) -> Path:
-    """A tiny random Cascade Mask R-CNN exported as the released detectors are: its graph
-    takes the image fitted to (1333, 800) on the host and answers 28x28 masks that the
-    host pastes. Its classifiers are sharpened so that scores spread over (0.05, 1). The
-    export checks it against torch on the one photograph served here (fitted as the
-    service fits it), not its default four: half the time, on a 2-core machine."""
-    import torch
-    from PIL import Image
-
-    from model_export import create_model
-    from model_export.export import ExportOptions, export
-    from model_export.export.options import ParityImages
-    from service.imaging import fit_image
-    from tests.helpers.dense_tiny import randomize_
-
-    model = create_model(
-        CASCADE, base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, fc_channels=64
-    ).eval()
-    randomize_(model, 3)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "fc_cls"):
-                module.fc_cls.weight.mul_(16)
-    fitted = fit_image(Image.fromarray(photos["astronaut"]), (1333, 800), "opencv")
-    parity = ParityImages([torch.from_numpy(fitted)], "astronaut, fitted")
-    out_dir = tmp_path_factory.mktemp("bundles") / CASCADE
-    export(model, out_dir, ExportOptions(parity_images=parity))
-    return out_dir
+def cascade_dir(tiny_mmdet_bundle) -> Path:
+    """A tiny random Cascade Mask R-CNN exported as the released detectors are
+    (tests/conftest.py): its graph takes the image fitted to (1333, 800) on the host and
+    answers 28x28 masks that the host pastes."""
+    return tiny_mmdet_bundle
 
 
 @pytest.fixture(scope="module")
