@@ -34,17 +34,17 @@ def _static(name: str, media_type: str) -> FileResponse:
     return FileResponse(STATIC_DIR / name, media_type=media_type, headers=_HEADERS)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def page() -> FileResponse:
     """The page: pick a model, give it an image, see the answer drawn."""
     return _static("index.html", "text/html; charset=utf-8")
 
 
-@router.get("/static/page.js")
+@router.api_route("/static/page.js", methods=["GET", "HEAD"])
 async def page_script() -> FileResponse:
     return _static("page.js", "text/javascript; charset=utf-8")
 
 
-@router.get("/static/page.css")
+@router.api_route("/static/page.css", methods=["GET", "HEAD"])
 async def page_stylesheet() -> FileResponse:
     return _static("page.css", "text/css; charset=utf-8")

@@ -36,6 +36,16 @@ def test_page_and_its_files_are_served_with_their_types(client) -> None:
         assert response.headers["x-content-type-options"] == "nosniff"
 
 
+def test_head_answers_as_get_without_a_body(client) -> None:
+    """Link checkers and load balancers probe with HEAD (it answered 405 before)."""
+    for path in PAGE_PATHS:
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert int(head.headers["content-length"]) == len(get.content)
+
+
 def test_page_is_under_a_strict_content_security_policy(client) -> None:
     policy = client.get("/").headers["content-security-policy"]
     assert "default-src 'self'" in policy
