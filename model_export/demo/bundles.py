@@ -73,7 +73,7 @@ BUNDLES = {
             train_classifier,
             CLASS_NAMES,
             "Demo: tiny HorNet-GF classifier of synthetic circles, squares and triangles "
-            "(one shape per image).",
+            "(one shape per image, anywhere: images are resized whole to 64x64).",
         ),
     )
 }
@@ -84,7 +84,8 @@ def training_record(bundle: DemoBundle, trained: Trained, seconds: float) -> dic
     recipe = bundle.recipe
     return {
         "command": f"{COMMAND} --only {bundle.task}",
-        "data": "model_export.demo.shapes (synthetic circles, squares, triangles)",
+        "data": "model_export.demo.shapes (synthetic circles, squares, triangles) repainted "
+        "by model_export.demo.appearance",
         "variant_overrides": {
             k: list(v) if isinstance(v, tuple) else v for k, v in recipe.overrides.items()
         },

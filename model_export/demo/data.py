@@ -1,5 +1,6 @@
-"""Training batches of synthetic shapes, through the preprocessing the bundles are served
-with (`hornet_bundle.preprocess`), so the models learn from what the served graphs see."""
+"""Training batches of synthetic shapes, repainted with broad appearance (`appearance`)
+and put through the preprocessing the bundles are served with (`hornet_bundle.preprocess`),
+so the models learn from what the served graphs see."""
 
 from __future__ import annotations
 
@@ -15,14 +16,26 @@ from hornet_bundle.preprocess import (
     tile,
     window_boxes,
 )
-from model_export.demo.shapes import generate_sample, generate_scene
+from model_export.demo.appearance import random_size, repaint
+from model_export.demo.shapes import Scene, generate_scene
 
-# Training images: random sizes in this range (height and width drawn independently).
-TRAIN_SIZES = (48, 320)
+# Training images: the longer side in this range, aspect ratios up to MAX_ASPECT.
+TRAIN_SIDES = (64, 320)
+MAX_ASPECT = 3.0
+# Shape radius (centre to farthest point) as a fraction of the shorter side: one shape
+# anywhere in the image for classification, one to four for the dense tasks.
+SAMPLE_RADIUS = (0.08, 0.45)
+SCENE_RADIUS = (0.06, 0.3)
 
 
-def _random_size(rng: np.random.Generator) -> tuple[int, int]:
-    return int(rng.integers(*TRAIN_SIZES)), int(rng.integers(*TRAIN_SIZES))
+def training_scene(rng: np.random.Generator, single: bool = False) -> Scene:
+    """A repainted scene of random size: one shape when `single`, else one to four."""
+    height, width = random_size(rng, TRAIN_SIDES, MAX_ASPECT)
+    if single:
+        scene = generate_scene(rng, height, width, num_shapes=(1, 1), radius_range=SAMPLE_RADIUS)
+    else:
+        scene = generate_scene(rng, height, width, radius_range=SCENE_RADIUS)
+    return repaint(rng, scene)
 
 
 def normalise(batch: np.ndarray, mean, std, pixel_range: int) -> torch.Tensor:
@@ -48,12 +61,12 @@ def augment(images: torch.Tensor, rng: np.random.Generator, *targets: torch.Tens
 def classification_batch(
     rng: np.random.Generator, preprocess: Preprocess, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`size` samples of random image sizes through the service's classification crop."""
+    """`size` one-shape images through the service's classification preprocessing."""
     crops, labels = [], []
     for _ in range(size):
-        image, label = generate_sample(rng, *_random_size(rng))
-        crops.append(classification_input(Image.fromarray(image), preprocess))
-        labels.append(label)
+        scene = training_scene(rng, single=True)
+        crops.append(classification_input(Image.fromarray(scene.image), preprocess))
+        labels.append(int(scene.labels[0]))
     return np.stack(crops), np.array(labels, dtype=np.int64)
 
 
@@ -63,7 +76,7 @@ def segmentation_tile(
     """One scene fitted to the bundle's scale and cut into one of the service's sliding
     windows, chosen at random; the class mask follows with nearest resizing, and 255
     (ignored) on any padding."""
-    scene = generate_scene(rng, *_random_size(rng))
+    scene = training_scene(rng)
     height, width = scene.class_mask.shape
     fit_h, fit_w = fit_size(height, width, preprocess.scale)
     image = resize_linear_uint8(scene.image, fit_h, fit_w, preprocess.resize_backend)
@@ -82,7 +95,7 @@ def segmentation_tile(
 def detection_sample(rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
     """One scene as torchvision's detection input: float CHW in [0, 1] and its targets
     (labels shifted by one: torchvision's class 0 is the background)."""
-    scene = generate_scene(rng, *_random_size(rng))
+    scene = training_scene(rng)
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
     target = {
         "boxes": torch.from_numpy(scene.boxes),

@@ -59,8 +59,11 @@ def _trained_cfg(model: nn.Module, **extra) -> None:
 
 
 def build_classifier(recipe: Recipe = CLASSIFY) -> nn.Module:
+    """The tiny HorNet-GF; images are resized whole to its input ("direct"): a centre
+    crop would cut off shapes away from the centre of long images."""
     model = create_model(recipe.variant, num_classes=len(CLASS_NAMES), **recipe.overrides)
-    _trained_cfg(model, labels=list(CLASS_NAMES))
+    preprocess = {"resize_mode": "direct", "crop_pct": None}
+    _trained_cfg(model, labels=list(CLASS_NAMES), preprocess=preprocess)
     _start_layer_scales(model)
     return model
 

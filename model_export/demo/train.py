@@ -12,6 +12,11 @@ after 3000 of its 4000 steps). Training data goes through the served preprocessi
 draw is seeded (single-threaded runs repeat exactly); the seeds and this command are
 recorded in each bundle's manifest (`export.demo_training`).
 
+Training images are repainted with broad appearance (`appearance`: textures and photos,
+lower contrast, anti-aliased edges, blur, noise, JPEG) and the classifier resizes whole
+images ("direct"). The bundles shipped in service/demo_bundles predate both: they were
+trained on the plain generator (this command as of commit 85dc593 rebuilds them).
+
 The recipes are in `recipes`, the batches in `data`, the models in `models`, the loops in
 `training` and the bundle building in `bundles`; this module is the command line.
 """

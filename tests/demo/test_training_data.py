@@ -6,13 +6,21 @@ import numpy as np
 import torch
 
 from hornet_bundle import Preprocess
-from model_export.demo.data import classification_batch, detection_sample, segmentation_tile
+from model_export.demo.appearance import repaint
+from model_export.demo.data import (
+    MAX_ASPECT,
+    classification_batch,
+    detection_sample,
+    segmentation_tile,
+    training_scene,
+)
 from model_export.demo.models import (
     build_classifier,
     build_detector,
     build_segmenter,
     transfer_trunk,
 )
+from model_export.demo.shapes import generate_scene
 
 
 def _preprocess(model) -> Preprocess:
@@ -55,3 +63,43 @@ def test_trunk_transfer_copies_the_shared_backbone() -> None:
     source = segmenter.backbone.state_dict()
     target = detector.backbone.backbone.state_dict()
     assert all(torch.equal(source[k], target[k]) for k in copied)
+
+
+def test_classifier_sees_the_whole_image() -> None:
+    """Resized whole ("direct"), never centre-cropped: a shape near an edge stays in."""
+    preprocess = _preprocess(build_classifier())
+    assert preprocess.resize_mode == "direct"
+
+
+def test_repainting_keeps_the_geometry_and_changes_the_pixels() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(8):
+        scene = generate_scene(rng, 90, 150)
+        painted = repaint(rng, scene)
+        assert painted.image.shape == scene.image.shape and painted.image.dtype == np.uint8
+        assert painted.masks is scene.masks and painted.boxes is scene.boxes
+        assert not np.array_equal(painted.image, scene.image)
+
+
+def test_training_images_stay_within_the_aspect_limit() -> None:
+    rng = np.random.default_rng(4)
+    for single in (True, False):
+        for _ in range(10):
+            scene = training_scene(rng, single=single)
+            height, width = scene.class_mask.shape
+            assert max(height, width) / min(height, width) <= MAX_ASPECT + 0.05
+            assert len(scene.labels) == 1 if single else len(scene.labels) >= 1
+
+
+def test_classification_shapes_may_lie_anywhere() -> None:
+    """Some shapes lie outside the central square that a centre crop would keep."""
+    rng = np.random.default_rng(5)
+    outside = 0
+    for _ in range(40):
+        scene = training_scene(rng, single=True)
+        height, width = scene.class_mask.shape
+        x1, y1, x2, y2 = scene.boxes[0]
+        short = min(height, width)
+        left, top = (width - short) / 2, (height - short) / 2
+        outside += x1 < left or y1 < top or x2 > left + short or y2 > top + short
+    assert outside >= 5
