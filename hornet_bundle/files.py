@@ -10,6 +10,8 @@ ONNX_FP32 = "model.onnx"
 # Bundles of schema version 1 may name their fp16 graph `model_fp16.onnx` (the dense
 # exporter did); the manifest's `engines` says which file is which, so both load.
 ONNX_FP16 = "model.fp16.onnx"
+# Post-training static int8 quantization of the fp32 graph (QDQ format).
+ONNX_INT8 = "model.int8.onnx"
 TRT_FP32 = "model.plan"
 TRT_FP16 = "model.fp16.plan"
 # TensorRT's timing cache: kept next to the engines to speed up rebuilds, never listed.

@@ -23,9 +23,9 @@ from hornet_bundle.versions import SCHEMA_VERSION, upgrade
 
 Task = Literal["classify", "segment", "detect"]
 DType = Literal["uint8", "float32", "float16", "int64", "int32", "bool"]
-# What a bundle may be served at: its engines' file precisions, and bf16 (OpenVINO runs
-# the fp32 graph at it).
-Precision = Literal["fp32", "fp16", "bf16"]
+# What a bundle may be served at: its engines' file precisions (int8: a quantized QDQ
+# graph), and bf16 (OpenVINO runs the fp32 graph at it).
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 class _Strict(BaseModel):
@@ -89,7 +89,7 @@ class Engine(_Strict):
     """
 
     format: Literal["onnx", "tensorrt"]
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8"]
     file: str
     gf_mode: Literal["matmul", "circular_conv", "dft", "none"] = "none"
     tensorrt_version: str | None = None
@@ -112,8 +112,9 @@ class Parity(_Strict):
     engine: str
     reference: str
     # The precision `engine` ran at when not its file's own (bf16: OpenVINO's inference
-    # precision over the fp32 graph), and the runtime and CPU that ran it; both None for
-    # the export's own checks of each engine file.
+    # precision over the fp32 graph), or int8 for the quantized graph, whose figures
+    # depend on the CPU's integer instructions; and the runtime and CPU that ran it. Both
+    # None for the export's own checks of its fp32 and fp16 files.
     precision: Precision | None = None
     runtime: str | None = None
     metric: ParityMetric
@@ -126,8 +127,10 @@ class Parity(_Strict):
     max_relative_error: float | None = None
     # detect: max(box error / largest reference coordinate, score abs error), paired
     box_score_error: float | None = None
-    # classify: fraction of images whose top-1 class agrees
+    # classify: fraction of images whose top-1 class agrees, and its lower limit where
+    # the record has one (int8: --min-agreement)
     top1_agreement: float | None = None
+    min_top1_agreement: float | None = None
     # segment: fraction of pixels whose argmax class agrees
     pixel_agreement: float | None = None
     # detect: every image's detections paired one to one (same count, same labels)
@@ -141,10 +144,10 @@ class Parity(_Strict):
 
     @model_serializer(mode="wrap")
     def _without_unset_precision(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """`precision` and `runtime` are written only when set, so the export's own
-        records read as before in a hornet-serve that predates them."""
+        """`precision`, `runtime` and `min_top1_agreement` are written only when set, so
+        the export's own records read as before in a hornet-serve that predates them."""
         data = handler(self)
-        for name in ("precision", "runtime"):
+        for name in ("precision", "runtime", "min_top1_agreement"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
@@ -202,10 +205,14 @@ class Manifest(_Strict):
     def verified_precisions(self) -> set[str]:
         """The precisions this bundle may be served at without --allow-unverified-precision:
         fp32, the precision it was exported and checked in, and every other precision with
-        a passed parity record (an fp16 engine file's, or a `hornet verify` run's)."""
+        a passed parity record (an fp16 or int8 engine file's, or a `hornet verify` run's)
+        and no failed one (int8 is checked on each runtime that serves it)."""
         file_precision = {e.file: e.precision for e in self.engines}
-        passed = {p.precision or file_precision.get(p.engine) for p in self.parity if p.passed}
-        return {"fp32"} | (passed - {None})
+        checked: dict[str | None, bool] = {}
+        for p in self.parity:
+            precision = p.precision or file_precision.get(p.engine)
+            checked[precision] = checked.get(precision, True) and p.passed
+        return {"fp32"} | {precision for precision, ok in checked.items() if ok and precision}
 
     def engine_for(self, fmt: str, precision: str | None = None) -> Engine:
         """The engine of a format (and precision, when given); fp32 preferred."""

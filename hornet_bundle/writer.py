@@ -66,13 +66,14 @@ def write_manifest(bundle_dir: str | Path, fields: dict) -> Manifest:
 def rewrite_manifest(bundle: Bundle, changes: dict) -> Manifest:
     """Write `bundle`'s manifest again with `changes` (top-level fields) applied: validated
     through the schema, its files hashed again, the export's `tools` kept. For records
-    added after the export (`hornet verify`'s parity records); the files themselves are
-    not touched, so their hashes stay those the loader checked."""
+    added after the export (`hornet verify`'s parity records, an int8 graph's engine
+    entry): the files already listed are not touched, so their hashes stay those the
+    loader checked; an engine file `changes` adds is hashed with them."""
     current = bundle.manifest.model_dump(mode="json")
     fields = {k: v for k, v in current.items() if k not in ("files", "tools")} | changes
+    names = sorted(set(current["files"]) | {e["file"] for e in fields["engines"]})
     manifest = Manifest.model_validate(
-        fields
-        | {"files": file_entries(bundle.path, sorted(current["files"])), "tools": current["tools"]}
+        fields | {"files": file_entries(bundle.path, names), "tools": current["tools"]}
     )
     text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
     (bundle.path / MANIFEST_NAME).write_text(text)

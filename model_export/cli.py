@@ -110,6 +110,27 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also verify the bundle at this precision (bf16: OpenVINO on this CPU) and "
         "record it in the manifest; `hornet serve` refuses unverified precisions",
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an int8 graph (classifiers), calibrated on --calibration and verified "
+        "against fp32 on ONNX Runtime and OpenVINO",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="folder of images (searched recursively) like those the model will serve, for "
+        "--int8; every fifth is held out to verify",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        metavar="FRACTION",
+        help="--int8 fails when fewer of the verification images keep fp32's top-1 class "
+        "(default 0.99)",
+    )
     parser.add_argument("--out", type=Path, help="bundle directory (default bundles/<variant>)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser
@@ -159,6 +180,8 @@ def run_export(args: argparse.Namespace, progress):
         )
     if variant.cfg.task == "detect" and args.fp16:
         raise ValueError("--fp16 is not supported for detection bundles yet")
+    if args.int8 != (args.calibration is not None):
+        raise ValueError("--int8 and --calibration DIR go together: int8 is calibrated on DIR")
     from model_export.export import ExportOptions, export
 
     options = ExportOptions(
@@ -171,6 +194,8 @@ def run_export(args: argparse.Namespace, progress):
         gf_mode=args.gf_mode,
         reference=args.reference,
         verify_precisions=tuple(args.verify_precision),
+        int8_calibration=args.calibration,
+        min_agreement=args.min_agreement,
         progress=progress,
     )
     return export(variant.name, args.out, options)

@@ -194,8 +194,9 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-# OpenVINO's names for the precisions it runs an fp32 graph at.
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# OpenVINO's inference precision for each precision it serves: an fp32 graph at f32 or
+# bf16, and the int8 graph (its quantized ops run in int8, the rest in f32).
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -247,8 +248,8 @@ class OpenVinoEngine:
             ) from exc
         if precision not in OPENVINO_PRECISIONS:
             raise EngineUnavailable(
-                f"the openvino engine runs fp32 or bf16, not {precision} (fp16 graphs are "
-                "for CUDA: --engine onnxruntime --device cuda)"
+                f"the openvino engine runs fp32, bf16 or int8, not {precision} (fp16 graphs "
+                "are for CUDA: --engine onnxruntime --device cuda)"
             )
         if precision == "bf16" and not cpu_runs_bf16():
             raise EngineUnavailable(
@@ -283,11 +284,15 @@ class OpenVinoEngine:
 def openvino_engine(
     bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int = 0
 ) -> OpenVinoEngine:
-    """The openvino engine over a bundle's fp32 ONNX graph; also registered as the
-    `openvino` entry point of `hornet.engines`, which `hornet verify` runs bundles with."""
+    """The openvino engine over a bundle's fp32 ONNX graph (its int8 graph at int8); also
+    registered as the `openvino` entry point of `hornet.engines`, which `hornet verify`
+    and the int8 export's verification run bundles with."""
     if device != "cpu":
         raise EngineUnavailable(f"the openvino engine runs on the CPU, not {device}")
-    entry = bundle.manifest.engine_for("onnx", "fp32")
+    try:
+        entry = bundle.manifest.engine_for("onnx", "int8" if precision == "int8" else "fp32")
+    except LookupError as exc:
+        raise EngineUnavailable(str(exc)) from exc
     return OpenVinoEngine(bundle.file(entry.file), precision=precision, threads=threads)
 
 
@@ -312,10 +317,12 @@ def unverified_precision(bundle: Bundle, settings: Settings) -> str | None:
     precision = settings.precision or "fp32"
     if settings.engine == "torch" or precision in bundle.manifest.verified_precisions():
         return None
-    how = (
-        f"verify it on this machine with `hornet verify {bundle.path} --precision {precision}`"
-        if precision == "bf16"
-        else "export it again with `hornet export ... --fp16`, which verifies the fp16 graph"
+    how = {
+        "bf16": f"verify it on this machine with `hornet verify {bundle.path} --precision bf16`",
+        "int8": "export it again with `hornet export ... --int8 --calibration DIR`, which "
+        "verifies the int8 graph",
+    }.get(
+        precision, "export it again with `hornet export ... --fp16`, which verifies the fp16 graph"
     )
     return (
         f"bundle {bundle.name!r} ({bundle.path}) has no passed parity record for {precision}: "

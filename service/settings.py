@@ -61,10 +61,11 @@ class Settings(BaseSettings):
         "TensorRT engines) or torch (debugging)",
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the engines run")
-    precision: Literal["fp32", "fp16", "bf16"] | None = Field(
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
         None,
         description="engine precision; unset: the bundle's fp32 engine where it has one. bf16: "
-        "--engine openvino on a CPU with AVX512_BF16 or AMX",
+        "--engine openvino on a CPU with AVX512_BF16 or AMX. int8: the bundle's int8 graph "
+        "(hornet export --int8) on the CPU, --engine onnxruntime or openvino",
     )
     allow_unverified_precision: bool = Field(
         False,
@@ -184,6 +185,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"precision bf16 runs on --engine openvino only: {self.engine} runs the "
                 "bundle's fp32 or fp16 graphs as they are"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_on_the_cpu(self) -> Settings:
+        if self.precision == "int8" and (
+            self.engine not in ("onnxruntime", "openvino") or self.device != "cpu"
+        ):
+            raise ValueError(
+                "precision int8 runs on the CPU with --engine onnxruntime or openvino: its "
+                f"graph was calibrated and verified there, not on {self.engine}/{self.device}"
             )
         return self
 

@@ -45,7 +45,8 @@ def export(
     KeyError), CheckpointError (weights that do not fit), ParityError (after writing
     the bundle, its parity records marked failed) or ExportError (any other step).
     Each of options.verify_precisions is then checked and recorded on the written bundle
-    (model_export.export.precision), failing the same way.
+    (model_export.export.precision), and with options.int8_calibration an int8 graph is
+    written and verified (model_export.export.int8), failing the same way.
     """
     options = options or ExportOptions()
     unknown = set(options.verify_precisions) - set(VERIFIABLE_PRECISIONS)
@@ -60,12 +61,22 @@ def export(
             f"{type(model).__name__} has no pretrained_cfg with a task in {sorted(EXPORTERS)}; "
             "build it with model_export.create_model"
         )
+    if options.int8_calibration is not None:
+        from model_export.export import int8
+
+        int8.check_task(task)
+        int8.check_min_agreement(options.min_agreement)
+        int8.calibration_files(options.int8_calibration)
     module, function = EXPORTERS[task]
     manifest = getattr(importlib.import_module(module), function)(model, Path(out_dir), options)
     for precision in options.verify_precisions:
         from model_export.export.precision import verify_precision
 
         manifest = verify_precision(out_dir, precision, options.say)
+    if options.int8_calibration is not None:
+        manifest = int8.quantize_int8(
+            out_dir, options.int8_calibration, options.min_agreement, options.say
+        )
     return manifest
 
 

@@ -39,6 +39,11 @@ class ExportOptions:
     # Precisions the bundle is also verified at once written (("bf16",): OpenVINO's bf16
     # over the fp32 graph, model_export.export.precision), each recorded in the manifest.
     verify_precisions: Sequence[str] = ()
+    # classify: an int8 graph too, calibrated on the images of this folder and verified
+    # against the fp32 graph (model_export.export.int8); the export fails when its top-1
+    # agreement with fp32 is under min_agreement.
+    int8_calibration: str | PathLike | None = None
+    min_agreement: float = 0.99
     # classify: ("onnx",) or ("onnx", "tensorrt").
     formats: Sequence[str] = ("onnx",)
     # MIN:OPT:MAX batch sizes of the graph (classify 1:8:32, segment 1:8:64 by default;

@@ -72,7 +72,7 @@ def test_bf16_on_a_cpu_without_bf16_is_refused_naming_the_missing_capability(
 
 
 def test_openvino_refuses_fp16(classifier_dir) -> None:
-    with pytest.raises(EngineUnavailable, match="runs fp32 or bf16, not fp16"):
+    with pytest.raises(EngineUnavailable, match="runs fp32, bf16 or int8, not fp16"):
         create_engine(load_bundle(classifier_dir), Settings(engine="openvino", precision="fp16"))
 
 

@@ -1,7 +1,8 @@
 """A bundle is served only at a precision its manifest verified: fp32 (what it was
-exported and checked in), an fp16 engine file with a passed parity record, or a passed
-`hornet verify` record (bf16). Anything else stops `hornet serve` with status 2 and one
-sentence saying how to verify it, unless --allow-unverified-precision is given."""
+exported and checked in), an fp16 or int8 engine file with passed parity records (int8:
+one per runtime, none failed), or a passed `hornet verify` record (bf16). Anything else
+stops `hornet serve` with status 2 and one sentence saying how to verify it, unless
+--allow-unverified-precision is given."""
 
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ def _manifest(classifier_dir: Path, parity: list[dict]) -> Manifest:
     return Manifest.model_validate(raw | {"parity": parity})
 
 
+def _with_int8_engine(directory: Path) -> Path:
+    """A classifier whose manifest lists an int8 graph (a copy of the fp32 one) with no
+    parity record for it."""
+    bundles.write_classifier(directory)
+    shutil.copy(directory / "model.onnx", directory / "model.int8.onnx")
+    path = directory / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["engines"].append({"format": "onnx", "precision": "int8", "file": "model.int8.onnx"})
+    raw["files"]["model.int8.onnx"] = raw["files"]["model.onnx"]
+    path.write_text(json.dumps(raw))
+    return directory
+
+
+PASSED_INT8 = PASSED_BF16 | {
+    "engine": "model.int8.onnx",
+    "precision": "int8",
+    "runtime": "onnxruntime",
+    "tolerance": 0.5,
+    "top1_agreement": 1.0,
+    "min_top1_agreement": 0.99,
+}
+
+
 def test_fp32_is_verified_by_the_export_itself(classifier_dir) -> None:
     assert _manifest(classifier_dir, []).verified_precisions() == {"fp32"}
 
@@ -67,6 +91,25 @@ def test_an_fp16_engine_files_passed_record_verifies_fp16(tmp_path) -> None:
     bundle_dir = _with_fp16_engine(tmp_path / "cls")
     fp16 = PASSED_BF16 | {"engine": "model.fp16.onnx", "precision": None}
     assert _manifest(bundle_dir, [fp16]).verified_precisions() == {"fp32", "fp16"}
+
+
+def test_a_passed_int8_record_verifies_int8(tmp_path) -> None:
+    bundle_dir = _with_int8_engine(tmp_path / "cls")
+    assert _manifest(bundle_dir, [PASSED_INT8]).verified_precisions() == {"fp32", "int8"}
+
+
+def test_one_failed_runtime_leaves_int8_unverified(tmp_path) -> None:
+    """int8 is checked on each runtime that serves it: a failed OpenVINO record beside a
+    passed ONNX Runtime one verifies nothing."""
+    bundle_dir = _with_int8_engine(tmp_path / "cls")
+    failed = PASSED_INT8 | {"runtime": "openvino", "passed": False, "top1_agreement": 0.9}
+    assert _manifest(bundle_dir, [PASSED_INT8, failed]).verified_precisions() == {"fp32"}
+
+
+def test_min_top1_agreement_is_written_only_when_set(classifier_dir) -> None:
+    """Records without it read as before in a hornet-serve that predates the field."""
+    records = _manifest(classifier_dir, [PASSED_BF16, PASSED_INT8]).model_dump(mode="json")
+    assert ["min_top1_agreement" in r for r in records["parity"]] == [False, True]
 
 
 @pytest.mark.parametrize("task", ["classify", "segment", "detect"])
@@ -91,6 +134,38 @@ def test_serve_refuses_an_fp16_graph_without_a_parity_record(tmp_path, capsys) -
     bundle_dir = _with_fp16_engine(tmp_path / "cls")
     assert cli.serve_main(["--model-dir", str(bundle_dir), "--precision", "fp16"]) == 2
     assert "no passed parity record for fp16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_serve_refuses_an_unverified_int8_graph_in_one_sentence(tmp_path, capsys, engine) -> None:
+    bundle_dir = _with_int8_engine(tmp_path / "cls")
+    argv = ["--model-dir", str(bundle_dir), "--engine", engine, "--precision", "int8"]
+    assert cli.serve_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err == (
+        f"hornet serve: bundle 'tiny_cls' ({bundle_dir}) has no passed parity record for int8: "
+        "export it again with `hornet export ... --int8 --calibration DIR`, which verifies "
+        "the int8 graph, or pass --allow-unverified-precision to serve it unverified"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"engine": "tensorrt"}, {"device": "cuda"}, {"engine": "torch"}]
+)
+def test_int8_is_a_cpu_precision_of_onnxruntime_and_openvino(overrides) -> None:
+    with pytest.raises(ValueError, match="precision int8 runs on the CPU"):
+        Settings(precision="int8", **overrides)
+
+
+def test_allowed_unverified_int8_serves_the_int8_file(tmp_path) -> None:
+    bundle_dir = _with_int8_engine(tmp_path / "cls")
+    log = tmp_path / "server.log"
+    flags = ["--model-dir", str(bundle_dir), "--precision", "int8"]
+    with running_server([*flags, "--allow-unverified-precision"], log_path=log) as server:
+        models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
+    assert models["models"][0]["engine"].endswith("model.int8.onnx")
+    assert "serving an unverified precision" in log.read_text()
 
 
 def test_allow_unverified_precision_starts_with_a_warning(tmp_path) -> None:
