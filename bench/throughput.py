@@ -4,6 +4,7 @@
     python bench/throughput.py --gf-compare [--image-size 224] [--fp16]
     python bench/throughput.py --gf-compare --device cuda --fp16 --torch
     python bench/throughput.py BUNDLE --engines onnxruntime,openvino --openvino-precision fp32,bf16
+    python bench/throughput.py BUNDLE --engines onnxruntime,openvino --openvino-precision fp32,int8
 
 Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are present)
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
@@ -20,9 +21,11 @@ the same uint8 images (copied over, normalised there, logits copied back): what 
 plain PyTorch server runs; the table then gives every engine's ratio to it.
 `--engines onnxruntime,openvino` adds OpenVINO (the service's `--engine openvino`) over
 each bundle's fp32 graph at each `--openvino-precision` (bf16 only where the CPU has
-bf16 arithmetic; otherwise skipped, saying so) and prints its ratio to ONNX Runtime fp32
-of the same bundle. Whenever hornet_tiny_7x7 and hornet_tiny_gf bundles are both measured
-(`--gf-compare`, or given), each engine's GF is compared with its own 7x7.
+bf16 arithmetic; otherwise skipped, saying so; int8 runs the bundle's int8 graph,
+`hornet export --int8`) and prints its ratio to ONNX Runtime fp32 of the same bundle, as
+it does for ONNX Runtime's run of an int8 graph. Whenever hornet_tiny_7x7 and
+hornet_tiny_gf bundles are both measured (`--gf-compare`, or given), each engine's GF is
+compared with its own 7x7.
 Nothing here is asserted; it prints measurements.
 """
 
@@ -144,11 +147,11 @@ def runners(
                 manifest.name,
             )
         )
-    fp32 = manifest.engine_for("onnx", "fp32")
     for precision in openvino:
-        label = f"{manifest.name} openvino/{precision} (GF {fp32.gf_mode})"
+        graph = manifest.engine_for("onnx", "int8" if precision == "int8" else "fp32")
+        label = f"{manifest.name} openvino/{precision} (GF {graph.gf_mode})"
         try:
-            run = OpenVinoRunner(bundle.path / fp32.file, spec.name, threads, precision)
+            run = OpenVinoRunner(bundle.path / graph.file, spec.name, threads, precision)
         except Exception as exc:  # no openvino, or no bf16 on this CPU: say so, measure the rest
             print(f"# skipping {label}: {exc}", file=sys.stderr)
             continue
@@ -358,7 +361,10 @@ def main() -> int:
             print("\nthroughput / eager torch of the same variant and precision:")
             for item, base in pairs:
                 print_ratio(item.label, base.label, results, batches)
-        ov_pairs = [(item, ort_fp32(item, items)) for item in items if item.kind == "openvino"]
+        others = [
+            i for i in items if i.kind == "openvino" or (i.kind, i.precision) == ("onnx", "int8")
+        ]
+        ov_pairs = [(item, ort_fp32(item, items)) for item in others]
         ov_pairs = [(item, base) for item, base in ov_pairs if base]
         if ov_pairs:
             print("\nthroughput / ONNX Runtime fp32 of the same bundle:")
