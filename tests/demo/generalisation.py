@@ -146,9 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=150, help="single-shape images")
     parser.add_argument("--scenes", type=int, default=60, help="scenes of 1-4 shapes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-dir", help="serve these bundles instead of the demo ones")
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        help="serve this bundle instead of the demo ones (repeat: one of each task)",
+    )
     args = parser.parse_args(argv)
-    flags = ["--model-dir", args.model_dir] if args.model_dir else []
+    flags = [flag for path in args.model_dir for flag in ("--model-dir", path)]
     with running_server(flags) as server:
         figures = evaluate(server.url, args.images, args.scenes, args.seed)
     print(json.dumps(figures.__dict__ | {"images": args.images, "scenes": args.scenes}))
