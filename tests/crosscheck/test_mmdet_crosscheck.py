@@ -26,7 +26,8 @@ the served path's host resize, graph, box rescaling and per-detection mask pasti
 for a box clipped to zero width or height, corners within 0.01 px) and score within
 1e-3, except at the tail of a full list (scores within 1e-3 of the 100th, where rounding
 may swap the 100th and 101st); none of ours above 0.3 is unmatched; the matched masks
-agree on >= 99% of the pixels of the mmdet box.
+agree on >= 99% of the pixels of the mmdet box (or differ in at most 2 of them: a box
+of under 100 pixels).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ DEGENERATE_TOLERANCE_PX = 0.01
 SCORE_TOLERANCE = 1e-3
 UNMATCHED_SCORE = 0.3
 MASK_AGREEMENT = 0.99
+# ...or at most this many pixels differ: the seeded tiny masks hover around 0.5 (a
+# quarter of a 28x28 map within 0.01 of it), so ONNX Runtime's 1e-4-level differences
+# flip a pixel here and there, and in a box under 100 pixels one pixel is over 1%.
+MASK_SLACK_PIXELS = 2
 MAX_PER_IMG = 100
 
 
@@ -123,8 +128,9 @@ def mismatches(ref: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> list[
         x0, y0 = np.floor(ref["boxes"][i, :2]).astype(int)
         x1, y1 = np.ceil(ref["boxes"][i, 2:]).astype(int)
         region = np.s_[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1]
-        agreement = (ref["masks"][i][region] == ours["masks"][j][region]).mean()
-        if agreement < MASK_AGREEMENT:
+        same = ref["masks"][i][region] == ours["masks"][j][region]
+        agreement = same.mean()
+        if agreement < MASK_AGREEMENT and (~same).sum() > MASK_SLACK_PIXELS:
             problems.append(f"mask of mmdet detection {i}: pixel agreement {agreement:.4f}")
     return problems
 
@@ -167,7 +173,8 @@ def server(reference: Path, tmp_path_factory: pytest.TempPathFactory):
     dirs.append(out / "full")
     flags = [arg for d in dirs for arg in ("--model-dir", str(d))]
     flags += ["--engine-threads", "2", "--request-timeout-s", "600"]
-    with running_server(flags, log_path=out / "server.log") as running:
+    # Readiness waits for every model's warm-up run: the real-size cascade's takes a while.
+    with running_server(flags, log_path=out / "server.log", ready_timeout_s=900) as running:
         yield running.url
 
 
