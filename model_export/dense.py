@@ -116,8 +116,22 @@ def _register_upernet(name: str, size: str, mixer: str, fusion: str | None, tile
     register_variant(name, build, seg_cfg(tile))
 
 
+# The official config names of the three HorFPN-study Mask R-CNNs belong to the released
+# mmdet-layout detectors (model_export.mmdet_detectors); this project's torchvision-layout
+# family is `tv_<name>`, its former names staying as aliases where they are free.
+OFFICIAL_MMDET_NAMES = frozenset(
+    {
+        "mask_rcnn_hornet_small_7x7",
+        "horfpn_7x7_mask_rcnn_hornet_small_7x7",
+        "horfpn_gf_mask_rcnn_hornet_small_7x7",
+    }
+)
+
+
 def _register_mask_rcnn(name: str, size: str, mixer: str, fusion: str | None) -> None:
     base_dim = BACKBONE_DIMS[size]
+    aliases = () if name in OFFICIAL_MMDET_NAMES else (name,)
+    name = f"tv_{name}"
 
     def build(num_classes: int = COCO_CLASSES, image_size: int = 0, **overrides) -> HorNetMaskRCNN:
         """`image_size` is unused: detection inputs vary in size and GF filters keep the
@@ -134,8 +148,11 @@ def _register_mask_rcnn(name: str, size: str, mixer: str, fusion: str | None) ->
 
     build.__name__ = name
     neck = f"HorFPN ({fusion})" if fusion else "FPN"
-    build.__doc__ = f"{name}: Mask R-CNN, HorNet C={base_dim} {mixer} backbone, {neck} neck."
-    register_variant(name, build, detection_cfg())
+    build.__doc__ = (
+        f"{name}: Mask R-CNN (torchvision layout), HorNet C={base_dim} {mixer} backbone, "
+        f"{neck} neck."
+    )
+    register_variant(name, build, detection_cfg(), aliases)
 
 
 def _register_all() -> None:

@@ -3,10 +3,9 @@ configs (raoyongming/HorNet object_detection/configs/, schedule suffix dropped):
 
 - `cascade_mask_rcnn_hornet_{tiny,small,base,large}_{7x7,gf}`: Cascade Mask R-CNN, FPN
   (configs/hornet/, the eight released COCO detectors);
-- `mmdet_mask_rcnn_hornet_small_7x7` (FPN) and `mmdet_horfpn_{7x7,gf}_mask_rcnn_hornet_small_7x7`
-  (HorFPN, the official GNFPN neck): Mask R-CNN (configs/horfpn/). The official names
-  without `mmdet_` still build this project's torchvision-layout Mask R-CNN
-  (model_export.dense) until that family is renamed.
+- `mask_rcnn_hornet_small_7x7` (FPN) and `horfpn_{7x7,gf}_mask_rcnn_hornet_small_7x7`
+  (HorFPN, the official GNFPN neck): Mask R-CNN (configs/horfpn/). This project's
+  torchvision-layout Mask R-CNNs (model_export.dense) are `tv_*`.
 
 Each carries mmdet's test pipeline as data: fit (1333, 800) with OpenCV bilinear,
 mean/std on 0-255 RGB, pad to 32 (model_export.mmdet_pipeline), COCO's 80 labels from
@@ -97,9 +96,9 @@ CASCADE_VARIANTS = tuple(
     f"cascade_mask_rcnn_hornet_{size}_{mixer}" for size in BACKBONE_DIMS for mixer in MIXERS
 )
 MASK_RCNN_VARIANTS = {
-    "mmdet_mask_rcnn_hornet_small_7x7": None,
-    "mmdet_horfpn_7x7_mask_rcnn_hornet_small_7x7": "7x7",
-    "mmdet_horfpn_gf_mask_rcnn_hornet_small_7x7": "gf",
+    "mask_rcnn_hornet_small_7x7": None,
+    "horfpn_7x7_mask_rcnn_hornet_small_7x7": "7x7",
+    "horfpn_gf_mask_rcnn_hornet_small_7x7": "gf",
 }
 
 for _size in BACKBONE_DIMS:

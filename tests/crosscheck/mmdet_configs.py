@@ -213,9 +213,9 @@ CONFIGS = {
     for size in BACKBONES
     for mixer in ("7x7", "gf")
 }
-CONFIGS["mmdet_mask_rcnn_hornet_small_7x7"] = mask_rcnn(None)
-CONFIGS["mmdet_horfpn_7x7_mask_rcnn_hornet_small_7x7"] = mask_rcnn("7x7")
-CONFIGS["mmdet_horfpn_gf_mask_rcnn_hornet_small_7x7"] = mask_rcnn("gf")
+CONFIGS["mask_rcnn_hornet_small_7x7"] = mask_rcnn(None)
+CONFIGS["horfpn_7x7_mask_rcnn_hornet_small_7x7"] = mask_rcnn("7x7")
+CONFIGS["horfpn_gf_mask_rcnn_hornet_small_7x7"] = mask_rcnn("gf")
 
 TINY_BASE_DIM = 16
 TINY_DEPTHS = (1, 1, 1, 1)

@@ -61,9 +61,9 @@ TINY = (
     "cascade_mask_rcnn_hornet_tiny_7x7",
     "cascade_mask_rcnn_hornet_tiny_gf",
     "cascade_mask_rcnn_hornet_large_gf",
-    "mmdet_mask_rcnn_hornet_small_7x7",
-    "mmdet_horfpn_7x7_mask_rcnn_hornet_small_7x7",
-    "mmdet_horfpn_gf_mask_rcnn_hornet_small_7x7",
+    "mask_rcnn_hornet_small_7x7",
+    "horfpn_7x7_mask_rcnn_hornet_small_7x7",
+    "horfpn_gf_mask_rcnn_hornet_small_7x7",
 )
 FULL = "cascade_mask_rcnn_hornet_tiny_gf"
 MIN_IOU = 0.99

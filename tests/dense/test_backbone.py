@@ -7,6 +7,7 @@ import torch
 
 from model_export import create_model, list_variants
 from model_export.hornet import HorNetFeatures
+from model_export.registry import get_variant
 from tests.helpers.dense_tiny import TINY
 
 SIZES = ("tiny", "small", "base", "large")
@@ -62,15 +63,22 @@ def test_every_official_segmentation_variant_is_registered() -> None:
 
 
 def test_every_official_detection_variant_is_registered() -> None:
-    expected = {f"mask_rcnn_hornet_{s}_{m}" for s in SIZES for m in MIXERS}
+    # This project's torchvision layout (model_export.dense): `tv_` + the config names.
+    expected = {f"tv_mask_rcnn_hornet_{s}_{m}" for s in SIZES for m in MIXERS}
     expected |= {
-        f"horfpn_{f}_mask_rcnn_hornet_{s}_{m}" for f in MIXERS for s in SIZES for m in MIXERS
+        f"tv_horfpn_{f}_mask_rcnn_hornet_{s}_{m}" for f in MIXERS for s in SIZES for m in MIXERS
     }
-    # mmdet's layout (model_export.mmdet_detectors): the released cascades, the HorFPN study.
+    # mmdet's layout (model_export.mmdet_detectors), under the official config names: the
+    # released cascades and the HorFPN study's Mask R-CNNs.
     expected |= {f"cascade_mask_rcnn_hornet_{s}_{m}" for s in SIZES for m in MIXERS}
-    expected |= {f"mmdet_{name}_mask_rcnn_hornet_small_7x7" for name in ("horfpn_7x7", "horfpn_gf")}
-    expected |= {"mmdet_mask_rcnn_hornet_small_7x7"}
-    assert set(list_variants("detect")) == expected
+    official = {f"{n}_mask_rcnn_hornet_small_7x7" for n in ("horfpn_7x7", "horfpn_gf")}
+    official |= {"mask_rcnn_hornet_small_7x7"}
+    assert set(list_variants("detect")) == expected | official
+    assert all(get_variant(name).name == name for name in official)
+    # the torchvision-layout family's former names, where not official, are aliases
+    assert get_variant("horfpn_7x7_mask_rcnn_hornet_tiny_7x7").name == (
+        "tv_horfpn_7x7_mask_rcnn_hornet_tiny_7x7"
+    )
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ def test_eval_forward_returns_well_formed_detections_inside_the_image(detector) 
 
 
 def test_detector_uses_mmdet_normalisation_and_coco_classes() -> None:
-    model = create_model("mask_rcnn_hornet_small_7x7", **TINY_DET)
+    model = create_model("tv_mask_rcnn_hornet_small_7x7", **TINY_DET)
     torch.testing.assert_close(
         torch.tensor(model.transform.image_mean) * 255, torch.tensor([123.675, 116.28, 103.53])
     )

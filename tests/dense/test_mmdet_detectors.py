@@ -31,9 +31,9 @@ Shapes = dict[str, tuple[int, ...]]
 SIZES = ("tiny", "small", "base", "large")
 CASCADES = [f"cascade_mask_rcnn_hornet_{s}_{m}" for s in SIZES for m in ("7x7", "gf")]
 MASK_RCNNS = [
-    "mmdet_mask_rcnn_hornet_small_7x7",
-    "mmdet_horfpn_7x7_mask_rcnn_hornet_small_7x7",
-    "mmdet_horfpn_gf_mask_rcnn_hornet_small_7x7",
+    "mask_rcnn_hornet_small_7x7",
+    "horfpn_7x7_mask_rcnn_hornet_small_7x7",
+    "horfpn_gf_mask_rcnn_hornet_small_7x7",
 ]
 TINY = dict(base_dim=16, depths=(1, 1, 1, 1), fpn_channels=32, fc_channels=64)
 # object_detection/README.md of the official repository: #params of the released cascades.
