@@ -33,9 +33,10 @@ from it.
 
 --profile runs the bundle's ONNX Runtime session as the server builds it (2 intra-op
 threads, no spinning) on one fitted photograph with ONNX Runtime's profiler and prints
-where the time goes (by op type, by module, top nodes); then it times a few session
-settings against that one in alternating rounds and says whether their outputs are
-bitwise those of the server's settings.
+where the time goes (by op type, by module, top nodes), then the eager torch model's
+time per module on the same photograph (forward hooks); then it times a few session
+settings against the server's in rounds of one run each and says whether their outputs
+are bitwise those of the server's settings.
 """
 
 from __future__ import annotations
@@ -434,7 +435,8 @@ def fitted(photo: str) -> np.ndarray:
     return fit_image(Image.fromarray(getattr(data, photo)()), (1333, 800), "opencv")
 
 
-def profile(bundle: Path, work: Path, photo: str, rounds: int) -> None:
+def profile(bundle: Path, checkpoint: Path, work: Path, photo: str, rounds: int) -> None:
+    """The engine's profile, eager torch's time per module, then the session settings."""
     import onnxruntime as ort
 
     path = str(bundle / "model.onnx")
@@ -449,6 +451,7 @@ def profile(bundle: Path, work: Path, photo: str, rounds: int) -> None:
     print(f"profiled run: {time.perf_counter() - start:.2f} s")
     print_profile(json.loads(Path(session.end_profiling()).read_text()))
     del session
+    eager_profile(checkpoint, photo)
     compare_settings(path, feed, rounds)
 
 
@@ -497,6 +500,46 @@ def module_of(node: dict) -> str:
     if parts[0].startswith(("rpn_cls", "rpn_reg")):
         return "rpn_head (1x1 convs)"
     return "/".join(parts[:2]) if parts[0] in ("roi_head", "backbone") else parts[0]
+
+
+def eager_profile(checkpoint: Path, photo: str) -> None:
+    """Where the eager torch model (b) spends a warm run on `photo`, by module (forward
+    hooks; the RPN's convs and proposals are called outside its `forward`, so they are
+    in the rest)."""
+    import torch
+    from skimage import data
+
+    from model_export import create_model
+    from model_export.mmdet_pipeline import prepare
+
+    torch.set_num_threads(THREADS)
+    model = create_model(VARIANT, checkpoint=checkpoint)
+    head = model.roi_head
+    modules = {"backbone": model.backbone, "neck": model.neck}
+    modules["roi_head/bbox_roi_extractor (3 stages)"] = head.bbox_roi_extractor
+    modules |= {f"roi_head/bbox_head.{i}": h for i, h in enumerate(head.bbox_head)}
+    modules["roi_head/mask_roi_extractor"] = head.mask_roi_extractor
+    modules |= {f"roi_head/mask_head.{i}": h for i, h in enumerate(head.mask_head)}
+    spent: dict = defaultdict(float)
+    started: dict = {}
+    for name, module in modules.items():
+        module.register_forward_pre_hook(
+            lambda *_, n=name: started.update({n: time.perf_counter()})
+        )
+        module.register_forward_hook(
+            lambda *_, n=name: spent.update({n: spent[n] + time.perf_counter() - started[n]})
+        )
+    prepared = prepare(getattr(data, photo)(), model.pretrained_cfg.mean, model.pretrained_cfg.std)
+    for _ in range(2):  # warm-up, then the measured run
+        spent.clear()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(prepared.image, [prepared.image_shape])
+        total = time.perf_counter() - start
+    print(f"\neager torch ({torch.__version__}, {THREADS} threads), warm run: {total:.2f} s")
+    print("| module | ms | share |\n|---|---|---|")
+    for name, seconds in [*spent.items(), ("(RPN and the rest)", total - sum(spent.values()))]:
+        print(f"| {name} | {seconds * 1e3:.0f} | {seconds / total:.1%} |")
 
 
 def compare_settings(path: str, feed: dict, rounds: int) -> None:
@@ -563,16 +606,16 @@ def main() -> int:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
         print(f"{VARIANT} at (1333, 800); {machine()}", flush=True)
-        if args.profile:
-            if args.bundle is None:
-                parser.error("--profile takes --bundle DIR")
-            profile(args.bundle, work, args.profile_photo, args.rounds)
-            return 0
+        if args.profile and args.bundle is None:
+            parser.error("--profile takes --bundle DIR")
         checkpoint = args.checkpoint
         if checkpoint is None:
             checkpoint = work / "seeded.pth"
             print(f"seeded weights (seed {SEED}) -> {checkpoint}", flush=True)
             seeded_checkpoint(checkpoint, SEED)
+        if args.profile:
+            profile(args.bundle, checkpoint, work, args.profile_photo, args.rounds)
+            return 0
         bundle = args.bundle
         if bundle is None:
             bundle = work / "bundle"
