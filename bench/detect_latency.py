@@ -25,7 +25,7 @@ the systems' detections agree (count, largest score difference): the check that 
 ran the same weights.
 
 Without --checkpoint the model gets seeded, trained-like weights (the recipe of
-tests/crosscheck/mmdet_reference.py `fill_`: layer scales ~0.3, class weights x16, so
+tests/helpers/dense_tiny.py `randomize_`: layer scales ~0.3, class weights x16, so
 it makes 100 detections per photograph as a trained detector does), saved as an mmdet
 checkpoint that all three systems load strictly. The bundle is exported from that file
 once (model_export.export, verified against torch) unless --bundle names one exported
@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 CROSSCHECK = REPO / "tests" / "crosscheck"
 sys.path.insert(0, str(REPO))
 
+from tests.helpers.dense_tiny import randomize_  # noqa: E402
 from tests.helpers.memory import memory_of  # noqa: E402
 
 VARIANT = "cascade_mask_rcnn_hornet_tiny_gf"
@@ -79,35 +80,6 @@ REQUEST_TIMEOUT_S = 900
 # ---------------------------------------------------------------- weights and bundle
 
 
-def fill_(model, seed: int, fc_cls_scale: float) -> None:
-    """tests/crosscheck/mmdet_reference.py `fill_` (that module imports mmcv, so the
-    recipe is repeated here): layer scales ~0.3, GF filters of order 1, norms near 1,
-    BatchNorm statistics away from (0, 1), other weights ~ 1/sqrt(fan-in), the class
-    weights `fc_cls_scale` times that."""
-    import torch
-    from torch import nn
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("gamma1", "gamma2")):
-                p.copy_(0.3 * (1.0 + 0.15 * noise))
-            elif name.endswith("complex_weight"):
-                p.copy_(noise)
-            elif ("norm" in name or ".bn." in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                fan_in = max(1, p[0].numel()) if p.dim() > 1 else 16
-                scale = fc_cls_scale if ".fc_cls." in name else 1.0
-                p.copy_(scale * noise / fan_in**0.5)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(0.1 * torch.randn(shape, generator=gen))
-                module.running_var.copy_(1.0 + 0.2 * torch.rand(shape, generator=gen))
-
-
 def seeded_checkpoint(path: Path, seed: int) -> None:
     """The variant with seeded weights, saved in the release's layout (state_dict + meta
     CLASSES), which our loader and mmcv's `load_checkpoint` both read strictly."""
@@ -117,7 +89,7 @@ def seeded_checkpoint(path: Path, seed: int) -> None:
     from model_export.labels import coco_classes
 
     model = create_model(VARIANT)
-    fill_(model, seed, FC_CLS_SCALE)
+    randomize_(model, seed, fc_cls_scale=FC_CLS_SCALE)
     torch.save({"state_dict": model.state_dict(), "meta": {"CLASSES": coco_classes()}}, path)
 
 

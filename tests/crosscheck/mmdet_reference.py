@@ -42,10 +42,10 @@ from mmdet.apis import inference_detector, init_detector  # noqa: E402
 from mmdet.core import get_classes  # noqa: E402
 from mmdet.models.builder import BACKBONES, NECKS  # noqa: E402
 from mmdet_configs import CONFIGS, tiny  # noqa: E402
-from torch import nn  # noqa: E402
 
 from model_export.horfpn import FPN, HORFPN_GF_SIZE, HORFPN_KERNEL, HORFPN_ORDER  # noqa: E402
 from model_export.hornet import HorNetFeatures, gf_filter_sizes  # noqa: E402
+from tests.helpers.dense_tiny import randomize_  # noqa: E402
 
 GNCONV = re.compile(
     r"partial\(gnconv, order=(\d), s=1/3(?:, h=(\d+), w=(\d+), gflayer=GlobalLocalFilter)?\)"
@@ -122,31 +122,6 @@ class HorFPNNeck(FPN):
 FC_CLS_SCALE = {"CascadeRCNN": 16.0, "MaskRCNN": 1.0}
 
 
-def fill_(model: nn.Module, seed: int, fc_cls_scale: float) -> None:
-    """Seeded, trained-like values: layer scales ~0.3, GF filters of order 1, norms near 1,
-    BatchNorm statistics away from (0, 1), other weights ~ 1/sqrt(fan-in), the class
-    weights `fc_cls_scale` times that."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("gamma1", "gamma2")):
-                p.copy_(0.3 * (1.0 + 0.15 * noise))
-            elif name.endswith("complex_weight"):
-                p.copy_(noise)
-            elif ("norm" in name or ".bn." in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                fan_in = max(1, p[0].numel()) if p.dim() > 1 else 16
-                scale = fc_cls_scale if ".fc_cls." in name else 1.0
-                p.copy_(scale * noise / fan_in**0.5)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(0.1 * torch.randn(shape, generator=gen))
-                module.running_var.copy_(1.0 + 0.2 * torch.rand(shape, generator=gen))
-
-
 def detections(result) -> dict[str, np.ndarray]:
     """mmdet's per-class (bbox, segm) lists as arrays, best first."""
     bbox_result, segm_result = result
@@ -171,7 +146,7 @@ def run_config(spec: str, seed: int, photos: list[Path], out: Path) -> dict:
     if size == "full":  # a minute or more per photograph at full size: the first one only
         photos = photos[:1]
     model = revert_sync_batchnorm(init_detector(mmcv.Config(config), device="cpu")).eval()
-    fill_(model, seed, FC_CLS_SCALE[config["model"]["type"]])
+    randomize_(model, seed, fc_cls_scale=FC_CLS_SCALE[config["model"]["type"]])
     model.CLASSES = tuple(get_classes("coco"))
     meta = dict(CLASSES=model.CLASSES, config=mmcv.Config(config).pretty_text)
     save_checkpoint(model, str(out / "mmdet.pth"), meta=meta)

@@ -42,7 +42,6 @@ from mmseg.datasets.pipelines import Compose  # noqa: E402
 from mmseg.models.builder import BACKBONES, HEADS  # noqa: E402
 from mmseg.models.decode_heads import UPerHead  # noqa: E402
 from mmseg_configs import CONFIGS, tiny  # noqa: E402
-from torch import nn  # noqa: E402
 
 from model_export.horfpn import (  # noqa: E402
     HORFPN_GF_SIZE,
@@ -51,6 +50,7 @@ from model_export.horfpn import (  # noqa: E402
     GnConvModule,
 )
 from model_export.hornet import HorNetFeatures, gf_filter_sizes  # noqa: E402
+from tests.helpers.dense_tiny import randomize_  # noqa: E402
 
 GNCONV = re.compile(
     r"partial\(gnconv, order=(\d), s=1/3(?:, h=(\d+), w=(\d+), gflayer=GlobalLocalFilter)?\)"
@@ -116,29 +116,6 @@ class HorFPNUPerHead(UPerHead):
         )
 
 
-def fill_(model: nn.Module, seed: int) -> None:
-    """Seeded, trained-like values: layer scales ~0.3, GF filters of order 1, norms near 1,
-    BatchNorm statistics away from (0, 1), other weights ~ 1/sqrt(fan-in)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("gamma1", "gamma2")):
-                p.copy_(0.3 * (1.0 + 0.15 * noise))
-            elif name.endswith("complex_weight"):
-                p.copy_(noise)
-            elif ("norm" in name or ".bn." in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                fan_in = max(1, p[0].numel()) if p.dim() > 1 else 16
-                p.copy_(noise / fan_in**0.5)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(0.1 * torch.randn(shape, generator=gen))
-                module.running_var.copy_(1.0 + 0.2 * torch.rand(shape, generator=gen))
-
-
 def prepare(model, path: Path) -> dict:
     """`inference_segmentor`'s input preparation (LoadImage + the test pipeline, collate,
     the CPU branch of its scatter)."""
@@ -151,7 +128,7 @@ def prepare(model, path: Path) -> dict:
 def run_config(name: str, seed: int, photos: list[Path], out: Path) -> dict:
     config = mmcv.Config(tiny(CONFIGS[name]))
     model = revert_sync_batchnorm(init_segmentor(config, device="cpu")).eval()
-    fill_(model, seed)
+    randomize_(model, seed)
     save_checkpoint(model, str(out / "mmseg.pth"), meta=dict(config=config.pretty_text))
     seconds = {}
     for photo in photos:

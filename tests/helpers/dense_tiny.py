@@ -10,10 +10,16 @@ TINY_SEG = TINY | dict(channels=32)
 TINY_DET = TINY | dict(fpn_channels=32, min_size=160, max_size=224)
 
 
-def randomize_(model: nn.Module, seed: int = 0, gamma: float = 0.3) -> nn.Module:
+def randomize_(
+    model: nn.Module, seed: int = 0, gamma: float = 0.3, fc_cls_scale: float = 1.0
+) -> nn.Module:
     """Trained-like, non-trivial values everywhere: layer scales ~0.3 (not 1e-6), GF
-    filters of order 1, norms near 1, BatchNorm statistics away from (0, 1).
-    A smaller `gamma` keeps deep random stacks from amplifying float rounding."""
+    filters of order 1, norms near 1, BatchNorm statistics away from (0, 1), other
+    weights ~ 1/sqrt(fan-in), a detector's class weights (`fc_cls`) `fc_cls_scale` times
+    that. A smaller `gamma` keeps deep random stacks from amplifying float rounding.
+
+    The one recipe of the tests, the mmdet/mmseg references (run in .venv-mm) and the
+    benchmarks: seeded alike, they write the same weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -26,7 +32,8 @@ def randomize_(model: nn.Module, seed: int = 0, gamma: float = 0.3) -> nn.Module
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 fan_in = max(1, p[0].numel()) if p.dim() > 1 else 16
-                p.copy_(noise / fan_in**0.5)
+                scale = fc_cls_scale if ".fc_cls." in name else 1.0
+                p.copy_(scale * noise / fan_in**0.5)
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 shape = module.running_mean.shape
@@ -47,12 +54,11 @@ def tiny_mmdet_detector(
     cross-check's), or stay under 0.05 everywhere with a large `background_bias`."""
     from model_export import create_model
 
-    model = randomize_(create_model(name, **TINY_MMDET), seed=3).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "fc_cls"):
-                module.fc_cls.weight.mul_(16)
-                if background_bias is not None:
+    model = randomize_(create_model(name, **TINY_MMDET), seed=3, fc_cls_scale=16).eval()
+    if background_bias is not None:
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "fc_cls"):
                     module.fc_cls.bias[-1] = background_bias
     return model
 
