@@ -437,44 +437,20 @@ def _mask_rle(probabilities: np.ndarray, box: np.ndarray, size: tuple[int, int])
     """
     height, width = size
     if probabilities.shape == size:
-        return _rle(np.asfortranarray(probabilities > 0.5), (0, width), size)
+        return _window_rle(np.asfortranarray(probabilities > 0.5), (0, height), (0, width), size)
     margin_y = 2 * height / probabilities.shape[0]
     margin_x = 2 * width / probabilities.shape[1]
     y0, y1 = _span(box[1] - margin_y, box[3] + margin_y, height)
     x0, x1 = _span(box[0] - margin_x, box[2] + margin_x, width)
-    strip = np.zeros((height, x1 - x0), dtype=np.uint8, order="F")
+    window = np.zeros((y1 - y0, x1 - x0), dtype=bool, order="F")
     if y1 > y0 and x1 > x0:
-        window = imaging.resized_window(probabilities, size, (y0, y1), (x0, x1))
-        strip[y0:y1] = window > 0.5
-    return _rle(strip, (x0, x1), size)
+        window[:] = imaging.resized_window(probabilities, size, (y0, y1), (x0, x1)) > 0.5
+    return _window_rle(window, (y0, y1), (x0, x1), size)
 
 
 def _span(low: float, high: float, limit: int) -> tuple[int, int]:
     start = min(max(int(np.floor(low)), 0), limit)
     return start, min(max(int(np.ceil(high)), start), limit)
-
-
-def _rle(strip: np.ndarray, columns: tuple[int, int], size: tuple[int, int]) -> RLE:
-    """COCO compressed RLE of an image that is zero outside `columns`, from the
-    full-height strip of those columns (column-major runs, starting with zeros)."""
-    from pycocotools import mask as coco_mask
-
-    height, width = size
-    flat = strip.ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate(([0], changes, [flat.size]))).tolist()
-    if flat.size and flat[0]:
-        runs.insert(0, 0)
-    if not runs:
-        runs = [0]
-    runs[0] += columns[0] * height
-    trailing = (width - columns[1]) * height
-    if len(runs) % 2:
-        runs[-1] += trailing
-    elif trailing:
-        runs.append(trailing)
-    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
-    return RLE(size=(height, width), counts=encoded["counts"].decode("ascii"))
 
 
 def _window_rle(
