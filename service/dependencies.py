@@ -16,15 +16,17 @@ from service.runtime import ModelPool
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are `async def`: FastAPI runs a plain `def` one in its thread pool, a
+# thread hand-off per request per dependency (bench/README.md, server efficiency).
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_pool(request: Request) -> ModelPool:
+async def get_pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 

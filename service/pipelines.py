@@ -113,6 +113,11 @@ class Pipeline(Protocol):
 
     def finish(self, prepared: Prepared, results: list[Any], options: AnswerOptions) -> Answer: ...
 
+    def finish_is_light(self, options: AnswerOptions) -> bool:
+        """Whether `finish` is light enough (well under a millisecond) to run on the event
+        loop: a thread hand-off would cost more than the work."""
+        ...
+
     def output_arrays(
         self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
     ) -> TensorOutputs: ...
@@ -132,6 +137,9 @@ class _GraphIO:
         self.manifest = manifest
         self.input_name = manifest.inputs[0].name
         self.output_names = [spec.name for spec in manifest.outputs]
+
+    def finish_is_light(self, options: AnswerOptions) -> bool:
+        return False
 
     def _image_tensor(self, height: int, width: int) -> ServedTensor:
         """The graph's image input as the host hands it over: RGB pixels, NHWC."""
@@ -181,6 +189,10 @@ class _GraphIO:
         return {self.input_name: batch}
 
 
+# Classification answers of up to this many classes are finished on the event loop.
+LIGHT_TOP_K = 100
+
+
 class ClassifyPipeline(_GraphIO):
     @property
     def tensors(self) -> TensorInterface:
@@ -216,6 +228,10 @@ class ClassifyPipeline(_GraphIO):
         logits = outputs.arrays[self.output_names[0]]
         outputs.arrays[PROBABILITIES] = softmax(logits).astype(np.float32)
         return outputs
+
+    def finish_is_light(self, options: AnswerOptions) -> bool:
+        """A softmax over the classes and a few labelled scores: tens of microseconds."""
+        return options.top_k <= LIGHT_TOP_K
 
     def finish(
         self, prepared: Prepared, results: list[np.ndarray], options: AnswerOptions

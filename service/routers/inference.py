@@ -83,12 +83,13 @@ async def _answer(
     deadline = request_deadline(request)
     prepared = await runner.prepare(await read_uploads(request))
     results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    answers = await asyncio.gather(
-        *(
-            asyncio.to_thread(runner.pipeline.finish, p, r, options)
-            for p, r in zip(prepared, results, strict=True)
+    finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
+    if runner.pipeline.finish_is_light(options):
+        answers = [finish(p, r, options) for p, r in pairs]
+    else:
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(finish, p, r, options) for p, r in pairs)
         )
-    )
     return response(model=runner.name, results=list(answers))
 
 
