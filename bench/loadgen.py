@@ -151,6 +151,21 @@ async def run_load(
 ) -> LoadResult:
     """`concurrency` closed-loop clients for `seconds` or `limit` requests in all."""
     params = {"top_k": 1, **({"model": model} if model else {})}
+    return await closed_loop(url, "/classify", image, params, concurrency, seconds, limit)
+
+
+async def closed_loop(
+    url: str,
+    path: str,
+    image: bytes,
+    params: dict[str, Any],
+    concurrency: int,
+    seconds: float,
+    limit: int,
+) -> LoadResult:
+    """`concurrency` clients, each POSTing `image` (a raw image/jpeg body) to `url``path`
+    and waiting for the answer, for `seconds` or `limit` requests in all; the latencies
+    of the 200 answers, the other statuses counted."""
     headers = {"content-type": "image/jpeg"}
     latencies: list[float] = []
     errors: dict[int, int] = {}
@@ -165,9 +180,7 @@ async def run_load(
             while time.perf_counter() < stop_at and issued < limit:
                 issued += 1
                 sent = time.perf_counter()
-                response = await client.post(
-                    "/classify", params=params, content=image, headers=headers
-                )
+                response = await client.post(path, params=params, content=image, headers=headers)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - sent)
                 else:
@@ -182,6 +195,22 @@ async def warm(url: str, image: bytes, model: str | None, count: int = 8) -> Non
     await run_load(url, image, model, concurrency=4, seconds=60, limit=count)
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings `server_flags` passes to `python -m service`."""
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    parser.add_argument("--engine", choices=("onnxruntime", "openvino"), default="onnxruntime")
+    parser.add_argument("--decode-threads", type=int, default=0, help="0 = one per CPU")
+    parser.add_argument(
+        "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="classifier bundle")
@@ -192,18 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="request cap per level")
     parser.add_argument("--engine-seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--image-size", default="384x256", help="upload WxH (JPEG)")
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-delay-ms", type=float, default=5.0)
-    parser.add_argument("--max-queue-size", type=int, default=256)
-    parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
-    parser.add_argument("--engine", choices=("onnxruntime", "openvino"), default="onnxruntime")
-    parser.add_argument("--decode-threads", type=int, default=0, help="0 = one per CPU")
-    parser.add_argument(
-        "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
-    )
+    add_server_arguments(parser)
     return parser.parse_args(argv)
 
 
