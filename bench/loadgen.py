@@ -93,15 +93,36 @@ def raw_engine_throughput(
         for batch in batches:
             items = [item] * batch
             pipeline.run_batch(engine, items)  # warm this shape
-            done, started = 0, time.perf_counter()
+            done, started, cpu_started = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - started < seconds or done < 2 * batch:
                 pipeline.run_batch(engine, items)
                 done += batch
-            results[f"b{batch}{'+spin' if spinning else ''}"] = done / (
-                time.perf_counter() - started
-            )
+            key = f"b{batch}{'+spin' if spinning else ''}"
+            results[key] = done / (time.perf_counter() - started)
+            RAW_CPU_MS[key] = (time.process_time() - cpu_started) / done * 1000.0
         engine.close()
     return results
+
+
+# CPU milliseconds per image of each raw_engine_throughput configuration (all threads).
+RAW_CPU_MS: dict[str, float] = {}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process `pid`, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's batch and engine-time counters, summed over its models (/metrics)."""
+    wanted = ("hornet_batch_size_sum", "hornet_batch_size_count", "hornet_engine_seconds_sum")
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def require_loopback(url: str) -> None:
@@ -244,24 +265,47 @@ def main(argv: list[str] | None = None) -> int:
           + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
           + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
 
-    with serving(args.url, server_flags(args)) as (url, _):
+    with serving(args.url, server_flags(args)) as (url, process):
         asyncio.run(warm(url, image, args.model))
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
               f"spinning {args.engine_spinning}")  # fmt: skip
         print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}")  # fmt: skip
+              f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}  where the CPU went")  # fmt: skip
         for level in levels:
+            before = _accounting(url, process)
             result = asyncio.run(
                 run_load(url, image, args.model, level, args.duration, args.requests)
             )
+            spent = {k: v - before[k] for k, v in _accounting(url, process).items()}
             errors = ",".join(f"{k}:{v}" for k, v in sorted(result.errors.items())) or "-"
             print(
                 f"{level:>5} {result.ok:>6} {errors:>10} {result.throughput:>8.1f} "
                 f"{result.percentile(50):>8.1f} {result.percentile(95):>8.1f} "
-                f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}"
+                f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}  "
+                + _where(spent, result, RAW_CPU_MS[best_batch])
             )
     return 0
+
+
+def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
+    counters = server_counters(url)
+    counters["client_cpu"] = time.process_time()
+    counters["server_cpu"] = process_cpu_seconds(process.pid) if process else float("nan")
+    return counters
+
+
+def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> str:
+    """Per image: the server's CPU ms (all threads), the client's, the raw engine's best
+    configuration's; the mean batch, and the share of the run the engine was busy."""
+    images = max(result.ok, 1)
+    batches = max(spent["hornet_batch_size_count"], 1)
+    return (
+        f"server {spent['server_cpu'] / images * 1000:.1f} ms/img, "
+        f"client {spent['client_cpu'] / images * 1000:.1f}, raw engine {raw_cpu_ms:.1f}; "
+        f"batch {spent['hornet_batch_size_sum'] / batches:.1f}, engine busy "
+        f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}"
+    )
 
 
 if __name__ == "__main__":
