@@ -31,6 +31,7 @@ import torch
 
 from hornet_bundle import Manifest
 from model_export.demo.bundles import BUNDLES, DEFAULT_OUT, build_bundle
+from model_export.demo.models import build_segmenter
 from model_export.demo.recipes import THREADS
 from model_export.demo.training import train_segmenter
 
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> None:
         help="build these bundles only (classify and detect start from the segmenter's "
         "trunk: it is trained first unless segment is built in the same run)",
     )
+    parser.add_argument(
+        "--segmenter-state",
+        type=Path,
+        help="the segmenter's weights: saved here when it is trained in this run, loaded "
+        "from here (weights only) instead of training it again when classify or detect is "
+        "built alone, so the two can train in separate processes",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     tasks = [t for t in BUNDLES if args.only is None or t in args.only]
@@ -54,12 +62,22 @@ def main(argv: list[str] | None = None) -> None:
         if task in ("detect", "classify"):
             # Single-threaded training repeats exactly, so this is the shipped segmenter's
             # trunk whether it was trained in this run or is trained again here.
-            segmenter = segmenter or train_segmenter().model
+            segmenter = segmenter or _segmenter(args.segmenter_state)
             trunk = segmenter.backbone
         manifest, model = build_bundle(BUNDLES[task], args.out, trunk)
         if task == "segment":
             segmenter = model
+            if args.segmenter_state is not None:
+                torch.save(model.state_dict(), args.segmenter_state)
         _report(args.out, manifest)
+
+
+def _segmenter(state: Path | None) -> torch.nn.Module:
+    if state is None or not state.exists():
+        return train_segmenter().model
+    model = build_segmenter()
+    model.load_state_dict(torch.load(state, weights_only=True))
+    return model.eval()
 
 
 def _report(out_root: Path, manifest: Manifest) -> None:
