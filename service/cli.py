@@ -106,6 +106,11 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
+        # h11, even where httptools is installed (uvicorn[standard] would pick it): h11
+        # refuses a request head over 16 KiB; uvicorn's httptools protocol buffers any size
+        # (a hostile client's endless URL or header). httptools took 14% off the server's
+        # CPU per request on the demo classifier (bench/README.md), not worth that hole.
+        http="h11",
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
     )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -53,6 +55,36 @@ def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, phot
     assert any(line.get("request_id") == "from-the-test" for line in lines)
     messages = [line["message"] for line in lines]
     assert "models ready" in messages and "shut down" in messages
+
+
+def _send_head(base_url: str, head: bytes) -> bytes:
+    """Send `head` on a fresh connection, as far as the server reads it; its answer."""
+    address = urlsplit(base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        try:
+            for start in range(0, len(head), 1 << 14):
+                connection.sendall(head[start : start + (1 << 14)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection before the head was all sent
+        try:
+            return connection.recv(1 << 16)
+        except ConnectionResetError:
+            return b""
+
+
+@pytest.mark.parametrize("part", ["url", "header"])
+def test_a_request_head_over_the_bound_is_refused_and_others_still_served(server, part) -> None:
+    """An endless URL or header line is cut off at h11's 16 KiB head bound (uvicorn's
+    httptools protocol would buffer it all: service.cli pins h11)."""
+    filler = b"a" * (4 << 20)
+    if part == "url":
+        head = b"GET /healthz?" + filler + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: " + filler + b"\r\n\r\n"
+    answer = _send_head(server.url, head)
+    assert answer.startswith(b"HTTP/1.1 400") or answer == b"", answer[:200]
+    fine = _send_head(server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
 
 
 def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
