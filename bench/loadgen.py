@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
@@ -186,13 +187,19 @@ async def closed_loop(
 ) -> LoadResult:
     """`concurrency` clients, each POSTing `image` (a raw image/jpeg body) to `url``path`
     and waiting for the answer, for `seconds` or `limit` requests in all; the latencies
-    of the 200 answers, the other statuses counted."""
+    of the 200 answers, the other statuses counted.
+
+    The clients are aiohttp's: on the same cores as the server they measure, they take
+    0.6 ms of CPU per request where httpx's took 2.6 (bench/README.md, server efficiency).
+    """
     headers = {"content-type": "image/jpeg"}
+    query = {key: str(value) for key, value in params.items()}
     latencies: list[float] = []
     errors: dict[int, int] = {}
     issued = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
         started = time.perf_counter()
         stop_at = started + seconds
 
@@ -201,11 +208,13 @@ async def closed_loop(
             while time.perf_counter() < stop_at and issued < limit:
                 issued += 1
                 sent = time.perf_counter()
-                response = await client.post(path, params=params, content=image, headers=headers)
-                if response.status_code == 200:
+                async with client.post(path, params=query, data=image, headers=headers) as answer:
+                    await answer.read()
+                    status = answer.status
+                if status == 200:
                     latencies.append(time.perf_counter() - sent)
                 else:
-                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
+                    errors[status] = errors.get(status, 0) + 1
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
