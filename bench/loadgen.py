@@ -34,6 +34,7 @@ import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from hornet_bundle import load_bundle
 from service.engines import create_engine
@@ -109,20 +110,42 @@ def raw_engine_throughput(
 RAW_CPU_MS: dict[str, float] = {}
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds so far of process `pid`, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants now (/proc, Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of the processes among `pids` still running."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def server_counters(url: str) -> dict[str, float]:
     """The server's batch and engine-time counters, summed over its models (/metrics)."""
     wanted = ("hornet_batch_size_sum", "hornet_batch_size_count", "hornet_engine_seconds_sum")
     totals = dict.fromkeys(wanted, 0.0)
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        name = line.partition("{")[0].partition(" ")[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
     return totals
 
 
@@ -300,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
     counters = server_counters(url)
     counters["client_cpu"] = time.process_time()
-    counters["server_cpu"] = process_cpu_seconds(process.pid) if process else float("nan")
+    counters["server_cpu"] = cpu_seconds([process.pid]) if process else float("nan")
     return counters
 
 

@@ -62,6 +62,8 @@ from loadgen import (  # noqa: E402
     LoadResult,
     add_server_arguments,
     closed_loop,
+    cpu_seconds,
+    process_tree,
     server_flags,
     serving,
     test_image,
@@ -147,33 +149,6 @@ def check_stock_transform(bundle: Path) -> None:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants now (/proc, Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time so far of the processes among `pids` still running."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid: int) -> bool:
