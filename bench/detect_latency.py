@@ -277,6 +277,8 @@ def measure(found: dict, photos: dict[str, Path], rounds: int) -> dict:
     system, the systems' order rotating. Returns wall and CPU seconds
     [system][photo] (one per round), the first round's answers, and each process's
     memory once loaded."""
+    from loadgen import cpu_seconds  # needs the project environment, where this runs
+
     names = list(found)
     loaded = {name: memory_of(pid) for name, (_, pid) in found.items()}
     first = next(iter(photos.values()))
@@ -292,22 +294,16 @@ def measure(found: dict, photos: dict[str, Path], rounds: int) -> dict:
         for photo, path in photos.items():
             for name in order:
                 detect, pid = found[name]
-                start, cpu_start = time.perf_counter(), cpu_seconds(pid)
+                start, cpu_start = time.perf_counter(), cpu_seconds([pid])
                 answer = detect(path)
                 wall[name][photo].append(time.perf_counter() - start)
-                cpu[name][photo].append(cpu_seconds(pid) - cpu_start)
+                cpu[name][photo].append(cpu_seconds([pid]) - cpu_start)
                 answers[photo].setdefault(name, answer["scores"])
             took = ", ".join(
                 f"{n} {wall[n][photo][-1]:.1f} s (CPU {cpu[n][photo][-1]:.1f} s)" for n in order
             )
             print(f"round {r + 1}, {photo}: {took}", flush=True)
     return {"wall": wall, "cpu": cpu, "answers": answers, "loaded": loaded}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads so far (/proc, Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(measured: dict, peaks: dict) -> None:

@@ -4,13 +4,21 @@ raw engine throughput of the same bundle measured in the same run.
     python bench/loadgen.py --model-dir bundles/hornet_tiny_7x7 --concurrency 1,4,8,16
 
 Steps, one after the other so they do not compete for the CPU:
-  1. raw engine: the bundle's ONNX engine, exactly as the service builds it, run on
-     preprocessed inputs at batch sizes 1..max-batch-size; the best images/s is kept;
-  2. the server: `python -m service` started on a free loopback port (or --url of one
+  1. the server: `python -m service` started on a free loopback port (or --url of one
      already running, loopback only), then warmed up;
+  2. raw engine: the bundle's engine, exactly as the service builds it, run on
+     preprocessed inputs at batch sizes 1..max-batch-size, ONNX Runtime's thread spinning
+     off and on, in this process while the server is paused (SIGSTOP; one started here);
   3. for each concurrency: that many client tasks, each POSTing the image and waiting for
      its answer, for --duration seconds or --requests requests, whichever ends first.
 The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
+
+With --rounds N, steps 2 and 3 repeat N times, so that each server figure has raw engine
+figures measured next to it in time (a shared host's speed drifts by 10% or more within
+minutes). The summary then takes as the reference the raw configuration with the highest
+median over the rounds, not the single luckiest measurement (the best of ten noisy
+figures overstates the engine), and prints the median and range of the per-round ratios
+of the server to that configuration measured in the same round.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import io
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -274,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="request cap per level")
     parser.add_argument("--engine-seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--image-size", default="384x256", help="upload WxH (JPEG)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="raw engine + load levels, repeated (see above)"
+    )
     add_server_arguments(parser)
     return parser.parse_args(argv)
 
@@ -291,33 +303,79 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
           f"cpus {os.cpu_count()}  {args.engine} {args.device}/{args.precision}  "
           f"engine/decode threads {args.engine_threads}/{args.decode_threads}")  # fmt: skip
-    raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
-    best_batch = max(raw, key=raw.get)
-    print("raw engine images/s by batch: "
-          + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
-          + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
-
+    raws: list[dict[str, float]] = []
+    served: dict[int, list[float]] = {level: [] for level in levels}
     with serving(args.url, server_flags(args)) as (url, process):
         asyncio.run(warm(url, image, args.model))
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
               f"spinning {args.engine_spinning}")  # fmt: skip
-        print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}  where the CPU went")  # fmt: skip
-        for level in levels:
-            before = _accounting(url, process)
-            result = asyncio.run(
-                run_load(url, image, args.model, level, args.duration, args.requests)
-            )
-            spent = {k: v - before[k] for k, v in _accounting(url, process).items()}
-            errors = ",".join(f"{k}:{v}" for k, v in sorted(result.errors.items())) or "-"
-            print(
-                f"{level:>5} {result.ok:>6} {errors:>10} {result.throughput:>8.1f} "
-                f"{result.percentile(50):>8.1f} {result.percentile(95):>8.1f} "
-                f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}  "
-                + _where(spent, result, RAW_CPU_MS[best_batch])
-            )
+        for round_ in range(1, args.rounds + 1):
+            with paused(process):
+                raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
+            raws.append(raw)
+            best_batch = max(raw, key=raw.get)
+            print(("" if args.rounds == 1 else f"round {round_}: ")
+                  + "raw engine images/s by batch: "
+                  + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
+                  + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
+            print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
+                  f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}  where the CPU went")  # fmt: skip
+            for level in levels:
+                before = _accounting(url, process)
+                result = asyncio.run(
+                    run_load(url, image, args.model, level, args.duration, args.requests)
+                )
+                spent = {k: v - before[k] for k, v in _accounting(url, process).items()}
+                served[level].append(result.throughput)
+                errors = ",".join(f"{k}:{v}" for k, v in sorted(result.errors.items())) or "-"
+                print(
+                    f"{level:>5} {result.ok:>6} {errors:>10} {result.throughput:>8.1f} "
+                    f"{result.percentile(50):>8.1f} {result.percentile(95):>8.1f} "
+                    f"{result.percentile(99):>8.1f} {result.throughput / raw[best_batch]:>9.3f}  "
+                    + _where(spent, result, RAW_CPU_MS[best_batch])
+                )
+    if args.rounds > 1:
+        print(summary(raws, served))
     return 0
+
+
+def summary(raws: list[dict[str, float]], served: dict[int, list[float]]) -> str:
+    """The reference configuration (highest median raw images/s over the rounds) and, per
+    concurrency, the median and range of server / that configuration in the same round."""
+    medians = {key: float(np.median([raw[key] for raw in raws])) for key in raws[0]}
+    reference = max(medians, key=medians.get)
+    lines = [
+        f"over {len(raws)} rounds: raw engine medians "
+        + "  ".join(f"{k}={v:.1f}" for k, v in medians.items())
+        + f"  (reference {reference} = {medians[reference]:.1f})"
+    ]
+    for level, throughputs in served.items():
+        ratios = [t / raw[reference] for t, raw in zip(throughputs, raws, strict=True)]
+        luckiest = [t / max(raw.values()) for t, raw in zip(throughputs, raws, strict=True)]
+        lines.append(
+            f"conc {level}: server {np.median(throughputs):.1f} img/s (median), vs {reference} "
+            f"in the same round {np.median(ratios):.3f} (median; {min(ratios):.3f}-"
+            f"{max(ratios):.3f}), vs the best single raw figure of each round "
+            f"{np.median(luckiest):.3f}"
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def paused(process: subprocess.Popen | None) -> Iterator[None]:
+    """The server's processes stopped (SIGSTOP) for the block, so an idle server's timers
+    take nothing from the raw engine; a server not started here runs on."""
+    pids = process_tree(process.pid) if process is not None else []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:

@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from loadgen import serving
+from loadgen import cpu_seconds, serving
 from PIL import Image
 
 from model_export.demo import shapes
@@ -652,18 +652,9 @@ async def sample_server(
         mb = read_rss_mb(pid) if pid is not None else None
         if mb is not None:
             rss.append((at, mb))
-        cpu = process_cpu_seconds(pid) if pid is not None else None
+        cpu = cpu_seconds([pid]) if pid is not None else None
         load.append((at, os.getloadavg()[0], cpu))
         await asyncio.sleep(RSS_INTERVAL_S)
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_traffic(
@@ -678,7 +669,7 @@ async def run_traffic(
     limits = httpx.Limits(
         max_connections=args.concurrency, max_keepalive_connections=args.concurrency
     )
-    server_cpu = process_cpu_seconds(pid) if pid is not None else None
+    server_cpu = cpu_seconds([pid]) if pid is not None else None
     client_cpu = time.process_time()
     async with httpx.AsyncClient(base_url=soak.url, timeout=120, limits=limits) as client:
         soak.started = time.perf_counter()
@@ -691,7 +682,7 @@ async def run_traffic(
         tasks.append(sample_server(pid, soak, stop_at, rss, load))
         await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - soak.started
-    server_end = process_cpu_seconds(pid) if pid is not None else None
+    server_end = cpu_seconds([pid]) if pid is not None else None
     cpu = {
         "wall_s": round(elapsed, 1),
         "client_s": round(time.process_time() - client_cpu, 1),
