@@ -204,23 +204,14 @@ def _manifest_fields(model, options: ExportOptions, labels, mode: str, opset: in
     )
     return identity | {
         "inputs": [fields.image_input([-1, -1, 3], "one RGB image, 0-255, any size")],
-        "outputs": [
+        "outputs": fields.detection_outputs(
+            "x1, y1, x2, y2 in input pixels",
             {
-                "name": "boxes",
-                "dtype": "float32",
-                "shape": [-1, 4],
-                "description": "x1, y1, x2, y2 in input pixels",
-            },
-            {"name": "labels", "dtype": "int64", "shape": [-1], "description": "index into labels"},
-            {"name": "scores", "dtype": "float32", "shape": [-1]},
-            {
-                "name": "masks",
-                "dtype": "float32",
                 "shape": [-1, 1, -1, -1],
                 "layout": "NCHW",
                 "description": "mask probabilities pasted at image size; 0.5 threshold",
             },
-        ],
+        ),
         "preprocess": detection_preprocess(cfg, model),
         "labels": labels,
         "engines": [fields.onnx_engine(ONNX_FP32, "fp32", mode)],

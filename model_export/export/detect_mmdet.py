@@ -139,25 +139,16 @@ def _manifest_fields(model, options: ExportOptions, labels, mode: str, opset: in
                 [-1, -1, 3], "one RGB image, 0-255, fitted to `scale` on the host (OpenCV)"
             )
         ],
-        "outputs": [
+        "outputs": fields.detection_outputs(
+            "x1, y1, x2, y2 in the input's pixels",
             {
-                "name": "boxes",
-                "dtype": "float32",
-                "shape": [-1, 4],
-                "description": "x1, y1, x2, y2 in the input's pixels",
-            },
-            {"name": "labels", "dtype": "int64", "shape": [-1], "description": "index into labels"},
-            {"name": "scores", "dtype": "float32", "shape": [-1]},
-            {
-                "name": "masks",
-                "dtype": "float32",
                 "shape": [-1, MASK_SIZE, MASK_SIZE],
                 "description": (
                     "per detection, its label's mask probabilities over its box; pasted "
                     "onto the image on the host (mmdet's _do_paste_mask), 0.5 threshold"
                 ),
             },
-        ],
+        ),
         "preprocess": cfg.preprocess(),
         "labels": labels,
         "engines": [fields.onnx_engine(ONNX_FP32, "fp32", mode)],

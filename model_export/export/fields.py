@@ -95,6 +95,17 @@ def image_input(shape: list[int], description: str) -> dict:
     }
 
 
+def detection_outputs(boxes: str, masks: dict) -> list[dict]:
+    """The detection graphs' outputs: boxes (`boxes` says in which pixels), labels,
+    scores, and masks (`masks`: shape, layout, description; they differ by exporter)."""
+    return [
+        {"name": "boxes", "dtype": "float32", "shape": [-1, 4], "description": boxes},
+        {"name": "labels", "dtype": "int64", "shape": [-1], "description": "index into labels"},
+        {"name": "scores", "dtype": "float32", "shape": [-1]},
+        {"name": "masks", "dtype": "float32", **masks},
+    ]
+
+
 def onnx_engine(
     file: str, precision: str, gf_mode: str, batch: tuple[int, int, int] | None = None
 ) -> dict:
