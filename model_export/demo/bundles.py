@@ -45,7 +45,7 @@ class DemoBundle:
     parity_sizes: tuple[tuple[int, int], ...] = ()
 
 
-# By task, in the order they are built: the segmenter's trunk starts the other two.
+# By task, in the order they are built: the segmenter's trunk starts the detector.
 BUNDLES = {
     bundle.task: bundle
     for bundle in (
@@ -94,6 +94,8 @@ def training_record(bundle: DemoBundle, trained: Trained, seconds: float) -> dic
         "lr": recipe.lr,
         "data_seed": recipe.data_seed,
         "torch_seed": recipe.torch_seed,
+        **({"pool": recipe.pool} if recipe.pool else {}),
+        **({"aux_weight": recipe.aux_weight} if recipe.aux_weight else {}),
         "final_loss": round(trained.final_loss, 5),
         "train_seconds": round(seconds, 1),
         "torch_threads": THREADS,

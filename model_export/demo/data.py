@@ -58,16 +58,21 @@ def augment(images: torch.Tensor, rng: np.random.Generator, *targets: torch.Tens
     return (images, *(torch.rot90(t, turns, (-2, -1)) for t in targets))
 
 
-def classification_batch(
+def classification_pool(
     rng: np.random.Generator, preprocess: Preprocess, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """`size` one-shape images through the service's classification preprocessing."""
-    crops, labels = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`size` one-shape images through the service's classification preprocessing, their
+    labels and their class masks resized the same way (nearest): uint8 (N, H, W, 3),
+    int64 (N,), uint8 (N, H, W) with 0 background and 1 + label on the shape."""
+    height, width = preprocess.input_size
+    crops, labels, masks = [], [], []
     for _ in range(size):
         scene = training_scene(rng, single=True)
         crops.append(classification_input(Image.fromarray(scene.image), preprocess))
         labels.append(int(scene.labels[0]))
-    return np.stack(crops), np.array(labels, dtype=np.int64)
+        mask = Image.fromarray(scene.class_mask).resize((width, height), Image.Resampling.NEAREST)
+        masks.append(np.asarray(mask))
+    return np.stack(crops), np.array(labels, dtype=np.int64), np.stack(masks)
 
 
 def segmentation_tile(

@@ -22,17 +22,26 @@ class Recipe:
     lr: float
     data_seed: int
     torch_seed: int
+    # Samples drawn once before training and sampled with replacement at each step (0:
+    # fresh samples every step). Drawing a repainted image costs more than a step of the
+    # tiny classifier, so a pool lets the same CPU time take many more steps.
+    pool: int = 0
+    # Weight of the auxiliary per-pixel losses on the classifier's trunk (see
+    # training.train_classifier); 0: none.
+    aux_weight: float = 0.0
 
 
 CLASSIFY = Recipe(
     name="shapes_classify",
     variant="hornet_tiny_gf",
     overrides=dict(base_dim=16, depths=(1, 1, 2, 1), image_size=64),
-    steps=4000,
-    batch=32,
-    lr=1e-3,
+    steps=7000,
+    batch=64,
+    lr=2e-3,
     data_seed=1001,
     torch_seed=11,
+    pool=24000,
+    aux_weight=0.5,
 )
 SEGMENT = Recipe(
     name="shapes_segment",
@@ -43,11 +52,12 @@ SEGMENT = Recipe(
     overrides=dict(
         base_dim=16, depths=(1, 1, 1, 1), channels=32, image_size=96, fusion_proj_out=False
     ),
-    steps=6000,
+    steps=8000,
     batch=12,
     lr=3e-3,
     data_seed=2002,
     torch_seed=22,
+    pool=30000,
 )
 DETECT = Recipe(
     name="shapes_detect",
@@ -78,6 +88,9 @@ DETECT_TRAINING = dict(
 # Background pixels outnumber shape pixels several times; halving their loss weight keeps
 # the segmenter working on telling the shapes apart.
 SEG_BACKGROUND_WEIGHT = 0.5
+# The same for the classifier's auxiliary per-pixel losses, where one shape of up to a
+# few hundred pixels lies on thousands of background ones.
+AUX_BACKGROUND_WEIGHT = 0.3
 # Images are fitted into this (long, short) scale as mmseg's keep-ratio Resize does: the
 # short side mostly lands on 96, the tile's side, so shapes (radius 9-20% of the short
 # side) come out 17-38 px across, the sizes the classifier also learns from, and tiles

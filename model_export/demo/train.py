@@ -51,15 +51,15 @@ def main(argv: list[str] | None = None) -> None:
         "--only",
         nargs="+",
         choices=sorted(BUNDLES),
-        help="build these bundles only (classify and detect start from the segmenter's "
-        "trunk: it is trained first unless segment is built in the same run)",
+        help="build these bundles only (detect starts from the segmenter's trunk: it is "
+        "trained first unless segment is built in the same run)",
     )
     parser.add_argument(
         "--segmenter-state",
         type=Path,
         help="the segmenter's weights: saved here when it is trained in this run, loaded "
-        "from here (weights only) instead of training it again when classify or detect is "
-        "built alone, so the two can train in separate processes",
+        "from here (weights only) instead of training it again when detect is built "
+        "alone, so the two can train in separate processes",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     segmenter = None
     for task in tasks:
         trunk = None
-        if task in ("detect", "classify"):
+        if task == "detect":
             # Single-threaded training repeats exactly, so this is the shipped segmenter's
             # trunk whether it was trained in this run or is trained again here.
             segmenter = segmenter or _segmenter(args.segmenter_state)

@@ -16,7 +16,7 @@ from torch import nn
 from hornet_bundle import Preprocess
 from model_export.demo.data import (
     augment,
-    classification_batch,
+    classification_pool,
     detection_sample,
     normalise,
     segmentation_tile,
@@ -27,7 +27,14 @@ from model_export.demo.models import (
     build_segmenter,
     transfer_trunk,
 )
-from model_export.demo.recipes import CLASSIFY, DETECT, SEG_BACKGROUND_WEIGHT, SEGMENT, Recipe
+from model_export.demo.recipes import (
+    AUX_BACKGROUND_WEIGHT,
+    CLASSIFY,
+    DETECT,
+    SEG_BACKGROUND_WEIGHT,
+    SEGMENT,
+    Recipe,
+)
 from model_export.demo.shapes import CLASS_NAMES
 
 Log = Callable[[str], None]
@@ -104,33 +111,73 @@ def _start_from(trunk: nn.Module | None, target: nn.Module, recipe: Recipe, log:
 def train_classifier(
     recipe: Recipe = CLASSIFY, log: Log = print, trunk: nn.Module | None = None
 ) -> Trained:
+    """From scratch (or from `trunk`), on a pool of `recipe.pool` repainted one-shape
+    images drawn before the first step.
+
+    Besides the classification loss, the trunk's last three stages each get a 1x1
+    convolution predicting every pixel's class (background or the shape's) from the
+    image's class mask, upsampled, weighted by `recipe.aux_weight`: the per-pixel
+    targets say where the shape is, which the image's one label does not. With
+    photographs and textures behind the shapes, the tiny classifier trained on labels
+    alone stayed near chance (loss 1.07 of 1.10 after 800 steps of 64); with these losses
+    it reached 0.83 on the second renderer's images after 2500 steps. The convolutions
+    exist only for training: the model exported is the classifier alone.
+    """
     rng, model = _seeded(recipe, build_classifier)
     _start_from(trunk, model, recipe, log)
+    heads = nn.ModuleList(nn.Conv2d(dim, len(CLASS_NAMES) + 1, 1) for dim in model.dims[1:])
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
+    started = time.perf_counter()
+    images, labels, masks = classification_pool(rng, preprocess, recipe.pool)
+    log(f"{recipe.name}: {len(images)} samples drawn in {time.perf_counter() - started:.0f} s")
+    pixel_weight = torch.tensor([AUX_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
 
     def loss_of_step(step: int) -> torch.Tensor:
-        crops, labels = classification_batch(rng, preprocess, recipe.batch)
-        x = normalise(crops, cfg.mean, cfg.std, 1)
-        (x,) = augment(x, rng)
-        return F.cross_entropy(model(x), torch.from_numpy(labels), label_smoothing=0.05)
+        pick = rng.integers(len(images), size=recipe.batch)
+        x = normalise(images[pick], cfg.mean, cfg.std, 1)
+        x, pixels = augment(x, rng, torch.from_numpy(masks[pick]).long())
+        stages = model.forward_stages(x)
+        loss = F.cross_entropy(
+            model.forward_head(stages[-1]), torch.from_numpy(labels[pick]), label_smoothing=0.05
+        )
+        for head, features in zip(heads, stages[1:], strict=True):
+            guess = F.interpolate(head(features), size=pixels.shape[-2:], mode="bilinear")
+            loss = loss + recipe.aux_weight * F.cross_entropy(guess, pixels, weight=pixel_weight)
+        return loss
 
-    return Trained(model, _run_steps(model, recipe, loss_of_step, log))
+    trainable = nn.ModuleDict({"model": model, "heads": heads})
+    return Trained(model, _run_steps(trainable, recipe, loss_of_step, log))
 
 
 def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
-    """From scratch: its trunk is the one that starts the other two."""
+    """From scratch: its trunk is the one that starts the detector. With `recipe.pool`,
+    on that many tiles drawn before the first step."""
     rng, model = _seeded(recipe, build_segmenter)
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
+    weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
+    if recipe.pool:
+        started = time.perf_counter()
+        tiles, targets = (
+            np.stack(a)
+            for a in zip(
+                *(segmentation_tile(rng, preprocess) for _ in range(recipe.pool)), strict=True
+            )
+        )
+        log(f"{recipe.name}: {len(tiles)} tiles drawn in {time.perf_counter() - started:.0f} s")
+
+    def batch() -> tuple[np.ndarray, np.ndarray]:
+        if recipe.pool:
+            pick = rng.integers(len(tiles), size=recipe.batch)
+            return tiles[pick], targets[pick]
+        drawn = zip(*(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)), strict=True)
+        return tuple(np.stack(a) for a in drawn)
 
     def loss_of_step(step: int) -> torch.Tensor:
-        tiles, targets = zip(
-            *(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)), strict=True
-        )
-        x = normalise(np.stack(tiles), cfg.mean, cfg.std, preprocess.pixel_range)
-        x, y = augment(x, rng, torch.from_numpy(np.stack(targets)).long())
-        weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
+        images, masks = batch()
+        x = normalise(images, cfg.mean, cfg.std, preprocess.pixel_range)
+        x, y = augment(x, rng, torch.from_numpy(masks).long())
         return F.cross_entropy(model(x), y, weight=weight, ignore_index=255)
 
     return Trained(model, _run_steps(model, recipe, loss_of_step, log))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from hornet_bundle import Preprocess
+from hornet_bundle.preprocess import classification_input
 from model_export.demo.appearance import repaint
 from model_export.demo.data import (
     MAX_ASPECT,
-    classification_batch,
+    classification_pool,
     detection_sample,
     segmentation_tile,
     training_scene,
@@ -39,11 +41,24 @@ def test_segmentation_tiles_are_the_graph_input_size_with_aligned_targets() -> N
         assert (tile[padding] == 0).all()
 
 
-def test_classification_batch_is_the_service_crop() -> None:
+def test_classification_pool_is_the_service_crop_with_its_class_masks() -> None:
     preprocess = _preprocess(build_classifier())
-    crops, labels = classification_batch(np.random.default_rng(1), preprocess, 6)
+    crops, labels, masks = classification_pool(np.random.default_rng(1), preprocess, 6)
     assert crops.shape == (6, *preprocess.input_size, 3) and crops.dtype == np.uint8
-    assert set(labels.tolist()) <= {0, 1, 2}
+    assert masks.shape == (6, *preprocess.input_size) and masks.dtype == np.uint8
+    # Replayed from the same seed: each sample is a training scene through the service's
+    # classification preprocessing, its class mask resized the same way (nearest).
+    rng = np.random.default_rng(1)
+    for crop, label, mask in zip(crops, labels, masks, strict=True):
+        scene = training_scene(rng, single=True)
+        assert label == scene.labels[0]
+        expected = classification_input(Image.fromarray(scene.image), preprocess)
+        assert np.array_equal(crop, expected)
+        assert set(np.unique(mask)) <= {0, label + 1}
+        resized = Image.fromarray(scene.class_mask).resize(
+            mask.shape[::-1], Image.Resampling.NEAREST
+        )
+        assert np.array_equal(mask, np.asarray(resized))
 
 
 def test_detection_targets_follow_torchvision_conventions() -> None:
