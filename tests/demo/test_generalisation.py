@@ -4,7 +4,8 @@
 The floors are today's figures rounded down, so a rebuild cannot make the models worse
 on shapes drawn by other code; P12 asks for accuracy 0.97, mean IoU 0.85, recall 0.9
 and at most 10% false detections at score 0.5, which the shipped bundles do not reach
-yet (they were trained before `model_export.demo.appearance`).
+yet (the classifier measures 0.947; the segmenter and the detector were trained before
+`model_export.demo.appearance`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def figures() -> Figures:
 
 
 def test_classification_accuracy_holds_its_floor(figures: Figures) -> None:
-    assert figures.accuracy >= 0.5
+    assert figures.accuracy >= 0.93
 
 
 def test_segmentation_mean_iou_holds_its_floor(figures: Figures) -> None:
