@@ -5,7 +5,8 @@ ONNX Runtime, behind LitServe's own batching, answering a raw image body with it
 
 The transform is our service's for the bundle (Pillow decode, EXIF orientation, RGB,
 `hornet_bundle.preprocess.classification_input` from the manifest), the session has our
-server's settings (`--threads` intra-op threads, one inter-op, spinning as asked), and
+server's settings (`--threads` intra-op threads, one inter-op, spinning during runs and
+between them only with `--spinning`), and
 LitServe batches up to `--max-batch-size` requests for `--batch-timeout` seconds in one
 inference worker, which decodes them one by one, stacks them (LitAPI's default `batch`)
 and runs them as one batch. LitServe parses only JSON or form bodies by itself; the raw
@@ -44,7 +45,10 @@ class HorNetClassifier(ls.LitAPI):
         self.preprocess, self.labels = bundle.manifest.preprocess, bundle.manifest.labels
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spinning)))
+        # As ours: threads spin during a run, and between runs only when asked.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        stop = "0" if self.spinning else "1"
+        options.add_session_config_entry("session.force_spinning_stop", stop)
         graph = bundle.file(bundle.manifest.engine_for("onnx", self.precision).file)
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -74,7 +78,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--precision", default="fp32", help="the bundle's ONNX graph to serve")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--spinning", action="store_true", help="intra-op threads spin")
+    parser.add_argument(
+        "--spinning", action="store_true", help="intra-op threads spin between runs too"
+    )
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
     args = parser.parse_args()

@@ -57,11 +57,12 @@ class OnnxRuntimeEngine:
                 "(install onnxruntime-gpu for CUDA/TensorRT)"
             )
         options = ort.SessionOptions()
-        # Spinning intra-op threads keep the cores busy between runs, starving the
-        # decoding threads and the event loop that share them; off unless asked for.
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if spinning else "0"
-        )
+        # Intra-op threads spin while a run is in progress (the hand-off between the
+        # threads of each operator is then immediate) and, unless `spinning`, stop as
+        # soon as it returns, so they do not take the cores from the decoding threads and
+        # the event loop between runs. bench/README.md, "Server efficiency", measured it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "0" if spinning else "1")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -124,7 +124,11 @@ class Settings(BaseSettings):
         ge=0,
         description="refuse images whose longer side is over R times the shorter with 413; 0 = any",
     )
-    engine_spinning: bool = Field(False, description="let ONNX Runtime threads spin between runs")
+    engine_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's threads spin between runs too (off: they spin "
+        "during a run only)",
+    )
     drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown bound in seconds")
     log_level: str = Field("info", description="log level")
     api_keys: Annotated[list[SecretStr], NoDecode, Flag("--api-key", metavar="KEY")] = Field(

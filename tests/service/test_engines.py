@@ -76,3 +76,18 @@ def test_cuda_provider_keeps_fp32_unless_tf32_is_asked_for() -> None:
     assert cuda_options(load_settings(["--device", "cuda"])) == {"use_tf32": 0}
     assert cuda_options(load_settings(["--device", "cuda", "--cuda-tf32"])) == {"use_tf32": 1}
     assert _ort_providers("cpu", False, "fp32", None, True) == [("CPUExecutionProvider", {})]
+
+
+@pytest.mark.parametrize(("spinning", "stop"), [(False, "1"), (True, "0")])
+def test_onnxruntime_threads_spin_during_runs_and_stop_after_them_unless_asked(
+    classifier_dir, spinning: bool, stop: str
+) -> None:
+    """Spinning speeds the hand-off between a run's threads; between runs it would take
+    the cores from decoding, so it stops when a run returns unless --engine-spinning."""
+    engine = create_engine(load_bundle(classifier_dir), Settings(engine_spinning=spinning))
+    try:
+        options = engine._session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == stop
+    finally:
+        engine.close()
