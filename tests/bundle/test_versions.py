@@ -1,5 +1,6 @@
-"""Manifests of schema version 1 (the shipped demo bundles among them) still load, read
-as version 2; a version this reader does not know is refused, naming what it reads."""
+"""Manifests of schema version 1 (the shipped segment and detect demo bundles, and the
+demo classifier's as shipped until 2026-12-02, kept in tests/bundle/data) still load,
+read as version 2; a version this reader does not know is refused, naming what it reads."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import pytest
 from hornet_bundle import SCHEMA_VERSION, BundleError, Manifest, load_bundle
 
 DEMO_BUNDLES = Path(__file__).resolve().parents[2] / "service" / "demo_bundles"
+V1_MANIFESTS = {
+    "classify": Path(__file__).parent / "data" / "shapes_classify_v1_manifest.json",
+    "segment": DEMO_BUNDLES / "shapes_segment" / "manifest.json",
+    "detect": DEMO_BUNDLES / "shapes_detect" / "manifest.json",
+}
 
 
 def _v1(task: str) -> dict:
-    raw = json.loads((DEMO_BUNDLES / f"shapes_{task}" / "manifest.json").read_text())
+    raw = json.loads(V1_MANIFESTS[task].read_text())
     assert raw["schema_version"] == 1  # the shipped form this test guards
     return raw
 
