@@ -32,8 +32,9 @@ def transfer_trunk(source: nn.Module, target: nn.Module) -> list[str]:
 
     The segmenter's and the detector's trunks are the same tiny HorNet-7x7, and the
     classifier's first two stages (7x7 in HorNet-GF too) and its 1x1 projections match
-    them, so the segmenter's trunk (trained on dense, pixel-exact labels, the richest
-    signal) starts both.
+    them. The segmenter's trunk (trained on dense, pixel-exact labels, the richest
+    signal) starts the detector; the classifier could take it too, but trains from
+    scratch with per-pixel losses of its own (`training.train_classifier`).
     """
     theirs = source.state_dict()
     ours = target.state_dict()
