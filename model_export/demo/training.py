@@ -108,6 +108,24 @@ def _start_from(trunk: nn.Module | None, target: nn.Module, recipe: Recipe, log:
         log(f"{recipe.name}: {len(copied)} tensors from the segmenter")
 
 
+def _batches(
+    recipe: Recipe, rng: np.random.Generator, draw: Callable[[int], tuple], log: Log
+) -> Callable[[], tuple]:
+    """A step's batch: `draw(recipe.batch)` fresh arrays, or with `recipe.pool` rows
+    picked (with replacement) from `draw(recipe.pool)`, drawn once here."""
+    if not recipe.pool:
+        return lambda: draw(recipe.batch)
+    started = time.perf_counter()
+    pool = draw(recipe.pool)
+    log(f"{recipe.name}: {recipe.pool} samples drawn in {time.perf_counter() - started:.0f} s")
+
+    def picked() -> tuple:
+        pick = rng.integers(recipe.pool, size=recipe.batch)
+        return tuple(a[pick] for a in pool)
+
+    return picked
+
+
 def train_classifier(
     recipe: Recipe = CLASSIFY, log: Log = print, trunk: nn.Module | None = None
 ) -> Trained:
@@ -128,18 +146,16 @@ def train_classifier(
     heads = nn.ModuleList(nn.Conv2d(dim, len(CLASS_NAMES) + 1, 1) for dim in model.dims[1:])
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
-    started = time.perf_counter()
-    images, labels, masks = classification_pool(rng, preprocess, recipe.pool)
-    log(f"{recipe.name}: {len(images)} samples drawn in {time.perf_counter() - started:.0f} s")
+    batch = _batches(recipe, rng, lambda n: classification_pool(rng, preprocess, n), log)
     pixel_weight = torch.tensor([AUX_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
 
     def loss_of_step(step: int) -> torch.Tensor:
-        pick = rng.integers(len(images), size=recipe.batch)
-        x = normalise(images[pick], cfg.mean, cfg.std, 1)
-        x, pixels = augment(x, rng, torch.from_numpy(masks[pick]).long())
+        images, labels, masks = batch()
+        x = normalise(images, cfg.mean, cfg.std, 1)
+        x, pixels = augment(x, rng, torch.from_numpy(masks).long())
         stages = model.forward_stages(x)
         loss = F.cross_entropy(
-            model.forward_head(stages[-1]), torch.from_numpy(labels[pick]), label_smoothing=0.05
+            model.forward_head(stages[-1]), torch.from_numpy(labels), label_smoothing=0.05
         )
         for head, features in zip(heads, stages[1:], strict=True):
             guess = F.interpolate(head(features), size=pixels.shape[-2:], mode="bilinear")
@@ -157,22 +173,12 @@ def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
     weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
-    if recipe.pool:
-        started = time.perf_counter()
-        tiles, targets = (
-            np.stack(a)
-            for a in zip(
-                *(segmentation_tile(rng, preprocess) for _ in range(recipe.pool)), strict=True
-            )
-        )
-        log(f"{recipe.name}: {len(tiles)} tiles drawn in {time.perf_counter() - started:.0f} s")
 
-    def batch() -> tuple[np.ndarray, np.ndarray]:
-        if recipe.pool:
-            pick = rng.integers(len(tiles), size=recipe.batch)
-            return tiles[pick], targets[pick]
-        drawn = zip(*(segmentation_tile(rng, preprocess) for _ in range(recipe.batch)), strict=True)
-        return tuple(np.stack(a) for a in drawn)
+    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
+        tiles = zip(*(segmentation_tile(rng, preprocess) for _ in range(count)), strict=True)
+        return tuple(np.stack(a) for a in tiles)
+
+    batch = _batches(recipe, rng, draw, log)
 
     def loss_of_step(step: int) -> torch.Tensor:
         images, masks = batch()
