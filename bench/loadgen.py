@@ -7,8 +7,9 @@ Steps, one after the other so they do not compete for the CPU:
   1. the server: `python -m service` started on a free loopback port (or --url of one
      already running, loopback only), then warmed up;
   2. raw engine: the bundle's engine, exactly as the service builds it, run on
-     preprocessed inputs at batch sizes 1..max-batch-size, ONNX Runtime's thread spinning
-     off and on, in this process while the server is paused (SIGSTOP; one started here);
+     preprocessed inputs at batch sizes 1..max-batch-size, ONNX Runtime's threads
+     spinning during runs only (as the service's do) and between runs too (`+spin`), in
+     this process while the server is paused (SIGSTOP; one started here);
   3. for each concurrency: that many client tasks, each POSTing the image and waiting for
      its answer, for --duration seconds or --requests requests, whichever ends first.
 The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
@@ -90,8 +91,9 @@ def test_image(size: tuple[int, int]) -> bytes:
 def raw_engine_throughput(
     model_dir: Path, image: bytes, settings: Settings, seconds: float
 ) -> dict[str, float]:
-    """images/s of the bare engine per batch size, ONNX Runtime thread spinning off and on,
-    on the image as the service prepares it: the best of these is the reference."""
+    """images/s of the bare engine per batch size, ONNX Runtime's threads spinning during
+    runs only and between runs too (`+spin`), on the image as the service prepares it:
+    the best of these is the reference."""
     from service.imaging import decode_image
 
     bundle = load_bundle(model_dir)
@@ -269,7 +271,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("onnxruntime", "openvino"), default="onnxruntime")
     parser.add_argument("--decode-threads", type=int, default=0, help="0 = one per CPU")
     parser.add_argument(
-        "--engine-spinning", action="store_true", help="server's ONNX Runtime threads spin"
+        "--engine-spinning",
+        action="store_true",
+        help="server's ONNX Runtime threads spin between runs too",
     )
 
 
