@@ -23,6 +23,7 @@ from os import PathLike
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.ops import nms
 
 from model_export.checkpoint import (
     CheckpointError,
@@ -73,6 +74,12 @@ class HorNetMaskRCNN(MaskRCNN):
     arguments named in `TORCHVISION_OPTIONS` (rpn_pre_nms_top_n_train,
     box_batch_size_per_image, box_detections_per_img, ...) go to torchvision's
     MaskRCNN, the others to the HorNet backbone.
+
+    `class_agnostic_nms`: after torchvision's per-class NMS, a second NMS over all
+    classes at the same IoU threshold keeps the best-scoring of overlapping detections
+    whatever their labels (mmdet's `nms=dict(class_agnostic=True)`): for objects that
+    never overlap, one object is one detection, not one per class the head hesitates
+    between. Off by default (COCO's objects overlap).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class HorNetMaskRCNN(MaskRCNN):
         min_size: int = 800,
         max_size: int = 1333,
         box_score_thresh: float = 0.05,
+        class_agnostic_nms: bool = False,
         **kwargs,
     ) -> None:
         detector = {k: v for k, v in kwargs.items() if k in TORCHVISION_OPTIONS}
@@ -99,6 +107,19 @@ class HorNetMaskRCNN(MaskRCNN):
             **detector,
         )
         self.num_object_classes = num_classes
+        self.class_agnostic_nms = class_agnostic_nms
+
+    def forward(self, images, targets=None):
+        out = super().forward(images, targets)
+        if self.training or not self.class_agnostic_nms:
+            return out
+        threshold = self.roi_heads.nms_thresh
+        # Detections come sorted by score, so keep indices stay in that order.
+        return [
+            {key: value[keep] for key, value in detections.items()}
+            for detections in out
+            for keep in [nms(detections["boxes"], detections["scores"], threshold)]
+        ]
 
     @staticmethod
     def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:

@@ -224,6 +224,7 @@ def _manifest_fields(model, options: ExportOptions, labels, mode: str, opset: in
                 "max_size": model.transform.max_size,
                 "box_score_thresh": model.roi_heads.score_thresh,
                 "detections_per_img": model.roi_heads.detections_per_img,
+                "class_agnostic_nms": model.class_agnostic_nms,
                 "gf_mode": mode,
                 "gf_graph": "separable" if mode != "none" else "none",
             },

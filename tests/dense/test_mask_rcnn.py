@@ -99,3 +99,45 @@ def test_torchvision_options_reach_the_rpn_and_the_roi_heads() -> None:
     assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (600, 500)
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
     assert model.roi_heads.detections_per_img == 50
+
+
+def _greedy_nms(boxes: torch.Tensor, threshold: float) -> list[int]:
+    """NMS by its definition, for boxes sorted by falling score: a box stays unless an
+    earlier box that stayed overlaps it by IoU above `threshold`."""
+    kept: list[int] = []
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        area = (x2 - x1) * (y2 - y1)
+        for j in kept:
+            a1, b1, a2, b2 = boxes[j].tolist()
+            inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
+            if inter / (area + (a2 - a1) * (b2 - b1) - inter) > threshold:
+                break
+        else:
+            kept.append(i)
+    return kept
+
+
+def test_class_agnostic_nms_keeps_one_detection_per_overlapping_group() -> None:
+    model = create_model(
+        "horfpn_7x7_mask_rcnn_hornet_tiny_gf",
+        box_score_thresh=0.0,
+        rpn_post_nms_top_n_test=5,
+        **TINY_DET,
+    )
+    model = randomize_(model, seed=1).eval()
+    # Five proposals and no box regression: every class proposes the same box for a
+    # proposal, so per-class NMS keeps duplicates of a few boxes under many labels.
+    with torch.no_grad():
+        model.roi_heads.box_predictor.bbox_pred.weight.zero_()
+        model.roi_heads.box_predictor.bbox_pred.bias.zero_()
+    image = torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_class = model([image])[0]
+        model.class_agnostic_nms = True
+        agnostic = model([image])[0]
+    kept = _greedy_nms(per_class["boxes"], model.roi_heads.nms_thresh)
+    # The per-class output overlaps across labels (else the option would change nothing).
+    assert 0 < len(kept) < len(per_class["boxes"])
+    assert set(agnostic) == set(per_class)
+    for key, value in agnostic.items():
+        torch.testing.assert_close(value, per_class[key][kept], rtol=0, atol=0)
