@@ -17,7 +17,6 @@ Usage: python mmseg_reference.py OUT_DIR SEED CONFIG_NAME[,...] PHOTO.png [...]
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from mmseg.datasets.pipelines import Compose  # noqa: E402
 from mmseg.models.builder import BACKBONES, HEADS  # noqa: E402
 from mmseg.models.decode_heads import UPerHead  # noqa: E402
 from mmseg_configs import CONFIGS, tiny  # noqa: E402
+from official_hornet import OfficialHorNet  # noqa: E402
 
 from model_export.horfpn import (  # noqa: E402
     HORFPN_GF_SIZE,
@@ -49,48 +49,9 @@ from model_export.horfpn import (  # noqa: E402
     HORFPN_ORDER,
     GnConvModule,
 )
-from model_export.hornet import HorNetFeatures, gf_filter_sizes  # noqa: E402
 from tests.helpers.dense_tiny import randomize_  # noqa: E402
 
-GNCONV = re.compile(
-    r"partial\(gnconv, order=(\d), s=1/3(?:, h=(\d+), w=(\d+), gflayer=GlobalLocalFilter)?\)"
-)
-
-
-@BACKBONES.register_module(name="HorNet")
-class HorNetBackbone(HorNetFeatures):
-    """Our HorNet backbone taking the official config's arguments."""
-
-    def __init__(
-        self,
-        depths,
-        base_dim,
-        gnconv,
-        block="Block",
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.0,
-        pretrained=None,
-    ):
-        if block != "Block" or list(out_indices) != [0, 1, 2, 3]:
-            raise ValueError(f"unsupported block {block!r} or out_indices {out_indices}")
-        stages = [GNCONV.fullmatch(spec) for spec in gnconv]
-        if not all(stages):
-            raise ValueError(f"unsupported gnconv specs: {gnconv}")
-        orders = [int(m.group(1)) for m in stages]
-        gf_sizes = [(int(m.group(2)), int(m.group(3))) for m in stages if m.group(2)]
-        image_size = 16 * gf_sizes[0][0] if gf_sizes else 224
-        if gf_sizes and tuple(gf_sizes) != gf_filter_sizes(image_size):
-            raise ValueError(f"GF sizes {gf_sizes} are not those of one square input size")
-        super().__init__(
-            base_dim=base_dim,
-            depths=depths,
-            orders=orders,
-            gf=bool(gf_sizes),
-            image_size=image_size,
-        )
-
-    def init_weights(self):
-        """The weights come from the seeded fill below."""
+BACKBONES.register_module(name="HorNet", module=OfficialHorNet)
 
 
 @HEADS.register_module(name="GNUPerHead")
