@@ -158,23 +158,18 @@ def test_int8_is_a_cpu_precision_of_onnxruntime_and_openvino(overrides) -> None:
         Settings(precision="int8", **overrides)
 
 
-def test_allowed_unverified_int8_serves_the_int8_file(tmp_path) -> None:
-    bundle_dir = _with_int8_engine(tmp_path / "cls")
+@pytest.mark.parametrize(
+    ("with_engine", "precision"), [(_with_int8_engine, "int8"), (_with_fp16_engine, "fp16")]
+)
+def test_allowed_unverified_precision_serves_its_file_with_a_warning(
+    with_engine, precision, tmp_path
+) -> None:
+    bundle_dir = with_engine(tmp_path / "cls")
     log = tmp_path / "server.log"
-    flags = ["--model-dir", str(bundle_dir), "--precision", "int8"]
+    flags = ["--model-dir", str(bundle_dir), "--precision", precision]
     with running_server([*flags, "--allow-unverified-precision"], log_path=log) as server:
         models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
-    assert models["models"][0]["engine"].endswith("model.int8.onnx")
-    assert "serving an unverified precision" in log.read_text()
-
-
-def test_allow_unverified_precision_starts_with_a_warning(tmp_path) -> None:
-    bundle_dir = _with_fp16_engine(tmp_path / "cls")
-    log = tmp_path / "server.log"
-    flags = ["--model-dir", str(bundle_dir), "--precision", "fp16"]
-    with running_server([*flags, "--allow-unverified-precision"], log_path=log) as server:
-        models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
-    assert models["models"][0]["engine"].endswith("model.fp16.onnx")
+    assert models["models"][0]["engine"].endswith(f"model.{precision}.onnx")
     assert "serving an unverified precision" in log.read_text()
 
 
