@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from hornet_bundle import Manifest
-from model_export.demo.recipes import CLASSIFY, DETECT, SEGMENT, THREADS, Recipe
+from model_export.demo.recipes import CLASSIFY, DETECT, DETECT_TRUNK, SEGMENT, THREADS, Recipe
 from model_export.demo.shapes import CLASS_NAMES, SEGMENT_LABELS, generate_scene
 from model_export.demo.training import (
     Log,
@@ -43,6 +43,8 @@ class DemoBundle:
     description: str
     # Parity is checked on shapes scenes of these (height, width) (else the exporter's own).
     parity_sizes: tuple[tuple[int, int], ...] = ()
+    # The segmenter whose trained trunk starts this model (None: from scratch).
+    trunk: Recipe | None = None
 
 
 # By task, in the order they are built: the segmenter's trunk starts the detector.
@@ -55,8 +57,8 @@ BUNDLES = {
             train_segmenter,
             SEGMENT_LABELS,
             "Demo: tiny UperNet with a HorFPN (GF) head segmenting synthetic circles, "
-            "squares and triangles; images are fitted to a 96-pixel short side "
-            "(192 long at most) and tiled.",
+            f"squares and triangles; images are fitted to a {SEGMENT.scale[1]}-pixel short "
+            f"side ({SEGMENT.scale[0]} long at most) and tiled.",
         ),
         DemoBundle(
             "detect",
@@ -66,6 +68,7 @@ BUNDLES = {
             "Demo: tiny Mask R-CNN with a HorFPN (7x7) neck detecting synthetic circles, "
             "squares and triangles.",
             parity_sizes=((180, 240), (150, 120)),
+            trunk=DETECT_TRUNK,
         ),
         DemoBundle(
             "classify",
@@ -73,19 +76,17 @@ BUNDLES = {
             train_classifier,
             CLASS_NAMES,
             "Demo: tiny HorNet-GF classifier of synthetic circles, squares and triangles "
-            "(one shape per image, anywhere: images are resized whole to 64x64).",
+            "(one shape per image, anywhere: images are resized whole to "
+            f"{CLASSIFY.overrides['image_size']}x{CLASSIFY.overrides['image_size']}).",
         ),
     )
 }
 
 
-def training_record(bundle: DemoBundle, trained: Trained, seconds: float) -> dict:
-    """The manifest's `export.demo_training`: the command and recipe that trained it."""
-    recipe = bundle.recipe
+def recipe_record(recipe: Recipe) -> dict:
+    """A recipe as the manifest records it: its overrides, schedule, seeds and the
+    options it sets."""
     return {
-        "command": f"{COMMAND} --only {bundle.task}",
-        "data": "model_export.demo.shapes (synthetic circles, squares, triangles) repainted "
-        "by model_export.demo.appearance",
         "variant_overrides": {
             k: list(v) if isinstance(v, tuple) else v for k, v in recipe.overrides.items()
         },
@@ -96,6 +97,20 @@ def training_record(bundle: DemoBundle, trained: Trained, seconds: float) -> dic
         "torch_seed": recipe.torch_seed,
         **({"pool": recipe.pool} if recipe.pool else {}),
         **({"aux_weight": recipe.aux_weight} if recipe.aux_weight else {}),
+        **({"plain_share": recipe.plain_share} if recipe.plain_share else {}),
+        **({"scale": list(recipe.scale)} if recipe.scale else {}),
+    }
+
+
+def training_record(bundle: DemoBundle, trained: Trained, seconds: float) -> dict:
+    """The manifest's `export.demo_training`: the command and recipe that trained it, and
+    the recipe of the segmenter whose trunk it started from."""
+    return {
+        "command": f"{COMMAND} --only {bundle.task}",
+        "data": "model_export.demo.shapes (synthetic circles, squares, triangles) repainted "
+        "by model_export.demo.appearance",
+        **recipe_record(bundle.recipe),
+        **({"trunk_from": recipe_record(bundle.trunk)} if bundle.trunk else {}),
         "final_loss": round(trained.final_loss, 5),
         "train_seconds": round(seconds, 1),
         "torch_threads": THREADS,
@@ -121,9 +136,12 @@ def export_options(bundle: DemoBundle, training: dict) -> ExportOptions:
 def build_bundle(
     bundle: DemoBundle, out_root: Path, trunk: nn.Module | None = None, log: Log = print
 ) -> tuple[Manifest, nn.Module]:
-    """Train one demo model (from `trunk` when given) and export it as a demo bundle in
-    `out_root`/<recipe name>; returns its manifest and the trained model."""
+    """Train one demo model (from `trunk`, the trained segmenter of `bundle.trunk`, when
+    it has one) and export it as a demo bundle in `out_root`/<recipe name>; returns its
+    manifest and the trained model."""
     recipe = bundle.recipe
+    if (trunk is None) != (bundle.trunk is None):
+        raise ValueError(f"{recipe.name}: a trunk is given if and only if the bundle has one")
     started = time.perf_counter()
     if trunk is None:
         trained = bundle.train(recipe, log)
@@ -132,7 +150,5 @@ def build_bundle(
     seconds = time.perf_counter() - started
     log(f"{recipe.name}: trained in {seconds:.0f} s, final loss {trained.final_loss:.4f}")
     training = training_record(bundle, trained, seconds)
-    if trunk is not None:
-        training["trunk_from"] = f"{SEGMENT.name} (its backbone after the full recipe)"
     manifest = export(trained.model, out_root / recipe.name, export_options(bundle, training))
     return manifest, trained.model

@@ -28,13 +28,20 @@ SAMPLE_RADIUS = (0.08, 0.45)
 SCENE_RADIUS = (0.06, 0.3)
 
 
-def training_scene(rng: np.random.Generator, single: bool = False) -> Scene:
-    """A repainted scene of random size: one shape when `single`, else one to four."""
+def training_scene(
+    rng: np.random.Generator, single: bool = False, plain_share: float = 0.0
+) -> Scene:
+    """A repainted scene of random size: one shape when `single`, else one to four; with
+    probability `plain_share` left as the generator painted it (flat, noisy or gradient
+    background, high contrast, hard edges)."""
     height, width = random_size(rng, TRAIN_SIDES, MAX_ASPECT)
     if single:
         scene = generate_scene(rng, height, width, num_shapes=(1, 1), radius_range=SAMPLE_RADIUS)
     else:
         scene = generate_scene(rng, height, width, radius_range=SCENE_RADIUS)
+    # No draw when there is no share: the recipes without one repeat their recorded runs.
+    if plain_share and rng.random() < plain_share:
+        return scene
     return repaint(rng, scene)
 
 
@@ -76,12 +83,12 @@ def classification_pool(
 
 
 def segmentation_tile(
-    rng: np.random.Generator, preprocess: Preprocess
+    rng: np.random.Generator, preprocess: Preprocess, plain_share: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene fitted to the bundle's scale and cut into one of the service's sliding
-    windows, chosen at random; the class mask follows with nearest resizing, and 255
-    (ignored) on any padding."""
-    scene = training_scene(rng)
+    """One scene (`training_scene`) fitted to the bundle's scale and cut into one of the
+    service's sliding windows, chosen at random; the class mask follows with nearest
+    resizing, and 255 (ignored) on any padding."""
+    scene = training_scene(rng, plain_share=plain_share)
     height, width = scene.class_mask.shape
     fit_h, fit_w = fit_size(height, width, preprocess.scale)
     image = resize_linear_uint8(scene.image, fit_h, fit_w, preprocess.resize_backend)

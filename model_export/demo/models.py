@@ -19,7 +19,6 @@ from model_export.demo.recipes import (
     DETECT_TRAINING,
     GAMMA_INIT,
     MASK_HEAD_DIMS,
-    SEG_SCALE,
     SEGMENT,
     Recipe,
 )
@@ -70,12 +69,12 @@ def build_classifier(recipe: Recipe = CLASSIFY) -> nn.Module:
 
 
 def build_segmenter(recipe: Recipe = SEGMENT) -> nn.Module:
-    """The tiny UperNet; images are fitted to SEG_SCALE and cut into tiles."""
+    """The tiny UperNet; images are fitted to the recipe's scale and cut into tiles."""
     model = create_model(recipe.variant, num_classes=len(SEGMENT_LABELS), **recipe.overrides)
     tile = model.pretrained_cfg.image_size
     preprocess = model.pretrained_cfg.extra["preprocess"] | {
         "input_size": (tile, tile),
-        "scale": SEG_SCALE,
+        "scale": recipe.scale,
         "resize_backend": "pil",
         "sliding_window": {"crop": (tile, tile), "stride": (tile * 2 // 3,) * 2},
     }

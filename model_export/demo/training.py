@@ -175,7 +175,10 @@ def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
     weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
 
     def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
-        tiles = zip(*(segmentation_tile(rng, preprocess) for _ in range(count)), strict=True)
+        tiles = zip(
+            *(segmentation_tile(rng, preprocess, recipe.plain_share) for _ in range(count)),
+            strict=True,
+        )
         return tuple(np.stack(a) for a in tiles)
 
     batch = _batches(recipe, rng, draw, log)

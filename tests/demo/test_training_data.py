@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from PIL import Image
 
 from hornet_bundle import Preprocess
 from hornet_bundle.preprocess import classification_input
-from model_export.demo.appearance import repaint
+from model_export.demo.appearance import random_size, repaint
 from model_export.demo.data import (
     MAX_ASPECT,
+    SCENE_RADIUS,
+    TRAIN_SIDES,
     classification_pool,
     detection_sample,
     segmentation_tile,
@@ -118,3 +122,16 @@ def test_classification_shapes_may_lie_anywhere() -> None:
         left, top = (width - short) / 2, (height - short) / 2
         outside += x1 < left or y1 < top or x2 > left + short or y2 > top + short
     assert outside >= 5
+
+
+def test_plain_share_leaves_that_share_of_scenes_as_the_generator_drew_them() -> None:
+    rng = np.random.default_rng(6)
+    plain = []
+    for _ in range(120):
+        probe = copy.deepcopy(rng)
+        size = random_size(probe, TRAIN_SIDES, MAX_ASPECT)
+        generated = generate_scene(probe, *size, radius_range=SCENE_RADIUS)
+        scene = training_scene(rng, plain_share=0.25)
+        plain.append(np.array_equal(scene.image, generated.image))
+        assert np.array_equal(scene.class_mask, generated.class_mask)
+    assert 0.13 <= np.mean(plain) <= 0.37
