@@ -1,6 +1,6 @@
-"""Manifests of schema version 1 (the shipped segment and detect demo bundles, and the
-demo classifier's as shipped until 2026-12-02, kept in tests/bundle/data) still load,
-read as version 2; a version this reader does not know is refused, naming what it reads."""
+"""Manifests of schema version 1 (the three demo bundles' as shipped until 2026-12-02,
+kept in tests/bundle/data) still load, read as version 2; a version this reader does not
+know is refused, naming what it reads."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from hornet_bundle import SCHEMA_VERSION, BundleError, Manifest, load_bundle
 
 DEMO_BUNDLES = Path(__file__).resolve().parents[2] / "service" / "demo_bundles"
 V1_MANIFESTS = {
-    "classify": Path(__file__).parent / "data" / "shapes_classify_v1_manifest.json",
-    "segment": DEMO_BUNDLES / "shapes_segment" / "manifest.json",
-    "detect": DEMO_BUNDLES / "shapes_detect" / "manifest.json",
+    task: Path(__file__).parent / "data" / f"shapes_{task}_v1_manifest.json"
+    for task in ("classify", "segment", "detect")
 }
 
 

@@ -1,11 +1,11 @@
 """The shipped demo models judged over HTTP on the second renderer's images
 (`tests.demo.generalisation`, its default sample), against floors.
 
-The floors are today's figures rounded down, so a rebuild cannot make the models worse
-on shapes drawn by other code; P12 asks for accuracy 0.97, mean IoU 0.85, recall 0.9
-and at most 10% false detections at score 0.5, which the shipped bundles do not reach
-yet (the classifier measures 0.947; the segmenter and the detector were trained before
-`model_export.demo.appearance`).
+The floors are P12's targets where the shipped bundles reach them (classification 0.97:
+measured 0.980; detection recall 0.9 and at most 10% false detections at score 0.5:
+measured 0.976 and 6.9%), and today's figure rounded down where they do not yet (mean
+IoU, P12 asks 0.85), so a rebuild cannot make the models worse on shapes drawn by other
+code.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def figures() -> Figures:
 
 
 def test_classification_accuracy_holds_its_floor(figures: Figures) -> None:
-    assert figures.accuracy >= 0.93
+    assert figures.accuracy >= 0.97
 
 
 def test_segmentation_mean_iou_holds_its_floor(figures: Figures) -> None:
@@ -36,8 +36,8 @@ def test_segmentation_mean_iou_holds_its_floor(figures: Figures) -> None:
 
 def test_detection_recall_holds_its_floor(figures: Figures) -> None:
     assert figures.recall >= 0.95
-    assert figures.recall_confident >= 0.85
+    assert figures.recall_confident >= 0.9
 
 
 def test_false_detections_stay_under_their_ceiling(figures: Figures) -> None:
-    assert figures.false_share <= 0.6
+    assert figures.false_share <= 0.1
