@@ -73,7 +73,7 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_int8(tmp_path_factory, shapes) -> Path:
-    """The demo classifier (trained, 64 px) with an int8 graph calibrated on 20 generated
+    """The demo classifier (trained, 96 px) with an int8 graph calibrated on 20 generated
     shapes. The bound is lowered: the four photographs are no shapes, their fp32 logits
     nearly tie, and OpenVINO's int8 flips one of them (a random-weight network ties
     everywhere: no test of agreement at all)."""
@@ -235,17 +235,21 @@ def _has_openvino() -> bool:
 def test_openvino_runs_the_int8_graph_as_onnx_runtime_does(tiny_int8) -> None:
     """The same QDQ graph on both runtimes, within a few of the output's quantization steps
     (they round intermediate values apart): 7-bit weights keep OpenVINO's int8 kernels on
-    this AVX2 CPU from saturating (with 8-bit ones its logits drifted 0.3-0.7 relative)."""
+    this AVX2 CPU from saturating (with 8-bit ones its logits drifted 0.3-0.7 relative).
+    On 16 new shapes (measured: 0.4% relative, one output step at most); not on
+    photographs, whose logits nearly tie near zero, where one step is 4% of the norm."""
     pytest.importorskip("openvino")
     from service.engines import openvino_engine
 
     bundle = load_bundle(tiny_int8)
+    rng = np.random.default_rng(11)
     x = np.stack(
         [
             classification_input(
-                Image.fromarray(np.asarray(getattr(skimage_data, n)())), bundle.manifest.preprocess
+                Image.fromarray(generate_sample(rng, *rng.integers(64, 160, size=2))[0]),
+                bundle.manifest.preprocess,
             )
-            for n in ("astronaut", "coffee", "chelsea", "rocket")
+            for _ in range(16)
         ]
     )
     engine = openvino_engine(bundle, precision="int8")
@@ -253,6 +257,7 @@ def test_openvino_runs_the_int8_graph_as_onnx_runtime_does(tiny_int8) -> None:
     got = engine.run({"image": x})["logits"]
     want = ort.InferenceSession(str(tiny_int8 / "model.int8.onnx")).run(None, {"image": x})[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-2
+    assert (got.argmax(1) == want.argmax(1)).all()
 
 
 def test_demo_classifier_keeps_its_answers_in_int8(tmp_path) -> None:
