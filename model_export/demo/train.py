@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             # Single-threaded training repeats exactly: whether trained in this run, loaded
             # or trained again here, this is the shipped detector's trunk.
             same = [model for recipe, model in trained if recipe == bundle.trunk]
-            segmenter = same[0] if same else _segmenter(bundle.trunk, args.segmenter_state)
-            trained.append((bundle.trunk, segmenter))
-            trunk = segmenter.backbone
+            if not same:
+                same = [_segmenter(bundle.trunk, args.segmenter_state)]
+                trained.append((bundle.trunk, same[0]))
+            trunk = same[0].backbone
         manifest, model = build_bundle(bundle, args.out, trunk)
         trained.append((bundle.recipe, model))
         _report(args.out, manifest)
