@@ -99,6 +99,8 @@ def recipe_record(recipe: Recipe) -> dict:
         **({"aux_weight": recipe.aux_weight} if recipe.aux_weight else {}),
         **({"plain_share": recipe.plain_share} if recipe.plain_share else {}),
         **({"scale": list(recipe.scale)} if recipe.scale else {}),
+        **({"train_scale": list(recipe.train_scale)} if recipe.train_scale else {}),
+        **({"stride": recipe.stride} if recipe.stride else {}),
     }
 
 

@@ -76,7 +76,7 @@ def build_segmenter(recipe: Recipe = SEGMENT) -> nn.Module:
         "input_size": (tile, tile),
         "scale": recipe.scale,
         "resize_backend": "pil",
-        "sliding_window": {"crop": (tile, tile), "stride": (tile * 2 // 3,) * 2},
+        "sliding_window": {"crop": (tile, tile), "stride": (recipe.stride or tile * 2 // 3,) * 2},
     }
     _trained_cfg(model, preprocess=preprocess)
     _start_layer_scales(model)

@@ -35,7 +35,7 @@ from model_export.demo.recipes import (
     SEGMENT,
     Recipe,
 )
-from model_export.demo.shapes import CLASS_NAMES
+from model_export.demo.shapes import CLASS_NAMES, SEGMENT_LABELS
 
 Log = Callable[[str], None]
 
@@ -167,11 +167,17 @@ def train_classifier(
 
 
 def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
-    """From scratch: its trunk is the one that starts the detector. With `recipe.pool`,
-    on that many tiles drawn before the first step."""
+    """From scratch (the segmenter of `recipes.DETECT_TRUNK` starts the detector). With
+    `recipe.pool`, on that many tiles drawn before the first step; with
+    `recipe.train_scale`, the tiles cut from images fitted to it, not to the served scale.
+    With `recipe.aux_weight`, a 1x1 convolution on each of the trunk's last three stages
+    predicts every pixel's class too, as mmseg trains an auxiliary FCN head beside the
+    UperNet; they exist only for training."""
     rng, model = _seeded(recipe, build_segmenter)
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
+    if recipe.train_scale is not None:
+        preprocess = preprocess.model_copy(update={"scale": recipe.train_scale})
     weight = torch.tensor([SEG_BACKGROUND_WEIGHT] + [1.0] * len(CLASS_NAMES))
 
     def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,14 +188,27 @@ def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
         return tuple(np.stack(a) for a in tiles)
 
     batch = _batches(recipe, rng, draw, log)
+    heads = nn.ModuleList(
+        nn.Conv2d(dim, len(SEGMENT_LABELS), 1)
+        for dim in (model.backbone.out_channels[1:] if recipe.aux_weight else ())
+    )
 
     def loss_of_step(step: int) -> torch.Tensor:
         images, masks = batch()
         x = normalise(images, cfg.mean, cfg.std, preprocess.pixel_range)
         x, y = augment(x, rng, torch.from_numpy(masks).long())
-        return F.cross_entropy(model(x), y, weight=weight, ignore_index=255)
+        stages = model.forward_features(x)
+        logits = F.interpolate(model.forward_head(stages), size=y.shape[-2:], mode="bilinear")
+        loss = F.cross_entropy(logits, y, weight=weight, ignore_index=255)
+        for head, features in zip(heads, stages[1:], strict=False):
+            guess = F.interpolate(head(features), size=y.shape[-2:], mode="bilinear")
+            loss = loss + recipe.aux_weight * F.cross_entropy(
+                guess, y, weight=weight, ignore_index=255
+            )
+        return loss
 
-    return Trained(model, _run_steps(model, recipe, loss_of_step, log))
+    trainable = nn.ModuleDict({"model": model, "heads": heads})
+    return Trained(model, _run_steps(trainable, recipe, loss_of_step, log))
 
 
 def train_detector(

@@ -4,8 +4,8 @@
 The floors are P12's targets where the shipped bundles reach them (classification 0.97:
 measured 0.980; detection recall 0.9 and at most 10% false detections at score 0.5:
 measured 0.976 and 6.9%), and today's figure rounded down where they do not yet (mean
-IoU, P12 asks 0.85), so a rebuild cannot make the models worse on shapes drawn by other
-code.
+IoU 0.824, P12 asks 0.85), so a rebuild cannot make the models worse on shapes drawn by
+other code.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_classification_accuracy_holds_its_floor(figures: Figures) -> None:
 
 
 def test_segmentation_mean_iou_holds_its_floor(figures: Figures) -> None:
-    assert figures.mean_iou >= 0.6
+    assert figures.mean_iou >= 0.8
 
 
 def test_detection_recall_holds_its_floor(figures: Figures) -> None:

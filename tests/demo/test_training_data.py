@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from model_export.demo.models import (
     build_segmenter,
     transfer_trunk,
 )
+from model_export.demo.recipes import SEGMENT
 from model_export.demo.shapes import generate_scene
 
 
@@ -43,6 +45,15 @@ def test_segmentation_tiles_are_the_graph_input_size_with_aligned_targets() -> N
         assert set(np.unique(target)) <= {0, 1, 2, 3, 255}
         padding = target == 255
         assert (tile[padding] == 0).all()
+
+
+def test_segmenter_windows_are_its_tiles_at_the_recipes_stride() -> None:
+    tile = SEGMENT.overrides["image_size"]
+    for stride, expected in ((None, tile * 2 // 3), (tile // 4, tile // 4)):
+        window = _preprocess(
+            build_segmenter(dataclasses.replace(SEGMENT, stride=stride))
+        ).sliding_window
+        assert window.crop == (tile, tile) and window.stride == (expected, expected)
 
 
 def test_classification_pool_is_the_service_crop_with_its_class_masks() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,12 +30,19 @@ def install_chromium() -> str | None:
         ["apt-get", "update", "-qq"],
         ["apt-get", "install", "-y", "-qq", *_APT_PACKAGES],
     ):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(command)} took over 900 s"
-        if done.returncode != 0:
-            return f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}"
+        # Another apt-get (the machine's own, at boot) may hold apt's locks for a while:
+        # wait for it rather than skip.
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                return f"{' '.join(command)} took over 900 s"
+            if done.returncode == 0:
+                break
+            if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
+                return f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}"
+            time.sleep(5)
     return None
 
 
