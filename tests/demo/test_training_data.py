@@ -11,6 +11,7 @@ from PIL import Image
 
 from hornet_bundle import Preprocess
 from hornet_bundle.preprocess import classification_input
+from model_export.demo import training
 from model_export.demo.appearance import random_size, repaint
 from model_export.demo.data import (
     MAX_ASPECT,
@@ -146,3 +147,20 @@ def test_plain_share_leaves_that_share_of_scenes_as_the_generator_drew_them() ->
         plain.append(np.array_equal(scene.image, generated.image))
         assert np.array_equal(scene.class_mask, generated.class_mask)
     assert 0.13 <= np.mean(plain) <= 0.37
+
+
+def test_segmenter_trains_on_its_training_scale_and_ships_its_served_one(monkeypatch) -> None:
+    seen = []
+    real = training.segmentation_tile
+
+    def spy(rng, preprocess, plain_share=0.0):
+        seen.append(tuple(preprocess.scale))
+        return real(rng, preprocess, plain_share)
+
+    monkeypatch.setattr(training, "segmentation_tile", spy)
+    recipe = dataclasses.replace(SEGMENT, steps=1, batch=2, pool=3, aux_weight=0.4)
+    model = training.train_segmenter(recipe, log=lambda _: None).model
+    assert seen == [SEGMENT.train_scale] * 3 and SEGMENT.train_scale != SEGMENT.scale
+    assert tuple(_preprocess(model).scale) == SEGMENT.scale
+    # The auxiliary heads train beside the model and are not part of it.
+    assert model.state_dict().keys() == build_segmenter(recipe).state_dict().keys()
