@@ -1,11 +1,8 @@
 """The shipped demo models judged over HTTP on the second renderer's images
-(`tests.demo.generalisation`, its default sample), against floors.
-
-The floors are P12's targets where the shipped bundles reach them (classification 0.97:
-measured 0.980; detection recall 0.9 and at most 10% false detections at score 0.5:
-measured 0.976 and 6.9%), and today's figure rounded down where they do not yet (mean
-IoU 0.824, P12 asks 0.85), so a rebuild cannot make the models worse on shapes drawn by
-other code.
+(`tests.demo.generalisation`, its default sample), against P12's targets as floors:
+classification accuracy 0.97 (measured 0.980), segmentation mean IoU 0.85 (0.948),
+detection recall 0.9 (0.976) with at most 10% of the detections scored >= 0.5 false
+(6.9%), so that a rebuild cannot make the models worse on shapes drawn by other code.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ def test_classification_accuracy_holds_its_floor(figures: Figures) -> None:
 
 
 def test_segmentation_mean_iou_holds_its_floor(figures: Figures) -> None:
-    assert figures.mean_iou >= 0.8
+    assert figures.mean_iou >= 0.85
 
 
 def test_detection_recall_holds_its_floor(figures: Figures) -> None:
