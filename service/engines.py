@@ -265,9 +265,12 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        ran = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
-        if precision == "bf16" and "bf16" not in ran:
-            raise EngineUnavailable(f"OpenVINO compiled {path.name} for {ran}, not bf16")
+        # An ov.Type, whose str() is "<Type: 'bfloat16'>": compare the Type itself.
+        ran = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        if precision == "bf16" and ran != ov.Type.bf16:
+            raise EngineUnavailable(
+                f"OpenVINO compiled {path.name} for {ran.get_type_name()}, not bf16"
+            )
         self._request = self._compiled.create_infer_request()
         self._outputs = [(port, port.get_any_name()) for port in self._compiled.outputs]
         self.description = f"openvino {ov.__version__} CPU {precision} {path.name}"
