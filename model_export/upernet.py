@@ -155,8 +155,12 @@ class HorNetUperNet(nn.Module):
     def forward_head(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decode_head(features)
 
+    def forward_logits(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """The head's logits for the trunk's `features`, resized to `size` (the tile's)."""
+        return _resize(self.forward_head(features), size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _resize(self.forward_head(self.forward_features(x)), x.shape[-2:])
+        return self.forward_logits(self.forward_features(x), x.shape[-2:])
 
     @staticmethod
     def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict:

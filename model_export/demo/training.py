@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,31 @@ def _batches(
     return picked
 
 
+def _stage_heads(dims: Sequence[int], classes: int) -> nn.ModuleList:
+    """The training-only auxiliary heads: a 1x1 convolution predicting every pixel's
+    class from each trunk stage after the first (`dims`: all the stages' widths)."""
+    return nn.ModuleList(nn.Conv2d(dim, classes, 1) for dim in dims[1:])
+
+
+def _add_stage_losses(
+    loss: torch.Tensor,
+    heads: nn.ModuleList,
+    stages: Sequence[torch.Tensor],
+    pixels: torch.Tensor,
+    weight: float,
+    class_weight: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """`loss` plus `weight` times each head's per-pixel cross-entropy against `pixels`,
+    its guesses upsampled bilinearly to the targets' size (added one stage at a time)."""
+    for head, features in zip(heads, stages[1:], strict=True):
+        guess = F.interpolate(head(features), size=pixels.shape[-2:], mode="bilinear")
+        loss = loss + weight * F.cross_entropy(
+            guess, pixels, weight=class_weight, ignore_index=ignore_index
+        )
+    return loss
+
+
 def train_classifier(
     recipe: Recipe = CLASSIFY, log: Log = print, trunk: nn.Module | None = None
 ) -> Trained:
@@ -143,7 +168,7 @@ def train_classifier(
     """
     rng, model = _seeded(recipe, build_classifier)
     _start_from(trunk, model, recipe, log)
-    heads = nn.ModuleList(nn.Conv2d(dim, len(CLASS_NAMES) + 1, 1) for dim in model.dims[1:])
+    heads = _stage_heads(model.dims, len(CLASS_NAMES) + 1)
     cfg = model.pretrained_cfg
     preprocess = Preprocess(**cfg.preprocess())
     batch = _batches(recipe, rng, lambda n: classification_pool(rng, preprocess, n), log)
@@ -157,10 +182,7 @@ def train_classifier(
         loss = F.cross_entropy(
             model.forward_head(stages[-1]), torch.from_numpy(labels), label_smoothing=0.05
         )
-        for head, features in zip(heads, stages[1:], strict=True):
-            guess = F.interpolate(head(features), size=pixels.shape[-2:], mode="bilinear")
-            loss = loss + recipe.aux_weight * F.cross_entropy(guess, pixels, weight=pixel_weight)
-        return loss
+        return _add_stage_losses(loss, heads, stages, pixels, recipe.aux_weight, pixel_weight)
 
     trainable = nn.ModuleDict({"model": model, "heads": heads})
     return Trained(model, _run_steps(trainable, recipe, loss_of_step, log))
@@ -188,9 +210,11 @@ def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
         return tuple(np.stack(a) for a in tiles)
 
     batch = _batches(recipe, rng, draw, log)
-    heads = nn.ModuleList(
-        nn.Conv2d(dim, len(SEGMENT_LABELS), 1)
-        for dim in (model.backbone.out_channels[1:] if recipe.aux_weight else ())
+    # Built only when used: recipes without them draw the same initialisation as before.
+    heads = (
+        _stage_heads(model.backbone.out_channels, len(SEGMENT_LABELS))
+        if recipe.aux_weight
+        else None
     )
 
     def loss_of_step(step: int) -> torch.Tensor:
@@ -198,16 +222,13 @@ def train_segmenter(recipe: Recipe = SEGMENT, log: Log = print) -> Trained:
         x = normalise(images, cfg.mean, cfg.std, preprocess.pixel_range)
         x, y = augment(x, rng, torch.from_numpy(masks).long())
         stages = model.forward_features(x)
-        logits = F.interpolate(model.forward_head(stages), size=y.shape[-2:], mode="bilinear")
+        logits = model.forward_logits(stages, y.shape[-2:])
         loss = F.cross_entropy(logits, y, weight=weight, ignore_index=255)
-        for head, features in zip(heads, stages[1:], strict=False):
-            guess = F.interpolate(head(features), size=y.shape[-2:], mode="bilinear")
-            loss = loss + recipe.aux_weight * F.cross_entropy(
-                guess, y, weight=weight, ignore_index=255
-            )
-        return loss
+        if heads is None:
+            return loss
+        return _add_stage_losses(loss, heads, stages, y, recipe.aux_weight, weight, 255)
 
-    trainable = nn.ModuleDict({"model": model, "heads": heads})
+    trainable = model if heads is None else nn.ModuleDict({"model": model, "heads": heads})
     return Trained(model, _run_steps(trainable, recipe, loss_of_step, log))
 
 
