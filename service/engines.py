@@ -236,7 +236,8 @@ class OpenVinoEngine:
     Shapes stay as the graph declares them (dynamic batch, dynamic image size for the
     detector). One synchronous infer request with the LATENCY hint: one stream over
     `threads` cores (0 = all), which the batcher keeps busy with whole batches (the
-    THROUGHPUT hint splits the cores into streams a single request cannot use).
+    THROUGHPUT hint splits the cores into streams a single request cannot use); several
+    instances (--instances) are several such engines, their threads left unpinned.
     """
 
     def __init__(self, path: Path, *, precision: str = "fp32", threads: int = 0) -> None:
@@ -260,6 +261,10 @@ class OpenVinoEngine:
         config = {
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
             "PERFORMANCE_HINT": "LATENCY",
+            # OpenVINO pins each compiled model's threads to cores counted from the first:
+            # with --instances 2 --engine-threads 1 both instances ran on core 0 (one core
+            # busy, half the throughput), and pinned threads cannot make way for decoding.
+            "ENABLE_CPU_PINNING": False,
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads

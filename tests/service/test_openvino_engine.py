@@ -3,6 +3,10 @@ or bf16, computing what ONNX Runtime computes; and what it refuses, in one sente
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
 from importlib import metadata
 
 import numpy as np
@@ -55,6 +59,44 @@ def test_openvino_keeps_the_batch_axis_dynamic(classifier_dir) -> None:
     one = _outputs(classifier_dir, INPUTS["classify"][:1], engine="openvino")["logits"]
     three = _outputs(classifier_dir, INPUTS["classify"], engine="openvino")["logits"]
     np.testing.assert_allclose(three[:1], one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning shows on 2+ CPUs")
+def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> None:
+    """Two one-thread engines (--instances 2 --engine-threads 1) running at once: OpenVINO
+    would pin both to the first core; no thread of this process may be narrowed to fewer
+    CPUs than the process has while they run."""
+    settings = Settings(engine="openvino", engine_threads=1)
+    engines = [create_engine(load_bundle(classifier_dir), settings) for _ in range(2)]
+    allowed = os.sched_getaffinity(0)
+    running = threading.Event()
+    stop = threading.Event()
+
+    def serve(engine) -> None:
+        while not stop.is_set():
+            engine.run({"image": INPUTS["classify"]})
+            running.set()
+
+    workers = [threading.Thread(target=serve, args=(engine,)) for engine in engines]
+    narrowed: set[tuple[int, frozenset[int]]] = set()
+    try:
+        for worker in workers:
+            worker.start()
+        assert running.wait(60)
+        for _ in range(300):
+            for task in os.listdir("/proc/self/task"):
+                with contextlib.suppress(OSError):
+                    cpus = os.sched_getaffinity(int(task))
+                    if cpus != allowed:
+                        narrowed.add((int(task), frozenset(cpus)))
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        for engine in engines:
+            engine.close()
+    assert not narrowed, f"threads pinned to fewer CPUs than {sorted(allowed)}: {narrowed}"
 
 
 def test_openvino_describes_itself_with_its_precision(classifier_dir) -> None:
