@@ -6,10 +6,14 @@ raw engine throughput of the same bundle measured in the same run.
 Steps, one after the other so they do not compete for the CPU:
   1. the server: `python -m service` started on a free loopback port (or --url of one
      already running, loopback only), then warmed up;
-  2. raw engine: the bundle's engine, exactly as the service builds it, run on
-     preprocessed inputs at batch sizes 1..max-batch-size, ONNX Runtime's threads
-     spinning during runs only (as the service's do) and between runs too (`+spin`), in
-     this process while the server is paused (SIGSTOP; one started here);
+  2. raw engine: the bundle's engine, exactly as the service builds it (its --instances
+     engines side by side, each in a thread of its own), run on preprocessed inputs at
+     batch sizes 1..max-batch-size, ONNX Runtime's threads spinning during runs only (as
+     the service's do) and between runs too (`+spin`); and at the two largest batch sizes
+     in the other layouts of the cores (one engine on all of them, `@1xN`; one
+     single-thread engine per core, `@Nx1`), so that the reference is the fastest the
+     bundle runs here, whatever the server's layout; in this process while the server is
+     paused (SIGSTOP; one started here);
   3. for each concurrency: that many client tasks, each POSTing the image and waiting for
      its answer, for --duration seconds or --requests requests, whichever ends first.
 The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
@@ -33,6 +37,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,30 +96,68 @@ def test_image(size: tuple[int, int]) -> bytes:
 def raw_engine_throughput(
     model_dir: Path, image: bytes, settings: Settings, seconds: float
 ) -> dict[str, float]:
-    """images/s of the bare engine per batch size, ONNX Runtime's threads spinning during
-    runs only and between runs too (`+spin`), on the image as the service prepares it:
-    the best of these is the reference."""
+    """images/s of the bare engine, on the image as the service prepares it, laid out as
+    the server's (its --instances engines of --engine-threads threads, running side by
+    side) at each batch size, ONNX Runtime's threads spinning during runs only (`bN`) and
+    between runs too (`bN+spin`); and at the two largest batch sizes in the other layouts
+    a CPU allows, one engine on all cores and one single-thread engine per core
+    (`bN@KxT`), when they differ from the server's. The best of these is the reference:
+    a server is measured against the fastest its cores can go, not only its own layout."""
     from service.imaging import decode_image
 
     bundle = load_bundle(model_dir)
     pipeline = pipeline_for(bundle.manifest)
     item = pipeline.prepare(decode_image(image, settings.max_pixels)).items[0]
-    batches = sorted({1, *range(2, settings.max_batch_size + 1, 2), settings.max_batch_size})
+    largest = settings.max_batch_size
+    batches = sorted({1, *range(2, largest + 1, 2), largest})
+    served = (settings.instances, settings.engine_threads)
+    cpus = len(os.sched_getaffinity(0))
+    layouts = [(served, spinning, batches, "") for spinning in (False, True)]
+    for other in ((1, 0), (cpus, 1)):
+        if other != served and not (other == (1, 0) and served == (1, cpus)):
+            top = sorted({max(1, largest // 2), largest})
+            tag = f"@{other[0]}x{other[1] or cpus}"
+            layouts.append((other, settings.engine_spinning, top, tag))
     results = {}
-    for spinning in (False, True):
-        engine = create_engine(bundle, settings.model_copy(update={"engine_spinning": spinning}))
-        for batch in batches:
-            items = [item] * batch
-            pipeline.run_batch(engine, items)  # warm this shape
-            done, started, cpu_started = 0, time.perf_counter(), time.process_time()
-            while time.perf_counter() - started < seconds or done < 2 * batch:
-                pipeline.run_batch(engine, items)
-                done += batch
-            key = f"b{batch}{'+spin' if spinning else ''}"
-            results[key] = done / (time.perf_counter() - started)
-            RAW_CPU_MS[key] = (time.process_time() - cpu_started) / done * 1000.0
-        engine.close()
+    for (instances, threads), spinning, sizes, tag in layouts:
+        layout = settings.model_copy(
+            update={"engine_spinning": spinning, "engine_threads": threads}
+        )
+        engines = [create_engine(bundle, layout) for _ in range(instances)]
+        for batch in sizes:
+            key = f"b{batch}{'+spin' if spinning and not tag else ''}{tag}"
+            results[key], RAW_CPU_MS[key] = _run_side_by_side(
+                pipeline, engines, [item] * batch, seconds
+            )
+        for engine in engines:
+            engine.close()
     return results
+
+
+def _run_side_by_side(
+    pipeline: Any, engines: list[Any], items: list[np.ndarray], seconds: float
+) -> tuple[float, float]:
+    """Each engine run on `items` over and over in a thread of its own for `seconds` (and
+    twice at least): images/s of them all, and CPU ms per image (all threads)."""
+    for engine in engines:
+        pipeline.run_batch(engine, items)  # warm this shape
+    done = [0] * len(engines)
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def loop(index: int) -> None:
+        while time.perf_counter() - started < seconds or done[index] < 2 * len(items):
+            pipeline.run_batch(engines[index], items)
+            done[index] += len(items)
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(engines))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    images = sum(done)
+    return images / (time.perf_counter() - started), (
+        time.process_time() - cpu_started
+    ) / images * 1000.0
 
 
 # CPU milliseconds per image of each raw_engine_throughput configuration (all threads).
@@ -302,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
         engine_threads=args.engine_threads, device=args.device, precision=args.precision,
-        engine=args.engine,
+        engine=args.engine, instances=args.instances, engine_spinning=args.engine_spinning,
+        allow_unverified_precision=True,  # the server refuses or allows it; not timing's concern
     )  # fmt: skip
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
           f"cpus {os.cpu_count()}  {args.engine} {args.device}/{args.precision}  "
