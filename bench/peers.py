@@ -10,22 +10,24 @@ hornet_tiny_7x7) gets seeded random weights (the recipe of tests/helpers/dense_t
 (model_export.export, verified against torch) unless --model-dir names a bundle whose
 manifest records that file's sha256. Speed does not depend on the weights' values.
   ours: `python -m service --model-dir BUNDLE`, started as bench/loadgen.py starts it,
-      with its server flags (--engine, --precision, --engine-threads, --max-batch-size,
-      --max-delay-ms, ...);
+      with its server flags (--engine, --precision, --instances, --engine-threads,
+      --max-batch-size, --max-delay-ms, ...);
   TorchServe: the torch model built from the checkpoint, traced to TorchScript, archived
       with the stock `image_classifier` handler and an index_to_name.json of the bundle's
-      labels; one worker, batch size --max-batch-size, max_batch_delay
-      --torchserve-delay-ms, OMP_NUM_THREADS = the engine threads;
-  LitServe: bench/peer_litserve.py, the bundle's ONNX graph in ONNX Runtime with our
-      transform and session settings, max_batch_size --max-batch-size, batch_timeout
-      --litserve-timeout-ms.
+      labels; --torchserve-workers workers (default --instances) of OMP_NUM_THREADS =
+      --torchserve-threads (default the engine threads), batch size --max-batch-size,
+      max_batch_delay --torchserve-delay-ms;
+  LitServe: bench/peer_litserve.py, our transform and our engine (built by
+      service.engines from the same --engine, --precision and threads), --instances
+      inference workers, max_batch_size --max-batch-size, batch_timeout
+      --litserve-timeout-ms: the same engine behind another server.
 The peers run from the virtualenv that tools/make_peers_env.sh makes (--peers-venv,
 default .venv-peers); this script runs from the project's .venv.
 
 All three servers are started first and stay up. Each answers the image once and the
 answers are compared before anything is timed: the same top-1 label from all three,
-and from LitServe our top-5 labels and scores (when our server runs ONNX Runtime, the
-same graph on the same runtime); otherwise the run stops. Each is warmed up, and the CPU
+and from LitServe our top-5 labels and scores (the same engine); otherwise the run
+stops. Each is warmed up, and the CPU
 each takes with no requests is printed. Then per concurrency level, --rounds rounds of
 ours, TorchServe, LitServe in turn, each run --duration seconds of that many clients
 POSTing the same raw JPEG body and waiting for the answer, the other two servers paused
@@ -226,7 +228,8 @@ def torchserve_archive(bundle: Path, checkpoint: Path, args: argparse.Namespace,
     labels = {str(index): label for index, label in enumerate(manifest.labels)}
     (folder / "index_to_name.json").write_text(json.dumps(labels))
     (folder / "model-config.yaml").write_text(
-        f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {args.max_batch_size}\n"
+        f"minWorkers: {args.torchserve_workers}\nmaxWorkers: {args.torchserve_workers}\n"
+        f"batchSize: {args.max_batch_size}\n"
         f"maxBatchDelay: {args.torchserve_delay_ms}\nresponseTimeout: 120\n"
     )
     store = folder / "model_store"
@@ -243,7 +246,7 @@ def torchserve_archive(bundle: Path, checkpoint: Path, args: argparse.Namespace,
     return store
 
 
-def torchserve_config(folder: Path) -> tuple[Path, int, int]:
+def torchserve_config(folder: Path, workers: int) -> tuple[Path, int, int]:
     """config.properties: every listener on a free loopback port, no token (0.12 turns
     token authorization on by default), no system metrics (a collector process every
     minute); the inference and management ports."""
@@ -259,14 +262,14 @@ def torchserve_config(folder: Path) -> tuple[Path, int, int]:
         f"grpc_inference_address={LOOPBACK}\ngrpc_inference_port={grpc_inference}\n"
         f"grpc_management_address={LOOPBACK}\ngrpc_management_port={grpc_management}\n"
         "disable_token_authorization=true\ndisable_system_metrics=true\n"
-        "default_workers_per_model=1\n"
+        f"default_workers_per_model={workers}\n"
     )
     return config, inference, management
 
 
 def torchserve_model_ready(management_url: str, args: argparse.Namespace) -> bool:
-    """Whether the model's one worker is READY; a running model with other batching
-    settings than asked ends the run."""
+    """Whether the model's --torchserve-workers workers are all READY; a running model
+    with other batching settings than asked ends the run."""
     try:
         described = httpx.get(f"{management_url}/models/{TS_MODEL}", timeout=5).json()[0]
     except (httpx.HTTPError, ValueError, KeyError, IndexError):
@@ -276,7 +279,8 @@ def torchserve_model_ready(management_url: str, args: argparse.Namespace) -> boo
     if got != asked:
         raise SystemExit(f"TorchServe runs {TS_MODEL} with {got}, not {asked}")
     workers = described.get("workers", [])
-    return len(workers) == 1 and workers[0].get("status") == "READY"
+    ready = all(worker.get("status") == "READY" for worker in workers)
+    return len(workers) == args.torchserve_workers and ready
 
 
 @contextlib.contextmanager
@@ -289,14 +293,14 @@ def torchserve(
     (folder / "tmp").mkdir(parents=True)
     logs = folder / "logs"
     store = torchserve_archive(bundle, checkpoint, args, folder)
-    config, inference, management = torchserve_config(folder)
+    config, inference, management = torchserve_config(folder, args.torchserve_workers)
     env = {
         **os.environ,
         "TMPDIR": str(folder / "tmp"),  # the pid file `torchserve --stop` reads
         "TEMP": str(folder / "tmp"),  # the JVM's java.io.tmpdir
         "LOG_LOCATION": str(logs),
         "METRICS_LOCATION": str(logs),
-        "OMP_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(args.torchserve_threads or threads),
         "PATH": f"{args.peers_venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     command = [str(args.peers_venv / "bin" / "torchserve")]
@@ -337,8 +341,9 @@ def litserve(args: argparse.Namespace, bundle: Path, threads: int, work: Path) -
     port, log = free_port(), work / "litserve.log"
     command = [
         str(args.peers_venv / "bin" / "python"), str(REPO / "bench" / "peer_litserve.py"),
-        "--model-dir", str(bundle), "--port", str(port), "--precision", litserve_graph(args),
-        "--threads", str(threads), "--max-batch-size", str(args.max_batch_size),
+        "--model-dir", str(bundle), "--port", str(port), "--engine", args.engine,
+        "--precision", args.precision, "--threads", str(threads),
+        "--workers", str(args.instances), "--max-batch-size", str(args.max_batch_size),
         "--batch-timeout", str(args.litserve_timeout_ms / 1000.0),
         *(["--spinning"] if args.engine_spinning else []),
     ]  # fmt: skip
@@ -362,12 +367,6 @@ def litserve(args: argparse.Namespace, bundle: Path, threads: int, work: Path) -
             process.wait()
 
 
-def litserve_graph(args: argparse.Namespace) -> str:
-    """The bundle graph LitServe runs: ours' where it is an ONNX graph (fp32, int8), else
-    fp32 (OpenVINO's bf16 runs the fp32 graph too)."""
-    return args.precision if args.precision in ("fp32", "int8") else "fp32"
-
-
 # ---------------------------------------------------------------- answers and load
 
 
@@ -384,16 +383,16 @@ def answer(server: Server, image: bytes) -> list[tuple[str, float]]:
     return server.top_k(response.json())[:TOP_K]
 
 
-def check_answers(servers: list[Server], image: bytes, same_runtime: bool) -> None:
+def check_answers(servers: list[Server], image: bytes) -> None:
     """The same top-1 label from every server; LitServe's top-5 labels (and scores within
-    SCORE_TOLERANCE) ours when both run the same graph on ONNX Runtime."""
+    SCORE_TOLERANCE) ours: the same engine."""
     answers = {server.name: answer(server, image) for server in servers}
     for name, top in answers.items():
         print(f"  {name:<10} " + "  ".join(f"{label} {score:.4f}" for label, score in top))
     top1 = {name: top[0][0] for name, top in answers.items()}
     if len(set(top1.values())) != 1:
         raise SystemExit(f"the servers disagree on the top-1 label: {top1}")
-    if not (same_runtime and "ours" in answers and "litserve" in answers):
+    if not ("ours" in answers and "litserve" in answers):
         return
     ours_top, lit_top = answers["ours"], answers["litserve"]
     gap = max(abs(a[1] - b[1]) for a, b in zip(ours_top, lit_top, strict=True))
@@ -491,8 +490,14 @@ def machine() -> str:
 
 
 def peer_versions(venv: Path) -> str:
-    packages = ("torch", "torchserve", "litserve", "onnxruntime")
-    code = "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in %r))"
+    packages = ("torch", "torchserve", "litserve", "onnxruntime", "openvino")
+    code = (
+        "import importlib.metadata as m\n"
+        "def version(p):\n"
+        "    try:\n        return m.version(p)\n"
+        "    except m.PackageNotFoundError:\n        return 'absent'\n"
+        "print(*(f'{p} {version(p)}' for p in %r))"
+    )
     found = subprocess.run(
         [str(venv / "bin" / "python"), "-c", code % (packages,)],
         capture_output=True,
@@ -522,10 +527,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=100_000, help="request cap per run")
     parser.add_argument("--warmup", type=int, default=32, help="requests per server first")
     parser.add_argument("--torchserve-delay-ms", type=int, default=20, help="max_batch_delay")
+    parser.add_argument("--torchserve-workers", type=int, help="default: --instances")
+    parser.add_argument("--torchserve-threads", type=int, help="default: the engine threads")
     parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="batch_timeout")
     add_server_arguments(parser)
     args = parser.parse_args(argv)
     args.servers = [name.strip() for name in args.servers.split(",")]
+    args.torchserve_workers = args.torchserve_workers or args.instances
     if unknown := set(args.servers) - set(SERVERS):
         parser.error(f"--servers: unknown {sorted(unknown)}; choose from {SERVERS}")
     if args.model_dir is not None and args.checkpoint is None:
@@ -566,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         f"bundle {bundle}; image {len(image)} bytes; concurrency {levels}; {args.rounds} rounds "
         f"of {args.duration:g} s; batch {args.max_batch_size}; delay: ours "
         f"{args.max_delay_ms:g} ms, TorchServe {args.torchserve_delay_ms} ms, LitServe "
-        f"{args.litserve_timeout_ms:g} ms; {threads} engine threads each; ours "
-        f"{args.engine} {args.precision}, LitServe the {litserve_graph(args)} ONNX graph",
+        f"{args.litserve_timeout_ms:g} ms; {args.instances} workers of {threads} engine "
+        f"threads each (TorchServe {args.torchserve_workers} of "
+        f"{args.torchserve_threads or threads}); ours and LitServe {args.engine} "
+        f"{args.precision}",
         flush=True,
     )
 
@@ -583,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(stack.enter_context(starters[name]()))
             print(f"{name} ready at {servers[-1].url} in {time.perf_counter() - started:.0f} s")
         print("answers to the image (top-5):")
-        check_answers(servers, image, same_runtime=args.engine == "onnxruntime")
+        check_answers(servers, image)
         for server in servers:
             warm(server, image, max(levels), args.warmup)
         idle = idle_cpu(servers)

@@ -22,7 +22,8 @@ rm -rf "$env_dir"
 # raw request body through LitServe 0.2.19's route building: keep that version.
 "${pip[@]}" torchserve==0.12.0 torch-model-archiver==0.12.0 captum litserve==0.2.19 \
     onnxruntime pillow numpy httpx
-# LitServe's server imports hornet_bundle (the transform of classification_input).
-"${pip[@]}" -e "$repo"
-"$env_dir/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("torch", "torchvision", "torchserve", "torch-model-archiver", "litserve", "onnxruntime")))'
+# LitServe's server imports hornet_bundle (the transform) and service (the engine, with
+# the openvino extra for --engine openvino).
+"${pip[@]}" -e "$repo[openvino]"
+"$env_dir/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("torch", "torchvision", "torchserve", "torch-model-archiver", "litserve", "onnxruntime", "openvino")))'
 touch "$env_dir/.installed"
