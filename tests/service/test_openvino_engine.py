@@ -99,6 +99,34 @@ def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> N
     assert not narrowed, f"threads pinned to fewer CPUs than {sorted(allowed)}: {narrowed}"
 
 
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_exported_channel_norms_run_as_one_mvn_each_with_the_graphs_outputs(task) -> None:
+    """The exporters write each channels-first LayerNorm as Transpose -> LayerNormalization
+    -> Transpose; the engine rewrites every one of them (the manifest counts them) into
+    MVN over the channel axis, and the demo model still answers as ONNX Runtime does on
+    the unchanged graph."""
+    bundle_dir = demo.bundle_dir(task)
+    bundle = load_bundle(bundle_dir)
+    engine = create_engine(bundle, Settings(engine="openvino"))
+    try:
+        assert engine.unfused_norms == bundle.manifest.export["fused_layer_norms"] > 0
+        image = graph_input(bundle)
+        got = engine.run({"image": image})
+    finally:
+        engine.close()
+    want = _outputs(bundle_dir, image)
+    for name, expected in want.items():
+        np.testing.assert_allclose(
+            got[name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+        )
+
+
+def graph_input(bundle) -> np.ndarray:
+    """Three random images at the graph's NHWC input size."""
+    _, height, width, _ = bundle.manifest.inputs[0].shape
+    return RNG.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+
+
 def test_openvino_describes_itself_with_its_precision(classifier_dir) -> None:
     engine = create_engine(load_bundle(classifier_dir), Settings(engine="openvino"))
     assert engine.description.startswith("openvino ") and " fp32 model.onnx" in engine.description
