@@ -10,12 +10,6 @@ compute-time metrics. It knows nothing about HTTP, so it can be tested alone.
 A batch closes when it holds `max_batch_size` items or `max_delay_s` after its first
 item arrived. Batches are only formed when an engine instance is idle, so while all
 instances are busy the queue fills and the next batch is fuller (adaptive batching).
-With several instances, an instance that comes free while another is still running a
-batch collects for `max_delay_s` from that moment, not only from its first item's
-arrival: the items that queued meanwhile would otherwise leave at once as a batch of two
-or three while the freed clients' next requests were milliseconds away (8 clients on 2
-bf16 instances: batches of 2.3-3.2 instead of 3.0-3.7, median 40.9 img/s instead of
-43.8; bench/README.md). With one instance, or all others idle, nothing waits longer.
 """
 
 from __future__ import annotations
@@ -122,7 +116,6 @@ class BatchQueue(Generic[T, R]):
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._running_items = 0
-        self._busy_workers = 0
         self._item_seconds: float | None = None
 
     @property
@@ -239,24 +232,19 @@ class BatchQueue(Generic[T, R]):
             if not live:
                 self._idle.put_nowait(worker)
                 continue
-            self._busy_workers += 1
             task = asyncio.create_task(self._execute(worker, live))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> list[_Pending[T, R]]:
-        """Wait for a first item, then gather more until full or its delay has passed:
-        counted from the first item's arrival, or from now while another worker is busy
-        (module doc)."""
-        free_since = time.monotonic()
+        """Wait for a first item, then gather more until full or its delay has passed."""
         self._collecting = [await self._queue.get()]
-        first_arrived = self._collecting[0].enqueued_at
+        close_at = self._collecting[0].enqueued_at + self.max_delay_s
         while len(self._collecting) < self.max_batch_size:
             if not self._queue.empty():
                 self._collecting.append(self._queue.get_nowait())
                 continue
-            opened = max(first_arrived, free_since) if self._busy_workers else first_arrived
-            remaining = opened + self.max_delay_s - time.monotonic()
+            remaining = close_at - time.monotonic()
             if remaining <= 0:
                 break
             try:
@@ -319,7 +307,6 @@ class BatchQueue(Generic[T, R]):
                     entry.future.set_result(result)
         finally:
             self._running_items -= len(batch)
-            self._busy_workers -= 1
             self._idle.put_nowait(worker)
             if self._observer is not None:
                 self._observer.batch_done(

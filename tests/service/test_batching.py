@@ -132,41 +132,6 @@ async def test_instances_run_batches_in_parallel() -> None:
     await within(queue.close(1.0))
 
 
-async def _freed_worker_batch(workers: list[HeldWorker], free: HeldWorker) -> list[int]:
-    """Every worker holding a batch of two, item 5 queued past its delay (0.3 s), then
-    `free` released and item 6 sent 50 ms later: the next batch `free` runs."""
-    queue = _queue(workers, max_batch_size=2, max_delay_s=0.3)
-    pending = []
-    for index, worker in enumerate(workers):
-        pending += [asyncio.ensure_future(queue.submit(2 * index + i)) for i in (1, 2)]
-        await worker.wait_entered()
-    pending.append(asyncio.ensure_future(queue.submit(5)))
-    await asyncio.sleep(0.4)
-    batches_before = len(free.seen)
-    free.released.set()
-    await asyncio.sleep(0.05)
-    pending.append(asyncio.ensure_future(queue.submit(6)))
-    for worker in workers:
-        worker.released.set()
-    await within(asyncio.gather(*pending))
-    await within(queue.close(1.0))
-    return free.seen[batches_before]
-
-
-async def test_an_instance_freed_beside_a_busy_one_gathers_for_the_delay() -> None:
-    """Item 5 queued while both instances were busy; the one that comes free first waits
-    the delay from then, so item 6, 50 ms behind, rides in the same batch."""
-    first, second = HeldWorker(), HeldWorker()
-    assert await _freed_worker_batch([first, second], second) == [5, 6]
-
-
-async def test_a_lone_instance_runs_what_queued_at_once() -> None:
-    """With one instance (nothing else busy) the delay counts from the first item's
-    arrival as always: item 5, queued past its delay, leaves alone."""
-    only = HeldWorker()
-    assert await _freed_worker_batch([only], only) == [5]
-
-
 async def test_full_queue_refuses_at_once() -> None:
     worker, recorder = HeldWorker(), Recorder()
     queue = _queue([worker], max_batch_size=1, max_delay_s=0.0, max_queue_size=2, observer=recorder)
