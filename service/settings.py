@@ -91,10 +91,7 @@ class Settings(BaseSettings):
     max_delay_ms: Annotated[float, Flag(metavar="T")] = Field(
         5.0,
         ge=0,
-        description=(
-            "a batch closes T ms after its first request (or, with several instances, after "
-            "an instance came free while another was busy), or at --max-batch-size images"
-        ),
+        description="a batch closes T ms after its first request, or at --max-batch-size images",
     )
     max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
         64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"
