@@ -285,7 +285,7 @@ def torchserve_model_ready(management_url: str, args: argparse.Namespace) -> boo
 
 @contextlib.contextmanager
 def torchserve(
-    args: argparse.Namespace, bundle: Path, checkpoint: Path, threads: int, work: Path
+    args: argparse.Namespace, bundle: Path, checkpoint: Path, work: Path
 ) -> Iterator[Server]:
     """`torchserve --start` with the archive, stopped with `torchserve --stop`; its logs,
     its pid file and its temporary files stay in work/torchserve."""
@@ -300,7 +300,7 @@ def torchserve(
         "TEMP": str(folder / "tmp"),  # the JVM's java.io.tmpdir
         "LOG_LOCATION": str(logs),
         "METRICS_LOCATION": str(logs),
-        "OMP_NUM_THREADS": str(args.torchserve_threads or threads),
+        "OMP_NUM_THREADS": str(args.torchserve_threads),
         "PATH": f"{args.peers_venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     command = [str(args.peers_venv / "bin" / "torchserve")]
@@ -550,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="hornet-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = args.engine_threads or os.cpu_count() or 1
+    args.torchserve_threads = args.torchserve_threads or threads
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     image = args.image.read_bytes() if args.image else test_image((width, height))
     print(f"{machine()}; files and logs in {work}", flush=True)
@@ -576,14 +577,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_delay_ms:g} ms, TorchServe {args.torchserve_delay_ms} ms, LitServe "
         f"{args.litserve_timeout_ms:g} ms; {args.instances} workers of {threads} engine "
         f"threads each (TorchServe {args.torchserve_workers} of "
-        f"{args.torchserve_threads or threads}); ours and LitServe {args.engine} "
+        f"{args.torchserve_threads}); ours and LitServe {args.engine} "
         f"{args.precision}",
         flush=True,
     )
 
     starters = {
         "ours": lambda: ours(args, bundle, threads, work),
-        "torchserve": lambda: torchserve(args, bundle, checkpoint, threads, work),
+        "torchserve": lambda: torchserve(args, bundle, checkpoint, work),
         "litserve": lambda: litserve(args, bundle, threads, work),
     }
     with contextlib.ExitStack() as stack:

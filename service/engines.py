@@ -257,7 +257,7 @@ def unfuse_channel_norms(model) -> int:
     folding = Manager()
     folding.register_pass(ConstantFolding())
     folding.run_passes(axes)
-    # NHWC output of a norm already rewritten -> its NCHW replacement: the importer merges
+    # NHWC output node of each norm rewritten -> its NCHW replacement: the importer merges
     # the Transposes between two norms in a row (a stem norm followed by a stage's), so
     # the second one's input is the first one's NHWC output, not a Transpose.
     channels_first: dict = {}
@@ -266,7 +266,7 @@ def unfuse_channel_norms(model) -> int:
         pattern = _channel_norm_pattern(mvn, channels_first)
         if pattern is None:
             continue
-        source, scale, shift, nhwc_out, transposes_back, next_norms = pattern
+        source, scale, shift, nhwc_out, transposes_back = pattern
         normalized = ops.mvn(
             source,
             ops.constant(np.array([1], dtype=np.int64)),
@@ -278,18 +278,17 @@ def unfuse_channel_norms(model) -> int:
         for transpose in transposes_back:
             for target in list(transpose.output(0).get_target_inputs()):
                 target.replace_source_output(out.output(0))
-        if next_norms:
-            channels_first[nhwc_out.get_node().get_instance_id()] = out.output(0)
+        channels_first[nhwc_out.get_instance_id()] = out.output(0)
         rewritten += 1
     model.validate_nodes_and_infer_types()
     return rewritten
 
 
 def _channel_norm_pattern(mvn, channels_first: dict):
-    """When `mvn` is a fused channels-first LayerNorm (see unfuse_channel_norms): its NCHW
-    input, scale and shift shaped [1,C,1,1], its NHWC output (the shift's Add), the
-    Transposes back to NCHW that consume it and whether norms consume it too; else None.
-    Anything else reading the NHWC output leaves the norm as it is."""
+    """When the MVN `mvn` is a fused channels-first LayerNorm (see unfuse_channel_norms):
+    its NCHW input, scale and shift shaped [1,C,1,1], the node of its NHWC output (the
+    shift's Add) and the Transposes back to NCHW that consume it; else None. Anything but
+    those and other norms reading the NHWC output leaves the norm as it is."""
 
     def constant(output) -> list | None:
         node = output.get_node()
@@ -299,7 +298,7 @@ def _channel_norm_pattern(mvn, channels_first: dict):
         consumers = list(node.output(0).get_target_inputs())
         return consumers[0].get_node() if len(consumers) == 1 else None
 
-    if mvn.get_type_name() != "MVN" or mvn.get_attributes().get("eps_mode") != "INSIDE_SQRT":
+    if mvn.get_attributes().get("eps_mode") != "INSIDE_SQRT":
         return None
     if constant(mvn.input_value(1)) not in ([-1], [3]):
         return None
@@ -325,8 +324,8 @@ def _channel_norm_pattern(mvn, channels_first: dict):
         if node.get_type_name() == "Transpose"
         and constant(node.input_value(1)) == _TO_CHANNELS_FIRST
     ]
-    next_norms = [node for node in consumers if node.get_type_name() == "MVN"]
-    if not transposes_back or len(transposes_back) + len(next_norms) != len(consumers):
+    next_norms = sum(node.get_type_name() == "MVN" for node in consumers)
+    if not transposes_back or len(transposes_back) + next_norms != len(consumers):
         return None
     scale, shift = constant(scale_node.input_value(1)), constant(shift_node.input_value(1))
     channels = source.get_partial_shape()[1]
@@ -339,9 +338,8 @@ def _channel_norm_pattern(mvn, channels_first: dict):
         source,
         np.asarray(scale, np.float32).reshape(as_nchw),
         np.asarray(shift, np.float32).reshape(as_nchw),
-        shift_node.output(0),
+        shift_node,
         transposes_back,
-        bool(next_norms),
     )
 
 
