@@ -237,11 +237,11 @@ def unfuse_channel_norms(model) -> int:
     """Rewrite, in an OpenVINO model read from a bundle's ONNX graph, each channels-first
     LayerNorm that the exporter wrote as Transpose -> LayerNormalization(last axis) ->
     Transpose (one ONNX node, which ONNX Runtime runs about twice as fast as the written-
-    out form) into MVN over the channel axis with the same eps, scale and shift, and no
-    Transposes: the same function. OpenVINO's CPU plugin ran the fused form's Transposes,
-    Reorders and a Subtract it splits out of the MVN for a third of hornet_tiny_7x7's
-    bf16 time; rewritten, two one-thread engines ran 67.1 img/s against 54.5 (bench/
-    README.md, OpenVINO). Returns how many it rewrote (the manifest's
+    out form) into a norm over the channel axis with the same eps, scale and shift, and
+    no Transposes (`_channel_layer_norm`): the same function. OpenVINO's CPU plugin ran
+    the fused form's Transposes, Reorders and a Subtract it splits out of the MVN for a
+    third of hornet_tiny_7x7's bf16 time; rewritten, two one-thread engines ran 67.1
+    img/s against 54.5 (bench/README.md, OpenVINO). Returns how many it rewrote (the manifest's
     `export.fused_layer_norms`, for the classifier and segmenter exporters)."""
     import openvino as ov
     import openvino.opset13 as ops
@@ -267,14 +267,8 @@ def unfuse_channel_norms(model) -> int:
         if pattern is None:
             continue
         source, scale, shift, nhwc_out, transposes_back = pattern
-        normalized = ops.mvn(
-            source,
-            ops.constant(np.array([1], dtype=np.int64)),
-            normalize_variance=True,
-            eps=mvn.get_attributes()["eps"],
-            eps_mode="inside_sqrt",
-        )
-        out = ops.add(ops.multiply(normalized, ops.constant(scale)), ops.constant(shift))
+        eps = mvn.get_attributes()["eps"]
+        out = _channel_layer_norm(ops, source, eps, scale, shift, as_mvn=rewritten == 0)
         for transpose in transposes_back:
             for target in list(transpose.output(0).get_target_inputs()):
                 target.replace_source_output(out.output(0))
@@ -282,6 +276,29 @@ def unfuse_channel_norms(model) -> int:
         rewritten += 1
     model.validate_nodes_and_infer_types()
     return rewritten
+
+
+def _channel_layer_norm(
+    ops, source, eps: float, scale: np.ndarray, shift: np.ndarray, *, as_mvn: bool
+):
+    """LayerNorm over axis 1 of NCHW `source`. With y = x - mean_C(x),
+    LN(x) = y / sqrt(mean_C(y^2) + eps) = sqrt(C) * y / sqrt(sum_C(y^2) + C * eps):
+    NormalizeL2 over the channels with C * eps added inside the root and sqrt(C) folded
+    into the scale, which OpenVINO's CPU plugin runs as one kernel. MVN over axis 1
+    alone has none: the plugin splits it into ReduceMean, Subtract, Power, Sqrt and
+    Divide passes, 3-14% slower in bf16 for the 7x7 and GF tiny classifiers (bench/
+    README.md, OpenVINO). `as_mvn` keeps the MVN: for the stem's norm, where in bf16
+    NormalizeL2 nearly doubled the demo classifier's logit error on photographs (3.2e-2
+    against 1.7e-2 all MVN, 1.8e-2 with the stem's alone as MVN)."""
+    channels = scale.shape[1]
+    axis = ops.constant(np.array([1], dtype=np.int64))
+    if as_mvn:
+        normalized = ops.mvn(source, axis, normalize_variance=True, eps=eps, eps_mode="inside_sqrt")
+        return ops.add(ops.multiply(normalized, ops.constant(scale)), ops.constant(shift))
+    centred = ops.subtract(source, ops.reduce_mean(source, axis, keep_dims=True))
+    normalized = ops.normalize_l2(centred, axis, channels * eps, "add")
+    scale = (scale * np.sqrt(channels)).astype(np.float32)
+    return ops.add(ops.multiply(normalized, ops.constant(scale)), ops.constant(shift))
 
 
 def _channel_norm_pattern(mvn, channels_first: dict):

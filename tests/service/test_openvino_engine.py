@@ -100,10 +100,10 @@ def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> N
 
 
 @pytest.mark.parametrize("task", ["classify", "segment"])
-def test_exported_channel_norms_run_as_one_mvn_each_with_the_graphs_outputs(task) -> None:
+def test_exported_channel_norms_are_rewritten_channels_first_with_the_graphs_outputs(task) -> None:
     """The exporters write each channels-first LayerNorm as Transpose -> LayerNormalization
     -> Transpose; the engine rewrites every one of them (the manifest counts them) into
-    MVN over the channel axis, and the demo model still answers as ONNX Runtime does on
+    a norm over the channel axis, and the demo model still answers as ONNX Runtime does on
     the unchanged graph."""
     bundle_dir = demo.bundle_dir(task)
     bundle = load_bundle(bundle_dir)
