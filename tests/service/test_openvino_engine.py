@@ -121,6 +121,23 @@ def test_exported_channel_norms_are_rewritten_channels_first_with_the_graphs_out
         )
 
 
+def test_global_filter_channel_splits_become_gathers_with_the_graphs_outputs() -> None:
+    """Each Global Filter layer splits its channels into a local and a global half; the
+    engine gathers the halves instead (one per GF layer the manifest counts), and the
+    demo GF classifier still answers as ONNX Runtime does on the unchanged graph."""
+    bundle_dir = demo.bundle_dir("classify")
+    bundle = load_bundle(bundle_dir)
+    engine = create_engine(bundle, Settings(engine="openvino"))
+    try:
+        assert engine.gathered_splits == sum(bundle.manifest.export["gf_layers"].values()) > 0
+        image = graph_input(bundle)
+        got = engine.run({"image": image})
+    finally:
+        engine.close()
+    want = _outputs(bundle_dir, image)["logits"]
+    np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def graph_input(bundle) -> np.ndarray:
     """Three random images at the graph's NHWC input size."""
     _, height, width, _ = bundle.manifest.inputs[0].shape
