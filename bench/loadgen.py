@@ -222,6 +222,8 @@ def server_flags(args: argparse.Namespace) -> list[str]:
         "--log-level", "warning", "--device", args.device, "--precision", args.precision,
         "--engine", args.engine, "--decode-threads", str(args.decode_threads),
         "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
+        "--openvino-static-shapes" if args.openvino_static_shapes
+        else "--no-openvino-static-shapes",
     ]  # fmt: skip
 
 
@@ -318,6 +320,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="server's ONNX Runtime threads spin between runs too",
     )
+    parser.add_argument(
+        "--openvino-static-shapes",
+        action="store_true",
+        help="OpenVINO: one static-shape model per batch size (server and raw reference)",
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -346,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
         engine_threads=args.engine_threads, device=args.device, precision=args.precision,
         engine=args.engine, instances=args.instances, engine_spinning=args.engine_spinning,
+        openvino_static_shapes=args.openvino_static_shapes,
         allow_unverified_precision=True,  # the server refuses or allows it; not timing's concern
     )  # fmt: skip
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "

@@ -80,11 +80,15 @@ def main() -> None:
         "--spinning", action="store_true", help="intra-op threads spin between runs too"
     )
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--static-shapes", action="store_true", help="OpenVINO: --openvino-static-shapes"
+    )
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
     args = parser.parse_args()
     engine = Settings(
         model_dir=[args.model_dir], engine=args.engine, precision=args.precision,
         engine_threads=args.threads, engine_spinning=args.spinning,
+        max_batch_size=args.max_batch_size, openvino_static_shapes=args.static_shapes,
     )  # fmt: skip
     api = HorNetClassifier(
         args.model_dir, engine, max_batch_size=args.max_batch_size,

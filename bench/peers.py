@@ -346,6 +346,7 @@ def litserve(args: argparse.Namespace, bundle: Path, threads: int, work: Path) -
         "--workers", str(args.instances), "--max-batch-size", str(args.max_batch_size),
         "--batch-timeout", str(args.litserve_timeout_ms / 1000.0),
         *(["--spinning"] if args.engine_spinning else []),
+        *(["--static-shapes"] if args.openvino_static_shapes else []),
     ]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -23,7 +23,9 @@ plain PyTorch server runs; the table then gives every engine's ratio to it.
 each bundle's fp32 graph at each `--openvino-precision` (bf16 only where the CPU has
 bf16 arithmetic; otherwise skipped, saying so; int8 runs the bundle's int8 graph,
 `hornet export --int8`) and prints its ratio to ONNX Runtime fp32 of the same bundle, as
-it does for ONNX Runtime's run of an int8 graph. Whenever hornet_tiny_7x7 and
+it does for ONNX Runtime's run of an int8 graph; `--openvino-static` adds each again with
+static shapes (the server's `--openvino-static-shapes`, max batch the largest `--batch`),
+labelled openvino-static. Whenever hornet_tiny_7x7 and
 hornet_tiny_gf bundles are both measured (`--gf-compare`, or given), each engine's GF is
 compared with its own 7x7.
 Nothing here is asserted; it prints measurements.
@@ -63,10 +65,14 @@ class OrtRunner:
 
 
 class OpenVinoRunner:
-    def __init__(self, path: Path, input_name: str, threads: int, precision: str) -> None:
+    def __init__(
+        self, path: Path, input_name: str, threads: int, precision: str, static_batch: int = 0
+    ) -> None:
         from service.engines import OpenVinoEngine
 
-        self.engine = OpenVinoEngine(path, precision=precision, threads=threads)
+        self.engine = OpenVinoEngine(
+            path, precision=precision, threads=threads, static_batch=static_batch
+        )
         self.input_name = input_name
 
     def __call__(self, batch: np.ndarray) -> None:
@@ -112,7 +118,11 @@ class Item(NamedTuple):
 
 
 def runners(
-    bundle: Bundle, threads: int, device: str = "cpu", openvino: tuple[str, ...] = ()
+    bundle: Bundle,
+    threads: int,
+    device: str = "cpu",
+    openvino: tuple[str, ...] = (),
+    static_batch: int = 0,
 ) -> list[Item]:
     """One item per engine of a bundle, and one per `openvino` precision over its fp32
     graph. Graphs without a batch axis (detectors take one image of any size) get the
@@ -147,17 +157,20 @@ def runners(
                 manifest.name,
             )
         )
+    shapes = [("openvino", 0)] + ([("openvino-static", static_batch)] if static_batch else [])
     for precision in openvino:
         graph = manifest.engine_for("onnx", "int8" if precision == "int8" else "fp32")
-        label = f"{manifest.name} openvino/{precision} (GF {graph.gf_mode})"
-        try:
-            run = OpenVinoRunner(bundle.path / graph.file, spec.name, threads, precision)
-        except Exception as exc:  # no openvino, or no bf16 on this CPU: say so, measure the rest
-            print(f"# skipping {label}: {exc}", file=sys.stderr)
-            continue
-        found.append(
-            Item(label, run, dtype, shape, manifest.variant, "openvino", precision, manifest.name)
-        )
+        for kind, batch in shapes:
+            label = f"{manifest.name} {kind}/{precision} (GF {graph.gf_mode})"
+            try:
+                path = bundle.path / graph.file
+                run = OpenVinoRunner(path, spec.name, threads, precision, batch)
+            except Exception as exc:  # no openvino or no bf16 here: say so, measure the rest
+                print(f"# skipping {label}: {exc}", file=sys.stderr)
+                continue
+            found.append(
+                Item(label, run, dtype, shape, manifest.variant, kind, precision, manifest.name)
+            )
     return found
 
 
@@ -326,6 +339,12 @@ def main() -> int:
         default="fp32",
         help="comma-separated precisions OpenVINO runs the fp32 graph at: fp32, bf16",
     )
+    parser.add_argument(
+        "--openvino-static",
+        action="store_true",
+        help="also run OpenVINO with static shapes (--openvino-static-shapes, max batch the "
+        "largest --batch), as openvino-static",
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     openvino = tuple(args.openvino_precision.split(",")) if "openvino" in engines else ()
@@ -340,7 +359,9 @@ def main() -> int:
         items = [
             item
             for bundle in loaded
-            for item in runners(bundle, args.threads, args.device, openvino)
+            for item in runners(
+                bundle, args.threads, args.device, openvino, max(batches) * args.openvino_static
+            )
         ]
         if args.torch:
             items += eager_baselines(loaded, args.device)
@@ -362,7 +383,9 @@ def main() -> int:
             for item, base in pairs:
                 print_ratio(item.label, base.label, results, batches)
         others = [
-            i for i in items if i.kind == "openvino" or (i.kind, i.precision) == ("onnx", "int8")
+            i
+            for i in items
+            if i.kind.startswith("openvino") or (i.kind, i.precision) == ("onnx", "int8")
         ]
         ov_pairs = [(item, ort_fp32(item, items)) for item in others]
         ov_pairs = [(item, base) for item, base in ov_pairs if base]

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime intra-op threads, OpenVINO inference threads; 0 = its default",
     )
+    openvino_static_shapes: bool = Field(
+        False,
+        description="--engine openvino: compile one static-shape model per batch size "
+        "(max batch size and the powers of two below it) and run batches as pieces of "
+        "those: 1.1-1.3x the throughput, one more compiled model's memory per size "
+        "(the detector stays dynamic)",
+    )
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0, ge=0, description="threads decoding uploads, 0 = one per CPU"
     )

@@ -138,10 +138,64 @@ def test_global_filter_channel_splits_become_gathers_with_the_graphs_outputs() -
     np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def graph_input(bundle) -> np.ndarray:
-    """Three random images at the graph's NHWC input size."""
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_static_shapes_answer_as_the_dynamic_graph_in_pieces(task) -> None:
+    """--openvino-static-shapes with a max batch of 4 compiles batch sizes 4, 2 and 1 and
+    runs 7 images as 4 + 2 + 1; the answers are ONNX Runtime's on the whole batch."""
+    bundle_dir = demo.bundle_dir(task)
+    bundle = load_bundle(bundle_dir)
+    settings = Settings(engine="openvino", openvino_static_shapes=True, max_batch_size=4)
+    engine = create_engine(bundle, settings)
+    try:
+        assert engine.static_sizes == (4, 2, 1)
+        assert "static batches 4,2,1" in engine.description
+        image = graph_input(bundle, 7)
+        got = engine.run({"image": image})
+    finally:
+        engine.close()
+    want = _outputs(bundle_dir, image)
+    assert set(got) == set(want)
+    for name, expected in want.items():
+        assert got[name].shape == expected.shape
+        np.testing.assert_allclose(
+            got[name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+        )
+
+
+def test_the_detector_stays_dynamic_with_static_shapes(detector_dir) -> None:
+    """The detector's image size varies from request to request: no static models."""
+    settings = Settings(engine="openvino", openvino_static_shapes=True)
+    engine = create_engine(load_bundle(detector_dir), settings)
+    try:
+        assert engine.static_sizes == ()
+        got = engine.run({"image": INPUTS["detect"]})
+    finally:
+        engine.close()
+    want = _outputs(detector_dir, INPUTS["detect"])
+    for name, expected in want.items():
+        np.testing.assert_allclose(
+            got[name], expected, rtol=1e-4, atol=1e-4 * max(np.abs(expected).max(), 1)
+        )
+
+
+@pytest.mark.parametrize(("max_batch", "sizes"), [(8, (8, 4, 2, 1)), (6, (6, 4, 2, 1)), (1, (1,))])
+def test_static_sizes_are_the_max_batch_and_the_powers_of_two_below(max_batch, sizes) -> None:
+    assert engines.static_sizes(max_batch) == sizes
+
+
+@pytest.mark.parametrize("count", range(1, 40))
+def test_batch_pieces_cover_the_batch_largest_first(count) -> None:
+    sizes = engines.static_sizes(8)
+    pieces = engines.batch_pieces(count, sizes)
+    assert sum(pieces) == count and set(pieces) <= set(sizes)
+    assert pieces == sorted(pieces, reverse=True)
+    assert pieces.count(8) == count // 8 and len(pieces) == count // 8 + bin(count % 8).count("1")
+
+
+def graph_input(bundle, count: int = 3) -> np.ndarray:
+    """`count` random images at the graph's NHWC input size."""
     _, height, width, _ = bundle.manifest.inputs[0].shape
-    return RNG.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    return RNG.integers(0, 256, (count, height, width, 3), dtype=np.uint8)
 
 
 def test_openvino_describes_itself_with_its_precision(classifier_dir) -> None:
