@@ -11,6 +11,8 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 from hornet_bundle import Manifest, load_bundle
@@ -179,6 +181,39 @@ def test_the_demo_bundles_serve_on_openvino(tmp_path) -> None:
         models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
     assert {m["engine"].split()[0] for m in models["models"]} == {"openvino"}
     assert len(models["models"]) == 3
+
+
+def test_static_shapes_serve_a_request_in_pieces_as_onnx_runtime_does(tmp_path) -> None:
+    """A real server with --openvino-static-shapes and a max batch of 4 answers a request
+    of 7 images (batches run as pieces of 4, 2 and 1) with ONNX Runtime's scores; its model list says which
+    batch sizes it compiled, and the detector stays dynamic."""
+    pytest.importorskip("openvino")
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (40 + 9 * i, 56, 3), dtype=np.uint8) for i in range(7)]
+    answers = {}
+    for engine in ("onnxruntime", "openvino"):
+        flags = ["--engine", engine, "--max-batch-size", "4", "--openvino-static-shapes"]
+        with running_server(flags, log_path=tmp_path / f"{engine}.log") as server:
+            models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
+            reply = httpx.post(
+                f"{server.url}/classify?top_k=3", files=demo.uploads(images), timeout=60
+            )
+        assert reply.status_code == 200, reply.text
+        answers[engine] = reply.json()
+        if engine == "openvino":
+            described = {m["task"]: m["engine"] for m in models["models"]}
+            assert described["classify"].endswith("static batches 4,2,1")
+            assert described["segment"].endswith("static batches 4,2,1")
+            assert "static" not in described["detect"]
+    want, got = (answers[e]["results"] for e in ("onnxruntime", "openvino"))
+    assert len(got) == len(want) == 7
+    for expected, served in zip(want, got, strict=True):
+        assert [p["index"] for p in served["top_k"]] == [p["index"] for p in expected["top_k"]]
+        np.testing.assert_allclose(
+            [p["score"] for p in served["top_k"]],
+            [p["score"] for p in expected["top_k"]],
+            atol=1e-4,
+        )
 
 
 @pytest.mark.skipif(cpu_runs_bf16(), reason="this CPU has bf16 arithmetic")
