@@ -185,8 +185,8 @@ def test_the_demo_bundles_serve_on_openvino(tmp_path) -> None:
 
 def test_static_shapes_serve_a_request_in_pieces_as_onnx_runtime_does(tmp_path) -> None:
     """A real server with --openvino-static-shapes and a max batch of 4 answers a request
-    of 7 images (batches run as pieces of 4, 2 and 1) with ONNX Runtime's scores; its model list says which
-    batch sizes it compiled, and the detector stays dynamic."""
+    of 7 images (its batches run as pieces of 4, 2 and 1) with ONNX Runtime's scores; its
+    model list says which batch sizes it compiled, and the detector stays dynamic."""
     pytest.importorskip("openvino")
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (40 + 9 * i, 56, 3), dtype=np.uint8) for i in range(7)]
