@@ -317,10 +317,11 @@ def _channel_layer_norm(
     NormalizeL2 over the channels with C * eps added inside the root and sqrt(C) folded
     into the scale, which OpenVINO's CPU plugin runs as one kernel. MVN over axis 1
     alone has none: the plugin splits it into ReduceMean, Subtract, Power, Sqrt and
-    Divide passes, 3-14% slower in bf16 for the 7x7 and GF tiny classifiers (bench/
-    README.md, OpenVINO). `as_mvn` keeps the MVN: for the stem's norm, where in bf16
-    NormalizeL2 nearly doubled the demo classifier's logit error on photographs (3.2e-2
-    against 1.7e-2 all MVN, 1.8e-2 with the stem's alone as MVN)."""
+    Divide passes; in bf16 the NormalizeL2 form ran the tiny classifiers 1.00-1.09x (7x7)
+    and 1.15-1.21x (GF) as fast (bench/README.md, OpenVINO). `as_mvn` keeps the MVN: for
+    the stem's norm, where in bf16 NormalizeL2 nearly doubled the demo classifier's
+    logit error on photographs (3.2e-2 against 1.7e-2 all MVN, 1.8e-2 with the stem's
+    alone as MVN)."""
     channels = scale.shape[1]
     axis = ops.constant(np.array([1], dtype=np.int64))
     if as_mvn:
@@ -496,7 +497,8 @@ class OpenVinoEngine:
 
 def static_sizes(max_batch: int) -> tuple[int, ...]:
     """The batch sizes the static-shape OpenVINO engine compiles, largest first: the
-    powers of two below `max_batch` and `max_batch` itself (8: 8, 4, 2, 1)."""
+    powers of two below `max_batch` and `max_batch` itself (8: 8, 4, 2, 1; 1 + log2 of
+    the max batch models in all)."""
     powers = [1 << bit for bit in range(max_batch.bit_length()) if 1 << bit < max_batch]
     return (max_batch, *reversed(powers))
 
