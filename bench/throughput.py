@@ -349,6 +349,7 @@ def main() -> int:
     engines = args.engines.split(",")
     openvino = tuple(args.openvino_precision.split(",")) if "openvino" in engines else ()
     batches = [int(b) for b in args.batch.split(",")]
+    static_batch = max(batches) if args.openvino_static else 0
     with tempfile.TemporaryDirectory() as tmp:
         bundles = list(args.bundles)
         if args.gf_compare:
@@ -359,9 +360,7 @@ def main() -> int:
         items = [
             item
             for bundle in loaded
-            for item in runners(
-                bundle, args.threads, args.device, openvino, max(batches) * args.openvino_static
-            )
+            for item in runners(bundle, args.threads, args.device, openvino, static_batch)
         ]
         if args.torch:
             items += eager_baselines(loaded, args.device)

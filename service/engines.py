@@ -331,10 +331,10 @@ def _channel_layer_norm(
     axis = ops.constant(np.array([1], dtype=np.int64))
     if as_mvn:
         normalized = ops.mvn(source, axis, normalize_variance=True, eps=eps, eps_mode="inside_sqrt")
-        return ops.add(ops.multiply(normalized, ops.constant(scale)), ops.constant(shift))
-    centred = ops.subtract(source, ops.reduce_mean(source, axis, keep_dims=True))
-    normalized = ops.normalize_l2(centred, axis, channels * eps, "add")
-    scale = (scale * np.sqrt(channels)).astype(np.float32)
+    else:
+        centred = ops.subtract(source, ops.reduce_mean(source, axis, keep_dims=True))
+        normalized = ops.normalize_l2(centred, axis, channels * eps, "add")
+        scale = (scale * np.sqrt(channels)).astype(np.float32)
     return ops.add(ops.multiply(normalized, ops.constant(scale)), ops.constant(shift))
 
 
@@ -452,27 +452,18 @@ class OpenVinoEngine:
         sizes = static_sizes(static_batch) if static_batch and _only_batch_dynamic(model) else ()
         self.unfused_norms = unfuse_channel_norms(model, normalize_l2=not sizes)
         self.gathered_splits = gather_channel_halves(model)
-        models = {}
-        for size in sizes:
-            static = model.clone()
-            static.reshape({port: [size, *port.get_partial_shape()[1:]] for port in static.inputs})
-            models[size] = static
-        compiled = {
-            size: core.compile_model(each, "CPU", config)
-            for size, each in (models or {0: model}).items()
-        }
+        # batch size -> compiled model; one key, 0, for the dynamic model.
+        models = {size: _with_batch(model, size) for size in sizes} or {0: model}
+        compiled = {size: core.compile_model(each, "CPU", config) for size, each in models.items()}
+        first = next(iter(compiled.values()))
         # An ov.Type, whose str() is "<Type: 'bfloat16'>": compare the Type itself.
-        ran = next(iter(compiled.values())).get_property("INFERENCE_PRECISION_HINT")
+        ran = first.get_property("INFERENCE_PRECISION_HINT")
         if precision == "bf16" and ran != ov.Type.bf16:
             raise EngineUnavailable(
                 f"OpenVINO compiled {path.name} for {ran.get_type_name()}, not bf16"
             )
-        # batch size -> infer request; one key, 0, for the dynamic model.
         self._requests = {size: each.create_infer_request() for size, each in compiled.items()}
-        self._outputs = [
-            (index, port.get_any_name())
-            for index, port in enumerate(next(iter(compiled.values())).outputs)
-        ]
+        self._outputs = [(index, port.get_any_name()) for index, port in enumerate(first.outputs)]
         self.static_sizes = sizes
         shapes = f" static batches {','.join(map(str, sizes))}" if sizes else ""
         self.description = f"openvino {ov.__version__} CPU {precision} {path.name}{shapes}"
@@ -517,6 +508,13 @@ def batch_pieces(count: int, sizes: tuple[int, ...]) -> list[int]:
             pieces.append(size)
             count -= size
     return pieces
+
+
+def _with_batch(model, size: int):
+    """A copy of `model` with its inputs' batch axis fixed at `size`."""
+    static = model.clone()
+    static.reshape({port: [size, *port.get_partial_shape()[1:]] for port in static.inputs})
+    return static
 
 
 def _only_batch_dynamic(model) -> bool:
