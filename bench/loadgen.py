@@ -224,6 +224,7 @@ def server_flags(args: argparse.Namespace) -> list[str]:
         "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
         "--openvino-static-shapes" if args.openvino_static_shapes
         else "--no-openvino-static-shapes",
+        "--http-parser", args.http_parser, "--event-loop", args.event_loop,
     ]  # fmt: skip
 
 
@@ -325,6 +326,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="OpenVINO: one static-shape model per batch size (server and raw reference)",
     )
+    parser.add_argument("--http-parser", choices=("httptools", "h11"), default="httptools")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,6 +21,9 @@ manifest records that file's sha256. Speed does not depend on the weights' value
       service.engines from the same --engine, --precision and threads), --instances
       inference workers, max_batch_size --max-batch-size, batch_timeout
       --litserve-timeout-ms: the same engine behind another server.
+  ours-alt (only when named in --servers): ours again with --alt-flags added, to measure
+      one of our settings side by side in the same rounds, e.g. --servers ours,ours-alt
+      --alt-flags "--http-parser h11 --event-loop asyncio".
 The peers run from the virtualenv that tools/make_peers_env.sh makes (--peers-venv,
 default .venv-peers); this script runs from the project's .venv.
 
@@ -43,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -75,6 +79,8 @@ from hornet_bundle import load_bundle, sha256_of  # noqa: E402
 from service.testing import LOOPBACK, ServerNotReady, free_port, wait_ready  # noqa: E402
 
 SERVERS = ("ours", "torchserve", "litserve")
+# Not run unless named in --servers: ours again with --alt-flags added (last one wins).
+ALT = "ours-alt"
 TOP_K = 5
 SCORE_TOLERANCE = 1e-4  # ours vs LitServe: one graph, one runtime, batches composed apart
 # What TorchServe's stock image_classifier handler does to an image, whatever the model.
@@ -205,10 +211,13 @@ def torchserve_top_k(answer: dict) -> list[tuple[str, float]]:
 
 
 @contextlib.contextmanager
-def ours(args: argparse.Namespace, bundle: Path, threads: int, work: Path) -> Iterator[Server]:
+def ours(
+    args: argparse.Namespace, bundle: Path, threads: int, work: Path, name: str = "ours"
+) -> Iterator[Server]:
     settings = argparse.Namespace(**{**vars(args), "model_dir": bundle, "engine_threads": threads})
-    with serving(None, server_flags(settings), log_path=work / "ours.log") as (url, process):
-        yield Server("ours", url, "/classify", {"top_k": TOP_K}, process.pid, ours_top_k)
+    flags = server_flags(settings) + (shlex.split(args.alt_flags) if name == ALT else [])
+    with serving(None, flags, log_path=work / f"{name}.log") as (url, process):
+        yield Server(name, url, "/classify", {"top_k": TOP_K}, process.pid, ours_top_k)
 
 
 def torchserve_archive(bundle: Path, checkpoint: Path, args: argparse.Namespace, folder: Path):
@@ -531,12 +540,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torchserve-workers", type=int, help="default: --instances")
     parser.add_argument("--torchserve-threads", type=int, help="default: the engine threads")
     parser.add_argument("--litserve-timeout-ms", type=float, default=5.0, help="batch_timeout")
+    parser.add_argument(
+        "--alt-flags",
+        default="",
+        help=f"server flags added for {ALT!r} in --servers: ours against ours with them",
+    )
     add_server_arguments(parser)
     args = parser.parse_args(argv)
     args.servers = [name.strip() for name in args.servers.split(",")]
     args.torchserve_workers = args.torchserve_workers or args.instances
-    if unknown := set(args.servers) - set(SERVERS):
-        parser.error(f"--servers: unknown {sorted(unknown)}; choose from {SERVERS}")
+    if unknown := set(args.servers) - {*SERVERS, ALT}:
+        parser.error(f"--servers: unknown {sorted(unknown)}; choose from {(*SERVERS, ALT)}")
+    if ALT in args.servers and not args.alt_flags:
+        parser.error(f"--servers {ALT} needs --alt-flags")
     if args.model_dir is not None and args.checkpoint is None:
         parser.error("--model-dir needs --checkpoint, the file it was exported from")
     if args.device != "cpu":
@@ -587,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": lambda: ours(args, bundle, threads, work),
         "torchserve": lambda: torchserve(args, bundle, checkpoint, work),
         "litserve": lambda: litserve(args, bundle, threads, work),
+        ALT: lambda: ours(args, bundle, threads, work, ALT),
     }
     with contextlib.ExitStack() as stack:
         servers = []

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from hornet_cli import Command
 from service.flags import add_settings_flags, given_settings
+from service.http_protocol import BoundedHttpToolsProtocol
 from service.logs import configure_logging
 from service.memory import configure_allocator
 from service.settings import DEMO_BUNDLES_DIR, Settings
@@ -106,11 +107,10 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        # h11, even where httptools is installed (uvicorn[standard] would pick it): h11
-        # refuses a request head over 16 KiB; uvicorn's httptools protocol buffers any size
-        # (a hostile client's endless URL or header). httptools took 14% off the server's
-        # CPU per request on the demo classifier (bench/README.md), not worth that hole.
-        http="h11",
+        # Never uvicorn's own httptools protocol, which buffers a request head of any size;
+        # ours bounds it as h11 does (service.http_protocol).
+        http=BoundedHttpToolsProtocol if settings.http_parser == "httptools" else "h11",
+        loop=settings.event_loop,
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
     )

@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         description="let ONNX Runtime's threads spin between runs too (off: they spin "
         "during a run only)",
     )
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools",
+        description="HTTP/1.1 parser: httptools (C, a request head bounded at 16 KiB by "
+        "service.http_protocol) or uvicorn's pure-Python h11 (same bound, more CPU per request)",
+    )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="event loop: uvloop (libuv) or the standard library's asyncio"
+    )
     drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown bound in seconds")
     log_level: str = Field("info", description="log level")
     api_keys: Annotated[list[SecretStr], NoDecode, Flag("--api-key", metavar="KEY")] = Field(

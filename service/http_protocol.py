@@ -1,0 +1,87 @@
+"""The HTTP/1.1 parser the server runs: uvicorn's httptools protocol with a bound on the
+request head.
+
+uvicorn's pure-Python h11 protocol refuses a request head over 16 KiB, but costs about a
+millisecond of CPU per request more than its httptools protocol (bench/README.md). That
+one buffers a head of any size instead: llhttp hands a URL or a header over in pieces and
+httptools joins a header's pieces until its line ends, so one endless URL or header line
+from a hostile client grows the server's memory without limit. `BoundedHttpToolsProtocol`
+feeds the parser no more than `MAX_HEAD_BYTES` of a request's head: the first bytes past
+the bound answer 431 with a JSON body and close the connection, before they are parsed.
+The body is not counted (its bound is --max-upload-mb, enforced by the routes).
+"""
+
+from __future__ import annotations
+
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# h11's own bound (its max_incomplete_event_size), so both parsers refuse the same heads.
+MAX_HEAD_BYTES = 16 * 1024
+
+
+def _json_response(status_line: bytes, code: str, detail: str) -> bytes:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return b"".join(
+        (
+            status_line,
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        )
+    )
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that refuses a request head over MAX_HEAD_BYTES with 431, and
+    answers a malformed request with a JSON 400 instead of uvicorn's plain text."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (uvicorn's own)
+        super().__init__(*args, **kwargs)
+        # Bytes fed to the parser since the current request's head began; None while a
+        # body is being read (from the end of a head to the end of its message).
+        self._head_bytes: int | None = 0
+
+    def data_received(self, data: bytes) -> None:
+        while self._head_bytes is not None and data:
+            room = MAX_HEAD_BYTES - self._head_bytes
+            if room <= 0:
+                self._refuse_head()
+                return
+            # A request's head and (part of) its body usually come in one piece: feed up
+            # to the bound, and the rest once the parser has seen the head end.
+            piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if self.parser is None or self.transport.is_closing():
+                return
+        if data:
+            super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    def _refuse_head(self) -> None:
+        self.logger.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
+        self.transport.write(
+            _json_response(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+                "request_head_too_large",
+                f"the request line and headers are over {MAX_HEAD_BYTES} bytes",
+            )
+        )
+        self.transport.close()
+        self._head_bytes = None
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(
+            _json_response(b"HTTP/1.1 400 Bad Request\r\n", "bad_http_request", msg)
+        )
+        self.transport.close()
