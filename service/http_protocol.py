@@ -9,6 +9,13 @@ from a hostile client grows the server's memory without limit. `BoundedHttpTools
 feeds the parser no more than `MAX_HEAD_BYTES` of a request's head: the first bytes past
 the bound answer 431 with a JSON body and close the connection, before they are parsed.
 The body is not counted (its bound is --max-upload-mb, enforced by the routes).
+
+httptools also parses every request in what it is fed, where h11 parses one at a time:
+a client that pipelines requests without reading the answers (tens of thousands of
+tiny GETs in one write) would make uvicorn queue a request object for each, about 15
+MiB of the server's memory per connection for 1 MiB sent. The protocol holds at most
+`MAX_PIPELINED` requests waiting behind the one being answered; the next one is
+answered 429 with a JSON body and the connection closed, before the rest is parsed.
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # h11's own bound (its max_incomplete_event_size), so both parsers refuse the same heads.
 MAX_HEAD_BYTES = 16 * 1024
+# Requests parsed and waiting behind the one being answered, on one connection.
+MAX_PIPELINED = 16
+
+
+class _TooManyPipelined(Exception):
+    """Raised from a parser callback to stop parsing (httptools cannot pause)."""
 
 
 def _json_response(status_line: bytes, code: str, detail: str) -> bytes:
@@ -35,14 +48,16 @@ def _json_response(status_line: bytes, code: str, detail: str) -> bytes:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses a request head over MAX_HEAD_BYTES with 431, and
-    answers a malformed request with a JSON 400 instead of uvicorn's plain text."""
+    """HttpToolsProtocol that refuses a request head over MAX_HEAD_BYTES with 431 and
+    more than MAX_PIPELINED requests queued on a connection with 429, and answers a
+    malformed request with a JSON 400 instead of uvicorn's plain text."""
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (uvicorn's own)
         super().__init__(*args, **kwargs)
         # Bytes fed to the parser since the current request's head began; None while a
         # body is being read (from the end of a head to the end of its message).
         self._head_bytes: int | None = 0
+        self._too_many_pipelined = False
 
     def data_received(self, data: bytes) -> None:
         while self._head_bytes is not None and data:
@@ -63,6 +78,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._too_many_pipelined = True
+            raise _TooManyPipelined  # uvicorn answers with send_400_response, below
 
     def on_message_complete(self) -> None:
         self._head_bytes = 0
@@ -81,7 +99,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = None
 
     def send_400_response(self, msg: str) -> None:
-        self.transport.write(
-            _json_response(b"HTTP/1.1 400 Bad Request\r\n", "bad_http_request", msg)
-        )
+        if self._too_many_pipelined:
+            self.logger.warning("over %d pipelined requests refused", MAX_PIPELINED)
+            answer = _json_response(
+                b"HTTP/1.1 429 Too Many Requests\r\n",
+                "too_many_pipelined_requests",
+                f"over {MAX_PIPELINED} requests sent ahead of their answers on one connection",
+            )
+        else:
+            answer = _json_response(b"HTTP/1.1 400 Bad Request\r\n", "bad_http_request", msg)
+        self.transport.write(answer)
         self.transport.close()

@@ -3,9 +3,11 @@ JSON logs with request ids, a clean exit on SIGTERM; and the settings it reads."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -142,6 +144,57 @@ def test_heads_under_the_bound_bodies_and_pipelined_requests_in_one_write_are_se
     answers = _exchange(parser_server.url, two)
     assert answers.count(b"HTTP/1.1 200 OK") == 2, answers[:300]
     assert b'"models"' in answers
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_pipelined_requests_sent_without_reading_cost_bounded_memory(parser_server) -> None:
+    """20 connections each write 1 MiB of pipelined GETs (30000 requests) and read
+    nothing: h11 parses one request at a time; httptools would parse them all, and
+    uvicorn would queue a request object for each (about 300 MiB here, measured with
+    uvicorn's own httptools protocol), but ours stops at 16 queued per connection. The
+    server's memory stays within 32 MiB of where it was, and it serves the next client."""
+    address = urlsplit(parser_server.url)
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = request * ((1 << 20) // len(request))
+    before = _rss_mib(parser_server.process.pid)
+    connections = []
+    try:
+        for _ in range(20):
+            connection = socket.create_connection((address.hostname, address.port), timeout=30)
+            connection.setblocking(False)
+            with contextlib.suppress(BlockingIOError, ConnectionResetError, BrokenPipeError):
+                connection.send(flood)
+            connections.append(connection)
+        time.sleep(3)
+        grown = _rss_mib(parser_server.process.pid) - before
+    finally:
+        for connection in connections:
+            connection.close()
+    assert grown < 32, f"the server grew by {grown:.0f} MiB"
+    fine = _exchange(
+        parser_server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
+
+
+def test_deep_pipelining_is_refused_with_429_by_httptools_and_served_by_h11(
+    parser_server,
+) -> None:
+    """40 requests in one write: h11 answers them all in order; the httptools protocol
+    answers 429 with a JSON body once more than 16 wait behind the one being answered."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answers = _exchange(parser_server.url, request * 39 + last)
+    if _parser_of(parser_server) == "h11":
+        assert answers.count(b"HTTP/1.1 200 OK") == 40
+    else:
+        assert b"HTTP/1.1 429 Too Many Requests" in answers, answers[-300:]
+        assert b'"error": "too_many_pipelined_requests"' in answers
+        assert answers.count(b"HTTP/1.1 200 OK") <= 17
 
 
 def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
