@@ -197,6 +197,28 @@ def test_deep_pipelining_is_refused_with_429_by_httptools_and_served_by_h11(
         assert answers.count(b"HTTP/1.1 200 OK") <= 17
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # an HTTP/2 client without negotiation
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100),  # TLS on the plain port
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # both lengths: a smuggling attempt
+    ],
+    ids=["http2-preface", "tls", "content-length-and-chunked"],
+)
+def test_what_the_httptools_parser_refuses_gets_a_json_400(classifier_dir, tmp_path, data) -> None:
+    flags = ["--model-dir", str(classifier_dir), "--http-parser", "httptools"]
+    with running_server(flags, log_path=tmp_path / "server.log") as server:
+        status, _, body = _exchange(server.url, data).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400 "), status
+        assert json.loads(body)["error"] == "bad_http_request"
+        fine = _exchange(
+            server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
+
+
 def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HORNET_MAX_QUEUE_SIZE", "7")
     monkeypatch.setenv("HORNET_PORT", "9000")
