@@ -1,13 +1,15 @@
 """The HTTP/1.1 parser the server runs: uvicorn's httptools protocol with a bound on the
 request head.
 
-uvicorn's pure-Python h11 protocol refuses a request head over 16 KiB, but costs about a
-millisecond of CPU per request more than its httptools protocol (bench/README.md). That
-one buffers a head of any size instead: llhttp hands a URL or a header over in pieces and
-httptools joins a header's pieces until its line ends, so one endless URL or header line
-from a hostile client grows the server's memory without limit. `BoundedHttpToolsProtocol`
-feeds the parser no more than `MAX_HEAD_BYTES` of a request's head: the first bytes past
-the bound answer 431 with a JSON body and close the connection, before they are parsed.
+uvicorn's pure-Python h11 protocol refuses a request head over 16 KiB, but costs 0.6 ms
+of CPU per request more than its httptools protocol, and httptools on uvloop served the
+demo classifier 1.15x faster (bench/README.md, "Server efficiency"). That protocol
+buffers a head of any size instead: llhttp hands a URL or a header over in pieces and
+httptools joins a header's pieces until its line ends, so one endless URL or header
+line from a hostile client grows the server's memory without limit.
+`BoundedHttpToolsProtocol` feeds the parser no more than `MAX_HEAD_BYTES` of a
+request's head: the first bytes past the bound answer 431 with a JSON body and close
+the connection, before they are parsed.
 The body is not counted (its bound is --max-upload-mb, enforced by the routes).
 
 httptools also parses every request in what it is fed, where h11 parses one at a time:
@@ -73,6 +75,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if self.parser is None or self.transport.is_closing():
                 return
         if data:
+            # A body, and whatever follows it in this read (at most the transport's read
+            # size, 256 KiB: a next head begun here is bounded by that, then counted).
             super().data_received(data)
 
     def on_headers_complete(self) -> None:
