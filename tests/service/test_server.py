@@ -21,6 +21,7 @@ from service import settings as settings_module
 from service.settings import Settings
 from service.testing import RunningServer, running_server
 from tests.helpers.images import encode, upload
+from tests.helpers.memory import memory_of
 from tests.helpers.references import official_probabilities, scores_by_index
 
 
@@ -60,9 +61,15 @@ def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, phot
 
 
 @pytest.fixture(params=["httptools", "h11"])
-def parser_server(request, classifier_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
-    """The classifier behind each HTTP parser the server offers."""
-    flags = ["--model-dir", str(classifier_dir), "--http-parser", request.param]
+def http_parser(request) -> str:
+    """Each HTTP parser the server offers."""
+    return request.param
+
+
+@pytest.fixture
+def parser_server(http_parser, classifier_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
+    """The classifier behind `http_parser`."""
+    flags = ["--model-dir", str(classifier_dir), "--http-parser", http_parser]
     with running_server(flags, log_path=tmp_path / "server.log") as server:
         yield server
 
@@ -86,13 +93,14 @@ def _exchange(base_url: str, data: bytes) -> bytes:
         return answer
 
 
-def _parser_of(server: RunningServer) -> str:
-    return server.process.args[server.process.args.index("--http-parser") + 1]
+def _assert_still_serving(base_url: str) -> None:
+    fine = _exchange(base_url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
 
 
 @pytest.mark.parametrize("part", ["url", "header"])
 def test_a_request_head_over_the_bound_is_refused_and_others_still_served(
-    parser_server, part
+    http_parser, parser_server, part
 ) -> None:
     """An endless URL or header line is cut off at 16 KiB by either parser, long before
     it is all sent (uvicorn's own httptools protocol would read and buffer it all and
@@ -103,16 +111,13 @@ def test_a_request_head_over_the_bound_is_refused_and_others_still_served(
     else:
         head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: " + filler + b"\r\n\r\n"
     answer = _exchange(parser_server.url, head)
-    if _parser_of(parser_server) == "httptools":
+    if http_parser == "httptools":
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert json.loads(body)["error"] == "request_head_too_large"
     else:
         assert answer.startswith(b"HTTP/1.1 400") or answer == b"", answer[:200]
-    fine = _exchange(
-        parser_server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
+    _assert_still_serving(parser_server.url)
 
 
 def test_heads_under_the_bound_bodies_and_pipelined_requests_in_one_write_are_served(
@@ -146,11 +151,6 @@ def test_heads_under_the_bound_bodies_and_pipelined_requests_in_one_write_are_se
     assert b'"models"' in answers
 
 
-def _rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
 def test_pipelined_requests_sent_without_reading_cost_bounded_memory(parser_server) -> None:
     """20 connections each write 1 MiB of pipelined GETs (30000 requests) and read
     nothing: h11 parses one request at a time; httptools would parse them all, and
@@ -160,7 +160,7 @@ def test_pipelined_requests_sent_without_reading_cost_bounded_memory(parser_serv
     address = urlsplit(parser_server.url)
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     flood = request * ((1 << 20) // len(request))
-    before = _rss_mib(parser_server.process.pid)
+    before = memory_of(parser_server.process.pid)["VmRSS"]
     connections = []
     try:
         for _ in range(20):
@@ -170,26 +170,23 @@ def test_pipelined_requests_sent_without_reading_cost_bounded_memory(parser_serv
                 connection.send(flood)
             connections.append(connection)
         time.sleep(3)
-        grown = _rss_mib(parser_server.process.pid) - before
+        grown = (memory_of(parser_server.process.pid)["VmRSS"] - before) / 2**20
     finally:
         for connection in connections:
             connection.close()
     assert grown < 32, f"the server grew by {grown:.0f} MiB"
-    fine = _exchange(
-        parser_server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
+    _assert_still_serving(parser_server.url)
 
 
 def test_deep_pipelining_is_refused_with_429_by_httptools_and_served_by_h11(
-    parser_server,
+    http_parser, parser_server
 ) -> None:
     """40 requests in one write: h11 answers them all in order; the httptools protocol
     answers 429 with a JSON body once more than 16 wait behind the one being answered."""
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answers = _exchange(parser_server.url, request * 39 + last)
-    if _parser_of(parser_server) == "h11":
+    if http_parser == "h11":
         assert answers.count(b"HTTP/1.1 200 OK") == 40
     else:
         assert b"HTTP/1.1 429 Too Many Requests" in answers, answers[-300:]
@@ -213,10 +210,7 @@ def test_what_the_httptools_parser_refuses_gets_a_json_400(classifier_dir, tmp_p
         status, _, body = _exchange(server.url, data).partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 400 "), status
         assert json.loads(body)["error"] == "bad_http_request"
-        fine = _exchange(
-            server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        assert fine.startswith(b"HTTP/1.1 200"), fine[:200]
+        _assert_still_serving(server.url)
 
 
 def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
