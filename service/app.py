@@ -22,8 +22,9 @@ from service.logs import request_id
 from service.metrics import ServiceMetrics
 from service.middleware import (
     REQUEST_ID_SCOPE_KEY,
-    BodySizeLimitMiddleware,
     RequestContextMiddleware,
+    UploadBuffer,
+    UploadLimitsMiddleware,
 )
 from service.routers import health, inference, models, page, v2
 from service.runtime import ClientDisconnected, EngineFactory, ModelPool
@@ -77,7 +78,12 @@ def create_app(
     app.include_router(v2.router)
     app.include_router(page.router)
     _install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        UploadLimitsMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        buffer=UploadBuffer(settings.upload_buffer_bytes, metrics.upload_buffer),
+        client_timeout_s=settings.client_timeout_s,
+    )
     api_keys = settings.accepted_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from hornet_cli import Command
 from service.flags import add_settings_flags, given_settings
-from service.http_protocol import BoundedHttpToolsProtocol
+from service.http_protocol import protocol_class
 from service.logs import configure_logging
 from service.memory import configure_allocator
 from service.settings import DEMO_BUNDLES_DIR, Settings
@@ -107,9 +107,9 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        # Never uvicorn's own httptools protocol, which buffers a request head of any size;
-        # ours bounds it as h11 does (service.http_protocol).
-        http=BoundedHttpToolsProtocol if settings.http_parser == "httptools" else "h11",
+        # Never uvicorn's own protocols: its httptools one buffers a request head of any
+        # size, and neither times a head out (service.http_protocol).
+        http=protocol_class(settings.http_parser, settings.client_timeout_s),
         loop=settings.event_loop,
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,

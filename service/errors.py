@@ -30,6 +30,11 @@ class UnknownModel(ServiceError):
     code = "unknown_model"
 
 
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"

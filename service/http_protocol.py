@@ -18,12 +18,22 @@ tiny GETs in one write) would make uvicorn queue a request object for each, abou
 MiB of the server's memory per connection for 1 MiB sent. The protocol holds at most
 `MAX_PIPELINED` requests waiting behind the one being answered; the next one is
 answered 429 with a JSON body and the connection closed, before the rest is parsed.
+
+Neither of uvicorn's protocols has a clock on a request's head: a connection that
+opens and sends nothing, or sends a head a byte at a time, stays open for ever (its
+keep-alive timeout runs only after an answer, and stops at the next byte). Both
+protocols `protocol_class` gives close a connection whose next head is not complete
+`client_timeout_s` after the connection opened or its last answer went out: with 408
+and a JSON body if part of a head came, silently if nothing did.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # h11's own bound (its max_incomplete_event_size), so both parsers refuse the same heads.
@@ -49,7 +59,71 @@ def _json_response(status_line: bytes, code: str, detail: str) -> bytes:
     )
 
 
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
+class _HeadClock:
+    """For uvicorn's HTTP protocols: the next request's head must be complete within
+    `client_timeout_s` of the connection's opening or its last answer. The clock stops
+    when a head completes (uvicorn starts a new request-response cycle)."""
+
+    client_timeout_s = 10.0
+    cycle: Any
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False
+        self._start_head_clock()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            self._head_begun = True
+        cycle = self.cycle
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not cycle:  # a head completed
+            self._stop_head_clock()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        # Unless the connection closes or a request already read has begun its answer.
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self._start_head_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_clock()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _start_head_clock(self) -> None:
+        self._stop_head_clock()
+        self._head_begun = False
+        self._head_timer = self.loop.call_later(self.client_timeout_s, self._head_too_slow)
+
+    def _stop_head_clock(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_begun:
+            self.transport.write(
+                _json_response(
+                    b"HTTP/1.1 408 Request Timeout\r\n",
+                    "request_timeout",
+                    f"the request line and headers did not arrive within "
+                    f"{self.client_timeout_s:g} s (--client-timeout-s)",
+                )
+            )
+        self.transport.close()
+
+
+class BoundedH11Protocol(_HeadClock, H11Protocol):
+    """uvicorn's h11 protocol (which bounds a head at 16 KiB itself) with the head clock."""
+
+
+class BoundedHttpToolsProtocol(_HeadClock, HttpToolsProtocol):
     """HttpToolsProtocol that refuses a request head over MAX_HEAD_BYTES with 431 and
     more than MAX_PIPELINED requests queued on a connection with 429, and answers a
     malformed request with a JSON 400 instead of uvicorn's plain text."""
@@ -114,3 +188,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             answer = _json_response(b"HTTP/1.1 400 Bad Request\r\n", "bad_http_request", msg)
         self.transport.write(answer)
         self.transport.close()
+
+
+def protocol_class(parser: str, client_timeout_s: float) -> type:
+    """The uvicorn protocol class for `parser` ("httptools" or "h11"), its head clock set."""
+    base = BoundedHttpToolsProtocol if parser == "httptools" else BoundedH11Protocol
+    return type(base.__name__, (base,), {"client_timeout_s": client_timeout_s})

@@ -58,6 +58,11 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.upload_buffer = Gauge(
+            "hornet_upload_buffer_bytes",
+            "bytes of request bodies reserved by requests in progress",
+            registry=self.registry,
+        )
         self.queue_depth_gauge = Gauge(
             "hornet_queue_depth", "items waiting for a batch", ["model"], registry=self.registry
         )

@@ -1,16 +1,19 @@
-"""ASGI middleware: request ids, access logs and HTTP metrics; the upload size limit."""
+"""ASGI middleware: request ids, access logs and HTTP metrics; the limits on request
+bodies (size, the shared buffer, the client's pace)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 
+from prometheus_client import Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
 from service.logs import request_id
 from service.metrics import ServiceMetrics
 
@@ -74,46 +77,117 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over the limit: at once from Content-Length, else while
-    streaming (the route sees a PayloadTooLarge error from `receive`)."""
+class UploadBuffer:
+    """The bytes of request bodies held by the requests in progress, all together,
+    bounded. Each request's bound (--max-upload-mb) alone lets N slow clients hold N
+    uploads; this bounds the sum. Used from the event loop only."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, capacity: int, gauge: Gauge | None = None) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._gauge = gauge
+
+    def reserve(self, size: int) -> bool:
+        if self.held + size > self.capacity:
+            return False
+        self._set(self.held + size)
+        return True
+
+    def release(self, size: int) -> None:
+        self._set(self.held - size)
+
+    def _set(self, held: int) -> None:
+        self.held = held
+        if self._gauge is not None:
+            self._gauge.set(held)
+
+
+class UploadLimitsMiddleware:
+    """What a request body may cost: at most `max_bytes` (413, at once from
+    Content-Length, else while streaming); a place in the shared `buffer` for as long as
+    the request runs (503 with Retry-After when it is full: declared sizes are reserved
+    before a byte is read, chunked bodies as they arrive); and a client that sends
+    nothing of a begun body for `client_timeout_s` gets 408 and its connection closed.
+    Errors raised from `receive` reach the route as ServiceErrors."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, buffer: UploadBuffer, client_timeout_s: float
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.buffer = buffer
+        self.client_timeout_s = client_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            code, detail = PayloadTooLarge.code, self._detail()
-            if scope["path"].startswith("/v2"):  # the Open Inference Protocol's error shape
-                body: dict = {"error": f"{code}: {detail}"}
-            else:
-                body = {"error": code, "detail": detail}
-            await _send_json(send, 413, body)
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size > self.max_bytes:
+            await _send_error(scope, send, PayloadTooLarge(self._too_large()))
             return
-        received = 0
+        if not self.buffer.reserve(size):
+            await _send_error(scope, send, self._buffer_full(size))
+            return
+        reserved, received, body_done = size, 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(self._detail())
+            nonlocal reserved, received, body_done
+            if body_done:  # waiting for a disconnect while the answer is made: no clock
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.client_timeout_s)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no part of the request body arrived for {self.client_timeout_s:g} s "
+                    f"({received} bytes received; --client-timeout-s)",
+                    headers={"connection": "close"},
+                ) from None
+            if message["type"] != "http.request":
+                return message
+            received += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
+            if received > self.max_bytes:
+                raise PayloadTooLarge(self._too_large())
+            if received > reserved:  # a chunked body: reserve as it arrives
+                if not self.buffer.reserve(received - reserved):
+                    raise self._buffer_full(received)
+                reserved = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.buffer.release(reserved)
 
-    def _detail(self) -> str:
+    def _too_large(self) -> str:
         return f"request body over the upload limit of {self.max_bytes} bytes (--max-upload-mb)"
 
+    def _buffer_full(self, size: int) -> Overloaded:
+        return Overloaded(
+            f"uploads in progress hold {self.buffer.held} of the server's {self.buffer.capacity} "
+            f"bytes for request bodies; this one needs {size} (--max-upload-buffer-mb)",
+            headers={"retry-after": "1", "connection": "close"},
+        )
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+
+async def _send_error(scope: Scope, send: Send, error: ServiceError) -> None:
+    """`error` as the routes' handlers answer it, before the app has run."""
+    if scope["path"].startswith("/v2"):  # the Open Inference Protocol's error shape
+        body: dict = {"error": f"{error.code}: {error.detail}"}
+    else:
+        body = {"error": error.code, "detail": error.detail}
+    await _send_json(send, error.status_code, body, error.headers)
+
+
+async def _send_json(
+    send: Send, status: int, body: dict, headers: dict[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
+    extra = {name.lower(): value for name, value in (headers or {}).items()}
+    extra["connection"] = "close"
+    encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra.items()]
     await send(
         {
             "type": "http.response.start",
@@ -121,7 +195,7 @@ async def _send_json(send: Send, status: int, body: dict) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
+                *encoded,
             ],
         }
     )

@@ -105,6 +105,19 @@ class Settings(BaseSettings):
     max_upload_mb: Annotated[float, Flag(metavar="M")] = Field(
         20.0, gt=0, description="larger uploads (MB): 413"
     )
+    max_upload_buffer_mb: Annotated[float, Flag(metavar="M")] = Field(
+        0.0,
+        ge=0,
+        description="request bodies held at once across all requests (MB); a request that "
+        "would go past it: 503 with Retry-After. 0 = 16 x --max-upload-mb",
+    )
+    client_timeout_s: Annotated[float, Flag(metavar="S")] = Field(
+        10.0,
+        gt=0,
+        description="longest wait for a client: for a request's head (from the connection's "
+        "opening or its last answer) and for each next piece of a body; past it: 408, "
+        "connection closed",
+    )
     max_pixels: Annotated[int, Flag(metavar="P")] = Field(
         40_000_000, ge=1, description="larger images (checked before decoding): 413"
     )
@@ -199,6 +212,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _buffer_holds_an_upload(self) -> Settings:
+        if self.max_upload_buffer_mb and self.max_upload_buffer_mb < self.max_upload_mb:
+            raise ValueError(
+                f"max_upload_buffer_mb ({self.max_upload_buffer_mb:g}) is under max_upload_mb "
+                f"({self.max_upload_mb:g}): the largest upload allowed could never be received"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _bf16_only_on_openvino(self) -> Settings:
         if self.precision == "bf16" and self.engine != "openvino":
             raise ValueError(
@@ -238,3 +260,8 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_buffer_bytes(self) -> int:
+        """Bytes of request bodies the server holds at once, over all requests."""
+        return int((self.max_upload_buffer_mb or 16 * self.max_upload_mb) * 1024 * 1024)
