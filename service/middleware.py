@@ -137,7 +137,8 @@ class UploadLimitsMiddleware:
             if body_done:  # waiting for a disconnect while the answer is made: no clock
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.client_timeout_s)
+                async with asyncio.timeout(self.client_timeout_s):  # no task, a timer
+                    message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
                     f"no part of the request body arrived for {self.client_timeout_s:g} s "
