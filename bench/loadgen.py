@@ -53,6 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hornet_bundle import load_bundle
 from service.engines import create_engine
+from service.flags import add_settings_flags, settings_flags
 from service.pipelines import pipeline_for
 from service.settings import Settings
 from service.testing import ServerNotReady, running_server, wait_ready
@@ -213,18 +214,23 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"loadgen only targets loopback addresses; {url!r} is not one")
 
 
+# The server's settings the benchmark sets, flags and defaults taken from Settings.
+SERVER_SETTINGS = (
+    "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
+    "device", "precision", "engine", "decode_threads", "engine_spinning",
+    "openvino_static_shapes", "http_parser", "event_loop",
+)  # fmt: skip
+# A deeper queue than the server's default, so that no level of load is refused; a
+# precision named, for the peers in bench/peers.py to run the same one.
+SERVER_DEFAULTS = {"max_queue_size": 256, "precision": "fp32"}
+
+
 def server_flags(args: argparse.Namespace) -> list[str]:
     """The `python -m service` flags for the benchmark's settings."""
+    values = {name: getattr(args, name) for name in SERVER_SETTINGS}
     return [
-        "--model-dir", str(args.model_dir), "--max-batch-size", str(args.max_batch_size),
-        "--max-delay-ms", str(args.max_delay_ms), "--instances", str(args.instances),
-        "--engine-threads", str(args.engine_threads), "--max-queue-size", str(args.max_queue_size),
-        "--log-level", "warning", "--device", args.device, "--precision", args.precision,
-        "--engine", args.engine, "--decode-threads", str(args.decode_threads),
-        "--engine-spinning" if args.engine_spinning else "--no-engine-spinning",
-        "--openvino-static-shapes" if args.openvino_static_shapes
-        else "--no-openvino-static-shapes",
-        "--http-parser", args.http_parser, "--event-loop", args.event_loop,
+        "--model-dir", str(args.model_dir), "--log-level", "warning",
+        *settings_flags(Settings, values),
     ]  # fmt: skip
 
 
@@ -306,28 +312,9 @@ async def warm(url: str, image: bytes, model: str | None, count: int = 8) -> Non
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """The settings `server_flags` passes to `python -m service`."""
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-delay-ms", type=float, default=5.0)
-    parser.add_argument("--max-queue-size", type=int, default=256)
-    parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--engine-threads", type=int, default=0, help="0 = ONNX Runtime default")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    parser.add_argument("--engine", choices=("onnxruntime", "openvino"), default="onnxruntime")
-    parser.add_argument("--decode-threads", type=int, default=0, help="0 = one per CPU")
-    parser.add_argument(
-        "--engine-spinning",
-        action="store_true",
-        help="server's ONNX Runtime threads spin between runs too",
-    )
-    parser.add_argument(
-        "--openvino-static-shapes",
-        action="store_true",
-        help="OpenVINO: one static-shape model per batch size (server and raw reference)",
-    )
-    parser.add_argument("--http-parser", choices=("httptools", "h11"), default="httptools")
-    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    """The settings `server_flags` passes to `python -m service`, as `hornet serve` has
+    them (help, choices), defaulting to the server's defaults but for SERVER_DEFAULTS."""
+    add_settings_flags(parser, Settings, only=SERVER_SETTINGS, defaults=SERVER_DEFAULTS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,10 +44,44 @@ def env_name(model: type[BaseSettings], field_name: str) -> str:
     return (model.model_config.get("env_prefix", "") + field_name).upper()
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
-    """One flag per field of `model`, in field order."""
-    for name, field in model.model_fields.items():
-        parser.add_argument(flag_name(name, field), **_options(model, name, field))
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseSettings],
+    only: Iterable[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """One flag per field of `model` (or per field named in `only`), in field order.
+
+    Without `defaults` every flag defaults to None, so that only the flags given override
+    the environment. With it (a tool that starts the server with settings of its own,
+    e.g. bench/loadgen.py) each flag but a list's defaults to the field's default, or to
+    `defaults[name]` where given, and the help says which."""
+    chosen = model.model_fields if only is None else {n: model.model_fields[n] for n in only}
+    for name, field in chosen.items():
+        options = _options(model, name, field)
+        if defaults is not None and options.get("action") != "append":
+            # (argparse would append given values to a list default: lists stay unset)
+            default = defaults.get(name, field.get_default(call_default_factory=True))
+            options["default"] = default
+            options["help"] = _help(model, name, field, _without_none(field.annotation), default)
+        parser.add_argument(flag_name(name, field), **options)
+
+
+def settings_flags(model: type[BaseSettings], values: Mapping[str, Any]) -> list[str]:
+    """The command line that sets `values` (field name -> value), the inverse of the
+    flags `add_settings_flags` makes; None values are left out."""
+    flags: list[str] = []
+    for name, value in values.items():
+        flag = flag_name(name, model.model_fields[name])
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif isinstance(value, list):
+            flags.extend(part for item in value for part in (flag, str(item)))
+        else:
+            flags.extend((flag, str(value)))
+    return flags
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,26 +130,36 @@ def _value_type(model: type[BaseSettings], name: str, annotation: Any) -> type |
     raise TypeError(f"{model.__name__}.{name}: no command-line flag for a {annotation!r}")
 
 
-def _help(model: type[BaseSettings], name: str, field: FieldInfo, annotation: Any) -> str:
+def _help(
+    model: type[BaseSettings],
+    name: str,
+    field: FieldInfo,
+    annotation: Any,
+    default_value: Any = None,
+) -> str:
     where = [f"env {env_name(model, name)}"]
     if typing.get_origin(annotation) is list:
         where.append("comma-separated")
-    default = _default_text(field, annotation)
+    default = _default_text(field, annotation, default_value)
     if default is not None:
         where.append(f"default {default}")
     return f"{field.description or ''} ({', '.join(where)})".lstrip()
 
 
-def _default_text(field: FieldInfo, annotation: Any) -> str | None:
-    """The default as the help shows it; None for a computed default, an unset one or a
-    secret's."""
-    if field.default_factory is not None or field.default is None or _is_secret(annotation):
+def _default_text(field: FieldInfo, annotation: Any, value: Any = None) -> str | None:
+    """The default as the help shows it (`value`, else the field's); None for a computed
+    default, an unset one or a secret's."""
+    if value is None:
+        if field.default_factory is not None:
+            return None
+        value = field.default
+    if value is None or _is_secret(annotation):
         return None
-    if isinstance(field.default, bool):
-        return "on" if field.default else "off"
-    if isinstance(field.default, float):
-        return format(field.default, "g")
-    return str(field.default)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
 
 
 def _is_secret(annotation: Any) -> bool:

@@ -106,3 +106,29 @@ def test_a_setting_no_flag_can_carry_is_refused_by_name():
 
     with pytest.raises(TypeError, match=r"Odd\.limits"):
         add_settings_flags(argparse.ArgumentParser(), Odd)
+
+
+def test_settings_flags_are_read_back_by_hornet_serve_as_the_same_settings(tmp_path):
+    """A tool that starts the server (bench/loadgen.py) takes a subset of the flags with
+    the server's defaults or its own, and writes them back as a command line: `hornet
+    serve` reads that line as exactly the settings the tool holds, every kind of flag."""
+    from service.flags import settings_flags
+
+    names = ("max_batch_size", "max_delay_ms", "engine", "engine_spinning", "model_dir")
+    tool = argparse.ArgumentParser()
+    add_settings_flags(tool, Settings, only=names, defaults={"max_delay_ms": 2.5})
+    assert {a.dest for a in tool._actions if a.option_strings} - {"help"} == set(names)
+    assert "default 2.5" in " ".join(tool.format_help().split())
+    for argv in ([], ["--engine", "openvino", "--engine-spinning", "--max-batch-size", "3"]):
+        held = vars(tool.parse_args([*argv, "--model-dir", str(tmp_path)]))
+        assert held["max_delay_ms"] == 2.5
+        assert held["max_batch_size"] == (3 if argv else 8)
+        assert held["model_dir"] == [str(tmp_path)]  # a list flag: unset unless given
+        served = load_settings(settings_flags(Settings, held))
+        assert {name: getattr(served, name) for name in names} == {
+            **held,
+            "model_dir": [tmp_path],
+        }
+    assert settings_flags(Settings, {"engine_spinning": False, "precision": None}) == [
+        "--no-engine-spinning"
+    ]
