@@ -237,7 +237,10 @@ class CircularConvGlobalBranch(_FixedSize):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         height, width = self.size
-        padded = F.pad(x, (width - 1, 0, height - 1, 0), mode="circular")
+        # The wrap-pad as slices and concatenations: ONNX's Pad mode "wrap" does not
+        # import into OpenVINO.
+        padded = torch.cat((x[:, :, 1:], x), dim=2)
+        padded = torch.cat((padded[:, :, :, 1:], padded), dim=3)
         return F.conv2d(padded, self.weight.to(x.dtype), groups=x.shape[1])
 
 

@@ -84,6 +84,27 @@ def test_default_gf_graph_has_no_dft_and_matches_torch(tiny_gf, gf_bundle):
         assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_circular_conv_graph_runs_on_openvino_as_on_torch(tiny_gf, tmp_path):
+    """The circular-convolution form writes its wrap-padding as slices and concatenations
+    (ONNX's Pad mode "wrap" does not import into OpenVINO): the service's OpenVINO engine
+    runs the exported graph and answers as float64 torch does."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from service.engines import create_engine
+    from service.settings import Settings
+
+    export(tiny_gf, tmp_path, ExportOptions(gf_mode="circular_conv"))
+    assert "Pad" not in onnx_op_types(tmp_path / "model.onnx")
+    engine = create_engine(load_bundle(tmp_path), Settings(engine="openvino"))
+    try:
+        images = _fresh_images(96, 3, seed=7)
+        got = engine.run({"image": images})["logits"]
+    finally:
+        engine.close()
+    want = _torch_logits(tiny_gf, images)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
 def test_manifest_records_contract_preprocessing_and_parity(gf_bundle):
     out, manifest = gf_bundle
     raw = json.loads((out / "manifest.json").read_text())
