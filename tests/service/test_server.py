@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -22,6 +20,7 @@ from service.settings import Settings
 from service.testing import RunningServer, running_server
 from tests.helpers.images import encode, upload
 from tests.helpers.memory import memory_of
+from tests.helpers.raw_http import connect, read_until_closed, send
 from tests.helpers.references import official_probabilities, scores_by_index
 
 
@@ -77,20 +76,11 @@ def parser_server(http_parser, classifier_dir: Path, tmp_path: Path) -> Iterator
 def _exchange(base_url: str, data: bytes) -> bytes:
     """Send `data` on a fresh connection, as far as the server reads it; everything the
     server answers until it closes the connection (or answers nothing more for 30 s)."""
-    address = urlsplit(base_url)
-    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
-        try:
-            for start in range(0, len(data), 1 << 14):
-                connection.sendall(data[start : start + (1 << 14)])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server closed the connection before the data was all sent
-        answer = b""
-        try:
-            while chunk := connection.recv(1 << 16):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        return answer
+    with connect(base_url) as connection:
+        for start in range(0, len(data), 1 << 14):
+            if not send(connection, data[start : start + (1 << 14)]):
+                break  # the server closed the connection before the data was all sent
+        return read_until_closed(connection)
 
 
 def _assert_still_serving(base_url: str) -> None:
@@ -157,14 +147,13 @@ def test_pipelined_requests_sent_without_reading_cost_bounded_memory(parser_serv
     uvicorn would queue a request object for each (about 300 MiB here, measured with
     uvicorn's own httptools protocol), but ours stops at 16 queued per connection. The
     server's memory stays within 32 MiB of where it was, and it serves the next client."""
-    address = urlsplit(parser_server.url)
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     flood = request * ((1 << 20) // len(request))
     before = memory_of(parser_server.process.pid)["VmRSS"]
     connections = []
     try:
         for _ in range(20):
-            connection = socket.create_connection((address.hostname, address.port), timeout=30)
+            connection = connect(parser_server.url)
             connection.setblocking(False)
             with contextlib.suppress(BlockingIOError, ConnectionResetError, BrokenPipeError):
                 connection.send(flood)

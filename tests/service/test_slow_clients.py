@@ -10,11 +10,9 @@ nothing timed them out), and a connection that sent half a request line stayed o
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -25,6 +23,7 @@ from service.settings import Settings
 from service.testing import RunningServer, running_server
 from tests.helpers.images import encode
 from tests.helpers.memory import memory_of
+from tests.helpers.raw_http import connect, parse_answer, read_one_answer, read_until_closed, send
 from tests.helpers.references import official_probabilities, scores_by_index
 
 MIB = 1 << 20
@@ -58,41 +57,10 @@ def small_buffer_server(classifier_dir: Path, tmp_path: Path) -> Iterator[Runnin
     )
 
 
-def _connect(url: str) -> socket.socket:
-    address = urlsplit(url)
-    connection = socket.create_connection((address.hostname, address.port), timeout=30)
-    return connection
-
-
 def _head(length: int | None = None) -> bytes:
     framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
     start = b"POST /classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
     return start + framing + b"\r\n\r\n"
-
-
-def _send(connection: socket.socket, data: bytes) -> bool:
-    """False if the server closed the connection before taking it all."""
-    try:
-        connection.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        return False
-    return True
-
-
-def _answer(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of the server's answer, read until it closes."""
-    data = b""
-    try:
-        while chunk := connection.recv(1 << 16):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head:
-        return 0, {}, b""
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines)
-    return int(status_line.split()[1]), headers, body
 
 
 def _buffer_held(url: str) -> float:
@@ -123,12 +91,14 @@ def test_stalled_uploads_hold_at_most_the_buffer_and_are_let_go(small_buffer_ser
     idle = memory_of(process.pid)["VmRSS"]
     connections = []
     for _ in range(20):
-        connection = _connect(url)
-        if _send(connection, _head(4 * MIB)):
-            _send(connection, bytes(4 * MIB - 1))
+        connection = connect(url)
+        if send(connection, _head(4 * MIB)):
+            send(connection, bytes(4 * MIB - 1))
         connections.append(connection)
     held = memory_of(process.pid)["VmRSS"] - idle
-    answers = [_answer(connection) for connection in connections]  # each closes in time
+    answers = [
+        parse_answer(read_until_closed(connection)) for connection in connections
+    ]  # each closes in time
     for connection in connections:
         connection.close()
     statuses = [status for status, _, _ in answers]
@@ -155,22 +125,22 @@ def test_a_chunked_body_is_counted_against_the_buffer_as_it_arrives(small_buffer
     url = small_buffer_server.url
     stalled = []
     for size in (4 * MIB, 4 * MIB, 2 * MIB):
-        connection = _connect(url)
-        assert _send(connection, _head(size) + bytes(size - 1))
+        connection = connect(url)
+        assert send(connection, _head(size) + bytes(size - 1))
         stalled.append(connection)
-    chunked = _connect(url)
-    _send(chunked, _head())
+    chunked = connect(url)
+    send(chunked, _head())
     piece = b"%x\r\n" % (MIB // 2) + bytes(MIB // 2) + b"\r\n"
     for _ in range(7):  # 3.5 MiB, under the upload limit
-        if not _send(chunked, piece):
+        if not send(chunked, piece):
             break
         time.sleep(0.05)
-    status, _, body = _answer(chunked)
+    status, _, body = parse_answer(read_until_closed(chunked))
     assert status == 503, body
     assert json.loads(body)["error"] == "overloaded"
     chunked.close()
     for connection in stalled:
-        assert _answer(connection)[0] == 408
+        assert parse_answer(read_until_closed(connection))[0] == 408
         connection.close()
 
 
@@ -179,15 +149,15 @@ def test_a_body_that_stops_is_answered_408_and_one_that_keeps_coming_is_served(s
     sent in pieces 0.4 s apart over more than the client timeout is classified, and a
     body that stops gets 408 with a JSON body and the connection closed."""
     photo = encode(photos["chelsea"])
-    slow = _connect(server.url)
+    slow = connect(server.url)
     head = _head(len(photo)).replace(b"/classify", b"/classify?top_k=10")
-    _send(slow, head)
+    send(slow, head)
     pieces = np.array_split(np.frombuffer(photo, np.uint8), 8)
     started = time.monotonic()
     for piece in pieces:
         time.sleep(0.4)
-        _send(slow, piece.tobytes())
-    status, _, body = _answer_one(slow)
+        send(slow, piece.tobytes())
+    status, _, body = read_one_answer(slow)
     assert time.monotonic() - started > CLIENT_TIMEOUT_S
     assert status == 200, body
     scores = scores_by_index(json.loads(body)["results"][0])
@@ -196,10 +166,10 @@ def test_a_body_that_stops_is_answered_408_and_one_that_keeps_coming_is_served(s
     )
     slow.close()
 
-    stopped = _connect(server.url)
-    _send(stopped, _head(len(photo)) + photo[:1000])
+    stopped = connect(server.url)
+    send(stopped, _head(len(photo)) + photo[:1000])
     started = time.monotonic()
-    status, headers, body = _answer(stopped)
+    status, headers, body = parse_answer(read_until_closed(stopped))
     waited = time.monotonic() - started
     assert status == 408, body
     assert json.loads(body)["error"] == "request_timeout"
@@ -209,32 +179,19 @@ def test_a_body_that_stops_is_answered_408_and_one_that_keeps_coming_is_served(s
     stopped.close()
 
 
-def _answer_one(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """The first answer on a kept-alive connection (read by its Content-Length)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += connection.recv(1 << 16)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines)
-    while len(body) < int(headers["content-length"]):
-        body += connection.recv(1 << 16)
-    return int(status_line.split()[1]), headers, body
-
-
 @pytest.mark.parametrize("when", ["new connection", "after an answer"])
 def test_a_head_that_does_not_arrive_in_time_is_answered_408(server, when):
     """Half a request line, on a new connection or on one kept alive after an answer,
     gets 408 with a JSON body after the client timeout and the connection closed; a
     connection that sends nothing is closed without a word. uvicorn's own protocols
     keep both open for ever."""
-    partial, idle = _connect(server.url), _connect(server.url)
+    partial, idle = connect(server.url), connect(server.url)
     if when == "after an answer":
-        _send(partial, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        assert _answer_one(partial)[0] == 200
+        send(partial, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert read_one_answer(partial)[0] == 200
     started = time.monotonic()
-    _send(partial, b"GET /heal")
-    status, headers, body = _answer(partial)
+    send(partial, b"GET /heal")
+    status, headers, body = parse_answer(read_until_closed(partial))
     waited = time.monotonic() - started
     assert status == 408, body
     assert json.loads(body) == {
