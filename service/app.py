@@ -17,7 +17,7 @@ from hornet_bundle import Bundle
 from service import __version__
 from service.auth import ApiKeyMiddleware, advertise_api_keys
 from service.engines import create_engine
-from service.errors import ServiceError
+from service.errors import ServiceError, error_body
 from service.logs import request_id
 from service.metrics import ServiceMetrics
 from service.middleware import (
@@ -105,14 +105,10 @@ def _error(
     *,
     rid: str | None = None,
 ) -> JSONResponse:
-    """`{"error": CODE, "detail": ...}`; under /v2 the Open Inference Protocol's
-    `{"error": "CODE: detail"}`, whose one string its clients show. A 5xx, our own
-    failure, also carries `request_id` (the X-Request-ID header), for the user to quote
-    and the operator to find in the logs."""
-    if request.url.path.startswith("/v2"):
-        body = {"error": f"{code}: {detail}" if detail else code}
-    else:
-        body = {"error": code, "detail": detail}
+    """The error's body in the shape of its path (service.errors.error_body). A 5xx, our
+    own failure, also carries `request_id` (the X-Request-ID header), for the user to
+    quote and the operator to find in the logs."""
+    body = error_body(request.url.path, code, detail)
     if status >= 500 and rid is not None:
         body["request_id"] = rid
     return JSONResponse(body, status_code=status, headers=headers)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.errors import error_body
 from service.schemas import ErrorResponse, V2ErrorResponse
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -89,11 +90,7 @@ class ApiKeyMiddleware:
 async def _send_unauthorized(send: Send, path: str, *, wrong_key: bool) -> None:
     """401 with a Bearer challenge; the body in the service's error shape, or under /v2
     the Open Inference Protocol's one string (as service.app's error handlers do)."""
-    detail = _WRONG if wrong_key else _MISSING
-    if path.startswith("/v2"):
-        body = {"error": f"unauthorized: {detail}"}
-    else:
-        body = {"error": "unauthorized", "detail": detail}
+    body = error_body(path, "unauthorized", _WRONG if wrong_key else _MISSING)
     challenge = f'{CHALLENGE}, error="invalid_token"' if wrong_key else CHALLENGE
     payload = json.dumps(body, separators=(",", ":")).encode()  # as JSONResponse writes it
     await send(

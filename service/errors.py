@@ -10,6 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 
+def error_body(path: str, code: str, detail: Any) -> dict[str, Any]:
+    """`{"error": CODE, "detail": ...}`; under /v2 the Open Inference Protocol's
+    `{"error": "CODE: detail"}`, whose one string its clients show."""
+    if path.startswith("/v2"):
+        return {"error": f"{code}: {detail}" if detail else code}
+    return {"error": code, "detail": detail}
+
+
 class ServiceError(Exception):
     status_code = 500
     code = "internal_error"

@@ -13,7 +13,13 @@ import uuid
 from prometheus_client import Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from service.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    error_body,
+)
 from service.logs import request_id
 from service.metrics import ServiceMetrics
 
@@ -175,10 +181,7 @@ class UploadLimitsMiddleware:
 
 async def _send_error(scope: Scope, send: Send, error: ServiceError) -> None:
     """`error` as the routes' handlers answer it, before the app has run."""
-    if scope["path"].startswith("/v2"):  # the Open Inference Protocol's error shape
-        body: dict = {"error": f"{error.code}: {error.detail}"}
-    else:
-        body = {"error": error.code, "detail": error.detail}
+    body = error_body(scope["path"], error.code, error.detail)
     await _send_json(send, error.status_code, body, error.headers)
 
 
