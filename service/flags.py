@@ -58,13 +58,10 @@ def add_settings_flags(
     `defaults[name]` where given, and the help says which."""
     chosen = model.model_fields if only is None else {n: model.model_fields[n] for n in only}
     for name, field in chosen.items():
-        options = _options(model, name, field)
-        if defaults is not None and options.get("action") != "append":
-            # (argparse would append given values to a list default: lists stay unset)
+        default = None
+        if defaults is not None:
             default = defaults.get(name, field.get_default(call_default_factory=True))
-            options["default"] = default
-            options["help"] = _help(model, name, field, _without_none(field.annotation), default)
-        parser.add_argument(flag_name(name, field), **options)
+        parser.add_argument(flag_name(name, field), **_options(model, name, field, default))
 
 
 def settings_flags(model: type[BaseSettings], values: Mapping[str, Any]) -> list[str]:
@@ -72,9 +69,9 @@ def settings_flags(model: type[BaseSettings], values: Mapping[str, Any]) -> list
     flags `add_settings_flags` makes; None values are left out."""
     flags: list[str] = []
     for name, value in values.items():
-        flag = flag_name(name, model.model_fields[name])
         if value is None:
             continue
+        flag = flag_name(name, model.model_fields[name])
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag.removeprefix("--"))
         elif isinstance(value, list):
@@ -93,13 +90,18 @@ def _flag(field: FieldInfo) -> Flag:
     return next((m for m in field.metadata if isinstance(m, Flag)), Flag())
 
 
-def _options(model: type[BaseSettings], name: str, field: FieldInfo) -> dict[str, Any]:
+def _options(
+    model: type[BaseSettings], name: str, field: FieldInfo, default: Any = None
+) -> dict[str, Any]:
+    """argparse's options for the field's flag; `default` (None: unset) is its default
+    and the help's, but for a list (argparse would append to it: lists stay unset)."""
     annotation = _without_none(field.annotation)
-    options: dict[str, Any] = {"dest": name, "default": None}
+    options: dict[str, Any] = {"dest": name, "default": default}
     if annotation is bool:
         options["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(annotation) is list:
         options["action"] = "append"
+        options["default"] = default = None
         options["type"] = _value_type(model, name, typing.get_args(annotation)[0])
     elif typing.get_origin(annotation) is Literal:
         options["choices"] = typing.get_args(annotation)
@@ -107,7 +109,7 @@ def _options(model: type[BaseSettings], name: str, field: FieldInfo) -> dict[str
         options["type"] = _value_type(model, name, annotation)
     if _flag(field).metavar and "choices" not in options and annotation is not bool:
         options["metavar"] = _flag(field).metavar
-    options["help"] = _help(model, name, field, annotation).replace("%", "%%")
+    options["help"] = _help(model, name, field, annotation, default).replace("%", "%%")
     return options
 
 
