@@ -425,18 +425,25 @@ class Run:
     cpu_per_image: float
 
 
-def measure(
-    server: Server, image: bytes, args: argparse.Namespace, level: int, round_index: int
-) -> Run:
+def load(
+    server: Server, image: bytes, level: int, seconds: float, requests: int
+) -> tuple[LoadResult, float]:
+    """`level` closed-loop clients for `seconds` (or `requests`): the result and the
+    server's CPU seconds per image answered."""
     tree = process_tree(server.pid)
     before = cpu_seconds(tree)
     result = asyncio.run(
-        closed_loop(
-            server.url, server.path, image, server.params, level, args.duration, args.requests
-        )
+        closed_loop(server.url, server.path, image, server.params, level, seconds, requests)
     )
     spent = cpu_seconds(tree) - before
-    return Run(round_index, server.name, result, spent / result.ok if result.ok else float("nan"))
+    return result, spent / result.ok if result.ok else float("nan")
+
+
+def measure(
+    server: Server, image: bytes, args: argparse.Namespace, level: int, round_index: int
+) -> Run:
+    result, cpu_per_image = load(server, image, level, args.duration, args.requests)
+    return Run(round_index, server.name, result, cpu_per_image)
 
 
 def warm(server: Server, image: bytes, level: int, args: argparse.Namespace) -> str:
@@ -450,15 +457,13 @@ def warm(server: Server, image: bytes, level: int, args: argparse.Namespace) -> 
     )
     if result.errors:
         raise SystemExit(f"{server.name} failed warm-up requests: {result.errors}")
-    tree, costs, started = process_tree(server.pid), [], time.perf_counter()
+    costs: list[float] = []
+    started = time.perf_counter()
     while time.perf_counter() - started < args.warmup_max_s:
-        before = cpu_seconds(tree)
-        window = asyncio.run(
-            closed_loop(server.url, server.path, image, server.params, level, WARM_WINDOW_S, 10**6)
-        )
+        window, cost = load(server, image, level, WARM_WINDOW_S, 10**6)
         if window.errors or not window.ok:
             raise SystemExit(f"{server.name} failed warm-up requests: {window.errors}")
-        costs.append((cpu_seconds(tree) - before) / window.ok)
+        costs.append(cost)
         if len(costs) >= 3 and min(costs[-2:]) > 0.97 * min(costs[:-2]):
             break  # two windows without a new low
     return " ".join(f"{cost:.3f}" for cost in costs)
