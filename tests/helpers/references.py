@@ -30,3 +30,11 @@ def official_probabilities(array: np.ndarray) -> np.ndarray:
 
 def scores_by_index(result: dict) -> dict[int, float]:
     return {entry["index"]: entry["score"] for entry in result["top_k"]}
+
+
+def assert_official_scores(result: dict, array: np.ndarray) -> None:
+    """A /classify result whose top_k holds every class: its scores are the reference
+    probabilities of the photo `array`."""
+    expected = official_probabilities(array)
+    scores = scores_by_index(result)
+    np.testing.assert_allclose([scores[i] for i in range(len(expected))], expected, atol=1e-5)

@@ -16,7 +16,7 @@ from pycocotools import mask as coco_mask
 from tests.helpers import bundles
 from tests.helpers.engines import InstrumentedFactory
 from tests.helpers.images import encode, upload
-from tests.helpers.references import official_probabilities, scores_by_index
+from tests.helpers.references import assert_official_scores, official_probabilities, scores_by_index
 from tests.helpers.serving import serving, wait_until_ready
 
 pytestmark = pytest.mark.anyio
@@ -143,9 +143,7 @@ async def test_with_several_models_of_a_task_the_model_is_chosen_by_name(
         )
         unnamed = await client.post("/classify", files=upload(image))
     assert named.json()["model"] == "tiny_cls_nchw"
-    expected = official_probabilities(photos["coffee"])
-    got = scores_by_index(named.json()["results"][0])
-    np.testing.assert_allclose([got[i] for i in range(10)], expected, atol=1e-5)
+    assert_official_scores(named.json()["results"][0], photos["coffee"])
     assert unnamed.status_code == 422 and "tiny_cls_nchw" in unnamed.text
 
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from service import cli
@@ -21,7 +20,7 @@ from service.testing import RunningServer, running_server
 from tests.helpers.images import encode, upload
 from tests.helpers.memory import memory_of
 from tests.helpers.raw_http import connect, read_until_closed, send
-from tests.helpers.references import official_probabilities, scores_by_index
+from tests.helpers.references import assert_official_scores
 
 
 @pytest.fixture
@@ -45,10 +44,7 @@ def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, phot
     assert response.status_code == 200, response.text
     assert response.headers["x-request-id"] == "from-the-test"
     for name, result in zip(("chelsea", "astronaut"), response.json()["results"], strict=True):
-        scores = scores_by_index(result)
-        np.testing.assert_allclose(
-            [scores[i] for i in range(10)], official_probabilities(photos[name]), atol=1e-5
-        )
+        assert_official_scores(result, photos[name])
     assert models[0]["batching"]["max_batch_size"] == 4  # from the environment
     assert models[0]["batching"]["max_delay_ms"] == 20.0  # from the flag
     process.send_signal(signal.SIGTERM)
@@ -129,9 +125,7 @@ def test_heads_under_the_bound_bodies_and_pipelined_requests_in_one_write_are_se
     status, _, payload = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 200"), answer[:300]
     [result] = json.loads(payload)["results"]
-    scores = scores_by_index(result)
-    expected = official_probabilities(photos["chelsea"])
-    np.testing.assert_allclose([scores[i] for i in range(10)], expected, atol=1e-5)
+    assert_official_scores(result, photos["chelsea"])
 
     two = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + (
         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -24,7 +24,7 @@ from service.testing import RunningServer, running_server
 from tests.helpers.images import encode
 from tests.helpers.memory import memory_of
 from tests.helpers.raw_http import connect, parse_answer, read_one_answer, read_until_closed, send
-from tests.helpers.references import official_probabilities, scores_by_index
+from tests.helpers.references import assert_official_scores
 
 MIB = 1 << 20
 CLIENT_TIMEOUT_S = 2.0
@@ -76,10 +76,7 @@ def _classify_photo(url: str, photo) -> None:
         headers={"content-type": "image/png"}, timeout=30,
     )  # fmt: skip
     assert response.status_code == 200, response.text
-    scores = scores_by_index(response.json()["results"][0])
-    np.testing.assert_allclose(
-        [scores[i] for i in range(10)], official_probabilities(photo), atol=1e-5
-    )
+    assert_official_scores(response.json()["results"][0], photo)
 
 
 def test_stalled_uploads_hold_at_most_the_buffer_and_are_let_go(small_buffer_server, photos):
@@ -160,10 +157,7 @@ def test_a_body_that_stops_is_answered_408_and_one_that_keeps_coming_is_served(s
     status, _, body = read_one_answer(slow)
     assert time.monotonic() - started > CLIENT_TIMEOUT_S
     assert status == 200, body
-    scores = scores_by_index(json.loads(body)["results"][0])
-    np.testing.assert_allclose(
-        [scores[i] for i in range(10)], official_probabilities(photos["chelsea"]), atol=1e-5
-    )
+    assert_official_scores(json.loads(body)["results"][0], photos["chelsea"])
     slow.close()
 
     stopped = connect(server.url)
