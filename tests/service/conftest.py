@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import faulthandler
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service.settings import Settings
 from tests.helpers import bundles
 
 TEST_TIMEOUT_S = 120
@@ -63,3 +65,9 @@ def photos() -> dict[str, np.ndarray]:
         "rocket": data.rocket(),
         "portrait": np.ascontiguousarray(data.coffee().transpose(1, 0, 2)),
     }
+
+
+@pytest.fixture(params=typing.get_args(Settings.model_fields["http_parser"].annotation))
+def http_parser(request) -> str:
+    """Each HTTP parser the server offers (--http-parser)."""
+    return request.param

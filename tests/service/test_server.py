@@ -55,12 +55,6 @@ def test_real_server_answers_over_http_and_exits_cleanly_on_sigterm(server, phot
     assert "models ready" in messages and "shut down" in messages
 
 
-@pytest.fixture(params=["httptools", "h11"])
-def http_parser(request) -> str:
-    """Each HTTP parser the server offers."""
-    return request.param
-
-
 @pytest.fixture
 def parser_server(http_parser, classifier_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
     """The classifier behind `http_parser`."""

@@ -30,11 +30,6 @@ MIB = 1 << 20
 CLIENT_TIMEOUT_S = 2.0
 
 
-@pytest.fixture(params=["httptools", "h11"])
-def http_parser(request) -> str:
-    return request.param
-
-
 def _serve(classifier_dir: Path, tmp_path: Path, *flags: str) -> Iterator[RunningServer]:
     every = ["--model-dir", str(classifier_dir), "--client-timeout-s", str(CLIENT_TIMEOUT_S)]
     # A regression that holds every body must fail the server, not the machine.
