@@ -22,6 +22,7 @@ from service.logs import request_id
 from service.metrics import ServiceMetrics
 from service.middleware import (
     REQUEST_ID_SCOPE_KEY,
+    CloseUnreadBodyMiddleware,
     RequestContextMiddleware,
     UploadBuffer,
     UploadLimitsMiddleware,
@@ -86,6 +87,7 @@ def create_app(
     )
     api_keys = settings.accepted_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
+    app.add_middleware(CloseUnreadBodyMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     advertise_api_keys(app, api_keys, settings.protect_probes)
     return app

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
 from pydantic import SecretStr
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import error_body
@@ -84,27 +84,15 @@ class ApiKeyMiddleware:
         if any(key_matches(key, self._keys) for key in presented):
             await self.app(scope, receive, send)
             return
-        await _send_unauthorized(send, scope["path"], wrong_key=bool(presented))
+        await _unauthorized(scope["path"], wrong_key=bool(presented))(scope, receive, send)
 
 
-async def _send_unauthorized(send: Send, path: str, *, wrong_key: bool) -> None:
+def _unauthorized(path: str, *, wrong_key: bool) -> JSONResponse:
     """401 with a Bearer challenge; the body in the service's error shape, or under /v2
     the Open Inference Protocol's one string (as service.app's error handlers do)."""
     body = error_body(path, "unauthorized", _WRONG if wrong_key else _MISSING)
     challenge = f'{CHALLENGE}, error="invalid_token"' if wrong_key else CHALLENGE
-    payload = json.dumps(body, separators=(",", ":")).encode()  # as JSONResponse writes it
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"www-authenticate", challenge.encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    return JSONResponse(body, 401, headers={"www-authenticate": challenge})
 
 
 def advertise_api_keys(app: FastAPI, keys: Sequence[SecretStr], protect_probes: bool) -> None:

@@ -1,16 +1,17 @@
 """ASGI middleware: request ids, access logs and HTTP metrics; the limits on request
-bodies (size, the shared buffer, the client's pace)."""
+bodies (size, the shared buffer, the client's pace); closing a connection whose
+request body was refused before it all arrived."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 import uuid
 
 from prometheus_client import Gauge
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
@@ -83,6 +84,49 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
 
+class CloseUnreadBodyMiddleware:
+    """An answer that starts before the request's body has all arrived (401, 413, 408,
+    503, or a route that did not need the body) says `connection: close`, and the server
+    closes the connection after it. Otherwise uvicorn, to reach the next request on the
+    connection, reads and throws away the rest of the body for as long as the client
+    sends it. Clients that write the whole body before reading (httpx, requests) still
+    read the answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _declares_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def watched_receive() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, watched_receive, closing_send)
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head announces a body: chunked, or a Content-Length over 0."""
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
 class UploadBuffer:
     """The bytes of request bodies held by the requests in progress, all together,
     bounded. Each request's bound (--max-upload-mb) alone lets N slow clients hold N
@@ -131,10 +175,10 @@ class UploadLimitsMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size > self.max_bytes:
-            await _send_error(scope, send, PayloadTooLarge(self._too_large()))
+            await _send_error(scope, receive, send, PayloadTooLarge(self._too_large()))
             return
         if not self.buffer.reserve(size):
-            await _send_error(scope, send, self._buffer_full(size))
+            await _send_error(scope, receive, send, self._buffer_full(size))
             return
         reserved, received, body_done = size, 0, False
 
@@ -149,7 +193,6 @@ class UploadLimitsMiddleware:
                 raise RequestTimeout(
                     f"no part of the request body arrived for {self.client_timeout_s:g} s "
                     f"({received} bytes received; --client-timeout-s)",
-                    headers={"connection": "close"},
                 ) from None
             if message["type"] != "http.request":
                 return message
@@ -175,32 +218,11 @@ class UploadLimitsMiddleware:
         return Overloaded(
             f"uploads in progress hold {self.buffer.held} of the server's {self.buffer.capacity} "
             f"bytes for request bodies; this one needs {size} (--max-upload-buffer-mb)",
-            headers={"retry-after": "1", "connection": "close"},
+            headers={"retry-after": "1"},
         )
 
 
-async def _send_error(scope: Scope, send: Send, error: ServiceError) -> None:
+async def _send_error(scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:
     """`error` as the routes' handlers answer it, before the app has run."""
     body = error_body(scope["path"], error.code, error.detail)
-    await _send_json(send, error.status_code, body, error.headers)
-
-
-async def _send_json(
-    send: Send, status: int, body: dict, headers: dict[str, str] | None = None
-) -> None:
-    payload = json.dumps(body).encode()
-    extra = {name.lower(): value for name, value in (headers or {}).items()}
-    extra["connection"] = "close"
-    encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra.items()]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                *encoded,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await JSONResponse(body, error.status_code, error.headers)(scope, receive, send)

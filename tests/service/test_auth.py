@@ -17,6 +17,7 @@ from service.auth import key_matches
 from service.settings import Settings
 from service.testing import running_server
 from tests.helpers.images import encode, upload
+from tests.helpers.raw_http import connect, parse_answer, read_one_answer, read_until_closed, send
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -124,6 +125,25 @@ def test_a_wrong_key_gets_401_with_invalid_token(keyed_server, image) -> None:
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == f'{CHALLENGE}, error="invalid_token"'
         assert response.json()["error"] == "unauthorized"
+
+
+def test_a_refused_upload_closes_its_connection_and_a_refused_get_keeps_it(keyed_server):
+    """A 401 answered before the body was read says `connection: close` and the server
+    closes: it does not read (and throw away) an upload it refused. A 401 to a request
+    without a body leaves the connection open for the next request."""
+    base_url, _ = keyed_server
+    connection = connect(base_url)
+    send(connection, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+    status, headers, _ = read_one_answer(connection)
+    assert (status, headers.get("connection")) == (401, None)
+    send(connection, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert read_one_answer(connection)[0] == 200
+    size = 8 << 20
+    head = b"POST /classify HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
+    send(connection, head + b"content-length: %d\r\n\r\n" % size + bytes(1 << 16))
+    status, headers, body = parse_answer(read_until_closed(connection))
+    assert (status, headers["connection"]) == (401, "close"), body
+    connection.close()
 
 
 def test_a_basic_authorization_header_is_no_key(keyed_server) -> None:

@@ -45,6 +45,15 @@ def server(http_parser, classifier_dir: Path, tmp_path: Path) -> Iterator[Runnin
 
 
 @pytest.fixture
+def small_upload_server(
+    http_parser, classifier_dir: Path, tmp_path: Path
+) -> Iterator[RunningServer]:
+    """1 MiB uploads; a client timeout (30 s) longer than its test waits."""
+    flags = ["--http-parser", http_parser, "--max-upload-mb", "1", "--client-timeout-s", "30"]
+    yield from _serve(classifier_dir, tmp_path, *flags)
+
+
+@pytest.fixture
 def small_buffer_server(classifier_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
     """4 MiB uploads, 12 MiB for all bodies together."""
     yield from _serve(
@@ -166,6 +175,31 @@ def test_a_body_that_stops_is_answered_408_and_one_that_keeps_coming_is_served(s
     assert headers["connection"] == "close"
     assert CLIENT_TIMEOUT_S * 0.9 < waited < CLIENT_TIMEOUT_S + 10
     stopped.close()
+
+
+def test_a_body_over_the_limit_is_answered_413_and_the_rest_not_read(small_upload_server):
+    """A chunked body (no Content-Length to refuse up front) that passes --max-upload-mb
+    gets 413 and its connection closed: the server does not go on reading what the
+    client keeps sending. Without `connection: close` uvicorn would read and throw away
+    the rest of the body for as long as it came (until the client timeout's head clock
+    ran out)."""
+    server, limit = small_upload_server, MIB
+    connection = connect(server.url)
+    send(connection, _head())
+    piece = b"%x\r\n" % (limit // 4) + bytes(limit // 4) + b"\r\n"
+    for _ in range(5):  # 1.25 MiB
+        send(connection, piece)
+    status, headers, body = read_one_answer(connection)
+    assert status == 413, body
+    assert json.loads(body)["error"] == "payload_too_large"
+    assert headers["connection"] == "close"
+    small = b"%x\r\n" % 4096 + bytes(4096) + b"\r\n"
+    deadline = time.monotonic() + 10
+    while send(connection, small) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time.monotonic() < deadline, "the server kept reading a refused body"
+    connection.close()
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("when", ["new connection", "after an answer"])
