@@ -114,8 +114,17 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
     )
-    server = _DrainingServer(config, app.state.pool, settings.drain_timeout_s)
+    server = _DrainingServer(
+        config, app.state.pool, settings.drain_timeout_s, settings.exit_on_load_error
+    )
     server.run()
+    if server.load_failed:
+        print(
+            f"hornet serve: model loading failed: {app.state.pool.load_error} "
+            "(--no-exit-on-load-error keeps the server up, not ready)",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if server.started else 1
 
 
@@ -149,14 +158,28 @@ def page_url(config: uvicorn.Config) -> str:
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signal turns readiness false before anything stops,
     whose shutdown closes the batch queues at the drain bound (503s, not uvicorn's bare
-    500s for cancelled requests), and which exits normally after a graceful shutdown."""
+    500s for cancelled requests), and which exits normally after a graceful shutdown;
+    with `exit_on_load_error` it also shuts down when a model fails to load."""
 
     def __init__(
-        self, config: uvicorn.Config, pool: ModelPool, drain_timeout_s: float = 10.0
+        self,
+        config: uvicorn.Config,
+        pool: ModelPool,
+        drain_timeout_s: float = 10.0,
+        exit_on_load_error: bool = False,
     ) -> None:
         super().__init__(config)
         self._pool = pool
         self._drain_timeout_s = drain_timeout_s
+        self._exit_on_load_error = exit_on_load_error
+        self.load_failed = False
+
+    async def on_tick(self, counter: int) -> bool:
+        """Checked by uvicorn's main loop every 0.1 s: True shuts the server down."""
+        if self._exit_on_load_error and self._pool.load_error is not None:
+            self.load_failed = True
+            return True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._pool.begin_drain()

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="serve a precision the bundle's manifest has no passed parity record for "
         "(see `hornet verify`), with a warning, instead of refusing to start",
     )
+    exit_on_load_error: bool = Field(
+        True,
+        description="exit with status 1 when a model fails to load (an engine this machine "
+        "cannot run, a graph that does not build); off: stay up, not ready, /readyz naming "
+        "the error",
+    )
     ort_tensorrt: bool = Field(
         False,
         description="on CUDA, run ONNX Runtime engines through its TensorRT execution provider "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from service import cli
 from service import settings as settings_module
 from service.settings import Settings
-from service.testing import RunningServer, running_server
+from service.testing import RunningServer, free_port, running_server, stop
 from tests.helpers.images import encode, upload
 from tests.helpers.memory import memory_of
 from tests.helpers.raw_http import connect, read_until_closed, send
@@ -226,3 +228,42 @@ def test_demo_bundles_are_the_default_model_dirs(
     settings = Settings()
     assert settings.model_dir == [demos / "tiny"]
     assert settings.uses_demo_bundles
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_status_1(classifier_dir: Path) -> None:
+    """A bundle with no TensorRT engine served with --engine tensorrt: the engine fails in
+    the background load, and the process exits 1 with the reason as its last line (the
+    way Triton's --exit-on-error does), rather than running unready until a probe gives
+    up on it."""
+    command = [sys.executable, "-m", "service", "--model-dir", str(classifier_dir)]
+    command += ["--engine", "tensorrt", "--port", str(free_port())]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1, finished.stderr[-2000:]
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.startswith("hornet serve: model loading failed: EngineUnavailable:"), last
+    assert "tensorrt" in last and "--no-exit-on-load-error" in last
+
+
+def test_without_exit_on_load_error_the_server_stays_up_naming_the_error(
+    classifier_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine", "tensorrt"]
+    command = [sys.executable, "-m", "service", *flags, "--no-exit-on-load-error"]
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                if "EngineUnavailable" in ready.text:
+                    break
+            assert time.monotonic() < deadline, "/readyz never named the load error"
+            time.sleep(0.2)
+        assert ready.status_code == 503 and "tensorrt" in ready.json()["detail"]
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        assert stop(process) == 0
+        log.close()
