@@ -73,11 +73,9 @@ def create_app(
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
-    app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(inference.router)
-    app.include_router(v2.router)
-    app.include_router(page.router)
+    routers = (health.router, models.router, inference.router, v2.router, page.router)
+    for router in routers:
+        app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(
         UploadLimitsMiddleware,
@@ -88,7 +86,8 @@ def create_app(
     api_keys = settings.accepted_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
     app.add_middleware(CloseUnreadBodyMiddleware)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    routes = [route for router in routers for route in router.routes]
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     advertise_api_keys(app, api_keys, settings.protect_probes)
     return app
 

@@ -64,8 +64,8 @@ def presented_keys(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
 
 class ApiKeyMiddleware:
     """Answers 401 to requests without one of `keys`, on every protected path; with no
-    keys it passes everything through. Refusals come before routing, so the request
-    metrics count them under route "unmatched", status 401."""
+    keys it passes everything through. Refusals come before routing; the request
+    metrics count them under the route template the path matches, status 401."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[SecretStr], protect_probes: bool) -> None:
         self.app = app

@@ -9,9 +9,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 from prometheus_client import Gauge
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
@@ -35,11 +37,24 @@ REQUEST_ID_SCOPE_KEY = "hornet.request_id"
 class RequestContextMiddleware:
     """Gives each request an id (an incoming valid X-Request-ID is honoured), echoes it
     in the response, counts the request by route template and status, times it, and
-    writes one access log line."""
+    writes one access log line. A request refused before routing (401, 413, 503 from
+    the upload limits) is counted under the template of the first of `routes` its
+    method and path match, so a dashboard shows it with its route; "unmatched" is a
+    path no route has (404)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = list(routes)
+
+    def _route_template(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is None:
+            full = (r for r in self.routes if r.matches(scope)[0] is Match.FULL)
+            route = next(full, None)
+        return getattr(route, "path", "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +84,7 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = self._route_template(scope)
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
             log.info(

@@ -214,9 +214,15 @@ def test_tritonclient_is_served_with_the_key_in_its_headers(keyed_server) -> Non
 
 
 def test_refusals_are_counted_in_the_request_metrics(keyed_server, image) -> None:
+    """Under the route template the path matches, though refused before routing; a
+    path no route has under "unmatched"."""
     base_url, _ = keyed_server
     classify(base_url, image, bearer(WRONG_KEY))
+    assert httpx.get(f"{base_url}/v2/models/tiny_cls/ready").status_code == 401
+    assert httpx.get(f"{base_url}/no/such/route").status_code == 401
     metrics = httpx.get(f"{base_url}/metrics").text
+    assert 'hornet_requests_total{route="/classify",status="401"}' in metrics
+    assert 'hornet_requests_total{route="/v2/models/{model}/ready",status="401"}' in metrics
     assert 'hornet_requests_total{route="unmatched",status="401"}' in metrics
 
 

@@ -200,6 +200,8 @@ def test_a_body_over_the_limit_is_answered_413_and_the_rest_not_read(small_uploa
     assert time.monotonic() < deadline, "the server kept reading a refused body"
     connection.close()
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'hornet_requests_total{route="/classify",status="413"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("when", ["new connection", "after an answer"])
