@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import socket
 import sys
 from types import FrameType
@@ -94,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     if not _precisions_verified(bundles, settings):
         return 2
     configure_allocator()
+    _raise_open_file_limit()
     if settings.uses_demo_bundles:
         log.warning(
             "NO --model-dir GIVEN: SERVING THE PACKAGED DEMO MODELS. They are not meant for "
@@ -126,6 +128,26 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0 if server.started else 1
+
+
+# The soft limit set when the hard one is unlimited.
+_OPEN_FILES_WITHOUT_HARD_LIMIT = 1 << 20
+
+
+def _raise_open_file_limit() -> None:
+    """Raise this process's soft limit on open files to the hard one, as the JVM and Go's
+    runtime do: each connection holds a descriptor, and a soft limit of 1024 (systemd's
+    and most shells' default) would refuse connections past about a thousand (asyncio
+    stops accepting for a second at each EMFILE) where the hard limit allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _OPEN_FILES_WITHOUT_HARD_LIMIT if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", extra={"error": str(exc)})
+            return
+        log.info("open-file limit raised", extra={"from": soft, "to": target})
 
 
 def _precisions_verified(bundles: Sequence[Bundle], settings: Settings) -> bool:

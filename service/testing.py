@@ -98,6 +98,7 @@ def running_server(
     env: Mapping[str, str] | None = None,
     inherit_settings: bool = True,
     memory_limit_bytes: int | None = None,
+    open_files_soft_limit: int | None = None,
     ready_headers: Mapping[str, str] | None = None,
     ready_timeout_s: float = 60.0,
     stop_timeout_s: float = 30.0,
@@ -111,6 +112,7 @@ def running_server(
         the server reads only `flags`, `env` and its defaults.
     memory_limit_bytes: the server's address space (RLIMIT_AS), so that a runaway
         allocation fails the server instead of the machine.
+    open_files_soft_limit: the soft limit on open files the server starts with.
     ready_headers: sent with the readiness probe (a key, when probes are protected).
     """
     port = free_port()
@@ -131,7 +133,7 @@ def running_server(
             env=environment,
             stdout=stdout,
             stderr=stderr,
-            preexec_fn=_address_space_cap(memory_limit_bytes),
+            preexec_fn=_limits(memory_limit_bytes, open_files_soft_limit),
         )
     url = f"http://{LOOPBACK}:{port}"
     try:
@@ -151,14 +153,20 @@ def _answers_200(probe: urllib.request.Request) -> bool:
         return False
 
 
-def _address_space_cap(limit_bytes: int | None) -> Callable[[], None] | None:
-    if limit_bytes is None:
+def _limits(
+    limit_bytes: int | None, open_files_soft_limit: int | None
+) -> Callable[[], None] | None:
+    if limit_bytes is None and open_files_soft_limit is None:
         return None
 
     def cap() -> None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+        if open_files_soft_limit is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_soft_limit, hard))
 
     return cap
 

@@ -267,3 +267,24 @@ def test_without_exit_on_load_error_the_server_stays_up_naming_the_error(
     finally:
         assert stop(process) == 0
         log.close()
+
+
+def test_the_server_raises_its_open_file_limit_to_the_hard_one(classifier_dir, tmp_path):
+    """Started with a soft limit of 256 open files (below the hard one), the server
+    raises it at start and serves a request while 400 other connections are open (with
+    the soft limit left at 256 they would have taken every descriptor, and new
+    connections would not be accepted until the client timeout closed them)."""
+    flags = ["--model-dir", str(classifier_dir), "--client-timeout-s", "60"]
+    log_path = tmp_path / "server.log"
+    with running_server(flags, log_path=log_path, open_files_soft_limit=256) as server:
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+        soft, hard = line.split()[3:5]
+        assert soft == hard and int(soft) > 256, line
+        idle = [connect(server.url) for _ in range(400)]
+        try:
+            response = httpx.get(f"{server.url}/healthz", timeout=5)
+            assert response.status_code == 200
+        finally:
+            for connection in idle:
+                connection.close()
