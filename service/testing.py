@@ -100,6 +100,7 @@ def running_server(
     memory_limit_bytes: int | None = None,
     open_files_soft_limit: int | None = None,
     ready_headers: Mapping[str, str] | None = None,
+    ready_path: str = "/readyz",
     ready_timeout_s: float = 60.0,
     stop_timeout_s: float = 30.0,
 ) -> Iterator[RunningServer]:
@@ -114,6 +115,7 @@ def running_server(
         allocation fails the server instead of the machine.
     open_files_soft_limit: the soft limit on open files the server starts with.
     ready_headers: sent with the readiness probe (a key, when probes are protected).
+    ready_path: the route whose 200 means started (/healthz: up, whether or not ready).
     """
     port = free_port()
     environment = {
@@ -138,7 +140,12 @@ def running_server(
     url = f"http://{LOOPBACK}:{port}"
     try:
         wait_ready(
-            url, process, timeout_s=ready_timeout_s, headers=ready_headers, log_path=log_path
+            url,
+            process,
+            timeout_s=ready_timeout_s,
+            path=ready_path,
+            headers=ready_headers,
+            log_path=log_path,
         )
         yield RunningServer(url, process, log_path)
     finally:

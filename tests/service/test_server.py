@@ -18,7 +18,7 @@ import pytest
 from service import cli
 from service import settings as settings_module
 from service.settings import Settings
-from service.testing import RunningServer, free_port, running_server, stop
+from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode, upload
 from tests.helpers.memory import memory_of
 from tests.helpers.raw_http import connect, read_until_closed, send
@@ -247,26 +247,18 @@ def test_a_model_that_cannot_load_ends_the_server_with_status_1(classifier_dir: 
 def test_without_exit_on_load_error_the_server_stays_up_naming_the_error(
     classifier_dir: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
     flags = ["--model-dir", str(classifier_dir), "--engine", "tensorrt"]
-    command = [sys.executable, "-m", "service", *flags, "--no-exit-on-load-error"]
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log)
-    try:
+    flags += ["--no-exit-on-load-error"]
+    log_path = tmp_path / "server.log"
+    with running_server(flags, log_path=log_path, ready_path="/healthz") as server:
         deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-                if "EngineUnavailable" in ready.text:
-                    break
+        while "EngineUnavailable" not in (ready := httpx.get(f"{server.url}/readyz")).text:
+            assert server.process.poll() is None, server.log_tail()
             assert time.monotonic() < deadline, "/readyz never named the load error"
             time.sleep(0.2)
         assert ready.status_code == 503 and "tensorrt" in ready.json()["detail"]
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-    finally:
-        assert stop(process) == 0
-        log.close()
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert server.process.returncode == 0
 
 
 def test_the_server_raises_its_open_file_limit_to_the_hard_one(classifier_dir, tmp_path):
