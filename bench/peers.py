@@ -23,7 +23,8 @@ manifest records that file's sha256. Speed does not depend on the weights' value
       --litserve-timeout-ms: the same engine behind another server.
   ours-alt (only when named in --servers): ours again with --alt-flags added, to measure
       one of our settings side by side in the same rounds, e.g. --servers ours,ours-alt
-      --alt-flags "--http-parser h11 --event-loop asyncio".
+      --alt-flags "--http-parser h11 --event-loop asyncio" (one flag alone takes an "=":
+      --alt-flags=--no-close-batches-early).
 The peers run from the virtualenv that tools/make_peers_env.sh makes (--peers-venv,
 default .venv-peers); this script runs from the project's .venv.
 

@@ -10,14 +10,18 @@ compute-time metrics. It knows nothing about HTTP, so it can be tested alone.
 A batch closes when it holds `max_batch_size` items or `max_delay_s` after its first
 item arrived. Batches are only formed when an engine instance is idle, so while all
 instances are busy the queue fills and the next batch is fuller (adaptive batching).
+With `close_early`, a batch also closes as soon as the queue is empty and no caller has
+announced an item on its way (`announce()`, held while a request is decoded): waiting
+longer could only delay the batch, never fill it, so a lone request runs at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -98,6 +102,7 @@ class BatchQueue(Generic[T, R]):
         max_delay_s: float,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        close_early: bool = False,
     ) -> None:
         if not workers:
             raise ValueError("a BatchQueue needs at least one worker")
@@ -108,6 +113,9 @@ class BatchQueue(Generic[T, R]):
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self._observer = observer
+        self.close_early = close_early
+        self._announced = 0
+        self._news = asyncio.Event()  # an item was queued, or the announced ones ran out
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
         self._idle: asyncio.Queue[BatchWorker] = asyncio.Queue()
         self._collecting: list[_Pending[T, R]] = []
@@ -164,6 +172,7 @@ class BatchQueue(Generic[T, R]):
         pending = [_Pending(item, loop.create_future(), now, deadline, is_gone) for item in items]
         for entry in pending:
             self._queue.put_nowait(entry)
+        self._news.set()
         self._report_depth()
         timeout = None if deadline is None else max(deadline - now, 0.0)
         waiting = asyncio.gather(*(entry.future for entry in pending))
@@ -174,6 +183,19 @@ class BatchQueue(Generic[T, R]):
         finally:
             for entry in pending:
                 entry.future.cancel()
+
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        """While held, a batch being collected waits (up to its delay) for an item on its
+        way: hold it from a request's decoding until its items are submitted, so that with
+        `close_early` the batch does not close without them."""
+        self._announced += 1
+        try:
+            yield
+        finally:
+            self._announced -= 1
+            if not self._announced:
+                self._news.set()
 
     @property
     def work_ahead(self) -> int:
@@ -237,18 +259,22 @@ class BatchQueue(Generic[T, R]):
             task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> list[_Pending[T, R]]:
-        """Wait for a first item, then gather more until full or its delay has passed."""
+        """Wait for a first item, then gather more until full or its delay has passed
+        (with `close_early`, or until nothing more is queued or announced)."""
         self._collecting = [await self._queue.get()]
         close_at = self._collecting[0].enqueued_at + self.max_delay_s
         while len(self._collecting) < self.max_batch_size:
             if not self._queue.empty():
                 self._collecting.append(self._queue.get_nowait())
                 continue
+            if self.close_early and not self._announced:
+                break
             remaining = close_at - time.monotonic()
             if remaining <= 0:
                 break
+            self._news.clear()
             try:
-                self._collecting.append(await asyncio.wait_for(self._queue.get(), remaining))
+                await asyncio.wait_for(self._news.wait(), remaining)
             except TimeoutError:
                 break
         return list(self._collecting)

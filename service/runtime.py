@@ -69,6 +69,7 @@ class ModelRunner:
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             observer=metrics.for_model(self.name),
+            close_early=settings.close_batches_early,
         )
 
     def _worker_for(self, engine: InferenceEngine) -> batching.BatchWorker:
@@ -84,10 +85,16 @@ class ModelRunner:
 
     async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
         """Decode and preprocess every upload in the decoding threads, off the event loop
-        (their number bounds how many decoded images exist at once)."""
+        (their number bounds how many decoded images exist at once).
+
+        Announced to the batch queue meanwhile, so a batch being collected waits for these
+        items (see BatchQueue.announce). The caller submits them (`infer`) with no await
+        in between, so no batch can close between the announcement's end and the items'
+        arrival."""
         loop = asyncio.get_running_loop()
-        prepared = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
-        return list(await asyncio.gather(*prepared))
+        with self.queue.announce():
+            prepared = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
+            return list(await asyncio.gather(*prepared))
 
     def _prepare_one(self, data: bytes) -> Prepared:
         settings = self.settings
@@ -135,6 +142,7 @@ class ModelRunner:
             batching=BatchSettings(
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_ms=self.settings.max_delay_ms,
+                close_early=self.settings.close_batches_early,
                 max_queue_size=self.settings.max_queue_size,
                 instances=len(self.engines),
             ),

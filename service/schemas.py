@@ -120,6 +120,7 @@ class DetectResponse(BaseModel):
 class BatchSettings(BaseModel):
     max_batch_size: int
     max_delay_ms: float
+    close_early: bool
     max_queue_size: int
     instances: int
 

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         ge=0,
         description="a batch closes T ms after its first request, or at --max-batch-size images",
     )
+    close_batches_early: bool = Field(
+        True,
+        description="a batch also closes before --max-delay-ms once no other request for "
+        "its model is queued or being decoded (waiting could not fill it: a lone request "
+        "runs at once); off: every batch not full waits the whole delay",
+    )
     max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
         64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"
     )

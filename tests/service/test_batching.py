@@ -103,6 +103,48 @@ async def test_a_lone_item_waits_at_most_the_delay() -> None:
     await within(queue.close(1.0))
 
 
+async def test_closing_early_a_lone_item_runs_without_waiting_the_delay() -> None:
+    queue = _queue([doubler()], max_batch_size=64, max_delay_s=30.0, close_early=True)
+    assert await within(queue.submit(3), 5.0) == 6  # the delay would be 30 s
+    await within(queue.close(1.0))
+
+
+async def test_closing_early_a_batch_waits_for_announced_items() -> None:
+    seen: list[list[int]] = []
+    queue = _queue([doubler(seen)], max_batch_size=8, max_delay_s=30.0, close_early=True)
+    with queue.announce(), queue.announce():  # two requests being decoded
+        first = asyncio.ensure_future(queue.submit(1))
+        await asyncio.sleep(0.3)
+        assert not first.done()  # the batch stays open for the announced item
+        second = asyncio.ensure_future(queue.submit(2))
+        await asyncio.sleep(0.1)
+        assert not first.done()  # one announcement is still held
+    assert await within(asyncio.gather(first, second)) == [2, 4]
+    assert seen == [[1, 2]]
+    await within(queue.close(1.0))
+
+
+async def test_closing_early_an_announcement_holds_a_batch_no_longer_than_the_delay() -> None:
+    queue = _queue([doubler()], max_batch_size=8, max_delay_s=0.2, close_early=True)
+    with queue.announce():  # a decode that never ends
+        started = time.monotonic()
+        assert await within(queue.submit(3)) == 6
+        assert 0.15 <= time.monotonic() - started < 5.0
+    await within(queue.close(1.0))
+
+
+async def test_without_closing_early_announcements_change_nothing() -> None:
+    seen: list[list[int]] = []
+    queue = _queue([doubler(seen)], max_batch_size=8, max_delay_s=0.3)
+    started = time.monotonic()
+    first = asyncio.ensure_future(queue.submit(1))
+    with queue.announce():
+        await asyncio.sleep(0.05)
+    assert await within(first) == 2
+    assert time.monotonic() - started >= 0.25  # waited the whole delay, announced or not
+    await within(queue.close(1.0))
+
+
 async def test_submit_many_returns_results_in_item_order() -> None:
     seen: list[list[int]] = []
     queue = _queue([doubler(seen)], max_batch_size=3)

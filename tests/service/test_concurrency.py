@@ -4,6 +4,7 @@ cleanly, deadlines hold, failures stay contained, departed clients cost no engin
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import anyio
 import numpy as np
@@ -56,6 +57,49 @@ async def test_concurrent_requests_form_batches_and_get_their_own_answers(
     for response, single in zip(responses, singles, strict=True):
         assert response.status_code == 200
         assert_same_answer(response.json()["results"][0], single)
+
+
+async def test_a_batch_waits_for_a_request_still_decoding_and_a_lone_one_runs_at_once(
+    classifier_dir, photos
+) -> None:
+    """--close-batches-early (the default): with a 20 s delay, a request whose image is
+    still being decoded holds the batch open, and nothing else does."""
+    fast, slow = distinct_images(photos, 2)
+    factory = InstrumentedFactory()
+    decoding, finish_decoding = threading.Event(), threading.Event()
+    async with serving(
+        [classifier_dir],
+        engine_factory=factory,
+        max_batch_size=8,
+        max_delay_ms=20_000,
+        decode_threads=2,
+    ) as client:
+        runner = client.app.state.pool.runners["tiny_cls"]
+        prepare_one = runner._prepare_one
+
+        def held_for_the_slow_image(data: bytes):
+            if data == slow:
+                decoding.set()
+                if not finish_decoding.wait(30):
+                    raise TimeoutError("the test never let the decoding finish")
+            return prepare_one(data)
+
+        runner._prepare_one = held_for_the_slow_image
+        before = len(factory.batch_sizes)
+        with anyio.fail_after(15):  # far less than the delay
+            held = asyncio.ensure_future(client.post("/classify", files=upload(slow)))
+            await asyncio.to_thread(decoding.wait, 10)
+            waiting = asyncio.ensure_future(client.post("/classify", files=upload(fast)))
+            await asyncio.sleep(0.5)
+            assert not waiting.done() and runner.queue.depth == 1  # queued, not yet run:
+            assert factory.batch_sizes[before:] == []  # its batch waits for the other image
+            finish_decoding.set()
+            answers = await asyncio.gather(held, waiting)
+            assert factory.batch_sizes[before:] == [2]
+            lone = await client.post("/classify", files=upload(fast))
+        assert factory.batch_sizes[before:] == [2, 1]
+    assert [a.status_code for a in (*answers, lone)] == [200, 200, 200]
+    assert_same_answer(lone.json()["results"][0], answers[1].json()["results"][0])
 
 
 async def test_overload_answers_503_with_retry_after_and_no_wrong_answers(

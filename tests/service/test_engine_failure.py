@@ -96,6 +96,7 @@ async def test_engine_error_fails_only_its_batch_with_500_and_request_ids(
         engine_factory=factory,
         max_batch_size=2,
         max_delay_ms=10_000,  # a batch closes when it holds two requests, not on a timer
+        close_batches_early=False,  # nor when the second is not yet on its way
     ) as client:
         engine = client.app.state.pool.runners["tiny_cls"].engines[0]
         responses: dict[str, object] = {}

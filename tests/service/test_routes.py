@@ -127,6 +127,7 @@ async def test_models_lists_every_bundle_with_its_settings(
     assert cls["batching"] == {
         "max_batch_size": 4,
         "max_delay_ms": 2.0,
+        "close_early": True,
         "max_queue_size": 64,
         "instances": 2,
     }
