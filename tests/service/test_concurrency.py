@@ -86,17 +86,22 @@ async def test_a_batch_waits_for_a_request_still_decoding_and_a_lone_one_runs_at
 
         runner._prepare_one = held_for_the_slow_image
         before = len(factory.batch_sizes)
-        with anyio.fail_after(15):  # far less than the delay
-            held = asyncio.ensure_future(client.post("/classify", files=upload(slow)))
-            await asyncio.to_thread(decoding.wait, 10)
-            waiting = asyncio.ensure_future(client.post("/classify", files=upload(fast)))
-            await asyncio.sleep(0.5)
-            assert not waiting.done() and runner.queue.depth == 1  # queued, not yet run:
-            assert factory.batch_sizes[before:] == []  # its batch waits for the other image
-            finish_decoding.set()
-            answers = await asyncio.gather(held, waiting)
-            assert factory.batch_sizes[before:] == [2]
-            lone = await client.post("/classify", files=upload(fast))
+        try:
+            with anyio.fail_after(15):  # far less than the delay
+                held = asyncio.ensure_future(client.post("/classify", files=upload(slow)))
+                await asyncio.to_thread(decoding.wait, 10)
+                waiting = asyncio.ensure_future(client.post("/classify", files=upload(fast)))
+                while runner.queue.depth < 1:  # decoded and queued
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.5)
+                assert not waiting.done() and runner.queue.depth == 1  # still queued, not run:
+                assert factory.batch_sizes[before:] == []  # its batch waits for the other image
+                finish_decoding.set()
+                answers = await asyncio.gather(held, waiting)
+                assert factory.batch_sizes[before:] == [2]
+                lone = await client.post("/classify", files=upload(fast))
+        finally:
+            finish_decoding.set()  # never leave the decoding thread held
         assert factory.batch_sizes[before:] == [2, 1]
     assert [a.status_code for a in (*answers, lone)] == [200, 200, 200]
     assert_same_answer(lone.json()["results"][0], answers[1].json()["results"][0])
