@@ -80,9 +80,11 @@ def start_server(bundle_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Run
 
 
 def _slow_batch_flags(delay_s: float, drain_s: float) -> list[str]:
-    """A batch that waits `delay_s` to fill, so requests are still queued at SIGTERM."""
+    """A batch that waits `delay_s` to fill, so requests are still queued at SIGTERM (the
+    whole delay: not closed early once nothing more is on its way)."""
     return [
         *("--max-batch-size", "64", "--max-delay-ms", str(delay_s * 1000)),
+        "--no-close-batches-early",
         *("--request-timeout-s", str(delay_s + 60), "--drain-timeout-s", str(drain_s)),
     ]
 
