@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from service.logs import request_id
 
@@ -34,6 +34,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 IsGone = Callable[[], Awaitable[bool]]
+# What closed a batch: max_batch_size items; nothing more queued or announced (with
+# close_early, checked first); or max_delay_s after its first item (with close_early:
+# while announced items were still on their way).
+ClosedBy = Literal["full", "delay", "early"]
 BatchWorker = Callable[[list[T]], Sequence[R]]
 
 
@@ -63,6 +67,7 @@ class BatchStats:
     queue_seconds: list[float]
     compute_seconds: float
     failed: bool
+    closed_by: ClosedBy
 
 
 class BatchObserver(Protocol):
@@ -247,37 +252,42 @@ class BatchQueue(Generic[T, R]):
     async def _form_batches(self) -> None:
         while True:
             worker = await self._idle.get()
-            batch = await self._collect()
+            batch, closed_by = await self._collect()
             live = await self._admissible(batch)
             self._collecting = []
             self._report_depth()
             if not live:
                 self._idle.put_nowait(worker)
                 continue
-            task = asyncio.create_task(self._execute(worker, live))
+            task = asyncio.create_task(self._execute(worker, live, closed_by))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _collect(self) -> list[_Pending[T, R]]:
+    async def _collect(self) -> tuple[list[_Pending[T, R]], ClosedBy]:
         """Wait for a first item, then gather more until full or its delay has passed
-        (with `close_early`, or until nothing more is queued or announced)."""
+        (with `close_early`, or until nothing more is queued or announced); the batch and
+        what closed it."""
         self._collecting = [await self._queue.get()]
         close_at = self._collecting[0].enqueued_at + self.max_delay_s
+        closed_by: ClosedBy = "full"
         while len(self._collecting) < self.max_batch_size:
             if not self._queue.empty():
                 self._collecting.append(self._queue.get_nowait())
                 continue
             if self.close_early and not self._announced:
+                closed_by = "early"
                 break
             remaining = close_at - time.monotonic()
             if remaining <= 0:
+                closed_by = "delay"
                 break
             self._news.clear()
             try:
                 await asyncio.wait_for(self._news.wait(), remaining)
             except TimeoutError:
+                closed_by = "delay"
                 break
-        return list(self._collecting)
+        return list(self._collecting), closed_by
 
     async def _admissible(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
         """Drop abandoned, expired and disconnected items before they cost engine time."""
@@ -295,7 +305,9 @@ class BatchQueue(Generic[T, R]):
             live.append(entry)
         return live
 
-    async def _execute(self, worker: BatchWorker, batch: list[_Pending[T, R]]) -> None:
+    async def _execute(
+        self, worker: BatchWorker, batch: list[_Pending[T, R]], closed_by: ClosedBy
+    ) -> None:
         started = time.monotonic()
         self._running_items += len(batch)
         queue_seconds = [started - entry.enqueued_at for entry in batch]
@@ -336,7 +348,13 @@ class BatchQueue(Generic[T, R]):
             self._idle.put_nowait(worker)
             if self._observer is not None:
                 self._observer.batch_done(
-                    BatchStats(len(batch), queue_seconds, time.monotonic() - started, failed)
+                    BatchStats(
+                        len(batch),
+                        queue_seconds,
+                        time.monotonic() - started,
+                        failed,
+                        closed_by,
+                    )
                 )
 
     def _note_compute(self, seconds: float, items: int) -> None:

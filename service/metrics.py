@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.batching import BatchStats
+from service.batching import BatchStats, ClosedBy
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -45,6 +47,13 @@ class ServiceMetrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.batches = Counter(
+            "hornet_batches",
+            "batches formed, by what closed them: full (--max-batch-size), early (nothing "
+            "more queued or being decoded), delay (--max-delay-ms passed first)",
+            ["model", "closed_by"],
+            registry=self.registry,
+        )
         self.engine_seconds = Histogram(
             "hornet_engine_seconds",
             "engine time per batch",
@@ -78,6 +87,9 @@ class ModelObserver:
         self._depth = metrics.queue_depth_gauge.labels(model)
         self._queue = metrics.queue_seconds.labels(model)
         self._batch = metrics.batch_size.labels(model)
+        self._closed_by = {
+            reason: metrics.batches.labels(model, reason) for reason in get_args(ClosedBy)
+        }
         self._engine = metrics.engine_seconds.labels(model)
         self._failures = metrics.engine_failures.labels(model)
 
@@ -86,6 +98,7 @@ class ModelObserver:
 
     def batch_done(self, stats: BatchStats) -> None:
         self._batch.observe(stats.size)
+        self._closed_by[stats.closed_by].inc()
         self._engine.observe(stats.compute_seconds)
         for seconds in stats.queue_seconds:
             self._queue.observe(seconds)

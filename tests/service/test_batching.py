@@ -96,22 +96,31 @@ async def test_concurrent_items_form_batches_and_get_their_own_results() -> None
 
 
 async def test_a_lone_item_waits_at_most_the_delay() -> None:
-    queue = _queue([doubler()], max_batch_size=64, max_delay_s=0.05)
+    recorder = Recorder()
+    queue = _queue([doubler()], max_batch_size=64, max_delay_s=0.05, observer=recorder)
     started = time.monotonic()
     assert await within(queue.submit(3)) == 6
     assert 0.04 <= time.monotonic() - started < 1.0
     await within(queue.close(1.0))
+    assert [(b.size, b.closed_by) for b in recorder.batches] == [(1, "delay")]
 
 
 async def test_closing_early_a_lone_item_runs_without_waiting_the_delay() -> None:
-    queue = _queue([doubler()], max_batch_size=64, max_delay_s=30.0, close_early=True)
+    recorder = Recorder()
+    queue = _queue(
+        [doubler()], max_batch_size=64, max_delay_s=30.0, close_early=True, observer=recorder
+    )
     assert await within(queue.submit(3), 5.0) == 6  # the delay would be 30 s
     await within(queue.close(1.0))
+    assert [(b.size, b.closed_by) for b in recorder.batches] == [(1, "early")]
 
 
 async def test_closing_early_a_batch_waits_for_announced_items() -> None:
     seen: list[list[int]] = []
-    queue = _queue([doubler(seen)], max_batch_size=8, max_delay_s=30.0, close_early=True)
+    recorder = Recorder()
+    queue = _queue(
+        [doubler(seen)], max_batch_size=8, max_delay_s=30.0, close_early=True, observer=recorder
+    )
     with queue.announce(), queue.announce():  # two requests being decoded
         first = asyncio.ensure_future(queue.submit(1))
         await asyncio.sleep(0.3)
@@ -122,15 +131,20 @@ async def test_closing_early_a_batch_waits_for_announced_items() -> None:
     assert await within(asyncio.gather(first, second)) == [2, 4]
     assert seen == [[1, 2]]
     await within(queue.close(1.0))
+    assert [b.closed_by for b in recorder.batches] == ["early"]
 
 
 async def test_closing_early_an_announcement_holds_a_batch_no_longer_than_the_delay() -> None:
-    queue = _queue([doubler()], max_batch_size=8, max_delay_s=0.2, close_early=True)
+    recorder = Recorder()
+    queue = _queue(
+        [doubler()], max_batch_size=8, max_delay_s=0.2, close_early=True, observer=recorder
+    )
     with queue.announce():  # a decode that never ends
         started = time.monotonic()
         assert await within(queue.submit(3)) == 6
         assert 0.15 <= time.monotonic() - started < 5.0
     await within(queue.close(1.0))
+    assert [b.closed_by for b in recorder.batches] == ["delay"]
 
 
 async def test_without_closing_early_announcements_change_nothing() -> None:
@@ -255,7 +269,7 @@ async def test_observer_sees_batch_sizes_and_queue_times() -> None:
     recorder = Recorder()
     queue = _queue([doubler()], max_batch_size=4, max_delay_s=0.05, observer=recorder)
     await within(asyncio.gather(*(queue.submit(i) for i in range(4))))
-    assert [b.size for b in recorder.batches] == [4]
+    assert [(b.size, b.closed_by) for b in recorder.batches] == [(4, "full")]
     assert all(0 <= s < 1 for s in recorder.batches[0].queue_seconds)
     await within(queue.close(1.0))
 

@@ -191,6 +191,10 @@ async def test_metrics_expose_batch_sizes_requests_and_latency(classifier_dir, p
         )
         text = (await client.get("/metrics")).text
     assert 'hornet_batch_size_count{model="tiny_cls"}' in text
+    # the lone request's batch closed as soon as nothing more was on its way
+    assert 'hornet_batches_total{closed_by="early",model="tiny_cls"} 1.0' in text
+    assert 'hornet_batches_total{closed_by="delay",model="tiny_cls"} 0.0' in text
+    assert 'hornet_batches_total{closed_by="full",model="tiny_cls"} 0.0' in text
     assert 'hornet_requests_total{route="/classify",status="200"} 1.0' in text
     assert 'hornet_requests_total{route="/classify",status="415"} 1.0' in text
     for name in (
