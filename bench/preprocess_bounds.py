@@ -9,6 +9,8 @@ the answer's host side (`finish`: the full-size mask, the pasted RLE masks) on a
 synthetic engine output of the right shape. Prints the median seconds of each step and
 the process's peak RSS growth, so the "bounded by the model's input" rule can be read
 off: every shape within --max-pixels, never proportional to the aspect ratio.
+HORNET_JPEG_REDUCING_GAP=2 (the server's --jpeg-reducing-gap) times the reduced JPEG
+decode instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from hornet_bundle import load_bundle
-from service.imaging import decode_image
+from service.imaging import decode_image, draft_size
 from service.pipelines import AnswerOptions, pipeline_for
 from service.settings import Settings
 
@@ -88,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<16} {'image':>11} {'decode s':>9} {'prepare s':>9} {'finish s':>9}")
     for directory in settings.model_dir:
         pipeline = pipeline_for(load_bundle(directory).manifest)
+        gap = settings.jpeg_reducing_gap
+        draft = draft_size(pipeline.first_resize, gap) if gap else None
         for shape, data in encoded.items():
-            decode_s, image = _median_seconds(
-                lambda data=data: decode_image(data, settings.max_pixels), args.repeat
+            decode_s, decoded = _median_seconds(
+                lambda data=data, draft=draft: decode_image(data, settings.max_pixels, draft=draft),
+                args.repeat,
             )
             prepare_s, prepared = _median_seconds(
-                lambda image=image, pipeline=pipeline: pipeline.prepare(image), args.repeat
+                lambda decoded=decoded, pipeline=pipeline: pipeline.prepare(decoded), args.repeat
             )
             outputs = _engine_output(pipeline, prepared)
             finish_s, _ = _median_seconds(

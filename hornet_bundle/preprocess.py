@@ -29,11 +29,17 @@ _RESAMPLE = {
 EXACT_RESIZE_CROPS = 64
 
 
-def classification_input(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+def classification_input(
+    image: Image.Image, preprocess: Preprocess, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """The uint8 HWC crop the classifier was evaluated on (timm/torchvision eval transform).
 
     shorter_side_center_crop: torchvision Resize(int(size / crop_pct)) then
     CenterCrop(size); direct: Resize((h, w)). Both with PIL's resampling.
+
+    `size` is the (width, height) the sizes are computed from: the image's own unless it
+    was decoded at a reduced scale (a JPEG's DCT scaling, `first_resize`), in which case
+    it is the upload's, so the resize lands on the same size as from the full image.
 
     The resize-then-crop is done as written while the resized image stays within
     `EXACT_RESIZE_CROPS` crops (aspect ratios up to about 50:1 at 224 px): bit-identical to
@@ -45,12 +51,13 @@ def classification_input(image: Image.Image, preprocess: Preprocess) -> np.ndarr
     """
     height, width = preprocess.input_size
     resample = _RESAMPLE[preprocess.interpolation]
+    size = size or image.size
     if preprocess.resize_mode == "direct":
         return np.asarray(image.resize((width, height), resample), dtype=np.uint8)
     if preprocess.resize_mode != "shorter_side_center_crop":
         raise ValueError(f"resize_mode {preprocess.resize_mode!r} is not a classification mode")
     crop_pct = preprocess.crop_pct or 1.0
-    resized_w, resized_h = _shorter_side_size(image.size, height, width, crop_pct)
+    resized_w, resized_h = _shorter_side_size(size, height, width, crop_pct)
     small = resized_w * resized_h <= EXACT_RESIZE_CROPS * height * width
     if small or resized_w < width or resized_h < height:
         resized = image.resize((resized_w, resized_h), resample)
@@ -102,6 +109,25 @@ def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + height, left : left + width])
 
 
+def first_resize(preprocess: Preprocess, width: int, height: int) -> tuple[int, int] | None:
+    """The (width, height) the transform's first resize gives an image of this size, or
+    None where the image is used at its own size (a dense model without a `scale`).
+
+    Pixels beyond that size only feed the resize's filter, which is what lets a server
+    decode a large JPEG at a reduced scale (`Image.draft`) and resize from there.
+    """
+    mode = preprocess.resize_mode
+    if mode == "direct":
+        return preprocess.input_size[1], preprocess.input_size[0]
+    if mode == "shorter_side_center_crop":
+        crop_h, crop_w = preprocess.input_size
+        return _shorter_side_size((width, height), crop_h, crop_w, preprocess.crop_pct or 1.0)
+    if preprocess.scale is None:
+        return None
+    fit_h, fit_w = fit_size(height, width, preprocess.scale)
+    return fit_w, fit_h
+
+
 def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
     """mmcv rescale_size(keep_ratio=True): the largest size fitting (long, short) scale.
 
@@ -112,10 +138,15 @@ def fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
-def fit_image(image: Image.Image, scale: tuple[int, int], backend: str) -> np.ndarray:
+def fit_image(
+    image: Image.Image, scale: tuple[int, int], backend: str, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """The uint8 HWC image resized to fit `scale` (mmcv imrescale), as the model's
-    pipeline resized it: work and memory are those of the fitted image plus one decode."""
-    fit_h, fit_w = fit_size(image.height, image.width, scale)
+    pipeline resized it: work and memory are those of the fitted image plus one decode.
+    The fitted size is computed from `size` (width, height), the image's own by default
+    (see classification_input)."""
+    width, height = size or image.size
+    fit_h, fit_w = fit_size(height, width, scale)
     if backend == "pil":
         resized = image.resize((fit_w, fit_h), Image.Resampling.BILINEAR)
         return np.asarray(resized, dtype=np.uint8)

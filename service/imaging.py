@@ -18,13 +18,17 @@ do), with one exception: 16-bit greyscale ('I;16*', 'I') which PIL would clip to
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from hornet_bundle import Preprocess
 from hornet_bundle.preprocess import classification_input as classification_input
+from hornet_bundle.preprocess import first_resize as first_resize
 from hornet_bundle.preprocess import fit_image as fit_image
 from hornet_bundle.preprocess import fit_size as fit_size
 from hornet_bundle.preprocess import tile as tile
@@ -48,12 +52,52 @@ SUPPORTED_CONTENT_TYPES = frozenset(
 )
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+# EXIF orientations that turn the stored image a quarter turn (exif_transpose swaps its sides).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+# The smallest (width, height) worth decoding an upright image of this (width, height)
+# at, or None for its full size.
+DraftSize = Callable[[int, int], tuple[int, int] | None]
 
 
-def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 0.0) -> Image.Image:
+@dataclass(frozen=True)
+class Decoded:
+    """An upload decoded: upright RGB pixels, and the upload's upright (width, height),
+    which is the image's own unless a JPEG was decoded at a reduced scale."""
+
+    image: Image.Image
+    size: tuple[int, int]
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != self.size
+
+
+def draft_size(first_resize_size: DraftSize, gap: float) -> DraftSize:
+    """`decode_image`'s draft: at least `gap` times the size the model's first resize
+    gives the image (`first_resize`), so that resize still reduces by `gap` or more."""
+
+    def size(width: int, height: int) -> tuple[int, int] | None:
+        needed = first_resize_size(width, height)
+        if needed is None:
+            return None
+        return math.ceil(needed[0] * gap), math.ceil(needed[1] * gap)
+
+    return size
+
+
+def decode_image(
+    data: bytes, max_pixels: int, max_aspect_ratio: float = 0.0, draft: DraftSize | None = None
+) -> Decoded:
     """Decode an upload to an upright RGB image, refusing bombs before decoding pixels:
     over `max_pixels`, or (when `max_aspect_ratio` is not 0) with a longer side over
-    `max_aspect_ratio` times the shorter."""
+    `max_aspect_ratio` times the shorter.
+
+    With `draft`, a JPEG larger than twice the upright size `draft` asks for (or more) is
+    decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's scaled IDCT (PIL's `draft`), the
+    largest reduction that keeps both sides at least that size; other formats, and JPEGs
+    without room to reduce, decode at full size. `Decoded.size` stays the upload's."""
     if not data:
         raise BadImage("empty upload: no image bytes received")
     try:
@@ -87,13 +131,21 @@ def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 0.0) ->
             f"{max(width, height) / min(width, height):.1f}; the limit is {max_aspect_ratio:g} "
             "(--max-aspect-ratio)"
         )
+    upload: tuple[int, int] | None = None  # upright, when a draft may reduce the decode
     try:
         image.seek(0)
+        if draft is not None and image.format in _DRAFT_FORMATS:
+            turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
+            upload = (height, width) if turned else (width, height)
+            wanted = draft(*upload)
+            if wanted is not None:
+                stored = (wanted[1], wanted[0]) if turned else wanted
+                image.draft(None, (max(stored[0], 1), max(stored[1], 1)))
         image.load()
         image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"undecodable or truncated {image.format} image: {exc}") from exc
-    return to_rgb(image)
+    return Decoded(to_rgb(image), upload or image.size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -103,7 +103,12 @@ class Pipeline(Protocol):
     @property
     def tensors(self) -> TensorInterface: ...
 
-    def prepare(self, image: Image.Image) -> Prepared: ...
+    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
+        """The (width, height) `prepare` first resizes an upload of this size to, or None
+        where it takes the image at its own size: how far a decode may reduce it."""
+        ...
+
+    def prepare(self, decoded: imaging.Decoded) -> Prepared: ...
 
     def prepare_tensor(self, tensor: Tensor) -> list[Prepared]: ...
 
@@ -121,6 +126,14 @@ class Pipeline(Protocol):
     def output_arrays(
         self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
     ) -> TensorOutputs: ...
+
+
+def _fitted(scale: tuple[int, int] | None, width: int, height: int) -> tuple[int, int] | None:
+    """A dense pipeline's first resize: to fit `scale`, or none without one."""
+    if scale is None:
+        return None
+    fit_h, fit_w = imaging.fit_size(height, width, scale)
+    return fit_w, fit_h
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -211,9 +224,12 @@ class ClassifyPipeline(_GraphIO):
             ],
         )
 
-    def prepare(self, image: Image.Image) -> Prepared:
-        crop = imaging.classification_input(image, self.manifest.preprocess)
-        return Prepared([crop], *image.size)
+    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
+        return imaging.first_resize(self.manifest.preprocess, width, height)
+
+    def prepare(self, decoded: imaging.Decoded) -> Prepared:
+        crop = imaging.classification_input(decoded.image, self.manifest.preprocess, decoded.size)
+        return Prepared([crop], *decoded.size)
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[np.ndarray]:
         logits = engine.run(self._batch_input(items))[self.output_names[0]]
@@ -276,15 +292,20 @@ class SegmentPipeline(_GraphIO):
         logits = ServedTensor(self.output_names[0], "FP32", [-1, classes, height, width])
         return TensorInterface(self._image_tensor(height, width), None, [logits])
 
-    def prepare(self, image: Image.Image) -> Prepared:
+    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
+        return _fitted(self.manifest.preprocess.scale, width, height)
+
+    def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess
         if preprocess.scale is None:
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.asarray(decoded.image, dtype=np.uint8)
         else:
-            array = imaging.fit_image(image, preprocess.scale, preprocess.resize_backend)
+            array = imaging.fit_image(
+                decoded.image, preprocess.scale, preprocess.resize_backend, decoded.size
+            )
         boxes = list(imaging.window_boxes(array.shape[0], array.shape[1], self.window))
         tiles = [imaging.tile(array, box, self.window.crop) for box in boxes]
-        return Prepared(tiles, *image.size, _SegmentContext(array.shape[:2], boxes))
+        return Prepared(tiles, *decoded.size, _SegmentContext(array.shape[:2], boxes))
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[np.ndarray]:
         return list(engine.run(self._batch_input(items))[self.output_names[0]])
@@ -349,13 +370,16 @@ class DetectPipeline(_GraphIO):
     engine's size) is resized. Without a scale the engine gets the decoded image as it is.
     """
 
-    def prepare(self, image: Image.Image) -> Prepared:
+    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
+        return _fitted(self.manifest.preprocess.scale, width, height)
+
+    def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess
         if preprocess.scale is None:
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.asarray(decoded.image, dtype=np.uint8)
         else:
-            array = imaging.fit_image(image, preprocess.scale, "opencv")
-        return Prepared([array], *image.size, _DetectContext(array.shape[:2]))
+            array = imaging.fit_image(decoded.image, preprocess.scale, "opencv", decoded.size)
+        return Prepared([array], *decoded.size, _DetectContext(array.shape[:2]))
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[dict]:
         return [engine.run({self.input_name: item}) for item in items]

@@ -25,7 +25,7 @@ from service.errors import (
     Timeout,
     UnknownModel,
 )
-from service.imaging import decode_image
+from service.imaging import decode_image, draft_size
 from service.memory import LARGE_IMAGE_PIXELS, MemoryReleaser
 from service.metrics import ServiceMetrics
 from service.pipelines import Pipeline, Prepared, pipeline_for
@@ -62,6 +62,11 @@ class ModelRunner:
         self.pipeline: Pipeline = pipeline_for(bundle.manifest)
         self.engines = list(engines)
         self.settings = settings
+        self.draft = (
+            draft_size(self.pipeline.first_resize, settings.jpeg_reducing_gap)
+            if settings.jpeg_reducing_gap
+            else None
+        )
         workers = [self._worker_for(engine) for engine in self.engines]
         self.queue: batching.BatchQueue[Any, Any] = batching.BatchQueue(
             workers,
@@ -98,10 +103,10 @@ class ModelRunner:
 
     def _prepare_one(self, data: bytes) -> Prepared:
         settings = self.settings
-        image = decode_image(data, settings.max_pixels, settings.max_aspect_ratio)
-        if image.width * image.height > LARGE_IMAGE_PIXELS:
+        decoded = decode_image(data, settings.max_pixels, settings.max_aspect_ratio, self.draft)
+        if decoded.image.width * decoded.image.height > LARGE_IMAGE_PIXELS:
             self.releaser.note_large_work()
-        return self.pipeline.prepare(image)
+        return self.pipeline.prepare(decoded)
 
     async def infer(
         self,

@@ -151,6 +151,14 @@ class Settings(BaseSettings):
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0, ge=0, description="threads decoding uploads, 0 = one per CPU"
     )
+    jpeg_reducing_gap: Annotated[float, Flag(metavar="G")] = Field(
+        0.0,
+        ge=0,
+        description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where it "
+        "stays at least G times the size the model's first resize makes of it: a 12 MP "
+        "photo decodes about 5x faster at G=2, its crop within a few grey levels of the "
+        "exact one; 0 = decode in full, bit-exact with the official transform",
+    )
     max_aspect_ratio: Annotated[float, Flag(metavar="R")] = Field(
         0.0,
         ge=0,
@@ -185,6 +193,16 @@ class Settings(BaseSettings):
         description="with API keys, require one on /healthz, /readyz, /metrics and the v2 "
         "health routes too",
     )
+
+    @field_validator("jpeg_reducing_gap")
+    @classmethod
+    def _gap_reduces(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(
+                "a reducing gap under 1 would resize up from a decode smaller than the "
+                "model's resize; use 0 (off) or 1 and above"
+            )
+        return value
 
     @field_validator("model_dir", mode="before")
     @classmethod
