@@ -217,7 +217,7 @@ def require_loopback(url: str) -> None:
 # The server's settings the benchmark sets, flags and defaults taken from Settings.
 SERVER_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
-    "device", "precision", "engine", "decode_threads", "engine_spinning",
+    "device", "precision", "engine", "decode_threads", "jpeg_reducing_gap", "engine_spinning",
     "openvino_static_shapes", "http_parser", "event_loop",
 )  # fmt: skip
 # A deeper queue than the server's default, so that no level of load is refused; a
