@@ -217,8 +217,8 @@ def require_loopback(url: str) -> None:
 # The server's settings the benchmark sets, flags and defaults taken from Settings.
 SERVER_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
-    "device", "precision", "engine", "decode_threads", "jpeg_reducing_gap", "engine_spinning",
-    "openvino_static_shapes", "http_parser", "event_loop",
+    "device", "precision", "engine", "decode_threads", "decode_nice", "jpeg_reducing_gap",
+    "engine_spinning", "openvino_static_shapes", "http_parser", "event_loop",
 )  # fmt: skip
 # A deeper queue than the server's default, so that no level of load is refused; a
 # precision named, for the peers in bench/peers.py to run the same one.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -160,6 +162,15 @@ class ModelRunner:
             engine.close()
 
 
+def _lower_priority(nice: int) -> None:
+    """Add `nice` to the calling thread's nice value (Linux gives each thread its own),
+    up to 19; raising it needs no privilege."""
+    if nice:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(current + nice, 19))
+
+
 class ModelPool:
     """Every served model; `ready` once all are loaded, warmed and batching."""
 
@@ -181,7 +192,12 @@ class ModelPool:
         self.load_error: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
-        self.decoder = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.decoder = ThreadPoolExecutor(
+            settings.decode_workers,
+            thread_name_prefix="decode",
+            initializer=_lower_priority,
+            initargs=(settings.decode_nice,),
+        )
         self.releaser = MemoryReleaser()
 
     async def load(self) -> None:

@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0, ge=0, description="threads decoding uploads, 0 = one per CPU"
     )
+    decode_nice: Annotated[int, Flag(metavar="N")] = Field(
+        0,
+        ge=0,
+        le=19,
+        description="added to the decoding threads' nice value (Linux, per thread): above 0 "
+        "the engine's threads go first when both want the cores",
+    )
     jpeg_reducing_gap: Annotated[float, Flag(metavar="G")] = Field(
         0.0,
         ge=0,

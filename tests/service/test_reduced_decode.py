@@ -79,6 +79,22 @@ def test_a_jpeg_decodes_at_the_largest_scale_the_gap_allows(phone_jpeg, gap, sca
     assert min(decoded.image.width / 341, decoded.image.height / 256) >= min(gap, 4032 / 341)
 
 
+@pytest.mark.parametrize("kind", ["progressive", "cmyk"])
+def test_progressive_and_cmyk_jpegs_reduce_too(photos, kind: str) -> None:
+    large = Image.fromarray(photos["coffee"]).resize((2400, 1600), Image.Resampling.LANCZOS)
+    if kind == "cmyk":
+        data = encode(large.convert("CMYK"), "JPEG", quality=90)
+    else:
+        data = encode(large, "JPEG", quality=90, progressive=True)
+    decoded = imaging.decode_image(data, 10**8, draft=_draft(CLASSIFY_224, 2))
+    assert decoded.size == (2400, 1600) and decoded.image.size == (1200, 800)
+    assert decoded.image.mode == "RGB"
+    exact = imaging.decode_image(data, 10**8).image
+    crop = imaging.classification_input(decoded.image, CLASSIFY_224, decoded.size)
+    reference = imaging.classification_input(exact, CLASSIFY_224)
+    assert np.abs(crop.astype(np.int16) - reference).mean() < 0.5
+
+
 def test_without_a_draft_or_room_to_reduce_the_decode_is_exact(photos, phone_jpeg) -> None:
     exact = imaging.decode_image(phone_jpeg, 10**8)
     assert exact.image.size == exact.size == (4032, 3024) and not exact.reduced

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -280,3 +282,34 @@ def test_the_server_raises_its_open_file_limit_to_the_hard_one(classifier_dir, t
         finally:
             for connection in idle:
                 connection.close()
+
+
+def _nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
+    values = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rpartition(")")[2].split()
+        values[int(stat.parent.name)] = int(fields[16])
+    return values
+
+
+def test_decoding_threads_run_at_the_nice_value_asked(classifier_dir, tmp_path, photos) -> None:
+    flags = ["--model-dir", str(classifier_dir), "--decode-threads", "2", "--decode-nice", "7"]
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with running_server(flags, log_path=tmp_path / "server.log") as (url, process, _):
+        before = _nice_values(process.pid)
+        images = [encode(photos[name]) for name in ("chelsea", "astronaut", "coffee", "rocket")]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(
+                pool.map(
+                    lambda data: httpx.post(f"{url}/classify", files=upload(data), timeout=60),
+                    images,
+                )
+            )
+        assert [a.status_code for a in answers] == [200] * 4
+        after = _nice_values(process.pid)
+    assert set(before.values()) == {base}  # no decoding thread yet; the rest unchanged
+    lowered = [tid for tid, nice in after.items() if nice == min(base + 7, 19)]
+    assert 1 <= len(lowered) <= 2  # the decoding threads, started by the requests
+    assert after[process.pid] == base  # the event loop's thread keeps its priority
+    assert sum(nice == base for nice in after.values()) == len(after) - len(lowered)
