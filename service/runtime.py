@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -164,8 +165,9 @@ class ModelRunner:
 
 def _lower_priority(nice: int) -> None:
     """Add `nice` to the calling thread's nice value (Linux gives each thread its own),
-    up to 19; raising it needs no privilege."""
-    if nice:
+    up to 19; raising it needs no privilege. Elsewhere a thread id is no process id, so
+    the setting is ignored there (`ModelPool` says so once)."""
+    if nice and sys.platform == "linux":
         thread = threading.get_native_id()
         current = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(current + nice, 19))
@@ -192,6 +194,8 @@ class ModelPool:
         self.load_error: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
+        if settings.decode_nice and sys.platform != "linux":
+            log.warning("--decode-nice is ignored: threads have their own nice value on Linux only")
         self.decoder = ThreadPoolExecutor(
             settings.decode_workers,
             thread_name_prefix="decode",
