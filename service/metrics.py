@@ -10,6 +10,8 @@ from service.batching import BatchStats, ClosedBy
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# libjpeg's scaled decodes (--jpeg-reducing-gap): 1 is a full decode, every format's.
+REDUCTIONS = (1, 2, 4, 8)
 
 
 class ServiceMetrics:
@@ -54,6 +56,20 @@ class ServiceMetrics:
             ["model", "closed_by"],
             registry=self.registry,
         )
+        self.decode_seconds = Histogram(
+            "hornet_decode_seconds",
+            "decoding and preprocessing time per image, in a decoding thread",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decoded_images = Counter(
+            "hornet_decoded_images",
+            "images decoded, by the scale they were decoded at: reduction 1 in full, 2, 4 "
+            "or 8 a JPEG decoded at 1/2, 1/4 or 1/8 of its size (--jpeg-reducing-gap)",
+            ["model", "reduction"],
+            registry=self.registry,
+        )
         self.engine_seconds = Histogram(
             "hornet_engine_seconds",
             "engine time per batch",
@@ -92,6 +108,13 @@ class ModelObserver:
         }
         self._engine = metrics.engine_seconds.labels(model)
         self._failures = metrics.engine_failures.labels(model)
+        self._decode = metrics.decode_seconds.labels(model)
+        self._decoded = {r: metrics.decoded_images.labels(model, str(r)) for r in REDUCTIONS}
+
+    def image_prepared(self, seconds: float, reduction: int) -> None:
+        """One upload decoded (at 1/`reduction` of its size) and preprocessed."""
+        self._decode.observe(seconds)
+        self._decoded[reduction].inc()
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)

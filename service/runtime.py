@@ -70,13 +70,14 @@ class ModelRunner:
             if settings.jpeg_reducing_gap
             else None
         )
+        self.observer = metrics.for_model(self.name)
         workers = [self._worker_for(engine) for engine in self.engines]
         self.queue: batching.BatchQueue[Any, Any] = batching.BatchQueue(
             workers,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
-            observer=metrics.for_model(self.name),
+            observer=self.observer,
             close_early=settings.close_batches_early,
         )
 
@@ -106,10 +107,13 @@ class ModelRunner:
 
     def _prepare_one(self, data: bytes) -> Prepared:
         settings = self.settings
+        start = time.perf_counter()
         decoded = decode_image(data, settings.max_pixels, settings.max_aspect_ratio, self.draft)
         if decoded.image.width * decoded.image.height > LARGE_IMAGE_PIXELS:
             self.releaser.note_large_work()
-        return self.pipeline.prepare(decoded)
+        prepared = self.pipeline.prepare(decoded)
+        self.observer.image_prepared(time.perf_counter() - start, decoded.reduction)
+        return prepared
 
     async def infer(
         self,

@@ -75,7 +75,7 @@ def test_a_jpeg_decodes_at_the_largest_scale_the_gap_allows(phone_jpeg, gap, sca
     assert decoded.size == (4032, 3024)
     assert decoded.image.size == (math.ceil(4032 / scale), math.ceil(3024 / scale))
     assert decoded.image.mode == "RGB"
-    assert decoded.reduced == (scale > 1)
+    assert decoded.reduction == scale and decoded.reduced == (scale > 1)
     assert min(decoded.image.width / 341, decoded.image.height / 256) >= min(gap, 4032 / 341)
 
 
@@ -212,6 +212,7 @@ def test_a_server_decodes_phone_photos_reduced_in_bounded_memory(tmp_path) -> No
         with ThreadPoolExecutor(max_workers=4) as pool:
             answers = list(pool.map(classify, range(4)))
         peak = memory_of(process.pid)["VmHWM"]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
     print(f"peak over idle with four 36 Mpx photos: {(peak - idle) / MIB:.0f} MiB")
     # one full decode alone is 6000 x 6000 x 3 bytes (103 MiB), four are 412 MiB
     assert peak - idle < 60 * MIB
@@ -220,3 +221,8 @@ def test_a_server_decodes_phone_photos_reduced_in_bounded_memory(tmp_path) -> No
         best = answer["top_k"][0]
         assert best["label"] == labels[int(expected.argmax())]
         assert abs(best["score"] - float(expected.max())) < 0.02
+    series = 'hornet_decoded_images_total{model="shapes_classify",reduction="%s"}'
+    # the warm-up image in full, the four photos at 1/8
+    assert f"{series % 1} 1.0" in metrics and f"{series % 8} 4.0" in metrics
+    assert f"{series % 2} 0.0" in metrics and f"{series % 4} 0.0" in metrics
+    assert 'hornet_decode_seconds_count{model="shapes_classify"} 5.0' in metrics

@@ -197,6 +197,10 @@ async def test_metrics_expose_batch_sizes_requests_and_latency(classifier_dir, p
     assert 'hornet_batches_total{closed_by="full",model="tiny_cls"} 0.0' in text
     assert 'hornet_requests_total{route="/classify",status="200"} 1.0' in text
     assert 'hornet_requests_total{route="/classify",status="415"} 1.0' in text
+    # one image decoded, in full; the refused upload never was
+    assert 'hornet_decoded_images_total{model="tiny_cls",reduction="1"} 1.0' in text
+    assert 'hornet_decoded_images_total{model="tiny_cls",reduction="8"} 0.0' in text
+    assert 'hornet_decode_seconds_count{model="tiny_cls"} 1.0' in text
     for name in (
         "hornet_request_seconds_bucket",
         "hornet_queue_seconds_bucket",
