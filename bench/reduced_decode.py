@@ -10,7 +10,7 @@ decoded at, the median milliseconds, the speed-up over the full decode (median o
 rounds' ratios), and how far the prepared items (crop, tiles or fitted image) are from
 the full decode's, in grey levels: mean and 99.9th percentile. The default image is a
 4032x3024 phone-sized photograph made from scikit-image's astronaut (Lanczos upscale,
-Gaussian grain of sigma 6, quality 90), as in tests/service/test_reduced_decode.py.
+Gaussian grain of sigma 6, quality 90: `tests.helpers.images.phone_photo`, as the tests).
 """
 
 from __future__ import annotations
@@ -31,17 +31,13 @@ from hornet_bundle import load_bundle  # noqa: E402
 from service.imaging import decode_image, draft_size  # noqa: E402
 from service.pipelines import pipeline_for  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from tests.helpers.images import phone_photo  # noqa: E402
 
 
-def phone_photo() -> bytes:
+def default_photo() -> bytes:
     from skimage import data
 
-    large = Image.fromarray(data.astronaut()).resize((4032, 3024), Image.Resampling.LANCZOS)
-    grain = np.random.default_rng(0).normal(0, 6, (3024, 4032, 3))
-    pixels = np.clip(np.asarray(large) + grain, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return phone_photo(data.astronaut())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     settings = Settings() if not args.model_dir else Settings(model_dir=args.model_dir)
-    data = args.image.read_bytes() if args.image else phone_photo()
+    data = args.image.read_bytes() if args.image else default_photo()
     gaps = [float(g) for g in args.gaps.split(",")]
     if 0.0 not in gaps:
         gaps.insert(0, 0.0)

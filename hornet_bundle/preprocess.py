@@ -122,9 +122,15 @@ def first_resize(preprocess: Preprocess, width: int, height: int) -> tuple[int, 
     if mode == "shorter_side_center_crop":
         crop_h, crop_w = preprocess.input_size
         return _shorter_side_size((width, height), crop_h, crop_w, preprocess.crop_pct or 1.0)
-    if preprocess.scale is None:
+    return fitted_size(preprocess.scale, width, height)
+
+
+def fitted_size(scale: tuple[int, int] | None, width: int, height: int) -> tuple[int, int] | None:
+    """The (width, height) `fit_image` gives an image of this size, or None without a
+    `scale` (the image is used as it is): a dense model's first resize."""
+    if scale is None:
         return None
-    fit_h, fit_w = fit_size(height, width, preprocess.scale)
+    fit_h, fit_w = fit_size(height, width, scale)
     return fit_w, fit_h
 
 

@@ -128,14 +128,6 @@ class Pipeline(Protocol):
     ) -> TensorOutputs: ...
 
 
-def _fitted(scale: tuple[int, int] | None, width: int, height: int) -> tuple[int, int] | None:
-    """A dense pipeline's first resize: to fit `scale`, or none without one."""
-    if scale is None:
-        return None
-    fit_h, fit_w = imaging.fit_size(height, width, scale)
-    return fit_w, fit_h
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Stable softmax in float64 over the last axis."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
@@ -293,7 +285,7 @@ class SegmentPipeline(_GraphIO):
         return TensorInterface(self._image_tensor(height, width), None, [logits])
 
     def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
-        return _fitted(self.manifest.preprocess.scale, width, height)
+        return imaging.fitted_size(self.manifest.preprocess.scale, width, height)
 
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess
@@ -371,7 +363,7 @@ class DetectPipeline(_GraphIO):
     """
 
     def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
-        return _fitted(self.manifest.preprocess.scale, width, height)
+        return imaging.fitted_size(self.manifest.preprocess.scale, width, height)
 
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess

@@ -20,6 +20,16 @@ def upload(*images: bytes, content_type: str = "image/png") -> list[tuple[str, t
     return [("file", (f"image{i}.png", data, content_type)) for i, data in enumerate(images)]
 
 
+def phone_photo(photo: np.ndarray, width: int = 4032, height: int = 3024, **options) -> bytes:
+    """A photograph at a phone camera's size (Lanczos upscale), with sensor-like Gaussian
+    grain of sigma 6 (the detail that a reduced decode filters differently), as a
+    quality-90 JPEG; `options` go to PIL's JPEG encoder (exif=...)."""
+    large = np.asarray(Image.fromarray(photo).resize((width, height), Image.Resampling.LANCZOS))
+    grain = np.random.default_rng(0).normal(0, 6, large.shape)
+    pixels = np.clip(large + grain, 0, 255).astype(np.uint8)
+    return encode(pixels, "JPEG", quality=90, **options)
+
+
 def photo_36mpx() -> bytes:
     """A 6000x6000 JPEG with shapes on a gradient (about 2 MB, under the upload limit)."""
     ramp = np.linspace(40, 215, 6000, dtype=np.uint8)

@@ -22,7 +22,7 @@ from service import imaging
 from service.pipelines import pipeline_for
 from service.settings import DEMO_BUNDLES_DIR, Settings
 from service.testing import running_server
-from tests.helpers.images import encode, photo_36mpx
+from tests.helpers.images import encode, phone_photo, photo_36mpx
 from tests.helpers.memory import memory_of
 
 MIB = 1 << 20
@@ -36,22 +36,13 @@ CLASSIFY_224 = Preprocess(
 )
 
 
-def _phone_photo(photo: np.ndarray, width: int = 4032, height: int = 3024, **options) -> bytes:
-    """A photograph at a phone camera's size, with sensor-like grain (the detail that a
-    reduced decode filters differently), as a quality-90 JPEG."""
-    large = np.asarray(Image.fromarray(photo).resize((width, height), Image.Resampling.LANCZOS))
-    grain = np.random.default_rng(0).normal(0, 6, large.shape)
-    pixels = np.clip(large + grain, 0, 255).astype(np.uint8)
-    return encode(pixels, "JPEG", quality=90, **options)
-
-
 def _draft(preprocess: Preprocess, gap: float) -> imaging.DraftSize:
     return imaging.draft_size(lambda w, h: imaging.first_resize(preprocess, w, h), gap)
 
 
 @pytest.fixture(scope="module")
 def phone_jpeg(photos) -> bytes:
-    return _phone_photo(photos["astronaut"])
+    return phone_photo(photos["astronaut"])
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee", "portrait"])
@@ -135,7 +126,7 @@ def test_reduced_crops_stay_close_to_torchvision_on_the_full_decode(photos, phon
 def test_a_quarter_turned_photo_keeps_its_upright_size(photos) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 4032x3024, shown 3024x4032
-    data = _phone_photo(photos["coffee"], exif=exif)
+    data = phone_photo(photos["coffee"], exif=exif)
     wide = CLASSIFY_224.model_copy(update={"resize_mode": "direct", "input_size": (250, 1000)})
     decoded = imaging.decode_image(data, 10**8, draft=_draft(wide, 1))
     assert decoded.size == (3024, 4032)
@@ -153,7 +144,7 @@ def test_a_quarter_turned_photo_keeps_its_upright_size(photos) -> None:
 @pytest.mark.parametrize("task", ["segment", "detect"])
 def test_dense_pipelines_keep_the_uploads_geometry(photos, task: str) -> None:
     pipeline = pipeline_for(load_bundle(DEMO_BUNDLES_DIR / f"shapes_{task}").manifest)
-    data = _phone_photo(photos["rocket"], 3000, 2000)
+    data = phone_photo(photos["rocket"], 3000, 2000)
     exact = pipeline.prepare(imaging.decode_image(data, 10**8))
     decoded = imaging.decode_image(data, 10**8, draft=imaging.draft_size(pipeline.first_resize, 2))
     assert decoded.reduced and decoded.size == (3000, 2000)
