@@ -163,7 +163,7 @@ class Settings(BaseSettings):
         ge=0,
         description="decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where it "
         "stays at least G times the size the model's first resize makes of it: a 12 MP "
-        "photo decodes about 5x faster at G=2, its crop within a few grey levels of the "
+        "photo decodes about 4x faster at G=2, its crop within a few grey levels of the "
         "exact one; 0 = decode in full, bit-exact with the official transform",
     )
     max_aspect_ratio: Annotated[float, Flag(metavar="R")] = Field(
