@@ -218,6 +218,7 @@ def require_loopback(url: str) -> None:
 SERVER_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
     "device", "precision", "engine", "decode_threads", "decode_nice", "jpeg_reducing_gap",
+    "image_cache_mib",
     "engine_spinning", "openvino_static_shapes", "http_parser", "event_loop",
 )  # fmt: skip
 # A deeper queue than the server's default, so that no level of load is refused; a

@@ -26,7 +26,7 @@ from hornet_cli import Command
 from service.flags import add_settings_flags, given_settings
 from service.http_protocol import protocol_class
 from service.logs import configure_logging
-from service.memory import configure_allocator
+from service.memory import configure_allocator, configure_image_cache
 from service.settings import DEMO_BUNDLES_DIR, Settings
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     if not _precisions_verified(bundles, settings):
         return 2
     configure_allocator()
+    configure_image_cache(settings.image_cache_size_mib)
     _raise_open_file_limit()
     if settings.uses_demo_bundles:
         log.warning(

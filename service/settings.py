@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hornet_bundle import MANIFEST_NAME
 from service.flags import Flag
+from service.memory import IMAGE_CACHE_MIB_PER_THREAD
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
 
@@ -166,6 +167,14 @@ class Settings(BaseSettings):
         "photo decodes about 4x faster at G=2, its crop within a few grey levels of the "
         "exact one; 0 = decode in full, bit-exact with the official transform",
     )
+    image_cache_mib: Annotated[int | None, Flag(metavar="MIB")] = Field(
+        None,
+        ge=0,
+        description="freed image memory Pillow keeps for the next images while they keep "
+        "coming, emptied within a second of the last (MiB): reused, it costs no page "
+        "faults (about 50 ms of kernel time per 12 MP photo decoded in full); 0 = none; "
+        "unset: 96 per decoding thread",
+    )
     max_aspect_ratio: Annotated[float, Flag(metavar="R")] = Field(
         0.0,
         ge=0,
@@ -293,6 +302,13 @@ class Settings(BaseSettings):
         """Threads decoding and preprocessing uploads: decode_threads, or one per CPU.
         Each holds at most one decoded image, which bounds their memory together."""
         return self.decode_threads or os.cpu_count() or 1
+
+    @property
+    def image_cache_size_mib(self) -> int:
+        """Pillow's image block cache: image_cache_mib, or 96 MiB per decoding thread."""
+        if self.image_cache_mib is not None:
+            return self.image_cache_mib
+        return IMAGE_CACHE_MIB_PER_THREAD * self.decode_workers
 
     @property
     def max_upload_bytes(self) -> int:
