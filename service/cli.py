@@ -23,6 +23,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from hornet_cli import Command
+from service.cpus import available_cpus
 from service.flags import add_settings_flags, given_settings
 from service.http_protocol import protocol_class
 from service.logs import configure_logging
@@ -96,6 +97,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_allocator()
     configure_image_cache(settings.image_cache_size_mib)
+    log.info(
+        "resources",
+        extra={
+            "cpus": available_cpus(),
+            "decode_threads": settings.decode_workers,
+            "engine_threads": settings.engine_thread_count or "runtime default",
+            "image_cache_mib": settings.image_cache_size_mib,
+        },
+    )
     _raise_open_file_limit()
     if settings.uses_demo_bundles:
         log.warning(
@@ -170,12 +180,13 @@ def _precisions_verified(bundles: Sequence[Bundle], settings: Settings) -> bool:
     return True
 
 
-def page_url(config: uvicorn.Config) -> str:
-    """The try-it page's address (GET /); a wildcard bind is shown as the loopback."""
+def page_url(config: uvicorn.Config, port: int | None = None) -> str:
+    """The try-it page's address (GET /); a wildcard bind is shown as the loopback.
+    `port`: the port bound, where the config asked for any (port 0)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.host, config.host)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{config.port}/"
+    return f"http://{host}:{port or config.port}/"
 
 
 class _DrainingServer(uvicorn.Server):
@@ -214,7 +225,8 @@ class _DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            url = page_url(self.config)
+            bound = [s.getsockname()[1] for server in self.servers for s in server.sockets]
+            url = page_url(self.config, bound[0] if bound else None)
             log.info(f"try the models in a browser: {url}", extra={"url": url})
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -598,7 +598,7 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
                 bundle,
                 settings.device,
                 settings.precision or "fp32",
-                settings.engine_threads,
+                settings.engine_thread_count,
                 settings.max_batch_size if settings.openvino_static_shapes else 0,
             )
         if settings.engine != "onnxruntime":
@@ -611,7 +611,7 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         device=settings.device,
         tensorrt_ep=settings.ort_tensorrt,
         precision=entry.precision,
-        threads=settings.engine_threads,
+        threads=settings.engine_thread_count,
         spinning=settings.engine_spinning,
         cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
         tf32=settings.cuda_tf32,

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hornet_bundle import MANIFEST_NAME
+from service.cpus import available_cpus
 from service.flags import Flag
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
 
@@ -140,7 +141,9 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime intra-op threads, OpenVINO inference threads; 0 = its default",
+        description="ONNX Runtime intra-op threads, OpenVINO inference threads; 0 = the CPUs "
+        "the process may use where a CPU limit or affinity allows fewer than the machine "
+        "has (a container), else the runtime's default",
     )
     openvino_static_shapes: bool = Field(
         False,
@@ -150,7 +153,10 @@ class Settings(BaseSettings):
         "(the detector stays dynamic)",
     )
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
-        0, ge=0, description="threads decoding uploads, 0 = one per CPU"
+        0,
+        ge=0,
+        description="threads decoding uploads, 0 = one per CPU the process may use (its "
+        "affinity, a container's CPU limit)",
     )
     decode_nice: Annotated[int, Flag(metavar="N")] = Field(
         0,
@@ -299,9 +305,20 @@ class Settings(BaseSettings):
 
     @property
     def decode_workers(self) -> int:
-        """Threads decoding and preprocessing uploads: decode_threads, or one per CPU.
-        Each holds at most one decoded image, which bounds their memory together."""
-        return self.decode_threads or os.cpu_count() or 1
+        """Threads decoding and preprocessing uploads: decode_threads, or one per CPU the
+        process may use (service.cpus). Each holds at most one decoded image, which
+        bounds their memory together."""
+        return self.decode_threads or available_cpus()
+
+    @property
+    def engine_thread_count(self) -> int:
+        """Each engine's threads: engine_threads; else the CPUs the process may use where
+        that is fewer than the machine's (a runtime sizes its own pool from the machine,
+        which a container's quota would throttle); else 0, the runtime's default."""
+        if self.engine_threads:
+            return self.engine_threads
+        cpus = available_cpus()
+        return cpus if cpus < (os.cpu_count() or cpus) else 0
 
     @property
     def image_cache_size_mib(self) -> int:

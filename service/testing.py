@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import NamedTuple
 
@@ -99,6 +99,7 @@ def running_server(
     inherit_settings: bool = True,
     memory_limit_bytes: int | None = None,
     open_files_soft_limit: int | None = None,
+    cpus: Set[int] | None = None,
     ready_headers: Mapping[str, str] | None = None,
     ready_path: str = "/readyz",
     ready_timeout_s: float = 60.0,
@@ -114,6 +115,7 @@ def running_server(
     memory_limit_bytes: the server's address space (RLIMIT_AS), so that a runaway
         allocation fails the server instead of the machine.
     open_files_soft_limit: the soft limit on open files the server starts with.
+    cpus: the CPUs the server may run on (its affinity, as `taskset` sets it; Linux).
     ready_headers: sent with the readiness probe (a key, when probes are protected).
     ready_path: the route whose 200 means started (/healthz: up, whether or not ready).
     """
@@ -135,7 +137,7 @@ def running_server(
             env=environment,
             stdout=stdout,
             stderr=stderr,
-            preexec_fn=_limits(memory_limit_bytes, open_files_soft_limit),
+            preexec_fn=_limits(memory_limit_bytes, open_files_soft_limit, cpus),
         )
     url = f"http://{LOOPBACK}:{port}"
     try:
@@ -161,14 +163,16 @@ def _answers_200(probe: urllib.request.Request) -> bool:
 
 
 def _limits(
-    limit_bytes: int | None, open_files_soft_limit: int | None
+    limit_bytes: int | None, open_files_soft_limit: int | None, cpus: Set[int] | None = None
 ) -> Callable[[], None] | None:
-    if limit_bytes is None and open_files_soft_limit is None:
+    if limit_bytes is None and open_files_soft_limit is None and cpus is None:
         return None
 
     def cap() -> None:
         import resource
 
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         if limit_bytes is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
         if open_files_soft_limit is not None:

@@ -3,8 +3,13 @@ strict Content-Security-Policy, reachable without a key when API keys are set.""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -13,7 +18,8 @@ from service.app import create_app
 from service.auth import PAGE_PATHS, is_protected
 from service.cli import page_url
 from service.routers import page
-from service.settings import Settings
+from service.settings import DEMO_BUNDLES_DIR, Settings
+from service.testing import stop
 
 KEY = "hornet-page-route-key-3e9a51"
 
@@ -90,3 +96,29 @@ def test_page_is_left_out_of_the_openapi_document(client) -> None:
 )
 def test_startup_log_names_the_page_at_an_address_a_browser_can_open(host, url) -> None:
     assert page_url(uvicorn.Config("service.app:create_app", host=host, port=8000)) == url
+
+
+def test_with_port_0_the_startup_log_names_the_port_bound(tmp_path) -> None:
+    """`--port 0` binds any free port; the page's address in the log is that port's."""
+    log_path = tmp_path / "server.log"
+    bundle = str(DEMO_BUNDLES_DIR / "shapes_classify")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-dir", bundle, "--port", "0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        urls: list[str] = []
+        while not urls and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            lines = [json.loads(x) for x in log_path.read_text().splitlines() if x[:1] == "{"]
+            urls = [line["url"] for line in lines if "url" in line]
+        assert urls, log_path.read_text()[-2000:]
+        assert not urls[0].endswith(":0/")
+        answer = httpx.get(urls[0], timeout=10)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/html")
+    finally:
+        stop(process)
