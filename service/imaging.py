@@ -32,6 +32,7 @@ from hornet_bundle.preprocess import first_resize as first_resize
 from hornet_bundle.preprocess import fit_image as fit_image
 from hornet_bundle.preprocess import fit_size as fit_size
 from hornet_bundle.preprocess import fitted_size as fitted_size
+from hornet_bundle.preprocess import pixels as pixels
 from hornet_bundle.preprocess import tile as tile
 from hornet_bundle.preprocess import window_boxes as window_boxes
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType

@@ -290,7 +290,7 @@ class SegmentPipeline(_GraphIO):
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess
         if preprocess.scale is None:
-            array = np.asarray(decoded.image, dtype=np.uint8)
+            array = imaging.pixels(decoded.image)
         else:
             array = imaging.fit_image(
                 decoded.image, preprocess.scale, preprocess.resize_backend, decoded.size
@@ -368,7 +368,7 @@ class DetectPipeline(_GraphIO):
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
         preprocess = self.manifest.preprocess
         if preprocess.scale is None:
-            array = np.asarray(decoded.image, dtype=np.uint8)
+            array = imaging.pixels(decoded.image)
         else:
             array = imaging.fit_image(decoded.image, preprocess.scale, "opencv", decoded.size)
         return Prepared([array], *decoded.size, _DetectContext(array.shape[:2]))
