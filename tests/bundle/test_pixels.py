@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hornet_bundle import preprocess
 from hornet_bundle.preprocess import pixels
 
 
@@ -63,3 +64,15 @@ def test_one_copy_at_its_peak() -> None:
     print(f"peak: pixels {ours / size:.3f}x the image, np.asarray {numpys / size:.3f}x")
     assert numpys > 1.9 * size  # what the test would catch, measured the same way
     assert ours < 1.05 * size
+
+
+def test_a_pillow_without_the_encoder_interface_gets_numpys_answer(monkeypatch) -> None:
+    """The raw encoder is private Pillow API: where it is missing or changed, the
+    answer is numpy's (and the peak test above fails, which is how we would notice)."""
+    image = _noise(64, 48, "RGB")
+
+    def changed_interface(image, flat) -> None:
+        raise TypeError("encode() takes no arguments")
+
+    monkeypatch.setattr(preprocess, "_encode_raw_into", changed_interface)
+    np.testing.assert_array_equal(pixels(image), np.asarray(image))
