@@ -34,11 +34,11 @@ from PIL import Image
 
 log = logging.getLogger("hornet.service")
 
+MIB = 1 << 20
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = MIB
 # Images above this many pixels trigger a trim once their request is done.
 LARGE_IMAGE_PIXELS = 4_000_000
-MIB = 1 << 20
 # Pillow's image cache per decoding thread when not set: six of its blocks. A 12-megapixel
 # RGB photo is three 16 MiB blocks decoded, its resize's first pass one more and the small
 # images after it one each; the cache is a stack, so with fewer slots a small block comes
@@ -85,10 +85,6 @@ def configure_image_cache(mib: int) -> int:
     return blocks
 
 
-def _images_made() -> int:
-    return Image.core.get_stats()["new_count"]
-
-
 def release_image_cache() -> None:
     """Free the blocks Pillow's cache holds, then trim what that left in the arenas."""
     Image.core.clear_cache()
@@ -112,11 +108,12 @@ class MemoryReleaser:
         self._until = time.monotonic() + self.linger_s
 
     async def run(self) -> None:
-        made = _images_made()
+        made = Image.core.get_stats()["new_count"]
         while True:
             await asyncio.sleep(self.interval_s)
-            previous, made = made, _images_made()
-            if made == previous and Image.core.get_stats()["blocks_cached"]:
+            stats = Image.core.get_stats()
+            previous, made = made, stats["new_count"]
+            if made == previous and stats["blocks_cached"]:
                 await asyncio.to_thread(release_image_cache)
             elif time.monotonic() < self._until:
                 await asyncio.to_thread(trim)
