@@ -13,3 +13,9 @@ def memory_of(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) * 1024
     return fields
+
+
+def reset_peak(pid: int) -> None:
+    """Set the process's VmHWM back to its resident size now (Linux's clear_refs 5), so
+    that the next reading is the peak from here."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

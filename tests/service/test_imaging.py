@@ -95,6 +95,30 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     np.testing.assert_array_equal(np.asarray(decoded)[..., 2], expected)
 
 
+@pytest.mark.parametrize("piece_pixels", [7, 40, 1 << 18])
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_greyscale_is_scaled_piece_by_piece_as_whole(monkeypatch, mode, piece_pixels) -> None:
+    """16-bit and float greyscale are scaled a piece at a time (bounded temporaries):
+    pieces narrower than a row (7), of several rows (40), or the whole image give the
+    formula's values on the whole image, at every pixel."""
+    monkeypatch.setattr(imaging, "_GREY_PIECE_PIXELS", piece_pixels)
+    rng = np.random.default_rng(3)
+    if mode == "F":
+        values = rng.uniform(-20, 280, (23, 37)).astype(np.float32)
+        values[0, :3] = [np.nan, np.inf, -np.inf]
+        expected = np.rint(np.clip(np.nan_to_num(values), 0, 255)).astype(np.uint8)
+        data = encode(Image.fromarray(values), "TIFF")
+    else:
+        dtype = np.uint16 if mode == "I;16" else np.int32
+        low, high = (0, 65536) if mode == "I;16" else (-5000, 90000)
+        values = rng.integers(low, high, (23, 37)).astype(dtype)
+        expected = np.rint(np.clip(values.astype(np.int64), 0, 65535) / 257.0).astype(np.uint8)
+        data = encode(Image.fromarray(values), "PNG" if mode == "I;16" else "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    decoded = np.asarray(imaging.decode_image(data, max_pixels=10**4).image)
+    np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_supported_formats_decode(photos, fmt: str) -> None:
     decoded = imaging.decode_image(encode(photos["chelsea"], fmt), max_pixels=10**8).image
