@@ -108,7 +108,13 @@ class ModelRunner:
     def _prepare_one(self, data: bytes) -> Prepared:
         settings = self.settings
         start = time.perf_counter()
-        decoded = decode_image(data, settings.max_pixels, settings.max_aspect_ratio, self.draft)
+        decoded = decode_image(
+            data,
+            settings.max_pixels,
+            settings.max_aspect_ratio,
+            self.draft,
+            settings.max_jpeg_scans,
+        )
         if decoded.image.width * decoded.image.height > LARGE_IMAGE_PIXELS:
             self.releaser.note_large_work()
         prepared = self.pipeline.prepare(decoded)

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from hornet_bundle import MANIFEST_NAME
 from service.cpus import available_cpus
 from service.flags import Flag
+from service.imaging import DEFAULT_MAX_JPEG_SCANS
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
@@ -185,6 +186,13 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="refuse images whose longer side is over R times the shorter with 413; 0 = any",
+    )
+    max_jpeg_scans: Annotated[int, Flag(metavar="N")] = Field(
+        DEFAULT_MAX_JPEG_SCANS,
+        ge=1,
+        description="refuse JPEGs of more than N scans with 413, before decoding (each scan "
+        "of a progressive JPEG is another decoding pass over the whole image; encoders "
+        "write 1-10)",
     )
     engine_spinning: bool = Field(
         False,

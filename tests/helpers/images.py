@@ -41,3 +41,28 @@ def photo_36mpx() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+def many_scan_jpeg(width: int, height: int, extra_scans: int) -> tuple[bytes, bytes]:
+    """A flat progressive JPEG, and the same with its smallest AC scan repeated
+    `extra_scans` more times before the end: a few bytes per scan, each one another
+    decoding pass over the whole image (libjpeg warns and goes on). Built by walking the
+    stream's marker segments (ISO 10918-1 B.1), independently of service.imaging."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 130, 140)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    segments, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if data[pos + 1] == 0xDA:  # entropy-coded data up to the next real marker
+            end = data.index(b"\xff", end)
+            while data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end = data.index(b"\xff", end + 2)
+        segments.append(data[pos:end])
+        pos = end
+    scans = [s for s in segments if s[1] == 0xDA]
+    ac_scans = [s for s in scans if s[5 + 2 * s[4]] >= 1]  # spectral start Ss > 0
+    assert len(scans) == 10, len(scans)
+    repeated = min(ac_scans, key=len)
+    return data, data[:pos] + repeated * extra_scans + data[pos:]

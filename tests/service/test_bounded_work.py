@@ -22,7 +22,7 @@ from pycocotools import mask as coco_mask
 from hornet_bundle import Preprocess
 from service import imaging
 from service.testing import running_server
-from tests.helpers.images import photo_36mpx
+from tests.helpers.images import many_scan_jpeg, photo_36mpx
 from tests.helpers.memory import memory_of
 
 GIB = 1 << 30
@@ -89,6 +89,24 @@ def test_extreme_aspect_ratios_get_a_correct_answer(demo_server, route, width, h
     base_url, process = demo_server
     response = _post(base_url, route, _png(width, height), "image/png")
     _check_answer(route, response, width, height)
+    assert process.poll() is None
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_jpeg_of_thousands_of_scans_is_refused_and_an_ordinary_one_answered(
+    demo_server, route
+) -> None:
+    """Each scan of a progressive JPEG is a decoding pass over the whole image: 40 KB
+    of repeated scans would hold a decoding thread for seconds (megabytes of them for
+    minutes). Refused with 413 before decoding; the same picture's own 10 scans pass."""
+    base_url, process = demo_server
+    plain, bomb = many_scan_jpeg(2000, 1500, 1000)
+    assert len(bomb) < 64 * 1024
+    refused = _post(base_url, route, bomb, "image/jpeg")
+    assert refused.status_code == 413, refused.text[:300]
+    body = refused.json()
+    assert body["error"] == "payload_too_large" and "--max-jpeg-scans" in body["detail"]
+    _check_answer(route, _post(base_url, route, plain, "image/jpeg"), 2000, 1500)
     assert process.poll() is None
 
 
