@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from hornet_bundle.preprocess import pixels as pixels
 from hornet_bundle.preprocess import tile as tile
 from hornet_bundle.preprocess import window_boxes as window_boxes
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
+from service.image_structure import DEFAULT_MAX_JPEG_SCANS, check_structure
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 SUPPORTED_CONTENT_TYPES = frozenset(
@@ -56,13 +56,7 @@ SUPPORTED_CONTENT_TYPES = frozenset(
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _GREY_PIECE_PIXELS = 1 << 18  # 16-bit and float greyscale are scaled this much at a time
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
-_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
-_DRAFT_FORMATS = _JPEG_FORMATS  # what libjpeg can decode at a reduced scale
-DEFAULT_MAX_JPEG_SCANS = 500
-# After a scan's header: its entropy-coded data runs to the next marker, an 0xFF that is
-# neither a stuffed 0x00 nor a restart marker (RST0-RST7).
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
-_SOS, _EOI, _TEM = 0xDA, 0xD9, 0x01
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 # EXIF orientations that turn the stored image a quarter turn (exif_transpose swaps its sides).
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
@@ -107,8 +101,8 @@ def decode_image(
 ) -> Decoded:
     """Decode an upload to an upright RGB image, refusing bombs before decoding pixels:
     over `max_pixels`, (when `max_aspect_ratio` is not 0) with a longer side over
-    `max_aspect_ratio` times the shorter, or a JPEG of more than `max_jpeg_scans` scans
-    (`jpeg_scans`).
+    `max_aspect_ratio` times the shorter, or a JPEG or PNG whose structure would cost
+    more than its pixels (`service.image_structure`: more than `max_jpeg_scans` scans).
 
     With `draft`, a JPEG larger than twice the upright size `draft` asks for (or more) is
     decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's scaled IDCT (PIL's `draft`), the
@@ -116,6 +110,7 @@ def decode_image(
     without room to reduce, decode at full size. `Decoded.size` stays the upload's."""
     if not data:
         raise BadImage("empty upload: no image bytes received")
+    check_structure(data, max_jpeg_scans)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,12 +142,6 @@ def decode_image(
             f"{max(width, height) / min(width, height):.1f}; the limit is {max_aspect_ratio:g} "
             "(--max-aspect-ratio)"
         )
-    if image.format in _JPEG_FORMATS and jpeg_scans(data, max_jpeg_scans) > max_jpeg_scans:
-        raise PayloadTooLarge(
-            f"JPEG has more than {max_jpeg_scans} scans, the limit (--max-jpeg-scans): each "
-            "scan is another decoding pass over the whole image, and encoders write 1 to "
-            "about 10"
-        )
     upload: tuple[int, int] | None = None  # upright, when a draft may reduce the decode
     reduction = 1
     try:
@@ -173,45 +162,6 @@ def decode_image(
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"undecodable or truncated {image.format} image: {exc}") from exc
     return Decoded(to_rgb(image), upload or image.size, reduction)
-
-
-def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """The scans (SOS segments) of the first image in a JPEG stream, counted up to
-    `stop_after` + 1, without decoding.
-
-    A progressive JPEG's decoder makes a pass over the whole image's coefficients for
-    every scan, and libjpeg accepts any number of them (repeated ones only warn): a
-    6000x6000 JPEG of 0.7 MB carrying 20,000 copies of a 23-byte scan took 19 s of CPU
-    to decode, against 0.3 s without them, and at --max-upload-mb's 20 MB it would be
-    minutes per request, holding a decoding thread that no timeout can take back.
-    Ordinary encoders write 1 (baseline) to about 10 scans (Pillow's and libjpeg's
-    progressive default: 10). Marker segments are skipped by their length, so scans of
-    an EXIF thumbnail do not count; counting stops at the first EOI (an MPO's later
-    pictures are not decoded). Malformed streams are counted as far as they parse and
-    left for the decoder to refuse."""
-    scans, pos, end = 0, 2, len(data)
-    while pos + 1 < end and scans <= stop_after:
-        if data[pos] != 0xFF:
-            break
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == _EOI:
-            break
-        if marker == _TEM or 0xD0 <= marker <= 0xD7:  # no length field
-            pos += 2
-            continue
-        if pos + 4 > end:
-            break
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == _SOS:
-            scans += 1
-            found = _NEXT_MARKER.search(data, pos)
-            if found is None:
-                break
-            pos = found.start()
-    return scans
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

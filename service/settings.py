@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from hornet_bundle import MANIFEST_NAME
 from service.cpus import available_cpus
 from service.flags import Flag
-from service.imaging import DEFAULT_MAX_JPEG_SCANS
+from service.image_structure import DEFAULT_MAX_JPEG_SCANS
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"

@@ -9,7 +9,9 @@ server's peak resident memory under idle + 3 GB and its memory back near idle af
 from __future__ import annotations
 
 import io
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -107,6 +109,30 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_and_an_ordinary_one_answered(
     body = refused.json()
     assert body["error"] == "payload_too_large" and "--max-jpeg-scans" in body["detail"]
     _check_answer(route, _post(base_url, route, plain, "image/jpeg"), 2000, 1500)
+    assert process.poll() is None
+
+
+def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_server) -> None:
+    """Structure Pillow reads in Python, one piece at a time: a JPEG of 100,000 empty
+    APP segments (400 KB) and a PNG of 100,000 empty chunks (1.2 MB), each seconds of
+    CPU to open before this check, get 413 at once; the server answers on."""
+    base_url, process = demo_server
+    ordinary = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(ordinary, "JPEG")
+    jpeg = ordinary.getvalue()
+    segments = jpeg[:2] + b"\xff\xe5\x00\x02" * 100_000 + jpeg[2:]
+    png = _png(64, 48)
+    chunk = b"\x00\x00\x00\x00abCd" + struct.pack(">I", zlib.crc32(b"abCd"))
+    chunks = png[:33] + chunk * 100_000 + png[33:]
+    for data, content_type, message in (
+        (segments, "image/jpeg", "marker segments"),
+        (chunks, "image/png", "chunks"),
+    ):
+        refused = _post(base_url, "classify", data, content_type)
+        assert refused.status_code == 413, refused.text[:300]
+        assert refused.json()["error"] == "payload_too_large"
+        assert message in refused.json()["detail"]
+    _check_answer("classify", _post(base_url, "classify", jpeg, "image/jpeg"), 64, 48)
     assert process.poll() is None
 
 

@@ -14,7 +14,7 @@ from torchvision import transforms
 from hornet_bundle import Preprocess, SlidingWindow
 from service import imaging
 from service.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from tests.helpers.images import encode, many_scan_jpeg
+from tests.helpers.images import encode
 
 PHOTO_NAMES = ["astronaut", "coffee", "chelsea", "rocket", "portrait"]
 
@@ -117,40 +117,6 @@ def test_greyscale_is_scaled_piece_by_piece_as_whole(monkeypatch, mode, piece_pi
     assert Image.open(io.BytesIO(data)).mode == mode
     decoded = np.asarray(imaging.decode_image(data, max_pixels=10**4).image)
     np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
-
-
-def test_jpeg_scans_are_counted_as_the_stream_has_them(photos) -> None:
-    baseline = encode(photos["chelsea"], "JPEG")
-    progressive = encode(photos["chelsea"], "JPEG", progressive=True)
-    assert imaging.jpeg_scans(baseline, 500) == 1
-    assert imaging.jpeg_scans(progressive, 500) == 10  # libjpeg's progressive script
-    # marker bytes inside a segment (a comment here, an EXIF thumbnail in photos) are not scans
-    commented = encode(photos["chelsea"], "JPEG", comment=b"\xff\xda" * 1000)
-    assert commented.count(b"\xff\xda") == 1001 and imaging.jpeg_scans(commented, 500) == 1
-    # an MPO's second picture is not decoded, so its scans do not count
-    buffer = io.BytesIO()
-    first, second = Image.fromarray(photos["chelsea"]), Image.fromarray(photos["coffee"])
-    first.save(buffer, "MPO", save_all=True, append_images=[second], progressive=True)
-    assert buffer.getvalue().count(b"\xff\xda") >= 20
-    assert imaging.jpeg_scans(buffer.getvalue(), 500) == 10
-    plain, bomb = many_scan_jpeg(64, 64, 1000)
-    assert imaging.jpeg_scans(plain, 500) == 10
-    assert imaging.jpeg_scans(bomb, 10**6) == 1010
-    assert imaging.jpeg_scans(bomb, 500) == 501  # stops once over the limit
-
-
-def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch) -> None:
-    plain, bomb = many_scan_jpeg(256, 128, 600)
-    expected = np.asarray(imaging.decode_image(plain, max_pixels=10**6).image)
-    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
-    with pytest.raises(PayloadTooLarge, match="more than 500 scans.*--max-jpeg-scans"):
-        imaging.decode_image(bomb, max_pixels=10**6)
-    with pytest.raises(PayloadTooLarge, match="more than 609 scans"):
-        imaging.decode_image(bomb, max_pixels=10**6, max_jpeg_scans=609)
-    monkeypatch.undo()
-    # at or under the limit it decodes, and the repeated scans change no pixel here
-    decoded = imaging.decode_image(bomb, max_pixels=10**6, max_jpeg_scans=610).image
-    np.testing.assert_array_equal(np.asarray(decoded), expected)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
