@@ -446,4 +446,6 @@ def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> st
 
 
 if __name__ == "__main__":
+    # `kill` or a timeout unwinds as Ctrl-C does, so the servers started here stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
