@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -47,7 +49,7 @@ def many_scan_jpeg(width: int, height: int, extra_scans: int) -> tuple[bytes, by
     """A flat progressive JPEG, and the same with its smallest AC scan repeated
     `extra_scans` more times before the end: a few bytes per scan, each one another
     decoding pass over the whole image (libjpeg warns and goes on). Built by walking the
-    stream's marker segments (ISO 10918-1 B.1), independently of service.imaging."""
+    stream's marker segments (ISO 10918-1 B.1), independently of service.image_structure."""
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (120, 130, 140)).save(buffer, "JPEG", progressive=True)
     data = buffer.getvalue()
@@ -66,3 +68,21 @@ def many_scan_jpeg(width: int, height: int, extra_scans: int) -> tuple[bytes, by
     assert len(scans) == 10, len(scans)
     repeated = min(ac_scans, key=len)
     return data, data[:pos] + repeated * extra_scans + data[pos:]
+
+
+def after_soi(jpeg: bytes, inserted: bytes) -> bytes:
+    """`inserted` between a JPEG's start-of-image marker and its first segment."""
+    return jpeg[:2] + inserted + jpeg[2:]
+
+
+def png_chunk(kind: bytes, payload: bytes = b"") -> bytes:
+    """One PNG chunk: length, type, data, CRC of type and data."""
+    crc = struct.pack(">I", zlib.crc32(kind + payload))
+    return struct.pack(">I", len(payload)) + kind + payload + crc
+
+
+def png_with_chunks(extra_chunks: int, kind: bytes) -> bytes:
+    """A flat 64x48 PNG with `extra_chunks` empty chunks of `kind` after its header."""
+    data = encode(np.full((48, 64, 3), 90, np.uint8), "PNG")
+    header_end = 8 + 25  # the signature and IHDR
+    return data[:header_end] + png_chunk(kind) * extra_chunks + data[header_end:]

@@ -9,9 +9,7 @@ server's peak resident memory under idle + 3 GB and its memory back near idle af
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from pycocotools import mask as coco_mask
 from hornet_bundle import Preprocess
 from service import imaging
 from service.testing import running_server
-from tests.helpers.images import many_scan_jpeg, photo_36mpx
+from tests.helpers.images import after_soi, many_scan_jpeg, photo_36mpx, png_with_chunks
 from tests.helpers.memory import memory_of
 
 GIB = 1 << 30
@@ -120,10 +118,8 @@ def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_ser
     ordinary = io.BytesIO()
     Image.new("RGB", (64, 48), (90, 90, 90)).save(ordinary, "JPEG")
     jpeg = ordinary.getvalue()
-    segments = jpeg[:2] + b"\xff\xe5\x00\x02" * 100_000 + jpeg[2:]
-    png = _png(64, 48)
-    chunk = b"\x00\x00\x00\x00abCd" + struct.pack(">I", zlib.crc32(b"abCd"))
-    chunks = png[:33] + chunk * 100_000 + png[33:]
+    segments = after_soi(jpeg, b"\xff\xe5\x00\x02" * 100_000)
+    chunks = png_with_chunks(100_000, b"abCd")
     for data, content_type, message in (
         (segments, "image/jpeg", "marker segments"),
         (chunks, "image/png", "chunks"),

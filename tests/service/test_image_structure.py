@@ -5,8 +5,6 @@ them, and files past the limits refused before any pixel is decoded."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -22,31 +20,17 @@ from service.image_structure import (
     jpeg_structure,
     png_chunks,
 )
-from tests.helpers.images import encode, many_scan_jpeg
+from tests.helpers.images import (
+    after_soi,
+    encode,
+    many_scan_jpeg,
+    png_chunk,
+    png_with_chunks,
+)
 
 
 def _small_jpeg() -> bytes:
     return encode(np.full((48, 64, 3), 90, np.uint8), "JPEG")
-
-
-def _after_soi(data: bytes, inserted: bytes) -> bytes:
-    return data[:2] + inserted + data[2:]
-
-
-def _png_chunk(kind: bytes, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
-
-
-def _png_with(extra_chunks: int, kind: bytes) -> bytes:
-    """A small PNG with `extra_chunks` empty chunks of `kind` after its header (IHDR)."""
-    data = encode(np.full((48, 64, 3), 90, np.uint8), "PNG")
-    header_end = 8 + 25  # the signature and IHDR
-    return data[:header_end] + _png_chunk(kind) * extra_chunks + data[header_end:]
 
 
 def test_jpeg_scans_are_counted_as_the_stream_has_them(photos) -> None:
@@ -86,9 +70,9 @@ def test_ordinary_files_are_far_from_every_limit(photos) -> None:
 def test_jpeg_segments_and_stray_bytes_are_counted() -> None:
     jpeg = _small_jpeg()
     ordinary = jpeg_structure(jpeg, 500)
-    flooded = _after_soi(jpeg, b"\xff\xe5\x00\x02" * 100)  # 100 empty APP5 segments
+    flooded = after_soi(jpeg, b"\xff\xe5\x00\x02" * 100)  # 100 empty APP5 segments
     assert jpeg_structure(flooded, 500).segments == ordinary.segments + 100
-    filled = _after_soi(jpeg, b"\xff" * 1000)  # fill bytes before the first marker
+    filled = after_soi(jpeg, b"\xff" * 1000)  # fill bytes before the first marker
     assert jpeg_structure(filled, 500).skipped == 1000
     app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
     stray = jpeg[:app0_end] + b"junk" * 10 + b"\xff\x00" * 5 + jpeg[app0_end:]
@@ -103,8 +87,8 @@ def test_jpeg_segments_and_stray_bytes_are_counted() -> None:
 def test_png_chunks_are_counted_up_to_iend() -> None:
     png = encode(np.full((48, 64, 3), 90, np.uint8), "PNG")
     ordinary = png_chunks(png)
-    assert png_chunks(_png_with(100, b"abCd")) == ordinary + 100
-    assert png_chunks(png + _png_chunk(b"abCd") * 100) == ordinary  # after IEND: not read
+    assert png_chunks(png_with_chunks(100, b"abCd")) == ordinary + 100
+    assert png_chunks(png + png_chunk(b"abCd") * 100) == ordinary  # after IEND: not read
 
 
 @pytest.mark.parametrize(
@@ -117,27 +101,27 @@ def test_png_chunks_are_counted_up_to_iend() -> None:
         ),
         (
             "segments",
-            lambda: _after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" * MAX_JPEG_SEGMENTS),
+            lambda: after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" * MAX_JPEG_SEGMENTS),
             f"more than {MAX_JPEG_SEGMENTS} marker segments",
         ),
         (
             "fill bytes",
-            lambda: _after_soi(_small_jpeg(), b"\xff" * (MAX_JPEG_SKIPPED_BYTES + 2)),
+            lambda: after_soi(_small_jpeg(), b"\xff" * (MAX_JPEG_SKIPPED_BYTES + 2)),
             f"more than {MAX_JPEG_SKIPPED_BYTES} fill or stray bytes",
         ),
         (
             "stuffed bytes",
-            lambda: _after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" + b"\xff\x00" * 40_000),
+            lambda: after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" + b"\xff\x00" * 40_000),
             "fill or stray bytes",
         ),
         (
             "png chunks",
-            lambda: _png_with(MAX_PNG_CHUNKS, b"abCd"),
+            lambda: png_with_chunks(MAX_PNG_CHUNKS, b"abCd"),
             f"more than {MAX_PNG_CHUNKS} chunks",
         ),
         (
             "png image data chunks",
-            lambda: _png_with(MAX_PNG_CHUNKS, b"IDAT"),
+            lambda: png_with_chunks(MAX_PNG_CHUNKS, b"IDAT"),
             f"more than {MAX_PNG_CHUNKS} chunks",
         ),
     ],
@@ -163,8 +147,8 @@ def test_the_scan_limit_is_the_setting(monkeypatch) -> None:
 
 def test_the_walk_stops_at_its_limits() -> None:
     """The check's own work is bounded by the limits, whatever the file's length."""
-    endless = _after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" * (10 * MAX_JPEG_SEGMENTS))
+    endless = after_soi(_small_jpeg(), b"\xff\xe5\x00\x02" * (10 * MAX_JPEG_SEGMENTS))
     assert jpeg_structure(endless, 500).segments == MAX_JPEG_SEGMENTS + 1
-    many = _png_with(3 * MAX_PNG_CHUNKS, b"abCd")
+    many = png_with_chunks(3 * MAX_PNG_CHUNKS, b"abCd")
     assert png_chunks(many) == MAX_PNG_CHUNKS + 1
     assert image_structure.DEFAULT_MAX_JPEG_SCANS == 500

@@ -41,12 +41,6 @@ def _upload(mode: str) -> tuple[bytes, str]:
     """A WIDTH x HEIGHT image in `mode`, encoded small (smooth content compresses)."""
     ramp = np.arange(WIDTH, dtype=np.uint32)[None, :].repeat(HEIGHT, axis=0)
     buffer = io.BytesIO()
-    if mode in PROGRESSIVE:  # 4:4:4, the largest coefficient buffer for its components
-        grey = Image.fromarray((ramp % 256).astype(np.uint8))
-        image = Image.merge("RGB", (grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grey))
-        image = image.convert(mode.split()[0])
-        image.save(buffer, format="JPEG", quality=90, progressive=True, subsampling=0)
-        return buffer.getvalue(), "image/jpeg"
     if mode == "I;16":
         image = Image.fromarray((ramp * 16 % 65536).astype(np.uint16))
         fmt, options = "PNG", {}
@@ -59,9 +53,14 @@ def _upload(mode: str) -> tuple[bytes, str]:
     else:
         grey = Image.fromarray((ramp % 256).astype(np.uint8))
         image = Image.merge("RGB", (grey, grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grey))
-        image = image.convert(mode)
-        fmt, options = ("TIFF", {"compression": "tiff_deflate"}) if mode == "CMYK" else ("PNG", {})
-    assert image.mode == mode, image.mode
+        image = image.convert(mode.split()[0])
+        if mode in PROGRESSIVE:  # 4:4:4, the largest coefficient buffer for its components
+            fmt, options = "JPEG", {"quality": 90, "progressive": True, "subsampling": 0}
+        elif mode == "CMYK":
+            fmt, options = "TIFF", {"compression": "tiff_deflate"}
+        else:
+            fmt, options = "PNG", {}
+    assert image.mode == mode.split()[0], image.mode
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue(), f"image/{fmt.lower()}"
 
