@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 
@@ -86,3 +87,108 @@ def png_with_chunks(extra_chunks: int, kind: bytes) -> bytes:
     data = encode(np.full((48, 64, 3), 90, np.uint8), "PNG")
     header_end = 8 + 25  # the signature and IHDR
     return data[:header_end] + png_chunk(kind) * extra_chunks + data[header_end:]
+
+
+def tiff_file(
+    grey: np.ndarray,
+    *,
+    rows_per_strip: int | None = None,
+    tile: tuple[int, int] | None = None,
+    big: bool = False,
+    order: str = "<",
+    extra_entries: tuple[tuple[int, int, int, bytes], ...] = (),
+) -> bytes:
+    """An uncompressed 8-bit greyscale TIFF of `grey`, written from the TIFF 6.0 spec
+    (and the BigTIFF extension) independently of Pillow's writer: in strips of
+    `rows_per_strip` rows (default: one strip) or in `tile` (width, height) tiles, classic
+    or BigTIFF, little ("<") or big (">") endian. `extra_entries` are more IFD entries,
+    (tag, type, count, value bytes in the file's byte order)."""
+    height, width = grey.shape
+    if tile is None:
+        rows = rows_per_strip or height
+        pieces = [grey[top : top + rows].tobytes() for top in range(0, height, rows)]
+    else:
+        tile_width, tile_height = tile
+        padded = np.zeros(
+            (-(-height // tile_height) * tile_height, -(-width // tile_width) * tile_width),
+            np.uint8,
+        )
+        padded[:height, :width] = grey
+        pieces = [
+            padded[top : top + tile_height, left : left + tile_width].tobytes()
+            for top in range(0, padded.shape[0], tile_height)
+            for left in range(0, padded.shape[1], tile_width)
+        ]
+    word, long_type = ("Q", 16) if big else ("I", 4)  # counts, values and offsets
+
+    def number(kind: str, *values: int) -> bytes:
+        return struct.pack(f"{order}{len(values)}{kind}", *values)
+
+    header_size = 16 if big else 8
+    offsets = list(itertools.accumulate(map(len, pieces[:-1]), initial=header_size))
+    entries = [
+        (256, 4, 1, number("I", width)),
+        (257, 4, 1, number("I", height)),
+        (258, 3, 1, number("H", 8)),
+        (259, 3, 1, number("H", 1)),  # no compression
+        (262, 3, 1, number("H", 1)),  # black is zero
+        (277, 3, 1, number("H", 1)),
+        *extra_entries,
+    ]
+    if tile is None:
+        entries += [
+            (273, long_type, len(pieces), number(word, *offsets)),
+            (278, 4, 1, number("I", rows_per_strip or height)),
+            (279, long_type, len(pieces), number(word, *map(len, pieces))),
+        ]
+    else:
+        entries += [
+            (322, 4, 1, number("I", tile[0])),
+            (323, 4, 1, number("I", tile[1])),
+            (324, long_type, len(pieces), number(word, *offsets)),
+            (325, long_type, len(pieces), number(word, *map(len, pieces))),
+        ]
+    return _tiff(b"".join(pieces), sorted(entries), big, order)
+
+
+def _tiff(data: bytes, entries: list[tuple[int, int, int, bytes]], big: bool, order: str) -> bytes:
+    """A TIFF header, `data`, the values too long for their entries, then the one IFD."""
+    word, inline, header_size = ("Q", 8, 16) if big else ("I", 4, 8)
+    position = header_size + len(data)
+    stored, values = [], b""
+    for tag, kind, count, value in entries:
+        if len(value) <= inline:
+            field = value.ljust(inline, b"\0")
+        else:
+            field = struct.pack(f"{order}{word}", position + len(values))
+            values += value
+        stored.append(struct.pack(f"{order}HH{word}", tag, kind, count) + field)
+    directory_offset = position + len(values)
+    mark = b"II" if order == "<" else b"MM"
+    if big:
+        head = mark + struct.pack(f"{order}HHHQ", 43, 8, 0, directory_offset)
+    else:
+        head = mark + struct.pack(f"{order}HI", 42, directory_offset)
+    count = struct.pack(f"{order}{word if big else 'H'}", len(entries))
+    return head + data + values + count + b"".join(stored) + bytes(inline)
+
+
+def exif_block(entries: list[tuple[int, int, int, bytes]], big: bool = False) -> bytes:
+    """A little-endian EXIF block (a TIFF header and one IFD, without the "Exif" prefix)
+    of (tag, type, count, value bytes) entries."""
+    return _tiff(b"", sorted(entries), big, "<")
+
+
+def gif_with(before_image: bytes, array: np.ndarray | None = None) -> bytes:
+    """A GIF (Pillow's, of `array` or a flat 64x48 picture) with `before_image` inserted
+    after its header and global colour table, before its first block (GIF89a spec)."""
+    picture = array if array is not None else np.full((48, 64, 3), 90, np.uint8)
+    data = encode(picture, "GIF")
+    flags = data[10]
+    start = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
+    return data[:start] + before_image + data[start:]
+
+
+def gif_comment(sub_blocks: list[bytes]) -> bytes:
+    """A comment extension (0x21 0xFE) of these data sub-blocks and its terminator."""
+    return b"\x21\xfe" + b"".join(bytes([len(b)]) + b for b in sub_blocks) + b"\x00"

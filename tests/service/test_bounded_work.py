@@ -22,7 +22,17 @@ from pycocotools import mask as coco_mask
 from hornet_bundle import Preprocess
 from service import imaging
 from service.testing import running_server
-from tests.helpers.images import after_soi, many_scan_jpeg, photo_36mpx, png_with_chunks
+from tests.helpers.images import (
+    after_soi,
+    exif_block,
+    gif_comment,
+    gif_with,
+    many_scan_jpeg,
+    photo_36mpx,
+    png_chunk,
+    png_with_chunks,
+    tiff_file,
+)
 from tests.helpers.memory import memory_of
 
 GIB = 1 << 30
@@ -111,22 +121,44 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_and_an_ordinary_one_answered(
 
 
 def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_server) -> None:
-    """Structure Pillow reads in Python, one piece at a time: a JPEG of 100,000 empty
-    APP segments (400 KB) and a PNG of 100,000 empty chunks (1.2 MB), each seconds of
-    CPU to open before this check, get 413 at once; the server answers on."""
+    """Structure Pillow reads in Python, one piece at a time, each file seconds of CPU or
+    hundreds of MB before these checks: a JPEG of 100,000 empty APP segments (400 KB), a
+    PNG of 100,000 empty chunks (1.2 MB), a GIF comment of 500,000 1-byte sub-blocks (1
+    MB), an uncompressed TIFF of 50,176 1x1 tiles, a BigTIFF directory of 100,000
+    entries, a PNG whose EXIF holds 2 MB of rationals besides its orientation: 413 at
+    once. A PPM (a format Pillow reads and the service does not): 415. The server
+    answers on."""
     base_url, process = demo_server
     ordinary = io.BytesIO()
     Image.new("RGB", (64, 48), (90, 90, 90)).save(ordinary, "JPEG")
     jpeg = ordinary.getvalue()
-    segments = after_soi(jpeg, b"\xff\xe5\x00\x02" * 100_000)
-    chunks = png_with_chunks(100_000, b"abCd")
-    for data, content_type, message in (
-        (segments, "image/jpeg", "marker segments"),
-        (chunks, "image/png", "chunks"),
-    ):
+    grey = np.full((224, 224), 90, np.uint8)
+    unknown_tags = tuple((50000 + i % 5000, 3, 1, b"\0\0") for i in range(100_000))
+    exif = exif_block(
+        [(0x0112, 3, 1, b"\x06\0"), (282, 5, 250_000, b"\x48\0\0\0\x01\0\0\0" * 250_000)]
+    )
+    cases = [
+        (after_soi(jpeg, b"\xff\xe5\x00\x02" * 100_000), "image/jpeg", 413, "marker segments"),
+        (png_with_chunks(100_000, b"abCd"), "image/png", 413, "chunks"),
+        (gif_with(gif_comment([b"x"] * 500_000)), "image/gif", 413, "extension blocks"),
+        (tiff_file(grey, tile=(1, 1)), "image/tiff", 413, "strips or tiles"),
+        (tiff_file(grey, big=True, extra_entries=unknown_tags), "image/tiff", 413, "entries"),
+        (
+            _png(64, 48)[:33] + png_chunk(b"eXIf", exif) + _png(64, 48)[33:],
+            "image/png",
+            413,
+            "numeric values",
+        ),
+        (
+            b"P6\n64 48\n255\n" + bytes(64 * 48 * 3),
+            "image/png",
+            415,
+            "first bytes are PPM's",
+        ),
+    ]
+    for data, content_type, status, message in cases:
         refused = _post(base_url, "classify", data, content_type)
-        assert refused.status_code == 413, refused.text[:300]
-        assert refused.json()["error"] == "payload_too_large"
+        assert refused.status_code == status, (message, refused.text[:300])
         assert message in refused.json()["detail"]
     _check_answer("classify", _post(base_url, "classify", jpeg, "image/jpeg"), 64, 48)
     assert process.poll() is None
