@@ -37,7 +37,10 @@ The same holds for the other formats Pillow reads in Python:
   per strip or tile: 20 MB of 1x1 tiles took 12.9 s and 864 MB, an X resolution of 2M
   rationals 6.4 s and 331 MB, 1M BigTIFF entries 2.0 s. At most MAX_TIFF_ENTRIES entries,
   MAX_TIFF_VALUE_BYTES of numeric values besides the strip and tile tables, and, when
-  uncompressed, MAX_TIFF_RAW_PIECES strips or tiles. The same IFD check applies to an
+  uncompressed, MAX_TIFF_RAW_PIECES strips or tiles. And libtiff decodes a tile into a
+  buffer of the tile's declared size, whatever the image's: a 64x64 image in one
+  40000x40000 deflate tile (1.6 MB) took 5.9 s and 1.6 GB; tiles may be at most the
+  image's area or MAX_TIFF_TILE_PIXELS, whichever is larger. The same IFD check applies to an
   EXIF block of any format (`check_exif`), which Pillow reads the same way.
 """
 
@@ -57,6 +60,7 @@ MAX_GIF_SKIPPED_BYTES = 64 * 1024
 MAX_TIFF_ENTRIES = 4000
 MAX_TIFF_VALUE_BYTES = 1 << 20
 MAX_TIFF_RAW_PIECES = 50_000
+MAX_TIFF_TILE_PIXELS = 1 << 22  # 2048 x 2048, or the image's own area when larger
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,6 +172,7 @@ _TIFF_VALUE_SIZES = {3: 2, 4: 4, 5: 8, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 1
 # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts: one value per piece
 _TIFF_PIECE_TAGS = frozenset({273, 279, 324, 325})
 _TIFF_COMPRESSION = 259
+_TIFF_SIZES = {256: "width", 257: "height", 322: "tile_width", 323: "tile_height"}
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ class TiffDirectory:
     value_bytes: int  # numeric values besides the strip and tile tables
     pieces: int  # strips or tiles (the longest of their tables)
     uncompressed: bool  # Compression 1 or absent: Pillow decodes piece by piece
+    image_pixels: int = 0  # ImageWidth x ImageLength
+    tile_pixels: int = 0  # TileWidth x TileLength, 0 when not tiled
 
 
 def tiff_layouts(data: bytes) -> tuple[bool, ...]:
@@ -209,6 +216,7 @@ def tiff_directory(data: bytes, big: bool) -> TiffDirectory | None:
         return TiffDirectory(entries, 0, 0, True)
     value_bytes = pieces = 0
     uncompressed = True
+    sizes = dict.fromkeys(_TIFF_SIZES.values(), 0)
     pos = offset + count_size
     for _ in range(entries):
         entry = data[pos : pos + entry_size]
@@ -225,7 +233,17 @@ def tiff_directory(data: bytes, big: bool) -> TiffDirectory | None:
             uncompressed = int.from_bytes(value, order) == 1
         else:
             value_bytes += count * _TIFF_VALUE_SIZES.get(kind, 0)
-    return TiffDirectory(entries, value_bytes, pieces, uncompressed)
+            if tag in _TIFF_SIZES and kind in (3, 4) and count == 1:
+                value = entry[4 + width : 4 + width + _TIFF_VALUE_SIZES[kind]]
+                sizes[_TIFF_SIZES[tag]] = int.from_bytes(value, order)
+    return TiffDirectory(
+        entries,
+        value_bytes,
+        pieces,
+        uncompressed,
+        sizes["width"] * sizes["height"],
+        sizes["tile_width"] * sizes["tile_height"],
+    )
 
 
 def _check_tiff(data: bytes, what: str) -> None:
@@ -246,6 +264,12 @@ def _check_tiff_directory(found: TiffDirectory, what: str) -> None:
             f"{what} has {found.value_bytes} bytes of numeric values in its first directory "
             f"(strip and tile tables aside), over the limit of {MAX_TIFF_VALUE_BYTES}; "
             "refused before decoding"
+        )
+    if found.tile_pixels > max(found.image_pixels, MAX_TIFF_TILE_PIXELS):
+        raise PayloadTooLarge(
+            f"{what} declares tiles of {found.tile_pixels} pixels, larger than its image and "
+            f"than {MAX_TIFF_TILE_PIXELS} (libtiff makes a buffer of a whole tile); refused "
+            "before decoding"
         )
     if found.uncompressed and found.pieces > MAX_TIFF_RAW_PIECES:
         raise PayloadTooLarge(

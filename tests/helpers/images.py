@@ -96,13 +96,15 @@ def tiff_file(
     tile: tuple[int, int] | None = None,
     big: bool = False,
     order: str = "<",
+    deflate: bool = False,
     extra_entries: tuple[tuple[int, int, int, bytes], ...] = (),
 ) -> bytes:
-    """An uncompressed 8-bit greyscale TIFF of `grey`, written from the TIFF 6.0 spec
-    (and the BigTIFF extension) independently of Pillow's writer: in strips of
-    `rows_per_strip` rows (default: one strip) or in `tile` (width, height) tiles, classic
-    or BigTIFF, little ("<") or big (">") endian. `extra_entries` are more IFD entries,
-    (tag, type, count, value bytes in the file's byte order)."""
+    """An 8-bit greyscale TIFF of `grey`, written from the TIFF 6.0 spec (and the BigTIFF
+    extension) independently of Pillow's writer: in strips of `rows_per_strip` rows
+    (default: one strip) or in `tile` (width, height) tiles, classic or BigTIFF, little
+    ("<") or big (">") endian, uncompressed or each piece zlib-compressed (`deflate`,
+    Compression 8). `extra_entries` are more IFD entries, (tag, type, count, value bytes
+    in the file's byte order)."""
     height, width = grey.shape
     if tile is None:
         rows = rows_per_strip or height
@@ -119,6 +121,8 @@ def tiff_file(
             for top in range(0, padded.shape[0], tile_height)
             for left in range(0, padded.shape[1], tile_width)
         ]
+    if deflate:
+        pieces = [zlib.compress(piece) for piece in pieces]
     word, long_type = ("Q", 16) if big else ("I", 4)  # counts, values and offsets
 
     def number(kind: str, *values: int) -> bytes:
@@ -130,7 +134,7 @@ def tiff_file(
         (256, 4, 1, number("I", width)),
         (257, 4, 1, number("I", height)),
         (258, 3, 1, number("H", 8)),
-        (259, 3, 1, number("H", 1)),  # no compression
+        (259, 3, 1, number("H", 8 if deflate else 1)),
         (262, 3, 1, number("H", 1)),  # black is zero
         (277, 3, 1, number("H", 1)),
         *extra_entries,

@@ -124,10 +124,10 @@ def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_ser
     """Structure Pillow reads in Python, one piece at a time, each file seconds of CPU or
     hundreds of MB before these checks: a JPEG of 100,000 empty APP segments (400 KB), a
     PNG of 100,000 empty chunks (1.2 MB), a GIF comment of 500,000 1-byte sub-blocks (1
-    MB), an uncompressed TIFF of 50,176 1x1 tiles, a BigTIFF directory of 100,000
-    entries, a PNG whose EXIF holds 2 MB of rationals besides its orientation: 413 at
-    once. A PPM (a format Pillow reads and the service does not): 415. The server
-    answers on."""
+    MB), an uncompressed TIFF of 50,176 1x1 tiles, a 224x224 TIFF in one 4096x4096
+    deflate tile, a BigTIFF directory of 100,000 entries, a PNG whose EXIF holds 2 MB of
+    rationals besides its orientation: 413 at once. A PPM (a format Pillow reads and the
+    service does not): 415. The server answers on."""
     base_url, process = demo_server
     ordinary = io.BytesIO()
     Image.new("RGB", (64, 48), (90, 90, 90)).save(ordinary, "JPEG")
@@ -142,6 +142,7 @@ def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_ser
         (png_with_chunks(100_000, b"abCd"), "image/png", 413, "chunks"),
         (gif_with(gif_comment([b"x"] * 500_000)), "image/gif", 413, "extension blocks"),
         (tiff_file(grey, tile=(1, 1)), "image/tiff", 413, "strips or tiles"),
+        (tiff_file(grey, tile=(4096, 4096), deflate=True), "image/tiff", 413, "declares tiles"),
         (tiff_file(grey, big=True, extra_entries=unknown_tags), "image/tiff", 413, "entries"),
         (
             _png(64, 48)[:33] + png_chunk(b"eXIf", exif) + _png(64, 48)[33:],

@@ -23,6 +23,7 @@ from service.image_structure import (
     MAX_PNG_CHUNKS,
     MAX_TIFF_ENTRIES,
     MAX_TIFF_RAW_PIECES,
+    MAX_TIFF_TILE_PIXELS,
     MAX_TIFF_VALUE_BYTES,
     check_exif,
     check_structure,
@@ -201,6 +202,11 @@ def test_png_chunks_are_counted_up_to_iend() -> None:
             f"50176 strips or tiles, over the limit of {MAX_TIFF_RAW_PIECES}",
         ),
         (
+            "tiff tiles larger than the image",
+            lambda: tiff_file(_grey(64, 64), tile=(4096, 1025), deflate=True),
+            f"tiles of 4198400 pixels, larger than its image and than {MAX_TIFF_TILE_PIXELS}",
+        ),
+        (
             "uncompressed tiff strips",
             lambda: tiff_file(_grey(MAX_TIFF_RAW_PIECES + 1, 1), rows_per_strip=1),
             f"strips or tiles, over the limit of {MAX_TIFF_RAW_PIECES}",
@@ -272,17 +278,18 @@ def test_gif_extension_blocks_and_stray_bytes_are_counted(photos) -> None:
 
 @pytest.mark.parametrize("big", [False, True])
 @pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("deflate", [False, True])
 @pytest.mark.parametrize(
     "layout", [{}, {"rows_per_strip": 1}, {"rows_per_strip": 5}, {"tile": (16, 16)}]
 )
-def test_the_tiff_directory_is_read_as_pillow_reads_it(big, order, layout) -> None:
+def test_the_tiff_directory_is_read_as_pillow_reads_it(big, order, deflate, layout) -> None:
     """Entries, strips or tiles and numeric value bytes as Pillow's own parse of the same
     file has them, on TIFFs written from the spec (tests/helpers/images.tiff_file), which
     decode to their pixels; Pillow 13 cannot read a big-endian BigTIFF, so that one is
     checked both ways and each reading against the file's layout."""
     grey = _grey(37, 53)
     extra = (_resolution(1, order), (270, 2, 6, b"hello\0"), *_unknown_tags(3, order))
-    data = tiff_file(grey, big=big, order=order, extra_entries=extra, **layout)
+    data = tiff_file(grey, big=big, order=order, deflate=deflate, extra_entries=extra, **layout)
     readings = {reading: tiff_directory(data, reading) for reading in tiff_layouts(data)}
     assert big in readings
     found = readings[big]
@@ -302,8 +309,11 @@ def test_the_tiff_directory_is_read_as_pillow_reads_it(big, order, layout) -> No
         for tag in tags
         if tags.tagtype[tag] in _VALUE_SIZES and tag not in (259, 273, 279, 324, 325)
     )
-    assert (found.entries, found.pieces, found.uncompressed) == (len(tags), len(pieces), True)
+    assert (found.entries, found.pieces) == (len(tags), len(pieces))
+    assert found.uncompressed == (image.info["compression"] == "raw") == (not deflate)
     assert found.value_bytes == numeric
+    assert found.image_pixels == image.width * image.height == 53 * 37
+    assert found.tile_pixels == (tags[322] * tags[323] if "tile" in layout else 0)
     np.testing.assert_array_equal(
         np.asarray(imaging.decode_image(data, max_pixels=10**6).image)[..., 0], grey
     )
@@ -433,3 +443,17 @@ def test_a_few_bytes_of_nothing_are_415(data) -> None:
     needs more bytes than there are (Pillow's DIB check unpacks 4; found by fuzzing)."""
     with pytest.raises(UnsupportedMediaType, match="not a recognised image"):
         imaging.decode_image(data, max_pixels=10**6)
+
+
+def test_tiles_may_be_larger_than_a_small_image() -> None:
+    """A small image in one tile of a writer's usual size (here 256x256 for 100x100, and
+    2048x2048 at the limit) decodes; so does a large image in tiles smaller than it."""
+    for grey, tile in (
+        (_grey(100, 100), (256, 256)),
+        (_grey(64, 64), (2048, 2048)),
+        (_grey(1200, 1100), (1024, 1024)),
+    ):
+        data = tiff_file(grey, tile=tile, deflate=True)
+        assert tiff_directory(data, False).tile_pixels <= MAX_TIFF_TILE_PIXELS
+        decoded = imaging.decode_image(data, max_pixels=10**7).image
+        np.testing.assert_array_equal(np.asarray(decoded)[..., 0], grey)
