@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,22 @@ _LOGIT_CHUNK_ELEMENTS = 1 << 22
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 _OPEN_FORMATS = tuple(sorted(SUPPORTED_FORMATS - {"MPO"}))  # Pillow opens MPO as JPEG
 _EXIF_KEYS = ("exif", "Raw profile type exif")
+# What Pillow raises on malformed files: besides its documented OSError, ValueError,
+# SyntaxError and EOFError, a TIFF's values of the wrong type or size reach its code as
+# TypeError or OverflowError (a float or 2**64-1 strip offset; found by fuzzing), and
+# struct.error, IndexError, KeyError or ZeroDivisionError are the same kind of failure.
+_UNDECODABLE = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    TypeError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+)
 _TRANSPOSED = frozenset(range(2, 9))  # EXIF orientations other than 1 (as stored)
 # EXIF orientations that turn the stored image a quarter turn (exif_transpose swaps its sides).
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
@@ -133,7 +150,7 @@ def decode_image(
         raise UnsupportedMediaType(
             "not a recognised image; send JPEG, PNG, WebP, BMP, TIFF or GIF"
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _UNDECODABLE as exc:
         raise BadImage(f"undecodable image header: {exc}") from exc
     width, height = image.size
     if width * height > max_pixels:
@@ -170,7 +187,7 @@ def decode_image(
             for key in _EXIF_KEYS:
                 image.info.pop(key, None)
             ImageOps.exif_transpose(image, in_place=True)
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except _UNDECODABLE as exc:
         raise BadImage(f"undecodable or truncated {image.format} image: {exc}") from exc
     return Decoded(to_rgb(image), upload or image.size, reduction)
 

@@ -152,10 +152,12 @@ def tiff_file(
             (324, long_type, len(pieces), number(word, *offsets)),
             (325, long_type, len(pieces), number(word, *map(len, pieces))),
         ]
-    return _tiff(b"".join(pieces), sorted(entries), big, order)
+    return tiff_structure(b"".join(pieces), sorted(entries), big, order)
 
 
-def _tiff(data: bytes, entries: list[tuple[int, int, int, bytes]], big: bool, order: str) -> bytes:
+def tiff_structure(
+    data: bytes, entries: list[tuple[int, int, int, bytes]], big: bool, order: str
+) -> bytes:
     """A TIFF header, `data`, the values too long for their entries, then the one IFD."""
     word, inline, header_size = ("Q", 8, 16) if big else ("I", 4, 8)
     position = header_size + len(data)
@@ -180,7 +182,7 @@ def _tiff(data: bytes, entries: list[tuple[int, int, int, bytes]], big: bool, or
 def exif_block(entries: list[tuple[int, int, int, bytes]], big: bool = False) -> bytes:
     """A little-endian EXIF block (a TIFF header and one IFD, without the "Exif" prefix)
     of (tag, type, count, value bytes) entries."""
-    return _tiff(b"", sorted(entries), big, "<")
+    return tiff_structure(b"", sorted(entries), big, "<")
 
 
 def gif_with(before_image: bytes, array: np.ndarray | None = None) -> bytes:

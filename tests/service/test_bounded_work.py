@@ -9,6 +9,7 @@ server's peak resident memory under idle + 3 GB and its memory back near idle af
 from __future__ import annotations
 
 import io
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_ser
     MB), an uncompressed TIFF of 50,176 1x1 tiles, a 224x224 TIFF in one 4096x4096
     deflate tile, a BigTIFF directory of 100,000 entries, a PNG whose EXIF holds 2 MB of
     rationals besides its orientation: 413 at once. A PPM (a format Pillow reads and the
-    service does not): 415. The server answers on."""
+    service does not): 415. A TIFF whose strip offset is a float (Pillow: TypeError):
+    400. The server answers on."""
     base_url, process = demo_server
     ordinary = io.BytesIO()
     Image.new("RGB", (64, 48), (90, 90, 90)).save(ordinary, "JPEG")
@@ -157,6 +159,12 @@ def test_files_whose_structure_costs_more_than_their_pixels_are_refused(demo_ser
             "first bytes are PPM's",
         ),
     ]
+    float_offset = tiff_file(grey, extra_entries=())  # its strip offset made a FLOAT
+    entry = float_offset.index(struct.pack("<HHI", 273, 4, 1))
+    float_offset = (
+        float_offset[:entry] + struct.pack("<HHIf", 273, 11, 1, 8.0) + float_offset[entry + 12 :]
+    )
+    cases.append((float_offset, "image/tiff", 400, "undecodable or truncated TIFF"))
     for data, content_type, status, message in cases:
         refused = _post(base_url, "classify", data, content_type)
         assert refused.status_code == status, (message, refused.text[:300])

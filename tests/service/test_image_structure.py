@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, PpmImagePlugin
 
 from service import image_structure, imaging
-from service.errors import PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.image_structure import (
     MAX_GIF_BLOCKS,
     MAX_GIF_SKIPPED_BYTES,
@@ -43,6 +43,7 @@ from tests.helpers.images import (
     png_chunk,
     png_with_chunks,
     tiff_file,
+    tiff_structure,
 )
 
 # Bytes per value of the TIFF 6.0 numeric types (and BigTIFF's 16-18); 1, 2, 6 and 7
@@ -457,3 +458,75 @@ def test_tiles_may_be_larger_than_a_small_image() -> None:
         assert tiff_directory(data, False).tile_pixels <= MAX_TIFF_TILE_PIXELS
         decoded = imaging.decode_image(data, max_pixels=10**7).image
         np.testing.assert_array_equal(np.asarray(decoded)[..., 0], grey)
+
+
+def _raw_8x8_tiff(strip_offset: tuple[int, int, int, bytes], big: bool = False) -> bytes:
+    entries = [
+        (256, 4, 1, struct.pack("<I", 8)),
+        (257, 4, 1, struct.pack("<I", 8)),
+        (258, 3, 1, struct.pack("<H", 8)),
+        (259, 3, 1, struct.pack("<H", 1)),
+        (262, 3, 1, struct.pack("<H", 1)),
+        (277, 3, 1, struct.pack("<H", 1)),
+        (278, 4, 1, struct.pack("<I", 8)),
+        (279, 4, 1, struct.pack("<I", 64)),
+        strip_offset,
+    ]
+    return tiff_structure(bytes(64), sorted(entries), big, "<")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _raw_8x8_tiff((273, 11, 1, struct.pack("<f", 8.0))),  # a FLOAT strip offset
+        _raw_8x8_tiff((273, 16, 1, struct.pack("<Q", 2**64 - 1)), big=True),
+    ],
+    ids=["float strip offset", "strip offset past 2**63"],
+)
+def test_tiff_values_of_the_wrong_type_or_size_are_bad_images(data) -> None:
+    """Pillow lets these reach its decoding loop as TypeError and OverflowError (found by
+    fuzzing): a 400 like any malformed file, not a server error."""
+    with pytest.raises(BadImage, match="undecodable or truncated TIFF image"):
+        imaging.decode_image(data, max_pixels=10**6)
+
+
+def test_mutated_files_of_every_format_give_service_errors_only(photos) -> None:
+    """5,000 seeded mutations (bytes overwritten, words set to 0, 1, 0xFFFF or 2**32-1,
+    runs deleted or inserted) of small files in every supported format and layout:
+    decoding either succeeds or raises the service's own errors (4xx), nothing else."""
+    rng = np.random.default_rng(0)
+    array = photos["coffee"][:24, :32]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    seeds = [
+        encode(array, "JPEG", exif=exif),
+        encode(array, "JPEG", progressive=True),
+        encode(array, "PNG", exif=exif),
+        encode(Image.fromarray(array).convert("P"), "PNG"),
+        encode(array, "WEBP", exif=exif),
+        encode(array, "WEBP", lossless=True),
+        encode(array, "BMP"),
+        gif_with(gif_comment([b"hi"]), array),
+        tiff_file(array[..., 0], rows_per_strip=4),
+        tiff_file(array[..., 0], tile=(16, 16), deflate=True),
+        tiff_file(array[..., 0], big=True, rows_per_strip=3),
+        encode(array, "TIFF", compression="tiff_lzw"),
+    ]
+    words = [0, 1, 0xFFFF, 0xFFFFFFFF]
+    for case in range(5000):
+        data = bytearray(seeds[case % len(seeds)])
+        for _ in range(int(rng.integers(1, 6))):
+            at = int(rng.integers(len(data)))
+            kind = rng.random()
+            if kind < 0.5:
+                data[at] = int(rng.integers(256))
+            elif kind < 0.7:
+                data[at : at + 4] = struct.pack("<I", words[int(rng.integers(len(words)))])
+            elif kind < 0.85:
+                del data[at : at + int(rng.integers(1, 16))]
+            else:
+                data[at:at] = rng.integers(0, 256, int(rng.integers(1, 16)), np.uint8).tobytes()
+        try:
+            imaging.decode_image(bytes(data), max_pixels=10**6)
+        except ServiceError as exc:
+            assert 400 <= exc.status_code < 500, exc
