@@ -113,6 +113,9 @@ def parse_infer_request(
         size = spec.parameters.get("binary_data_size")
         if size is None:
             tensors.append(_from_json(spec))
+            # The parsed elements are Python objects, 8 to 32 bytes each (a float: its
+            # object and a pointer): not kept while the request waits for its answer.
+            spec.data = None
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise InvalidInferRequest(
