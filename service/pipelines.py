@@ -99,6 +99,8 @@ class TensorOutputs:
 
 class Pipeline(Protocol):
     manifest: Manifest
+    # Whether `run_batch` gives the engine its items as one batch (else one at a time).
+    batched: bool
 
     @property
     def tensors(self) -> TensorInterface: ...
@@ -201,6 +203,8 @@ LIGHT_CLASSES = 1000
 
 
 class ClassifyPipeline(_GraphIO):
+    batched = True
+
     @property
     def tensors(self) -> TensorInterface:
         """Crops at the input size, or encoded images preprocessed as `prepare` does;
@@ -264,6 +268,8 @@ class _SegmentContext:
 
 class SegmentPipeline(_GraphIO):
     """mmseg slide inference; the tiles of one image may run in several batches."""
+
+    batched = True
 
     def __init__(self, manifest: Manifest) -> None:
         super().__init__(manifest)
@@ -361,6 +367,8 @@ class DetectPipeline(_GraphIO):
     onto the upload as mmdet pastes it, a torchvision-layout graph's mask (pasted at the
     engine's size) is resized. Without a scale the engine gets the decoded image as it is.
     """
+
+    batched = False
 
     def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
         return imaging.fitted_size(self.manifest.preprocess.scale, width, height)

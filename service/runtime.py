@@ -40,6 +40,19 @@ log = logging.getLogger("hornet.service")
 EngineFactory = Callable[[Bundle, Settings], InferenceEngine]
 
 
+def warmup_sizes(settings: Settings, batched: bool) -> list[int]:
+    """The batch sizes an engine instance runs once at load: 1 alone, or every size the
+    batcher can form (`--warmup-batch-sizes`; auto: every size on CUDA, whose provider
+    plans and allocates per new input shape). A pipeline that gives the engine one image
+    at a time (`batched` false) needs only 1."""
+    mode = settings.warmup_batch_sizes
+    if mode == "auto":
+        mode = "all" if settings.device == "cuda" else "one"
+    if mode == "one" or not batched:
+        return [1]
+    return list(range(1, settings.max_batch_size + 1))
+
+
 class ClientDisconnected(ServiceError):
     status_code = 499
     code = "client_disconnected"
@@ -88,9 +101,15 @@ class ModelRunner:
         return run
 
     def warm_up(self) -> None:
-        """One run per engine instance, so the first request pays no lazy initialisation."""
+        """A run per engine instance and warm-up batch size (`warmup_sizes`), so that no
+        request pays an engine's lazy initialisation for a shape it first sees."""
+        items = self.pipeline.warmup_items()
         for engine in self.engines:
-            self.pipeline.run_batch(engine, self.pipeline.warmup_items())
+            for size in self.warmup_sizes():
+                self.pipeline.run_batch(engine, [items[i % len(items)] for i in range(size)])
+
+    def warmup_sizes(self) -> list[int]:
+        return warmup_sizes(self.settings, self.pipeline.batched)
 
     async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
         """Decode and preprocess every upload in the decoding threads, off the event loop
@@ -252,6 +271,7 @@ class ModelPool:
                 "model": runner.name,
                 "task": bundle.manifest.task,
                 "engine": engines[0].description,
+                "warmup_batch_sizes": runner.warmup_sizes(),
                 "seconds": round(time.monotonic() - started, 3),
             },
         )

@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         "its model is queued or being decoded (waiting could not fill it: a lone request "
         "runs at once); off: every batch not full waits the whole delay",
     )
+    warmup_batch_sizes: Literal["auto", "one", "all"] = Field(
+        "auto",
+        description="batch sizes each engine instance runs once while the model loads, "
+        "before the server is ready: one (a single image) or all (every size from 1 to "
+        "--max-batch-size: ONNX Runtime's CUDA provider plans and allocates for each new "
+        "input shape, which on first sight under load stalled batches for seconds); auto: "
+        "all with --device cuda, one on the CPU",
+    )
     max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
         64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"
     )
