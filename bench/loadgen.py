@@ -214,6 +214,26 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"loadgen only targets loopback addresses; {url!r} is not one")
 
 
+def require_same_engine(url: str, model: str | None, model_dir: Path, settings: Settings) -> None:
+    """A server given by --url must run the engine the raw reference builds from this
+    run's flags (the same runtime, provider, precision and file), or "vs engine" would
+    compare two different engines: a CUDA server against the CPU engine, say."""
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
+    served = next((m for m in models if model in (None, m["name"])), None)
+    if served is None:
+        raise SystemExit(f"the server at {url} serves no model named {model!r}")
+    engine = create_engine(load_bundle(model_dir), settings)
+    try:
+        here = engine.description
+    finally:
+        engine.close()
+    if served["engine"] != here:
+        raise SystemExit(
+            f"the server at {url} runs {served['engine']!r} but the raw reference would run "
+            f"{here!r}: give loadgen the server's --engine, --device and --precision"
+        )
+
+
 # The server's settings the benchmark sets, flags and defaults taken from Settings.
 SERVER_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
@@ -354,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[int, list[float]] = {level: [] for level in levels}
     with serving(args.url, server_flags(args)) as (url, process):
         asyncio.run(warm(url, image, args.model))
+        if args.url is not None:
+            require_same_engine(url, args.model, args.model_dir, settings)
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
               f"spinning {args.engine_spinning}")  # fmt: skip
