@@ -67,9 +67,8 @@ if want load; then
     "$py" -m model_export export --variant hornet_tiny_7x7 --fp16 --out "$bundle" \
         > "$out/export-loadgen.txt" 2>&1
     # The raw reference runs every batch size 1-32 with and without spinning and the
-    # layouts of the cores (on a 16-core H200 machine, 1 s each took over 100 s, 0.5 s
-    # about 70):
-    # 0.3 s each keeps both precisions inside one 10-minute call.
+    # layouts of the cores: on a 16-core H200 machine 1 s each took over 100 s and 0.5 s
+    # about 70, so 0.3 s each keeps both precisions inside one 10-minute call.
     for precision in fp32 fp16; do
         "$py" bench/loadgen.py --model-dir "$bundle" --device cuda --precision "$precision" \
             --concurrency 1,8,32,64 --duration 8 --requests 4000 --max-batch-size 32 \

@@ -219,9 +219,13 @@ def require_same_engine(url: str, model: str | None, model_dir: Path, settings: 
     run's flags (the same runtime, provider, precision and file), or "vs engine" would
     compare two different engines: a CUDA server against the CPU engine, say."""
     models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
-    served = next((m for m in models if model in (None, m["name"])), None)
+    # Without --model, /classify answers with the server's classifier.
+    served = next(
+        (m for m in models if m["name"] == model or (model is None and m["task"] == "classify")),
+        None,
+    )
     if served is None:
-        raise SystemExit(f"the server at {url} serves no model named {model!r}")
+        raise SystemExit(f"the server at {url} serves no classifier named {model!r}")
     engine = create_engine(load_bundle(model_dir), settings)
     try:
         here = engine.description

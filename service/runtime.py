@@ -103,9 +103,9 @@ class ModelRunner:
     def warm_up(self) -> None:
         """A run per engine instance and warm-up batch size (`warmup_sizes`), so that no
         request pays an engine's lazy initialisation for a shape it first sees."""
-        items = self.pipeline.warmup_items()
+        items, sizes = self.pipeline.warmup_items(), self.warmup_sizes()
         for engine in self.engines:
-            for size in self.warmup_sizes():
+            for size in sizes:
                 self.pipeline.run_batch(engine, [items[i % len(items)] for i in range(size)])
 
     def warmup_sizes(self) -> list[int]:
