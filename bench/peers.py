@@ -552,7 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="weights (default: seeded random)")
     parser.add_argument("--variant", default="hornet_tiny_7x7", help="without --model-dir")
     parser.add_argument("--seed", type=int, default=0, help="of the seeded weights")
-    parser.add_argument("--work", type=Path, help="files and logs (default: a new temp folder)")
+    parser.add_argument(
+        "--work", type=Path, help="files and logs, a new or empty folder (default: a new temp one)"
+    )
     parser.add_argument("--servers", default=",".join(SERVERS), help="a subset, in this order")
     parser.add_argument("--peers-venv", type=Path, default=REPO / ".venv-peers")
     parser.add_argument("--image", type=Path, help="JPEG to POST (default: loadgen's photo)")
@@ -591,6 +593,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("the peers here run on the CPU: --device cpu")
     if {"torchserve", "litserve"} & set(args.servers) and not args.peers_venv.is_dir():
         parser.error(f"{args.peers_venv} does not exist: run tools/make_peers_env.sh first")
+    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
+        # A previous run's TorchServe store and pid file would be taken for this run's.
+        parser.error(f"--work {args.work} is not empty: give a new or empty folder")
     return args
 
 

@@ -1,0 +1,28 @@
+"""bench/peers.py's --work: a previous run's folder (TorchServe's model store and pid file
+in it) is refused before any server starts, with the reason; a new or empty one is taken."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parse(*flags: str) -> subprocess.CompletedProcess:
+    code = "import sys; sys.path.insert(0, 'bench'); import peers; peers.parse_args(sys.argv[1:])"
+    command = [sys.executable, "-c", code, "--servers", "ours", *flags]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_a_used_work_folder_is_refused_and_a_new_or_empty_one_taken(tmp_path):
+    used = tmp_path / "used"
+    (used / "torchserve" / "tmp").mkdir(parents=True)
+    refused = _parse("--work", str(used))
+    assert refused.returncode == 2
+    assert f"--work {used} is not empty" in refused.stderr
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "new"):
+        taken = _parse("--work", str(folder))
+        assert taken.returncode == 0, taken.stderr
