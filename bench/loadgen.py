@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import io
 import ipaddress
+import math
 import os
 import signal
 import subprocess
@@ -243,7 +244,8 @@ SERVER_SETTINGS = (
     "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
     "device", "precision", "engine", "decode_threads", "decode_nice", "jpeg_reducing_gap",
     "image_cache_mib",
-    "engine_spinning", "openvino_static_shapes", "http_parser", "event_loop",
+    "engine_spinning", "openvino_static_shapes", "cuda_static_shapes", "cuda_conv_algo_search",
+    "http_parser", "event_loop",
 )  # fmt: skip
 # A deeper queue than the server's default, so that no level of load is refused; a
 # precision named, for the peers in bench/peers.py to run the same one.
@@ -369,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_threads=args.engine_threads, device=args.device, precision=args.precision,
         engine=args.engine, instances=args.instances, engine_spinning=args.engine_spinning,
         openvino_static_shapes=args.openvino_static_shapes,
+        cuda_static_shapes=args.cuda_static_shapes,
+        cuda_conv_algo_search=args.cuda_conv_algo_search,
         allow_unverified_precision=True,  # the server refuses or allows it; not timing's concern
     )  # fmt: skip
     print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
@@ -463,8 +467,11 @@ def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> st
     configuration's; the mean batch, and the share of the run the engine was busy."""
     images = max(result.ok, 1)
     batches = max(spent["hornet_batch_size_count"], 1)
+    # A server given by --url is not this run's process: its CPU time is not measured.
+    server_ms = spent["server_cpu"] / images * 1000
+    server = "CPU not measured" if math.isnan(server_ms) else f"{server_ms:.1f} ms/img"
     return (
-        f"server {spent['server_cpu'] / images * 1000:.1f} ms/img, "
+        f"server {server}, "
         f"client {spent['client_cpu'] / images * 1000:.1f}, raw engine {raw_cpu_ms:.1f}; "
         f"batch {spent['hornet_batch_size_sum'] / batches:.1f}, engine busy "
         f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}"

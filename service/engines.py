@@ -28,6 +28,16 @@ class OnnxRuntimeEngine:
 
     On CUDA the outputs are bound to device memory through IO binding and copied back
     once, so ONNX Runtime does not allocate host staging buffers per run.
+
+    `static_batch` > 0 (on CUDA, --cuda-static-shapes) makes one session per size in
+    `static_sizes(static_batch)`, each with the graph's batch axis fixed at its size,
+    where the batch is the graph's only dynamic input axis and leads every output; a
+    batch runs on the smallest that holds it, padded with zero images, and its outputs
+    are cut back. The CUDA provider plans its convolutions again whenever a session's
+    input shape differs from its previous run's, shapes it ran before included: on an
+    H200 a session warmed at every size took 1-2 s per batch when sizes alternated
+    (exhaustive search), while two sessions of one size each, alternating, ran at 7-9 ms
+    (docs/gpu.md). Each session holds its own copy of the weights on the device.
     """
 
     def __init__(
@@ -41,6 +51,8 @@ class OnnxRuntimeEngine:
         spinning: bool = False,
         cache_dir: Path | None = None,
         tf32: bool = False,
+        static_batch: int = 0,
+        conv_algo_search: str = "exhaustive",
     ) -> None:
         import onnxruntime as ort
 
@@ -49,50 +61,112 @@ class OnnxRuntimeEngine:
             # they are installed, so no LD_LIBRARY_PATH is needed outside the GPU image.
             with contextlib.suppress(OSError):
                 ort.preload_dlls()
-        providers = _ort_providers(device, tensorrt_ep, precision, cache_dir, tf32)
+        providers = _ort_providers(
+            device, tensorrt_ep, precision, cache_dir, tf32, conv_algo_search
+        )
         missing = [name for name, _ in providers if name not in ort.get_available_providers()]
         if missing:
             raise EngineUnavailable(
                 f"ONNX Runtime here lacks {missing}; it has {ort.get_available_providers()} "
                 "(install onnxruntime-gpu for CUDA/TensorRT)"
             )
-        options = ort.SessionOptions()
-        # Intra-op threads spin while a run is in progress (the hand-off between the
-        # threads of each operator is then immediate) and, unless `spinning`, stop as
-        # soon as it returns, so they do not take the cores from the decoding threads and
-        # the event loop between runs. bench/README.md, "Server efficiency", measured it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.force_spinning_stop", "0" if spinning else "1")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(path),
-            sess_options=options,
-            providers=[p for p, _ in providers],
-            provider_options=[o for _, o in providers],
-        )
-        self._output_names = [o.name for o in self._session.get_outputs()]
+
+        def session(batch: tuple[str, int] | None = None):
+            options = ort.SessionOptions()
+            # Intra-op threads spin while a run is in progress (the hand-off between the
+            # threads of each operator is then immediate) and, unless `spinning`, stop as
+            # soon as it returns, so they do not take the cores from the decoding threads
+            # and the event loop between runs. bench/README.md, "Server efficiency".
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            options.add_session_config_entry(
+                "session.force_spinning_stop", "0" if spinning else "1"
+            )
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            if batch is not None:
+                options.add_free_dimension_override_by_name(*batch)
+            return ort.InferenceSession(
+                str(path),
+                sess_options=options,
+                providers=[p for p, _ in providers],
+                provider_options=[o for _, o in providers],
+            )
+
+        first = session()
+        self._output_names = [o.name for o in first.get_outputs()]
+        axis = _batch_axis_name(first) if static_batch else None
+        self.static_sizes = static_sizes(static_batch) if axis is not None else ()
+        # batch size -> session; one key, 0, for the dynamic session. A named batch axis
+        # is fixed in each session; each sees only its own size either way.
+        self._sessions = {
+            size: session((axis, size) if axis else None) for size in self.static_sizes
+        } or {0: first}
         self._on_gpu = device == "cuda"
-        self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}"
+        sizes = ",".join(map(str, self.static_sizes))
+        shapes = f" static batches {sizes}" if self.static_sizes else ""
+        self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}{shapes}"
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.static_sizes:
+            return self._run(self._sessions[0], inputs)
+        count = len(next(iter(inputs.values())))
+        largest, pieces = self.static_sizes[0], []
+        for start in range(0, count, largest):
+            piece = {name: value[start : start + largest] for name, value in inputs.items()}
+            pieces.append(self._run_padded(piece, min(largest, count - start)))
+        if len(pieces) == 1:
+            return pieces[0]
+        return {name: np.concatenate([p[name] for p in pieces]) for name in self._output_names}
+
+    def _run_padded(self, inputs: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+        """`count` images on the smallest static session that holds them, padded with zeros."""
+        size = min(s for s in self.static_sizes if s >= count)
+        if size > count:
+            inputs = {
+                name: np.concatenate(
+                    [value, np.zeros((size - count, *value.shape[1:]), value.dtype)]
+                )
+                for name, value in inputs.items()
+            }
+        outputs = self._run(self._sessions[size], inputs)
+        return {name: value[:count] for name, value in outputs.items()}
+
+    def _run(self, session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._on_gpu:
-            return dict(zip(self._output_names, self._session.run(None, dict(inputs)), strict=True))
-        binding = self._session.io_binding()
+            return dict(zip(self._output_names, session.run(None, dict(inputs)), strict=True))
+        binding = session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self._output_names:
             binding.bind_output(name, "cuda")
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def close(self) -> None:
-        self._session = None
+        self._sessions = {}
+
+
+def _batch_axis_name(session) -> str | None:
+    """The name of the graph's batch axis ("" where it has none) where static batch
+    sessions can stand for the dynamic one: every input and output leads with the same
+    dynamic axis and no input has another dynamic axis. None otherwise (the detector:
+    its image size varies)."""
+    ports = [*session.get_inputs(), *session.get_outputs()]
+    leading = {port.shape[0] if port.shape else 0 for port in ports}
+    if len(leading) != 1 or isinstance(next(iter(leading)), int):
+        return None
+    fixed = all(isinstance(dim, int) for port in session.get_inputs() for dim in port.shape[1:])
+    return (next(iter(leading)) or "") if fixed else None
 
 
 def _ort_providers(
-    device: str, tensorrt_ep: bool, precision: str, cache_dir: Path | None, tf32: bool = False
+    device: str,
+    tensorrt_ep: bool,
+    precision: str,
+    cache_dir: Path | None,
+    tf32: bool = False,
+    conv_algo_search: str = "exhaustive",
 ) -> list[tuple[str, dict]]:
     if device == "cpu":
         return [("CPUExecutionProvider", {})]
@@ -112,7 +186,8 @@ def _ort_providers(
     # The CUDA provider runs fp32 convolutions and matmuls in TF32 unless told not to:
     # measured on an H100, that moved this project's logits by 1.3e-3 relative, 100x the
     # fp32 parity tolerance the bundle was verified at. Off unless asked for.
-    providers.append(("CUDAExecutionProvider", {"use_tf32": int(tf32)}))
+    cuda_options = {"use_tf32": int(tf32), "cudnn_conv_algo_search": conv_algo_search.upper()}
+    providers.append(("CUDAExecutionProvider", cuda_options))
     providers.append(("CPUExecutionProvider", {}))
     return providers
 
@@ -615,4 +690,18 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         spinning=settings.engine_spinning,
         cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
         tf32=settings.cuda_tf32,
+        static_batch=settings.max_batch_size if cuda_static_shapes(settings) else 0,
+        conv_algo_search=settings.cuda_conv_algo_search,
+    )
+
+
+def cuda_static_shapes(settings: Settings) -> bool:
+    """Whether ONNX Runtime engines run one static-batch session per size (see
+    OnnxRuntimeEngine): on CUDA with --cuda-static-shapes, not through the TensorRT
+    execution provider (which builds its own engines per shape)."""
+    return (
+        settings.engine == "onnxruntime"
+        and settings.device == "cuda"
+        and settings.cuda_static_shapes
+        and not settings.ort_tensorrt
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
 from service import batching
-from service.engines import InferenceEngine, create_engine
+from service.engines import InferenceEngine, create_engine, static_sizes
 from service.errors import (
     EngineFailure,
     InvalidParameters,
@@ -41,16 +41,21 @@ EngineFactory = Callable[[Bundle, Settings], InferenceEngine]
 
 
 def warmup_sizes(settings: Settings, batched: bool) -> list[int]:
-    """The batch sizes an engine instance runs once at load: 1 alone, or every size the
-    batcher can form (`--warmup-batch-sizes`; auto: every size on CUDA, whose provider
-    plans and allocates per new input shape). A pipeline that gives the engine one image
-    at a time (`batched` false) needs only 1."""
+    """The batch sizes an engine instance runs once at load: 1 alone, every size the
+    batcher can form, or (`--warmup-batch-sizes auto` on CUDA) the sizes of the static
+    batch sessions (service.engines.static_sizes: max batch size and the powers of two
+    below it), whose CUDA provider plans its convolutions on a session's first run. A
+    pipeline that gives the engine one image at a time (`batched` false) needs only 1."""
     mode = settings.warmup_batch_sizes
-    if mode == "auto":
-        mode = "all" if settings.device == "cuda" else "one"
-    if mode == "one" or not batched:
+    if mode == "one" or not batched or (mode == "auto" and settings.device != "cuda"):
         return [1]
+    if mode == "auto":
+        return list(static_sizes(settings.max_batch_size))
     return list(range(1, settings.max_batch_size + 1))
+
+
+class LoadingStopped(Exception):
+    """Model loading given up because the server is shutting down."""
 
 
 class ClientDisconnected(ServiceError):
@@ -100,12 +105,17 @@ class ModelRunner:
 
         return run
 
-    def warm_up(self) -> None:
+    def warm_up(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """A run per engine instance and warm-up batch size (`warmup_sizes`), so that no
-        request pays an engine's lazy initialisation for a shape it first sees."""
+        request pays an engine's lazy initialisation for a shape it first sees. Stops with
+        LoadingStopped between runs once `stopping()` is true: a server told to exit
+        while it warms up (a CUDA fp16 warm-up took minutes) exits after the run in
+        progress, not after the whole warm-up."""
         items, sizes = self.pipeline.warmup_items(), self.warmup_sizes()
         for engine in self.engines:
             for size in sizes:
+                if stopping():
+                    raise LoadingStopped("the server is shutting down")
                 self.pipeline.run_batch(engine, [items[i % len(items)] for i in range(size)])
 
     def warmup_sizes(self) -> list[int]:
@@ -248,6 +258,9 @@ class ModelPool:
                 self.runners[runner.name] = runner
             for runner in self.runners.values():
                 runner.queue.start()
+        except LoadingStopped:
+            log.info("model loading stopped: shutting down")
+            return
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model loading failed", extra={"error": self.load_error})
@@ -258,13 +271,19 @@ class ModelPool:
     def _build_runner(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
-        engines = [
-            self._engine_factory(bundle, self.settings) for _ in range(self.settings.instances)
-        ]
+        engines = []
+        for _ in range(self.settings.instances):
+            if self.draining:
+                raise LoadingStopped("the server is shutting down")
+            engines.append(self._engine_factory(bundle, self.settings))
         runner = ModelRunner(
             bundle, engines, self.settings, self.metrics, self.decoder, self.releaser
         )
-        runner.warm_up()
+        try:
+            runner.warm_up(stopping=lambda: self.draining)
+        except LoadingStopped:
+            runner.close_engines()
+            raise
         log.info(
             "model loaded",
             extra={

@@ -91,6 +91,22 @@ class Settings(BaseSettings):
         description="let fp32 engines on CUDA use TF32 matrix units: faster, logits off by "
         "about 1e-3 relative",
     )
+    cuda_static_shapes: bool = Field(
+        True,
+        description="ONNX Runtime on CUDA: one session per batch size (max batch size and "
+        "the powers of two below it), each batch padded to the next: the CUDA provider "
+        "plans its convolutions again whenever a session's input shape changes (1-2 s "
+        "each on an H200), so one session fed batches of varying size stalled for "
+        "seconds; costs one copy of the weights on the GPU per size (the detector stays "
+        "dynamic)",
+    )
+    cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = Field(
+        "exhaustive",
+        description="how the CUDA provider picks each convolution's cuDNN algorithm for a "
+        "new input shape: exhaustive (benchmark them: ONNX Runtime's default, about 1.5 s "
+        "per shape for hornet_tiny on an H200), heuristic (cuDNN's guess: about 0.26 s, "
+        "the same speed there) or default (one fixed algorithm)",
+    )
     max_batch_size: Annotated[int, Flag(metavar="N")] = Field(
         8,
         ge=1,
@@ -112,9 +128,9 @@ class Settings(BaseSettings):
         "auto",
         description="batch sizes each engine instance runs once while the model loads, "
         "before the server is ready: one (a single image) or all (every size from 1 to "
-        "--max-batch-size: ONNX Runtime's CUDA provider plans and allocates for each new "
-        "input shape, which on first sight under load stalled batches for seconds); auto: "
-        "all with --device cuda, one on the CPU",
+        "--max-batch-size); auto: on CUDA the sizes of --cuda-static-shapes (max batch "
+        "size and the powers of two below it: one planning run per session, which first "
+        "seen under load would stall a batch for a second or more), one on the CPU",
     )
     max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
         64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"

@@ -33,3 +33,5 @@ def test_a_server_running_another_engine_is_refused_and_the_same_one_measured(tm
     assert "raw engine images/s" not in other.stdout
     assert same.returncode == 0, same.stderr[-2000:]
     assert "raw engine images/s" in same.stdout and "vs engine" in same.stdout
+    # The server is not loadgen's process: its CPU is not measured, and says so (not nan).
+    assert "server CPU not measured" in same.stdout and "nan" not in same.stdout

@@ -53,7 +53,7 @@ def classifier_onnx(size: int, normalize_in_graph: bool = True) -> bytes:
     ]
     nodes = []
     if normalize_in_graph:
-        image = helper.make_tensor_value_info("image", TensorProto.UINT8, [None, size, size, 3])
+        image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])
         inits += [
             _const("scale", np.float32(255.0)),
             _const("mean", np.asarray(MEAN, np.float32)),
@@ -67,7 +67,7 @@ def classifier_onnx(size: int, normalize_in_graph: bool = True) -> bytes:
             helper.make_node("Transpose", ["normed"], ["x"], perm=[0, 3, 1, 2]),
         ]
     else:
-        image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, size, size])
+        image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])
         nodes.append(helper.make_node("Identity", ["image"], ["x"]))
     nodes += [
         helper.make_node(
@@ -78,7 +78,7 @@ def classifier_onnx(size: int, normalize_in_graph: bool = True) -> bytes:
         helper.make_node("Flatten", ["g"], ["flat"]),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"]),
     ]
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, NUM_CLASSES])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES])
     return _model(nodes, [image], [logits], inits)
 
 
@@ -100,9 +100,9 @@ def reference_probabilities(crop: np.ndarray) -> np.ndarray:
 
 def segmenter_onnx(crop: int) -> bytes:
     """image tile -> Cast -> NCHW -> 1x1 Conv -> SEG_CLASSES logits at the tile size."""
-    image = helper.make_tensor_value_info("image", TensorProto.UINT8, [None, crop, crop, 3])
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", crop, crop, 3])
     logits = helper.make_tensor_value_info(
-        "logits", TensorProto.FLOAT, [None, SEG_CLASSES, crop, crop]
+        "logits", TensorProto.FLOAT, ["batch", SEG_CLASSES, crop, crop]
     )
     nodes = [
         helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),

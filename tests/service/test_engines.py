@@ -70,12 +70,31 @@ def test_cuda_provider_keeps_fp32_unless_tf32_is_asked_for() -> None:
     from service.engines import _ort_providers
 
     def cuda_options(settings: Settings) -> dict:
-        providers = _ort_providers(settings.device, False, "fp32", None, settings.cuda_tf32)
+        providers = _ort_providers(
+            settings.device, False, "fp32", None, settings.cuda_tf32, settings.cuda_conv_algo_search
+        )
         return dict(providers)["CUDAExecutionProvider"]
 
-    assert cuda_options(load_settings(["--device", "cuda"])) == {"use_tf32": 0}
-    assert cuda_options(load_settings(["--device", "cuda", "--cuda-tf32"])) == {"use_tf32": 1}
+    default = cuda_options(load_settings(["--device", "cuda"]))
+    assert default == {"use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert cuda_options(load_settings(["--device", "cuda", "--cuda-tf32"]))["use_tf32"] == 1
     assert _ort_providers("cpu", False, "fp32", None, True) == [("CPUExecutionProvider", {})]
+
+
+@pytest.mark.parametrize("search", ["exhaustive", "heuristic", "default"])
+def test_the_cuda_convolution_search_is_the_providers_option_of_that_name(search) -> None:
+    """ONNX Runtime's CUDA provider documents cudnn_conv_algo_search as EXHAUSTIVE,
+    HEURISTIC or DEFAULT; the flag and its environment variable give one of them."""
+    from service.cli import load_settings
+    from service.engines import _ort_providers
+
+    settings = load_settings(["--device", "cuda", "--cuda-conv-algo-search", search])
+    providers = dict(
+        _ort_providers("cuda", False, "fp32", None, False, settings.cuda_conv_algo_search)
+    )
+    assert providers["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == search.upper()
+    with pytest.raises(SystemExit):
+        load_settings(["--cuda-conv-algo-search", "fastest"])
 
 
 @pytest.mark.parametrize(("spinning", "stop"), [(False, "1"), (True, "0")])
@@ -86,8 +105,156 @@ def test_onnxruntime_threads_spin_during_runs_and_stop_after_them_unless_asked(
     the cores from decoding, so it stops when a run returns unless --engine-spinning."""
     engine = create_engine(load_bundle(classifier_dir), Settings(engine_spinning=spinning))
     try:
-        options = engine._session.get_session_options()
+        options = engine._sessions[0].get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
         assert options.get_session_config_entry("session.force_spinning_stop") == stop
     finally:
         engine.close()
+
+
+def _static_engine(model_dir, static_batch: int):
+    from service.engines import OnnxRuntimeEngine
+
+    bundle = load_bundle(model_dir)
+    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+    return OnnxRuntimeEngine(path, static_batch=static_batch)
+
+
+def test_static_batch_sessions_fix_the_batch_axis_of_each_size(classifier_dir) -> None:
+    """One session per size, the graph's dynamic batch axis fixed there (ONNX Runtime's
+    free-dimension override): what each session reports is its own shape."""
+    engine = _static_engine(classifier_dir, 6)
+    try:
+        assert engine.static_sizes == (6, 4, 2, 1)
+        assert engine.description.endswith(".onnx static batches 6,4,2,1")
+        shapes = {size: s.get_inputs()[0].shape for size, s in engine._sessions.items()}
+        assert shapes == {size: [size, 224, 224, 3] for size in (6, 4, 2, 1)}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 6, 7, 13])
+def test_static_batch_sessions_answer_as_the_dynamic_graph(classifier_dir, count) -> None:
+    """A batch runs padded on the smallest session that holds it (above the largest, in
+    pieces of the largest); each session only ever sees its own shape, and the padding
+    changes no image's answer: the same logits as the dynamic session, image by image."""
+    engine = _static_engine(classifier_dir, 6)
+    seen: list[tuple[int, int]] = []
+    run = engine._run
+
+    def recording(session, inputs):
+        seen.append((session.get_inputs()[0].shape[0], len(inputs["image"])))
+        return run(session, inputs)
+
+    engine._run = recording
+    images = _inputs(count)
+    try:
+        logits = engine.run(images)["logits"]
+    finally:
+        engine.close()
+    assert all(fixed == given for fixed, given in seen)
+    expected_sizes = [6] * (count // 6) + (
+        [min(s for s in (6, 4, 2, 1) if s >= count % 6)] if count % 6 else []
+    )
+    assert [given for _, given in seen] == expected_sizes
+    dynamic = create_engine(load_bundle(classifier_dir), Settings())
+    try:
+        np.testing.assert_allclose(logits, dynamic.run(images)["logits"], rtol=1e-5, atol=1e-5)
+    finally:
+        dynamic.close()
+
+
+def test_static_batch_sessions_serve_segmentation_tiles(segmenter_dir) -> None:
+    engine = _static_engine(segmenter_dir, 4)
+    dynamic = create_engine(load_bundle(segmenter_dir), Settings())
+    rng = np.random.default_rng(5)
+    name = dynamic._sessions[0].get_inputs()[0]
+    tiles = {name.name: rng.integers(0, 256, (3, *name.shape[1:]), dtype=np.uint8)}
+    try:
+        assert engine.static_sizes == (4, 2, 1)
+        (logits,) = engine.run(tiles).values()
+        (expected,) = dynamic.run(tiles).values()
+        assert logits.shape == expected.shape
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        engine.close()
+        dynamic.close()
+
+
+def test_a_nameless_batch_axis_gets_static_batch_sessions_too(tmp_path) -> None:
+    """Without a name to fix the axis by, each session still sees only its own size."""
+    from onnx import TensorProto, helper, save
+
+    from service.engines import OnnxRuntimeEngine
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, tmp_path / "m.onnx")
+    engine = OnnxRuntimeEngine(tmp_path / "m.onnx", static_batch=4)
+    x = np.array([[-1.0, 2.0], [3.0, -4.0], [0.5, 0.0]], np.float32)
+    try:
+        assert engine.static_sizes == (4, 2, 1)
+        np.testing.assert_array_equal(engine.run({"x": x})["y"], np.maximum(x, 0))
+    finally:
+        engine.close()
+
+
+def test_the_detector_keeps_one_dynamic_session(detector_dir) -> None:
+    """Its image size varies: no batch axis to fix."""
+    engine = _static_engine(detector_dir, 8)
+    try:
+        assert engine.static_sizes == ()
+        assert "static" not in engine.description
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "static"),
+    [
+        ({"device": "cuda"}, True),
+        ({"device": "cpu"}, False),
+        ({"device": "cuda", "cuda_static_shapes": False}, False),
+        ({"device": "cuda", "ort_tensorrt": True}, False),
+        ({"device": "cuda", "engine": "tensorrt"}, False),
+    ],
+)
+def test_static_batch_sessions_are_for_onnxruntime_on_cuda(overrides, static) -> None:
+    from service.engines import cuda_static_shapes
+
+    assert cuda_static_shapes(Settings(**overrides)) is static
+
+
+def test_no_cuda_static_shapes_is_a_flag_and_an_environment_variable(monkeypatch) -> None:
+    from service.cli import load_settings
+
+    assert load_settings([]).cuda_static_shapes is True
+    assert load_settings(["--no-cuda-static-shapes"]).cuda_static_shapes is False
+    monkeypatch.setenv("HORNET_CUDA_STATIC_SHAPES", "false")
+    assert load_settings([]).cuda_static_shapes is False
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_static_sessions_match_cpu_at_every_size(classifier_dir) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    cuda = create_engine(load_bundle(classifier_dir), Settings(device="cuda", max_batch_size=4))
+    cpu = create_engine(load_bundle(classifier_dir), Settings())
+    try:
+        assert cuda.static_sizes == (4, 2, 1)
+        for count in (1, 3, 4, 2, 5):
+            images = _inputs(count)
+            np.testing.assert_allclose(
+                cuda.run(images)["logits"], cpu.run(images)["logits"], rtol=1e-5, atol=1e-5
+            )
+    finally:
+        cuda.close()
+        cpu.close()

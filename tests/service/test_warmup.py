@@ -1,9 +1,11 @@
 """Warm-up at load: every engine instance runs each batch size `--warmup-batch-sizes`
 asks for before the server turns ready, so no request pays for a shape the engine has
-not seen (ONNX Runtime's CUDA provider plans and allocates per new input shape)."""
+not seen (ONNX Runtime's CUDA provider plans its convolutions on each session's first
+run of a shape)."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from service.runtime import warmup_sizes
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.anyio
     ("device", "mode", "batched", "expected"),
     [
         ("cpu", "auto", True, [1]),
-        ("cuda", "auto", True, [1, 2, 3, 4, 5, 6]),
+        # The static batch sessions' sizes (service.engines.static_sizes), largest first.
+        ("cuda", "auto", True, [6, 4, 2, 1]),
         ("cpu", "all", True, [1, 2, 3, 4, 5, 6]),
         ("cuda", "one", True, [1]),
         # A pipeline that runs one image per engine call only ever shows it batch size 1.
@@ -72,3 +75,26 @@ async def test_segmentation_tiles_warm_up_in_every_batch_size(segmenter_dir) -> 
         segmenter_dir, warmup_batch_sizes="all", max_batch_size=3
     )
     assert seen == [[1, 2, 3]]
+
+
+async def test_shutting_down_stops_the_warm_up_after_the_run_in_progress(classifier_dir) -> None:
+    """A server told to exit while it warms up (on CUDA an fp16 warm-up took minutes)
+    exits after the run in progress: the warm-up runs in a thread the interpreter waits
+    for at exit, so it must stop by itself."""
+    factory = InstrumentedFactory(delay_s=0.2)
+    async with serving(
+        [classifier_dir],
+        engine_factory=factory,
+        wait_ready=False,
+        warmup_batch_sizes="all",
+        max_batch_size=40,
+    ) as client:
+        while not factory.batch_sizes:
+            await anyio.sleep(0.01)
+        assert (await client.get("/readyz")).status_code == 503
+    await anyio.sleep(0.5)
+    runs = len(factory.batch_sizes)
+    await anyio.sleep(1.0)
+    assert len(factory.batch_sizes) == runs, "the warm-up went on after shutdown"
+    # 40 sizes at 0.2 s each would take 8 s; it stopped after the run in progress.
+    assert runs <= 2
