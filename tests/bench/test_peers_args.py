@@ -26,3 +26,12 @@ def test_a_used_work_folder_is_refused_and_a_new_or_empty_one_taken(tmp_path):
     for folder in (tmp_path / "empty", tmp_path / "new"):
         taken = _parse("--work", str(folder))
         assert taken.returncode == 0, taken.stderr
+
+
+def test_a_file_given_as_work_folder_is_refused_with_one_line(tmp_path):
+    given = tmp_path / "notes.txt"
+    given.write_text("x")
+    refused = _parse("--work", str(given))
+    assert refused.returncode == 2
+    assert f"--work {given} is a file" in refused.stderr
+    assert "Traceback" not in refused.stderr
