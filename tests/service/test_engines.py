@@ -258,3 +258,28 @@ def test_onnxruntime_cuda_static_sessions_match_cpu_at_every_size(classifier_dir
     finally:
         cuda.close()
         cpu.close()
+
+
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_static_batch_sessions_run_the_exported_demo_graphs_as_the_dynamic_one(task) -> None:
+    """The exporter's own graphs (named batch axis, the segmenter's outputs with dynamic
+    spatial axes): static sessions of 4, 2, 1 answer 3 images as one dynamic session."""
+    from service.engines import OnnxRuntimeEngine
+    from tests.helpers import demo
+
+    bundle = load_bundle(demo.bundle_dir(task))
+    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+    static, dynamic = OnnxRuntimeEngine(path, static_batch=4), OnnxRuntimeEngine(path)
+    try:
+        assert static.static_sizes == (4, 2, 1)
+        shape = dynamic._sessions[0].get_inputs()[0].shape
+        assert shape[0] == "batch"
+        rng = np.random.default_rng(7)
+        images = {"image": rng.integers(0, 256, (3, *shape[1:]), dtype=np.uint8)}
+        got, expected = static.run(images), dynamic.run(images)
+        for key, value in expected.items():
+            assert got[key].shape == value.shape
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4)
+    finally:
+        static.close()
+        dynamic.close()
