@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         "exhaustive",
         description="how the CUDA provider picks each convolution's cuDNN algorithm for a "
         "new input shape: exhaustive (benchmark them: ONNX Runtime's default, about 1.5 s "
-        "per shape for hornet_tiny on an H200), heuristic (cuDNN's guess: about 0.26 s, "
+        "per shape for hornet_tiny on an H200), heuristic (cuDNN's guess: 0.25-0.4 s, "
         "the same speed there) or default (one fixed algorithm)",
     )
     max_batch_size: Annotated[int, Flag(metavar="N")] = Field(
