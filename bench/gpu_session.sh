@@ -15,7 +15,9 @@
 #   bash bench/gpu_session.sh [OUT_DIR] [STEP ...]   steps: env tests bench load (default all)
 #   PYTHON=python3 by default.
 #
-# Needs torch with CUDA, onnxruntime-gpu and the service's dependencies importable.
+# Needs torch with CUDA, onnxruntime-gpu and the service's dependencies importable, and
+# this package installed (`pip install --no-deps -e .`: `python -m model_export` finds its
+# subcommands through the package's entry points).
 # Logs go to OUT_DIR; the summary tables go to stdout as well. Exit status: the tests'.
 set -uo pipefail
 out=${1:-${OUT:-gpu-session}}
