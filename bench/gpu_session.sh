@@ -6,7 +6,9 @@
 #      service suites on this machine (CUDA present changes which paths they take);
 #   3. GPU throughput: tiny 7x7 vs GF (every GF graph), fp32 and fp16, through the
 #      service's CUDA engine, side by side with eager torch on the same GPU;
-#   4. `hornet serve --device cuda` under load (bench/loadgen.py) on a tiny bundle.
+#   4. on a tiny bundle: one dynamic CUDA session against the static batch sessions on
+#      changing batch sizes (bench/batch_shapes.py), then `hornet serve --device cuda`
+#      under load (bench/loadgen.py).
 #
 # The exports dominate the time (a tiny model takes about a minute each, fp16 included,
 # on a 16-core H100 machine); run the steps in separate commands where one is limited
@@ -71,6 +73,13 @@ if want load; then
     # The raw reference runs every batch size 1-32 with and without spinning and the
     # layouts of the cores: on a 16-core H200 machine 1 s each took over 100 s and 0.5 s
     # about 70, so 0.3 s each keeps both precisions inside one 10-minute call.
+    # One dynamic session against the static batch sessions the server runs on CUDA, on
+    # the same changing batch sizes (ONNX Runtime 1.31 planned again at every change).
+    "$py" bench/batch_shapes.py --model-dir "$bundle" --precision fp32 --cap-seconds 20 \
+        2>&1 | tee "$out/batch-shapes-fp32.txt"
+    "$py" bench/batch_shapes.py --model-dir "$bundle" --precision fp16 --cap-seconds 20 \
+        --conv-algo-search heuristic 2>&1 | grep -v "No execution plans" \
+        | tee "$out/batch-shapes-fp16.txt"
     for precision in fp32 fp16; do
         "$py" bench/loadgen.py --model-dir "$bundle" --device cuda --precision "$precision" \
             --concurrency 1,8,32,64 --duration 8 --requests 4000 --max-batch-size 32 \
