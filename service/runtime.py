@@ -271,18 +271,19 @@ class ModelPool:
     def _build_runner(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
-        engines = []
-        for _ in range(self.settings.instances):
-            if self.draining:
-                raise LoadingStopped("the server is shutting down")
-            engines.append(self._engine_factory(bundle, self.settings))
-        runner = ModelRunner(
-            bundle, engines, self.settings, self.metrics, self.decoder, self.releaser
-        )
+        engines: list[InferenceEngine] = []
         try:
+            for _ in range(self.settings.instances):
+                if self.draining:
+                    raise LoadingStopped("the server is shutting down")
+                engines.append(self._engine_factory(bundle, self.settings))
+            runner = ModelRunner(
+                bundle, engines, self.settings, self.metrics, self.decoder, self.releaser
+            )
             runner.warm_up(stopping=lambda: self.draining)
         except LoadingStopped:
-            runner.close_engines()
+            for engine in engines:
+                engine.close()
             raise
         log.info(
             "model loaded",

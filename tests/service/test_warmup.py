@@ -98,3 +98,6 @@ async def test_shutting_down_stops_the_warm_up_after_the_run_in_progress(classif
     assert len(factory.batch_sizes) == runs, "the warm-up went on after shutdown"
     # 40 sizes at 0.2 s each would take 8 s; it stopped after the run in progress.
     assert runs <= 2
+    # and the engines it had built were closed (the model never joined the pool, whose
+    # shutdown closes the others).
+    assert [engine.inner._sessions for engine in factory.engines] == [{}]
