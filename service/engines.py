@@ -37,7 +37,8 @@ class OnnxRuntimeEngine:
     input shape differs from its previous run's, shapes it ran before included: on an
     H200 a session warmed at every size took 1-2 s per batch when sizes alternated
     (exhaustive search), while two sessions of one size each, alternating, ran at 7-9 ms
-    (docs/gpu.md). Each session holds its own copy of the weights on the device.
+    (docs/gpu.md; an open ONNX Runtime report, microsoft/onnxruntime#23006, has the same
+    since 1.20). Each session holds its own copy of the weights on the device.
     """
 
     def __init__(
