@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +40,13 @@ class OnnxRuntimeEngine:
     (exhaustive search), while two sessions of one size each, alternating, ran at 7-9 ms
     (docs/gpu.md; an open ONNX Runtime report, microsoft/onnxruntime#23006, has the same
     since 1.20). Each session holds its own copy of the weights on the device.
+
+    `shape_sessions` > 1 (on CUDA, --cuda-shape-sessions) does the same for a graph whose
+    batch axis cannot be fixed (the detector, whose input size follows each image's
+    aspect ratio): a session per input shape, made when a shape first comes, for the
+    `shape_sessions` shapes seen last; the least recently used one is dropped for a new
+    shape. Photographs from phones come in a few shapes (landscape and portrait of each
+    aspect ratio), so each keeps its session and its plan.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class OnnxRuntimeEngine:
         cache_dir: Path | None = None,
         tf32: bool = False,
         static_batch: int = 0,
+        shape_sessions: int = 0,
         conv_algo_search: str = "exhaustive",
     ) -> None:
         import onnxruntime as ort
@@ -103,12 +112,21 @@ class OnnxRuntimeEngine:
         self._sessions = {
             size: session((axis, size) if axis else None) for size in self.static_sizes
         } or {0: first}
+        # input shapes -> session, least recently used first (None: not kept per shape).
+        self.shape_sessions = shape_sessions if not self.static_sizes and shape_sessions > 1 else 0
+        self._by_shape: OrderedDict[tuple, object] | None = None
+        if self.shape_sessions:
+            self._by_shape, self._new_session = OrderedDict(), session
         self._on_gpu = device == "cuda"
         sizes = ",".join(map(str, self.static_sizes))
         shapes = f" static batches {sizes}" if self.static_sizes else ""
+        if self.shape_sessions:
+            shapes = f" a session per input shape (up to {self.shape_sessions})"
         self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}{shapes}"
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._by_shape is not None:
+            return self._run(self._session_for(inputs), inputs)
         if not self.static_sizes:
             return self._run(self._sessions[0], inputs)
         count = len(next(iter(inputs.values())))
@@ -119,6 +137,18 @@ class OnnxRuntimeEngine:
         if len(pieces) == 1:
             return pieces[0]
         return {name: np.concatenate([p[name] for p in pieces]) for name in self._output_names}
+
+    def _session_for(self, inputs: Mapping[str, np.ndarray]):
+        """The session kept for these inputs' shapes; a new one (the first session for the
+        first shape) when none is, dropping the least recently used past the limit."""
+        key = tuple((name, value.shape) for name, value in inputs.items())
+        session = self._by_shape.pop(key, None)
+        if session is None:
+            if len(self._by_shape) >= self.shape_sessions:
+                self._by_shape.popitem(last=False)
+            session = self._sessions.pop(0) if 0 in self._sessions else self._new_session()
+        self._by_shape[key] = session
+        return session
 
     def _run_padded(self, inputs: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
         """`count` images on the smallest static session that holds them, padded with zeros."""
@@ -146,6 +176,8 @@ class OnnxRuntimeEngine:
 
     def close(self) -> None:
         self._sessions = {}
+        if self._by_shape is not None:
+            self._by_shape.clear()
 
 
 def _batch_axis_name(session) -> str | None:
@@ -692,6 +724,7 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
         tf32=settings.cuda_tf32,
         static_batch=settings.max_batch_size if cuda_static_shapes(settings) else 0,
+        shape_sessions=settings.cuda_shape_sessions if cuda_static_shapes(settings) else 0,
         conv_algo_search=settings.cuda_conv_algo_search,
     )
 

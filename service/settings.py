@@ -97,8 +97,17 @@ class Settings(BaseSettings):
         "the powers of two below it), each batch padded to the next: the CUDA provider "
         "plans its convolutions again whenever a session's input shape changes (1-2 s "
         "each on an H200), so one session fed batches of varying size stalled for "
-        "seconds; costs one copy of the weights on the GPU per size (the detector stays "
-        "dynamic)",
+        "seconds; costs one copy of the weights on the GPU per size (the detector: "
+        "--cuda-shape-sessions)",
+    )
+    cuda_shape_sessions: Annotated[int, Flag(metavar="K")] = Field(
+        4,
+        ge=1,
+        le=64,
+        description="with --cuda-static-shapes, for a graph whose batch axis cannot be "
+        "fixed (the detector: its input size follows each image's aspect ratio): one "
+        "session per input shape for the K shapes seen last, each a copy of the weights "
+        "on the GPU; 1: one session, planned again at each change of shape",
     )
     cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = Field(
         "exhaustive",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from hornet_bundle import load_bundle
 from service.engines import EngineUnavailable, create_engine
@@ -283,3 +284,80 @@ def test_static_batch_sessions_run_the_exported_demo_graphs_as_the_dynamic_one(t
     finally:
         static.close()
         dynamic.close()
+
+
+def test_the_detector_gets_a_session_per_input_shape_for_the_last_k_shapes() -> None:
+    """Shapes A, B, A, C, A, B with room for two: A keeps its session throughout, C
+    takes B's place (B was used least recently) and B's return takes C's; every session
+    only ever sees one shape, and the answers are the dynamic session's."""
+    from service.engines import OnnxRuntimeEngine
+    from tests.helpers import demo
+
+    bundle = load_bundle(demo.bundle_dir("detect"))
+    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+    engine = OnnxRuntimeEngine(path, static_batch=8, shape_sessions=2)
+    dynamic = OnnxRuntimeEngine(path)
+    made, new_session = [], engine._new_session
+    engine._new_session = lambda: made.append(new_session()) or made[-1]
+    seen: dict[int, set] = {}
+    run = engine._run
+
+    def recording(session, inputs):
+        seen.setdefault(id(session), set()).add(inputs["image"].shape)
+        return run(session, inputs)
+
+    engine._run = recording
+    rng = np.random.default_rng(11)
+    shapes = {"A": (192, 256, 3), "B": (256, 192, 3), "C": (144, 256, 3)}
+    images = {key: rng.integers(0, 256, shape, dtype=np.uint8) for key, shape in shapes.items()}
+    try:
+        assert engine.static_sizes == () and engine.shape_sessions == 2
+        assert engine.description.endswith("a session per input shape (up to 2)")
+        for key in "ABACAB":
+            got, expected = engine.run({"image": images[key]}), dynamic.run({"image": images[key]})
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4)
+        # A on the first session; B, C and B again each made a new one.
+        assert len(made) == 3
+        assert all(len(shapes_seen) == 1 for shapes_seen in seen.values())
+        assert len(seen) == 4
+        assert [shape for ((_, shape),) in engine._by_shape] == [shapes["A"], shapes["B"]]
+    finally:
+        engine.close()
+        dynamic.close()
+
+
+def test_shape_sessions_are_a_cuda_setting_with_a_bound(monkeypatch) -> None:
+    from service.cli import load_settings
+
+    assert load_settings([]).cuda_shape_sessions == 4
+    assert load_settings(["--cuda-shape-sessions", "1"]).cuda_shape_sessions == 1
+    monkeypatch.setenv("HORNET_CUDA_SHAPE_SESSIONS", "8")
+    assert load_settings([]).cuda_shape_sessions == 8
+    for bad in ("0", "65"):
+        with pytest.raises(ValidationError, match="cuda_shape_sessions"):
+            load_settings(["--cuda-shape-sessions", bad])
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_detector_sessions_per_shape_match_cpu() -> None:
+    import onnxruntime as ort
+
+    from tests.helpers import demo
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    bundle = load_bundle(demo.bundle_dir("detect"))
+    cuda = create_engine(bundle, Settings(device="cuda", cuda_shape_sessions=2))
+    cpu = create_engine(bundle, Settings())
+    rng = np.random.default_rng(13)
+    try:
+        assert cuda.shape_sessions == 2
+        for shape in [(192, 256, 3), (256, 192, 3), (192, 256, 3), (144, 256, 3)]:
+            image = {"image": rng.integers(0, 256, shape, dtype=np.uint8)}
+            got, expected = cuda.run(image), cpu.run(image)
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-3)
+    finally:
+        cuda.close()
+        cpu.close()
