@@ -91,14 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, engine in engines.items():
         warm = sorted(set(sizes)) if name == "dynamic" else list(engine.static_sizes)
-        begun = time.perf_counter()
-        warmed = 0
-        for size in warm:
-            engine.run({key: value[:size] for key, value in inputs.items()})
-            warmed += 1
-            if time.perf_counter() - begun > args.cap_seconds:
-                break
-        warm_s = time.perf_counter() - begun
+        warm_ms, _ = run_sequence(engine, inputs, warm, args.cap_seconds)
+        warmed, warm_s = len(warm_ms), sum(warm_ms) / 1000.0
         times, outputs = run_sequence(engine, inputs, sizes, args.cap_seconds)
         images = sum(sizes[: len(times)])
         results[name] = (images / sum(times) * 1000.0, outputs)

@@ -593,11 +593,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("the peers here run on the CPU: --device cpu")
     if {"torchserve", "litserve"} & set(args.servers) and not args.peers_venv.is_dir():
         parser.error(f"{args.peers_venv} does not exist: run tools/make_peers_env.sh first")
-    if args.work is not None and args.work.exists() and not args.work.is_dir():
-        parser.error(f"--work {args.work} is a file: give a new or empty folder")
-    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
-        # A previous run's TorchServe store and pid file would be taken for this run's.
-        parser.error(f"--work {args.work} is not empty: give a new or empty folder")
+    if args.work is not None and args.work.exists():
+        if not args.work.is_dir():
+            parser.error(f"--work {args.work} is a file: give a new or empty folder")
+        if any(args.work.iterdir()):
+            # A previous run's TorchServe store and pid file would be taken for this run's.
+            parser.error(f"--work {args.work} is not empty: give a new or empty folder")
     return args
 
 

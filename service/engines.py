@@ -112,11 +112,10 @@ class OnnxRuntimeEngine:
         self._sessions = {
             size: session((axis, size) if axis else None) for size in self.static_sizes
         } or {0: first}
-        # input shapes -> session, least recently used first (None: not kept per shape).
+        # input shapes -> session, least recently used first (used when shape_sessions).
         self.shape_sessions = shape_sessions if not self.static_sizes and shape_sessions > 1 else 0
-        self._by_shape: OrderedDict[tuple, object] | None = None
-        if self.shape_sessions:
-            self._by_shape, self._new_session = OrderedDict(), session
+        self._by_shape: OrderedDict[tuple, object] = OrderedDict()
+        self._new_session = session
         self._on_gpu = device == "cuda"
         sizes = ",".join(map(str, self.static_sizes))
         shapes = f" static batches {sizes}" if self.static_sizes else ""
@@ -125,18 +124,13 @@ class OnnxRuntimeEngine:
         self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}{shapes}"
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._by_shape is not None:
+        if self.shape_sessions:
             return self._run(self._session_for(inputs), inputs)
         if not self.static_sizes:
             return self._run(self._sessions[0], inputs)
-        count = len(next(iter(inputs.values())))
-        largest, pieces = self.static_sizes[0], []
-        for start in range(0, count, largest):
-            piece = {name: value[start : start + largest] for name, value in inputs.items()}
-            pieces.append(self._run_padded(piece, min(largest, count - start)))
-        if len(pieces) == 1:
-            return pieces[0]
-        return {name: np.concatenate([p[name] for p in pieces]) for name in self._output_names}
+        count, largest = len(next(iter(inputs.values()))), self.static_sizes[0]
+        pieces = [largest] * (count // largest) + ([count % largest] if count % largest else [])
+        return run_in_pieces(inputs, pieces, self._run_padded, self._output_names)
 
     def _session_for(self, inputs: Mapping[str, np.ndarray]):
         """The session kept for these inputs' shapes; a new one (the first session for the
@@ -150,8 +144,9 @@ class OnnxRuntimeEngine:
         self._by_shape[key] = session
         return session
 
-    def _run_padded(self, inputs: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
-        """`count` images on the smallest static session that holds them, padded with zeros."""
+    def _run_padded(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The images on the smallest static session that holds them, padded with zeros."""
+        count = len(next(iter(inputs.values())))
         size = min(s for s in self.static_sizes if s >= count)
         if size > count:
             inputs = {
@@ -176,8 +171,7 @@ class OnnxRuntimeEngine:
 
     def close(self) -> None:
         self._sessions = {}
-        if self._by_shape is not None:
-            self._by_shape.clear()
+        self._by_shape.clear()
 
 
 def _batch_axis_name(session) -> str | None:
@@ -579,16 +573,13 @@ class OpenVinoEngine:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.static_sizes:
             return self._infer(self._requests[0], inputs)
-        pieces, start = [], 0
-        for size in batch_pieces(len(next(iter(inputs.values()))), self.static_sizes):
-            piece = {name: value[start : start + size] for name, value in inputs.items()}
-            pieces.append(self._infer(self._requests[size], piece))
-            start += size
-        if len(pieces) == 1:
-            return pieces[0]
-        return {
-            name: np.concatenate([piece[name] for piece in pieces]) for _, name in self._outputs
-        }
+        pieces = batch_pieces(len(next(iter(inputs.values()))), self.static_sizes)
+        return run_in_pieces(
+            inputs,
+            pieces,
+            lambda piece: self._infer(self._requests[len(next(iter(piece.values())))], piece),
+            [name for _, name in self._outputs],
+        )
 
     def _infer(self, request, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
@@ -605,6 +596,23 @@ def static_sizes(max_batch: int) -> tuple[int, ...]:
     the max batch models in all)."""
     powers = [1 << bit for bit in range(max_batch.bit_length()) if 1 << bit < max_batch]
     return (max_batch, *reversed(powers))
+
+
+def run_in_pieces(
+    inputs: Mapping[str, np.ndarray],
+    pieces: list[int],
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    output_names: list[str],
+) -> dict[str, np.ndarray]:
+    """`run` on consecutive slices of the batch `pieces` long, outputs joined in order
+    (the static-shape engines: OpenVINO's compiled sizes, ONNX Runtime's sessions)."""
+    results, start = [], 0
+    for size in pieces:
+        results.append(run({name: value[start : start + size] for name, value in inputs.items()}))
+        start += size
+    if len(results) == 1:
+        return results[0]
+    return {name: np.concatenate([result[name] for result in results]) for name in output_names}
 
 
 def batch_pieces(count: int, sizes: tuple[int, ...]) -> list[int]:
@@ -714,6 +722,7 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         entry = manifest.engine_for("onnx", settings.precision)
     except LookupError as exc:
         raise EngineUnavailable(str(exc)) from exc
+    static = cuda_static_shapes(settings)
     return OnnxRuntimeEngine(
         bundle.file(entry.file),
         device=settings.device,
@@ -723,8 +732,8 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         spinning=settings.engine_spinning,
         cache_dir=Path(tempfile.gettempdir()) / "hornet-trt-cache" / manifest.name,
         tf32=settings.cuda_tf32,
-        static_batch=settings.max_batch_size if cuda_static_shapes(settings) else 0,
-        shape_sessions=settings.cuda_shape_sessions if cuda_static_shapes(settings) else 0,
+        static_batch=settings.max_batch_size if static else 0,
+        shape_sessions=settings.cuda_shape_sessions if static else 0,
         conv_algo_search=settings.cuda_conv_algo_search,
     )
 

@@ -113,12 +113,15 @@ def test_onnxruntime_threads_spin_during_runs_and_stop_after_them_unless_asked(
         engine.close()
 
 
+def _onnx_path(model_dir):
+    bundle = load_bundle(model_dir)
+    return bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+
+
 def _static_engine(model_dir, static_batch: int):
     from service.engines import OnnxRuntimeEngine
 
-    bundle = load_bundle(model_dir)
-    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
-    return OnnxRuntimeEngine(path, static_batch=static_batch)
+    return OnnxRuntimeEngine(_onnx_path(model_dir), static_batch=static_batch)
 
 
 def test_static_batch_sessions_fix_the_batch_axis_of_each_size(classifier_dir) -> None:
@@ -268,8 +271,7 @@ def test_static_batch_sessions_run_the_exported_demo_graphs_as_the_dynamic_one(t
     from service.engines import OnnxRuntimeEngine
     from tests.helpers import demo
 
-    bundle = load_bundle(demo.bundle_dir(task))
-    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+    path = _onnx_path(demo.bundle_dir(task))
     static, dynamic = OnnxRuntimeEngine(path, static_batch=4), OnnxRuntimeEngine(path)
     try:
         assert static.static_sizes == (4, 2, 1)
@@ -293,8 +295,7 @@ def test_the_detector_gets_a_session_per_input_shape_for_the_last_k_shapes() -> 
     from service.engines import OnnxRuntimeEngine
     from tests.helpers import demo
 
-    bundle = load_bundle(demo.bundle_dir("detect"))
-    path = bundle.file(bundle.manifest.engine_for("onnx", "fp32").file)
+    path = _onnx_path(demo.bundle_dir("detect"))
     engine = OnnxRuntimeEngine(path, static_batch=8, shape_sessions=2)
     dynamic = OnnxRuntimeEngine(path)
     made, new_session = [], engine._new_session
