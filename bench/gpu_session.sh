@@ -7,8 +7,9 @@
 #   3. GPU throughput: tiny 7x7 vs GF (every GF graph), fp32 and fp16, through the
 #      service's CUDA engine, side by side with eager torch on the same GPU;
 #   4. on a tiny bundle: one dynamic CUDA session against the static batch sessions on
-#      changing batch sizes (bench/batch_shapes.py), then `hornet serve --device cuda`
-#      under load (bench/loadgen.py).
+#      changing batch sizes, and on the demo detector against a session per image shape
+#      (bench/batch_shapes.py), then `hornet serve --device cuda` under load
+#      (bench/loadgen.py).
 #
 # The exports dominate the time (a tiny model takes about a minute each, fp16 included,
 # on a 16-core H100 machine); run the steps in separate commands where one is limited
@@ -80,6 +81,10 @@ if want load; then
     "$py" bench/batch_shapes.py --model-dir "$bundle" --precision fp16 --cap-seconds 20 \
         --conv-algo-search heuristic 2>&1 | grep -v "No execution plans" \
         | tee "$out/batch-shapes-fp16.txt"
+    # The detector: one dynamic session against a session per image shape (the demo
+    # detector ships in the repository; its input size follows each image's aspect ratio).
+    "$py" bench/batch_shapes.py --model-dir service/demo_bundles/shapes_detect --precision fp32 \
+        --cap-seconds 20 2>&1 | tee "$out/batch-shapes-detector.txt"
     for precision in fp32 fp16; do
         "$py" bench/loadgen.py --model-dir "$bundle" --device cuda --precision "$precision" \
             --concurrency 1,8,32,64 --duration 8 --requests 4000 --max-batch-size 32 \

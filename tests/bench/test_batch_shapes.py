@@ -1,5 +1,6 @@
 """bench/batch_shapes.py on the CPU: one dynamic session against static batch sessions on
-the same sequence of batch sizes, their outputs compared batch by batch."""
+the same sequence of batch sizes, or against a session per shape on a detector's changing
+image shapes; their outputs compared batch by batch."""
 
 from __future__ import annotations
 
@@ -32,7 +33,26 @@ def test_both_engines_run_the_sequence_and_agree():
     assert difference <= 1e-4
 
 
-def test_a_graph_without_a_batch_axis_is_refused():
-    done = _run("shapes_detect")
-    assert done.returncode == 2
-    assert "batch axis cannot be fixed" in done.stdout
+def test_the_detector_runs_changing_image_shapes_on_a_session_per_shape():
+    """No batch axis: single images in three shapes fitted to the demo's scale (256, 192),
+    one dynamic session against a session per shape, the same detections from both."""
+    done = _run("shapes_detect", "--batches", "7")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    shapes = lines[0].split("images:")[1].split()
+    assert len(shapes) == 7 and set(shapes) <= {"192x256", "256x192", "144x256"}
+    assert [line.split()[0] for line in lines[1:3]] == ["dynamic", "shapes"]
+    assert all("(3 shapes)" in line for line in lines[1:3])
+    assert "shapes / dynamic:" in lines[3]
+    assert float(lines[4].rsplit(":", 1)[1].split()[0]) <= 1e-4
+
+
+def test_image_shapes_follow_the_scale_and_the_aspect_ratios():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("batch_shapes", REPO / "bench/batch_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shapes = module.image_shapes((1333, 800), 5)
+    assert shapes == [(800, 1333), (1333, 800), (750, 1333), (1333, 750), (800, 800)]
+    assert module.image_shapes(None, 2) == [(192, 256), (256, 192)]
