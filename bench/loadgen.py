@@ -12,8 +12,9 @@ Steps, one after the other so they do not compete for the CPU:
      the service's do) and between runs too (`+spin`); and at the two largest batch sizes
      in the other layouts of the cores (one engine on all of them, `@1xN`; one
      single-thread engine per core, `@Nx1`), so that the reference is the fastest the
-     bundle runs here, whatever the server's layout; in this process while the server is
-     paused (SIGSTOP; one started here);
+     bundle runs here, whatever the server's layout (with --device cuda: the server's
+     layout, then 4 engines side by side at the two largest sizes, `@4x`); in this
+     process while the server is paused (SIGSTOP; one started here);
   3. for each concurrency: that many client tasks, each POSTing the image and waiting for
      its answer, for --duration seconds or --requests requests, whichever ends first.
 The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
@@ -95,33 +96,57 @@ def test_image(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+# Engines run side by side for the raw reference on a GPU, besides the server's layout.
+GPU_INSTANCES = 4
+
+
+def raw_layouts(
+    settings: Settings, cpus: int
+) -> list[tuple[tuple[int, int], bool, list[int], str]]:
+    """((instances, threads), spinning, batch sizes, tag) for each raw-engine run.
+
+    On the CPU: the server's layout at every even batch size with ONNX Runtime's threads
+    spinning between runs and not, then the two largest sizes in the other layouts of the
+    cores (one engine on all of them, `@1xN`; a single-thread engine per core, `@Nx1`).
+    On CUDA the threads' layout and spinning only touch the few nodes left on the CPU, and
+    each engine built there plans its convolutions again (the fp16 graph about 7 s per
+    static session on an H200: 16 engines did not finish in 4 minutes), so: the server's
+    layout at every size, and `GPU_INSTANCES` engines side by side at the two largest
+    (the GPU running several batches at once)."""
+    largest = settings.max_batch_size
+    batches = sorted({1, *range(2, largest + 1, 2), largest})
+    top = sorted({max(1, largest // 2), largest})
+    served = (settings.instances, settings.engine_threads)
+    if settings.device == "cuda":
+        layouts = [(served, settings.engine_spinning, batches, "")]
+        if settings.instances != GPU_INSTANCES:
+            other = (GPU_INSTANCES, settings.engine_threads)
+            layouts.append((other, settings.engine_spinning, top, f"@{GPU_INSTANCES}x"))
+        return layouts
+    layouts = [(served, spinning, batches, "") for spinning in (False, True)]
+    for other in ((1, 0), (cpus, 1)):
+        if other != served and not (other == (1, 0) and served == (1, cpus)):
+            tag = f"@{other[0]}x{other[1] or cpus}"
+            layouts.append((other, settings.engine_spinning, top, tag))
+    return layouts
+
+
 def raw_engine_throughput(
     model_dir: Path, image: bytes, settings: Settings, seconds: float
 ) -> dict[str, float]:
     """images/s of the bare engine, on the image as the service prepares it, laid out as
     the server's (its --instances engines of --engine-threads threads, running side by
-    side) at each batch size, ONNX Runtime's threads spinning during runs only (`bN`) and
-    between runs too (`bN+spin`); and at the two largest batch sizes in the other layouts
-    a CPU allows, one engine on all cores and one single-thread engine per core
-    (`bN@KxT`), when they differ from the server's. The best of these is the reference:
-    a server is measured against the fastest its cores can go, not only its own layout."""
+    side) and in the other layouts `raw_layouts` gives. The best of these is the
+    reference: a server is measured against the fastest its hardware can go, not only
+    its own layout."""
     from service.imaging import decode_image
 
     bundle = load_bundle(model_dir)
     pipeline = pipeline_for(bundle.manifest)
     item = pipeline.prepare(decode_image(image, settings.max_pixels)).items[0]
-    largest = settings.max_batch_size
-    batches = sorted({1, *range(2, largest + 1, 2), largest})
-    served = (settings.instances, settings.engine_threads)
-    cpus = len(os.sched_getaffinity(0))
-    layouts = [(served, spinning, batches, "") for spinning in (False, True)]
-    for other in ((1, 0), (cpus, 1)):
-        if other != served and not (other == (1, 0) and served == (1, cpus)):
-            top = sorted({max(1, largest // 2), largest})
-            tag = f"@{other[0]}x{other[1] or cpus}"
-            layouts.append((other, settings.engine_spinning, top, tag))
     results = {}
-    for (instances, threads), spinning, sizes, tag in layouts:
+    cpus = len(os.sched_getaffinity(0))
+    for (instances, threads), spinning, sizes, tag in raw_layouts(settings, cpus):
         layout = settings.model_copy(
             update={"engine_spinning": spinning, "engine_threads": threads}
         )

@@ -1,0 +1,49 @@
+"""bench/loadgen.py's raw-engine reference: which layouts of engines it measures. On the
+CPU every layout of the cores; on CUDA, where each engine built plans its convolutions
+again (the fp16 graph about 7 s per static session on an H200), the server's layout and
+a few engines side by side, never one engine per core."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def loadgen():
+    spec = importlib.util.spec_from_file_location("loadgen", REPO / "bench" / "loadgen.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_the_cpu_reference_covers_spinning_and_every_layout_of_the_cores(loadgen):
+    layouts = loadgen.raw_layouts(Settings(max_batch_size=8), cpus=16)
+    every = [1, 2, 4, 6, 8]
+    assert layouts == [
+        ((1, 0), False, every, ""),
+        ((1, 0), True, every, ""),
+        ((16, 1), False, [4, 8], "@16x1"),
+    ]
+    # A server on one single-thread engine per core gets the one-engine layout instead.
+    served = Settings(max_batch_size=8, instances=16, engine_threads=1)
+    assert [tag for *_, tag in loadgen.raw_layouts(served, cpus=16)] == ["", "", "@1x16"]
+
+
+def test_the_cuda_reference_is_the_servers_layout_and_four_engines(loadgen):
+    layouts = loadgen.raw_layouts(Settings(max_batch_size=32, device="cuda"), cpus=16)
+    assert layouts[0] == ((1, 0), False, [1, *range(2, 33, 2)], "")
+    assert layouts[1:] == [((4, 0), False, [16, 32], "@4x")]
+    four = Settings(max_batch_size=32, device="cuda", instances=4)
+    assert [tag for *_, tag in loadgen.raw_layouts(four, cpus=16)] == [""]
