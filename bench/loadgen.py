@@ -101,9 +101,11 @@ GPU_INSTANCES = 4
 
 
 def raw_layouts(
-    settings: Settings, cpus: int
+    settings: Settings, cpus: int, one_per_call: bool = False
 ) -> list[tuple[tuple[int, int], bool, list[int], str]]:
-    """((instances, threads), spinning, batch sizes, tag) for each raw-engine run.
+    """((instances, threads), spinning, batch sizes, tag) for each raw-engine run; batch
+    size 1 alone for an engine that takes one image per call (`one_per_call`: the
+    detector, whose batches the pipeline runs as a loop).
 
     On the CPU: the server's layout at every even batch size with ONNX Runtime's threads
     spinning between runs and not, then the two largest sizes in the other layouts of the
@@ -113,7 +115,7 @@ def raw_layouts(
     static session on an H200: 16 engines did not finish in 4 minutes), so: the server's
     layout at every size, and `GPU_INSTANCES` engines side by side at the two largest
     (the GPU running several batches at once)."""
-    largest = settings.max_batch_size
+    largest = 1 if one_per_call else settings.max_batch_size
     batches = sorted({1, *range(2, largest + 1, 2), largest})
     top = sorted({max(1, largest // 2), largest})
     served = (settings.instances, settings.engine_threads)
@@ -134,28 +136,31 @@ def raw_layouts(
 def raw_engine_throughput(
     model_dir: Path, image: bytes, settings: Settings, seconds: float
 ) -> dict[str, float]:
-    """images/s of the bare engine, on the image as the service prepares it, laid out as
-    the server's (its --instances engines of --engine-threads threads, running side by
-    side) and in the other layouts `raw_layouts` gives. The best of these is the
-    reference: a server is measured against the fastest its hardware can go, not only
-    its own layout."""
+    """images/s of the bare engine, on the image as the service prepares it (its items:
+    one for a classifier or a detector, a segmenter's tiles; batch sizes count items),
+    laid out as the server's (its --instances engines of --engine-threads threads,
+    running side by side) and in the other layouts `raw_layouts` gives. The best of these
+    is the reference: a server is measured against the fastest its hardware can go, not
+    only its own layout."""
     from service.imaging import decode_image
 
     bundle = load_bundle(model_dir)
     pipeline = pipeline_for(bundle.manifest)
-    item = pipeline.prepare(decode_image(image, settings.max_pixels)).items[0]
+    items = pipeline.prepare(decode_image(image, settings.max_pixels)).items
+    one_per_call = bundle.manifest.task == "detect"
     results = {}
     cpus = len(os.sched_getaffinity(0))
-    for (instances, threads), spinning, sizes, tag in raw_layouts(settings, cpus):
+    for (instances, threads), spinning, sizes, tag in raw_layouts(settings, cpus, one_per_call):
         layout = settings.model_copy(
             update={"engine_spinning": spinning, "engine_threads": threads}
         )
         engines = [create_engine(bundle, layout) for _ in range(instances)]
         for batch in sizes:
             key = f"b{batch}{'+spin' if spinning and not tag else ''}{tag}"
-            results[key], RAW_CPU_MS[key] = _run_side_by_side(
-                pipeline, engines, [item] * batch, seconds
-            )
+            batch_items = (items * batch)[:batch]
+            rate, cpu_ms = _run_side_by_side(pipeline, engines, batch_items, seconds)
+            # per image: a segmenter's image is len(items) tiles
+            results[key], RAW_CPU_MS[key] = rate / len(items), cpu_ms * len(items)
         for engine in engines:
             engine.close()
     return results
@@ -240,18 +245,20 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"loadgen only targets loopback addresses; {url!r} is not one")
 
 
-def require_same_engine(url: str, model: str | None, model_dir: Path, settings: Settings) -> None:
+def require_same_engine(
+    url: str, model: str | None, model_dir: Path, settings: Settings, task: str
+) -> None:
     """A server given by --url must run the engine the raw reference builds from this
     run's flags (the same runtime, provider, precision and file), or "vs engine" would
     compare two different engines: a CUDA server against the CPU engine, say."""
     models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
-    # Without --model, /classify answers with the server's classifier.
+    # Without --model, the task's route answers with the server's model of that task.
     served = next(
-        (m for m in models if m["name"] == model or (model is None and m["task"] == "classify")),
+        (m for m in models if m["name"] == model or (model is None and m["task"] == task)),
         None,
     )
     if served is None:
-        raise SystemExit(f"the server at {url} serves no classifier named {model!r}")
+        raise SystemExit(f"the server at {url} serves no {task} model named {model!r}")
     engine = create_engine(load_bundle(model_dir), settings)
     try:
         here = engine.description
@@ -306,12 +313,28 @@ def serving(
         raise SystemExit(str(exc)) from exc
 
 
+# The route each task's requests go to, and its query (a classifier's top class only).
+ROUTES = {
+    "classify": ("/classify", {"top_k": 1}),
+    "segment": ("/segment", {}),
+    "detect": ("/detect", {}),
+}
+
+
 async def run_load(
-    url: str, image: bytes, model: str | None, concurrency: int, seconds: float, limit: int
+    url: str,
+    image: bytes,
+    model: str | None,
+    concurrency: int,
+    seconds: float,
+    limit: int,
+    task: str = "classify",
 ) -> LoadResult:
-    """`concurrency` closed-loop clients for `seconds` or `limit` requests in all."""
-    params = {"top_k": 1, **({"model": model} if model else {})}
-    return await closed_loop(url, "/classify", image, params, concurrency, seconds, limit)
+    """`concurrency` closed-loop clients on `task`'s route for `seconds` or `limit`
+    requests in all."""
+    path, query = ROUTES[task]
+    params = {**query, **({"model": model} if model else {})}
+    return await closed_loop(url, path, image, params, concurrency, seconds, limit)
 
 
 async def closed_loop(
@@ -359,8 +382,8 @@ async def closed_loop(
     return LoadResult(concurrency, len(latencies), errors, elapsed, latencies)
 
 
-async def warm(url: str, image: bytes, model: str | None, count: int = 8) -> None:
-    await run_load(url, image, model, concurrency=4, seconds=60, limit=count)
+async def warm(url: str, image: bytes, model: str | None, task: str, count: int = 8) -> None:
+    await run_load(url, image, model, concurrency=4, seconds=60, limit=count, task=task)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -371,9 +394,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True, help="classifier bundle")
+    parser.add_argument(
+        "--model-dir", type=Path, required=True, help="a bundle: classifier, segmenter, detector"
+    )
     parser.add_argument("--url", help="a running server on loopback (default: start one)")
-    parser.add_argument("--model", help="?model= when the server has several classifiers")
+    parser.add_argument("--model", help="?model= when the server has several of the task")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
     parser.add_argument("--requests", type=int, default=2000, help="request cap per level")
@@ -391,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     image = test_image((width, height))
     levels = [int(c) for c in args.concurrency.split(",")]
+    task = load_bundle(args.model_dir).manifest.task
     settings = Settings(
         model_dir=[args.model_dir], max_batch_size=args.max_batch_size,
         engine_threads=args.engine_threads, device=args.device, precision=args.precision,
@@ -400,15 +426,15 @@ def main(argv: list[str] | None = None) -> int:
         cuda_conv_algo_search=args.cuda_conv_algo_search,
         allow_unverified_precision=True,  # the server refuses or allows it; not timing's concern
     )  # fmt: skip
-    print(f"bundle {args.model_dir}  image {width}x{height} JPEG ({len(image)} bytes)  "
+    print(f"bundle {args.model_dir} ({task})  image {width}x{height} JPEG ({len(image)} bytes)  "
           f"cpus {os.cpu_count()}  {args.engine} {args.device}/{args.precision}  "
           f"engine/decode threads {args.engine_threads}/{args.decode_threads}")  # fmt: skip
     raws: list[dict[str, float]] = []
     served: dict[int, list[float]] = {level: [] for level in levels}
     with serving(args.url, server_flags(args)) as (url, process):
-        asyncio.run(warm(url, image, args.model))
+        asyncio.run(warm(url, image, args.model, task))
         if args.url is not None:
-            require_same_engine(url, args.model, args.model_dir, settings)
+            require_same_engine(url, args.model, args.model_dir, settings, task)
         print(f"server {url}  max_batch_size {args.max_batch_size}  "
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
               f"spinning {args.engine_spinning}")  # fmt: skip
@@ -426,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             for level in levels:
                 before = _accounting(url, process)
                 result = asyncio.run(
-                    run_load(url, image, args.model, level, args.duration, args.requests)
+                    run_load(url, image, args.model, level, args.duration, args.requests, task)
                 )
                 spent = {k: v - before[k] for k, v in _accounting(url, process).items()}
                 served[level].append(result.throughput)

@@ -47,3 +47,14 @@ def test_the_cuda_reference_is_the_servers_layout_and_four_engines(loadgen):
     assert layouts[1:] == [((4, 0), False, [16, 32], "@4x")]
     four = Settings(max_batch_size=32, device="cuda", instances=4)
     assert [tag for *_, tag in loadgen.raw_layouts(four, cpus=16)] == [""]
+
+
+def test_a_detector_is_measured_one_image_per_call(loadgen):
+    """The detector's pipeline runs a batch as a loop of single images: batch 1 alone."""
+    layouts = loadgen.raw_layouts(Settings(max_batch_size=8), cpus=2, one_per_call=True)
+    assert [(sizes, tag) for _, _, sizes, tag in layouts] == [([1], ""), ([1], ""), ([1], "@2x1")]
+    cuda = Settings(max_batch_size=8, device="cuda")
+    assert [sizes for *_, sizes, _ in loadgen.raw_layouts(cuda, 16, one_per_call=True)] == [
+        [1],
+        [1],
+    ]

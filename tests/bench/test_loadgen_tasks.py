@@ -1,0 +1,38 @@
+"""bench/loadgen.py on each task's demo bundle, a real server started by it: requests go
+to the task's route and are answered, and the raw reference runs the task's items (a
+segmenter's tiles in batches up to the max, a detector's one image per call)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "service" / "demo_bundles"
+
+
+@pytest.mark.parametrize(
+    ("bundle", "task", "sizes"),
+    [("shapes_detect", "detect", {1}), ("shapes_segment", "segment", {1, 2})],
+)
+def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
+    command = [
+        sys.executable, "bench/loadgen.py", "--model-dir", str(DEMO / bundle),
+        "--concurrency", "2", "--duration", "1", "--requests", "6", "--engine-seconds", "0.05",
+        "--max-batch-size", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert f"({task})" in lines[0]
+    raw = next(line for line in lines if line.startswith("raw engine images/s"))
+    keys = [pair.split("=")[0] for pair in raw.split(":", 1)[1].split("(best")[0].split()]
+    assert {int(re.match(r"b(\d+)", key)[1]) for key in keys} == sizes
+    assert "b1+spin" in keys
+    level = next(line for line in lines if line.split()[:1] == ["2"])
+    ok, errors = level.split()[1:3]
+    assert int(ok) >= 6 and errors == "-"
