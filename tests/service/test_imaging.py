@@ -212,6 +212,21 @@ def test_resized_argmax_on_class_regions_equals_torch(channels, source, size) ->
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize(("channels", "size"), [(150, (300, 200)), (3, (333, 1000))])
+def test_resized_argmax_on_noise_equals_torch(channels, size) -> None:
+    """Logits of noise put nearly every output pixel on a boundary: its bands are
+    blended whole, and the result is still torch's."""
+    logits = np.random.default_rng(channels).normal(size=(channels, 64, 86)).astype(np.float32)
+    expected = (
+        F.interpolate(
+            torch.from_numpy(logits)[None], size=size, mode="bilinear", align_corners=False
+        )[0]
+        .argmax(0)
+        .numpy()
+    )
+    np.testing.assert_array_equal(imaging.resized_argmax(logits, *size), expected)
+
+
 def test_resized_argmax_memory_is_bounded_by_the_logits_not_the_output() -> None:
     """ADE20K's 150 classes at a phone photo's size: resizing every class first takes
     150 x 64 x 4000 floats before the rows (440 MiB); the mask itself is 11.4 MiB."""
