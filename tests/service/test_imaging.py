@@ -165,15 +165,17 @@ def test_bilinear_resize_matches_torch_interpolate() -> None:
         )
 
 
+def _torch_resized_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """mmseg's way: the logits resized by torch (bilinear, align_corners False), argmax."""
+    resized = F.interpolate(
+        torch.from_numpy(logits)[None], size=size, mode="bilinear", align_corners=False
+    )
+    return resized[0].argmax(0).numpy()
+
+
 def test_resized_argmax_equals_argmax_of_the_resized_logits() -> None:
     logits = np.random.default_rng(2).normal(size=(5, 17, 23)).astype(np.float32)
-    expected = (
-        F.interpolate(
-            torch.from_numpy(logits)[None], size=(70, 41), mode="bilinear", align_corners=False
-        )[0]
-        .argmax(0)
-        .numpy()
-    )
+    expected = _torch_resized_argmax(logits, (70, 41))
     np.testing.assert_array_equal(imaging.resized_argmax(logits, 70, 41), expected)
 
 
@@ -199,13 +201,7 @@ def test_resized_argmax_on_class_regions_equals_torch(channels, source, size) ->
     """Where the four source pixels agree the class is taken without blending: the
     result is still exactly torch's resize then argmax, boundaries included."""
     logits = _class_regions(channels, *source, seed=channels)
-    expected = (
-        F.interpolate(
-            torch.from_numpy(logits)[None], size=size, mode="bilinear", align_corners=False
-        )[0]
-        .argmax(0)
-        .numpy()
-    )
+    expected = _torch_resized_argmax(logits, size)
     got = imaging.resized_argmax(logits, *size)
     assert got.dtype == (np.uint8 if channels <= 256 else np.uint16)
     assert len(np.unique(expected)) > 1
@@ -217,13 +213,7 @@ def test_resized_argmax_on_noise_equals_torch(channels, size) -> None:
     """Logits of noise put nearly every output pixel on a boundary: its bands are
     blended whole, and the result is still torch's."""
     logits = np.random.default_rng(channels).normal(size=(channels, 64, 86)).astype(np.float32)
-    expected = (
-        F.interpolate(
-            torch.from_numpy(logits)[None], size=size, mode="bilinear", align_corners=False
-        )[0]
-        .argmax(0)
-        .numpy()
-    )
+    expected = _torch_resized_argmax(logits, size)
     np.testing.assert_array_equal(imaging.resized_argmax(logits, *size), expected)
 
 
