@@ -304,3 +304,51 @@ async def test_close_past_the_drain_bound_fails_what_is_left() -> None:
     results = await within(asyncio.gather(*pending, return_exceptions=True))
     assert any(isinstance(r, QueueClosed) for r in results)
     assert all(r in (0, 2, 4, 6) or isinstance(r, QueueClosed) for r in results)
+
+
+@pytest.mark.parametrize("dispatch_first", [True, False])
+async def test_the_engine_gets_its_next_batch_before_the_last_answers_are_delivered(
+    dispatch_first,
+):
+    """Items queued while a batch runs go to the engine before that batch's answers are
+    delivered: an answer's continuation (an HTTP response) runs on the event loop, and
+    the engine would otherwise wait for all of them. Each queued item is checked for a
+    departed client as the service does (one suspension each, as Starlette's
+    `is_disconnected`); the first answer's continuation then blocks the loop while it
+    waits for the second batch to start in the engine's thread, which only
+    `dispatch_first` has already handed over."""
+    release, second = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def worker(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            release.wait(5)
+        else:
+            second.set()
+        return items
+
+    async def is_gone() -> bool:
+        await asyncio.sleep(0)
+        return False
+
+    queue = BatchQueue(
+        [worker], max_batch_size=8, max_delay_s=0.0, max_queue_size=16, close_early=True,
+        dispatch_first=dispatch_first,
+    )  # fmt: skip
+    queue.start()
+    queued = [f"q{i}" for i in range(8)]
+    try:
+        first = asyncio.ensure_future(queue.submit("a"))
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = asyncio.ensure_future(queue.submit_many(queued, is_gone=is_gone))
+        await asyncio.sleep(0.02)  # queued behind the running batch
+        release.set()
+        assert await within(first) == "a"
+        started = second.wait(2.0)  # blocks the event loop, as a long answer would
+        assert started is dispatch_first
+        assert await within(rest) == queued
+        assert calls == [["a"], queued]
+    finally:
+        await queue.close(1.0)
