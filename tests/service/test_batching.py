@@ -352,3 +352,23 @@ async def test_the_engine_gets_its_next_batch_before_the_last_answers_are_delive
         assert calls == [["a"], queued]
     finally:
         await queue.close(1.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_answers_do_not_wait_when_nothing_is_queued(monkeypatch, workers):
+    """With nothing queued the answers go out at once, one engine or two (the other one
+    idle, the batch former waiting for items): never after the hand-off's safety net,
+    made 30 s here so that waiting for it would fail the test."""
+    import service.batching
+
+    monkeypatch.setattr(service.batching, "HANDOFF_WAIT_S", 30.0)
+    queue = BatchQueue(
+        [lambda items: items] * workers, max_batch_size=4, max_delay_s=0.0,
+        max_queue_size=16, close_early=True,
+    )  # fmt: skip
+    queue.start()
+    try:
+        for item in "abc":
+            assert await within(queue.submit(item), 2.0) == item
+    finally:
+        await queue.close(1.0)
