@@ -63,14 +63,8 @@ def demo_logits() -> tuple[np.ndarray, int, int]:
     bundle = load_bundle("service/demo_bundles/shapes_segment")
     pipeline, engine = pipeline_for(bundle.manifest), create_engine(bundle, Settings())
     prepared = pipeline.prepare(imaging.decode_image(test_image((384, 256)), 10**8))
-    results = pipeline.run_batch(engine, prepared.items)
-    fitted, boxes = prepared.context.fitted, prepared.context.boxes
-    summed = np.zeros((results[0].shape[0], *fitted), dtype=np.float32)
-    count = np.zeros(fitted, dtype=np.float32)
-    for (y1, y2, x1, x2), logits in zip(boxes, results, strict=True):
-        summed[:, y1:y2, x1:x2] += logits[:, : y2 - y1, : x2 - x1]
-        count[y1:y2, x1:x2] += 1
-    return summed / count, prepared.height, prepared.width
+    logits = pipeline.averaged_logits(prepared, pipeline.run_batch(engine, prepared.items))
+    return logits, prepared.height, prepared.width
 
 
 def peak_mib(function: Callable, *args) -> float:
@@ -83,13 +77,11 @@ def peak_mib(function: Callable, *args) -> float:
 
 
 def blended_share(logits: np.ndarray, height: int, width: int) -> float:
-    source = logits.argmax(0)
+    """The share of output pixels `resized_argmax` blends (their four source pixels'
+    classes differ)."""
     x0, x1, _ = imaging._linear_taps(logits.shape[2], width)
     y0, y1, _ = imaging._linear_taps(logits.shape[1], height)
-    top, bottom = source[y0], source[y1]
-    corner = top[:, x0]
-    mixed = (corner != top[:, x1]) | (corner != bottom[:, x0]) | (corner != bottom[:, x1])
-    return float(mixed.mean())
+    return float(imaging.corner_classes(logits.argmax(0), (y0, y1), (x0, x1))[1].mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,9 +340,7 @@ def resized_argmax(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     )
     for start in range(0, height, rows_per_band):
         stop = min(start + rows_per_band, height)
-        top, bottom = source[y0[start:stop]], source[y1[start:stop]]
-        band = top[:, x0]
-        mixed = (band != top[:, x1]) | (band != bottom[:, x0]) | (band != bottom[:, x1])
+        band, mixed = corner_classes(source, (y0[start:stop], y1[start:stop]), (x0, x1))
         rows, cols = np.nonzero(mixed)
         if 4 * len(rows) > band.size:
             # Mostly boundaries (noise): blending the band's rows whole costs less.
@@ -362,6 +360,20 @@ def resized_argmax(logits: np.ndarray, height: int, width: int) -> np.ndarray:
             band[r, c] = (upper * (1 - w_y) + lower * w_y).argmax(axis=1)
         mask[start:stop] = band
     return mask
+
+
+def corner_classes(
+    source: np.ndarray, rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """For the output pixels whose bilinear taps `rows` (y0, y1) and `cols` (x0, x1) give:
+    the class of each one's first source pixel in the class map `source`, and where its
+    four source pixels' classes are not all that one (the pixels to blend)."""
+    top, bottom = source[rows[0]], source[rows[1]]
+    first = top[:, cols[0]]
+    mixed = (
+        (first != top[:, cols[1]]) | (first != bottom[:, cols[0]]) | (first != bottom[:, cols[1]])
+    )
+    return first, mixed
 
 
 def _blended_argmax_rows(

@@ -315,6 +315,19 @@ class SegmentPipeline(_GraphIO):
         self, prepared: Prepared, results: list[np.ndarray], options: AnswerOptions
     ) -> SegmentResult:
         """The tiles' logits averaged where they overlap, argmax at the image's size."""
+        mask = imaging.resized_argmax(
+            self.averaged_logits(prepared, results), prepared.height, prepared.width
+        )
+        return SegmentResult(
+            width=prepared.width,
+            height=prepared.height,
+            mask_png=_mask_png(mask),
+            classes=self._present(mask),
+        )
+
+    @staticmethod
+    def averaged_logits(prepared: Prepared, results: list[np.ndarray]) -> np.ndarray:
+        """The tiles' logits (CHW each) averaged where they overlap, at the fitted size."""
         context: _SegmentContext = prepared.context
         channels = results[0].shape[0]
         summed = np.zeros((channels, *context.fitted), dtype=np.float32)
@@ -323,13 +336,7 @@ class SegmentPipeline(_GraphIO):
             summed[:, y1:y2, x1:x2] += logits[:, : y2 - y1, : x2 - x1]
             count[y1:y2, x1:x2] += 1
         summed /= count
-        mask = imaging.resized_argmax(summed, prepared.height, prepared.width)
-        return SegmentResult(
-            width=prepared.width,
-            height=prepared.height,
-            mask_png=_mask_png(mask),
-            classes=self._present(mask),
-        )
+        return summed
 
     def _present(self, mask: np.ndarray) -> list[SegmentClass]:
         counts = imaging.class_counts(mask, len(self.manifest.labels))
