@@ -48,11 +48,9 @@ def test_the_detector_runs_changing_image_shapes_on_a_session_per_shape():
 
 
 def test_image_shapes_follow_the_scale_and_the_aspect_ratios():
-    import importlib.util
+    from tests.helpers.bench import bench_module
 
-    spec = importlib.util.spec_from_file_location("batch_shapes", REPO / "bench/batch_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    shapes = module.image_shapes((1333, 800), 5)
-    assert shapes == [(800, 1333), (1333, 800), (750, 1333), (1333, 750), (800, 800)]
-    assert module.image_shapes(None, 2) == [(192, 256), (256, 192)]
+    with bench_module("batch_shapes") as module:
+        shapes = module.image_shapes((1333, 800), 5)
+        assert shapes == [(800, 1333), (1333, 800), (750, 1333), (1333, 750), (800, 800)]
+        assert module.image_shapes(None, 2) == [(192, 256), (256, 192)]

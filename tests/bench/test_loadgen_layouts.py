@@ -5,27 +5,16 @@ a few engines side by side, never one engine per core."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from service.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.bench import bench_module
 
 
 @pytest.fixture(scope="module")
 def loadgen():
-    spec = importlib.util.spec_from_file_location("loadgen", REPO / "bench" / "loadgen.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("loadgen") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_the_cpu_reference_covers_spinning_and_every_layout_of_the_cores(loadgen):
