@@ -54,7 +54,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from hornet_bundle import load_bundle
-from service.engines import create_engine
+from service.engines import create_engine, sibling_of
 from service.flags import add_settings_flags, settings_flags
 from service.pipelines import pipeline_for
 from service.settings import Settings
@@ -152,9 +152,13 @@ def raw_engine_throughput(
     cpus = len(os.sched_getaffinity(0))
     for (instances, threads), spinning, sizes, tag in raw_layouts(settings, cpus, one_per_call):
         layout = settings.model_copy(
-            update={"engine_spinning": spinning, "engine_threads": threads}
+            update={"engine_spinning": spinning, "engine_threads": threads, "instances": instances}
         )
-        engines = [create_engine(bundle, layout) for _ in range(instances)]
+        engines = [create_engine(bundle, layout)]  # and the rest as the server makes them
+        engines += [
+            sibling_of(engines[0], layout) or create_engine(bundle, layout)
+            for _ in range(instances - 1)
+        ]
         for batch in sizes:
             key = f"b{batch}{'+spin' if spinning and not tag else ''}{tag}"
             batch_items = (items * batch)[:batch]
@@ -221,6 +225,20 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pids: list[int]) -> float:
+    """The proportional set size (PSS) of the processes among `pids` still running, in
+    MiB: each page shared between them (a forked worker's copy of its parent's pages, the
+    libraries) counted once over all, where a sum of their RSS would count it in each."""
+    kib = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    kib += int(line.split()[1])
+                    break
+    return kib / 1024
 
 
 def server_counters(url: str) -> dict[str, float]:

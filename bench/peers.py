@@ -37,9 +37,12 @@ first round of one run and 0.23 in the sixth), and the CPU each takes with no re
 is printed. Then per concurrency level, --rounds rounds of
 ours, TorchServe, LitServe in turn, each run --duration seconds of that many clients
 POSTing the same raw JPEG body and waiting for the answer, the other two servers paused
-(SIGSTOP) meanwhile. Printed per run: ok, errors, img/s, p50/p95/p99 and the CPU seconds
-per image of the server's processes; at the end, per server the medians over the rounds,
-and ours / peer for img/s and p99 (the median of the per-round ratios, with their range).
+(SIGSTOP) meanwhile. Printed per run: ok, errors, img/s, p50/p95/p99, the CPU seconds
+per image of the server's processes and their memory at the run's end (PSS: pages shared
+between a server's processes counted once; TorchServe's Java frontend and Python
+workers, LitServe's workers and ours all summed over their process trees); at the end,
+per server the medians over the rounds, and ours / peer for img/s, p99 and memory (the
+median of the per-round ratios, with their range).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from loadgen import (  # noqa: E402
     add_server_arguments,
     closed_loop,
     cpu_seconds,
+    memory_mib,
     process_tree,
     server_flags,
     serving,
@@ -424,6 +428,7 @@ class Run:
     server: str
     result: LoadResult
     cpu_per_image: float
+    memory_mib: float  # the server's process tree's PSS at the run's end
 
 
 def load(
@@ -444,7 +449,9 @@ def measure(
     server: Server, image: bytes, args: argparse.Namespace, level: int, round_index: int
 ) -> Run:
     result, cpu_per_image = load(server, image, level, args.duration, args.requests)
-    return Run(round_index, server.name, result, cpu_per_image)
+    return Run(
+        round_index, server.name, result, cpu_per_image, memory_mib(process_tree(server.pid))
+    )
 
 
 def warm(server: Server, image: bytes, level: int, args: argparse.Namespace) -> str:
@@ -487,7 +494,7 @@ def print_run(run: Run, level: int) -> None:
     print(
         f"{run.round_index:>5} {level:>5} {run.server:<10} {r.ok:>6} {errors:>10} "
         f"{r.throughput:>7.1f} {r.percentile(50):>8.1f} {r.percentile(95):>8.1f} "
-        f"{r.percentile(99):>8.1f} {run.cpu_per_image:>9.3f}",
+        f"{r.percentile(99):>8.1f} {run.cpu_per_image:>9.3f} {run.memory_mib:>8.0f}",
         flush=True,
     )
 
@@ -499,13 +506,16 @@ def spread(values: list[float]) -> str:
 def summarize(runs: list[Run], level: int, names: list[str]) -> None:
     by_server = {name: [run for run in runs if run.server == name] for name in names}
     print(f"\nconcurrency {level}, medians over {len(by_server[names[0]])} rounds:")
-    print(f"  {'server':<10} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'cpu s/img':>9}")
+    print(
+        f"  {'server':<10} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'cpu s/img':>9} {'PSS MiB':>8}"
+    )
     for name, mine in by_server.items():
         print(
             f"  {name:<10} {statistics.median(r.result.throughput for r in mine):>7.1f} "
             f"{statistics.median(r.result.percentile(50) for r in mine):>8.1f} "
             f"{statistics.median(r.result.percentile(99) for r in mine):>8.1f} "
-            f"{statistics.median(r.cpu_per_image for r in mine):>9.3f}"
+            f"{statistics.median(r.cpu_per_image for r in mine):>9.3f} "
+            f"{statistics.median(r.memory_mib for r in mine):>8.0f}"
         )
     if "ours" not in by_server:
         return
@@ -513,10 +523,12 @@ def summarize(runs: list[Run], level: int, names: list[str]) -> None:
         pairs = list(zip(by_server["ours"], by_server[peer], strict=True))
         speed = [a.result.throughput / b.result.throughput for a, b in pairs if b.result.ok]
         p99 = [a.result.percentile(99) / b.result.percentile(99) for a, b in pairs if b.result.ok]
+        memory = [a.memory_mib / b.memory_mib for a, b in pairs if b.memory_mib]
         if speed:
             print(
-                f"  ours / {peer}: img/s {spread(speed)}, p99 {spread(p99)} "
-                "(per-round ratios: median (range); p99 below 1 = ours lower)"
+                f"  ours / {peer}: img/s {spread(speed)}, p99 {spread(p99)}, memory "
+                f"{spread(memory)} (per-round ratios: median (range); p99 and memory below "
+                "1 = ours lower)"
             )
 
 
@@ -664,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"\n{'round':>5} {'conc':>5} {'server':<10} {'ok':>6} {'errors':>10} {'img/s':>7} "
-            f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'cpu s/img':>9}"
+            f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'cpu s/img':>9} {'PSS MiB':>8}"
         )
         runs: dict[int, list[Run]] = {level: [] for level in levels}
         for level in levels:

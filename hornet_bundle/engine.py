@@ -22,7 +22,11 @@ class EngineUnavailable(RuntimeError):
 
 
 class InferenceEngine(Protocol):
-    """Named numpy inputs in, named numpy outputs out; called from one thread at a time."""
+    """Named numpy inputs in, named numpy outputs out; called from one thread at a time.
+
+    An engine may also offer `sibling() -> InferenceEngine | None`: another instance,
+    run from another thread, sharing this one's weights (None where it cannot); the
+    service's --instances use it instead of loading the bundle again."""
 
     description: str
 

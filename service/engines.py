@@ -11,6 +11,7 @@ points, so the service imports none of them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -47,6 +48,9 @@ class OnnxRuntimeEngine:
     `shape_sessions` shapes seen last; the least recently used one is dropped for a new
     shape. Photographs from phones come in a few shapes (landscape and portrait of each
     aspect ratio), so each keeps its session and its plan.
+
+    `sibling()` gives another instance over the same session where that runs as fast
+    (--share-weights): see there.
     """
 
     def __init__(
@@ -117,11 +121,24 @@ class OnnxRuntimeEngine:
         self._by_shape: OrderedDict[tuple, object] = OrderedDict()
         self._new_session = session
         self._on_gpu = device == "cuda"
+        self._threads = threads
         sizes = ",".join(map(str, self.static_sizes))
         shapes = f" static batches {sizes}" if self.static_sizes else ""
         if self.shape_sessions:
             shapes = f" a session per input shape (up to {self.shape_sessions})"
         self.description = f"onnxruntime {ort.__version__} {providers[0][0]} {path.name}{shapes}"
+
+    def sibling(self) -> OnnxRuntimeEngine | None:
+        """Another instance running this engine's session, so K instances hold one copy of
+        the weights, where that is as fast as K sessions: on the CPU with one intra-op
+        thread, where a run executes on its caller's thread and runs from several threads
+        go side by side (ONNX Runtime's Run is thread-safe). 2 x 1 on two cores, seeded
+        hornet_tiny_7x7: 348 MiB against 620, same throughput (bench/README.md). Else
+        None: with more threads the runs would share one session's pool, and on CUDA
+        one stream."""
+        if self._on_gpu or self._threads != 1 or self.shape_sessions or self.static_sizes:
+            return None
+        return copy.copy(self)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.shape_sessions:
@@ -517,10 +534,21 @@ class OpenVinoEngine:
     more on static shapes (its element-wise Subgraphs) and ran hornet_tiny 1.1-1.3x
     faster in bf16, each size costing another compiled model's memory (bench/README.md,
     OpenVINO). The detector's graph, whose image size varies, stays dynamic.
+
+    `streams` > 1 (--instances K with --share-weights) compiles each model as K streams
+    of `threads` threads each (all the cores split among them when 0): OpenVINO's own
+    form of K engines side by side, one copy of the weights; this engine runs on the
+    first and each `sibling()` on another, with infer requests of its own.
     """
 
     def __init__(
-        self, path: Path, *, precision: str = "fp32", threads: int = 0, static_batch: int = 0
+        self,
+        path: Path,
+        *,
+        precision: str = "fp32",
+        threads: int = 0,
+        static_batch: int = 0,
+        streams: int = 1,
     ) -> None:
         try:
             import openvino as ov
@@ -547,8 +575,10 @@ class OpenVinoEngine:
             # busy, half the throughput), and pinned threads cannot make way for decoding.
             "ENABLE_CPU_PINNING": False,
         }
+        if streams > 1:
+            config["NUM_STREAMS"] = streams
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+            config["INFERENCE_NUM_THREADS"] = threads * streams
         core = ov.Core()
         model = core.read_model(str(path))
         sizes = static_sizes(static_batch) if static_batch and _only_batch_dynamic(model) else ()
@@ -564,11 +594,25 @@ class OpenVinoEngine:
             raise EngineUnavailable(
                 f"OpenVINO compiled {path.name} for {ran.get_type_name()}, not bf16"
             )
+        self._compiled = compiled
         self._requests = {size: each.create_infer_request() for size, each in compiled.items()}
         self._outputs = [(index, port.get_any_name()) for index, port in enumerate(first.outputs)]
         self.static_sizes = sizes
+        self.streams = streams
         shapes = f" static batches {','.join(map(str, sizes))}" if sizes else ""
-        self.description = f"openvino {ov.__version__} CPU {precision} {path.name}{shapes}"
+        shared = f" {streams} streams" if streams > 1 else ""
+        self.description = f"openvino {ov.__version__} CPU {precision} {path.name}{shapes}{shared}"
+
+    def sibling(self) -> OpenVinoEngine | None:
+        """Another instance on the same compiled models (another stream), with infer
+        requests of its own; None when they were compiled as one stream."""
+        if self.streams < 2:
+            return None
+        other = copy.copy(self)
+        other._requests = {
+            size: model.create_infer_request() for size, model in self._compiled.items()
+        }
+        return other
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.static_sizes:
@@ -588,6 +632,7 @@ class OpenVinoEngine:
 
     def close(self) -> None:
         self._requests = {}
+        self._compiled = {}
 
 
 def static_sizes(max_batch: int) -> tuple[int, ...]:
@@ -652,10 +697,11 @@ def openvino_engine(
     precision: str = "fp32",
     threads: int = 0,
     static_batch: int = 0,
+    streams: int = 1,
 ) -> OpenVinoEngine:
     """The openvino engine over a bundle's fp32 ONNX graph (its int8 graph at int8); also
     registered as the `openvino` entry point of `hornet.engines`, which `hornet verify`
-    and the int8 export's verification run bundles with. `static_batch`: see
+    and the int8 export's verification run bundles with. `static_batch`, `streams`: see
     OpenVinoEngine."""
     if device != "cpu":
         raise EngineUnavailable(f"the openvino engine runs on the CPU, not {device}")
@@ -664,7 +710,11 @@ def openvino_engine(
     except LookupError as exc:
         raise EngineUnavailable(str(exc)) from exc
     return OpenVinoEngine(
-        bundle.file(entry.file), precision=precision, threads=threads, static_batch=static_batch
+        bundle.file(entry.file),
+        precision=precision,
+        threads=threads,
+        static_batch=static_batch,
+        streams=streams,
     )
 
 
@@ -703,7 +753,9 @@ def unverified_precision(bundle: Bundle, settings: Settings) -> str | None:
 
 
 def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
-    """One engine instance for a bundle, as the settings ask (engine, device, precision)."""
+    """An engine instance for a bundle, as the settings ask (engine, device, precision).
+    With --share-weights an OpenVINO engine is compiled for all --instances (as streams),
+    which its `sibling()`s then run on (ModelPool)."""
     manifest = bundle.manifest
     try:
         if settings.engine == "tensorrt":
@@ -716,6 +768,7 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
                 settings.precision or "fp32",
                 settings.engine_thread_count,
                 settings.max_batch_size if settings.openvino_static_shapes else 0,
+                settings.instances if settings.share_weights else 1,
             )
         if settings.engine != "onnxruntime":
             return registered_engine(settings.engine)(bundle, device=settings.device)
@@ -736,6 +789,14 @@ def create_engine(bundle: Bundle, settings: Settings) -> InferenceEngine:
         shape_sessions=settings.cuda_shape_sessions if static else 0,
         conv_algo_search=settings.cuda_conv_algo_search,
     )
+
+
+def sibling_of(engine: InferenceEngine, settings: Settings) -> InferenceEngine | None:
+    """Another instance sharing `engine`'s weights, where --share-weights and the engine
+    offers one (the optional `sibling()` of hornet_bundle.InferenceEngine); else None,
+    and the caller makes another engine."""
+    sibling = getattr(engine, "sibling", None) if settings.share_weights else None
+    return sibling() if sibling is not None else None
 
 
 def cuda_static_shapes(settings: Settings) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
 from service import batching
-from service.engines import InferenceEngine, create_engine, static_sizes
+from service.engines import InferenceEngine, create_engine, sibling_of, static_sizes
 from service.errors import (
     EngineFailure,
     InvalidParameters,
@@ -74,6 +74,7 @@ class ModelRunner:
         metrics: ServiceMetrics,
         decoder: Executor,
         releaser: MemoryReleaser,
+        weight_copies: int = 0,
     ) -> None:
         self.bundle = bundle
         self.decoder = decoder
@@ -82,6 +83,8 @@ class ModelRunner:
         self.name = bundle.manifest.name
         self.pipeline: Pipeline = pipeline_for(bundle.manifest)
         self.engines = list(engines)
+        # 0: one per engine (none shares another's)
+        self.weight_copies = weight_copies or len(self.engines)
         self.settings = settings
         self.draft = (
             draft_size(self.pipeline.first_resize, settings.jpeg_reducing_gap)
@@ -186,6 +189,7 @@ class ModelRunner:
             input_size=manifest.preprocess.input_size,
             labels=len(manifest.labels),
             engine=self.engines[0].description,
+            weight_copies=self.weight_copies,
             batching=BatchSettings(
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_ms=self.settings.max_delay_ms,
@@ -272,13 +276,23 @@ class ModelPool:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
         engines: list[InferenceEngine] = []
+        copies = 0  # engines made by the factory, each with its own weights
         try:
             for _ in range(self.settings.instances):
                 if self.draining:
                     raise LoadingStopped("the server is shutting down")
-                engines.append(self._engine_factory(bundle, self.settings))
+                sibling = sibling_of(engines[0], self.settings) if engines else None
+                if sibling is None:
+                    sibling, copies = self._engine_factory(bundle, self.settings), copies + 1
+                engines.append(sibling)
             runner = ModelRunner(
-                bundle, engines, self.settings, self.metrics, self.decoder, self.releaser
+                bundle,
+                engines,
+                self.settings,
+                self.metrics,
+                self.decoder,
+                self.releaser,
+                weight_copies=copies,
             )
             runner.warm_up(stopping=lambda: self.draining)
         except LoadingStopped:
@@ -291,6 +305,8 @@ class ModelPool:
                 "model": runner.name,
                 "task": bundle.manifest.task,
                 "engine": engines[0].description,
+                "instances": len(engines),
+                "weight_copies": copies,
                 "warmup_batch_sizes": runner.warmup_sizes(),
                 "seconds": round(time.monotonic() - started, 3),
             },

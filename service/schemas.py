@@ -132,6 +132,8 @@ class ModelInfo(BaseModel):
     input_size: tuple[int, int]
     labels: int
     engine: str
+    # Copies of the weights the instances hold: 1 where they share them (--share-weights).
+    weight_copies: int
     batching: BatchSettings
     demo: bool
     ready: bool

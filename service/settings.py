@@ -179,6 +179,12 @@ class Settings(BaseSettings):
         "the process may use where a CPU limit or affinity allows fewer than the machine "
         "has (a container), else the runtime's default",
     )
+    share_weights: bool = Field(
+        True,
+        description="--instances K above 1 on the CPU: the instances share one copy of the "
+        "weights (OpenVINO: one compiled model run as K streams; ONNX Runtime with "
+        "--engine-threads 1: one session run from K threads) instead of one copy each",
+    )
     openvino_static_shapes: bool = Field(
         False,
         description="--engine openvino: compile one static-shape model per batch size "

@@ -76,12 +76,17 @@ def test_openvino_keeps_the_batch_axis_dynamic(classifier_dir) -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning shows on 2+ CPUs")
-def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> None:
-    """Two one-thread engines (--instances 2 --engine-threads 1) running at once: OpenVINO
-    would pin both to the first core; no thread of this process may be narrowed to fewer
-    CPUs than the process has while they run."""
-    settings = Settings(engine="openvino", engine_threads=1)
-    engines = [create_engine(load_bundle(classifier_dir), settings) for _ in range(2)]
+@pytest.mark.parametrize("share", [True, False], ids=["two-streams", "two-models"])
+def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir, share) -> None:
+    """Two one-thread engines (--instances 2 --engine-threads 1) running at once, as two
+    streams of one compiled model (--share-weights) or as two models: OpenVINO would pin
+    both to the first core; no thread of this process may be narrowed to fewer CPUs than
+    the process has while they run."""
+    settings = Settings(engine="openvino", engine_threads=1, instances=2, share_weights=share)
+    first = create_engine(load_bundle(classifier_dir), settings)
+    second = engines.sibling_of(first, settings)
+    assert (second is not None) == share
+    pair = [first, second or create_engine(load_bundle(classifier_dir), settings)]
     allowed = os.sched_getaffinity(0)
     running = threading.Event()
     stop = threading.Event()
@@ -91,7 +96,7 @@ def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> N
             engine.run({"image": INPUTS["classify"]})
             running.set()
 
-    workers = [threading.Thread(target=serve, args=(engine,)) for engine in engines]
+    workers = [threading.Thread(target=serve, args=(engine,)) for engine in pair]
     narrowed: set[tuple[int, frozenset[int]]] = set()
     try:
         for worker in workers:
@@ -108,7 +113,7 @@ def test_single_thread_instances_are_not_pinned_to_one_core(classifier_dir) -> N
         stop.set()
         for worker in workers:
             worker.join()
-        for engine in engines:
+        for engine in pair:
             engine.close()
     assert not narrowed, f"threads pinned to fewer CPUs than {sorted(allowed)}: {narrowed}"
 

@@ -124,6 +124,7 @@ async def test_models_lists_every_bundle_with_its_settings(
     assert cls["task"] == "classify" and cls["variant"] == "test_classify"
     assert cls["input_size"] == [224, 224] and cls["labels"] == 10
     assert cls["engine"].startswith("onnxruntime")
+    assert cls["weight_copies"] == 1  # two one-thread instances share one session
     assert cls["batching"] == {
         "max_batch_size": 4,
         "max_delay_ms": 2.0,
