@@ -19,8 +19,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.engines import OnnxRuntimeEngine, sibling_of
+from hornet_bundle import load_bundle
+from service.engines import OnnxRuntimeEngine, create_engine, sibling_of
 from service.settings import Settings
+from tests.helpers import demo
 from tests.helpers.images import encode, upload
 from tests.helpers.serving import serving
 
@@ -92,6 +94,67 @@ def test_siblings_running_side_by_side_each_get_their_own_answers(kind, heavy_mo
     first.close()
     second.close()
     assert not failures, failures
+
+
+DEMO_INPUTS = {  # two inputs per task in the demo bundles' shapes: (images, height, width)
+    "classify": [(3, 96, 96), (1, 96, 96)],
+    "segment": [(2, 128, 128), (1, 128, 128)],
+    "detect": [(None, 192, 256), (None, 256, 192)],  # one image per call, any size
+}
+
+
+def _demo_input(rng: np.random.Generator, count: int | None, height: int, width: int):
+    """Scenes of the demo's shapes (what its models were trained on), stacked to a batch
+    unless `count` is None."""
+    from model_export.demo.shapes import generate_scene
+
+    scenes = [
+        generate_scene(rng, height, width, num_shapes=(2, 3)).image for _ in range(count or 1)
+    ]
+    return np.stack(scenes) if count else scenes[0]
+
+
+@pytest.mark.parametrize("task", sorted(DEMO_INPUTS))
+@pytest.mark.parametrize("kind", ENGINES)
+def test_demo_models_of_every_task_answer_alike_on_siblings(kind, task) -> None:
+    """Both instances of each demo model (HorNet classifier, UperNet segmenter, cascade
+    detector, the last with a dynamic image size) running at once, each input on the
+    other instance too, give what one lone engine gives."""
+    if kind == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    bundle = load_bundle(demo.bundle_dir(task))
+    settings = Settings(engine=kind, engine_threads=1, instances=2)
+    rng = np.random.default_rng(2)
+    inputs = [_demo_input(rng, *shape) for shape in DEMO_INPUTS[task]]
+    lone = create_engine(bundle, settings.model_copy(update={"instances": 1}))
+    want = [lone.run({"image": image}) for image in inputs]
+    lone.close()
+    if task == "detect":
+        assert all(len(outputs["boxes"]) for outputs in want)  # something to compare
+    first = create_engine(bundle, settings)
+    pair = [first, sibling_of(first, settings)]
+    assert pair[1] is not None
+    got: dict[tuple[int, int], dict] = {}
+
+    def serve(index: int) -> None:
+        for step in range(6):
+            which = (step + index) % len(inputs)
+            got[index, step] = (which, pair[index].run({"image": inputs[which]}))
+
+    workers = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for engine in pair:
+        engine.close()
+    assert len(got) == 12
+    for which, outputs in got.values():
+        assert outputs.keys() == want[which].keys()
+        for name, expected in want[which].items():
+            np.testing.assert_allclose(
+                outputs[name], expected, rtol=1e-5, atol=1e-5 * max(np.abs(expected).max(), 1)
+            )
 
 
 def test_no_sibling_where_sharing_would_be_slower_or_is_turned_off(heavy_model) -> None:
