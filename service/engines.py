@@ -537,8 +537,10 @@ class OpenVinoEngine:
 
     `streams` > 1 (--instances K with --share-weights) compiles each model as K streams
     of `threads` threads each (all the cores split among them when 0): OpenVINO's own
-    form of K engines side by side, one copy of the weights; this engine runs on the
-    first and each `sibling()` on another, with infer requests of its own.
+    form of K engines side by side, one copy of the weights; this engine and each
+    `sibling()` run infer requests of their own on it, which take the next free stream.
+    OpenVINO makes no more streams than the CPUs it sees (K = 4 on two cores: 2), so
+    instances beyond that take turns.
     """
 
     def __init__(
@@ -599,8 +601,10 @@ class OpenVinoEngine:
         self._outputs = [(index, port.get_any_name()) for index, port in enumerate(first.outputs)]
         self.static_sizes = sizes
         self.streams = streams
+        # OpenVINO caps streams (and their threads) at the CPUs it sees: what it made.
+        self.streams_made = int(first.get_property("NUM_STREAMS"))
         shapes = f" static batches {','.join(map(str, sizes))}" if sizes else ""
-        shared = f" {streams} streams" if streams > 1 else ""
+        shared = f" {self.streams_made} streams" if streams > 1 else ""
         self.description = f"openvino {ov.__version__} CPU {precision} {path.name}{shapes}{shared}"
 
     def sibling(self) -> OpenVinoEngine | None:
