@@ -71,10 +71,23 @@ def _reference(x: np.ndarray) -> np.ndarray:
     return np.maximum(x.astype(np.float64) @ WEIGHT.astype(np.float64), 0).sum(axis=1)
 
 
+def _side_by_side(engines: list, job) -> None:
+    """`job(engine, index)` for every engine at once, a thread each; then the engines
+    closed."""
+    workers = [threading.Thread(target=job, args=(e, i)) for i, e in enumerate(engines)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for engine in engines:
+        engine.close()
+
+
 @pytest.mark.parametrize("kind", ENGINES)
 def test_siblings_running_side_by_side_each_get_their_own_answers(kind, heavy_model) -> None:
-    """Three instances of one engine (OpenVINO: compiled for more streams than this
-    machine has CPUs, which it caps, so instances take turns) running at once."""
+    """More instances of one engine than this machine has CPUs (at least three) running
+    at once; OpenVINO, compiled for that many streams, makes no more than the CPUs, and
+    the instances take turns on them."""
     count = max(3, 2 * len(os.sched_getaffinity(0)) + 1)
     first = _engine(kind, heavy_model, streams=count)
     if kind == "openvino":
@@ -83,7 +96,7 @@ def test_siblings_running_side_by_side_each_get_their_own_answers(kind, heavy_mo
     engines = [first] + [sibling_of(first, Settings()) for _ in range(count - 1)]
     assert None not in engines
     rng = np.random.default_rng(1)
-    inputs = [rng.normal(0, 1, (count, FEATURES)).astype(np.float32) for count in (1, 3, 2, 4)]
+    inputs = [rng.normal(0, 1, (rows, FEATURES)).astype(np.float32) for rows in (1, 3, 2, 4)]
     failures: list[str] = []
 
     def serve(engine, offset: int) -> None:
@@ -93,13 +106,7 @@ def test_siblings_running_side_by_side_each_get_their_own_answers(kind, heavy_mo
             if not np.allclose(got, _reference(x), rtol=1e-4, atol=1e-3):
                 failures.append(f"step {step}: {got} vs {_reference(x)}")
 
-    workers = [threading.Thread(target=serve, args=(e, i)) for i, e in enumerate(engines)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    for engine in engines:
-        engine.close()
+    _side_by_side(engines, serve)
     assert not failures, failures
 
 
@@ -143,18 +150,12 @@ def test_demo_models_of_every_task_answer_alike_on_siblings(kind, task) -> None:
     assert pair[1] is not None
     got: dict[tuple[int, int], dict] = {}
 
-    def serve(index: int) -> None:
+    def serve(engine, index: int) -> None:
         for step in range(6):
             which = (step + index) % len(inputs)
-            got[index, step] = (which, pair[index].run({"image": inputs[which]}))
+            got[index, step] = (which, engine.run({"image": inputs[which]}))
 
-    workers = [threading.Thread(target=serve, args=(i,)) for i in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    for engine in pair:
-        engine.close()
+    _side_by_side(pair, serve)
     assert len(got) == 12
     for which, outputs in got.values():
         assert outputs.keys() == want[which].keys()
