@@ -39,7 +39,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from service.flags import add_settings_flags, settings_flags
 from service.pipelines import pipeline_for
 from service.settings import Settings
 from service.testing import ServerNotReady, running_server, wait_ready
+from service.tuning import run_side_by_side
 
 # Bundles too big for a CPU, or TensorRT engines built at start-up, take minutes to load.
 READY_TIMEOUT_S = 300
@@ -162,38 +162,12 @@ def raw_engine_throughput(
         for batch in sizes:
             key = f"b{batch}{'+spin' if spinning and not tag else ''}{tag}"
             batch_items = (items * batch)[:batch]
-            rate, cpu_ms = _run_side_by_side(pipeline, engines, batch_items, seconds)
+            rate, cpu_ms = run_side_by_side(pipeline, engines, batch_items, seconds)
             # per image: a segmenter's image is len(items) tiles
             results[key], RAW_CPU_MS[key] = rate / len(items), cpu_ms * len(items)
         for engine in engines:
             engine.close()
     return results
-
-
-def _run_side_by_side(
-    pipeline: Any, engines: list[Any], items: list[np.ndarray], seconds: float
-) -> tuple[float, float]:
-    """Each engine run on `items` over and over in a thread of its own for `seconds` (and
-    twice at least): images/s of them all, and CPU ms per image (all threads)."""
-    for engine in engines:
-        pipeline.run_batch(engine, items)  # warm this shape
-    done = [0] * len(engines)
-    started, cpu_started = time.perf_counter(), time.process_time()
-
-    def loop(index: int) -> None:
-        while time.perf_counter() - started < seconds or done[index] < 2 * len(items):
-            pipeline.run_batch(engines[index], items)
-            done[index] += len(items)
-
-    workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(engines))]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    images = sum(done)
-    return images / (time.perf_counter() - started), (
-        time.process_time() - cpu_started
-    ) / images * 1000.0
 
 
 # CPU milliseconds per image of each raw_engine_throughput configuration (all threads).

@@ -4,11 +4,12 @@
     hornet export --variant hornet_tiny_7x7 --checkpoint hornet_tiny_7x7.pth --out bundles/t7
     hornet verify bundles/t7 --precision bf16
     hornet serve --model-dir bundles/t7 --engine openvino --precision bf16
+    hornet tune bundles/t7
     hornet list [--task classify|segment|detect]
 
 A subcommand is a `Command` registered under the `hornet.commands` entry-point group
 (pyproject.toml): the exporter contributes `export`, `list` and `verify`, the service
-`serve`. This package imports neither, so `hornet serve` runs where torch is not
+`serve` and `tune`. This package imports neither, so `hornet serve` runs where torch is not
 installed and each side adds commands without touching the other.
 """
 

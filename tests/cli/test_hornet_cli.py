@@ -27,7 +27,7 @@ def _echo_command(seen: list[argparse.Namespace]) -> Command:
 
 
 def test_each_side_contributes_its_subcommands():
-    assert set(hornet_cli.installed_commands()) == {"export", "list", "serve", "verify"}
+    assert set(hornet_cli.installed_commands()) == {"export", "list", "serve", "tune", "verify"}
 
 
 def test_subcommand_parsers_are_the_ones_hornet_parses_with():
@@ -36,6 +36,7 @@ def test_subcommand_parsers_are_the_ones_hornet_parses_with():
         "export": "hornet export",
         "list": "hornet list",
         "serve": "hornet serve",
+        "tune": "hornet tune",
         "verify": "hornet verify",
     }
 

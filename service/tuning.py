@@ -1,0 +1,394 @@
+"""`hornet tune BUNDLE`: which engine, precision and layout of the cores serve a bundle
+fastest on this host, measured here, and the `hornet serve` flags for it.
+
+The fastest setting differs from CPU to CPU (bench/README.md: OpenVINO int8 with static
+shapes on a Zen 4 EPYC with VNNI, bf16 on a Xeon with AMX, ONNX Runtime on an AVX2 EPYC;
+one engine per core under load everywhere, one engine of all the cores for a lone
+request), so it is measured rather than guessed. Each candidate the server could run
+here, from what is installed, what the CPU does and what the bundle holds:
+
+- engines: ONNX Runtime, and OpenVINO when installed;
+- precisions: fp32; int8 where the bundle has its int8 graph; bf16 on OpenVINO where
+  the CPU does bf16 arithmetic (AVX512_BF16 or AMX);
+- layouts: one engine of all the CPUs the process may use (the default) and one
+  single-thread engine per CPU (sharing one copy of the weights, --share-weights);
+- OpenVINO with and without --openvino-static-shapes (not for a detector, whose input
+  size varies).
+
+Each runs in a fresh process (so no candidate's threads or memory disturb the next):
+the service's own pipeline prepares a JPEG photo's items exactly as for a request, and
+the engines run batches of --max-batch-size images side by side, one thread each, as the
+batcher drives them; then one engine runs a lone image. Printed per candidate: images
+per second under load, the lone image's latency, and the memory the engines took;
+candidates whose precision the bundle was not verified for are measured but not
+recommended (`hornet verify`, `hornet export --int8`). The figures are the bare engines'
+(bench/loadgen.py measures the HTTP server against them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hornet_bundle import Bundle, EngineUnavailable, load_bundle
+from hornet_cli import Command
+from service.cpus import available_cpus
+from service.engines import cpu_runs_bf16, create_engine, sibling_of, unverified_precision
+from service.imaging import decode_image
+from service.pipelines import pipeline_for
+from service.settings import Settings
+
+MEASURE_TIMEOUT_S = 600.0
+NEAR = 0.05  # candidates this close to the fastest are named with it
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to serve the bundle: what `hornet serve` would be told."""
+
+    engine: str
+    precision: str
+    instances: int
+    threads: int
+    static_shapes: bool = False
+
+    def settings(self, base: Settings) -> Settings:
+        return base.model_copy(
+            update={
+                "engine": self.engine,
+                "precision": self.precision,
+                "instances": self.instances,
+                "engine_threads": self.threads,
+                "openvino_static_shapes": self.static_shapes,
+            }
+        )
+
+    def flags(self) -> list[str]:
+        flags = ["--engine", self.engine, "--precision", self.precision]
+        flags += ["--instances", str(self.instances), "--engine-threads", str(self.threads)]
+        return flags + (["--openvino-static-shapes"] if self.static_shapes else [])
+
+    @property
+    def name(self) -> str:
+        static = ", static shapes" if self.static_shapes else ""
+        return f"{self.engine} {self.precision}, {self.instances} x {self.threads}{static}"
+
+
+@dataclass
+class Measured:
+    """A candidate's figures, or why it could not run here."""
+
+    candidate: Candidate
+    images_per_s: float = 0.0
+    lone_ms: float = 0.0
+    memory_mib: float = 0.0
+    unverified: str | None = None  # why the server would refuse it without a flag
+    error: str | None = None
+
+
+def candidates(bundle: Bundle, cpus: int, openvino: bool | None = None) -> list[Candidate]:
+    """Every candidate the server could run for `bundle` on this host's `cpus` CPUs
+    (`openvino`: whether the engine is installed; None: find out)."""
+    if openvino is None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            openvino = False
+        else:
+            openvino = True
+    int8 = _has_graph(bundle, "int8")
+    precisions = {"onnxruntime": ["fp32"] + (["int8"] if int8 else [])}
+    if openvino:
+        bf16 = ["bf16"] if cpu_runs_bf16() else []
+        precisions["openvino"] = ["fp32", *bf16] + (["int8"] if int8 else [])
+    layouts = [(1, cpus)] + ([(cpus, 1)] if cpus > 1 else [])
+    static = [False] + ([True] if bundle.manifest.task != "detect" else [])
+    found = []
+    for engine, names in precisions.items():
+        for precision in names:
+            for instances, threads in layouts:
+                for shapes in static if engine == "openvino" else [False]:
+                    found.append(Candidate(engine, precision, instances, threads, shapes))
+    return found
+
+
+def _has_graph(bundle: Bundle, precision: str) -> bool:
+    try:
+        bundle.manifest.engine_for("onnx", precision)
+    except LookupError:
+        return False
+    return True
+
+
+def photo(size: tuple[int, int] = (640, 480)) -> bytes:
+    """A smooth synthetic picture as a JPEG: gradients, no objects. A classifier's or a
+    segmenter's speed does not depend on the content; a detector's does (each detection
+    kept costs its mask head), so `hornet tune --image` takes one of the user's own."""
+    from PIL import Image
+
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([255 * x / width, 255 * y / height, 96 + 64 * np.sin(x / width * 3)], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(image.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def run_side_by_side(
+    pipeline: Any, engines: Sequence[Any], items: list[np.ndarray], seconds: float
+) -> tuple[float, float]:
+    """Each engine run on `items` over and over in a thread of its own for `seconds` (and
+    twice at least): items per second of them all, and CPU ms per item (all threads)."""
+    for engine in engines:
+        pipeline.run_batch(engine, items)  # warm this shape
+    done = [0] * len(engines)
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def loop(index: int) -> None:
+        while time.perf_counter() - started < seconds or done[index] < 2 * len(items):
+            pipeline.run_batch(engines[index], items)
+            done[index] += len(items)
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(engines))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    total = sum(done)
+    return total / (time.perf_counter() - started), (
+        time.process_time() - cpu_started
+    ) / total * 1000.0
+
+
+def measure(
+    bundle: Bundle, candidate: Candidate, base: Settings, seconds: float, image: bytes
+) -> Measured:
+    """The candidate's figures in this process (see the module's doc)."""
+    settings = candidate.settings(base)
+    result = Measured(candidate, unverified=unverified_precision(bundle, settings))
+    pipeline = pipeline_for(bundle.manifest)
+    items = pipeline.prepare(decode_image(image, settings.max_pixels)).items
+    # A detector runs one image per call; the others a batch of max_batch_size images.
+    images = 1 if bundle.manifest.task == "detect" else settings.max_batch_size
+    before = _resident_mib()
+    try:
+        engines = [create_engine(bundle, settings)]
+        engines += [
+            sibling_of(engines[0], settings) or create_engine(bundle, settings)
+            for _ in range(candidate.instances - 1)
+        ]
+    except EngineUnavailable as exc:
+        result.error = str(exc)
+        return result
+    try:
+        pipeline.run_batch(engines[0], items)
+        rate, _ = run_side_by_side(pipeline, engines, items * images, seconds)
+        result.images_per_s = rate / len(items)
+        result.memory_mib = _resident_mib() - before
+        lone = []
+        for _ in range(5):
+            started = time.perf_counter()
+            pipeline.run_batch(engines[0], items)
+            lone.append(time.perf_counter() - started)
+        result.lone_ms = statistics.median(lone) * 1000.0
+    finally:
+        for engine in engines:
+            engine.close()
+    return result
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_in_child(
+    model_dir: Path,
+    candidate: Candidate,
+    base: Settings,
+    seconds: float,
+    image: Path | None = None,
+) -> Measured:
+    """`measure` in a fresh Python process; its failure, if any, as the result's error."""
+    request = {
+        "model_dir": str(model_dir),
+        "candidate": asdict(candidate),
+        "max_batch_size": base.max_batch_size,
+        "seconds": seconds,
+        "image": None if image is None else str(image),
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.tuning", json.dumps(request)],
+            capture_output=True,
+            text=True,
+            timeout=MEASURE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return Measured(candidate, error=f"took over {MEASURE_TIMEOUT_S:g} s")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return Measured(candidate, error=last)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures.pop("candidate")
+    return Measured(candidate, **figures)
+
+
+def median_of(runs: Sequence[Measured]) -> Measured:
+    """One candidate's rounds as one result: the median of each figure, or the first
+    error."""
+    failed = next((run for run in runs if run.error is not None), None)
+    if failed is not None:
+        return failed
+    return Measured(
+        runs[0].candidate,
+        images_per_s=statistics.median(run.images_per_s for run in runs),
+        lone_ms=statistics.median(run.lone_ms for run in runs),
+        memory_mib=statistics.median(run.memory_mib for run in runs),
+        unverified=runs[0].unverified,
+    )
+
+
+def best(results: Sequence[Measured]) -> Measured | None:
+    """The fastest under load among those that ran and that the bundle was verified for."""
+    servable = [r for r in results if r.error is None and r.unverified is None]
+    return max(servable, key=lambda r: r.images_per_s, default=None)
+
+
+def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> str:
+    """The table, fastest first, "vs default" against `default` (what `hornet serve`
+    runs here without flags), and the flags of the fastest verified candidate."""
+    baseline = next(
+        (r.images_per_s for r in results if r.error is None and r.candidate == default), 0.0
+    )
+    lines = [
+        f"{'candidate':<46} {'img/s':>7} {'vs default':>10} {'lone ms':>8} {'MiB':>6}  note",
+    ]
+    for result in sorted(results, key=lambda r: -r.images_per_s):
+        if result.error is not None:
+            lines.append(f"{result.candidate.name:<46} {'-':>7} {'':>10} {'':>8} {'':>6}  "
+                         f"cannot run here: {result.error}")  # fmt: skip
+            continue
+        ratio = f"{result.images_per_s / baseline:.2f}x" if baseline else "-"
+        note = "unverified (below)" if result.unverified else ""
+        lines.append(
+            f"{result.candidate.name:<46} {result.images_per_s:>7.1f} {ratio:>10} "
+            f"{result.lone_ms:>8.1f} {result.memory_mib:>6.0f}  {note}".rstrip()
+        )
+    reasons = dict.fromkeys(r.unverified for r in results if r.unverified and r.error is None)
+    lines += [f"unverified, not recommended: {reason}" for reason in reasons]
+    chosen = best(results)
+    if chosen is None:
+        lines.append("no verified candidate ran here")
+    else:
+        lines.append(
+            f"\nfastest verified under load: {chosen.candidate.name}\n"
+            f"  hornet serve --model-dir {model_dir} {' '.join(chosen.candidate.flags())}"
+        )
+        close = [
+            r.candidate.name
+            for r in results
+            if r is not chosen and r.error is None and r.unverified is None
+            and r.images_per_s >= (1 - NEAR) * chosen.images_per_s
+        ]  # fmt: skip
+        if close:
+            lines.append(
+                f"within {NEAR:.0%} of it (as fast, within a shared host's noise; more "
+                f"--rounds tell them apart): {'; '.join(close)}"
+            )
+        quickest = min(
+            (r for r in results if r.error is None and r.unverified is None),
+            key=lambda r: r.lone_ms,
+        )
+        if quickest is not chosen:
+            lines.append(
+                f"quickest for a lone request: {quickest.candidate.name} "
+                f"({quickest.lone_ms:.1f} ms against {chosen.lone_ms:.1f})\n"
+                f"  hornet serve --model-dir {model_dir} {' '.join(quickest.candidate.flags())}"
+            )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, help="the bundle to measure")
+    parser.add_argument("--seconds", type=float, default=3.0, help="load per candidate (default 3)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=Settings().max_batch_size,
+        help="images per batch under load, as the server's --max-batch-size (default 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engines", default="onnxruntime,openvino", help="comma-separated (default both)"
+    )
+    parser.add_argument(
+        "--image", type=Path,
+        help="a picture like those it will serve (default: a synthetic one without "
+        "objects; a detector's speed depends on what it finds)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every candidate this many times, in turn, and take the medians "
+        "(a shared host's speed moves 10-20%% between runs; default 1)",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="the figures as JSON lines")
+
+
+def tune(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.model_dir)
+    cpus = available_cpus()
+    base = Settings(max_batch_size=args.max_batch_size)
+    wanted = set(args.engines.split(","))
+    found = [c for c in candidates(bundle, cpus) if c.engine in wanted]
+    print(
+        f"{bundle.name} ({bundle.manifest.task}): {len(found)} candidates on {cpus} CPUs, "
+        f"{args.seconds:g} s of load each, batches of "
+        f"{1 if bundle.manifest.task == 'detect' else args.max_batch_size} images",
+        file=sys.stderr,
+        flush=True,
+    )
+    rounds: list[list[Measured]] = [[] for _ in found]
+    for round_ in range(1, args.rounds + 1):  # each round every candidate once, in turn
+        for runs, candidate in zip(rounds, found, strict=True):
+            runs.append(measure_in_child(args.model_dir, candidate, base, args.seconds, args.image))
+            print(f"  round {round_}: {candidate.name}", file=sys.stderr, flush=True)
+    results = [median_of(runs) for runs in rounds]
+    if args.json:
+        for result in results:
+            print(json.dumps(asdict(result)), flush=True)
+    else:
+        # the server's default: ONNX Runtime fp32, one engine of all the CPUs
+        print(report(results, args.model_dir, Candidate("onnxruntime", "fp32", 1, cpus)))
+    return 0 if best(results) is not None else 1
+
+
+tune_command = Command(
+    help="measure which engine, precision and layout serve a bundle fastest here",
+    description=__doc__,
+    add_arguments=add_arguments,
+    run=tune,
+)
+
+
+def _child(request: dict) -> None:
+    candidate = Candidate(**request["candidate"])
+    base = Settings(max_batch_size=request["max_batch_size"])
+    bundle = load_bundle(Path(request["model_dir"]))
+    image = Path(request["image"]).read_bytes() if request["image"] else photo()
+    result = measure(bundle, candidate, base, request["seconds"], image)
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))

@@ -1,0 +1,136 @@
+"""`hornet tune BUNDLE`: the candidates it measures are those the server could run here;
+each runs (a real `hornet tune` process, each candidate in its own); an unverified
+precision is measured but never recommended; and the flags it recommends are ones
+`hornet serve` parses into the very candidate it names."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hornet_bundle import load_bundle
+from service.cli import load_settings
+from service.engines import cpu_runs_bf16
+from service.tuning import Candidate, Measured, best, candidates
+from tests.helpers import demo
+from tests.helpers.images import encode
+
+HORNET = [sys.executable, "-m", "hornet_cli"]
+
+
+def _with_int8_entry(source: Path, target: Path) -> Path:
+    """A copy of a bundle whose manifest also lists its graph as the int8 one."""
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["engines"].append({"format": "onnx", "precision": "int8", "file": "model.onnx"})
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_candidates_are_what_the_server_could_run_here(tmp_path) -> None:
+    classify = load_bundle(_with_int8_entry(demo.bundle_dir("classify"), tmp_path / "c"))
+    found = candidates(classify, cpus=4, openvino=True)
+    bf16 = ["bf16"] if cpu_runs_bf16() else []
+    expected = [
+        Candidate("onnxruntime", precision, instances, threads)
+        for precision in ("fp32", "int8")
+        for instances, threads in ((1, 4), (4, 1))
+    ] + [
+        Candidate("openvino", precision, instances, threads, static)
+        for precision in ("fp32", *bf16, "int8")
+        for instances, threads in ((1, 4), (4, 1))
+        for static in (False, True)
+    ]
+    assert found == expected
+    # Without OpenVINO, with one CPU, and with no int8 graph: ONNX Runtime fp32 alone.
+    alone = candidates(load_bundle(demo.bundle_dir("classify")), cpus=1, openvino=False)
+    assert alone == [Candidate("onnxruntime", "fp32", 1, 1)]
+    # A detector's input size varies: no static shapes for it.
+    detect = candidates(load_bundle(demo.bundle_dir("detect")), cpus=2, openvino=True)
+    assert detect and not any(c.static_shapes for c in detect)
+
+
+def test_the_fastest_verified_candidate_is_recommended() -> None:
+    fast_unverified = Measured(Candidate("openvino", "bf16", 2, 1), 90.0, unverified="no record")
+    broken = Measured(Candidate("openvino", "int8", 2, 1), error="cannot")
+    slow = Measured(Candidate("onnxruntime", "fp32", 1, 2), 40.0)
+    fast = Measured(Candidate("onnxruntime", "fp32", 2, 1), 50.0)
+    assert best([fast_unverified, broken, slow, fast]) is fast
+    assert best([fast_unverified, broken]) is None
+
+
+def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
+    classifier_dir,
+) -> None:
+    """A real `hornet tune` on the test classifier (verified for fp32 only): every
+    candidate runs, bf16 ones are marked unverified, and the recommended command's flags,
+    parsed by `hornet serve`'s own parser, are the fastest verified row's."""
+    done = subprocess.run(
+        [*HORNET, "tune", str(classifier_dir), "--seconds", "0.3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    measured = [Measured(Candidate(**row.pop("candidate")), **row) for row in rows]
+    assert [m.candidate for m in measured] == candidates(load_bundle(classifier_dir), _cpus(done))
+    for result in measured:
+        assert result.error is None, result
+        assert result.images_per_s > 0 and result.lone_ms > 0
+        assert (result.unverified is None) == (result.candidate.precision == "fp32")
+
+    text = subprocess.run(
+        [*HORNET, "tune", str(classifier_dir), "--seconds", "0.3", "--engines", "onnxruntime"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    lines = text.splitlines()
+    fastest = next(i for i, line in enumerate(lines) if line.startswith("fastest"))
+    command = lines[fastest + 1]
+    words = shlex.split(command)
+    assert words[:4] == ["hornet", "serve", "--model-dir", str(classifier_dir)]
+    settings = load_settings(words[2:])
+    chosen = Candidate(
+        settings.engine,
+        settings.precision,
+        settings.instances,
+        settings.engine_threads,
+        settings.openvino_static_shapes,
+    )
+    table = {
+        line.rsplit(maxsplit=4)[0]: float(line.rsplit(maxsplit=4)[1])
+        for line in lines[1:]
+        if line.startswith("onnxruntime ")
+    }
+    assert chosen.name in table
+    assert table[chosen.name] == max(table.values())
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_segmenters_and_detectors_are_tuned_too_on_the_users_image(task, photos, tmp_path) -> None:
+    image = tmp_path / "coffee.jpg"
+    image.write_bytes(encode(photos["coffee"], "JPEG"))
+    done = subprocess.run(
+        [*HORNET, "tune", str(demo.bundle_dir(task)), "--seconds", "0.2", "--json",
+         "--engines", "onnxruntime", "--image", str(image), "--rounds", "2"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    found = candidates(load_bundle(demo.bundle_dir(task)), _cpus(done), openvino=False)
+    assert [Candidate(**row["candidate"]) for row in rows] == found
+    assert all(r["error"] is None and r["images_per_s"] > 0 for r in rows)
+    assert done.stderr.count("round 2:") == len(rows)
+
+
+def _cpus(done: subprocess.CompletedProcess) -> int:
+    """The CPU count `hornet tune` reported on its first line."""
+    return int(done.stderr.split(" CPUs")[0].rsplit(" ", 1)[1])
