@@ -17,8 +17,9 @@ here, from what is installed, what the CPU does and what the bundle holds:
 
 Each runs in a fresh process (so no candidate's threads or memory disturb the next):
 the service's own pipeline prepares a JPEG photo's items exactly as for a request, and
-the engines run batches of --max-batch-size images side by side, one thread each, as the
-batcher drives them; then one engine runs a lone image. Printed per candidate: images
+the engines run batches of --max-batch-size items (images; a segmenter's tiles; a
+detector one image per call) side by side, one thread each, as the batcher drives them;
+then one engine runs a lone image. Printed per candidate: images
 per second under load, the lone image's latency, and the memory the engines took;
 candidates whose precision the bundle was not verified for are measured but not
 recommended (`hornet verify`, `hornet export --int8`). The figures are the bare engines'
@@ -181,8 +182,9 @@ def measure(
     result = Measured(candidate, unverified=unverified_precision(bundle, settings))
     pipeline = pipeline_for(bundle.manifest)
     items = pipeline.prepare(decode_image(image, settings.max_pixels)).items
-    # A detector runs one image per call; the others a batch of max_batch_size images.
-    images = 1 if bundle.manifest.task == "detect" else settings.max_batch_size
+    # A detector runs one image per call; the others batches of max_batch_size items (a
+    # segmenter's items are its tiles), as the batcher forms them.
+    size = 1 if bundle.manifest.task == "detect" else settings.max_batch_size
     before = _resident_mib()
     try:
         engines = [create_engine(bundle, settings)]
@@ -195,7 +197,7 @@ def measure(
         return result
     try:
         pipeline.run_batch(engines[0], items)
-        rate, _ = run_side_by_side(pipeline, engines, items * images, seconds)
+        rate, _ = run_side_by_side(pipeline, engines, (items * size)[:size], seconds)
         result.images_per_s = rate / len(items)
         result.memory_mib = _resident_mib() - before
         lone = []
@@ -354,7 +356,7 @@ def tune(args: argparse.Namespace) -> int:
     print(
         f"{bundle.name} ({bundle.manifest.task}): {len(found)} candidates on {cpus} CPUs, "
         f"{args.seconds:g} s of load each, batches of "
-        f"{1 if bundle.manifest.task == 'detect' else args.max_batch_size} images",
+        f"{1 if bundle.manifest.task == 'detect' else args.max_batch_size} items",
         file=sys.stderr,
         flush=True,
     )
