@@ -23,7 +23,8 @@ then one engine runs a lone image. Printed per candidate: images
 per second under load, the lone image's latency, and the memory the engines took;
 candidates whose precision the bundle was not verified for are measured but not
 recommended (`hornet verify`, `hornet export --int8`). The figures are the bare engines'
-(bench/loadgen.py measures the HTTP server against them).
+(bench/loadgen.py measures the HTTP server against them), and the candidates the CPU's
+(a GPU's are in docs/gpu.md).
 """
 
 from __future__ import annotations
