@@ -1,4 +1,4 @@
-# HorNet Serve, CPU image: ONNX Runtime (CPU), no torch, no CUDA.
+# HorNet Serve, CPU image: ONNX Runtime and OpenVINO (CPU), no torch, no CUDA.
 #
 #   docker build -f docker/cpu.Dockerfile -t hornet-serve-cpu:0.1.0 .
 #   docker run --stop-timeout 40 -p 8000:8000 -v "$PWD/bundles:/models:ro" \
@@ -6,7 +6,10 @@
 #
 # Build context is the repository root; docker/cpu.Dockerfile.dockerignore keeps it small.
 # Bundles are not baked in: mount them under /models and list the bundle directories in
-# HORNET_MODEL_DIR (comma-separated); see docs/deploy.md.
+# HORNET_MODEL_DIR (comma-separated); see docs/deploy.md. ONNX Runtime is the default
+# engine; HORNET_ENGINE=openvino (with HORNET_PRECISION=bf16 on CPUs with AVX512_BF16 or
+# AMX) is the faster one, and `hornet tune /models/<bundle>` in this image measures which
+# flags serve a bundle fastest on the node it runs on (docs/deploy.md).
 
 FROM python:3.11.14-slim-trixie AS builder
 
@@ -28,8 +31,10 @@ COPY model_export ./model_export
 COPY service ./service
 # A regular (not editable) install, so /src is not needed at run time. The build backend
 # comes from the lock, not from an unpinned build-isolation download.
+# The import proves OpenVINO's CPU plugin loads (`--engine openvino`).
 RUN pip install --no-deps --no-build-isolation . \
     && pip check \
+    && python -c "import openvino as ov; d = ov.Core().available_devices; assert 'CPU' in d, d" \
     && hornet serve --help > /dev/null
 
 

@@ -4,9 +4,10 @@
 #   docker build -f docker/gpu.Dockerfile --target export -t hornet-export:0.1.0 .
 #
 # serve:  the service, no torch.
-# export: `hornet export` (torch + TensorRT builder). TensorRT engines are tied to the GPU
-#         architecture and TensorRT version that built them: run this image on the GPU type
-#         that will serve (docs/deploy.md), with the TensorRT pin of the serve image.
+# export: `hornet export` (torch + TensorRT builder; OpenVINO, which verifies bf16 and
+#         int8 bundles for CPU serving). TensorRT engines are tied to the GPU architecture
+#         and TensorRT version that built them: run this image on the GPU type that will
+#         serve (docs/deploy.md), with the TensorRT pin of the serve image.
 #
 # Needs an NVIDIA driver >= 580 on the node (CUDA 13). Build context is the repository root.
 # Bundles are mounted under /models; HORNET_MODEL_DIR lists the bundle directories.
@@ -73,8 +74,10 @@ RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements.txt \
 FROM venv AS export-builder
 
 COPY docker/requirements-export.txt /tmp/requirements.txt
+# OpenVINO: `--verify-precision bf16` and `--int8` verify on the CPU it runs on.
 RUN pip install --no-deps --only-binary=:all: -r /tmp/requirements.txt \
     && pip install --no-deps --no-build-isolation . \
+    && python -c "import openvino as ov; d = ov.Core().available_devices; assert 'CPU' in d, d" \
     && hornet export --help > /dev/null
 
 

@@ -197,6 +197,9 @@ def _required(lock_name: str) -> list[Requirement]:
         wanted += [Requirement(r) for r in extras["gpu"] if not r.startswith("tensorrt")]
     if lock_name == "export":
         wanted += [Requirement(r) for r in extras["export"]]
+    if lock_name in ("cpu", "export"):
+        # --engine openvino in the CPU image; bf16 and int8 verified by the export image.
+        wanted += [Requirement(r) for r in extras["openvino"]]
     return wanted
 
 

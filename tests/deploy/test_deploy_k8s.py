@@ -22,8 +22,13 @@ from tests.helpers.deploy_checks import (
 )
 
 # Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
-SERVING = ("overlays/cpu", "overlays/gpu", "examples/queue-depth-hpa")
+SERVING = ("overlays/cpu", "overlays/cpu-openvino", "overlays/gpu", "examples/queue-depth-hpa")
 GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
+# CPU overlays and the engine each serves with.
+CPU_RENDERS = {"overlays/cpu": "onnxruntime", "overlays/cpu-openvino": "openvino"}
+# Where the export Job must run on the kind of hardware that serves: a TensorRT engine
+# runs only on the GPU type that built it; a bf16 verification holds for the CPU it ran on.
+PINNED = (*GPU_RENDERS, "overlays/cpu-openvino")
 # Renders only with a key file that is never committed: checked on a copy (below).
 API_KEYS_EXAMPLE = "examples/api-keys"
 
@@ -247,8 +252,34 @@ def test_engine_threads_fit_the_cpu_limit(kustomization: str, rendered):
     limit = _quantity(
         _container(_pod(objects, "Deployment"), "hornet-serve")["resources"]["limits"]["cpu"]
     )
-    threads = int(_config(objects)["HORNET_ENGINE_THREADS"])
-    assert 1 <= threads <= limit, "0 (auto) sizes the pool from the node, not the limit"
+    config = _config(objects)
+    threads = int(config["HORNET_ENGINE_THREADS"])
+    assert 1 <= threads, "0 (auto) sizes the pool from the node, not the limit"
+    # Each instance runs its own threads (OpenVINO: a stream of them each).
+    assert threads * int(config.get("HORNET_INSTANCES", "1")) <= limit
+
+
+def _verified_precisions(export_args: list[str]) -> set[str]:
+    """What `hornet export` with these arguments verifies and records in the manifest."""
+    verified = {"fp32"}
+    verified |= {export_args[i + 1] for i, a in enumerate(export_args) if a == "--verify-precision"}
+    verified |= {"fp16"} if "--fp16" in export_args else set()
+    verified |= {"int8"} if "--int8" in export_args else set()
+    return verified
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_the_served_precision_is_one_the_export_verifies(kustomization: str, rendered):
+    """`hornet serve` refuses a precision its bundle's manifest has no passed record for."""
+    objects = rendered(kustomization)
+    config = _config(objects)
+    args = _container(_pod(objects, "Job"), "export")["args"]
+    precision = config.get("HORNET_PRECISION")
+    if precision is None and config["HORNET_ENGINE"] == "tensorrt":
+        # No precision asked: the bundle's TensorRT engine, verified when it is built.
+        assert args[args.index("--format") + 1] in ("tensorrt", "all"), args
+        return
+    assert (precision or "fp32") in _verified_precisions(args), (precision, args)
 
 
 @pytest.mark.parametrize("kustomization", SERVING)
@@ -271,11 +302,28 @@ def test_export_job_variant_is_registered(rendered):
 # --- CPU and GPU overlays ------------------------------------------------------------------
 
 
-def test_cpu_overlay_asks_for_no_gpu(rendered):
-    objects = rendered("overlays/cpu")
+@pytest.mark.parametrize("kustomization", CPU_RENDERS)
+def test_cpu_overlays_ask_for_no_gpu(kustomization: str, rendered):
+    objects = rendered(kustomization)
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(objects)
     config = _config(objects)
-    assert (config["HORNET_ENGINE"], config["HORNET_DEVICE"]) == ("onnxruntime", "cpu")
+    assert (config["HORNET_ENGINE"], config["HORNET_DEVICE"]) == (CPU_RENDERS[kustomization], "cpu")
+
+
+def test_bf16_pods_run_on_nodes_whose_cpu_the_service_runs_bf16_on(rendered):
+    """The nodeSelector names (as Node Feature Discovery's cpuid label) one of the CPU flags
+    by which `hornet serve` decides that bf16 runs here; elsewhere it refuses to start."""
+    from service.engines import BF16_CPU_FLAGS
+
+    objects = rendered("overlays/cpu-openvino")
+    assert _config(objects)["HORNET_PRECISION"] == "bf16"
+    selector = _pod(objects, "Deployment")["nodeSelector"]
+    prefix = "feature.node.kubernetes.io/cpu-cpuid."
+    flags = {
+        k.removeprefix(prefix) for k, v in selector.items() if k.startswith(prefix) and v == "true"
+    }
+    accepted = {flag.replace("_", "").upper() for flag in BF16_CPU_FLAGS}
+    assert flags and flags <= accepted, (flags, accepted)
 
 
 @pytest.mark.parametrize("kustomization", GPU_RENDERS)
@@ -291,10 +339,11 @@ def test_gpu_pods_get_one_gpu_on_tainted_gpu_nodes(kustomization, kind, containe
     )
 
 
-@pytest.mark.parametrize("kustomization", GPU_RENDERS)
-def test_engines_are_built_on_the_gpu_type_that_serves_them(kustomization, rendered):
+@pytest.mark.parametrize("kustomization", PINNED)
+def test_bundles_are_built_on_the_hardware_that_serves_them(kustomization, rendered):
     objects = rendered(kustomization)
-    assert _pod(objects, "Job")["nodeSelector"] == _pod(objects, "Deployment")["nodeSelector"]
+    selector = _pod(objects, "Deployment")["nodeSelector"]
+    assert selector and _pod(objects, "Job")["nodeSelector"] == selector
 
 
 @pytest.mark.parametrize("kustomization", GPU_RENDERS)

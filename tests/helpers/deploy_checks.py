@@ -29,7 +29,13 @@ K8S_DIR = REPO / "k8s"
 DOCKERFILES = sorted(DOCKER_DIR.glob("*.Dockerfile"))
 COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
 # kustomizations that `kubectl apply -k` is pointed at.
-RENDERS = ("base", "overlays/cpu", "overlays/gpu", "examples/queue-depth-hpa")
+RENDERS = (
+    "base",
+    "overlays/cpu",
+    "overlays/cpu-openvino",
+    "overlays/gpu",
+    "examples/queue-depth-hpa",
+)
 # Oldest supported (the preStop `sleep` action is on by default from 1.30) and newest known.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
