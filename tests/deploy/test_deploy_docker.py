@@ -29,6 +29,7 @@ from tests.helpers.deploy_checks import (
     project_scripts,
     shell_cli_calls,
     stage_names,
+    verified_precisions,
 )
 
 DOCKERFILE_IDS = [p.name for p in DOCKERFILES]
@@ -411,6 +412,23 @@ def test_compose_serves_the_bundles_its_exports_write():
         served = service.get("environment", {}).get("HORNET_MODEL_DIR")
         if served is not None:
             assert set(served.split(",")) <= written, f"{name} serves {served}, never exported"
+
+
+def test_compose_serves_a_precision_an_export_of_its_bundle_verifies():
+    services = _compose()["services"]
+    verified: dict[str, set[str]] = {}
+    for service in services.values():
+        command = service.get("command", [])
+        if "--out" in command:
+            out = command[command.index("--out") + 1]
+            verified.setdefault(out, set()).update(verified_precisions(command))
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        precision = environment.get("HORNET_PRECISION")
+        if "HORNET_MODEL_DIR" not in environment or precision is None:
+            continue
+        for bundle in environment["HORNET_MODEL_DIR"].split(","):
+            assert precision in verified.get(bundle, set()), f"{name}: {bundle} at {precision}"
 
 
 def test_compose_commands_are_accepted_cli_commands(cli: Cli):

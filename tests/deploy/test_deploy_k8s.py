@@ -19,6 +19,7 @@ from tests.helpers.deploy_checks import (
     hornet_argv,
     one,
     read_env_file,
+    verified_precisions,
 )
 
 # Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
@@ -259,15 +260,6 @@ def test_engine_threads_fit_the_cpu_limit(kustomization: str, rendered):
     assert threads * int(config.get("HORNET_INSTANCES", "1")) <= limit
 
 
-def _verified_precisions(export_args: list[str]) -> set[str]:
-    """What `hornet export` with these arguments verifies and records in the manifest."""
-    verified = {"fp32"}
-    verified |= {export_args[i + 1] for i, a in enumerate(export_args) if a == "--verify-precision"}
-    verified |= {"fp16"} if "--fp16" in export_args else set()
-    verified |= {"int8"} if "--int8" in export_args else set()
-    return verified
-
-
 @pytest.mark.parametrize("kustomization", SERVING)
 def test_the_served_precision_is_one_the_export_verifies(kustomization: str, rendered):
     """`hornet serve` refuses a precision its bundle's manifest has no passed record for."""
@@ -279,7 +271,7 @@ def test_the_served_precision_is_one_the_export_verifies(kustomization: str, ren
         # No precision asked: the bundle's TensorRT engine, verified when it is built.
         assert args[args.index("--format") + 1] in ("tensorrt", "all"), args
         return
-    assert (precision or "fp32") in _verified_precisions(args), (precision, args)
+    assert (precision or "fp32") in verified_precisions(args), (precision, args)
 
 
 @pytest.mark.parametrize("kustomization", SERVING)

@@ -40,6 +40,16 @@ RENDERS = (
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
 
+def verified_precisions(export_args: list[str]) -> set[str]:
+    """The precisions `hornet export` with these arguments verifies and records in the
+    bundle's manifest (`hornet serve` refuses any other)."""
+    verified = {"fp32"}
+    verified |= {export_args[i + 1] for i, a in enumerate(export_args) if a == "--verify-precision"}
+    verified |= {"fp16"} if "--fp16" in export_args else set()
+    verified |= {"int8"} if "--int8" in export_args else set()
+    return verified
+
+
 # --- Dockerfiles ---------------------------------------------------------------------------
 
 
