@@ -68,8 +68,12 @@ class Candidate:
     static_shapes: bool = False
 
     def settings(self, base: Settings) -> Settings:
+        """`base` (the HORNET_* environment's settings: batch size, sharing, spinning)
+        run as this candidate, on the CPU whatever HORNET_DEVICE says (a GPU image sets
+        cuda)."""
         return base.model_copy(
             update={
+                "device": "cpu",
                 "engine": self.engine,
                 "precision": self.precision,
                 "instances": self.instances,

@@ -6,6 +6,7 @@ precision is measured but never recommended; and the flags it recommends are one
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -129,6 +130,26 @@ def test_segmenters_and_detectors_are_tuned_too_on_the_users_image(task, photos,
     assert [Candidate(**row["candidate"]) for row in rows] == found
     assert all(r["error"] is None and r["images_per_s"] > 0 for r in rows)
     assert done.stderr.count("round 2:") == len(rows)
+
+
+def test_candidates_run_on_the_cpu_whatever_the_images_environment_says(tmp_path) -> None:
+    """The images set HORNET_* variables for `hornet serve` (the GPU one HORNET_DEVICE=cuda
+    and HORNET_ENGINE=tensorrt); `hornet tune` run there still measures its CPU candidates
+    (with the device from the environment, each failed: 'runs on the CPU, not cuda')."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HORNET_")}
+    environment |= {
+        "HORNET_DEVICE": "cuda",
+        "HORNET_ENGINE": "tensorrt",
+        "HORNET_PRECISION": "fp16",
+        "HORNET_MODEL_DIR": str(tmp_path / "not-there"),
+    }
+    done = subprocess.run(
+        [*HORNET, "tune", str(demo.bundle_dir("classify")), "--seconds", "0.2", "--json",
+         "--engines", "onnxruntime"],
+        capture_output=True, text=True, timeout=600, check=True, env=environment,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert rows and all(r["error"] is None and r["images_per_s"] > 0 for r in rows), rows
 
 
 def _cpus(done: subprocess.CompletedProcess) -> int:
