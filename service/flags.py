@@ -81,6 +81,27 @@ def settings_flags(model: type[BaseSettings], values: Mapping[str, Any]) -> list
     return flags
 
 
+def settings_environment(model: type[BaseSettings], values: Mapping[str, Any]) -> dict[str, str]:
+    """The environment variables that set `values` (field name -> value), as a container
+    or a ConfigMap gives them; None values are left out. A list is written as the
+    comma-separated form the `NoDecode` list fields read (`HORNET_MODEL_DIR=a,b`). Secrets
+    are refused, never written out."""
+    environment: dict[str, str] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if _is_secret(model.model_fields[name].annotation):
+            raise ValueError(f"{name} is a secret: not written into an environment")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = str(value)
+        environment[env_name(model, name)] = text
+    return environment
+
+
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the command line actually gave, for `model(**given_settings(args))`."""
     return {name: value for name, value in vars(args).items() if value is not None}

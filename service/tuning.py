@@ -49,6 +49,7 @@ from hornet_bundle import Bundle, EngineUnavailable, load_bundle
 from hornet_cli import Command
 from service.cpus import available_cpus
 from service.engines import cpu_runs_bf16, create_engine, sibling_of, unverified_precision
+from service.flags import settings_environment, settings_flags
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
 from service.settings import Settings
@@ -67,25 +68,29 @@ class Candidate:
     threads: int
     static_shapes: bool = False
 
+    def values(self) -> dict[str, Any]:
+        """The settings that make `hornet serve` run this candidate (field -> value)."""
+        return {
+            "engine": self.engine,
+            "precision": self.precision,
+            "instances": self.instances,
+            "engine_threads": self.threads,
+            "openvino_static_shapes": True if self.static_shapes else None,
+        }
+
     def settings(self, base: Settings) -> Settings:
         """`base` (the HORNET_* environment's settings: batch size, sharing, spinning)
         run as this candidate, on the CPU whatever HORNET_DEVICE says (a GPU image sets
         cuda)."""
-        return base.model_copy(
-            update={
-                "device": "cpu",
-                "engine": self.engine,
-                "precision": self.precision,
-                "instances": self.instances,
-                "engine_threads": self.threads,
-                "openvino_static_shapes": self.static_shapes,
-            }
-        )
+        values = self.values() | {"openvino_static_shapes": self.static_shapes}
+        return base.model_copy(update={"device": "cpu", **values})
 
     def flags(self) -> list[str]:
-        flags = ["--engine", self.engine, "--precision", self.precision]
-        flags += ["--instances", str(self.instances), "--engine-threads", str(self.threads)]
-        return flags + (["--openvino-static-shapes"] if self.static_shapes else [])
+        return settings_flags(Settings, self.values())
+
+    def environment(self) -> dict[str, str]:
+        """The same as HORNET_* variables (a container's, a ConfigMap's)."""
+        return settings_environment(Settings, self.values())
 
     @property
     def name(self) -> str:
@@ -301,9 +306,11 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
     if chosen is None:
         lines.append("no verified candidate ran here")
     else:
+        environment = " ".join(f"{k}={v}" for k, v in chosen.candidate.environment().items())
         lines.append(
             f"\nfastest verified under load: {chosen.candidate.name}\n"
-            f"  hornet serve --model-dir {model_dir} {' '.join(chosen.candidate.flags())}"
+            f"  hornet serve --model-dir {model_dir} {' '.join(chosen.candidate.flags())}\n"
+            f"  or in the environment (a container's, k8s serve.env): {environment}"
         )
         close = [
             r.candidate.name

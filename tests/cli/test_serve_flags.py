@@ -132,3 +132,34 @@ def test_settings_flags_are_read_back_by_hornet_serve_as_the_same_settings(tmp_p
     assert settings_flags(Settings, {"engine_spinning": False, "precision": None}) == [
         "--no-engine-spinning"
     ]
+
+
+def test_settings_environment_is_read_back_by_hornet_serve_as_the_same_settings(
+    tmp_path, monkeypatch
+):
+    """`hornet tune` prints its choice as HORNET_* variables too (for a container or a
+    ConfigMap): `hornet serve` reads them as the very settings, every kind of field."""
+    from service.flags import settings_environment
+
+    values = {
+        "engine": "openvino",
+        "precision": "bf16",
+        "instances": 3,
+        "max_delay_ms": 2.5,
+        "openvino_static_shapes": True,
+        "engine_spinning": False,
+        "model_dir": [tmp_path / "a", tmp_path / "b"],
+        "max_pixels": None,
+    }
+    environment = settings_environment(Settings, values)
+    assert "HORNET_MAX_PIXELS" not in environment
+    assert environment["HORNET_ENGINE_SPINNING"] == "false"
+    for name in [n for n in os.environ if n.startswith("HORNET_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    served = load_settings([])
+    given = {name: value for name, value in values.items() if value is not None}
+    assert {name: getattr(served, name) for name in given} == given
+    with pytest.raises(ValueError, match="api_keys is a secret"):
+        settings_environment(Settings, {"api_keys": ["k"]})

@@ -114,6 +114,18 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     }
     assert chosen.name in table
     assert table[chosen.name] == max(table.values())
+    # The same choice as HORNET_* variables, read by `hornet serve` as the same settings.
+    environment = lines[fastest + 2].split(": ", 1)[1].split()
+    assert lines[fastest + 2].startswith("  or in the environment")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("HORNET_")]:
+            patch.delenv(name)
+        for assignment in environment:
+            patch.setenv(*assignment.split("=", 1))
+        from_env = load_settings([])
+    assert {k: getattr(from_env, k) for k in chosen.values() if chosen.values()[k] is not None} == {
+        k: v for k, v in chosen.values().items() if v is not None
+    }
 
 
 @pytest.mark.parametrize("task", ["segment", "detect"])
