@@ -133,7 +133,8 @@ class Parity(_Strict):
     min_top1_agreement: float | None = None
     # segment: fraction of pixels whose argmax class agrees
     pixel_agreement: float | None = None
-    # detect: every image's detections paired one to one (same count, same labels)
+    # detect: the detections paired: the export's own checks, every image's one to one
+    # (same count, same labels); a bf16 record, those scored 0.5 or more in either run
     detections_paired: bool | None = None
     # detect: fraction of 0.5-thresholded mask pixels that agree, its lower limit, and
     # the largest mask probability difference
