@@ -111,6 +111,13 @@ def export_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "record it in the manifest; `hornet serve` refuses unverified precisions",
     )
     parser.add_argument(
+        "--verify-images",
+        type=Path,
+        metavar="DIR",
+        help="verify --verify-precision on the images of DIR (searched recursively; "
+        "pictures like those the model will serve) instead of the scikit-image photographs",
+    )
+    parser.add_argument(
         "--int8",
         action="store_true",
         help="also write an int8 graph (classifiers), calibrated on --calibration and verified "
@@ -194,6 +201,7 @@ def run_export(args: argparse.Namespace, progress):
         gf_mode=args.gf_mode,
         reference=args.reference,
         verify_precisions=tuple(args.verify_precision),
+        verify_images=args.verify_images,
         int8_calibration=args.calibration,
         min_agreement=args.min_agreement,
         progress=progress,
@@ -256,6 +264,7 @@ def print_variants(args: argparse.Namespace) -> int:
 VERIFY_DESCRIPTION = """\
 Verify an existing bundle at a precision it has no graph of its own for (bf16:
 OpenVINO's inference precision over the fp32 graph, on this CPU) against its fp32 graph,
+on seeded random images and the scikit-image photographs or the images of --images DIR,
 and record the figures in its manifest; `hornet serve` refuses to serve a precision the
 manifest has no passed record for. Needs the openvino extra and scikit-image (the
 photographs); detection bundles also the export extra.
@@ -265,6 +274,13 @@ photographs); detection bundles also the export extra.
 def verify_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("bundle", type=Path, help="bundle directory")
     parser.add_argument("--precision", required=True, choices=VERIFIABLE_PRECISIONS)
+    parser.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR",
+        help="verify on the images of DIR (searched recursively; pictures like those the "
+        "model will serve, a few dozen) instead of the scikit-image photographs",
+    )
     return parser
 
 
@@ -275,7 +291,7 @@ def verify_bundle(args: argparse.Namespace) -> int:
     from model_export.export.precision import verify_precision
 
     try:
-        manifest = verify_precision(args.bundle, args.precision)
+        manifest = verify_precision(args.bundle, args.precision, images=args.images)
     except (ExportError, BundleError, ValueError) as exc:
         print(f"hornet verify: error: {exc}", file=sys.stderr)
         return 1

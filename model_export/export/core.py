@@ -54,6 +54,12 @@ def export(
         raise ValueError(
             f"cannot verify precisions {sorted(unknown)}; verifiable: {VERIFIABLE_PRECISIONS}"
         )
+    if options.verify_images is not None:
+        from model_export.export.precision import image_files
+
+        if not options.verify_precisions:
+            raise ValueError("verify_images needs a precision to verify (verify_precisions)")
+        image_files(options.verify_images)  # a missing folder fails before the export
     model = _model(variant_or_model, options)
     task = getattr(getattr(model, "pretrained_cfg", None), "task", None)
     if task not in EXPORTERS:
@@ -72,7 +78,7 @@ def export(
     for precision in options.verify_precisions:
         from model_export.export.precision import verify_precision
 
-        manifest = verify_precision(out_dir, precision, options.say)
+        manifest = verify_precision(out_dir, precision, options.say, options.verify_images)
     if options.int8_calibration is not None:
         manifest = int8.quantize_int8(
             out_dir, options.int8_calibration, options.min_agreement, options.say

@@ -39,6 +39,9 @@ class ExportOptions:
     # Precisions the bundle is also verified at once written (("bf16",): OpenVINO's bf16
     # over the fp32 graph, model_export.export.precision), each recorded in the manifest.
     verify_precisions: Sequence[str] = ()
+    # The folder of images those are verified on besides seeded random ones (pictures
+    # like those the model will serve); None: the scikit-image photographs.
+    verify_images: str | PathLike | None = None
     # classify: an int8 graph too, calibrated on the images of this folder and verified
     # against the fp32 graph (model_export.export.int8); the export fails when its top-1
     # agreement with fp32 is under min_agreement.

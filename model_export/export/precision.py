@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, Manifest, load_bundle
 from hornet_bundle.preprocess import classification_input, fit_image, tile, window_boxes
@@ -52,7 +53,50 @@ SEED = 0
 DETECT_SIZES = ((480, 640), (400, 320))
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# Images per engine call when a folder's many are verified (bounds the engines' memory).
+VERIFY_BATCH = 16
+
 Run = Callable[[np.ndarray], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """The pictures a precision is verified on, and what the record calls them."""
+
+    images: list[np.ndarray]
+    name: str
+
+
+def image_files(directory: str | PathLike) -> list[Path]:
+    """The image files under `directory`, recursively, sorted by path; ValueError when it
+    is not a folder."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist or is not a folder")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_pictures(directory: str | PathLike) -> Pictures:
+    """The images of a folder (RGB, turned upright as their EXIF says) to verify on
+    instead of the photographs: pictures like those the model will serve."""
+    files = image_files(directory)
+    if not files:
+        raise ValueError(f"image folder {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"image {path} cannot be read: {exc}") from exc
+    return Pictures(images, f"images of {directory}")
+
+
+def _in_batches(run: Run, batch: np.ndarray) -> list[np.ndarray]:
+    """`run` over `batch` VERIFY_BATCH items at a time, its outputs joined."""
+    parts = [run(batch[i : i + VERIFY_BATCH]) for i in range(0, len(batch), VERIFY_BATCH)]
+    return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
 
 def photographs() -> list[np.ndarray]:
@@ -80,10 +124,16 @@ def precision_engine(bundle: Bundle, precision: str):
 
 
 def verify_precision(
-    bundle_dir: str | PathLike, precision: str, say: Callable[[str], None] = lambda _: None
+    bundle_dir: str | PathLike,
+    precision: str,
+    say: Callable[[str], None] = lambda _: None,
+    images: str | PathLike | None = None,
 ) -> Manifest:
     """Check `precision` against the bundle's fp32 graph and record the parity record in
-    its manifest (replacing an earlier one for that precision).
+    its manifest (replacing an earlier one for that precision). On the scikit-image
+    photographs, or on the images of the folder `images` (pictures like those the model
+    will serve: a detector trained on X-rays is verified on X-rays) besides the seeded
+    random ones.
 
     Raises ValueError for a precision or bundle this cannot verify, ExportError when the
     engine cannot run it here, ParityError (after writing the failed record) beyond
@@ -98,6 +148,7 @@ def verify_precision(
     image = manifest.inputs[0]
     if (image.dtype, image.layout) != ("uint8", "NHWC"):
         raise ValueError(f"{bundle.path}: verification needs a uint8 NHWC image input")
+    pictures = Pictures(photographs(), "photos") if images is None else folder_pictures(images)
     reference_file = manifest.engine_for("onnx", "fp32").file
     names = [output.name for output in manifest.outputs]
     session = ort_session(bundle.file(reference_file))
@@ -112,7 +163,7 @@ def verify_precision(
         return [out[name] for name in names]
 
     try:
-        figures, inputs, passed = RECORDERS[manifest.task](manifest, reference, candidate)
+        figures, inputs, passed = RECORDERS[manifest.task](manifest, reference, candidate, pictures)
     finally:
         engine.close()
     metric = METRICS[manifest.task]
@@ -147,50 +198,55 @@ def cpu_model() -> str:
 # ----------------------------------------------------------------------------- tasks
 
 
-def _classify(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+def _classify(
+    manifest: Manifest, reference: Run, candidate: Run, pictures: Pictures
+) -> tuple[dict, str, bool]:
     pre = manifest.preprocess
     height, width = pre.input_size
     rng = np.random.default_rng(SEED)
     batches = {
         "random": rng.integers(0, 256, (RANDOM_IMAGES, height, width, 3), dtype=np.uint8),
-        "photos": np.stack(
-            [classification_input(Image.fromarray(p).convert("RGB"), pre) for p in photographs()]
+        "pictures": np.stack(
+            [classification_input(Image.fromarray(p), pre) for p in pictures.images]
         ),
     }
-    refs = {k: reference(v)[0] for k, v in batches.items()}
-    outs = {k: candidate(v)[0] for k, v in batches.items()}
+    refs = {k: _in_batches(reference, v)[0] for k, v in batches.items()}
+    outs = {k: _in_batches(candidate, v)[0] for k, v in batches.items()}
     ref, got = np.concatenate(list(refs.values())), np.concatenate(list(outs.values()))
-    photos_agree = parity.argmax_agreement(refs["photos"], outs["photos"], axis=-1)
+    agree = parity.argmax_agreement(refs["pictures"], outs["pictures"], axis=-1)
     figures = {
         "max_abs_error": parity.max_abs_error(ref, got),
         "relative_l2_error": parity.relative_l2_error(ref, got),
         "top1_agreement": parity.argmax_agreement(ref, got, axis=-1),
     }
+    count = len(batches["pictures"])
     inputs = (
-        f"random: {RANDOM_IMAGES}, photos: {len(batches['photos'])}; "
-        f"top-1 agreement on the photos {photos_agree:.3f} (must be 1)"
+        f"random: {RANDOM_IMAGES}, {pictures.name}: {count}; "
+        f"top-1 agreement on the {pictures.name} {agree:.3f} (must be 1)"
     )
-    return figures, inputs, photos_agree == 1.0
+    return figures, inputs, agree == 1.0
 
 
-def _segment(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+def _segment(
+    manifest: Manifest, reference: Run, candidate: Run, pictures: Pictures
+) -> tuple[dict, str, bool]:
     pre = manifest.preprocess
     crop = pre.input_size
     window = pre.sliding_window
     rng = np.random.default_rng(SEED)
     tiles = list(rng.integers(0, 256, (2, *crop, 3), dtype=np.uint8))
-    for photo in photographs():
-        fitted = fit_image(Image.fromarray(photo).convert("RGB"), pre.scale, pre.resize_backend)
+    for picture in pictures.images:
+        fitted = fit_image(Image.fromarray(picture), pre.scale, pre.resize_backend)
         box = next(window_boxes(fitted.shape[0], fitted.shape[1], window))
         tiles.append(tile(fitted, box, crop))
     batch = np.stack(tiles)
-    ref, got = reference(batch)[0], candidate(batch)[0]
+    ref, got = _in_batches(reference, batch)[0], _in_batches(candidate, batch)[0]
     figures = {
         "max_abs_error": parity.max_abs_error(ref, got),
         "max_relative_error": parity.max_relative_error(ref, got),
         "pixel_agreement": parity.argmax_agreement(ref, got, axis=1),
     }
-    inputs = f"2 seeded random tiles and the first tile of {len(tiles) - 2} photos, {crop}"
+    inputs = f"2 seeded random tiles and the first tile of {len(tiles) - 2} {pictures.name}, {crop}"
     return figures, inputs, True
 
 
@@ -234,10 +290,12 @@ def answered_pairs(
     return sorted(pairs), problems
 
 
-def _detect(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, str, bool]:
+def _detect(
+    manifest: Manifest, reference: Run, candidate: Run, pictures: Pictures
+) -> tuple[dict, str, bool]:
     rng = np.random.default_rng(SEED)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in DETECT_SIZES]
-    images += photographs()
+    images += pictures.images
     tolerance = TOLERANCES["detect"]
     worst = {"max_abs_error": 0.0, "box_score_error": 0.0, "mask_max_abs_error": 0.0}
     agreement, problems, answered = 1.0, [], 0
@@ -267,7 +325,7 @@ def _detect(manifest: Manifest, reference: Run, candidate: Run) -> tuple[dict, s
         problems.append(f"no detection scored {ANSWER_SCORE} or more in either run")
     shapes = ", ".join(f"{i.shape[0]}x{i.shape[1]}" for i in images)
     inputs = (
-        f"seeded random images and photos {shapes}; the {answered} detections scored "
+        f"seeded random images and {pictures.name} {shapes}; the {answered} detections scored "
         f"{ANSWER_SCORE} or more (what /detect answers by default) compared"
         + "".join(f"; {p}" for p in problems)
     )

@@ -132,17 +132,21 @@ def test_a_failed_verification_raises_and_is_recorded_as_failed(tmp_path, broken
     assert "bf16" not in manifest.verified_precisions()
 
 
+def _verify_args(bundle_dir: Path, *more: str) -> argparse.Namespace:
+    """`hornet verify BUNDLE --precision bf16 ...` as its own parser reads it."""
+    parser = cli.verify_parser(argparse.ArgumentParser())
+    return parser.parse_args([str(bundle_dir), "--precision", "bf16", *more])
+
+
 def test_hornet_verify_exits_0_and_prints_the_record(tmp_path, emulated, capsys):
     bundle_dir = bundles.write_segmenter(tmp_path / "seg")
-    args = argparse.Namespace(bundle=bundle_dir, precision="bf16")
-    assert cli.verify_bundle(args) == 0
+    assert cli.verify_bundle(_verify_args(bundle_dir)) == 0
     out = capsys.readouterr().out
     assert "bf16 verified" in out and "max_relative_error" in out
 
 
 def test_hornet_verify_fails_in_one_line_beyond_tolerance(tmp_path, broken, capsys):
-    args = argparse.Namespace(bundle=bundles.write_classifier(tmp_path / "cls"), precision="bf16")
-    assert cli.verify_bundle(args) == 1
+    assert cli.verify_bundle(_verify_args(bundles.write_classifier(tmp_path / "cls"))) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("hornet verify: error: parity check failed") and "\n" not in err
 
@@ -246,7 +250,8 @@ def test_an_answered_detection_without_its_counterpart_fails(got_rows, expected)
 def test_a_detector_that_answers_nothing_is_not_verified(tmp_path, monkeypatch) -> None:
     """Nothing scored 0.5 or more in either run: nothing was compared, so nothing passes."""
     quiet = _detections((10, 10, 50, 50, 0, 0.3))
-    figures, inputs, passed = precision._detect(None, lambda _: quiet, lambda _: quiet)
+    pictures = precision.Pictures([], "photos")
+    figures, inputs, passed = precision._detect(None, lambda _: quiet, lambda _: quiet, pictures)
     assert not passed and not figures["detections_paired"]
     assert "no detection scored 0.5 or more" in inputs
 
@@ -278,3 +283,78 @@ def test_the_demo_detectors_answers_stay_at_bf16_on_its_own_scenes() -> None:
         assert problems == []
         compared += len(pairs)
     assert compared >= 10
+
+
+# --- verifying on the user's own images (--images DIR, --verify-images DIR) ---------------
+
+
+def _image_folder(folder: Path, images: list[np.ndarray]) -> Path:
+    """`images` written as PNG and JPEG files in nested folders, and a file that is not
+    an image."""
+    from PIL import Image
+
+    (folder / "nested").mkdir(parents=True)
+    for index, image in enumerate(images):
+        where = folder / ("nested" if index % 2 else ".")
+        suffix = ".png" if index % 2 else ".jpg"
+        Image.fromarray(image).save(where / f"{index:02d}{suffix}")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_hornet_verify_on_a_folder_of_images_names_them_in_the_record(
+    tmp_path, emulated, capsys
+) -> None:
+    rng = np.random.default_rng(1)
+    folder = _image_folder(
+        tmp_path / "mine", [rng.integers(0, 256, (90, 120, 3), np.uint8) for _ in range(3)]
+    )
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    assert cli.verify_bundle(_verify_args(bundle_dir, "--images", str(folder))) == 0
+    (record,) = [p for p in load_bundle(bundle_dir).manifest.parity if p.precision == "bf16"]
+    assert record.passed
+    assert f"images of {folder}: 3;" in record.inputs and "photos" not in record.inputs
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_a_folder_without_images_is_refused_before_anything_runs(tmp_path, kind) -> None:
+    folder = tmp_path / "pictures"
+    if kind == "empty":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+    bundle_dir = bundles.write_classifier(tmp_path / "cls")
+    with pytest.raises(ValueError, match="image folder .*pictures"):
+        precision.verify_precision(bundle_dir, "bf16", images=folder)
+    assert "bf16" not in load_bundle(bundle_dir).manifest.verified_precisions()
+
+
+def test_export_passes_verify_images_and_needs_a_precision_with_them(tmp_path) -> None:
+    parser = cli.export_parser(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--variant", "v", "--verify-precision", "bf16", "--verify-images", str(tmp_path)]
+    )
+    assert args.verify_images == tmp_path
+    with pytest.raises(ValueError, match="verify_images needs a precision"):
+        export("hornet_tiny_7x7", tmp_path / "out", ExportOptions(verify_images=tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_detector_verifies_at_bf16_on_its_own_kind_of_image(tmp_path) -> None:
+    """On the photographs OpenVINO's bf16 changes what the demo detector answers (it was
+    trained on synthetic shapes, and they are nothing like them: refused); on scenes
+    like its training images it passes, so `hornet serve` serves it at bf16."""
+    from model_export.demo.shapes import generate_scene
+    from service.engines import cpu_runs_bf16
+
+    pytest.importorskip("openvino")
+    if not cpu_runs_bf16():
+        pytest.skip("this CPU has no bf16 arithmetic (AVX512_BF16 or AMX-BF16)")
+    rng = np.random.default_rng(11)
+    scenes = [generate_scene(rng, 240, 320).image for _ in range(8)]
+    folder = _image_folder(tmp_path / "scenes", scenes)
+    bundle_dir = Path(shutil.copytree(demo.bundle_dir("detect"), tmp_path / "detect"))
+    manifest = precision.verify_precision(bundle_dir, "bf16", images=folder)
+    (record,) = [p for p in manifest.parity if p.precision == "bf16"]
+    assert record.passed and record.detections_paired and record.box_score_error < 2e-2
+    assert f"images of {folder}" in record.inputs
+    assert "bf16" in load_bundle(bundle_dir).manifest.verified_precisions()
