@@ -43,7 +43,7 @@ from hornet_bundle.preprocess import classification_input
 from hornet_bundle.writer import rewrite_manifest
 from model_export.export import parity
 from model_export.export.errors import ExportError, ParityError
-from model_export.export.precision import cpu_model, photographs
+from model_export.export.precision import IMAGE_SUFFIXES, cpu_model, image_files, photographs
 from model_export.export.session import ort_session
 
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -53,7 +53,6 @@ DEFAULT_MIN_AGREEMENT = 0.99
 INT8_TOLERANCE = 0.5
 MIN_CALIBRATION_IMAGES = 10
 HELD_OUT_EVERY = 5  # every fifth calibration image verifies instead of calibrating
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 CALIBRATION_BATCH = 8
 
@@ -62,9 +61,7 @@ def calibration_files(directory: str | PathLike) -> list[Path]:
     """The image files under `directory` (recursively, sorted by path), at least
     MIN_CALIBRATION_IMAGES; ValueError otherwise."""
     root = Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"calibration folder {root} does not exist or is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if len(files) < MIN_CALIBRATION_IMAGES:
         raise ValueError(
             f"calibration folder {root} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); "
