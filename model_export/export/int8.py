@@ -29,7 +29,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from hornet_bundle import (
     ENGINE_ENTRY_POINTS,
@@ -43,7 +43,13 @@ from hornet_bundle.preprocess import classification_input
 from hornet_bundle.writer import rewrite_manifest
 from model_export.export import parity
 from model_export.export.errors import ExportError, ParityError
-from model_export.export.precision import IMAGE_SUFFIXES, cpu_model, image_files, photographs
+from model_export.export.precision import (
+    IMAGE_SUFFIXES,
+    cpu_model,
+    image_files,
+    photographs,
+    read_picture,
+)
 from model_export.export.session import ort_session
 
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -81,11 +87,7 @@ def calibration_set(directory: str | PathLike, manifest: Manifest) -> tuple[np.n
         data = path.read_bytes()
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(data).digest())
-        try:
-            with Image.open(path) as image:
-                images.append(classification_input(image.convert("RGB"), manifest.preprocess))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"calibration image {path} cannot be read: {exc}") from exc
+        images.append(classification_input(read_picture(path), manifest.preprocess))
     return np.stack(images), digest.hexdigest()
 
 

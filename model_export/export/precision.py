@@ -78,19 +78,22 @@ def image_files(directory: str | PathLike) -> list[Path]:
 
 
 def folder_pictures(directory: str | PathLike) -> Pictures:
-    """The images of a folder (RGB, turned upright as their EXIF says) to verify on
-    instead of the photographs: pictures like those the model will serve."""
+    """The images of a folder (`read_picture`) to verify on instead of the photographs:
+    pictures like those the model will serve."""
     files = image_files(directory)
     if not files:
         raise ValueError(f"image folder {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"image {path} cannot be read: {exc}") from exc
-    return Pictures(images, f"images of {directory}")
+    return Pictures([np.asarray(read_picture(path)) for path in files], f"images of {directory}")
+
+
+def read_picture(path: Path) -> Image.Image:
+    """An image file as the service sees an upload of it: turned upright as its EXIF
+    orientation says, RGB; ValueError when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {path} cannot be read: {exc}") from exc
 
 
 def _in_batches(run: Run, batch: np.ndarray) -> list[np.ndarray]:

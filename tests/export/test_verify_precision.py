@@ -358,3 +358,22 @@ def test_the_demo_detector_verifies_at_bf16_on_its_own_kind_of_image(tmp_path) -
     assert record.passed and record.detections_paired and record.box_score_error < 2e-2
     assert f"images of {folder}" in record.inputs
     assert "bf16" in load_bundle(bundle_dir).manifest.verified_precisions()
+
+
+def test_pictures_are_read_upright_as_the_service_reads_uploads(tmp_path) -> None:
+    """A phone's JPEG stored sideways with EXIF orientation 6 is verified (and calibrated
+    on, int8) turned upright, as `hornet serve` turns an upload of it."""
+    from PIL import Image
+
+    from service.imaging import decode_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    picture = np.asarray(precision.read_picture(path))
+    served = np.asarray(decode_image(path.read_bytes(), 10_000).image.convert("RGB"))
+    assert picture.shape == served.shape == (40, 20, 3)
+    assert np.abs(picture.astype(int) - served).max() <= 1
