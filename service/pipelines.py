@@ -266,7 +266,21 @@ class _SegmentContext:
     boxes: list[tuple[int, int, int, int]]
 
 
-class SegmentPipeline(_GraphIO):
+class _FittedInput(_GraphIO):
+    """Segmenters and detectors: the upload resized to fit the manifest's `scale` (the
+    size mmseg's and mmdet's test pipelines resize to), or as it is without one."""
+
+    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
+        return imaging.fitted_size(self.manifest.preprocess.scale, width, height)
+
+    def _fitted(self, decoded: imaging.Decoded, backend: str) -> np.ndarray:
+        scale = self.manifest.preprocess.scale
+        if scale is None:
+            return imaging.pixels(decoded.image)
+        return imaging.fit_image(decoded.image, scale, backend, decoded.size)
+
+
+class SegmentPipeline(_FittedInput):
     """mmseg slide inference; the tiles of one image may run in several batches."""
 
     batched = True
@@ -290,17 +304,8 @@ class SegmentPipeline(_GraphIO):
         logits = ServedTensor(self.output_names[0], "FP32", [-1, classes, height, width])
         return TensorInterface(self._image_tensor(height, width), None, [logits])
 
-    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
-        return imaging.fitted_size(self.manifest.preprocess.scale, width, height)
-
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
-        preprocess = self.manifest.preprocess
-        if preprocess.scale is None:
-            array = imaging.pixels(decoded.image)
-        else:
-            array = imaging.fit_image(
-                decoded.image, preprocess.scale, preprocess.resize_backend, decoded.size
-            )
+        array = self._fitted(decoded, self.manifest.preprocess.resize_backend)
         boxes = list(imaging.window_boxes(array.shape[0], array.shape[1], self.window))
         tiles = [imaging.tile(array, box, self.window.crop) for box in boxes]
         return Prepared(tiles, *decoded.size, _SegmentContext(array.shape[:2], boxes))
@@ -363,7 +368,7 @@ class _DetectContext:
     fitted: tuple[int, int]
 
 
-class DetectPipeline(_GraphIO):
+class DetectPipeline(_FittedInput):
     """Mask R-CNN graphs take one image per call; a batch is a loop over its images.
 
     With a `scale` in the manifest the host resizes the image to fit it (the size the
@@ -377,15 +382,8 @@ class DetectPipeline(_GraphIO):
 
     batched = False
 
-    def first_resize(self, width: int, height: int) -> tuple[int, int] | None:
-        return imaging.fitted_size(self.manifest.preprocess.scale, width, height)
-
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
-        preprocess = self.manifest.preprocess
-        if preprocess.scale is None:
-            array = imaging.pixels(decoded.image)
-        else:
-            array = imaging.fit_image(decoded.image, preprocess.scale, "opencv", decoded.size)
+        array = self._fitted(decoded, "opencv")
         return Prepared([array], *decoded.size, _DetectContext(array.shape[:2]))
 
     def run_batch(self, engine: InferenceEngine, items: list[np.ndarray]) -> list[dict]:
