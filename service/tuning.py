@@ -69,13 +69,16 @@ class Candidate:
     static_shapes: bool = False
 
     def values(self) -> dict[str, Any]:
-        """The settings that make `hornet serve` run this candidate (field -> value)."""
+        """The settings that make `hornet serve` run this candidate (field -> value);
+        static shapes said either way for OpenVINO (an environment may have set them),
+        left out for ONNX Runtime, which ignores them."""
+        openvino = self.engine == "openvino"
         return {
             "engine": self.engine,
             "precision": self.precision,
             "instances": self.instances,
             "engine_threads": self.threads,
-            "openvino_static_shapes": True if self.static_shapes else None,
+            "openvino_static_shapes": self.static_shapes if openvino else None,
         }
 
     def settings(self, base: Settings) -> Settings:

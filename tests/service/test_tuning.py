@@ -167,3 +167,15 @@ def test_candidates_run_on_the_cpu_whatever_the_images_environment_says(tmp_path
 def _cpus(done: subprocess.CompletedProcess) -> int:
     """The CPU count `hornet tune` reported on its first line."""
     return int(done.stderr.split(" CPUs")[0].rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_printed_settings_say_static_shapes_either_way_for_openvino(static, monkeypatch) -> None:
+    """An environment that already turns static shapes on (the OpenVINO overlay's) must
+    not turn a candidate measured without them into one with them."""
+    candidate = Candidate("openvino", "bf16", 2, 1, static)
+    monkeypatch.setenv("HORNET_OPENVINO_STATIC_SHAPES", "true" if not static else "false")
+    assert load_settings(candidate.flags()).openvino_static_shapes is static
+    for name, value in candidate.environment().items():
+        monkeypatch.setenv(name, value)
+    assert load_settings([]).openvino_static_shapes is static
