@@ -163,12 +163,23 @@ def _raise_open_file_limit() -> None:
 
 def _precisions_verified(bundles: Sequence[Bundle], settings: Settings) -> bool:
     """False, after saying why on stderr, when a bundle was not verified at the requested
-    precision; with --allow-unverified-precision a warning instead."""
-    from service.engines import unverified_precision
+    precision; with --allow-unverified-precision a warning instead. A warning too when it
+    was verified on another CPU than this one."""
+    from service.engines import unverified_precision, verified_elsewhere
 
     for bundle in bundles:
         reason = unverified_precision(bundle, settings)
         if reason is None:
+            elsewhere = verified_elsewhere(bundle, settings)
+            if elsewhere is not None:
+                log.warning(
+                    "precision verified on another CPU",
+                    extra={
+                        "model": bundle.name,
+                        "precision": settings.precision,
+                        "reason": elsewhere,
+                    },
+                )
             continue
         if not settings.allow_unverified_precision:
             print(f"hornet serve: {reason}", file=sys.stderr)

@@ -22,6 +22,7 @@ import numpy as np
 
 from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, InferenceEngine
 from hornet_bundle import Engine as EngineEntry
+from hornet_bundle.host import cpu_model, runtime_cpu
 from service.settings import Settings
 
 
@@ -743,16 +744,38 @@ def unverified_precision(bundle: Bundle, settings: Settings) -> str | None:
     precision = settings.precision or "fp32"
     if settings.engine == "torch" or precision in bundle.manifest.verified_precisions():
         return None
-    how = {
+    return (
+        f"bundle {bundle.name!r} ({bundle.path}) has no passed parity record for {precision}: "
+        f"{_how_to_verify(bundle, precision)}, or pass --allow-unverified-precision to serve "
+        "it unverified"
+    )
+
+
+def verified_elsewhere(bundle: Bundle, settings: Settings) -> str | None:
+    """One sentence when the bundle's passed records for the settings' precision name the
+    CPUs they ran on and this CPU is none of them (bf16's and int8's figures depend on
+    the CPU's arithmetic: AMX and AVX512_BF16 kernels, VNNI or not), else None: the
+    server warns and serves, as the precision did pass on a CPU of its kind."""
+    precision = settings.precision or "fp32"
+    records = [p for p in bundle.manifest.parity if p.passed and p.precision == precision]
+    cpus = {cpu for cpu in (runtime_cpu(p.runtime) for p in records) if cpu}
+    here = cpu_model()
+    if not cpus or here in cpus:
+        return None
+    return (
+        f"bundle {bundle.name!r} was verified at {precision} on {', '.join(sorted(cpus))}, "
+        f"not on this CPU ({here}), whose arithmetic may round differently: "
+        f"{_how_to_verify(bundle, precision)}"
+    )
+
+
+def _how_to_verify(bundle: Bundle, precision: str) -> str:
+    return {
         "bf16": f"verify it on this machine with `hornet verify {bundle.path} --precision bf16`",
         "int8": "export it again with `hornet export ... --int8 --calibration DIR`, which "
         "verifies the int8 graph",
     }.get(
         precision, "export it again with `hornet export ... --fp16`, which verifies the fp16 graph"
-    )
-    return (
-        f"bundle {bundle.name!r} ({bundle.path}) has no passed parity record for {precision}: "
-        f"{how}, or pass --allow-unverified-precision to serve it unverified"
     )
 
 

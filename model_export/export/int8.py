@@ -39,13 +39,13 @@ from hornet_bundle import (
     Manifest,
     load_bundle,
 )
+from hornet_bundle.host import runtime_on
 from hornet_bundle.preprocess import classification_input
 from hornet_bundle.writer import rewrite_manifest
 from model_export.export import parity
 from model_export.export.errors import ExportError, ParityError
 from model_export.export.precision import (
     IMAGE_SUFFIXES,
-    cpu_model,
     image_files,
     photographs,
     read_picture,
@@ -260,7 +260,7 @@ def verify_int8(
             close()
         record = _record(refs, outs, min_agreement) | {
             "precision": "int8",
-            "runtime": f"{runtime} on {cpu_model()}",
+            "runtime": runtime_on(runtime),
         }
         record["reference"] = f"onnxruntime fp32 {fp32}"
         say(f"  {runtime}: " + parity.describe(record))

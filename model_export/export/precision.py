@@ -24,7 +24,6 @@ The segment and detect bounds were set without bf16 hardware to measure them on.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, Manifest, load_bundle
+from hornet_bundle.host import runtime_on
 from hornet_bundle.preprocess import classification_input, fit_image, tile, window_boxes
 from hornet_bundle.writer import rewrite_manifest
 from model_export.export import parity
@@ -179,23 +179,12 @@ def verify_precision(
         figures,
         inputs,
         passed,
-    ) | {"precision": precision, "runtime": f"{engine.description} on {cpu_model()}"}
+    ) | {"precision": precision, "runtime": runtime_on(engine.description)}
     kept = [p.model_dump(mode="json") for p in manifest.parity if p.precision != precision]
     written = rewrite_manifest(bundle, {"parity": [*kept, record]})
     say("  " + parity.describe(record))
     parity.raise_on_failure([record], bundle.path)
     return written
-
-
-def cpu_model() -> str:
-    """The CPU's model name, for the record (what bf16 was verified on)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- tasks

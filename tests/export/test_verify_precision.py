@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from hornet_bundle import Bundle, load_bundle
+from hornet_bundle.host import cpu_model, runtime_cpu
 from model_export import cli, create_model
 from model_export.export import ExportError, ExportOptions, ParityError, export, precision
 from tests.helpers import bundles, demo
@@ -89,6 +90,7 @@ def test_verify_records_bf16_figures_in_a_manifest_that_still_loads(task, tmp_pa
     assert record.passed and record.engine == "model.onnx"
     assert record.reference == "onnxruntime fp32 model.onnx"
     assert record.runtime.startswith("emulated bf16")
+    assert runtime_cpu(record.runtime) == cpu_model()  # what the server compares
     assert 0 < record.value < precision.TOLERANCES[task]
     assert "bf16" in manifest.verified_precisions()
 

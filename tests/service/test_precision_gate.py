@@ -225,3 +225,57 @@ def test_allowed_unverified_bf16_still_needs_bf16_arithmetic(classifier_dir, tmp
         with running_server([*flags, "--allow-unverified-precision"], log_path=log):
             pass
     assert "needs a CPU with AVX512_BF16 or AMX-BF16" in log.read_text()
+
+
+# --- verified on another CPU: a warning, not a refusal -------------------------------------
+
+
+def _bundle_with(bundle_dir: Path, parity: list[dict]) -> Path:
+    """The bundle's manifest, in the current schema (the records' figure names), with
+    `parity` recorded."""
+    path = bundle_dir / "manifest.json"
+    raw = load_bundle(bundle_dir).manifest.model_dump(mode="json")
+    raw["parity"] = raw["parity"] + parity
+    path.write_text(json.dumps(raw))
+    return bundle_dir
+
+
+@pytest.mark.parametrize(
+    ("runtime", "warned"),
+    [
+        ("onnxruntime on Imaginary CPU 9000", True),
+        ("this CPU", False),  # runtime_on: the CPU that serves
+        ("onnxruntime", False),  # a record that names no CPU
+    ],
+)
+def test_a_precision_verified_on_another_cpu_is_said_so(tmp_path, runtime, warned) -> None:
+    from hornet_bundle.host import cpu_model, runtime_on
+    from service.engines import verified_elsewhere
+
+    runtime = runtime_on("onnxruntime") if runtime == "this CPU" else runtime
+    bundle_dir = _bundle_with(
+        _with_int8_engine(tmp_path / "cls"), [PASSED_INT8 | {"runtime": runtime}]
+    )
+    settings = Settings(precision="int8")
+    said = verified_elsewhere(load_bundle(bundle_dir), settings)
+    assert unverified_precision(load_bundle(bundle_dir), settings) is None
+    if not warned:
+        assert said is None
+        return
+    assert said == (
+        f"bundle 'tiny_cls' was verified at int8 on Imaginary CPU 9000, not on this CPU "
+        f"({cpu_model()}), whose arithmetic may round differently: export it again with "
+        "`hornet export ... --int8 --calibration DIR`, which verifies the int8 graph"
+    )
+
+
+def test_the_server_serves_a_precision_verified_elsewhere_and_logs_why(tmp_path) -> None:
+    record = PASSED_INT8 | {"runtime": "onnxruntime on Imaginary CPU 9000"}
+    bundle_dir = _bundle_with(_with_int8_engine(tmp_path / "cls"), [record])
+    log = tmp_path / "server.log"
+    flags = ["--model-dir", str(bundle_dir), "--precision", "int8"]
+    with running_server(flags, log_path=log) as server:
+        models = json.load(urllib.request.urlopen(f"{server.url}/v1/models"))
+    assert models["models"][0]["engine"].endswith("model.int8.onnx")
+    warnings = [json.loads(line) for line in log.read_text().splitlines() if "another CPU" in line]
+    assert len(warnings) == 1 and "Imaginary CPU 9000" in warnings[0]["reason"]
