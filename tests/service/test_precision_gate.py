@@ -231,12 +231,13 @@ def test_allowed_unverified_bf16_still_needs_bf16_arithmetic(classifier_dir, tmp
 
 
 def _bundle_with(bundle_dir: Path, parity: list[dict]) -> Path:
-    """The bundle's manifest, in the current schema (the records' figure names), with
-    `parity` recorded."""
-    path = bundle_dir / "manifest.json"
-    raw = load_bundle(bundle_dir).manifest.model_dump(mode="json")
-    raw["parity"] = raw["parity"] + parity
-    path.write_text(json.dumps(raw))
+    """The bundle with `parity` recorded too, as `hornet verify` records its own."""
+    from hornet_bundle.writer import rewrite_manifest
+
+    bundle = load_bundle(bundle_dir)
+    rewrite_manifest(
+        bundle, {"parity": [*bundle.manifest.model_dump(mode="json")["parity"], *parity]}
+    )
     return bundle_dir
 
 
