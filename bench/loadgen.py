@@ -53,7 +53,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from hornet_bundle import load_bundle
-from service.engines import create_engine, sibling_of
+from service.engines import create_engine, instances_of
 from service.flags import add_settings_flags, settings_flags
 from service.pipelines import pipeline_for
 from service.settings import Settings
@@ -154,11 +154,7 @@ def raw_engine_throughput(
         layout = settings.model_copy(
             update={"engine_spinning": spinning, "engine_threads": threads, "instances": instances}
         )
-        engines = [create_engine(bundle, layout)]  # and the rest as the server makes them
-        engines += [
-            sibling_of(engines[0], layout) or create_engine(bundle, layout)
-            for _ in range(instances - 1)
-        ]
+        engines = [engine for engine, _ in instances_of(bundle, layout)]
         for batch in sizes:
             key = f"b{batch}{'+spin' if spinning and not tag else ''}{tag}"
             batch_items = (items * batch)[:batch]

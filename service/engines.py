@@ -14,7 +14,7 @@ import contextlib
 import copy
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -824,6 +824,23 @@ def sibling_of(engine: InferenceEngine, settings: Settings) -> InferenceEngine |
     and the caller makes another engine."""
     sibling = getattr(engine, "sibling", None) if settings.share_weights else None
     return sibling() if sibling is not None else None
+
+
+def instances_of(
+    bundle: Bundle,
+    settings: Settings,
+    factory: Callable[[Bundle, Settings], InferenceEngine] = create_engine,
+) -> Iterator[tuple[InferenceEngine, bool]]:
+    """The --instances engines of a bundle, one at a time (a caller may stop between
+    them), as the server makes them: the first by `factory`, each other a sibling of it
+    (`sibling_of`) or, where there is none, made again; with each, whether it holds a
+    copy of the weights of its own."""
+    first: InferenceEngine | None = None
+    for _ in range(settings.instances):
+        sibling = sibling_of(first, settings) if first is not None else None
+        engine = sibling or factory(bundle, settings)
+        first = first or engine
+        yield engine, sibling is None
 
 
 def cuda_static_shapes(settings: Settings) -> bool:

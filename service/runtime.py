@@ -18,7 +18,7 @@ from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
 from service import batching
-from service.engines import InferenceEngine, create_engine, sibling_of, static_sizes
+from service.engines import InferenceEngine, create_engine, instances_of, static_sizes
 from service.errors import (
     EngineFailure,
     InvalidParameters,
@@ -276,15 +276,15 @@ class ModelPool:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
         engines: list[InferenceEngine] = []
-        copies = 0  # engines made by the factory, each with its own weights
+        copies = 0  # engines with weights of their own
         try:
-            for _ in range(self.settings.instances):
-                if self.draining:
+            if self.draining:
+                raise LoadingStopped("the server is shutting down")
+            for engine, own in instances_of(bundle, self.settings, self._engine_factory):
+                engines.append(engine)
+                copies += own
+                if self.draining:  # before making the next one
                     raise LoadingStopped("the server is shutting down")
-                sibling = sibling_of(engines[0], self.settings) if engines else None
-                if sibling is None:
-                    sibling, copies = self._engine_factory(bundle, self.settings), copies + 1
-                engines.append(sibling)
             runner = ModelRunner(
                 bundle,
                 engines,

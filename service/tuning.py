@@ -48,7 +48,7 @@ import numpy as np
 from hornet_bundle import Bundle, EngineUnavailable, load_bundle
 from hornet_cli import Command
 from service.cpus import available_cpus
-from service.engines import cpu_runs_bf16, create_engine, sibling_of, unverified_precision
+from service.engines import cpu_runs_bf16, instances_of, unverified_precision
 from service.flags import settings_environment, settings_flags
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
@@ -200,11 +200,7 @@ def measure(
     size = 1 if bundle.manifest.task == "detect" else settings.max_batch_size
     before = _resident_mib()
     try:
-        engines = [create_engine(bundle, settings)]
-        engines += [
-            sibling_of(engines[0], settings) or create_engine(bundle, settings)
-            for _ in range(candidate.instances - 1)
-        ]
+        engines = [engine for engine, _ in instances_of(bundle, settings)]
     except EngineUnavailable as exc:
         result.error = str(exc)
         return result
