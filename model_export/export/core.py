@@ -55,11 +55,11 @@ def export(
             f"cannot verify precisions {sorted(unknown)}; verifiable: {VERIFIABLE_PRECISIONS}"
         )
     if options.verify_images is not None:
-        from model_export.export.precision import image_files
+        from model_export.export.precision import verification_files
 
         if not options.verify_precisions:
             raise ValueError("verify_images needs a precision to verify (verify_precisions)")
-        image_files(options.verify_images)  # a missing folder fails before the export
+        verification_files(options.verify_images)  # a missing or empty folder: before export
     model = _model(variant_or_model, options)
     task = getattr(getattr(model, "pretrained_cfg", None), "task", None)
     if task not in EXPORTERS:

@@ -77,12 +77,18 @@ def image_files(directory: str | PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def folder_pictures(directory: str | PathLike) -> Pictures:
-    """The images of a folder (`read_picture`) to verify on instead of the photographs:
-    pictures like those the model will serve."""
+def verification_files(directory: str | PathLike) -> list[Path]:
+    """`image_files` of a folder to verify on; ValueError when it holds none."""
     files = image_files(directory)
     if not files:
         raise ValueError(f"image folder {directory} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def folder_pictures(directory: str | PathLike) -> Pictures:
+    """The images of a folder (`read_picture`) to verify on instead of the photographs:
+    pictures like those the model will serve."""
+    files = verification_files(directory)
     return Pictures([np.asarray(read_picture(path)) for path in files], f"images of {directory}")
 
 

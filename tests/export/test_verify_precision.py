@@ -339,6 +339,12 @@ def test_export_passes_verify_images_and_needs_a_precision_with_them(tmp_path) -
     with pytest.raises(ValueError, match="verify_images needs a precision"):
         export("hornet_tiny_7x7", tmp_path / "out", ExportOptions(verify_images=tmp_path))
     assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    options = ExportOptions(verify_precisions=("bf16",), verify_images=empty)
+    with pytest.raises(ValueError, match="holds no images"):
+        export("hornet_tiny_7x7", tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_demo_detector_verifies_at_bf16_on_its_own_kind_of_image(tmp_path) -> None:
