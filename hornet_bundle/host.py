@@ -26,10 +26,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def runtime_on(engine: str, cpu: str | None = None) -> str:
-    """A parity record's `runtime`: the engine that ran it and the CPU (this one by
-    default)."""
-    return f"{engine}{RUNTIME_ON}{cpu or cpu_model()}"
+def runtime_on(engine: str) -> str:
+    """A parity record's `runtime`: the engine that ran it, on this CPU."""
+    return f"{engine}{RUNTIME_ON}{cpu_model()}"
 
 
 def runtime_cpu(runtime: str | None) -> str | None:
