@@ -29,7 +29,6 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from hornet_bundle import (
     ENGINE_ENTRY_POINTS,
@@ -46,6 +45,8 @@ from model_export.export import parity
 from model_export.export.errors import ExportError, ParityError
 from model_export.export.precision import (
     IMAGE_SUFFIXES,
+    chunked,
+    classification_inputs,
     image_files,
     photographs,
     read_picture,
@@ -223,8 +224,6 @@ def _quantize(src: Path, dst: Path, input_name: str, images: np.ndarray) -> None
 
 # ----------------------------------------------------------------------------- verification
 
-Run = Callable[[np.ndarray], np.ndarray]
-
 
 def verify_int8(
     bundle: Bundle,
@@ -239,23 +238,18 @@ def verify_int8(
     fp32 = manifest.engine_for("onnx", "fp32").file
     input_name = manifest.inputs[0].name
     batches = {
-        "photos": np.stack(
-            [
-                classification_input(Image.fromarray(p).convert("RGB"), manifest.preprocess)
-                for p in photographs()
-            ]
-        ),
+        "photos": classification_inputs(photographs(), manifest.preprocess),
         "held-out calibration images": held_out,
     }
     reference_session = ort_session(bundle.file(fp32))
     refs = {
-        k: _chunked(lambda x: reference_session.run(None, {input_name: x})[0], v)
+        k: chunked(lambda x: reference_session.run(None, {input_name: x})[0], v, CALIBRATION_BATCH)
         for k, v in batches.items()
     }
     records = []
     for runtime, run, close in _int8_runtimes(bundle, say):
         try:
-            outs = {k: _chunked(run, v) for k, v in batches.items()}
+            outs = {k: chunked(run, v, CALIBRATION_BATCH) for k, v in batches.items()}
         finally:
             close()
         record = _record(refs, outs, min_agreement) | {
@@ -266,12 +260,6 @@ def verify_int8(
         say(f"  {runtime}: " + parity.describe(record))
         records.append(record)
     return records
-
-
-def _chunked(run: Run, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [run(images[i : i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
-    )
 
 
 def _int8_runtimes(bundle: Bundle, say: Callable[[str], None]):

@@ -102,10 +102,17 @@ def read_picture(path: Path) -> Image.Image:
         raise ValueError(f"image {path} cannot be read: {exc}") from exc
 
 
-def _in_batches(run: Run, batch: np.ndarray) -> list[np.ndarray]:
-    """`run` over `batch` VERIFY_BATCH items at a time, its outputs joined."""
-    parts = [run(batch[i : i + VERIFY_BATCH]) for i in range(0, len(batch), VERIFY_BATCH)]
-    return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+def chunked(
+    run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, size: int = VERIFY_BATCH
+) -> np.ndarray:
+    """`run` over `batch` `size` items at a time (bounding the engines' memory), its
+    outputs joined."""
+    return np.concatenate([run(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+
+def classification_inputs(images: list[np.ndarray], preprocess) -> np.ndarray:
+    """RGB images as a classifier's input batch (its resize and centre crop)."""
+    return np.stack([classification_input(Image.fromarray(i), preprocess) for i in images])
 
 
 def photographs() -> list[np.ndarray]:
@@ -204,12 +211,10 @@ def _classify(
     rng = np.random.default_rng(SEED)
     batches = {
         "random": rng.integers(0, 256, (RANDOM_IMAGES, height, width, 3), dtype=np.uint8),
-        "pictures": np.stack(
-            [classification_input(Image.fromarray(p), pre) for p in pictures.images]
-        ),
+        "pictures": classification_inputs(pictures.images, pre),
     }
-    refs = {k: _in_batches(reference, v)[0] for k, v in batches.items()}
-    outs = {k: _in_batches(candidate, v)[0] for k, v in batches.items()}
+    refs = {k: chunked(lambda x: reference(x)[0], v) for k, v in batches.items()}
+    outs = {k: chunked(lambda x: candidate(x)[0], v) for k, v in batches.items()}
     ref, got = np.concatenate(list(refs.values())), np.concatenate(list(outs.values()))
     agree = parity.argmax_agreement(refs["pictures"], outs["pictures"], axis=-1)
     figures = {
@@ -238,7 +243,8 @@ def _segment(
         box = next(window_boxes(fitted.shape[0], fitted.shape[1], window))
         tiles.append(tile(fitted, box, crop))
     batch = np.stack(tiles)
-    ref, got = _in_batches(reference, batch)[0], _in_batches(candidate, batch)[0]
+    ref = chunked(lambda x: reference(x)[0], batch)
+    got = chunked(lambda x: candidate(x)[0], batch)
     figures = {
         "max_abs_error": parity.max_abs_error(ref, got),
         "max_relative_error": parity.max_relative_error(ref, got),
