@@ -5,6 +5,7 @@
     python bench/throughput.py --gf-compare --device cuda --fp16 --torch
     python bench/throughput.py BUNDLE --engines onnxruntime,openvino --openvino-precision fp32,bf16
     python bench/throughput.py BUNDLE --engines onnxruntime,openvino --openvino-precision fp32,int8
+    python bench/throughput.py T7 GF --engines onnxruntime,openvino --instances 2 --threads 1
 
 Each bundle's ONNX engine (and TensorRT engine where tensorrt and a GPU are present)
 runs on its own input in alternating rounds (A, B, A, B, ...), so a noisy machine
@@ -27,7 +28,10 @@ it does for ONNX Runtime's run of an int8 graph; `--openvino-static` adds each a
 static shapes (the server's `--openvino-static-shapes`, max batch the largest `--batch`),
 labelled openvino-static. Whenever hornet_tiny_7x7 and
 hornet_tiny_gf bundles are both measured (`--gf-compare`, or given), each engine's GF is
-compared with its own 7x7.
+compared with its own 7x7. `--instances K` runs each ONNX Runtime and OpenVINO engine
+K times over, side by side, each in a thread of its own, as the server's `--instances K`
+does (with `--threads 1`: one single-thread engine per core, the layout `hornet tune`
+picks on small CPU hosts and the OpenVINO overlay runs); the figures are their sum.
 Nothing here is asserted; it prints measurements.
 """
 
@@ -38,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +120,9 @@ class Item(NamedTuple):
     kind: str  # "onnx", "tensorrt", "openvino" or "torch"
     precision: str
     bundle: str = ""
+    # The other --instances engines of the same graph, each run in a thread of its own
+    # beside `run` (the server's --instances K); the figure is their sum.
+    siblings: tuple[Callable[[np.ndarray], object], ...] = ()
 
 
 def runners(
@@ -123,10 +131,12 @@ def runners(
     device: str = "cpu",
     openvino: tuple[str, ...] = (),
     static_batch: int = 0,
+    instances: int = 1,
 ) -> list[Item]:
     """One item per engine of a bundle, and one per `openvino` precision over its fp32
-    graph. Graphs without a batch axis (detectors take one image of any size) get the
-    preprocessing's input size and run one image per call."""
+    graph, each `instances` times over (ONNX Runtime and OpenVINO; TensorRT once). Graphs
+    without a batch axis (detectors take one image of any size) get the preprocessing's
+    input size and run one image per call."""
     manifest = bundle.manifest
     spec = manifest.inputs[0]
     dtype = np.dtype(spec.dtype)
@@ -134,8 +144,13 @@ def runners(
     found = []
     for engine in manifest.engines:
         label = f"{manifest.name} {engine.format}/{engine.precision} (GF {engine.gf_mode})"
+        siblings: tuple = ()
         if engine.format == "onnx":
-            run = OrtRunner(bundle.path / engine.file, spec.name, threads, device, engine.precision)
+            made = [
+                OrtRunner(bundle.path / engine.file, spec.name, threads, device, engine.precision)
+                for _ in range(instances)
+            ]
+            run, siblings = made[0], tuple(made[1:])
         else:
             try:
                 from service.engines import TensorRTEngine
@@ -155,6 +170,7 @@ def runners(
                 engine.format,
                 engine.precision,
                 manifest.name,
+                siblings,
             )
         )
     shapes = [("openvino", 0)] + ([("openvino-static", static_batch)] if static_batch else [])
@@ -164,12 +180,25 @@ def runners(
             label = f"{manifest.name} {kind}/{precision} (GF {graph.gf_mode})"
             try:
                 path = bundle.path / graph.file
-                run = OpenVinoRunner(path, spec.name, threads, precision, batch)
+                made = [
+                    OpenVinoRunner(path, spec.name, threads, precision, batch)
+                    for _ in range(instances)
+                ]
             except Exception as exc:  # no openvino or no bf16 here: say so, measure the rest
                 print(f"# skipping {label}: {exc}", file=sys.stderr)
                 continue
             found.append(
-                Item(label, run, dtype, shape, manifest.variant, kind, precision, manifest.name)
+                Item(
+                    label,
+                    made[0],
+                    dtype,
+                    shape,
+                    manifest.variant,
+                    kind,
+                    precision,
+                    manifest.name,
+                    tuple(made[1:]),
+                )
             )
     return found
 
@@ -223,20 +252,43 @@ def measure(items, batches: list[int], rounds: int, seconds: float) -> dict:
             for item, shape in zip(runs, shapes, strict=True)
         ]
         for item, x in zip(runs, inputs, strict=True):
-            item.run(x)  # warm-up
+            for run in (item.run, *item.siblings):
+                run(x)  # warm-up
         for _ in range(rounds):
-            for (label, run, *_), x in zip(runs, inputs, strict=True):
-                latencies = []
-                start = time.perf_counter()
-                while time.perf_counter() - start < seconds or not latencies:
-                    t0 = time.perf_counter()
-                    run(x)
-                    latencies.append(time.perf_counter() - t0)
-                elapsed = time.perf_counter() - start
-                entry = results.setdefault((label, batch), {"throughput": [], "latency": []})
+            for item, x in zip(runs, inputs, strict=True):
+                latencies, elapsed = timed_side_by_side((item.run, *item.siblings), x, seconds)
+                entry = results.setdefault((item.label, batch), {"throughput": [], "latency": []})
                 entry["throughput"].append(batch * len(latencies) / elapsed)
                 entry["latency"].extend(latencies)
     return results
+
+
+def timed_side_by_side(
+    runs: tuple[Callable[[np.ndarray], object], ...], x: np.ndarray, seconds: float
+) -> tuple[list[float], float]:
+    """Each of `runs` called on `x` over and over in a thread of its own, all started
+    together, until `seconds` have passed (at least once each): every call's latency,
+    and the seconds from the start until the last call returned."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+
+    def loop(run: Callable[[np.ndarray], object]) -> None:
+        mine = []
+        while time.perf_counter() - start < seconds or not mine:
+            t0 = time.perf_counter()
+            run(x)
+            mine.append(time.perf_counter() - t0)
+        latencies.extend(mine)  # list.extend is atomic under the GIL
+
+    if len(runs) == 1:
+        loop(runs[0])
+    else:
+        threads = [threading.Thread(target=loop, args=(run,)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return latencies, time.perf_counter() - start
 
 
 def table(results: dict) -> str:
@@ -314,6 +366,14 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)"
     )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="run each ONNX Runtime and OpenVINO engine as this many instances side by side, "
+        "each in a thread of its own (the server's --instances; with --threads 1, one "
+        "single-thread engine per core); the figures are their sum",
+    )
     parser.add_argument("--gf-compare", action="store_true")
     parser.add_argument("--gf-modes", default="auto,circular_conv,dft")
     parser.add_argument("--image-size", type=int, default=224)
@@ -360,12 +420,15 @@ def main() -> int:
         items = [
             item
             for bundle in loaded
-            for item in runners(bundle, args.threads, args.device, openvino, static_batch)
+            for item in runners(
+                bundle, args.threads, args.device, openvino, static_batch, args.instances
+            )
         ]
         if args.torch:
             items += eager_baselines(loaded, args.device)
         print(
-            f"# {describe(args.device)}, engine threads={args.threads or 'default'}, "
+            f"# {describe(args.device)}, {args.instances} instance(s) of "
+            f"engine threads={args.threads or 'default'}, "
             f"{args.rounds} alternating rounds of {args.seconds}s, median round reported"
         )
         results = measure(items, batches, args.rounds, args.seconds)
