@@ -78,6 +78,12 @@ def _agrees(expected, actual, where: str = "$") -> Iterator[str]:
         yield f"{where}: {expected!r:.120} in the docs, got {actual!r:.120}"
 
 
+def _with_code(line: str) -> tuple[str, str]:
+    """A line of JSON, and the HTTP status curl's `-w ' %{http_code}'` put after it."""
+    code = re.search(r"(?<=}) (\d{3})$", line)
+    return (line[: code.start()], code.group(1)) if code else (line, "")
+
+
 # The test's own readiness probes before the models are loaded (as many as loading takes).
 PROBES_BEFORE_READY = re.compile(r'^hornet_requests_total\{route="/readyz",status="503"\} ')
 
@@ -94,32 +100,15 @@ def differences(expected: list[str], actual: list[str]) -> list[str]:
             if want != got:
                 found.append(f"{want!r} in the docs, got {got!r}")
             continue
-        want_json, _, want_code = (
-            want.rpartition("} ")
-            if re.search(r"} \d{3}$", want)
-            else (
-                want[:-1],
-                "",
-                "",
-            )
-        )
-        got_json, _, got_code = (
-            got.rpartition("} ")
-            if re.search(r"} \d{3}$", got)
-            else (
-                got[:-1],
-                "",
-                "",
-            )
-        )
+        (want_json, want_code), (got_json, got_code) = _with_code(want), _with_code(got)
         if want_code != got_code:
             found.append(f"HTTP {want_code or '(none)'} in the docs, got {got_code or '(none)'}")
         try:
-            actual_json = json.loads(got_json + "}")
+            actual_json = json.loads(got_json)
         except json.JSONDecodeError:
             found.append(f"not JSON: {got!r:.300}")
             continue
-        found += list(_agrees(_parse_doc_json(want_json + "}"), actual_json))
+        found += list(_agrees(_parse_doc_json(want_json), actual_json))
     return found
 
 
