@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from hornet_bundle import Bundle
 from service import __version__
 from service.auth import ApiKeyMiddleware, advertise_api_keys
+from service.cors import CorsMiddleware
 from service.engines import create_engine
 from service.errors import ServiceError, error_body
 from service.logs import request_id
@@ -86,6 +87,8 @@ def create_app(
     api_keys = settings.accepted_api_keys()
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
     app.add_middleware(CloseUnreadBodyMiddleware)
+    if settings.cors_origins:  # outside the key check: preflights carry no key
+        app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     advertise_api_keys(app, api_keys, settings.protect_probes)

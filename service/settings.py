@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hornet_bundle import MANIFEST_NAME
+from service.cors import check_origin
 from service.cpus import available_cpus
 from service.flags import Flag
 from service.image_structure import DEFAULT_MAX_JPEG_SCANS
@@ -257,6 +258,11 @@ class Settings(BaseSettings):
     api_key_file: Annotated[Path | None, Flag(metavar="PATH")] = Field(
         None, description="require one of the keys in PATH, one a line, # comments allowed"
     )
+    cors_origins: Annotated[list[str], NoDecode, Flag("--cors-origin", metavar="ORIGIN")] = Field(
+        default_factory=list,
+        description="let web pages from ORIGIN (scheme://host[:port], or * for any) call the "
+        "API from a browser (CORS); repeat for several; unset: pages of other origins cannot",
+    )
     protect_probes: bool = Field(
         False,
         description="with API keys, require one on /healthz, /readyz, /metrics and the v2 "
@@ -292,6 +298,16 @@ class Settings(BaseSettings):
             return value
         stripped = (key.strip() if isinstance(key, str) else key for key in value)
         return [key for key in stripped if key != ""]
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            return value
+        kept = (o for o in value if not isinstance(o, str) or o.strip())
+        return [check_origin(o) if isinstance(o, str) else o for o in kept]
 
     @field_validator("api_key_file")
     @classmethod

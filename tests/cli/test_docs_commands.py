@@ -121,3 +121,11 @@ def test_every_hornet_variable_the_docs_and_manifests_name_is_a_setting() -> Non
                 continue
             unknown.append(f"{path.relative_to(REPO)}: {name}")
     assert not unknown, "\n".join(sorted(unknown))
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    table = (REPO / "docs" / "configuration.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    for name in Settings.model_fields:
+        variable = f"HORNET_{name.upper()}"
+        assert any(f"`{variable}`" in row for row in rows), f"{variable} has no row"
