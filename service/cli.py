@@ -126,6 +126,8 @@ def serve(args: argparse.Namespace) -> int:
         loop=settings.event_loop,
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )
     server = _DrainingServer(
         config, app.state.pool, settings.drain_timeout_s, settings.exit_on_load_error
@@ -197,7 +199,7 @@ def page_url(config: uvicorn.Config, port: int | None = None) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.host, config.host)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{port or config.port}/"
+    return f"{'https' if config.is_ssl else 'http'}://{host}:{port or config.port}/"
 
 
 class _DrainingServer(uvicorn.Server):

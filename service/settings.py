@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hornet_bundle import MANIFEST_NAME
@@ -16,6 +16,7 @@ from service.cpus import available_cpus
 from service.flags import Flag
 from service.image_structure import DEFAULT_MAX_JPEG_SCANS
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
+from service.tls import check_certificate
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
 
@@ -258,6 +259,16 @@ class Settings(BaseSettings):
     api_key_file: Annotated[Path | None, Flag(metavar="PATH")] = Field(
         None, description="require one of the keys in PATH, one a line, # comments allowed"
     )
+    tls_certfile: Annotated[Path | None, Flag(metavar="PATH")] = Field(
+        None,
+        description="serve HTTPS with this certificate (PEM, the chain after it); its key "
+        "in --tls-keyfile or in this file",
+    )
+    tls_keyfile: Annotated[Path | None, Flag(metavar="PATH")] = Field(
+        None,
+        description="the certificate's private key (PEM, not encrypted)",
+        validate_default=True,  # the pair is checked whichever of the two is given
+    )
     cors_origins: Annotated[list[str], NoDecode, Flag("--cors-origin", metavar="ORIGIN")] = Field(
         default_factory=list,
         description="let web pages from ORIGIN (scheme://host[:port], or * for any) call the "
@@ -308,6 +319,18 @@ class Settings(BaseSettings):
             return value
         kept = (o for o in value if not isinstance(o, str) or o.strip())
         return [check_origin(o) if isinstance(o, str) else o for o in kept]
+
+    @field_validator("tls_keyfile")
+    @classmethod
+    def _tls_pair_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Runs after tls_certfile's own check (fields validate in order); an error names
+        # the files and what is wrong, never their contents.
+        certfile = info.data.get("tls_certfile")
+        if value is not None and certfile is None and "tls_certfile" in info.data:
+            raise ValueError("a TLS key without a certificate: give --tls-certfile too")
+        if certfile is not None:
+            check_certificate(certfile, value)
+        return value
 
     @field_validator("api_key_file")
     @classmethod

@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -59,17 +60,25 @@ def wait_ready(
     path: str = "/readyz",
     headers: Mapping[str, str] | None = None,
     log_path: Path | None = None,
+    ca_file: Path | None = None,
 ) -> None:
     """Return once GET `url``path` answers 200; raise ServerNotReady, with the end of
-    `log_path`, when `process` exits first or `timeout_s` passes."""
+    `log_path`, when `process` exits first or `timeout_s` passes. `ca_file`: the
+    certificate authority an https `url`'s certificate is checked against."""
     probe = urllib.request.Request(f"{url}{path}", headers=dict(headers or {}))
+    opener = _DIRECT
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
     give_up_at = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
             raise ServerNotReady(
                 f"the server exited with status {process.returncode}{_log_note(log_path)}"
             )
-        if _answers_200(probe):
+        if _answers_200(opener, probe):
             return
         if time.monotonic() >= give_up_at:
             raise ServerNotReady(
@@ -104,6 +113,7 @@ def running_server(
     ready_path: str = "/readyz",
     ready_timeout_s: float = 60.0,
     stop_timeout_s: float = 30.0,
+    tls_ca_file: Path | None = None,
 ) -> Iterator[RunningServer]:
     """`python -m service *flags` on a free loopback port, ready; stopped at the end.
 
@@ -118,6 +128,8 @@ def running_server(
     cpus: the CPUs the server may run on (its affinity, as `taskset` sets it; Linux).
     ready_headers: sent with the readiness probe (a key, when probes are protected).
     ready_path: the route whose 200 means started (/healthz: up, whether or not ready).
+    tls_ca_file: the server serves HTTPS (--tls-certfile among `flags`) with a
+        certificate this authority signed: the URL is https and the probe checks it.
     """
     port = free_port()
     environment = {
@@ -139,7 +151,7 @@ def running_server(
             stderr=stderr,
             preexec_fn=_limits(memory_limit_bytes, open_files_soft_limit, cpus),
         )
-    url = f"http://{LOOPBACK}:{port}"
+    url = f"{'https' if tls_ca_file else 'http'}://{LOOPBACK}:{port}"
     try:
         wait_ready(
             url,
@@ -148,15 +160,16 @@ def running_server(
             path=ready_path,
             headers=ready_headers,
             log_path=log_path,
+            ca_file=tls_ca_file,
         )
         yield RunningServer(url, process, log_path)
     finally:
         stop(process, stop_timeout_s)
 
 
-def _answers_200(probe: urllib.request.Request) -> bool:
+def _answers_200(opener: urllib.request.OpenerDirector, probe: urllib.request.Request) -> bool:
     try:
-        with _DIRECT.open(probe, timeout=1.0) as response:
+        with opener.open(probe, timeout=1.0) as response:
             return response.status == 200
     except (OSError, http.client.HTTPException):  # refused, reset, timed out, 503, ...
         return False
