@@ -63,9 +63,9 @@ WORKDIR /tmp
 EXPOSE 8000
 
 # Liveness only (/healthz): warm-up can take minutes and readiness is the orchestrator's job.
-# python's urllib because the slim image has no curl; any error exits non-zero.
+# service.healthcheck: python's urllib (the slim image has no curl), HTTP or HTTPS.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HORNET_PORT', '8000') + '/healthz', timeout=4)"]
+    CMD ["python", "-m", "service.healthcheck"]
 
 # Exec form: the server is PID 1 and receives SIGTERM itself, which starts its drain.
 ENTRYPOINT ["hornet"]

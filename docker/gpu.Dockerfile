@@ -103,9 +103,9 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000
 
-# Liveness only (/healthz); python's urllib because the image has no curl.
+# Liveness only (/healthz); service.healthcheck: python's urllib (no curl), HTTP or HTTPS.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('HORNET_PORT', '8000') + '/healthz', timeout=4)"]
+    CMD ["python", "-m", "service.healthcheck"]
 
 # Exec form: the server is PID 1 and receives SIGTERM itself, which starts its drain.
 ENTRYPOINT ["hornet"]

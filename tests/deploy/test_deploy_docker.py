@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from service.testing import running_server
 from tests.helpers.deploy_checks import (
     COMPOSE_FILE,
     DOCKER_DIR,
@@ -354,15 +357,35 @@ def test_runtime_stage_runs_as_a_numeric_non_root_user(dockerfile: Path, stage: 
     )
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
-def test_serve_stage_health_checks_healthz_without_curl(dockerfile: Path):
-    stage = "serve"
+def _health_check_command(dockerfile: Path) -> list[str]:
+    """The serve stage's HEALTHCHECK command (exec form), as a list."""
     checks = [
-        i for i in parse_dockerfile(dockerfile) if i.stage == stage and i.keyword == "HEALTHCHECK"
+        i for i in parse_dockerfile(dockerfile) if i.stage == "serve" and i.keyword == "HEALTHCHECK"
     ]
     assert checks, "no HEALTHCHECK"
-    assert "/healthz" in checks[-1].value and "urllib" in checks[-1].value
-    assert "curl" not in checks[-1].value
+    exec_form = re.search(r"CMD\s+(\[.*\])\s*$", checks[-1].value, flags=re.S)
+    assert exec_form, f"HEALTHCHECK not in exec form: {checks[-1].value}"
+    return json.loads(exec_form.group(1))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
+def test_serve_stage_health_check_passes_on_a_live_server_and_fails_without_one(
+    dockerfile: Path, tmp_path: Path
+):
+    """The image's own check command, run here (`python` as this interpreter) against a
+    real server on HORNET_PORT, then against that port closed."""
+    command = _health_check_command(dockerfile)
+    assert "curl" not in command  # the slim images have none
+    assert command[0] == "python"
+    command = [sys.executable, *command[1:]]
+    flags = ["--model-dir", str(REPO / "service" / "demo_bundles" / "shapes_classify")]
+    with running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as s:
+        port = s.url.rsplit(":", 1)[1]
+        env = {**os.environ, "HORNET_PORT": port}
+        alive = subprocess.run(command, env=env, capture_output=True, timeout=30)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+    gone = subprocess.run(command, env=env, capture_output=True, timeout=30)
+    assert gone.returncode == 1
 
 
 # --- compose -------------------------------------------------------------------------------

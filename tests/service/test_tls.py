@@ -130,3 +130,12 @@ def test_hornet_serve_stops_at_start_on_a_key_of_another_certificate(pki) -> Non
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "invalid settings" in done.stderr and str(pki["other"]) in done.stderr
+
+
+def test_the_images_health_check_finds_an_https_server(https_server) -> None:
+    # The Dockerfiles' HEALTHCHECK (tests/deploy checks it is this command).
+    url, _ = https_server
+    env = {"HORNET_PORT": url.rsplit(":", 1)[1], "PATH": ""}
+    command = [sys.executable, "-m", "service.healthcheck"]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
