@@ -21,6 +21,17 @@ from service.tls import check_certificate
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
 
 
+def _comma_list(value: object) -> object:
+    """A list setting from the environment's comma-separated string (or a list), its
+    strings stripped and the empty ones dropped; anything else as given, for pydantic."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return value
+    stripped = (item.strip() if isinstance(item, str) else item for item in value)
+    return [item for item in stripped if item != ""]
+
+
 def default_model_dirs() -> list[Path]:
     """Bundles served when no --model-dir is given: every bundle directory (one holding a
     manifest.json) under the package's demo_bundles/, in name order; none if it is absent."""
@@ -303,22 +314,15 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         # No format checks here: pydantic would print the raw value (the keys) in its error.
-        if isinstance(value, str):
-            value = value.split(",")
-        if not isinstance(value, list):
-            return value
-        stripped = (key.strip() if isinstance(key, str) else key for key in value)
-        return [key for key in stripped if key != ""]
+        return _comma_list(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.split(",")
+        value = _comma_list(value)
         if not isinstance(value, list):
             return value
-        kept = (o for o in value if not isinstance(o, str) or o.strip())
-        return [check_origin(o) if isinstance(o, str) else o for o in kept]
+        return [check_origin(o) if isinstance(o, str) else o for o in value]
 
     @field_validator("tls_keyfile")
     @classmethod
