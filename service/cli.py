@@ -113,6 +113,12 @@ def serve(args: argparse.Namespace) -> int:
             "real use (see each model's 'demo' flag in /v1/models); pass --model-dir.",
             extra={"demo_bundles": [str(path) for path in settings.model_dir]},
         )
+    if "*" in settings.cors_origins and not settings.accepted_api_keys():
+        log.warning(
+            "--cors-origin * without API keys: any web page its visitors' browsers can reach "
+            "this server from may call the API and read its answers; name the origins, or "
+            "require keys"
+        )
     app = create_app(settings, bundles=bundles)
     config = uvicorn.Config(
         app,

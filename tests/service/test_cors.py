@@ -131,14 +131,20 @@ def test_without_allowed_origins_there_are_no_cors_headers(tmp_path, image) -> N
         assert not any(h.startswith("access-control-") for h in posted.headers)
 
 
-def test_any_origin(tmp_path) -> None:
+def test_any_origin_and_the_warning_when_no_key_is_required(tmp_path) -> None:
     flags = ["--model-dir", str(CLASSIFIER), "--cors-origin", "*"]
-    with running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as s:
+    log = tmp_path / "server.log"
+    with running_server(flags, log_path=log, inherit_settings=False) as s:
         answer = preflight(f"{s.url}/v1/models", "https://anywhere.example", "GET")
         assert answer.status_code == 200
         assert answer.headers["access-control-allow-origin"] == "*"
         listed_models = httpx.get(f"{s.url}/v1/models", headers={"Origin": "http://x.example"})
         assert listed_models.headers["access-control-allow-origin"] == "*"
+    assert log.read_text().count("--cors-origin * without API keys") == 1
+    keyed = tmp_path / "keyed.log"
+    with running_server([*flags, "--api-key", KEY], log_path=keyed, inherit_settings=False):
+        pass
+    assert "--cors-origin *" not in keyed.read_text()
 
 
 def test_origins_from_flags_and_the_environment(monkeypatch) -> None:
