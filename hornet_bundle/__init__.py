@@ -20,6 +20,7 @@ from hornet_bundle.files import (
     sha256_of,
 )
 from hornet_bundle.manifest import (
+    DEFAULT_SCORE_THRESHOLD,
     Engine,
     FileEntry,
     Manifest,
@@ -35,6 +36,7 @@ from hornet_bundle.versions import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from hornet_bundle.writer import write_manifest
 
 __all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
     "ENGINE_ENTRY_POINTS",
     "MANIFEST_NAME",
     "ONNX_FP16",

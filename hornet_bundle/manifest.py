@@ -101,6 +101,12 @@ class Engine(_Strict):
 ParityMetric = Literal["relative_l2_error", "max_relative_error", "box_score_error"]
 
 
+# The lowest detection score `/detect` answers unless asked for less (the service's
+# default score_threshold): a reduced-precision detector's parity record compares the
+# detections scored this or more (model_export.export.precision).
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
 class Parity(_Strict):
     """Verification of one engine against a reference at export time.
 
@@ -134,7 +140,8 @@ class Parity(_Strict):
     # segment: fraction of pixels whose argmax class agrees
     pixel_agreement: float | None = None
     # detect: the detections paired: the export's own checks, every image's one to one
-    # (same count, same labels); a bf16 record, those scored 0.5 or more in either run
+    # (same count, same labels); a bf16 record, those scored DEFAULT_SCORE_THRESHOLD or
+    # more in either run
     detections_paired: bool | None = None
     # detect: fraction of 0.5-thresholded mask pixels that agree, its lower limit, and
     # the largest mask probability difference

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from hornet_bundle import Manifest
+from hornet_bundle import DEFAULT_SCORE_THRESHOLD, Manifest
 from service import imaging
 from service.engines import InferenceEngine
 from service.kserve import BYTES, InvalidInferRequest, Tensor
@@ -58,7 +58,7 @@ class AnswerOptions:
     """What a request asks of its answers; each task reads the options that concern it."""
 
     top_k: int = 5  # classes per image (classify)
-    score_threshold: float = 0.5  # the lowest detection score kept (detect)
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD  # the lowest detection score kept (detect)
 
 
 @dataclass(frozen=True)

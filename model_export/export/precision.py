@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from hornet_bundle import ENGINE_ENTRY_POINTS, Bundle, EngineUnavailable, Manifest, load_bundle
+from hornet_bundle import (
+    DEFAULT_SCORE_THRESHOLD,
+    ENGINE_ENTRY_POINTS,
+    Bundle,
+    EngineUnavailable,
+    Manifest,
+    load_bundle,
+)
 from hornet_bundle.host import runtime_on
 from hornet_bundle.preprocess import classification_input, fit_image, tile, window_boxes
 from hornet_bundle.writer import rewrite_manifest
@@ -45,9 +52,9 @@ from model_export.export.session import ort_session
 TOLERANCES = {"classify": 2e-2, "segment": 5e-2, "detect": 2e-2}
 MIN_MASK_PIXEL_AGREEMENT = 0.99
 # The lowest score `/detect` answers unless asked for less (the service's default
-# `score_threshold`; tests/export/test_verify_precision.py keeps the two equal): the
-# detections a reduced precision must leave as they are.
-ANSWER_SCORE = 0.5
+# `score_threshold`, from the bundle package both read): the detections a reduced
+# precision must leave as they are.
+ANSWER_SCORE = DEFAULT_SCORE_THRESHOLD
 RANDOM_IMAGES = 4
 SEED = 0
 DETECT_SIZES = ((480, 640), (400, 320))
