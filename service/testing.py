@@ -27,8 +27,27 @@ from pathlib import Path
 from typing import NamedTuple
 
 LOOPBACK = "127.0.0.1"
-# The probe goes straight to the loopback port, whatever HTTP(S)_PROXY says.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def direct_opener(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """An opener that goes straight to the loopback port, whatever HTTP(S)_PROXY says;
+    HTTPS checked with `context` (the default's otherwise)."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def answers_200(
+    opener: urllib.request.OpenerDirector, probe: urllib.request.Request | str, timeout_s: float
+) -> bool:
+    """Whether `probe` is answered 200 within `timeout_s`; False for any other status,
+    a refused or reset connection, a timeout or a TLS failure."""
+    try:
+        with opener.open(probe, timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, http.client.HTTPException):  # refused, reset, timed out, 503, TLS...
+        return False
 
 
 class ServerNotReady(RuntimeError):
@@ -66,19 +85,15 @@ def wait_ready(
     `log_path`, when `process` exits first or `timeout_s` passes. `ca_file`: the
     certificate authority an https `url`'s certificate is checked against."""
     probe = urllib.request.Request(f"{url}{path}", headers=dict(headers or {}))
-    opener = _DIRECT
-    if ca_file is not None:
-        context = ssl.create_default_context(cafile=str(ca_file))
-        opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
-        )
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    opener = direct_opener(context)
     give_up_at = time.monotonic() + timeout_s
     while True:
         if process is not None and process.poll() is not None:
             raise ServerNotReady(
                 f"the server exited with status {process.returncode}{_log_note(log_path)}"
             )
-        if _answers_200(opener, probe):
+        if answers_200(opener, probe, 1.0):
             return
         if time.monotonic() >= give_up_at:
             raise ServerNotReady(
@@ -165,14 +180,6 @@ def running_server(
         yield RunningServer(url, process, log_path)
     finally:
         stop(process, stop_timeout_s)
-
-
-def _answers_200(opener: urllib.request.OpenerDirector, probe: urllib.request.Request) -> bool:
-    try:
-        with opener.open(probe, timeout=1.0) as response:
-            return response.status == 200
-    except (OSError, http.client.HTTPException):  # refused, reset, timed out, 503, ...
-        return False
 
 
 def _limits(
