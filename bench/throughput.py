@@ -29,9 +29,10 @@ static shapes (the server's `--openvino-static-shapes`, max batch the largest `-
 labelled openvino-static. Whenever hornet_tiny_7x7 and
 hornet_tiny_gf bundles are both measured (`--gf-compare`, or given), each engine's GF is
 compared with its own 7x7. `--instances K` runs each ONNX Runtime and OpenVINO engine
-K times over, side by side, each in a thread of its own, as the server's `--instances K`
-does (with `--threads 1`: one single-thread engine per core, the layout `hornet tune`
-picks on small CPU hosts and the OpenVINO overlay runs); the figures are their sum.
+K times over, side by side, each in a thread of its own and each with weights of its
+own (the server's `--instances K --no-share-weights`; shared weights ran at the same
+speed, bench/README.md); with `--threads 1` that is one single-thread engine per core,
+the layout `hornet tune` picks on small CPU hosts. The figures are their sum.
 Nothing here is asserted; it prints measurements.
 """
 
@@ -120,8 +121,8 @@ class Item(NamedTuple):
     kind: str  # "onnx", "tensorrt", "openvino" or "torch"
     precision: str
     bundle: str = ""
-    # The other --instances engines of the same graph, each run in a thread of its own
-    # beside `run` (the server's --instances K); the figure is their sum.
+    # The other --instances engines of the same graph (weights of their own), each run in
+    # a thread of its own beside `run`; the figure is their sum.
     siblings: tuple[Callable[[np.ndarray], object], ...] = ()
 
 
@@ -371,8 +372,9 @@ def main() -> int:
         type=int,
         default=1,
         help="run each ONNX Runtime and OpenVINO engine as this many instances side by side, "
-        "each in a thread of its own (the server's --instances; with --threads 1, one "
-        "single-thread engine per core); the figures are their sum",
+        "each in a thread of its own with weights of its own (the server's --instances "
+        "--no-share-weights; with --threads 1, one single-thread engine per core); the "
+        "figures are their sum",
     )
     parser.add_argument("--gf-compare", action="store_true")
     parser.add_argument("--gf-modes", default="auto,circular_conv,dft")
