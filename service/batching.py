@@ -18,6 +18,20 @@ of 32 and 64 clients whose answers cost 0.4 ms of loop each sat idle 40% of the 
 With `close_early`, a batch also closes as soon as the queue is empty and no caller has
 announced an item on its way (`announce()`, held while a request is decoded): waiting
 longer could only delay the batch, never fill it, so a lone request runs at once.
+
+With several instances, a batch also closes once it holds its share of the work ahead
+(the items collected, queued and announced, over this instance and the idle others), so
+that the idle instances take the rest. Without it, 8 closed-loop clients over two
+one-thread instances could settle into one group: an instance's answers came back
+together, their 8 next requests were announced together, and one batch waited for all
+of them while the other instance idled (10 img/s against 18 for two groups of 4).
+
+A `solo` worker (an engine over all the CPUs beside K one-thread instances) runs a batch
+of at most `solo_max_items` that finds every instance idle with nothing else queued or
+announced: a lone request gets every core, where one thread would take nearly twice as
+long. While it runs no instance does (they would share its cores), so what arrives
+meanwhile queues and goes to the instances, which under load beat one wide engine (its
+threads meet at every layer beside the decoding threads, the instances never meet).
 """
 
 from __future__ import annotations
@@ -40,9 +54,10 @@ R = TypeVar("R")
 
 IsGone = Callable[[], Awaitable[bool]]
 # What closed a batch: max_batch_size items; nothing more queued or announced (with
-# close_early, checked first); or max_delay_s after its first item (with close_early:
-# while announced items were still on their way).
-ClosedBy = Literal["full", "delay", "early"]
+# close_early, checked first); max_delay_s after its first item (with close_early:
+# while announced items were still on their way); or its share of the work ahead while
+# other instances are idle ("split").
+ClosedBy = Literal["full", "delay", "early", "split"]
 BatchWorker = Callable[[list[T]], Sequence[R]]
 
 
@@ -73,6 +88,7 @@ class BatchStats:
     compute_seconds: float
     failed: bool
     closed_by: ClosedBy
+    solo: bool = False
 
 
 class BatchObserver(Protocol):
@@ -118,12 +134,18 @@ class BatchQueue(Generic[T, R]):
         observer: BatchObserver | None = None,
         close_early: bool = False,
         dispatch_first: bool = True,
+        solo: BatchWorker | None = None,
+        solo_max_items: int = 1,
     ) -> None:
         if not workers:
             raise ValueError("a BatchQueue needs at least one worker")
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size >= 1, max_delay_s >= 0")
+        if solo_max_items < 1:
+            raise ValueError("solo_max_items >= 1")
         self._workers = list(workers)
+        self._solo = solo
+        self.solo_max_items = solo_max_items
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -157,7 +179,8 @@ class BatchQueue(Generic[T, R]):
         """Start forming batches; call from the running event loop."""
         if self._loop_task is not None:
             return
-        self._executor = ThreadPoolExecutor(len(self._workers), thread_name_prefix="engine")
+        threads = len(self._workers) + (self._solo is not None)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="engine")
         for worker in self._workers:
             self._idle.put_nowait(worker)
         self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
@@ -278,21 +301,45 @@ class BatchQueue(Generic[T, R]):
             self._former_wants_engine = False
 
     async def _form_batches(self) -> None:
+        worker: BatchWorker | None = None  # an idle instance the former holds
         while True:
-            if self._idle.empty():
-                worker = await self._former_wait(self._idle.get(), for_engine=True)
-            else:
-                worker = self._idle.get_nowait()
+            if worker is None:
+                if self._idle.empty():
+                    worker = await self._former_wait(self._idle.get(), for_engine=True)
+                else:
+                    worker = self._idle.get_nowait()
             batch, closed_by = await self._collect()
             live = await self._admissible(batch)
             self._collecting = []
             self._report_depth()
             if not live:
-                self._idle.put_nowait(worker)
                 continue
-            task = asyncio.create_task(self._execute(worker, live, closed_by))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            if self._solo_takes(live):
+                # The former keeps its instance and forms nothing until the solo engine's
+                # run returns: no instance runs beside it.
+                ran: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._spawn(self._execute(self._solo, live, closed_by, solo_ran=ran))
+                await self._former_wait(ran, for_engine=True)
+                continue
+            self._spawn(self._execute(worker, live, closed_by))
+            worker = None
+
+    def _solo_takes(self, batch: list[_Pending[T, R]]) -> bool:
+        """Whether the solo engine runs `batch`: small enough, every instance idle (the
+        former holds one, the others wait in the idle queue) and nothing else queued or
+        on its way."""
+        return (
+            self._solo is not None
+            and len(batch) <= self.solo_max_items
+            and self._idle.qsize() == len(self._workers) - 1
+            and self._queue.empty()
+            and not self._announced
+        )
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _collect(self) -> tuple[list[_Pending[T, R]], ClosedBy]:
         """Wait for a first item, then gather more until full or its delay has passed
@@ -305,6 +352,9 @@ class BatchQueue(Generic[T, R]):
         close_at = self._collecting[0].enqueued_at + self.max_delay_s
         closed_by: ClosedBy = "full"
         while len(self._collecting) < self.max_batch_size:
+            if self._holds_its_share():
+                closed_by = "split"
+                break
             if not self._queue.empty():
                 self._collecting.append(self._queue.get_nowait())
                 continue
@@ -323,6 +373,15 @@ class BatchQueue(Generic[T, R]):
                 break
         return list(self._collecting), closed_by
 
+    def _holds_its_share(self) -> bool:
+        """Whether the batch being collected holds its share of the work ahead (collected,
+        queued and announced items) split over its instance and the idle others."""
+        idle_others = self._idle.qsize()
+        if not idle_others:
+            return False
+        ahead = len(self._collecting) + self._queue.qsize() + self._announced
+        return len(self._collecting) >= -(-ahead // (idle_others + 1))
+
     async def _admissible(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
         """Drop abandoned, expired and disconnected items before they cost engine time."""
         now = time.monotonic()
@@ -340,8 +399,15 @@ class BatchQueue(Generic[T, R]):
         return live
 
     async def _execute(
-        self, worker: BatchWorker, batch: list[_Pending[T, R]], closed_by: ClosedBy
+        self,
+        worker: BatchWorker,
+        batch: list[_Pending[T, R]],
+        closed_by: ClosedBy,
+        solo_ran: asyncio.Future[None] | None = None,
     ) -> None:
+        """Run `batch` on `worker` in an engine thread and deliver its answers. An instance
+        goes back to the idle queue when its run returns; the solo engine, which is never
+        queued, resolves `solo_ran` instead (the former waits on it)."""
         started = time.monotonic()
         self._running_items += len(batch)
         queue_seconds = [started - entry.enqueued_at for entry in batch]
@@ -357,7 +423,7 @@ class BatchQueue(Generic[T, R]):
                 # take this engine and dispatch what is queued, then deliver the answers.
                 if self._former_wants_engine:
                     self._former_waits.clear()
-                self._idle.put_nowait(worker)
+                self._hand_back(worker, solo_ran)
                 idle = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._former_waits.wait(), HANDOFF_WAIT_S)
@@ -390,7 +456,7 @@ class BatchQueue(Generic[T, R]):
         finally:
             self._running_items -= len(batch)
             if not idle:
-                self._idle.put_nowait(worker)
+                self._hand_back(worker, solo_ran)
             if self._observer is not None:
                 self._observer.batch_done(
                     BatchStats(
@@ -399,8 +465,15 @@ class BatchQueue(Generic[T, R]):
                         ran or time.monotonic() - started,
                         failed,
                         closed_by,
+                        solo=solo_ran is not None,
                     )
                 )
+
+    def _hand_back(self, worker: BatchWorker, solo_ran: asyncio.Future[None] | None) -> None:
+        if solo_ran is None:
+            self._idle.put_nowait(worker)
+        elif not solo_ran.done():
+            solo_ran.set_result(None)
 
     def _note_compute(self, seconds: float, items: int) -> None:
         per_item = seconds / items

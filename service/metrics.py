@@ -52,8 +52,16 @@ class ServiceMetrics:
         self.batches = Counter(
             "hornet_batches",
             "batches formed, by what closed them: full (--max-batch-size), early (nothing "
-            "more queued or being decoded), delay (--max-delay-ms passed first)",
+            "more queued or being decoded), delay (--max-delay-ms passed first), split (its "
+            "share of the work ahead, the rest left to idle instances)",
             ["model", "closed_by"],
+            registry=self.registry,
+        )
+        self.solo_batches = Counter(
+            "hornet_solo_batches",
+            "batches run by the solo engine (--solo-engine), which runs a lone request "
+            "while every instance is idle; counted in hornet_batches_total too",
+            ["model"],
             registry=self.registry,
         )
         self.decode_seconds = Histogram(
@@ -107,6 +115,7 @@ class ModelObserver:
             reason: metrics.batches.labels(model, reason) for reason in get_args(ClosedBy)
         }
         self._engine = metrics.engine_seconds.labels(model)
+        self._solo = metrics.solo_batches.labels(model)
         self._failures = metrics.engine_failures.labels(model)
         self._decode = metrics.decode_seconds.labels(model)
         self._decoded = {r: metrics.decoded_images.labels(model, str(r)) for r in REDUCTIONS}
@@ -122,6 +131,8 @@ class ModelObserver:
     def batch_done(self, stats: BatchStats) -> None:
         self._batch.observe(stats.size)
         self._closed_by[stats.closed_by].inc()
+        if stats.solo:
+            self._solo.inc()
         self._engine.observe(stats.compute_seconds)
         for seconds in stats.queue_seconds:
             self._queue.observe(seconds)

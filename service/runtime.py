@@ -75,6 +75,7 @@ class ModelRunner:
         decoder: Executor,
         releaser: MemoryReleaser,
         weight_copies: int = 0,
+        solo: InferenceEngine | None = None,
     ) -> None:
         self.bundle = bundle
         self.decoder = decoder
@@ -83,8 +84,9 @@ class ModelRunner:
         self.name = bundle.manifest.name
         self.pipeline: Pipeline = pipeline_for(bundle.manifest)
         self.engines = list(engines)
-        # 0: one per engine (none shares another's)
-        self.weight_copies = weight_copies or len(self.engines)
+        self.solo = solo  # --solo-engine
+        # 0: one per engine (none shares another's), the solo engine's included
+        self.weight_copies = weight_copies or len(self.engines) + (solo is not None)
         self.settings = settings
         self.draft = (
             draft_size(self.pipeline.first_resize, settings.jpeg_reducing_gap)
@@ -100,6 +102,7 @@ class ModelRunner:
             max_queue_size=settings.max_queue_size,
             observer=self.observer,
             close_early=settings.close_batches_early,
+            solo=self._worker_for(solo) if solo is not None else None,
         )
 
     def _worker_for(self, engine: InferenceEngine) -> batching.BatchWorker:
@@ -115,7 +118,7 @@ class ModelRunner:
         while it warms up (a CUDA fp16 warm-up took minutes) exits after the run in
         progress, not after the whole warm-up."""
         items, sizes = self.pipeline.warmup_items(), self.warmup_sizes()
-        for engine in self.engines:
+        for engine in self.all_engines:
             for size in sizes:
                 if stopping():
                     raise LoadingStopped("the server is shutting down")
@@ -123,6 +126,11 @@ class ModelRunner:
 
     def warmup_sizes(self) -> list[int]:
         return warmup_sizes(self.settings, self.pipeline.batched)
+
+    @property
+    def all_engines(self) -> list[InferenceEngine]:
+        """The instances, and the solo engine where there is one."""
+        return self.engines + ([self.solo] if self.solo is not None else [])
 
     async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
         """Decode and preprocess every upload in the decoding threads, off the event loop
@@ -196,13 +204,14 @@ class ModelRunner:
                 close_early=self.settings.close_batches_early,
                 max_queue_size=self.settings.max_queue_size,
                 instances=len(self.engines),
+                solo_engine=self.solo is not None,
             ),
             demo=manifest.demo,
             ready=ready,
         )
 
     def close_engines(self) -> None:
-        for engine in self.engines:
+        for engine in self.all_engines:
             engine.close()
 
 
@@ -285,14 +294,19 @@ class ModelPool:
                 copies += own
                 if self.draining:  # before making the next one
                     raise LoadingStopped("the server is shutting down")
+            if self.settings.solo_engine:
+                solo = self._engine_factory(bundle, self.settings.for_solo_engine())
+                engines.append(solo)  # closed with the others if loading stops
+                copies += 1
             runner = ModelRunner(
                 bundle,
-                engines,
+                engines[: self.settings.instances],
                 self.settings,
                 self.metrics,
                 self.decoder,
                 self.releaser,
                 weight_copies=copies,
+                solo=engines[-1] if self.settings.solo_engine else None,
             )
             runner.warm_up(stopping=lambda: self.draining)
         except LoadingStopped:
@@ -305,7 +319,8 @@ class ModelPool:
                 "model": runner.name,
                 "task": bundle.manifest.task,
                 "engine": engines[0].description,
-                "instances": len(engines),
+                "instances": len(runner.engines),
+                "solo_engine": runner.solo is not None,
                 "weight_copies": copies,
                 "warmup_batch_sizes": runner.warmup_sizes(),
                 "seconds": round(time.monotonic() - started, 3),

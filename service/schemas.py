@@ -123,6 +123,8 @@ class BatchSettings(BaseModel):
     close_early: bool
     max_queue_size: int
     instances: int
+    # --solo-engine: one more engine over all the CPUs runs lone requests.
+    solo_engine: bool = False
 
 
 class ModelInfo(BaseModel):

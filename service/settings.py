@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         "weights (OpenVINO: one compiled model run as K streams; ONNX Runtime with "
         "--engine-threads 1: one session run from K threads) instead of one copy each",
     )
+    solo_engine: bool = Field(
+        False,
+        description="--instances K above 1 on the CPU: one more engine, over all the CPUs the "
+        "process may use, runs a lone request (one image, every instance idle, nothing else "
+        "queued) where an instance of --engine-threads 1 would take nearly twice as long; "
+        "while it runs the instances wait. It holds a copy of the weights of its own",
+    )
     openvino_static_shapes: bool = Field(
         False,
         description="--engine openvino: compile one static-shape model per batch size "
@@ -363,6 +370,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _solo_beside_instances(self) -> Settings:
+        if self.solo_engine and (self.instances < 2 or self.device != "cpu"):
+            raise ValueError(
+                "--solo-engine runs beside --instances 2 or more on the CPU (with one "
+                "instance, give it the threads instead: --engine-threads)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _bf16_only_on_openvino(self) -> Settings:
         if self.precision == "bf16" and self.engine != "openvino":
             raise ValueError(
@@ -409,6 +425,12 @@ class Settings(BaseSettings):
             return self.engine_threads
         cpus = available_cpus()
         return cpus if cpus < (os.cpu_count() or cpus) else 0
+
+    def for_solo_engine(self) -> Settings:
+        """The settings the solo engine is made with: one instance over every CPU the
+        process may use (service.cpus), the rest as given."""
+        update = {"instances": 1, "engine_threads": available_cpus(), "solo_engine": False}
+        return self.model_copy(update=update)
 
     @property
     def image_cache_size_mib(self) -> int:

@@ -51,12 +51,14 @@ class InstrumentedFactory:
         self.delay_s = delay_s
         self.gate = gate
         self.engines: list[InstrumentedEngine] = []
+        self.settings: list = []  # what each engine was made with, in order
 
     def __call__(self, bundle, settings) -> InstrumentedEngine:
         if self.gate is not None and not self.gate.wait(RELEASE_TIMEOUT_S):
             raise TimeoutError("the test never opened the loading gate")
         engine = InstrumentedEngine(create_engine(bundle, settings), self.delay_s)
         self.engines.append(engine)
+        self.settings.append(settings)
         return engine
 
     @property

@@ -372,3 +372,195 @@ async def test_answers_do_not_wait_when_nothing_is_queued(monkeypatch, workers):
             assert await within(queue.submit(item), 2.0) == item
     finally:
         await queue.close(1.0)
+
+
+class Overlap:
+    """Wraps workers to record, per run, which other workers were running at its start
+    and whether any two ever ran at once with the solo worker among them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: set[str] = set()
+        self.solo_overlapped = False
+
+    def wrap(self, name: str, worker):
+        def run(items: list[int]) -> list[int]:
+            with self.lock:
+                self.active.add(name)
+                if "solo" in self.active and len(self.active) > 1:
+                    self.solo_overlapped = True
+            try:
+                return worker(items)
+            finally:
+                with self.lock:
+                    self.active.discard(name)
+
+        return run
+
+
+async def test_a_lone_item_on_an_idle_queue_runs_on_the_solo_engine() -> None:
+    instances, solo, recorder = [], [], Recorder()
+    queue = _queue(
+        [doubler(instances), doubler(instances)],
+        solo=doubler(solo),
+        close_early=True,
+        observer=recorder,
+    )
+    assert await within(queue.submit(3)) == 6
+    assert await within(queue.submit(4)) == 8  # the queue idle again: solo again
+    assert solo == [[3], [4]] and instances == []
+    # Two items at once: split over the two idle instances, one each.
+    assert await within(queue.submit_many([5, 6])) == [10, 12]
+    assert sorted(instances) == [[5], [6]]
+    await within(queue.close(1.0))
+    assert [(b.size, b.solo) for b in recorder.batches] == [(1, True), (1, True)] + [(1, False)] * 2
+
+
+async def test_the_solo_engine_runs_alone_and_what_comes_meanwhile_goes_to_the_instances() -> None:
+    overlap, solo = Overlap(), HeldWorker()
+    seen_a: list[list[int]] = []
+    seen_b: list[list[int]] = []
+    queue = _queue(
+        [overlap.wrap("a", doubler(seen_a)), overlap.wrap("b", doubler(seen_b))],
+        solo=overlap.wrap("solo", solo),
+        max_batch_size=2,
+        max_delay_s=0.0,
+    )
+    first = asyncio.ensure_future(queue.submit(1))
+    await solo.wait_entered()
+    later = [asyncio.ensure_future(queue.submit(i)) for i in (2, 3, 4, 5, 6)]
+    await asyncio.sleep(0.2)
+    assert seen_a == seen_b == []  # no instance runs while the solo engine does
+    assert not any(task.done() for task in later)
+    solo.released.set()
+    assert await within(first) == 2
+    assert await within(asyncio.gather(*later)) == [4, 6, 8, 10, 12]
+    # The queued items went to the instances, in batches of 2; the last one alone may
+    # find them both idle again, and then runs on the solo engine.
+    ran = sorted(map(sorted, seen_a + seen_b))
+    assert ran[:2] == [[2, 3], [4, 5]] and ran[2:] + solo.seen[1:] == [[6]]
+    assert solo.seen[0] == [1]
+    assert not overlap.solo_overlapped
+    await within(queue.close(1.0))
+
+
+async def test_the_solo_engine_waits_while_an_instance_runs() -> None:
+    held, solo = HeldWorker(), []
+    queue = _queue([held, doubler()], solo=doubler(solo), max_batch_size=8, max_delay_s=0.0)
+    busy = asyncio.ensure_future(queue.submit_many([1, 2]))  # a batch of 2: an instance
+    await held.wait_entered()
+    assert await within(queue.submit(3)) == 6  # one instance busy: the other runs it
+    assert solo == []
+    held.released.set()
+    assert await within(busy) == [2, 4]
+    await within(queue.close(1.0))
+
+
+async def test_an_announced_item_keeps_a_lone_item_off_the_solo_engine() -> None:
+    instances, solo = [], []
+    queue = _queue([doubler(instances), doubler(instances)], solo=doubler(solo), max_delay_s=0.05)
+    with queue.announce():  # another request is being decoded: more work is coming
+        assert await within(queue.submit(3)) == 6
+    assert instances == [[3]] and solo == []
+    await within(queue.close(1.0))
+
+
+async def test_a_failing_solo_engine_fails_only_its_batch() -> None:
+    calls = []
+
+    def fails_once(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise RuntimeError("solo engine broke")
+        return [2 * item for item in items]
+
+    recorder = Recorder()
+    queue = _queue([doubler(), doubler()], solo=fails_once, observer=recorder, max_delay_s=0.0)
+    with pytest.raises(BatchFailed, match="solo engine broke"):
+        await within(queue.submit(1))
+    assert await within(queue.submit(2)) == 4  # the next lone item runs there again
+    assert await within(asyncio.gather(*(queue.submit(i) for i in range(6)))) == [
+        2 * i for i in range(6)
+    ]
+    await within(queue.close(1.0))
+    assert [(b.solo, b.failed) for b in recorder.batches][:2] == [(True, True), (True, False)]
+
+
+async def test_closing_fails_the_item_on_the_solo_engine_and_does_not_hang() -> None:
+    solo = HeldWorker()
+    queue = _queue([doubler(), doubler()], solo=solo, max_delay_s=0.0)
+    item = asyncio.ensure_future(queue.submit(1))
+    await solo.wait_entered()
+    await within(queue.close(0.1))
+    with pytest.raises(QueueClosed):
+        await within(item)
+    solo.released.set()
+
+
+async def test_items_at_once_are_split_over_the_idle_instances() -> None:
+    seen_a: list[list[int]] = []
+    seen_b: list[list[int]] = []
+    recorder = Recorder()
+    queue = _queue([doubler(seen_a), doubler(seen_b)], max_batch_size=8, observer=recorder)
+    assert await within(queue.submit_many(list(range(8)))) == [2 * i for i in range(8)]
+    assert sorted(map(len, seen_a + seen_b)) == [4, 4]
+    await within(queue.close(1.0))
+    assert sorted(b.closed_by for b in recorder.batches) == ["delay", "split"]
+
+
+async def test_a_busy_instance_leaves_the_queued_items_to_the_free_one() -> None:
+    held, seen = HeldWorker(), []
+    queue = _queue([held, doubler(seen)], max_batch_size=8, max_delay_s=0.0)
+    busy = asyncio.ensure_future(queue.submit(1))
+    await held.wait_entered()
+    assert await within(queue.submit_many([2, 3, 4, 5])) == [4, 6, 8, 10]
+    assert seen == [[2, 3, 4, 5]]  # no other instance idle: no split
+    held.released.set()
+    assert await within(busy) == 2
+    await within(queue.close(1.0))
+
+
+async def test_closed_loop_clients_keep_both_instances_busy() -> None:
+    """8 clients, each decoding (announced) then waiting for its answer, over two
+    instances whose run takes 20 ms per item: they settle into two groups taking
+    turns. Without the split, the 8 first requests, announced together, became one batch
+    and so did every next round of them, the other instance idle."""
+    overlap = Overlap()
+    per_item = 0.02
+
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(per_item * len(items))
+        return items
+
+    runs: list[str] = []
+
+    def named(name: str):
+        inner = overlap.wrap(name, slow)
+
+        def run(items: list[int]) -> list[int]:
+            runs.append(name)
+            return inner(items)
+
+        return run
+
+    recorder = Recorder()
+    queue = _queue(
+        [named("a"), named("b")],
+        max_batch_size=8,
+        max_delay_s=0.05,
+        close_early=True,
+        observer=recorder,
+    )
+    stop = time.monotonic() + 2.0
+
+    async def client(index: int) -> None:
+        while time.monotonic() < stop:
+            with queue.announce():
+                await asyncio.sleep(0.002)  # decoding
+                waiting = queue.submit(index)
+            await waiting
+
+    await within(asyncio.gather(*(client(i) for i in range(8))), 20)
+    await within(queue.close(1.0))
+    assert runs.count("a") >= len(runs) / 3 and runs.count("b") >= len(runs) / 3
+    assert max(b.size for b in recorder.batches) <= 5
