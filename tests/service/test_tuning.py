@@ -18,7 +18,7 @@ import pytest
 from hornet_bundle import load_bundle
 from service.cli import load_settings
 from service.engines import cpu_runs_bf16
-from service.tuning import Candidate, Measured, best, candidates
+from service.tuning import Candidate, Measured, best, candidates, report
 from tests.helpers import demo
 from tests.helpers.images import encode
 
@@ -85,6 +85,9 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     for result in measured:
         assert result.error is None, result
         assert result.images_per_s > 0 and result.lone_ms > 0
+        # One single-thread engine per CPU: the solo engine's lone image measured too.
+        per_cpu = result.candidate.instances > 1 and result.candidate.threads == 1
+        assert (result.solo_lone_ms > 0) == per_cpu, result
         assert (result.unverified is None) == (result.candidate.precision == "fp32")
 
     text = subprocess.run(
@@ -126,6 +129,28 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     assert {k: getattr(from_env, k) for k in chosen.values() if chosen.values()[k] is not None} == {
         k: v for k, v in chosen.values().items() if v is not None
     }
+
+
+def test_the_solo_engine_is_offered_where_it_answers_a_lone_request_sooner(tmp_path) -> None:
+    per_cpu = Measured(
+        Candidate("onnxruntime", "fp32", 2, 1), 20.0, 97.0, 300.0, solo_lone_ms=55.0,
+        solo_memory_mib=140.0,
+    )  # fmt: skip
+    wide = Measured(Candidate("onnxruntime", "fp32", 1, 2), 16.0, 54.0, 200.0)
+    text = report([per_cpu, wide], tmp_path, wide.candidate)
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  with --solo-engine"))
+    assert "55.0 ms instead of 97.0" in lines[at] and "140 MiB" in lines[at]
+    words = shlex.split(lines[at + 1])
+    assert words[:2] == ["hornet", "serve"] and words[-1] == "--solo-engine"
+    settings = load_settings(words[2:])  # serve takes it: two one-thread instances + solo
+    assert (settings.instances, settings.engine_threads, settings.solo_engine) == (2, 1, True)
+    # The solo engine is as quick as the quickest lone request: no second recommendation.
+    assert "quickest for a lone request" not in text
+    # Where it would not help (slower than the instance alone), it is not offered.
+    per_cpu.solo_lone_ms = 120.0
+    text = report([per_cpu, wide], tmp_path, wide.candidate)
+    assert "--solo-engine" not in text and "quickest for a lone request" in text
 
 
 @pytest.mark.parametrize("task", ["segment", "detect"])
