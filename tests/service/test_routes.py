@@ -131,6 +131,7 @@ async def test_models_lists_every_bundle_with_its_settings(
         "close_early": True,
         "max_queue_size": 64,
         "instances": 2,
+        "solo_engine": False,
     }
     assert cls["ready"] is True and cls["demo"] is False
 
