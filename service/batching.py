@@ -375,11 +375,14 @@ class BatchQueue(Generic[T, R]):
 
     def _holds_its_share(self) -> bool:
         """Whether the batch being collected holds its share of the work ahead (collected,
-        queued and announced items) split over its instance and the idle others."""
+        queued and announced items) split over its instance and the idle others; never
+        when nothing else is ahead (a lone item closes early or at its delay)."""
         idle_others = self._idle.qsize()
         if not idle_others:
             return False
         ahead = len(self._collecting) + self._queue.qsize() + self._announced
+        if ahead == len(self._collecting):  # nothing else to share: the other rules
+            return False
         return len(self._collecting) >= -(-ahead // (idle_others + 1))
 
     async def _admissible(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:

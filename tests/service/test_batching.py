@@ -564,3 +564,11 @@ async def test_closed_loop_clients_keep_both_instances_busy() -> None:
     await within(queue.close(1.0))
     assert runs.count("a") >= len(runs) / 3 and runs.count("b") >= len(runs) / 3
     assert max(b.size for b in recorder.batches) <= 5
+
+
+async def test_a_lone_item_over_idle_instances_closes_early_not_split() -> None:
+    recorder = Recorder()
+    queue = _queue([doubler(), doubler()], close_early=True, observer=recorder)
+    assert await within(queue.submit(1)) == 2
+    await within(queue.close(1.0))
+    assert [b.closed_by for b in recorder.batches] == ["early"]
