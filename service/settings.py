@@ -428,8 +428,15 @@ class Settings(BaseSettings):
 
     def for_solo_engine(self) -> Settings:
         """The settings the solo engine is made with: one instance over every CPU the
-        process may use (service.cpus), the rest as given."""
-        update = {"instances": 1, "engine_threads": available_cpus(), "solo_engine": False}
+        process may use (service.cpus), for batches of one item (all the batcher gives it:
+        with --openvino-static-shapes it compiles that size only, not one model per batch
+        size), the rest as given."""
+        update = {
+            "instances": 1,
+            "engine_threads": available_cpus(),
+            "solo_engine": False,
+            "max_batch_size": 1,
+        }
         return self.model_copy(update=update)
 
     @property

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from hornet_bundle import load_bundle
 from service.cpus import available_cpus
+from service.engines import create_engine
+from service.pipelines import pipeline_for
 from service.settings import Settings
 from service.testing import running_server
 from tests.helpers import demo
@@ -141,3 +144,29 @@ def test_a_server_process_runs_lone_requests_on_its_solo_engine(tmp_path) -> Non
     )
     assert refused.returncode == 2
     assert "--solo-engine runs beside --instances 2 or more" in refused.stderr
+
+
+def test_the_solo_engine_compiles_only_the_batch_it_runs() -> None:
+    """With --openvino-static-shapes the instances compile a model per batch size (8, 4,
+    2, 1) and the solo engine, which the batcher gives one item at a time, only size 1:
+    five compiled models where eight had been (bench/README.md); its answers are the
+    instances'."""
+    settings = Settings(
+        model_dir=[demo.bundle_dir("classify")],
+        engine="openvino",
+        openvino_static_shapes=True,
+        **SOLO,
+    )
+    bundle = load_bundle(demo.bundle_dir("classify"))
+    instance = create_engine(bundle, settings)
+    solo = create_engine(bundle, settings.for_solo_engine())
+    try:
+        assert instance.static_sizes == (8, 4, 2, 1)
+        assert solo.static_sizes == (1,)
+        pipeline = pipeline_for(bundle.manifest)
+        item = pipeline.warmup_items()[0]
+        alone, together = pipeline.run_batch(solo, [item]), pipeline.run_batch(instance, [item] * 3)
+        np.testing.assert_allclose(alone[0], together[2], rtol=1e-4, atol=1e-5)
+    finally:
+        instance.close()
+        solo.close()
