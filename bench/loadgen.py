@@ -18,6 +18,10 @@ Steps, one after the other so they do not compete for the CPU:
   3. for each concurrency: that many client tasks, each POSTing the image and waiting for
      its answer, for --duration seconds or --requests requests, whichever ends first.
 The ratio printed is server images/s / best raw engine images/s (1.0 = no overhead).
+Beside it, where the CPU went per image: the server's (one started here), split by its
+threads' names (service.thread_names: `engine` the engines and the threads they started,
+`decode`, `loop` the event loop's thread, `other`), the clients' (this process), the raw
+engine's at the reference configuration; the mean batch and the engines' busy share.
 
 With --rounds N, steps 2 and 3 repeat N times, so that each server figure has raw engine
 figures measured next to it in time (a shared host's speed drifts by 10% or more within
@@ -195,6 +199,27 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# The server's threads by the names service.thread_names gives them (Linux).
+THREAD_ROLES = {"hornet-engine": "engine", "hornet-decode": "decode", "hornet-serve": "loop"}
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time so far of `pid`'s threads, summed by role: the engines and
+    the threads they started (`engine`), decoding (`decode`), the event loop's thread and
+    the helpers it started (`loop`), any other (`other`); the server names its threads
+    (service.thread_names), so a thread that has ended is no longer counted."""
+    seconds = dict.fromkeys([*THREAD_ROLES.values(), "other"], 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                name = (task / "comm").read_text().rstrip("\n")
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                role = THREAD_ROLES.get(name, "other")
+                seconds[role] += (int(fields[11]) + int(fields[12])) / tick
+    return seconds
 
 
 def memory_mib(pids: list[int]) -> float:
@@ -498,17 +523,24 @@ def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
     counters = server_counters(url)
     counters["client_cpu"] = time.process_time()
     counters["server_cpu"] = cpu_seconds([process.pid]) if process else float("nan")
+    if process is not None:
+        for role, seconds in thread_cpu_seconds(process.pid).items():
+            counters[f"server_cpu_{role}"] = seconds
     return counters
 
 
 def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> str:
-    """Per image: the server's CPU ms (all threads), the client's, the raw engine's best
-    configuration's; the mean batch, and the share of the run the engine was busy."""
+    """Per image: the server's CPU ms (all threads, then by their role), the client's, the
+    raw engine's best configuration's; the mean batch, and the share of the run the engine
+    was busy."""
     images = max(result.ok, 1)
     batches = max(spent["hornet_batch_size_count"], 1)
     # A server given by --url is not this run's process: its CPU time is not measured.
     server_ms = spent["server_cpu"] / images * 1000
     server = "CPU not measured" if math.isnan(server_ms) else f"{server_ms:.1f} ms/img"
+    roles = [(role, spent.get(f"server_cpu_{role}")) for role in (*THREAD_ROLES.values(), "other")]
+    if all(seconds is not None for _, seconds in roles):
+        server += " (" + ", ".join(f"{r} {s / images * 1000:.1f}" for r, s in roles) + ")"
     return (
         f"server {server}, "
         f"client {spent['client_cpu'] / images * 1000:.1f}, raw engine {raw_cpu_ms:.1f}; "

@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from service import thread_names
 from service.logs import request_id
 
 log = logging.getLogger("hornet.service.batching")
@@ -180,7 +181,12 @@ class BatchQueue(Generic[T, R]):
         if self._loop_task is not None:
             return
         threads = len(self._workers) + (self._solo is not None)
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(
+            threads,
+            thread_name_prefix="engine",
+            initializer=thread_names.set_current,
+            initargs=(thread_names.ENGINE,),
+        )
         for worker in self._workers:
             self._idle.put_nowait(worker)
         self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())

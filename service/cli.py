@@ -23,6 +23,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from hornet_cli import Command
+from service import thread_names
 from service.cpus import available_cpus
 from service.flags import add_settings_flags, given_settings
 from service.http_protocol import protocol_class
@@ -119,6 +120,9 @@ def serve(args: argparse.Namespace) -> int:
             "this server from may call the API and read its answers; name the origins, or "
             "require keys"
         )
+    # The imports' threads, then the event loop's (the threads it starts take its name).
+    thread_names.name_library_threads()
+    thread_names.set_current(thread_names.SERVE)
     app = create_app(settings, bundles=bundles)
     config = uvicorn.Config(
         app,

@@ -17,7 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
-from service import batching
+from service import batching, thread_names
 from service.engines import InferenceEngine, create_engine, instances_of, static_sizes
 from service.errors import (
     EngineFailure,
@@ -215,10 +215,12 @@ class ModelRunner:
             engine.close()
 
 
-def _lower_priority(nice: int) -> None:
-    """Add `nice` to the calling thread's nice value (Linux gives each thread its own),
-    up to 19; raising it needs no privilege. Elsewhere a thread id is no process id, so
-    the setting is ignored there (`ModelPool` says so once)."""
+def _decoding_thread(nice: int) -> None:
+    """Name a decoding thread for the OS (`service.thread_names`) and add `nice` to its
+    nice value (Linux gives each thread its own), up to 19; raising it needs no privilege.
+    Elsewhere a thread id is no process id, so the setting is ignored there (`ModelPool`
+    says so once)."""
+    thread_names.set_current(thread_names.DECODE)
     if nice and sys.platform == "linux":
         thread = threading.get_native_id()
         current = os.getpriority(os.PRIO_PROCESS, thread)
@@ -251,7 +253,7 @@ class ModelPool:
         self.decoder = ThreadPoolExecutor(
             settings.decode_workers,
             thread_name_prefix="decode",
-            initializer=_lower_priority,
+            initializer=_decoding_thread,
             initargs=(settings.decode_nice,),
         )
         self.releaser = MemoryReleaser()
@@ -282,6 +284,12 @@ class ModelPool:
         log.info("models ready", extra={"models": sorted(self.runners)})
 
     def _build_runner(self, source: Bundle | Any) -> ModelRunner:
+        # The engines' own threads (ONNX Runtime's and OpenVINO's pools), started while
+        # they are built and warmed, take the loading thread's name (service.thread_names).
+        with thread_names.named(thread_names.ENGINE):
+            return self._build_runner_named(source)
+
+    def _build_runner_named(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
         engines: list[InferenceEngine] = []

@@ -36,3 +36,13 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     level = next(line for line in lines if line.split()[:1] == ["2"])
     ok, errors = level.split()[1:3]
     assert int(ok) >= 6 and errors == "-"
+    # The server's CPU per image, then by its threads' names (service.thread_names): the
+    # parts are the same processes' ticks, so they add up to no more than the whole.
+    where = re.search(
+        r"server ([\d.]+) ms/img \(engine ([\d.]+), decode ([\d.]+), loop ([\d.]+), "
+        r"other ([\d.]+)\)",
+        level,
+    )
+    assert where, level
+    total, *parts = map(float, where.groups())
+    assert total > 0 and sum(parts) <= total + 0.25
