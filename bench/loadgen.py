@@ -522,10 +522,12 @@ def paused(process: subprocess.Popen | None) -> Iterator[None]:
 def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
     counters = server_counters(url)
     counters["client_cpu"] = time.process_time()
-    counters["server_cpu"] = cpu_seconds([process.pid]) if process else float("nan")
     if process is not None:
+        # The threads first, the whole process after: a server still finishing its last
+        # answers then shows its parts adding up to no more than the whole.
         for role, seconds in thread_cpu_seconds(process.pid).items():
             counters[f"server_cpu_{role}"] = seconds
+    counters["server_cpu"] = cpu_seconds([process.pid]) if process else float("nan")
     return counters
 
 

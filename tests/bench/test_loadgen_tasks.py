@@ -4,6 +4,7 @@ segmenter's tiles in batches up to the max, a detector's one image per call)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     ok, errors = level.split()[1:3]
     assert int(ok) >= 6 and errors == "-"
     # The server's CPU per image, then by its threads' names (service.thread_names): the
-    # parts are the same processes' ticks, so they add up to no more than the whole.
+    # parts are the same process's ticks, read just before the whole, so they add up to
+    # no more than it, give or take a tick (10 ms) over these few images.
     where = re.search(
         r"server ([\d.]+) ms/img \(engine ([\d.]+), decode ([\d.]+), loop ([\d.]+), "
         r"other ([\d.]+)\)",
@@ -45,4 +47,5 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     )
     assert where, level
     total, *parts = map(float, where.groups())
-    assert total > 0 and sum(parts) <= total + 0.25
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    assert total > 0 and sum(parts) <= total + tick_ms / int(ok) + 0.25
