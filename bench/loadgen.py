@@ -57,6 +57,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from hornet_bundle import load_bundle
+from service import thread_names
 from service.engines import create_engine, instances_of
 from service.flags import add_settings_flags, settings_flags
 from service.pipelines import pipeline_for
@@ -191,34 +192,50 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def _cpu_ticks(stat: Path) -> int:
+    """User + system clock ticks of the process or thread whose /proc `stat` file it is."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time so far of the processes among `pids` still running."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])
+            ticks += _cpu_ticks(Path(f"/proc/{pid}/stat"))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-# The server's threads by the names service.thread_names gives them (Linux).
-THREAD_ROLES = {"hornet-engine": "engine", "hornet-decode": "decode", "hornet-serve": "loop"}
+# The server's threads by the names service.thread_names gives them (Linux), and the
+# roles loadgen reports, any other name counted as `other`.
+THREAD_ROLES = {
+    thread_names.ENGINE: "engine",
+    thread_names.DECODE: "decode",
+    thread_names.SERVE: "loop",
+}
+ROLES = (*THREAD_ROLES.values(), "other")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """User + system CPU time so far of `pid`'s threads, summed by role: the engines and
-    the threads they started (`engine`), decoding (`decode`), the event loop's thread and
-    the helpers it started (`loop`), any other (`other`); the server names its threads
-    (service.thread_names), so a thread that has ended is no longer counted."""
-    seconds = dict.fromkeys([*THREAD_ROLES.values(), "other"], 0.0)
+    """CPU time so far of `pid`'s threads, summed by role: the engines and the threads
+    they started (`engine`), decoding (`decode`), the event loop's thread and the helpers
+    it started (`loop`), any other (`other`); the server names its threads
+    (service.thread_names), so a thread that has ended is no longer counted.
+
+    Each thread's time is its run time in nanoseconds (`schedstat`), where the kernel has
+    it: its user + system ticks are each rounded down to 10 ms, so over a few images the
+    threads' ticks could add up to several more than the process's own count."""
+    seconds = dict.fromkeys(ROLES, 0.0)
     tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):
-                name = (task / "comm").read_text().rstrip("\n")
-                fields = (task / "stat").read_text().rpartition(")")[2].split()
-                role = THREAD_ROLES.get(name, "other")
-                seconds[role] += (int(fields[11]) + int(fields[12])) / tick
+                role = THREAD_ROLES.get((task / "comm").read_text().rstrip("\n"), "other")
+                try:
+                    seconds[role] += int((task / "schedstat").read_text().split()[0]) / 1e9
+                except FileNotFoundError:  # a kernel without scheduler statistics
+                    seconds[role] += _cpu_ticks(task / "stat") / tick
     return seconds
 
 
@@ -522,12 +539,14 @@ def paused(process: subprocess.Popen | None) -> Iterator[None]:
 def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
     counters = server_counters(url)
     counters["client_cpu"] = time.process_time()
-    if process is not None:
-        # The threads first, the whole process after: a server still finishing its last
-        # answers then shows its parts adding up to no more than the whole.
-        for role, seconds in thread_cpu_seconds(process.pid).items():
-            counters[f"server_cpu_{role}"] = seconds
-    counters["server_cpu"] = cpu_seconds([process.pid]) if process else float("nan")
+    if process is None:
+        counters["server_cpu"] = float("nan")
+        return counters
+    # The threads first, the whole process after: a server still finishing its last
+    # answers then shows its parts adding up to no more than the whole.
+    for role, seconds in thread_cpu_seconds(process.pid).items():
+        counters[f"server_cpu_{role}"] = seconds
+    counters["server_cpu"] = cpu_seconds([process.pid])
     return counters
 
 
@@ -540,7 +559,7 @@ def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> st
     # A server given by --url is not this run's process: its CPU time is not measured.
     server_ms = spent["server_cpu"] / images * 1000
     server = "CPU not measured" if math.isnan(server_ms) else f"{server_ms:.1f} ms/img"
-    roles = [(role, spent.get(f"server_cpu_{role}")) for role in (*THREAD_ROLES.values(), "other")]
+    roles = [(role, spent.get(f"server_cpu_{role}")) for role in ROLES]
     if all(seconds is not None for _, seconds in roles):
         server += " (" + ", ".join(f"{r} {s / images * 1000:.1f}" for r, s in roles) + ")"
     return (

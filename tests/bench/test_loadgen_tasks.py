@@ -38,8 +38,8 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     ok, errors = level.split()[1:3]
     assert int(ok) >= 6 and errors == "-"
     # The server's CPU per image, then by its threads' names (service.thread_names): the
-    # parts are the same process's ticks, read just before the whole, so they add up to
-    # no more than it, give or take a tick (10 ms) over these few images.
+    # parts are the same process's threads' run times, read just before its ticks, so they
+    # add up to no more than the whole, give or take its rounding to a tick (10 ms).
     where = re.search(
         r"server ([\d.]+) ms/img \(engine ([\d.]+), decode ([\d.]+), loop ([\d.]+), "
         r"other ([\d.]+)\)",
