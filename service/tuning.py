@@ -17,11 +17,14 @@ here, from what is installed, what the CPU does and what the bundle holds:
 
 Each runs in a fresh process (so no candidate's threads or memory disturb the next):
 the service's own pipeline prepares a JPEG photo's items exactly as for a request, and
-the engines run batches of --max-batch-size items (images; a segmenter's tiles; a
-detector one image per call) side by side, one thread each, as the batcher drives them;
-then one engine runs a lone image, and for one single-thread engine per CPU the engine
-`--solo-engine` would add runs it too. Printed per candidate: images
-per second under load, the lone image's latency, and the memory the engines took;
+the engines run batches (images; a segmenter's tiles; a detector one image per call)
+side by side, one thread each, as the batcher drives them, at every power of two up to
+--max-batch-size; then one engine runs a lone image, and for one single-thread engine
+per CPU the engine `--solo-engine` would add runs it too. Printed per candidate: images
+per second under load at its best batch size, the batch size it recommends (the
+smallest within BATCH_NEAR of that: on the CPU a bigger batch is often slower per image,
+ONNX Runtime fp32 on the AMX Xeon 31 img/s at 2 and 25 at 8, and a smaller one is
+answered sooner), the lone image's latency, and the memory the engines took;
 candidates whose precision the bundle was not verified for are measured but not
 recommended (`hornet verify`, `hornet export --int8`). The figures are the bare engines'
 (bench/loadgen.py measures the HTTP server against them), and the candidates the CPU's
@@ -40,7 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,10 @@ from service.settings import Settings
 
 MEASURE_TIMEOUT_S = 600.0
 NEAR = 0.05  # candidates this close to the fastest are named with it
+# The recommended --max-batch-size: the smallest measured batch size this close to the
+# candidate's best images/s (a smaller batch waits less for its items and is answered
+# sooner; within the noise of one measurement it costs nothing under load).
+BATCH_NEAR = 0.02
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ class Measured:
     """A candidate's figures, or why it could not run here."""
 
     candidate: Candidate
-    images_per_s: float = 0.0
+    images_per_s: float = 0.0  # under load, at batch_size
     lone_ms: float = 0.0
     memory_mib: float = 0.0
     # One single-thread engine per CPU: a lone image on the engine --solo-engine adds
@@ -116,6 +123,9 @@ class Measured:
     solo_memory_mib: float = 0.0
     unverified: str | None = None  # why the server would refuse it without a flag
     error: str | None = None
+    batch_size: int = 0  # the --max-batch-size recommended (see BATCH_NEAR)
+    # images/s under load at each batch size measured, by size
+    by_batch: dict[int, float] = field(default_factory=dict)
 
 
 def candidates(bundle: Bundle, cpus: int, openvino: bool | None = None) -> list[Candidate]:
@@ -200,9 +210,9 @@ def measure(
     result = Measured(candidate, unverified=unverified_precision(bundle, settings))
     pipeline = pipeline_for(bundle.manifest)
     items = pipeline.prepare(decode_image(image, settings.max_pixels)).items
-    # A detector runs one image per call; the others batches of max_batch_size items (a
-    # segmenter's items are its tiles), as the batcher forms them.
-    size = 1 if bundle.manifest.task == "detect" else settings.max_batch_size
+    # A detector runs one image per call; the others batches of items (a segmenter's
+    # items are its tiles) as the batcher forms them, of each size batch_sizes gives.
+    sizes = [1] if bundle.manifest.task == "detect" else batch_sizes(settings.max_batch_size)
     before = _resident_mib()
     try:
         engines = [engine for engine, _ in instances_of(bundle, settings)]
@@ -211,8 +221,12 @@ def measure(
         return result
     try:
         pipeline.run_batch(engines[0], items)
-        rate, _ = run_side_by_side(pipeline, engines, (items * size)[:size], seconds)
-        result.images_per_s = rate / len(items)
+        for size in sizes:
+            rate, _ = run_side_by_side(pipeline, engines, (items * size)[:size], seconds)
+            result.by_batch[size] = rate / len(items)
+        result.batch_size, result.images_per_s = at_recommended_batch(result.by_batch)
+        if bundle.manifest.task == "detect":
+            result.batch_size = 0  # one image per call: no batch size to recommend
         result.memory_mib = _resident_mib() - before
         result.lone_ms = _lone_ms(pipeline, engines[0], items)
         if candidate.instances > 1 and candidate.threads == 1:
@@ -225,6 +239,19 @@ def measure(
         for engine in engines:
             engine.close()
     return result
+
+
+def batch_sizes(largest: int) -> list[int]:
+    """The batch sizes measured under load: the powers of two below `largest`, and it."""
+    return sorted({2**k for k in range(largest.bit_length()) if 2**k < largest} | {largest})
+
+
+def at_recommended_batch(by_batch: dict[int, float]) -> tuple[int, float]:
+    """The smallest batch size whose images/s is within BATCH_NEAR of the best, and its
+    images/s."""
+    fastest = max(by_batch.values())
+    size = min(size for size, rate in by_batch.items() if rate >= (1 - BATCH_NEAR) * fastest)
+    return size, by_batch[size]
 
 
 def _lone_ms(pipeline: Any, engine: Any, items: list[np.ndarray]) -> float:
@@ -271,6 +298,7 @@ def measure_in_child(
         return Measured(candidate, error=last)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     figures.pop("candidate")
+    figures["by_batch"] = {int(size): rate for size, rate in figures["by_batch"].items()}
     return Measured(candidate, **figures)
 
 
@@ -280,9 +308,15 @@ def median_of(runs: Sequence[Measured]) -> Measured:
     failed = next((run for run in runs if run.error is not None), None)
     if failed is not None:
         return failed
+    by_batch = {
+        size: statistics.median(run.by_batch[size] for run in runs) for size in runs[0].by_batch
+    }
+    batch_size, images_per_s = at_recommended_batch(by_batch)
     return Measured(
         runs[0].candidate,
-        images_per_s=statistics.median(run.images_per_s for run in runs),
+        images_per_s=images_per_s,
+        batch_size=batch_size if runs[0].batch_size else 0,
+        by_batch=by_batch,
         lone_ms=statistics.median(run.lone_ms for run in runs),
         memory_mib=statistics.median(run.memory_mib for run in runs),
         solo_lone_ms=statistics.median(run.solo_lone_ms for run in runs),
@@ -304,18 +338,20 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
         (r.images_per_s for r in results if r.error is None and r.candidate == default), 0.0
     )
     lines = [
-        f"{'candidate':<46} {'img/s':>7} {'vs default':>10} {'lone ms':>8} {'MiB':>6}  note",
+        f"{'candidate':<46} {'img/s':>7} {'batch':>5} {'vs default':>10} {'lone ms':>8} "
+        f"{'MiB':>6}  note",
     ]
     for result in sorted(results, key=lambda r: -r.images_per_s):
         if result.error is not None:
-            lines.append(f"{result.candidate.name:<46} {'-':>7} {'':>10} {'':>8} {'':>6}  "
-                         f"cannot run here: {result.error}")  # fmt: skip
+            lines.append(f"{result.candidate.name:<46} {'-':>7} {'':>5} {'':>10} {'':>8} "
+                         f"{'':>6}  cannot run here: {result.error}")  # fmt: skip
             continue
         ratio = f"{result.images_per_s / baseline:.2f}x" if baseline else "-"
         note = "unverified (below)" if result.unverified else ""
         lines.append(
-            f"{result.candidate.name:<46} {result.images_per_s:>7.1f} {ratio:>10} "
-            f"{result.lone_ms:>8.1f} {result.memory_mib:>6.0f}  {note}".rstrip()
+            f"{result.candidate.name:<46} {result.images_per_s:>7.1f} "
+            f"{result.batch_size or '-':>5} {ratio:>10} {result.lone_ms:>8.1f} "
+            f"{result.memory_mib:>6.0f}  {note}".rstrip()
         )
     reasons = dict.fromkeys(r.unverified for r in results if r.unverified and r.error is None)
     lines += [f"unverified, not recommended: {reason}" for reason in reasons]
@@ -323,12 +359,21 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
     if chosen is None:
         lines.append("no verified candidate ran here")
     else:
-        environment = " ".join(f"{k}={v}" for k, v in chosen.candidate.environment().items())
+        environment = " ".join(f"{k}={v}" for k, v in serve_environment(chosen).items())
+        flags = " ".join(serve_flags(chosen))
         lines.append(
-            f"\nfastest verified under load: {chosen.candidate.name}\n"
-            f"  hornet serve --model-dir {model_dir} {' '.join(chosen.candidate.flags())}\n"
+            f"\nfastest verified under load: {chosen.candidate.name}"
+            + (f", batches of up to {chosen.batch_size}" if chosen.batch_size else "")
+            + f"\n  hornet serve --model-dir {model_dir} {flags}\n"
             f"  or in the environment (a container's, k8s serve.env): {environment}"
         )
+        if len(chosen.by_batch) > 1:
+            lines.append(
+                "  its images/s by batch size: "
+                + "  ".join(f"{size}={rate:.1f}" for size, rate in chosen.by_batch.items())
+                + f" (the smallest within {BATCH_NEAR:.0%} of the best: a smaller batch "
+                "is answered sooner)"
+            )
         close = [
             r.candidate.name
             for r in results
@@ -340,8 +385,7 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
                 f"  with --solo-engine a lone request takes {chosen.solo_lone_ms:.1f} ms "
                 f"instead of {chosen.lone_ms:.1f} (one more engine, over all the CPUs, "
                 f"{chosen.solo_memory_mib:.0f} MiB; the same under load):\n"
-                f"  hornet serve --model-dir {model_dir} "
-                f"{' '.join(chosen.candidate.flags())} --solo-engine"
+                f"  hornet serve --model-dir {model_dir} {flags} --solo-engine"
             )
         if close:
             lines.append(
@@ -362,12 +406,29 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
     return "\n".join(lines)
 
 
+def serve_flags(result: Measured) -> list[str]:
+    """`hornet serve`'s flags for a measured candidate: its engine, precision and layout,
+    and the batch size recommended for it (none for a detector)."""
+    batch = {"max_batch_size": result.batch_size} if result.batch_size else {}
+    return result.candidate.flags() + settings_flags(Settings, batch)
+
+
+def serve_environment(result: Measured) -> dict[str, str]:
+    """The same as HORNET_* variables."""
+    batch = {"max_batch_size": result.batch_size} if result.batch_size else {}
+    return result.candidate.environment() | settings_environment(Settings, batch)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path, help="the bundle to measure")
-    parser.add_argument("--seconds", type=float, default=3.0, help="load per candidate (default 3)")
+    parser.add_argument(
+        "--seconds", type=float, default=1.5,
+        help="load per candidate and batch size (default 1.5)",
+    )  # fmt: skip
     parser.add_argument(
         "--max-batch-size", type=int, default=Settings().max_batch_size,
-        help="images per batch under load, as the server's --max-batch-size (default 8)",
+        help="the largest batch measured under load (images; a segmenter's tiles), and the "
+        "powers of two below it (default 8)",
     )  # fmt: skip
     parser.add_argument(
         "--engines", default="onnxruntime,openvino", help="comma-separated (default both)"
@@ -393,8 +454,8 @@ def tune(args: argparse.Namespace) -> int:
     found = [c for c in candidates(bundle, cpus) if c.engine in wanted]
     print(
         f"{bundle.name} ({bundle.manifest.task}): {len(found)} candidates on {cpus} CPUs, "
-        f"{args.seconds:g} s of load each, batches of "
-        f"{1 if bundle.manifest.task == 'detect' else args.max_batch_size} items",
+        f"{args.seconds:g} s of load each in batches of "
+        f"{1 if bundle.manifest.task == 'detect' else batch_sizes(args.max_batch_size)} items",
         file=sys.stderr,
         flush=True,
     )

@@ -18,7 +18,16 @@ import pytest
 from hornet_bundle import load_bundle
 from service.cli import load_settings
 from service.engines import cpu_runs_bf16
-from service.tuning import Candidate, Measured, best, candidates, report
+from service.tuning import (
+    BATCH_NEAR,
+    Candidate,
+    Measured,
+    at_recommended_batch,
+    batch_sizes,
+    best,
+    candidates,
+    report,
+)
 from tests.helpers import demo
 from tests.helpers.images import encode
 
@@ -80,11 +89,20 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
         check=True,
     )
     rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:  # JSON's keys are strings
+        row["by_batch"] = {int(size): rate for size, rate in row["by_batch"].items()}
     measured = [Measured(Candidate(**row.pop("candidate")), **row) for row in rows]
     assert [m.candidate for m in measured] == candidates(load_bundle(classifier_dir), _cpus(done))
     for result in measured:
         assert result.error is None, result
         assert result.images_per_s > 0 and result.lone_ms > 0
+        # Every power of two up to --max-batch-size measured; the recommended size is
+        # the smallest within BATCH_NEAR of the fastest, and its figure the row's.
+        assert list(result.by_batch) == [1, 2, 4, 8]
+        fastest = max(result.by_batch.values())
+        near = [s for s, r in result.by_batch.items() if r >= (1 - BATCH_NEAR) * fastest]
+        assert result.batch_size == min(near)
+        assert result.images_per_s == result.by_batch[result.batch_size]
         # One single-thread engine per CPU: the solo engine's lone image measured too.
         per_cpu = result.candidate.instances > 1 and result.candidate.threads == 1
         assert (result.solo_lone_ms > 0) == per_cpu, result
@@ -103,6 +121,7 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     words = shlex.split(command)
     assert words[:4] == ["hornet", "serve", "--model-dir", str(classifier_dir)]
     settings = load_settings(words[2:])
+    assert lines[fastest].endswith(f", batches of up to {settings.max_batch_size}")
     chosen = Candidate(
         settings.engine,
         settings.precision,
@@ -111,12 +130,13 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
         settings.openvino_static_shapes,
     )
     table = {
-        line.rsplit(maxsplit=4)[0]: float(line.rsplit(maxsplit=4)[1])
+        line.rsplit(maxsplit=5)[0]: line.rsplit(maxsplit=5)[1:3]
         for line in lines[1:]
         if line.startswith("onnxruntime ")
     }
     assert chosen.name in table
-    assert table[chosen.name] == max(table.values())
+    assert float(table[chosen.name][0]) == max(float(rate) for rate, _ in table.values())
+    assert int(table[chosen.name][1]) == settings.max_batch_size
     # The same choice as HORNET_* variables, read by `hornet serve` as the same settings.
     environment = lines[fastest + 2].split(": ", 1)[1].split()
     assert lines[fastest + 2].startswith("  or in the environment")
@@ -129,6 +149,7 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     assert {k: getattr(from_env, k) for k in chosen.values() if chosen.values()[k] is not None} == {
         k: v for k, v in chosen.values().items() if v is not None
     }
+    assert from_env.max_batch_size == settings.max_batch_size
 
 
 def test_the_solo_engine_is_offered_where_it_answers_a_lone_request_sooner(tmp_path) -> None:
@@ -167,6 +188,8 @@ def test_segmenters_and_detectors_are_tuned_too_on_the_users_image(task, photos,
     assert [Candidate(**row["candidate"]) for row in rows] == found
     assert all(r["error"] is None and r["images_per_s"] > 0 for r in rows)
     assert done.stderr.count("round 2:") == len(rows)
+    # A detector runs one image per call: no batch size recommended for it.
+    assert all((r["batch_size"] == 0) == (task == "detect") for r in rows), rows
 
 
 def test_candidates_run_on_the_cpu_whatever_the_images_environment_says(tmp_path) -> None:
@@ -204,3 +227,33 @@ def test_printed_settings_say_static_shapes_either_way_for_openvino(static, monk
     for name, value in candidate.environment().items():
         monkeypatch.setenv(name, value)
     assert load_settings([]).openvino_static_shapes is static
+
+
+def test_the_recommended_batch_is_the_smallest_as_fast_as_the_fastest() -> None:
+    """Measured on the AMX Xeon, ONNX Runtime fp32 2 x 1: batches of 2 beat 8 by a
+    fifth; OpenVINO bf16: 4 within 2% of 8. A single size is its own recommendation."""
+    assert batch_sizes(8) == [1, 2, 4, 8] and batch_sizes(6) == [1, 2, 4, 6]
+    assert batch_sizes(1) == [1] and batch_sizes(16) == [1, 2, 4, 8, 16]
+    assert at_recommended_batch({1: 28.7, 2: 31.0, 4: 28.4, 8: 25.1}) == (2, 31.0)
+    assert at_recommended_batch({1: 90.7, 2: 106.8, 4: 110.6, 8: 111.9}) == (4, 110.6)
+    assert at_recommended_batch({1: 90.7, 2: 106.8, 4: 105.0, 8: 111.9}) == (8, 111.9)
+    assert at_recommended_batch({1: 12.0}) == (1, 12.0)
+
+
+def test_the_recommended_command_carries_the_batch_size(tmp_path) -> None:
+    chosen = Measured(
+        Candidate("onnxruntime", "fp32", 2, 1), 31.0, batch_size=2,
+        by_batch={1: 28.7, 2: 31.0, 4: 28.4, 8: 25.1}, lone_ms=60.0,
+    )  # fmt: skip
+    text = report([chosen], tmp_path, chosen.candidate)
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("fastest"))
+    settings = load_settings(shlex.split(lines[at + 1])[2:])
+    assert (settings.instances, settings.engine_threads, settings.max_batch_size) == (2, 1, 2)
+    assert "HORNET_MAX_BATCH_SIZE=2" in lines[at + 2].split()
+    assert lines[at + 3].startswith("  its images/s by batch size: 1=28.7  2=31.0  4=28.4  8=25.1")
+    # A detector's row (batch size 0): no batch flag, no batch line.
+    chosen.batch_size, chosen.by_batch = 0, {1: 31.0}
+    text = report([chosen], tmp_path, chosen.candidate)
+    assert "max-batch-size" not in text and "MAX_BATCH_SIZE" not in text
+    assert "by batch size" not in text
