@@ -303,9 +303,9 @@ def require_same_engine(
 
 # The server's settings the benchmark sets, flags and defaults taken from Settings.
 SERVER_SETTINGS = (
-    "max_batch_size", "max_delay_ms", "max_queue_size", "instances", "engine_threads",
-    "device", "precision", "engine", "decode_threads", "decode_nice", "jpeg_reducing_gap",
-    "image_cache_mib",
+    "max_batch_size", "max_delay_ms", "close_batches_early", "max_queue_size", "instances",
+    "engine_threads", "solo_engine", "device", "precision", "engine", "decode_threads",
+    "decode_nice", "jpeg_reducing_gap", "image_cache_mib",
     "engine_spinning", "openvino_static_shapes", "cuda_static_shapes", "cuda_conv_algo_search",
     "http_parser", "event_loop",
 )  # fmt: skip
