@@ -21,7 +21,10 @@ The ratio printed is server images/s / best raw engine images/s (1.0 = no overhe
 Beside it, where the CPU went per image: the server's (one started here), split by its
 threads' names (service.thread_names: `engine` the engines and the threads they started,
 `decode`, `loop` the event loop's thread, `other`), the clients' (this process), the raw
-engine's at the reference configuration; the mean batch and the engines' busy share.
+engine's at the reference configuration; the mean batch and the engines' busy share;
+and the CPU-bound ceiling: where the raw engine keeps every CPU busy, the most of its
+images/s any server can deliver beside those other threads and the clients on the same
+CPUs (`cpu_bound_ceiling`).
 
 With --rounds N, steps 2 and 3 repeat N times, so that each server figure has raw engine
 figures measured next to it in time (a shared host's speed drifts by 10% or more within
@@ -560,14 +563,29 @@ def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> st
     server_ms = spent["server_cpu"] / images * 1000
     server = "CPU not measured" if math.isnan(server_ms) else f"{server_ms:.1f} ms/img"
     roles = [(role, spent.get(f"server_cpu_{role}")) for role in ROLES]
+    client_ms = spent["client_cpu"] / images * 1000
+    bound = ""
     if all(seconds is not None for _, seconds in roles):
         server += " (" + ", ".join(f"{r} {s / images * 1000:.1f}" for r, s in roles) + ")"
+        beside = sum(s for r, s in roles if r != "engine") / images * 1000 + client_ms
+        bound = f"; CPU-bound ceiling {cpu_bound_ceiling(raw_cpu_ms, beside):.3f}"
     return (
         f"server {server}, "
-        f"client {spent['client_cpu'] / images * 1000:.1f}, raw engine {raw_cpu_ms:.1f}; "
+        f"client {client_ms:.1f}, raw engine {raw_cpu_ms:.1f}; "
         f"batch {spent['hornet_batch_size_sum'] / batches:.1f}, engine busy "
-        f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}"
+        f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}{bound}"
     )
+
+
+def cpu_bound_ceiling(raw_cpu_ms: float, beside_ms: float) -> float:
+    """The most of the raw engine's images/s a server can deliver where the raw engine
+    keeps every CPU busy and the clients share them: each image also costs `beside_ms` of
+    CPU outside the engine (the server's other threads and the clients), so with the
+    engine's CPU per image at its bare best, `raw_cpu_ms`, the CPUs serve
+    raw / (raw + beside) of its images. A ratio near it is the hardware's limit, not the
+    server's; below it, the engine costs more in the server (smaller batches, threads
+    sharing its cores)."""
+    return raw_cpu_ms / (raw_cpu_ms + beside_ms)
 
 
 if __name__ == "__main__":

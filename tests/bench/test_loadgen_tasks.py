@@ -49,3 +49,12 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     total, *parts = map(float, where.groups())
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     assert total > 0 and sum(parts) <= total + tick_ms / int(ok) + 0.25
+    # The ceiling is the raw engine's CPU per image over that plus everything else's.
+    beside = sum(parts[1:]) + float(re.search(r"client ([\d.]+),", level)[1])
+    raw_ms = float(re.search(r"raw engine ([\d.]+);", level)[1])
+    ceiling = float(re.search(r"CPU-bound ceiling ([\d.]+)", level)[1])
+    assert 0 < ceiling < 1
+    # from the printed figures, each rounded to 0.1 ms (five of them beside the engine)
+    low = (raw_ms - 0.05) / (raw_ms - 0.05 + beside + 0.25)
+    high = (raw_ms + 0.05) / (raw_ms + 0.05 + max(beside - 0.25, 0.0))
+    assert low - 0.0005 <= ceiling <= high + 0.0005, (low, ceiling, high, level)
