@@ -52,7 +52,13 @@ import numpy as np
 from hornet_bundle import Bundle, EngineUnavailable, load_bundle
 from hornet_cli import Command
 from service.cpus import available_cpus
-from service.engines import cpu_runs_bf16, create_engine, instances_of, unverified_precision
+from service.engines import (
+    cpu_runs_bf16,
+    create_engine,
+    instances_of,
+    static_sizes,
+    unverified_precision,
+)
 from service.flags import settings_environment, settings_flags
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
@@ -242,8 +248,9 @@ def measure(
 
 
 def batch_sizes(largest: int) -> list[int]:
-    """The batch sizes measured under load: the powers of two below `largest`, and it."""
-    return sorted({2**k for k in range(largest.bit_length()) if 2**k < largest} | {largest})
+    """The batch sizes measured under load, smallest first: those a static-shape engine
+    compiles for --max-batch-size `largest` (the powers of two below it, and it)."""
+    return sorted(static_sizes(largest))
 
 
 def at_recommended_batch(by_batch: dict[int, float]) -> tuple[int, float]:
@@ -359,8 +366,11 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
     if chosen is None:
         lines.append("no verified candidate ran here")
     else:
-        environment = " ".join(f"{k}={v}" for k, v in serve_environment(chosen).items())
-        flags = " ".join(serve_flags(chosen))
+        values = serve_values(chosen)
+        environment = " ".join(
+            f"{k}={v}" for k, v in settings_environment(Settings, values).items()
+        )
+        flags = " ".join(settings_flags(Settings, values))
         lines.append(
             f"\nfastest verified under load: {chosen.candidate.name}"
             + (f", batches of up to {chosen.batch_size}" if chosen.batch_size else "")
@@ -406,17 +416,12 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
     return "\n".join(lines)
 
 
-def serve_flags(result: Measured) -> list[str]:
-    """`hornet serve`'s flags for a measured candidate: its engine, precision and layout,
-    and the batch size recommended for it (none for a detector)."""
+def serve_values(result: Measured) -> dict[str, Any]:
+    """The settings `hornet serve` is told for a measured candidate (field -> value): its
+    engine, precision and layout, and the batch size recommended for it (none for a
+    detector)."""
     batch = {"max_batch_size": result.batch_size} if result.batch_size else {}
-    return result.candidate.flags() + settings_flags(Settings, batch)
-
-
-def serve_environment(result: Measured) -> dict[str, str]:
-    """The same as HORNET_* variables."""
-    batch = {"max_batch_size": result.batch_size} if result.batch_size else {}
-    return result.candidate.environment() | settings_environment(Settings, batch)
+    return result.candidate.values() | batch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
