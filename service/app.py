@@ -19,6 +19,7 @@ from service.auth import ApiKeyMiddleware, advertise_api_keys
 from service.cors import CorsMiddleware
 from service.engines import create_engine
 from service.errors import ServiceError, error_body
+from service.grpc_v2.server import start_server as start_grpc_server
 from service.logs import request_id
 from service.metrics import ServiceMetrics
 from service.middleware import (
@@ -49,16 +50,25 @@ def create_app(
     """
     metrics = ServiceMetrics()
     pool = ModelPool(settings, metrics, engine_factory, bundles=bundles)
+    # Request bodies held at once, REST and gRPC together.
+    uploads = UploadBuffer(settings.upload_buffer_bytes, metrics.upload_buffer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(pool.load())
         loading.add_done_callback(_retrieve_exception)
         releasing = asyncio.create_task(pool.releaser.run())
+        grpc_server = (
+            await start_grpc_server(pool, settings, metrics, uploads)
+            if settings.grpc_port
+            else None
+        )
         try:
             yield
         finally:
             pool.begin_drain()
+            if grpc_server is not None:
+                await grpc_server.stop(settings.drain_timeout_s)
             loading.cancel()
             releasing.cancel()
             await asyncio.gather(loading, releasing, return_exceptions=True)
@@ -81,7 +91,7 @@ def create_app(
     app.add_middleware(
         UploadLimitsMiddleware,
         max_bytes=settings.max_upload_bytes,
-        buffer=UploadBuffer(settings.upload_buffer_bytes, metrics.upload_buffer),
+        buffer=uploads,
         client_timeout_s=settings.client_timeout_s,
     )
     api_keys = settings.accepted_api_keys()

@@ -100,14 +100,7 @@ def parse_infer_request(
 ) -> tuple[InferRequest, list[Tensor]]:
     """The request's JSON header and its inputs as arrays, checked against their shapes."""
     header, binary = _split(body, header_length)
-    try:
-        request = InferRequest.model_validate_json(header)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise InvalidInferRequest(f"not an inference request: {problems}") from exc
+    request = validated_request(header)
     tensors, offset = [], 0
     for spec in request.inputs:
         size = spec.parameters.get("binary_data_size")
@@ -129,6 +122,48 @@ def parse_infer_request(
             f"{len(binary) - offset} bytes after the inputs' binary data belong to no input"
         )
     return request, tensors
+
+
+def validated_request(header: bytes | dict[str, Any]) -> InferRequest:
+    """The request's header (JSON text, or the fields of a gRPC request), checked."""
+    try:
+        if isinstance(header, dict):
+            return InferRequest.model_validate(header)
+        return InferRequest.model_validate_json(header)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidInferRequest(f"not an inference request: {problems}") from exc
+
+
+def from_values(spec: RequestInput, values: np.ndarray | list[bytes]) -> Tensor:
+    """An input whose elements came as typed values (gRPC's InferTensorContents): numbers
+    checked against the datatype's range as JSON data is, BYTES elements as they are."""
+    count = _element_count(spec)
+    if spec.datatype == BYTES:
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+    else:
+        array = _cast_checked(np.asarray(values).reshape(-1), _numeric_dtype(spec), spec.name)
+    if array.size != count:
+        raise InvalidInferRequest(
+            f"input {spec.name!r}: {array.size} data elements for shape {spec.shape} "
+            f"({count} elements)"
+        )
+    return Tensor(spec.name, spec.datatype, _shaped(array, spec), binary=True)
+
+
+def from_binary(spec: RequestInput, data: bytes) -> Tensor:
+    """An input whose elements came as raw bytes (the binary extension, gRPC's
+    raw_input_contents)."""
+    return _from_binary(spec, data)
+
+
+def raw_bytes(output: OutputTensor) -> bytes:
+    """An output's elements as raw bytes."""
+    return _raw_bytes(output)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

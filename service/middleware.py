@@ -28,7 +28,7 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger("hornet.access")
 
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # an X-Request-ID kept as given
 # Where the request's id is kept in the ASGI scope, for handlers that run outside this
 # middleware (Starlette's handler of unexpected exceptions).
 REQUEST_ID_SCOPE_KEY = "hornet.request_id"
@@ -61,7 +61,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope[REQUEST_ID_SCOPE_KEY] = rid
         token = request_id.set(rid)
         status = 500

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="also serve the KServe v2 protocol over gRPC on this port, on the same "
+        "host (Triton's clients: 8001); 0: no gRPC",
+    )
     engine: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "onnxruntime",
         description="onnxruntime, openvino (CPU; fp32 or bf16), tensorrt (the bundle's native "

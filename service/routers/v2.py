@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__, kserve
+from service.batching import IsGone
 from service.dependencies import Pool, request_deadline
 from service.errors import PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
@@ -69,7 +70,7 @@ def _config(tensor: ServedTensor, *, batched: bool, **extra: Any) -> dict:
     }
 
 
-def _model(pool: ModelPool, name: str, version: str | None) -> ModelRunner:
+def find_model(pool: ModelPool, name: str, version: str | None) -> ModelRunner:
     """The named model, found while others still load (metadata answers then); a bundle
     has the one version."""
     runner = pool.get(name, ready=False)
@@ -195,7 +196,7 @@ async def server_ready(pool: Pool) -> JSONResponse:
 async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
     """The model's name, versions, platform and its tensors (batch axis -1, except a
     detect model's: one image, one row per detection)."""
-    tensors = _model(pool, model, version).pipeline.tensors
+    tensors = find_model(pool, model, version).pipeline.tensors
     return {
         "name": model,
         "versions": [MODEL_VERSION],
@@ -213,7 +214,7 @@ async def model_metadata(pool: Pool, model: str, version: str | None = None) -> 
 )
 async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSONResponse:
     """200 once the model (and every other) is loaded and warmed up, else 503."""
-    _model(pool, model, version)
+    find_model(pool, model, version)
     body = {"name": model, "ready": pool.ready}
     if pool.ready:
         return JSONResponse(body)
@@ -224,7 +225,7 @@ async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSO
 @router.get("/models/{model}/versions/{version}/config", responses=_MODEL_ERRORS)
 async def model_config(pool: Pool, model: str, version: str | None = None) -> dict:
     """The fields of Triton's model configuration its clients and tools read."""
-    tensors = _model(pool, model, version).pipeline.tensors
+    tensors = find_model(pool, model, version).pipeline.tensors
     settings = pool.settings
     platform, backend = _PLATFORMS[settings.engine]
     batched = tensors.batched
@@ -273,16 +274,14 @@ _INFER_ROUTE = {
 async def infer(request: Request, pool: Pool, model: str, version: str | None = None) -> Response:
     """Inference on a batch of images given as one input tensor (one encoded image for a
     detect model); see docs/kserve-v2.md."""
-    runner = _model(pool, model, version)
+    runner = find_model(pool, model, version)
     pool.require_ready()
     deadline = request_deadline(request)
     body = await request.body()
     parsed, tensors = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH))
-    options = _answer_options(parsed)
-    prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
-    results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    answer = await asyncio.to_thread(runner.pipeline.output_arrays, prepared, results, options)
-    outputs = _outputs(runner, parsed, answer)
+    outputs = await infer_outputs(
+        pool, runner, parsed, tensors, deadline=deadline, is_gone=request.is_disconnected
+    )
     content, header_length = kserve.encode_response(model, MODEL_VERSION, parsed.id, outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -291,6 +290,24 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
         media_type="application/octet-stream",
         headers={kserve.HEADER_LENGTH: str(header_length)},
     )
+
+
+async def infer_outputs(
+    pool: ModelPool,
+    runner: ModelRunner,
+    parsed: kserve.InferRequest,
+    tensors: list[Tensor],
+    *,
+    deadline: float,
+    is_gone: IsGone | None,
+) -> list[OutputTensor]:
+    """A parsed inference request answered: its inputs through the model's pipeline and
+    batcher, the outputs it asks for (REST and gRPC alike)."""
+    options = _answer_options(parsed)
+    prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
+    results = await runner.infer(prepared, deadline=deadline, is_gone=is_gone)
+    answer = await asyncio.to_thread(runner.pipeline.output_arrays, prepared, results, options)
+    return _outputs(runner, parsed, answer)
 
 
 def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:

@@ -1,0 +1,450 @@
+"""The Open Inference Protocol (KServe v2) over gRPC (`--grpc-port`), beside the REST routes.
+
+Triton's and KServe's gRPC clients (`tritonclient.grpc`, perf_analyzer `-i grpc`) reach the
+same models as /v2 over REST: one model pool, pipeline and batcher, the same request
+checks, limits, API keys, TLS certificate and metrics. The messages are those of
+grpc_predict_v2.proto, read from its compiled descriptors into a descriptor pool of this
+module's own (a process that also imports tritonclient, which registers the same
+`inference.*` names in protobuf's default pool, keeps both); the handlers are generic
+ones, so no generated code is needed.
+
+Errors carry the REST route's code and sentence as their details ("bad_image: ...") under
+the gRPC status of its HTTP status (`STATUS_CODES`); a 503 carries `retry-after` in its
+trailing metadata. Bounds, as for the REST bodies: a message is at most --max-upload-mb
+(gRPC refuses a bigger one, RESOURCE_EXHAUSTED, before it is read); at most
+`max_upload_buffer / max_upload` calls run at once (more: RESOURCE_EXHAUSTED), and while
+one runs its message counts in the budget for request bodies that REST uploads share
+(--max-upload-buffer-mb; past it: UNAVAILABLE, retry-after 1). Counts of tensors,
+parameters and dimensions are checked before they are copied out of the message, and an
+input's elements before they are converted (in InferTensorContents, 4 or 8 bytes each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from importlib import resources
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from service import __version__, kserve
+from service.auth import key_matches, presented_keys
+from service.errors import Overloaded, ServiceError
+from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
+from service.logs import request_id
+from service.metrics import ServiceMetrics
+from service.middleware import VALID_REQUEST_ID, UploadBuffer
+from service.routers import v2
+from service.runtime import ModelPool
+from service.settings import Settings
+
+log = logging.getLogger("hornet.service.grpc")
+access_log = logging.getLogger("hornet.access")  # the REST requests' lines too
+
+SERVICE = "inference.GRPCInferenceService"
+# The gRPC status of each HTTP status the service answers with.
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# RPCs that answer without a key unless --protect-probes (as /v2/health/* over REST).
+PROBES = frozenset({"ServerLive", "ServerReady"})
+# InferTensorContents' field for each datatype (FP16 has none: raw_input_contents only).
+CONTENTS_FIELDS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    BYTES: "bytes_contents",
+}
+# Bounds checked before a request's fields become Python objects (every model takes one
+# input; the classification and detection answers have two to five outputs).
+MAX_TENSORS = 16
+MAX_PARAMETERS = 64
+
+
+def _message_classes() -> dict[str, type]:
+    """Every message of grpc_predict_v2.proto by its name, built in a pool of our own."""
+    data = resources.files(__package__).joinpath("grpc_predict_v2.binpb").read_bytes()
+    pool = descriptor_pool.DescriptorPool()
+    files = descriptor_pb2.FileDescriptorSet.FromString(data)
+    for file in files.file:
+        pool.Add(file)
+    service = pool.FindServiceByName(SERVICE)
+    names = {m.input_type.name for m in service.methods} | {
+        m.output_type.name for m in service.methods
+    }
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
+        for name in names
+    }
+
+
+MESSAGES = _message_classes()
+
+
+class Abort(Exception):
+    """Ends a call with `code`, `details` and `metadata` (a 503's retry-after)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        http_status: int,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(details)
+        self.code, self.details, self.http_status = code, details, http_status
+        self.metadata = metadata
+
+
+class InferenceService:
+    """The RPCs' bodies: each takes a request message and returns a response message."""
+
+    def __init__(self, pool: ModelPool, settings: Settings) -> None:
+        self.pool, self.settings = pool, settings
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return MESSAGES["ServerLiveResponse"](live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return MESSAGES["ServerReadyResponse"](ready=self.pool.ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        v2.find_model(self.pool, request.name, request.version or None)
+        return MESSAGES["ModelReadyResponse"](ready=self.pool.ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return MESSAGES["ServerMetadataResponse"](
+            name=v2.SERVER_NAME, version=__version__, extensions=v2.EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = await v2.model_metadata(self.pool, request.name, request.version or None)
+        tensor = MESSAGES["ModelMetadataResponse"].TensorMetadata
+        return MESSAGES["ModelMetadataResponse"](
+            name=metadata["name"],
+            versions=metadata["versions"],
+            platform=metadata["platform"],
+            inputs=[tensor(**t) for t in metadata["inputs"]],
+            outputs=[tensor(**t) for t in metadata["outputs"]],
+        )
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        runner = v2.find_model(self.pool, request.model_name, request.model_version or None)
+        self.pool.require_ready()
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        parsed, tensors = parse_infer_request(request)
+
+        async def gone() -> bool:
+            return context.cancelled()
+
+        outputs = await v2.infer_outputs(
+            self.pool, runner, parsed, tensors, deadline=deadline, is_gone=gone
+        )
+        return infer_response(request.model_name, parsed.id, outputs)
+
+
+def parse_infer_request(request: Any) -> tuple[kserve.InferRequest, list[Tensor]]:
+    """A ModelInferRequest as the REST route's parsed request and input tensors."""
+    _check_counts(request)
+    header = {
+        "id": request.id or None,
+        "parameters": parameters(request.parameters),
+        "inputs": [
+            {"name": i.name, "datatype": i.datatype, "shape": list(i.shape)} for i in request.inputs
+        ],
+        "outputs": [
+            {"name": o.name, "parameters": parameters(o.parameters)} for o in request.outputs
+        ]
+        or None,
+    }
+    parsed = kserve.validated_request(header)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInferRequest(
+            f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs: "
+            "give every input's data there, or none"
+        )
+    tensors = []
+    for index, (spec, given) in enumerate(zip(parsed.inputs, request.inputs, strict=True)):
+        if raw:
+            tensors.append(kserve.from_binary(spec, raw[index]))
+            continue
+        field = CONTENTS_FIELDS.get(spec.datatype)
+        if field is None:
+            raise InvalidInferRequest(
+                f"input {spec.name!r}: {spec.datatype} data goes in raw_input_contents "
+                "(InferTensorContents has no field for it)"
+            )
+        values = getattr(given.contents, field)
+        if len(values) != math.prod(spec.shape):
+            raise InvalidInferRequest(
+                f"input {spec.name!r}: {len(values)} {field} elements for shape {spec.shape}"
+            )
+        if spec.datatype == BYTES:
+            tensors.append(kserve.from_values(spec, list(values)))
+        else:
+            array = np.fromiter(values, dtype=_CONTENTS_TYPES[field], count=len(values))
+            tensors.append(kserve.from_values(spec, array))
+    return parsed, tensors
+
+
+# The numpy type of each InferTensorContents field: its values as the message holds them.
+_CONTENTS_TYPES = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
+
+
+def _check_counts(request: Any) -> None:
+    """Refuses more tensors, parameters or dimensions than any model takes, before they
+    are copied out of the message (each would cost tens of bytes per byte sent)."""
+    tensors = [*request.inputs, *request.outputs]
+    if len(request.inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
+        raise InvalidInferRequest(
+            f"{len(request.inputs)} inputs and {len(request.outputs)} outputs; at most "
+            f"{MAX_TENSORS} of each"
+        )
+    if any(len(t.parameters) > MAX_PARAMETERS for t in [request, *tensors]):
+        raise InvalidInferRequest(f"more than {MAX_PARAMETERS} parameters in one map")
+    for given in request.inputs:
+        if len(given.shape) > kserve.MAX_DIMENSIONS:
+            raise InvalidInferRequest(
+                f"input {given.name[:64]!r}: {len(given.shape)} dimensions; at most "
+                f"{kserve.MAX_DIMENSIONS}"
+            )
+
+
+def parameters(entries: Any) -> dict[str, Any]:
+    """A map of InferParameter as plain values."""
+    values = {}
+    for key, value in entries.items():
+        choice = value.WhichOneof("parameter_choice")
+        values[key] = None if choice is None else getattr(value, choice)
+    return values
+
+
+def _parameter(value: Any) -> Any:
+    parameter = MESSAGES["ModelInferResponse"].ParametersEntry().value
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    else:
+        parameter.string_param = str(value)
+    return parameter
+
+
+def infer_response(model: str, request_id_: str | None, outputs: list[OutputTensor]) -> Any:
+    """The outputs as a ModelInferResponse, their data in raw_output_contents."""
+    response = MESSAGES["ModelInferResponse"](
+        model_name=model, model_version=v2.MODEL_VERSION, id=request_id_ or ""
+    )
+    for output in outputs:
+        described = response.outputs.add(
+            name=output.name, datatype=output.datatype, shape=list(output.array.shape)
+        )
+        for key, value in output.parameters.items():
+            described.parameters[key].CopyFrom(_parameter(value))
+        response.raw_output_contents.append(kserve.raw_bytes(output))
+    return response
+
+
+def _abort_for(exc: Exception) -> Abort:
+    if isinstance(exc, ServiceError):
+        code = STATUS_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL)
+        metadata = tuple(
+            (k.lower(), v) for k, v in exc.headers.items() if k.lower() == "retry-after"
+        )
+        return Abort(code, f"{exc.code}: {exc.detail}", exc.status_code, metadata)
+    log.exception("unhandled error")
+    return Abort(grpc.StatusCode.INTERNAL, f"internal_error: {type(exc).__name__}", 500)
+
+
+class _Calls:
+    """Wraps each RPC body with what the REST middleware does around a route: the API
+    key, a request id, the errors as statuses, the request metrics and log line."""
+
+    def __init__(
+        self,
+        service: InferenceService,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        uploads: UploadBuffer,
+    ) -> None:
+        self.service, self.metrics, self.uploads = service, metrics, uploads
+        self._keys = [key.get_secret_value().encode() for key in settings.accepted_api_keys()]
+        self._protect_probes = settings.protect_probes
+
+    def handler(self, name: str) -> grpc.RpcMethodHandler:
+        body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = getattr(
+            self.service, name
+        )
+        route = f"/{SERVICE}/{name}"
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = [
+                (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
+                for k, v in context.invocation_metadata() or ()
+            ]
+            incoming = dict(metadata).get(b"x-request-id", b"").decode("latin-1")
+            rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+            token = request_id.set(rid)
+            started, status = time.perf_counter(), 200
+            self.metrics.in_flight.inc()
+            try:
+                await context.send_initial_metadata((("x-request-id", rid),))
+                try:
+                    self._check_key(name, metadata)
+                    with self._held(request):
+                        return await body(request, context)
+                except Abort:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                    raise _abort_for(exc) from exc
+            except Abort as abort:
+                status = abort.http_status
+                await context.abort(abort.code, abort.details, abort.metadata)
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                status = 499
+                raise
+            finally:
+                self.metrics.in_flight.dec()
+                elapsed = time.perf_counter() - started
+                self.metrics.requests.labels(route, str(status)).inc()
+                self.metrics.latency.labels(route).observe(elapsed)
+                access_log.info(
+                    "request",
+                    extra={"method": "gRPC", "path": route, "status": status,
+                           "seconds": round(elapsed, 6)},
+                )  # fmt: skip
+                request_id.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=MESSAGES[f"{name}Request"].FromString,
+            response_serializer=MESSAGES[f"{name}Response"].SerializeToString,
+        )
+
+    @contextlib.contextmanager
+    def _held(self, request: Any) -> Iterator[None]:
+        """The request's message counted in the server's budget for request bodies while
+        its call runs (503 when the budget is spent, as a REST upload's)."""
+        size = request.ByteSize()
+        if not self.uploads.reserve(size):
+            raise Overloaded(
+                f"requests in progress hold {self.uploads.held} of the server's "
+                f"{self.uploads.capacity} bytes for request bodies; this one needs {size} "
+                "(--max-upload-buffer-mb)",
+                headers={"retry-after": "1"},
+            )
+        try:
+            yield
+        finally:
+            self.uploads.release(size)
+
+    def _check_key(self, name: str, metadata: list[tuple[bytes, bytes]]) -> None:
+        if not self._keys or (name in PROBES and not self._protect_probes):
+            return
+        shown = presented_keys(metadata)
+        if not shown:
+            raise Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unauthorized: this call needs an API key: send the metadata "
+                "'authorization: Bearer KEY' or 'x-api-key: KEY'",
+                401,
+            )
+        if not any(key_matches(key, self._keys) for key in shown):
+            raise Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unauthorized: the API key sent is not one of the server's keys",
+                401,
+            )
+
+
+def concurrent_calls(settings: Settings) -> int:
+    """How many calls run at once: as many largest messages as the upload budget holds."""
+    return max(settings.upload_buffer_bytes // max(settings.max_upload_bytes, 1), 1)
+
+
+async def start_server(
+    pool: ModelPool, settings: Settings, metrics: ServiceMetrics, uploads: UploadBuffer
+) -> grpc.aio.Server:
+    """The gRPC service listening on --host:--grpc-port (TLS with the HTTPS certificate);
+    `uploads` is the budget for request bodies the REST routes share."""
+    calls = _Calls(InferenceService(pool, settings), settings, metrics, uploads)
+    names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+             "ModelInfer")  # fmt: skip
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_upload_bytes),
+            ("grpc.max_send_message_length", -1),
+        ],
+        maximum_concurrent_rpcs=concurrent_calls(settings),
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE, {n: calls.handler(n) for n in names})]
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_certfile is not None:
+        bound = server.add_secure_port(address, _credentials(settings))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise RuntimeError(f"gRPC could not listen on {address}")
+    await server.start()
+    log.info("gRPC listening", extra={"address": address, "tls": settings.tls_certfile is not None})
+    return server
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials:
+    """The HTTPS certificate and key (PEM; the key in the certificate's file when no
+    --tls-keyfile), as gRPC server credentials."""
+    assert settings.tls_certfile is not None
+    chain = settings.tls_certfile.read_bytes()
+    keyfile = settings.tls_keyfile or settings.tls_certfile
+    key = b"".join(
+        block
+        for block in re.findall(
+            rb"-----BEGIN [^-]*-----.*?-----END [^-]*-----\s*", keyfile.read_bytes(), re.S
+        )
+        if b"PRIVATE KEY" in block.split(b"\n", 1)[0]
+    )
+    certificates = b"".join(
+        re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\s*", chain, re.S)
+    )
+    return grpc.ssl_server_credentials([(key, certificates)])
