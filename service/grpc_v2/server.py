@@ -160,7 +160,8 @@ class InferenceService:
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining)
-        parsed, tensors = parse_infer_request(request)
+        # Off the event loop: a tensor of typed contents is converted element by element.
+        parsed, tensors = await asyncio.to_thread(parse_infer_request, request)
 
         async def gone() -> bool:
             return context.cancelled()

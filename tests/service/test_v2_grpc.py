@@ -1,0 +1,727 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: tritonclient's gRPC client against a
+real `python -m service --grpc-port N` process. Its answers equal the same server's REST
+routes (/classify, /v2 through tritonclient's HTTP client), its errors are those routes'
+as gRPC status codes, API keys travel in the call's metadata, and the protocol definitions
+match tritonclient's own and protoc's compilation of service/grpc_v2/grpc_predict_v2.proto."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
+
+import service
+from service.testing import LOOPBACK, RunningServer, free_port, running_server
+from tests.helpers.images import encode, upload
+from tests.helpers.references import crop_of, scores_by_index
+
+grpc = pytest.importorskip("grpc")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+
+MODEL = "tiny_cls"
+NAMES = ("chelsea", "astronaut", "portrait")
+KEY = "hornet-test-key-grpc-4e1b7c9a20d6"
+WRONG_KEY = "hornet-test-key-grpc-wrong-00000"
+UPLOAD_LIMIT_MB = 1
+MEMORY_CAP_BYTES = 4 << 30  # address space, as tests/service/test_v2_hostile.py's servers
+CALL_TIMEOUT_S = 30
+PROTO_DIR = Path(service.__file__).resolve().parent / "grpc_v2"
+PROTO = "grpc_predict_v2.proto"
+DESCRIPTORS = "grpc_predict_v2.binpb"
+SERVICE = "GRPCInferenceService"
+RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
+# The REST status of an error, and the gRPC status the same error has.
+GRPC_STATUS_OF_HTTP = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+# tritonclient's channel options (no message size limit of the client's own), and no
+# proxy: straight to the loopback port.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.enable_http_proxy", 0),
+]
+GOOD_PIXELS = np.random.default_rng(7).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+
+
+class Served(NamedTuple):
+    server: RunningServer
+    grpc_port: int
+    client: grpcclient.InferenceServerClient  # gRPC
+    stub: object  # tritonclient's GRPCInferenceServiceStub, for hand-built requests
+    rest: httpclient.InferenceServerClient  # the same server's REST v2 routes
+    http: httpx.Client
+    baseline: np.ndarray  # REST v2 probabilities of GOOD_PIXELS
+
+
+def connect(port: int) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(f"{LOOPBACK}:{port}", channel_args=CHANNEL_ARGS)
+
+
+def grpc_input(name: str, datatype: str, array: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def http_input(name: str, datatype: str, array: np.ndarray) -> httpclient.InferInput:
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=True)
+    return tensor
+
+
+def rest_infer(
+    rest: httpclient.InferenceServerClient,
+    name: str,
+    datatype: str,
+    array: np.ndarray,
+    outputs: Iterable[str] = ("logits", "probabilities"),
+    **options,
+) -> dict[str, np.ndarray]:
+    """The REST v2 route's answer, as binary tensors."""
+    requested = [httpclient.InferRequestedOutput(o, binary_data=True) for o in outputs]
+    result = rest.infer(MODEL, [http_input(name, datatype, array)], outputs=requested, **options)
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def grpc_infer(
+    client: grpcclient.InferenceServerClient, name: str, datatype: str, array: np.ndarray, **options
+) -> dict[str, np.ndarray]:
+    result = client.infer(
+        MODEL, [grpc_input(name, datatype, array)], client_timeout=CALL_TIMEOUT_S, **options
+    )
+    return {o: result.as_numpy(o) for o in ("logits", "probabilities")}
+
+
+def classify_scores(http: httpx.Client, images: list[bytes]) -> np.ndarray:
+    response = http.post("/classify", params={"top_k": 10}, files=upload(*images))
+    assert response.status_code == 200, response.text
+    return np.array(
+        [[scores_by_index(r)[i] for i in range(10)] for r in response.json()["results"]]
+    )
+
+
+def refusal(call: Callable[[], object]) -> grpcclient.InferenceServerException:
+    """The error `call` raises (it must raise one)."""
+    with pytest.raises(grpcclient.InferenceServerException) as raised:
+        call()
+    return raised.value
+
+
+def status(name: str) -> str:
+    """A gRPC status as tritonclient's exceptions give it: "StatusCode.NAME"."""
+    return str(getattr(grpc.StatusCode, name))
+
+
+def error_code(rest_error: str) -> str:
+    """The CODE of a REST error's "CODE: what was wrong"."""
+    return rest_error.split(":", 1)[0]
+
+
+def assert_still_serving(served: Served) -> None:
+    probabilities = grpc_infer(served.client, "image", "UINT8", GOOD_PIXELS)["probabilities"]
+    assert np.array_equal(probabilities, served.baseline)
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs of the TCP sockets process `pid` listens on (Linux: its
+    socket inodes looked up in /proc/PID/net/tcp*); IPv4-mapped IPv6 addresses as IPv4."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    sockets = set()
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].rsplit(":", 1)
+            sockets.add((_address(address), int(port, 16)))
+    return sockets
+
+
+def _address(hex_words: str) -> str:
+    """/proc/net/tcp*'s address: 32-bit words, each in the host's byte order."""
+    raw = bytes.fromhex(hex_words)
+    step = -1 if sys.byteorder == "little" else 1
+    ip = ipaddress.ip_address(b"".join(raw[i : i + 4][::step] for i in range(0, len(raw), 4)))
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+
+def http_port(server: RunningServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def served(classifier_dir, tmp_path_factory) -> Iterator[Served]:
+    """A real server with --grpc-port (and a 1 MB upload limit), its address space
+    capped; its gRPC and REST clients, and the REST answer to GOOD_PIXELS."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1", "--max-batch-size", "4",
+             "--max-upload-mb", str(UPLOAD_LIMIT_MB), "--grpc-port", str(port)]  # fmt: skip
+    log_path = tmp_path_factory.mktemp("grpc_server") / "server.log"
+    with (
+        running_server(
+            flags,
+            log_path=log_path,
+            inherit_settings=False,
+            memory_limit_bytes=MEMORY_CAP_BYTES,
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=CALL_TIMEOUT_S) as http,
+        connect(port) as client,
+        grpc.insecure_channel(f"{LOOPBACK}:{port}", options=CHANNEL_ARGS) as channel,
+    ):
+        rest = httpclient.InferenceServerClient(
+            server.url.removeprefix("http://"), network_timeout=CALL_TIMEOUT_S
+        )
+        try:
+            baseline = rest_infer(rest, "image", "UINT8", GOOD_PIXELS)["probabilities"]
+            stub = grpcclient.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            yield Served(server, port, client, stub, rest, http, baseline)
+        finally:
+            rest.close()
+
+
+# -- health and metadata ------------------------------------------------------------------
+
+
+def test_health_and_metadata_equal_the_rest_routes(served) -> None:
+    client, http = served.client, served.http
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
+    server = client.get_server_metadata()
+    rest_server = http.get("/v2").json()
+    assert server.name == "hornet-serve" == rest_server["name"]
+    assert server.version == rest_server["version"]
+    assert "classification" in server.extensions
+
+    metadata = client.get_model_metadata(MODEL)
+    rest = http.get(f"/v2/models/{MODEL}").json()
+    assert (metadata.name, list(metadata.versions), metadata.platform) == (
+        rest["name"], rest["versions"], rest["platform"]
+    )  # fmt: skip
+    for ours, theirs in ((metadata.inputs, rest["inputs"]), (metadata.outputs, rest["outputs"])):
+        assert [(t.name, t.datatype, list(t.shape)) for t in ours] == [
+            (t["name"], t["datatype"], t["shape"]) for t in theirs
+        ]
+    assert [t.name for t in metadata.inputs] == ["image", "encoded_image"]
+
+
+def test_rpcs_outside_the_served_set_answer_unimplemented(served) -> None:
+    refused = refusal(lambda: served.client.get_model_config(MODEL))
+    assert refused.status() == status("UNIMPLEMENTED")
+
+
+# -- inference ----------------------------------------------------------------------------
+
+
+def test_encoded_images_as_bytes_equal_classify_and_the_rest_route(served, photos) -> None:
+    images = [encode(photos[n], "JPEG", quality=85) for n in NAMES]
+    encoded = np.array(images, dtype=object)
+    answer = grpc_infer(served.client, "encoded_image", "BYTES", encoded)
+    rest = rest_infer(served.rest, "encoded_image", "BYTES", encoded)
+    probabilities = answer["probabilities"]
+    assert probabilities.shape == (3, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, classify_scores(served.http, images), atol=1e-6)
+    assert np.array_equal(probabilities, rest["probabilities"])
+    assert np.array_equal(answer["logits"], rest["logits"])
+
+
+def test_uint8_image_tensor_equals_the_rest_route_bit_for_bit(served, photos) -> None:
+    crops = np.stack([crop_of(photos[n]) for n in NAMES])
+    answer = grpc_infer(served.client, "image", "UINT8", crops)
+    rest = rest_infer(served.rest, "image", "UINT8", crops)
+    assert answer["logits"].shape == (3, 10) and answer["logits"].dtype == np.float32
+    assert np.array_equal(answer["logits"], rest["logits"])
+    assert np.array_equal(answer["probabilities"], rest["probabilities"])
+
+
+def test_tensor_contents_equal_raw_input_contents(served, photos) -> None:
+    """The same tensors in InferTensorContents (uint_contents, bytes_contents of shape
+    [N, 1]) instead of raw_input_contents; outputs come back in raw_output_contents."""
+    crops = np.stack([crop_of(photos[n]) for n in NAMES[:2]])
+    images = [encode(photos[n]) for n in NAMES[:2]]
+    pb = grpcclient.service_pb2
+
+    def infer_contents(name: str, datatype: str, shape: list[int], **contents) -> dict:
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name=name, datatype=datatype, shape=shape, contents=pb.InferTensorContents(**contents)
+        )
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+        response = served.stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        assert len(response.raw_output_contents) == len(response.outputs) == 2
+        assert response.model_name == MODEL
+        return {
+            o.name: np.frombuffer(raw, "<f4").reshape(list(o.shape))
+            for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+            if o.datatype == "FP32"
+        }
+
+    pixels = infer_contents("image", "UINT8", list(crops.shape), uint_contents=crops.ravel())
+    encoded = infer_contents("encoded_image", "BYTES", [2, 1], bytes_contents=images)
+    raw_pixels = grpc_infer(served.client, "image", "UINT8", crops)
+    raw_encoded = grpc_infer(served.client, "encoded_image", "BYTES", np.array(images, object))
+    for answer, raw in ((pixels, raw_pixels), (encoded, raw_encoded)):
+        assert answer.keys() == {"logits", "probabilities"}
+        for name in answer:
+            assert np.array_equal(answer[name], raw[name])
+
+
+def test_classification_extension_equals_the_rest_routes_strings(served, photos) -> None:
+    crops = np.stack([crop_of(photos[n]) for n in NAMES[:2]])
+    top = grpcclient.InferRequestedOutput("probabilities", class_count=3)
+    result = served.client.infer(
+        MODEL, [grpc_input("image", "UINT8", crops)], outputs=[top], client_timeout=CALL_TIMEOUT_S
+    )
+    classes = result.as_numpy("probabilities")
+    rest_top = httpclient.InferRequestedOutput("probabilities", binary_data=True, class_count=3)
+    rest = served.rest.infer(MODEL, [http_input("image", "UINT8", crops)], outputs=[rest_top])
+    assert classes.shape == (2, 3)
+    assert classes.tolist() == rest.as_numpy("probabilities").tolist()
+    probabilities = grpc_infer(served.client, "image", "UINT8", crops)["probabilities"]
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :3]
+    assert [[int(c.split(b":")[1]) for c in row] for row in classes] == best.tolist()
+
+
+# -- errors -------------------------------------------------------------------------------
+
+_JPEG = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")
+_TINY_PNG = encode(np.full((8, 8, 3), 128, np.uint8))
+_ZEROS = np.zeros((1, 224, 224, 3), np.uint8)
+BAD_REQUESTS = {
+    "truncated_jpeg": (
+        MODEL, "encoded_image", "BYTES", np.array([_JPEG[: len(_JPEG) // 2]], dtype=object),
+        "INVALID_ARGUMENT", "bad_image",
+    ),
+    "not_an_image": (
+        MODEL, "encoded_image", "BYTES", np.array([b"not an image at all"], dtype=object),
+        "INVALID_ARGUMENT", "unsupported_media_type",
+    ),
+    "unknown_model": ("nope", "image", "UINT8", _ZEROS, "NOT_FOUND", "unknown_model"),
+    "wrong_input_name": (
+        MODEL, "pixels", "UINT8", _ZEROS, "INVALID_ARGUMENT", "invalid_infer_request"
+    ),
+    "too_many_images": (  # over the default max_images_per_request, 64
+        MODEL, "encoded_image", "BYTES", np.array([_TINY_PNG] * 65, dtype=object),
+        "RESOURCE_EXHAUSTED", "payload_too_large",
+    ),
+    "wrong_shape": (
+        MODEL, "image", "UINT8", np.zeros((1, 8, 8, 3), np.uint8),
+        "INVALID_ARGUMENT", "invalid_infer_request",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "datatype", "array", "grpc_status", "code"),
+    list(BAD_REQUESTS.values()),
+    ids=list(BAD_REQUESTS),
+)
+def test_a_bad_request_answers_the_rest_routes_error_as_a_grpc_status(
+    served, model, name, datatype, array, grpc_status, code
+) -> None:
+    """The same CODE as the REST route's error, its HTTP status mapped to gRPC's; the
+    server answers the next request as before."""
+    refused = refusal(
+        lambda: served.client.infer(
+            model, [grpc_input(name, datatype, array)], client_timeout=CALL_TIMEOUT_S
+        )
+    )
+    with pytest.raises(httpclient.InferenceServerException) as rest:
+        served.rest.infer(model, [http_input(name, datatype, array)])
+    assert error_code(rest.value.message()) == code
+    assert GRPC_STATUS_OF_HTTP[int(rest.value.status())] == grpc_status
+    assert refused.status() == status(grpc_status), refused
+    assert refused.message().startswith(f"{code}: "), refused
+    assert_still_serving(served)
+
+
+def test_metadata_of_an_unknown_model_is_not_found(served) -> None:
+    rest = served.http.get("/v2/models/nope")
+    assert rest.status_code == 404
+    for call in (
+        lambda: served.client.get_model_metadata("nope"),
+        lambda: served.client.is_model_ready("nope"),
+    ):
+        refused = refusal(call)
+        assert refused.status() == status("NOT_FOUND"), refused
+        assert refused.message().startswith(f"{error_code(rest.json()['error'])}: "), refused
+
+
+def test_a_message_over_the_upload_limit_is_refused_and_one_under_it_served(served) -> None:
+    big = np.array([b"\xff\xd8" + b"\0" * (2 * UPLOAD_LIMIT_MB << 20)], dtype=object)
+    refused = refusal(lambda: grpc_infer(served.client, "encoded_image", "BYTES", big))
+    assert refused.status() == status("RESOURCE_EXHAUSTED"), refused
+    assert_still_serving(served)
+    noise = np.random.default_rng(1).integers(0, 256, (540, 540, 3), dtype=np.uint8)
+    image = encode(noise)  # PNG of noise: about 0.9 MB, just under the limit
+    assert 0.8 * (UPLOAD_LIMIT_MB << 20) < len(image) < 0.95 * (UPLOAD_LIMIT_MB << 20)
+    answer = grpc_infer(served.client, "encoded_image", "BYTES", np.array([image], object))
+    np.testing.assert_allclose(
+        answer["probabilities"], classify_scores(served.http, [image]), atol=1e-6
+    )
+
+
+# -- API keys -----------------------------------------------------------------------------
+
+
+class Keyed(NamedTuple):
+    server: RunningServer
+    grpc_port: int
+    client: grpcclient.InferenceServerClient
+
+
+@pytest.fixture(scope="module")
+def keyed(classifier_dir, tmp_path_factory) -> Iterator[Keyed]:
+    """A real server with --api-key, its gRPC port from HORNET_GRPC_PORT."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1", "--max-batch-size", "4",
+             "--api-key", KEY]  # fmt: skip
+    log_path = tmp_path_factory.mktemp("grpc_keyed_server") / "server.log"
+    with (
+        running_server(
+            flags,
+            log_path=log_path,
+            env={"HORNET_GRPC_PORT": str(port)},
+            inherit_settings=False,
+            memory_limit_bytes=MEMORY_CAP_BYTES,
+        ) as server,
+        connect(port) as client,
+    ):
+        yield Keyed(server, port, client)
+
+
+def test_without_a_key_only_the_health_probes_answer(keyed) -> None:
+    client = keyed.client
+    rest = httpx.get(f"{keyed.server.url}/v2/models/{MODEL}", timeout=CALL_TIMEOUT_S)
+    assert rest.status_code == 401
+    assert client.is_server_live() and client.is_server_ready()
+    pixels = grpc_input("image", "UINT8", GOOD_PIXELS)
+    for call in (
+        lambda: client.infer(MODEL, [pixels], client_timeout=CALL_TIMEOUT_S),
+        lambda: client.get_model_metadata(MODEL),
+        lambda: client.is_model_ready(MODEL),
+        lambda: client.get_server_metadata(),
+    ):
+        refused = refusal(call)
+        assert refused.status() == status("UNAUTHENTICATED"), refused
+        assert refused.message().startswith(f"{error_code(rest.json()['error'])}: "), refused
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}],
+    ids=["authorization_bearer", "x_api_key"],
+)
+def test_a_key_in_the_calls_metadata_is_served(keyed, headers) -> None:
+    client = keyed.client
+    metadata = client.get_model_metadata(MODEL, headers=headers)
+    assert [t.name for t in metadata.inputs] == ["image", "encoded_image"]
+    answer = grpc_infer(client, "image", "UINT8", GOOD_PIXELS, headers=headers)
+    rest = httpclient.InferenceServerClient(keyed.server.url.removeprefix("http://"))
+    try:
+        expected = rest_infer(
+            rest, "image", "UINT8", GOOD_PIXELS, headers={"Authorization": f"Bearer {KEY}"}
+        )
+    finally:
+        rest.close()
+    assert np.array_equal(answer["probabilities"], expected["probabilities"])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"authorization": f"Bearer {WRONG_KEY}"}, {"x-api-key": WRONG_KEY}],
+    ids=["authorization_bearer", "x_api_key"],
+)
+def test_a_wrong_key_is_unauthenticated(keyed, headers) -> None:
+    pixels = grpc_input("image", "UINT8", GOOD_PIXELS)
+    refused = refusal(
+        lambda: keyed.client.infer(MODEL, [pixels], headers=headers, client_timeout=CALL_TIMEOUT_S)
+    )
+    assert refused.status() == status("UNAUTHENTICATED"), refused
+
+
+# -- the listener -------------------------------------------------------------------------
+
+on_linux = pytest.mark.skipif(
+    not Path("/proc/self/net/tcp").is_file(), reason="reads the listening sockets from /proc"
+)
+
+
+@on_linux
+def test_grpc_listens_beside_http_on_the_same_host(served, keyed) -> None:
+    for server, port in ((served.server, served.grpc_port), (keyed.server, keyed.grpc_port)):
+        assert listening(server.process.pid) == {
+            (LOOPBACK, http_port(server)),
+            (LOOPBACK, port),
+        }
+
+
+@on_linux
+def test_without_a_grpc_port_there_is_no_grpc_listener(classifier_dir, tmp_path) -> None:
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1"]
+    with running_server(
+        flags,
+        log_path=tmp_path / "server.log",
+        inherit_settings=False,
+        memory_limit_bytes=MEMORY_CAP_BYTES,
+    ) as server:
+        assert listening(server.process.pid) == {(LOOPBACK, http_port(server))}
+        with grpc.insecure_channel(
+            server.url.removeprefix("http://"), options=CHANNEL_ARGS
+        ) as channel:
+            ready = grpc.channel_ready_future(channel)
+            with pytest.raises(grpc.FutureTimeoutError):  # HTTP/1.1 only: no HTTP/2 peer
+                ready.result(timeout=2)
+
+
+# -- the protocol's definitions -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
+    """protoc's FileDescriptorSet of service/grpc_v2/grpc_predict_v2.proto."""
+    protoc = pytest.importorskip("grpc_tools.protoc")
+    out = tmp_path_factory.mktemp("protoc") / DESCRIPTORS
+    argv = ["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={out}", PROTO]
+    assert protoc.main(argv) == 0, f"protoc failed on {PROTO_DIR / PROTO}"
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def ours(compiled):
+    """Our file's descriptor, in a private pool: tritonclient registered the same
+    "inference.*" names in the default one."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in compiled.file:
+        pool.Add(file)
+    return pool.FindFileByName(PROTO)
+
+
+def _messages(descriptors) -> Iterator:
+    for message in descriptors:
+        yield message
+        yield from _messages(message.nested_types)
+
+
+def _repeated(field) -> bool:
+    """protobuf 6's is_repeated (its label is deprecated); older versions' label."""
+    return (
+        field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    )
+
+
+def _field(field) -> dict:
+    return {
+        "number": field.number,
+        "type": field.type,
+        "repeated": _repeated(field),
+        "message_type": field.message_type.full_name if field.message_type else None,
+        "enum_type": field.enum_type.full_name if field.enum_type else None,
+        "oneof": field.containing_oneof.name if field.containing_oneof else None,
+    }
+
+
+def test_our_messages_match_tritonclients_field_by_field(ours) -> None:
+    triton = grpcclient.service_pb2.DESCRIPTOR
+    assert ours.package == triton.package == "inference"
+    theirs = {m.full_name: m for m in _messages(triton.message_types_by_name.values())}
+    messages = list(_messages(ours.message_types_by_name.values()))
+    names = {m.full_name for m in messages}
+    assert {"inference.ModelInferRequest.InferInputTensor", "inference.InferTensorContents",
+            "inference.ModelInferResponse.ParametersEntry"} <= names  # fmt: skip
+    assert names <= theirs.keys(), f"not in tritonclient's proto: {names - theirs.keys()}"
+    for message in messages:
+        triton_message = theirs[message.full_name]
+        assert message.GetOptions().map_entry == triton_message.GetOptions().map_entry
+        for field in message.fields:
+            where = f"{message.full_name}.{field.name}"
+            assert field.name in triton_message.fields_by_name, f"{where}: not in tritonclient's"
+            assert _field(field) == _field(triton_message.fields_by_name[field.name]), where
+
+
+def test_our_rpcs_are_tritonclients(ours) -> None:
+    service_descriptor = ours.services_by_name[SERVICE]
+    theirs = grpcclient.service_pb2.DESCRIPTOR.services_by_name[SERVICE]
+    assert service_descriptor.full_name == theirs.full_name == f"inference.{SERVICE}"
+    assert {m.name for m in service_descriptor.methods} == RPCS
+    for method in service_descriptor.methods:
+        triton_method = theirs.methods_by_name[method.name]
+        for side in (method, triton_method):
+            assert not (side.client_streaming or side.server_streaming), side.full_name
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            triton_method.input_type.full_name,
+            triton_method.output_type.full_name,
+        ), method.name
+
+
+def test_the_committed_descriptors_are_protocs_compilation_of_the_proto(compiled) -> None:
+    committed = PROTO_DIR / DESCRIPTORS
+    assert committed.is_file(), f"{committed} is missing: python -m service.grpc_v2.generate"
+    stored = descriptor_pb2.FileDescriptorSet.FromString(committed.read_bytes())
+    assert stored == compiled, f"{committed} is stale: python -m service.grpc_v2.generate"
+
+
+# -- TLS and the request-body budget --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    """A test authority and a certificate for 127.0.0.1 it signed, with its key in the
+    same file (the server splits them for gRPC)."""
+    trustme = pytest.importorskip("trustme", reason="trustme is in the dev extra")
+    folder = tmp_path_factory.mktemp("grpc_pki")
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": folder / "ca.pem", "both": folder / "both.pem"}
+    authority.cert_pem.write_to_path(files["ca"])
+    issued.private_key_and_cert_chain_pem.write_to_path(files["both"])
+    return files
+
+
+def test_grpc_over_tls_with_the_https_certificate(classifier_dir, tls_files, tmp_path) -> None:
+    """With --tls-certfile the gRPC port speaks TLS with the same certificate: a client
+    that trusts the authority gets /classify's answer over it, a plaintext one none."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1",
+             "--tls-certfile", str(tls_files["both"]), "--grpc-port", str(port)]  # fmt: skip
+    with running_server(
+        flags,
+        log_path=tmp_path / "server.log",
+        inherit_settings=False,
+        memory_limit_bytes=MEMORY_CAP_BYTES,
+        tls_ca_file=tls_files["ca"],
+    ) as server:
+        secure = grpcclient.InferenceServerClient(
+            f"{LOOPBACK}:{port}",
+            ssl=True,
+            root_certificates=str(tls_files["ca"]),
+            channel_args=CHANNEL_ARGS,
+        )
+        jpeg = encode(GOOD_PIXELS[0], "JPEG")
+        answer = grpc_infer(secure, "encoded_image", "BYTES", np.array([jpeg], dtype=object))
+        secure.close()
+        trusting = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        with httpx.Client(base_url=server.url, verify=trusting, timeout=30) as http:
+            expected = classify_scores(http, [jpeg])
+        np.testing.assert_allclose(answer["probabilities"], expected, rtol=0, atol=1e-6)
+        plain = connect(port)
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            plain.get_server_metadata(client_timeout=5)
+        plain.close()
+        assert refused.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
+
+def upload_held(http_port_: int, declared: int) -> socket.socket:
+    """A REST upload that declares `declared` bytes and sends a few: the server reserves
+    the declared size in its request-body budget until the connection closes."""
+    connection = socket.create_connection((LOOPBACK, http_port_))
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    connection.sendall(head.encode() + b"\x89PNG")
+    return connection
+
+
+def held_bytes(http: httpx.Client) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("hornet_upload_buffer_bytes "):
+            return float(line.split()[1])
+    raise AssertionError("no hornet_upload_buffer_bytes in /metrics")
+
+
+def test_a_calls_message_counts_in_the_request_body_budget_rest_uploads_share(
+    classifier_dir, tmp_path
+) -> None:
+    """A 1 MB budget held by a REST upload in progress: a gRPC call whose message does not
+    fit answers UNAVAILABLE with retry-after, as a REST upload would get 503; once the
+    upload is gone the same call is served."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1",
+             "--max-upload-mb", "1", "--max-upload-buffer-mb", "1",
+             "--grpc-port", str(port)]  # fmt: skip
+    pixels = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    png = encode(pixels, "PNG")  # about 360 KB: noise does not compress
+    assert 300_000 < len(png) < 500_000
+    images = np.array([png], dtype=object)
+    with (
+        running_server(
+            flags,
+            log_path=tmp_path / "server.log",
+            inherit_settings=False,
+            memory_limit_bytes=MEMORY_CAP_BYTES,
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
+        client = connect(port)
+        holder = upload_held(http_port(server), 800_000)
+        try:
+            assert held_bytes(http) == 800_000
+            with pytest.raises(grpcclient.InferenceServerException) as full:
+                grpc_infer(client, "encoded_image", "BYTES", images)
+            assert full.value.status() == "StatusCode.UNAVAILABLE"
+            assert full.value.message().startswith("overloaded:")
+        finally:
+            holder.close()
+        for _ in range(100):
+            if held_bytes(http) == 0:
+                break
+            time.sleep(0.05)
+        answer = grpc_infer(client, "encoded_image", "BYTES", images)
+        client.close()
+        np.testing.assert_allclose(
+            answer["probabilities"], classify_scores(http, [png]), rtol=0, atol=1e-6
+        )
+        assert held_bytes(http) == 0
+
+
+def test_a_503_carries_retry_after_in_the_trailing_metadata(classifier_dir, tmp_path) -> None:
+    """UNAVAILABLE from a full budget, read through a raw stub: `retry-after: 1` in the
+    trailing metadata, as the REST 503's Retry-After header."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1",
+             "--max-upload-mb", "1", "--max-upload-buffer-mb", "1",
+             "--grpc-port", str(port)]  # fmt: skip
+    with running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as server:
+        holder = upload_held(http_port(server), 1_000_000)
+        try:
+            with grpc.insecure_channel(f"{LOOPBACK}:{port}", options=CHANNEL_ARGS) as channel:
+                stub = grpcclient.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                request = grpcclient.service_pb2.ModelInferRequest(model_name=MODEL)
+                request.inputs.add(name="encoded_image", datatype="BYTES", shape=[1])
+                request.inputs[0].contents.bytes_contents.append(b"x" * 100_000)
+                with pytest.raises(grpc.RpcError) as full:
+                    stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        finally:
+            holder.close()
+        assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("retry-after", "1") in tuple(full.value.trailing_metadata())
