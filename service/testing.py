@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import NamedTuple
 
@@ -160,11 +161,10 @@ def running_server(
         else:
             stdout, stderr = files.enter_context(log_path.open("w")), subprocess.STDOUT
         process = subprocess.Popen(
-            command,
+            _limited(command, memory_limit_bytes, open_files_soft_limit, cpus),
             env=environment,
             stdout=stdout,
             stderr=stderr,
-            preexec_fn=_limits(memory_limit_bytes, open_files_soft_limit, cpus),
         )
     url = f"{'https' if tls_ca_file else 'http'}://{LOOPBACK}:{port}"
     try:
@@ -182,24 +182,38 @@ def running_server(
         stop(process, stop_timeout_s)
 
 
-def _limits(
-    limit_bytes: int | None, open_files_soft_limit: int | None, cpus: Set[int] | None = None
-) -> Callable[[], None] | None:
+# Run by the server's own interpreter before it becomes the server (os.execv keeps the
+# pid): the limits set in the child without a `preexec_fn`. A preexec_fn makes Popen fork
+# rather than vfork, and a fork runs the parent's fork handlers in the child: gRPC's (a
+# test process that has used a gRPC client) restarted its poller there, and the child's
+# closing of inherited descriptors then killed it with SIGABRT before it exec'd.
+_LIMITS_SHIM = """
+import json, os, resource, sys
+cpus, limit, files = json.loads(sys.argv[1])
+if cpus is not None:
+    os.sched_setaffinity(0, cpus)
+if limit is not None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+if files is not None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, hard))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _limited(
+    command: list[str],
+    limit_bytes: int | None,
+    open_files_soft_limit: int | None,
+    cpus: Set[int] | None = None,
+) -> list[str]:
+    """`command`, started under the limits (through `_LIMITS_SHIM`) where any is given."""
     if limit_bytes is None and open_files_soft_limit is None and cpus is None:
-        return None
-
-    def cap() -> None:
-        import resource
-
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-        if limit_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-        if open_files_soft_limit is not None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_soft_limit, hard))
-
-    return cap
+        return command
+    limits = json.dumps(
+        [sorted(cpus) if cpus is not None else None, limit_bytes, open_files_soft_limit]
+    )
+    return [sys.executable, "-c", _LIMITS_SHIM, limits, *command]
 
 
 def _tail(log_path: Path | None, chars: int) -> str:

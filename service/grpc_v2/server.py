@@ -160,8 +160,10 @@ class InferenceService:
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining)
-        # Off the event loop: a tensor of typed contents is converted element by element.
-        parsed, tensors = await asyncio.to_thread(parse_infer_request, request)
+        if request.raw_input_contents:  # numpy views of the message's bytes: at once
+            parsed, tensors = parse_infer_request(request)
+        else:  # typed contents are converted element by element: off the event loop
+            parsed, tensors = await asyncio.to_thread(parse_infer_request, request)
 
         async def gone() -> bool:
             return context.cancelled()
@@ -327,8 +329,9 @@ class _Calls:
             token = request_id.set(rid)
             started, status = time.perf_counter(), 200
             self.metrics.in_flight.inc()
+            # The id goes back with the status (one frame, not headers of their own).
+            context.set_trailing_metadata((("x-request-id", rid),))
             try:
-                await context.send_initial_metadata((("x-request-id", rid),))
                 try:
                     self._check_key(name, metadata)
                     with self._held(request):
@@ -339,7 +342,8 @@ class _Calls:
                     raise _abort_for(exc) from exc
             except Abort as abort:
                 status = abort.http_status
-                await context.abort(abort.code, abort.details, abort.metadata)
+                metadata = (*abort.metadata, ("x-request-id", rid))
+                await context.abort(abort.code, abort.details, metadata)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed
                 status = 499
                 raise

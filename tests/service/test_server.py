@@ -284,6 +284,25 @@ def test_the_server_raises_its_open_file_limit_to_the_hard_one(classifier_dir, t
                 connection.close()
 
 
+def test_running_server_caps_the_server_process_itself(classifier_dir, tmp_path):
+    """running_server's limits (set by the server's interpreter before it execs the
+    server, not in a preexec_fn) are the server process's own: its address space and
+    the CPUs it may run on, read back from /proc."""
+    cpus = {min(os.sched_getaffinity(0))}
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1"]
+    with running_server(
+        flags, log_path=tmp_path / "server.log", memory_limit_bytes=3 << 30, cpus=cpus
+    ) as server:
+        pid = server.process.pid
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max address space")]
+        assert line.split()[3:5] == [str(3 << 30)] * 2, line
+        assert os.sched_getaffinity(pid) == cpus
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert command[1:3] == [b"-m", b"service"], command
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
 def _nice_values(pid: int) -> dict[int, int]:
     """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
     values = {}

@@ -725,3 +725,26 @@ def test_a_503_carries_retry_after_in_the_trailing_metadata(classifier_dir, tmp_
             holder.close()
         assert full.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ("retry-after", "1") in tuple(full.value.trailing_metadata())
+
+
+def test_the_request_id_comes_back_in_the_trailing_metadata(served) -> None:
+    """A valid x-request-id sent is the one returned (after an answer and after an
+    error); without one, or with one the REST routes would not keep, the server's own."""
+    request = grpcclient.service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="UINT8", shape=list(GOOD_PIXELS.shape))
+    request.raw_input_contents.append(GOOD_PIXELS.tobytes())
+    _, call = served.stub.ModelInfer.with_call(
+        request, metadata=(("x-request-id", "trace-42.a"),), timeout=CALL_TIMEOUT_S
+    )
+    assert ("x-request-id", "trace-42.a") in tuple(call.trailing_metadata())
+    for sent in ((), (("x-request-id", "not valid!"),)):
+        _, call = served.stub.ModelInfer.with_call(request, metadata=sent, timeout=CALL_TIMEOUT_S)
+        (given,) = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
+        assert len(given) == 32 and int(given, 16) >= 0
+    unknown = grpcclient.service_pb2.ModelInferRequest(model_name="no-such-model")
+    with pytest.raises(grpc.RpcError) as failed:
+        served.stub.ModelInfer(
+            unknown, metadata=(("x-request-id", "trace-43"),), timeout=CALL_TIMEOUT_S
+        )
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ("x-request-id", "trace-43") in tuple(failed.value.trailing_metadata())
