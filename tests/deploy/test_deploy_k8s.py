@@ -23,10 +23,20 @@ from tests.helpers.deploy_checks import (
 )
 
 # Bare `gpu`/`cpu` would be test keywords: tests/conftest.py skips anything keyed `gpu`.
-SERVING = ("overlays/cpu", "overlays/cpu-openvino", "overlays/gpu", "examples/queue-depth-hpa")
+SERVING = (
+    "overlays/cpu",
+    "overlays/cpu-openvino",
+    "overlays/gpu",
+    "examples/queue-depth-hpa",
+    "examples/grpc",
+)
 GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
 # CPU overlays and the engine each serves with.
-CPU_RENDERS = {"overlays/cpu": "onnxruntime", "overlays/cpu-openvino": "openvino"}
+CPU_RENDERS = {
+    "overlays/cpu": "onnxruntime",
+    "overlays/cpu-openvino": "openvino",
+    "examples/grpc": "onnxruntime",
+}
 # Where the export Job must run on the kind of hardware that serves: a TensorRT engine
 # runs only on the GPU type that built it; a bf16 verification holds for the CPU it ran on.
 PINNED = (*GPU_RENDERS, "overlays/cpu-openvino")
@@ -139,6 +149,27 @@ def test_probes_use_readyz_and_healthz_on_the_configured_port(kustomization: str
         "livenessProbe": "/healthz",
     }
     assert all(p["port"] in ("http", ports["http"]) for p in probes.values())
+
+
+@pytest.mark.parametrize("kustomization", SERVING)
+def test_a_grpc_port_is_the_containers_and_the_services(kustomization: str, rendered):
+    """Where the settings open a gRPC port, the container declares it as `grpc` and the
+    Service forwards a port to it; where they do not, neither does."""
+    objects = rendered(kustomization)
+    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    service_ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+    grpc_port = int(_config(objects).get("HORNET_GRPC_PORT", "0"))
+    if not grpc_port:
+        assert "grpc" not in ports and "grpc" not in service_ports
+        return
+    assert ports["grpc"] == grpc_port and ports["http"] != grpc_port
+    assert service_ports["grpc"]["targetPort"] in ("grpc", grpc_port)
+    assert service_ports["grpc"].get("appProtocol") == "grpc"
+
+
+def test_the_grpc_example_serves_grpc(rendered):
+    assert int(_config(rendered("examples/grpc"))["HORNET_GRPC_PORT"]) == 8001
 
 
 @pytest.mark.parametrize("kustomization", SERVING)
