@@ -1,6 +1,6 @@
-"""Writes grpc_predict_v2.binpb, the compiled form of grpc_predict_v2.proto (a
-FileDescriptorSet), with grpcio-tools' protoc: a development dependency; the server reads
-the file with protobuf alone.
+"""Writes grpc_predict_v2.binpb, the compiled form of grpc_predict_v2.proto and
+health.proto (a FileDescriptorSet), with grpcio-tools' protoc: a development dependency;
+the server reads the file with protobuf alone.
 
     python -m service.grpc_v2.generate
 """
@@ -13,18 +13,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTO = "grpc_predict_v2.proto"
+PROTOS = (PROTO, "health.proto")
 DESCRIPTORS = "grpc_predict_v2.binpb"
 
 
 def compiled(proto_dir: Path = HERE) -> bytes:
-    """The FileDescriptorSet protoc makes of `proto_dir`/grpc_predict_v2.proto."""
+    """The FileDescriptorSet protoc makes of the protocol files in `proto_dir`."""
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / DESCRIPTORS
-        argv = ["protoc", f"-I{proto_dir}", f"--descriptor_set_out={out}", PROTO]
+        argv = ["protoc", f"-I{proto_dir}", f"--descriptor_set_out={out}", *PROTOS]
         if protoc.main(argv) != 0:
-            raise RuntimeError(f"protoc failed on {proto_dir / PROTO}")
+            raise RuntimeError(f"protoc failed on {PROTOS} in {proto_dir}")
         return out.read_bytes()
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger("hornet.service.grpc")
 access_log = logging.getLogger("hornet.access")  # the REST requests' lines too
 
 SERVICE = "inference.GRPCInferenceService"
+HEALTH = "grpc.health.v1.Health"  # gRPC's health checking protocol (health.proto)
 # The gRPC status of each HTTP status the service answers with.
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -64,7 +65,7 @@ STATUS_CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # RPCs that answer without a key unless --protect-probes (as /v2/health/* over REST).
-PROBES = frozenset({"ServerLive", "ServerReady"})
+PROBES = frozenset({"ServerLive", "ServerReady", "Check"})
 # InferTensorContents' field for each datatype (FP16 has none: raw_input_contents only).
 CONTENTS_FIELDS = {
     "BOOL": "bool_contents",
@@ -86,24 +87,29 @@ MAX_TENSORS = 16
 MAX_PARAMETERS = 64
 
 
-def _message_classes() -> dict[str, type]:
-    """Every message of grpc_predict_v2.proto by its name, built in a pool of our own."""
+def _load_services() -> tuple[dict[str, type], dict[str, Any]]:
+    """Every message of the served services by its name, and the services' descriptors,
+    built from the compiled protocol files in a descriptor pool of our own."""
     data = resources.files(__package__).joinpath("grpc_predict_v2.binpb").read_bytes()
     pool = descriptor_pool.DescriptorPool()
-    files = descriptor_pb2.FileDescriptorSet.FromString(data)
-    for file in files.file:
+    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
         pool.Add(file)
-    service = pool.FindServiceByName(SERVICE)
-    names = {m.input_type.name for m in service.methods} | {
-        m.output_type.name for m in service.methods
+    services = {name: pool.FindServiceByName(name) for name in (SERVICE, HEALTH)}
+    messages = {
+        message.name: message_factory.GetMessageClass(message)
+        for service in services.values()
+        for method in service.methods
+        for message in (method.input_type, method.output_type)
     }
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}"))
-        for name in names
-    }
+    return messages, services
 
 
-MESSAGES = _message_classes()
+MESSAGES, SERVICES = _load_services()
+
+
+class UnknownService(ServiceError):
+    status_code = 404
+    code = "unknown_service"
 
 
 class Abort(Exception):
@@ -132,6 +138,20 @@ class InferenceService:
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return MESSAGES["ServerReadyResponse"](ready=self.pool.ready)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """gRPC health checking: the server ("") or the inference service SERVING once
+        every model is loaded and warmed up (as /readyz), else NOT_SERVING; another
+        service name is NOT_FOUND, as the protocol asks."""
+        if request.service not in ("", SERVICE):
+            raise UnknownService(
+                f"no service {request.service[:200]!r}; this server has {SERVICE!r}"
+            )
+        status = MESSAGES["HealthCheckResponse"].ServingStatus
+        ready = self.pool.ready
+        return MESSAGES["HealthCheckResponse"](
+            status=status.Value("SERVING" if ready else "NOT_SERVING")
+        )
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         v2.find_model(self.pool, request.name, request.version or None)
@@ -313,11 +333,12 @@ class _Calls:
         self._keys = [key.get_secret_value().encode() for key in settings.accepted_api_keys()]
         self._protect_probes = settings.protect_probes
 
-    def handler(self, name: str) -> grpc.RpcMethodHandler:
+    def handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
         body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = getattr(
             self.service, name
         )
-        route = f"/{SERVICE}/{name}"
+        route = f"/{service}/{name}"
+        method = SERVICES[service].methods_by_name[name]
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = [
@@ -361,8 +382,8 @@ class _Calls:
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=MESSAGES[f"{name}Request"].FromString,
-            response_serializer=MESSAGES[f"{name}Response"].SerializeToString,
+            request_deserializer=MESSAGES[method.input_type.name].FromString,
+            response_serializer=MESSAGES[method.output_type.name].SerializeToString,
         )
 
     @contextlib.contextmanager
@@ -412,8 +433,6 @@ async def start_server(
     """The gRPC service listening on --host:--grpc-port (TLS with the HTTPS certificate);
     `uploads` is the budget for request bodies the REST routes share."""
     calls = _Calls(InferenceService(pool, settings), settings, metrics, uploads)
-    names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-             "ModelInfer")  # fmt: skip
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_upload_bytes),
@@ -422,7 +441,12 @@ async def start_server(
         maximum_concurrent_rpcs=concurrent_calls(settings),
     )
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(SERVICE, {n: calls.handler(n) for n in names})]
+        [
+            grpc.method_handlers_generic_handler(
+                name, {m.name: calls.handler(name, m.name) for m in service.methods}
+            )
+            for name, service in SERVICES.items()
+        ]
     )
     address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls_certfile is not None:

@@ -39,6 +39,7 @@ MEMORY_CAP_BYTES = 4 << 30  # address space, as tests/service/test_v2_hostile.py
 CALL_TIMEOUT_S = 30
 PROTO_DIR = Path(service.__file__).resolve().parent / "grpc_v2"
 PROTO = "grpc_predict_v2.proto"
+HEALTH_PROTO = "health.proto"
 DESCRIPTORS = "grpc_predict_v2.binpb"
 SERVICE = "GRPCInferenceService"
 RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
@@ -508,11 +509,11 @@ def test_without_a_grpc_port_there_is_no_grpc_listener(classifier_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
-    """protoc's FileDescriptorSet of service/grpc_v2/grpc_predict_v2.proto."""
+    """protoc's FileDescriptorSet of service/grpc_v2's two protocol files."""
     protoc = pytest.importorskip("grpc_tools.protoc")
     out = tmp_path_factory.mktemp("protoc") / DESCRIPTORS
-    argv = ["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={out}", PROTO]
-    assert protoc.main(argv) == 0, f"protoc failed on {PROTO_DIR / PROTO}"
+    argv = ["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={out}", PROTO, HEALTH_PROTO]
+    assert protoc.main(argv) == 0, f"protoc failed on {PROTO} and {HEALTH_PROTO} in {PROTO_DIR}"
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 
@@ -748,3 +749,54 @@ def test_the_request_id_comes_back_in_the_trailing_metadata(served) -> None:
         )
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
     assert ("x-request-id", "trace-43") in tuple(failed.value.trailing_metadata())
+
+
+# -- gRPC health checking ------------------------------------------------------------------
+
+
+def health_check(port: int, service: str, metadata: tuple = ()) -> bytes:
+    """grpc.health.v1.Health/Check, the request and answer as wire bytes (written from the
+    protocol's published definition: `service` is field 1, a string; `status` field 1, an
+    enum with SERVING = 1), so that the test shares nothing with the server's .proto."""
+    encoded = service.encode()
+    request = b"\x0a" + bytes([len(encoded)]) + encoded if encoded else b""
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}", options=CHANNEL_ARGS) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        return check(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+
+
+def test_grpc_health_checking_answers_serving_for_the_server_and_its_service(served) -> None:
+    assert health_check(served.grpc_port, "") == b"\x08\x01"  # SERVING
+    assert health_check(served.grpc_port, "inference.GRPCInferenceService") == b"\x08\x01"
+    with pytest.raises(grpc.RpcError) as unknown:
+        health_check(served.grpc_port, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grpc_health_checking_needs_no_key_as_the_other_probes(keyed) -> None:
+    assert health_check(keyed.grpc_port, "") == b"\x08\x01"
+
+
+def test_a_server_whose_models_do_not_load_is_live_but_not_serving(
+    classifier_dir, tmp_path
+) -> None:
+    """A model that cannot load (--engine tensorrt here, kept up by
+    --no-exit-on-load-error): over gRPC the server is live, not ready, NOT_SERVING to
+    health checks, and inference is UNAVAILABLE, as /readyz and the REST routes say."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine", "tensorrt",
+             "--no-exit-on-load-error", "--grpc-port", str(port)]  # fmt: skip
+    with running_server(
+        flags, log_path=tmp_path / "server.log", inherit_settings=False, ready_path="/healthz"
+    ) as server:
+        deadline = time.monotonic() + 60
+        while "EngineUnavailable" not in httpx.get(f"{server.url}/readyz").text:
+            assert time.monotonic() < deadline, "/readyz never named the load error"
+            time.sleep(0.2)
+        assert health_check(port, "") == b"\x08\x02"  # NOT_SERVING
+        client = connect(port)
+        assert client.is_server_live() and not client.is_server_ready()
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            grpc_infer(client, "image", "UINT8", GOOD_PIXELS)
+        client.close()
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
