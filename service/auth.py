@@ -42,6 +42,15 @@ def key_matches(candidate: bytes, keys: Sequence[bytes]) -> bool:
     return matched
 
 
+def key_refusal(presented: Sequence[bytes], keys: Sequence[bytes]) -> str | None:
+    """Why a request showing `presented` keys is refused (none shown, or none of them
+    one of `keys`), or None when one of them is a key: REST's headers and gRPC's
+    metadata (HTTP/2 headers too) alike."""
+    if any(key_matches(key, keys) for key in presented):
+        return None
+    return _WRONG if presented else _MISSING
+
+
 def is_protected(path: str, protect_probes: bool) -> bool:
     """Whether a request to `path` (or an OpenAPI path template) needs a key."""
     if path in DOCS_PATHS or path in PAGE_PATHS:
@@ -80,18 +89,18 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        presented = presented_keys(scope["headers"])
-        if any(key_matches(key, self._keys) for key in presented):
+        refusal = key_refusal(presented_keys(scope["headers"]), self._keys)
+        if refusal is None:
             await self.app(scope, receive, send)
             return
-        await _unauthorized(scope["path"], wrong_key=bool(presented))(scope, receive, send)
+        await _unauthorized(scope["path"], refusal)(scope, receive, send)
 
 
-def _unauthorized(path: str, *, wrong_key: bool) -> JSONResponse:
+def _unauthorized(path: str, refusal: str) -> JSONResponse:
     """401 with a Bearer challenge; the body in the service's error shape, or under /v2
     the Open Inference Protocol's one string (as service.app's error handlers do)."""
-    body = error_body(path, "unauthorized", _WRONG if wrong_key else _MISSING)
-    challenge = f'{CHALLENGE}, error="invalid_token"' if wrong_key else CHALLENGE
+    body = error_body(path, "unauthorized", refusal)
+    challenge = f'{CHALLENGE}, error="invalid_token"' if refusal == _WRONG else CHALLENGE
     return JSONResponse(body, 401, headers={"www-authenticate": challenge})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -115,7 +116,7 @@ def parse_infer_request(
                 f"input {spec.name!r}: binary_data_size {size!r} does not fit the "
                 f"{len(binary) - offset} binary bytes left after the JSON header"
             )
-        tensors.append(_from_binary(spec, binary[offset : offset + size]))
+        tensors.append(from_binary(spec, binary[offset : offset + size]))
         offset += size
     if offset != len(binary):
         raise InvalidInferRequest(
@@ -138,32 +139,24 @@ def validated_request(header: bytes | dict[str, Any]) -> InferRequest:
         raise InvalidInferRequest(f"not an inference request: {problems}") from exc
 
 
-def from_values(spec: RequestInput, values: np.ndarray | list[bytes]) -> Tensor:
-    """An input whose elements came as typed values (gRPC's InferTensorContents): numbers
-    checked against the datatype's range as JSON data is, BYTES elements as they are."""
+def from_values(spec: RequestInput, values: Sequence[Any], dtype: type | None) -> Tensor:
+    """An input whose elements came as typed values (gRPC's InferTensorContents, each
+    field read as numpy `dtype`; None for BYTES, whose elements are kept as they are),
+    their count checked against the shape before any is converted, numbers then checked
+    against the datatype's range as JSON data is."""
     count = _element_count(spec)
-    if spec.datatype == BYTES:
-        array = np.empty(len(values), dtype=object)
-        array[:] = list(values)
-    else:
-        array = _cast_checked(np.asarray(values).reshape(-1), _numeric_dtype(spec), spec.name)
-    if array.size != count:
+    if len(values) != count:
         raise InvalidInferRequest(
-            f"input {spec.name!r}: {array.size} data elements for shape {spec.shape} "
+            f"input {spec.name!r}: {len(values)} data elements for shape {spec.shape} "
             f"({count} elements)"
         )
+    if spec.datatype == BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+    else:
+        typed = np.fromiter(values, dtype=dtype, count=count)
+        array = _cast_checked(typed, _numeric_dtype(spec), spec.name)
     return Tensor(spec.name, spec.datatype, _shaped(array, spec), binary=True)
-
-
-def from_binary(spec: RequestInput, data: bytes) -> Tensor:
-    """An input whose elements came as raw bytes (the binary extension, gRPC's
-    raw_input_contents)."""
-    return _from_binary(spec, data)
-
-
-def raw_bytes(output: OutputTensor) -> bytes:
-    """An output's elements as raw bytes."""
-    return _raw_bytes(output)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -255,7 +248,9 @@ def _numeric_dtype(spec: RequestInput) -> np.dtype:
     return dtype
 
 
-def _from_binary(spec: RequestInput, data: bytes) -> Tensor:
+def from_binary(spec: RequestInput, data: bytes) -> Tensor:
+    """An input whose elements came as raw bytes (the binary extension, gRPC's
+    raw_input_contents)."""
     count = _element_count(spec)
     if spec.datatype == BYTES:
         elements = deserialize_bytes(data, spec.name)
@@ -314,7 +309,7 @@ def encode_response(
         }
         parameters = dict(output.parameters)
         if output.binary:
-            raw = _raw_bytes(output)
+            raw = raw_bytes(output)
             parameters["binary_data_size"] = len(raw)
             chunks.append(raw)
         elif output.datatype == BYTES:
@@ -334,7 +329,8 @@ def encode_response(
     return header + b"".join(chunks), len(header)
 
 
-def _raw_bytes(output: OutputTensor) -> bytes:
+def raw_bytes(output: OutputTensor) -> bytes:
+    """An output's elements as raw bytes."""
     if output.datatype == BYTES:
         return serialize_bytes(output.array)
     dtype = NUMERIC_DATATYPES[output.datatype]

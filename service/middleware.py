@@ -161,6 +161,14 @@ class UploadBuffer:
     def release(self, size: int) -> None:
         self._set(self.held - size)
 
+    def refusal(self, size: int) -> Overloaded:
+        """The 503 (with Retry-After) for a body of `size` bytes that does not fit."""
+        return Overloaded(
+            f"uploads in progress hold {self.held} of the server's {self.capacity} bytes for "
+            f"request bodies; this one needs {size} (--max-upload-buffer-mb)",
+            headers={"retry-after": "1"},
+        )
+
     def _set(self, held: int) -> None:
         self.held = held
         if self._gauge is not None:
@@ -193,7 +201,7 @@ class UploadLimitsMiddleware:
             await _send_error(scope, receive, send, PayloadTooLarge(self._too_large()))
             return
         if not self.buffer.reserve(size):
-            await _send_error(scope, receive, send, self._buffer_full(size))
+            await _send_error(scope, receive, send, self.buffer.refusal(size))
             return
         reserved, received, body_done = size, 0, False
 
@@ -217,7 +225,7 @@ class UploadLimitsMiddleware:
                 raise PayloadTooLarge(self._too_large())
             if received > reserved:  # a chunked body: reserve as it arrives
                 if not self.buffer.reserve(received - reserved):
-                    raise self._buffer_full(received)
+                    raise self.buffer.refusal(received)
                 reserved = received
             return message
 
@@ -228,13 +236,6 @@ class UploadLimitsMiddleware:
 
     def _too_large(self) -> str:
         return f"request body over the upload limit of {self.max_bytes} bytes (--max-upload-mb)"
-
-    def _buffer_full(self, size: int) -> Overloaded:
-        return Overloaded(
-            f"uploads in progress hold {self.buffer.held} of the server's {self.buffer.capacity} "
-            f"bytes for request bodies; this one needs {size} (--max-upload-buffer-mb)",
-            headers={"retry-after": "1"},
-        )
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:

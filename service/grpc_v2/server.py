@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import time
 import uuid
@@ -37,8 +36,8 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from service import __version__, kserve
-from service.auth import key_matches, presented_keys
-from service.errors import Overloaded, ServiceError
+from service.auth import key_refusal, presented_keys
+from service.errors import ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_id
 from service.metrics import ServiceMetrics
@@ -227,15 +226,7 @@ def parse_infer_request(request: Any) -> tuple[kserve.InferRequest, list[Tensor]
                 "(InferTensorContents has no field for it)"
             )
         values = getattr(given.contents, field)
-        if len(values) != math.prod(spec.shape):
-            raise InvalidInferRequest(
-                f"input {spec.name!r}: {len(values)} {field} elements for shape {spec.shape}"
-            )
-        if spec.datatype == BYTES:
-            tensors.append(kserve.from_values(spec, list(values)))
-        else:
-            array = np.fromiter(values, dtype=_CONTENTS_TYPES[field], count=len(values))
-            tensors.append(kserve.from_values(spec, array))
+        tensors.append(kserve.from_values(spec, values, _CONTENTS_TYPES.get(field)))
     return parsed, tensors
 
 
@@ -392,12 +383,7 @@ class _Calls:
         its call runs (503 when the budget is spent, as a REST upload's)."""
         size = request.ByteSize()
         if not self.uploads.reserve(size):
-            raise Overloaded(
-                f"requests in progress hold {self.uploads.held} of the server's "
-                f"{self.uploads.capacity} bytes for request bodies; this one needs {size} "
-                "(--max-upload-buffer-mb)",
-                headers={"retry-after": "1"},
-            )
+            raise self.uploads.refusal(size)
         try:
             yield
         finally:
@@ -406,20 +392,9 @@ class _Calls:
     def _check_key(self, name: str, metadata: list[tuple[bytes, bytes]]) -> None:
         if not self._keys or (name in PROBES and not self._protect_probes):
             return
-        shown = presented_keys(metadata)
-        if not shown:
-            raise Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "unauthorized: this call needs an API key: send the metadata "
-                "'authorization: Bearer KEY' or 'x-api-key: KEY'",
-                401,
-            )
-        if not any(key_matches(key, self._keys) for key in shown):
-            raise Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "unauthorized: the API key sent is not one of the server's keys",
-                401,
-            )
+        refusal = key_refusal(presented_keys(metadata), self._keys)
+        if refusal is not None:
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, f"unauthorized: {refusal}", 401)
 
 
 def concurrent_calls(settings: Settings) -> int:
