@@ -49,8 +49,11 @@ SERVER_NAME = "hornet-serve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
+# Triton's platform and backend names for each --engine (Triton's OpenVINO backend has no
+# platform name of its own: its models name the backend).
 _PLATFORMS = {
     "onnxruntime": ("onnxruntime_onnx", "onnxruntime"),
+    "openvino": ("openvino", "openvino"),
     "tensorrt": ("tensorrt_plan", "tensorrt"),
     "torch": ("pytorch_libtorch", "pytorch"),
 }

@@ -106,6 +106,28 @@ async def test_model_metadata_lists_image_and_encoded_inputs_with_batch_axis(
     ]
 
 
+def test_every_engine_has_a_platform_and_backend_name() -> None:
+    from typing import get_args
+
+    from service.routers.v2 import _PLATFORMS
+    from service.settings import Settings
+
+    engines = get_args(Settings.model_fields["engine"].annotation)
+    assert set(engines) == set(_PLATFORMS), "an --engine choice without Triton's names"
+
+
+async def test_metadata_and_config_name_the_openvino_engine(classifier_dir) -> None:
+    """With --engine openvino (metadata and config answered 500, a KeyError, until the
+    engine had a platform name here)."""
+    pytest.importorskip("openvino")
+    async with serving([classifier_dir], engine="openvino") as client:
+        meta = await client.get("/v2/models/tiny_cls")
+        config = await client.get("/v2/models/tiny_cls/config")
+    assert meta.status_code == 200 and meta.json()["platform"] == "openvino"
+    assert config.status_code == 200
+    assert (config.json()["platform"], config.json()["backend"]) == ("openvino", "openvino")
+
+
 async def test_model_config_has_tritons_fields_without_the_batch_axis(classifier_dir) -> None:
     async with serving([classifier_dir], max_batch_size=4) as client:
         config = (await client.get("/v2/models/tiny_cls/config")).json()
