@@ -98,6 +98,31 @@ class BatchObserver(Protocol):
     def batch_done(self, stats: BatchStats) -> None: ...
 
 
+class BatchObservers:
+    """Several observers as one, each told every event in turn."""
+
+    def __init__(self, *observers: BatchObserver) -> None:
+        self.observers = observers
+
+    def queue_depth(self, depth: int) -> None:
+        for observer in self.observers:
+            observer.queue_depth(depth)
+
+    def batch_done(self, stats: BatchStats) -> None:
+        for observer in self.observers:
+            observer.batch_done(stats)
+
+
+@dataclass
+class Timing:
+    """Where a `submit_many` call's items spent their time (filled in once it returns):
+    `queued_s` from being queued until the last of them began running, `running_s` from
+    then until the last of their batches' engine runs ended."""
+
+    queued_s: float = 0.0
+    running_s: float = 0.0
+
+
 @dataclass(eq=False)
 class _Pending(Generic[T, R]):
     item: T
@@ -106,6 +131,8 @@ class _Pending(Generic[T, R]):
     deadline: float | None
     is_gone: IsGone | None = field(default=None)
     request_id: str | None = field(default_factory=request_id.get)
+    started_at: float = 0.0  # when its batch began running (time.monotonic)
+    ended_at: float = 0.0  # when its batch's engine run ended
 
 
 # The longest a finished batch's answers wait for the next batch to be dispatched (it
@@ -203,11 +230,13 @@ class BatchQueue(Generic[T, R]):
         *,
         deadline: float | None = None,
         is_gone: IsGone | None = None,
+        timing: Timing | None = None,
     ) -> list[R]:
         """Results for several independent items, in their order; admitted all or none.
 
         The items may land in different batches. If one fails, the others are abandoned
-        (dropped if still queued) and the first failure is raised.
+        (dropped if still queued) and the first failure is raised. `timing`, when given,
+        is filled in with where the items' time went.
         """
         if self._closed or self._loop_task is None:
             raise QueueClosed("the batch queue is not accepting work")
@@ -228,7 +257,12 @@ class BatchQueue(Generic[T, R]):
         timeout = None if deadline is None else max(deadline - now, 0.0)
         waiting = asyncio.gather(*(entry.future for entry in pending))
         try:
-            return list(await asyncio.wait_for(waiting, timeout))
+            results = list(await asyncio.wait_for(waiting, timeout))
+            if timing is not None:
+                began = max(entry.started_at for entry in pending)
+                timing.queued_s = began - now
+                timing.running_s = max(entry.ended_at for entry in pending) - began
+            return results
         except TimeoutError as exc:
             raise DeadlineExceeded(f"no answer within the deadline ({timeout:.3f} s)") from exc
         finally:
@@ -420,6 +454,8 @@ class BatchQueue(Generic[T, R]):
         started = time.monotonic()
         self._running_items += len(batch)
         queue_seconds = [started - entry.enqueued_at for entry in batch]
+        for entry in batch:
+            entry.started_at = started
         failed, idle, ran = True, False, 0.0
         try:
             loop = asyncio.get_running_loop()
@@ -460,6 +496,7 @@ class BatchQueue(Generic[T, R]):
             failed = False
             self._note_compute(ran, len(batch))
             for entry, result in zip(batch, results, strict=True):
+                entry.ended_at = started + ran
                 if not entry.future.done():
                     entry.future.set_result(result)
         finally:

@@ -34,6 +34,7 @@ from service.metrics import ServiceMetrics
 from service.pipelines import Pipeline, Prepared, pipeline_for
 from service.schemas import BatchSettings, ModelInfo
 from service.settings import Settings
+from service.statistics import ModelStatistics, RequestTimes
 
 log = logging.getLogger("hornet.service")
 
@@ -94,13 +95,14 @@ class ModelRunner:
             else None
         )
         self.observer = metrics.for_model(self.name)
+        self.statistics = ModelStatistics()  # Triton's statistics extension
         workers = [self._worker_for(engine) for engine in self.engines]
         self.queue: batching.BatchQueue[Any, Any] = batching.BatchQueue(
             workers,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
-            observer=self.observer,
+            observer=batching.BatchObservers(self.observer, self.statistics),
             close_early=settings.close_batches_early,
             solo=self._worker_for(solo) if solo is not None else None,
         )
@@ -167,11 +169,16 @@ class ModelRunner:
         *,
         deadline: float,
         is_gone: batching.IsGone | None = None,
+        times: RequestTimes | None = None,
     ) -> list[list[Any]]:
-        """The engine results of every item of every image, grouped per image in order."""
+        """The engine results of every item of every image, grouped per image in order;
+        `times` (a request's statistics) gets the images and their time in the batcher."""
         items = [item for image in prepared for item in image.items]
+        timing = batching.Timing()
         try:
-            results = await self.queue.submit_many(items, deadline=deadline, is_gone=is_gone)
+            results = await self.queue.submit_many(
+                items, deadline=deadline, is_gone=is_gone, timing=timing
+            )
         except batching.QueueFull as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "1"}) from exc
         except batching.QueueClosed as exc:
@@ -182,6 +189,10 @@ class ModelRunner:
             raise ClientDisconnected(str(exc)) from exc
         except batching.BatchFailed as exc:
             raise EngineFailure(f"model {self.name!r} engine failed: {exc}") from exc
+        if times is not None:
+            times.images += len(prepared)
+            times.queue += timing.queued_s
+            times.compute_infer += timing.running_s
         grouped, start = [], 0
         for image in prepared:
             grouped.append(results[start : start + len(image.items)])

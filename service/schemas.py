@@ -178,6 +178,43 @@ class V2ModelMetadata(BaseModel):
     outputs: list[V2TensorMetadata]
 
 
+class V2StatisticDuration(BaseModel):
+    count: int
+    ns: int = Field(description="cumulative duration in nanoseconds")
+
+
+class V2InferStatistics(BaseModel):
+    success: V2StatisticDuration
+    fail: V2StatisticDuration
+    queue: V2StatisticDuration
+    compute_input: V2StatisticDuration
+    compute_infer: V2StatisticDuration
+    compute_output: V2StatisticDuration
+    cache_hit: V2StatisticDuration
+    cache_miss: V2StatisticDuration
+
+
+class V2BatchStatistics(BaseModel):
+    batch_size: int
+    compute_input: V2StatisticDuration
+    compute_infer: V2StatisticDuration
+    compute_output: V2StatisticDuration
+
+
+class V2ModelStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="milliseconds since the epoch; 0 before any")
+    inference_count: int
+    execution_count: int
+    inference_stats: V2InferStatistics
+    batch_stats: list[V2BatchStatistics]
+
+
+class V2StatisticsResponse(BaseModel):
+    model_stats: list[V2ModelStatistics]
+
+
 class V2ModelReady(BaseModel):
     name: str
     ready: bool

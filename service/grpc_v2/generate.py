@@ -1,6 +1,6 @@
-"""Writes grpc_predict_v2.binpb, the compiled form of grpc_predict_v2.proto and
-health.proto (a FileDescriptorSet), with grpcio-tools' protoc: a development dependency;
-the server reads the file with protobuf alone.
+"""Writes grpc_predict_v2.binpb, the compiled form of grpc_predict_v2.proto with the
+model_config.proto it imports and health.proto (a FileDescriptorSet), with grpcio-tools'
+protoc: a development dependency; the server reads the file with protobuf alone.
 
     python -m service.grpc_v2.generate
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTO = "grpc_predict_v2.proto"
-PROTOS = (PROTO, "health.proto")
+PROTOS = ("model_config.proto", PROTO, "health.proto")
 DESCRIPTORS = "grpc_predict_v2.binpb"
 
 

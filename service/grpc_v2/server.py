@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
@@ -171,6 +171,16 @@ class InferenceService:
             inputs=[tensor(**t) for t in metadata["inputs"]],
             outputs=[tensor(**t) for t in metadata["outputs"]],
         )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The configuration /v2/models/{model}/config answers, as Triton's message."""
+        config = await v2.model_config(self.pool, request.name, request.version or None)
+        return json_format.ParseDict({"config": config}, MESSAGES["ModelConfigResponse"]())
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The model's statistics, or every model's for an empty name (as /v2/models/stats)."""
+        answer = v2.statistics(self.pool, request.name, request.version or None)
+        return json_format.ParseDict(answer, MESSAGES["ModelStatisticsResponse"]())
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         runner = v2.find_model(self.pool, request.model_name, request.model_version or None)

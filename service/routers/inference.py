@@ -79,17 +79,24 @@ async def _answer(
     request: Request, runner: ModelRunner, response: type[ResponseModel], options: AnswerOptions
 ) -> ResponseModel:
     """Every uploaded image through the runner's pipeline: decode and prepare, infer,
-    finish each answer off the event loop, in upload order."""
+    finish each answer off the event loop, in upload order; timed in the model's
+    statistics once the uploads are read."""
     deadline = request_deadline(request)
-    prepared = await runner.prepare(await read_uploads(request))
-    results = await runner.infer(prepared, deadline=deadline, is_gone=request.is_disconnected)
-    finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
-    if runner.pipeline.finish_is_light(options):
-        answers = [finish(p, r, options) for p, r in pairs]
-    else:
-        answers = await asyncio.gather(
-            *(asyncio.to_thread(finish, p, r, options) for p, r in pairs)
+    uploads = await read_uploads(request)
+    with runner.statistics.request() as times:
+        with times.measure("compute_input"):
+            prepared = await runner.prepare(uploads)
+        results = await runner.infer(
+            prepared, deadline=deadline, is_gone=request.is_disconnected, times=times
         )
+        with times.measure("compute_output"):
+            finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
+            if runner.pipeline.finish_is_light(options):
+                answers = [finish(p, r, options) for p, r in pairs]
+            else:
+                answers = await asyncio.gather(
+                    *(asyncio.to_thread(finish, p, r, options) for p, r in pairs)
+                )
     return response(model=runner.name, results=list(answers))
 
 

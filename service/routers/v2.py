@@ -40,13 +40,14 @@ from service.schemas import (
     V2ServerLive,
     V2ServerMetadata,
     V2ServerReady,
+    V2StatisticsResponse,
     error_responses,
 )
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 SERVER_NAME = "hornet-serve"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
 # Triton's platform and backend names for each --engine (Triton's OpenVINO backend has no
@@ -192,6 +193,32 @@ async def server_ready(pool: Pool) -> JSONResponse:
     return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "5"})
 
 
+def statistics(pool: ModelPool, name: str, version: str | None) -> dict:
+    """Triton's statistics extension: requests, images, batches and where their time went
+    since the server started, for the named model or (name empty) every loaded model."""
+    runners = [find_model(pool, name, version)] if name else list(pool.runners.values())
+    return {"model_stats": [r.statistics.as_dict(r.name, MODEL_VERSION) for r in runners]}
+
+
+# Before /models/{model}: Triton's path for every model's statistics (a model named
+# "stats" has its own at /models/stats/stats).
+@router.get("/models/stats", response_model=V2StatisticsResponse)
+async def every_models_statistics(pool: Pool) -> dict:
+    """Every loaded model's statistics (Triton's statistics extension; docs/kserve-v2.md)."""
+    return statistics(pool, "", None)
+
+
+@router.get("/models/{model}/stats", response_model=V2StatisticsResponse, responses=_MODEL_ERRORS)
+@router.get(
+    "/models/{model}/versions/{version}/stats",
+    response_model=V2StatisticsResponse,
+    responses=_MODEL_ERRORS,
+)
+async def model_statistics(pool: Pool, model: str, version: str | None = None) -> dict:
+    """The model's statistics (Triton's statistics extension; docs/kserve-v2.md)."""
+    return statistics(pool, model, version)
+
+
 @router.get("/models/{model}", response_model=V2ModelMetadata, responses=_MODEL_ERRORS)
 @router.get(
     "/models/{model}/versions/{version}", response_model=V2ModelMetadata, responses=_MODEL_ERRORS
@@ -305,12 +332,18 @@ async def infer_outputs(
     is_gone: IsGone | None,
 ) -> list[OutputTensor]:
     """A parsed inference request answered: its inputs through the model's pipeline and
-    batcher, the outputs it asks for (REST and gRPC alike)."""
-    options = _answer_options(parsed)
-    prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
-    results = await runner.infer(prepared, deadline=deadline, is_gone=is_gone)
-    answer = await asyncio.to_thread(runner.pipeline.output_arrays, prepared, results, options)
-    return _outputs(runner, parsed, answer)
+    batcher, the outputs it asks for (REST and gRPC alike), timed in the model's
+    statistics."""
+    with runner.statistics.request() as times:
+        with times.measure("compute_input"):
+            options = _answer_options(parsed)
+            prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
+        results = await runner.infer(prepared, deadline=deadline, is_gone=is_gone, times=times)
+        with times.measure("compute_output"):
+            answer = await asyncio.to_thread(
+                runner.pipeline.output_arrays, prepared, results, options
+            )
+            return _outputs(runner, parsed, answer)
 
 
 def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:

@@ -11,12 +11,14 @@ import pytest
 
 from service.batching import (
     BatchFailed,
+    BatchObservers,
     BatchQueue,
     BatchStats,
     ClientGone,
     DeadlineExceeded,
     QueueClosed,
     QueueFull,
+    Timing,
 )
 
 pytestmark = pytest.mark.anyio
@@ -574,3 +576,27 @@ async def test_a_lone_item_over_idle_instances_closes_early_not_split() -> None:
     assert await within(queue.submit(1)) == 2
     await within(queue.close(1.0))
     assert [b.closed_by for b in recorder.batches] == ["early"]
+
+
+async def test_timing_splits_a_calls_wait_from_its_batches_runs() -> None:
+    """Two items, one engine taking 50 ms a batch of one: the call waited for the first
+    batch to run before its second item began, and then for the second batch's run."""
+    run_s = 0.05
+
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(run_s)
+        return [2 * item for item in items]
+
+    recorder = BatchObservers(Recorder(), second := Recorder())
+    queue = _queue([slow], max_batch_size=1, max_delay_s=0.0, observer=recorder)
+    timing = Timing()
+    started = time.monotonic()
+    assert await within(queue.submit_many([1, 2], timing=timing)) == [2, 4]
+    elapsed = time.monotonic() - started
+    await queue.close(1.0)
+    first, last = second.batches
+    assert run_s <= timing.queued_s < elapsed and run_s <= timing.running_s
+    assert timing.running_s == pytest.approx(last.compute_seconds, abs=1e-9)
+    assert timing.queued_s + timing.running_s <= elapsed
+    assert timing.queued_s >= first.compute_seconds
+    assert [len(recorder.observers[0].batches), len(second.batches)] == [2, 2]

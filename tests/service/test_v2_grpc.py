@@ -39,10 +39,14 @@ MEMORY_CAP_BYTES = 4 << 30  # address space, as tests/service/test_v2_hostile.py
 CALL_TIMEOUT_S = 30
 PROTO_DIR = Path(service.__file__).resolve().parent / "grpc_v2"
 PROTO = "grpc_predict_v2.proto"
+CONFIG_PROTO = "model_config.proto"
 HEALTH_PROTO = "health.proto"
 DESCRIPTORS = "grpc_predict_v2.binpb"
 SERVICE = "GRPCInferenceService"
-RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
+RPCS = {
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+    "ModelConfig", "ModelStatistics",
+}  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
     400: "INVALID_ARGUMENT",
@@ -237,8 +241,55 @@ def test_health_and_metadata_equal_the_rest_routes(served) -> None:
 
 
 def test_rpcs_outside_the_served_set_answer_unimplemented(served) -> None:
-    refused = refusal(lambda: served.client.get_model_config(MODEL))
+    refused = refusal(lambda: served.client.get_model_repository_index())
     assert refused.status() == status("UNIMPLEMENTED")
+
+
+def test_model_config_is_the_rest_routes_as_tritons_message(served) -> None:
+    """tritonclient's own ModelConfig class decodes the answer; it equals the REST
+    route's JSON read into that class."""
+    from google.protobuf import json_format
+
+    rest = served.http.get(f"/v2/models/{MODEL}/config").json()
+    expected = json_format.ParseDict(rest, grpcclient.model_config_pb2.ModelConfig())
+    for version in ("", "1"):
+        config = served.client.get_model_config(MODEL, version).config
+        assert config == expected
+    assert (config.name, config.max_batch_size, config.platform) == (MODEL, 4, "onnxruntime_onnx")
+    image = config.input[0]
+    assert (image.name, list(image.dims), image.optional) == ("image", [224, 224, 3], True)
+    assert image.data_type == grpcclient.model_config_pb2.TYPE_UINT8
+    assert image.format == grpcclient.model_config_pb2.ModelInput.FORMAT_NHWC
+    refused = refusal(lambda: served.client.get_model_config("no-such-model"))
+    assert refused.status() == status("NOT_FOUND")
+
+
+def test_statistics_are_the_rest_routes_and_count_grpc_calls(served) -> None:
+    """Two ModelInfer calls of 2 and 1 images add 2 successes and 3 inferences; the
+    statistics then equal the REST route's, model by model and for every model."""
+    from google.protobuf import json_format
+
+    def rest_stats(path: str) -> dict:
+        return served.http.get(path).json()
+
+    before = rest_stats(f"/v2/models/{MODEL}/stats")["model_stats"][0]
+    for count in (2, 1):
+        grpc_infer(served.client, "image", "UINT8", np.repeat(GOOD_PIXELS, count, axis=0))
+    ours = served.client.get_inference_statistics(MODEL)
+    everyone = served.client.get_inference_statistics("")
+    after = rest_stats(f"/v2/models/{MODEL}/stats")
+    expected = json_format.ParseDict(after, grpcclient.service_pb2.ModelStatisticsResponse())
+    assert ours == expected
+    assert everyone == json_format.ParseDict(
+        rest_stats("/v2/models/stats"), grpcclient.service_pb2.ModelStatisticsResponse()
+    )
+    (model,) = ours.model_stats
+    assert (model.name, model.version) == (MODEL, "1")
+    success = model.inference_stats.success
+    assert success.count == before["inference_stats"]["success"]["count"] + 2
+    assert model.inference_count == before["inference_count"] + 3
+    refused = refusal(lambda: served.client.get_inference_statistics("no-such-model"))
+    assert refused.status() == status("NOT_FOUND")
 
 
 # -- inference ----------------------------------------------------------------------------
@@ -512,19 +563,25 @@ def compiled(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
     """protoc's FileDescriptorSet of service/grpc_v2's two protocol files."""
     protoc = pytest.importorskip("grpc_tools.protoc")
     out = tmp_path_factory.mktemp("protoc") / DESCRIPTORS
-    argv = ["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={out}", PROTO, HEALTH_PROTO]
-    assert protoc.main(argv) == 0, f"protoc failed on {PROTO} and {HEALTH_PROTO} in {PROTO_DIR}"
+    files = [CONFIG_PROTO, PROTO, HEALTH_PROTO]
+    argv = ["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={out}", *files]
+    assert protoc.main(argv) == 0, f"protoc failed on {files} in {PROTO_DIR}"
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 
 @pytest.fixture(scope="module")
-def ours(compiled):
-    """Our file's descriptor, in a private pool: tritonclient registered the same
+def our_pool(compiled) -> descriptor_pool.DescriptorPool:
+    """Our files' descriptors, in a private pool: tritonclient registered the same
     "inference.*" names in the default one."""
     pool = descriptor_pool.DescriptorPool()
     for file in compiled.file:
         pool.Add(file)
-    return pool.FindFileByName(PROTO)
+    return pool
+
+
+@pytest.fixture(scope="module")
+def ours(our_pool):
+    return our_pool.FindFileByName(PROTO)
 
 
 def _messages(descriptors) -> Iterator:
@@ -551,15 +608,20 @@ def _field(field) -> dict:
     }
 
 
-def test_our_messages_match_tritonclients_field_by_field(ours) -> None:
-    triton = grpcclient.service_pb2.DESCRIPTOR
+def _assert_fields_are_tritons(ours, triton) -> set[str]:
+    """Every message of our file is in tritonclient's, with each of its fields numbered
+    and typed as there, and each enum's values as there; the messages' names."""
     assert ours.package == triton.package == "inference"
     theirs = {m.full_name: m for m in _messages(triton.message_types_by_name.values())}
     messages = list(_messages(ours.message_types_by_name.values()))
     names = {m.full_name for m in messages}
-    assert {"inference.ModelInferRequest.InferInputTensor", "inference.InferTensorContents",
-            "inference.ModelInferResponse.ParametersEntry"} <= names  # fmt: skip
     assert names <= theirs.keys(), f"not in tritonclient's proto: {names - theirs.keys()}"
+    enums = [*ours.enum_types_by_name.values(), *(e for m in messages for e in m.enum_types)]
+    their_enums = {e.full_name: e for e in triton.enum_types_by_name.values()}
+    their_enums |= {e.full_name: e for m in theirs.values() for e in m.enum_types}
+    for enum in enums:
+        values = {v.name: v.number for v in enum.values}
+        assert values == {v.name: v.number for v in their_enums[enum.full_name].values}, enum
     for message in messages:
         triton_message = theirs[message.full_name]
         assert message.GetOptions().map_entry == triton_message.GetOptions().map_entry
@@ -567,6 +629,20 @@ def test_our_messages_match_tritonclients_field_by_field(ours) -> None:
             where = f"{message.full_name}.{field.name}"
             assert field.name in triton_message.fields_by_name, f"{where}: not in tritonclient's"
             assert _field(field) == _field(triton_message.fields_by_name[field.name]), where
+    return names
+
+
+def test_our_messages_match_tritonclients_field_by_field(ours) -> None:
+    names = _assert_fields_are_tritons(ours, grpcclient.service_pb2.DESCRIPTOR)
+    assert {"inference.ModelInferRequest.InferInputTensor", "inference.InferTensorContents",
+            "inference.ModelInferResponse.ParametersEntry", "inference.ModelStatistics",
+            "inference.InferBatchStatistics"} <= names  # fmt: skip
+
+
+def test_our_model_configuration_matches_tritonclients_field_by_field(our_pool) -> None:
+    ours = our_pool.FindFileByName(CONFIG_PROTO)
+    names = _assert_fields_are_tritons(ours, grpcclient.model_config_pb2.DESCRIPTOR)
+    assert {"inference.ModelConfig", "inference.ModelInput", "inference.ModelOutput"} <= names
 
 
 def test_our_rpcs_are_tritonclients(ours) -> None:

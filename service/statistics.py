@@ -1,0 +1,149 @@
+"""Triton's statistics extension: per model, cumulative counts and durations of what its
+requests and batches did since the server started (`GET /v2/models[/M]/stats`, gRPC
+ModelStatistics; docs/kserve-v2.md "Statistics").
+
+What each figure counts here, in Triton's terms:
+- a request is one call of an inference route or of v2 infer for the model, timed from
+  its body having been read to its answer being ready (so the body's upload and the
+  response's sending are outside, as are requests refused before they reach the model:
+  an unknown model, a body over the limit, a request that does not parse);
+- `success` / `fail`: requests that got their answer / that raised (a bad image, a full
+  queue, a timeout, an engine failure, a client gone);
+- `compute_input`: decoding and preprocessing the request's images (a tensor's rows:
+  their checks and copies); `queue`: from its items being queued until the last of them
+  began running; `compute_infer`: from then until the last of its batches' engine runs
+  ended; `compute_output`: shaping the answer (softmax and top classes, masks, boxes).
+  Successful requests only, as Triton counts them, so for every request
+  queue + compute_input + compute_infer + compute_output <= its success duration;
+- `inference_count`: images in successful requests (a segmentation image is one, however
+  many tiles it runs as); `execution_count`: engine runs (batches) that succeeded;
+- `batch_stats`: per batch size (in items: crops, tiles or images), the engine runs and
+  their duration, as `compute_infer` (the batch's input assembly and output split are
+  part of the run; `compute_input` and `compute_output` stay zero there);
+- `last_inference`: when the last successful batch finished, in ms since the epoch.
+
+Every update runs on the event loop (routes, the gRPC handlers and the batcher's
+completions), so plain integers suffice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service.batching import BatchStats
+
+Stage = Literal["compute_input", "compute_output"]
+_NS = 1_000_000_000
+
+
+@dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their cumulative nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += max(round(seconds * _NS), 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class RequestTimes:
+    """One request's seconds in each stage, and its images, filled in as it runs."""
+
+    images: int = 0
+    compute_input: float = 0.0
+    queue: float = 0.0
+    compute_infer: float = 0.0
+    compute_output: float = 0.0
+
+    @contextlib.contextmanager
+    def measure(self, stage: Stage) -> Iterator[None]:
+        """Add the wall time of the block to `stage`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+
+@dataclass
+class ModelStatistics:
+    """One model's counters (see the module's docstring for what each one counts)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[RequestTimes]:
+        """Times the block as one request: a success when it returns, a failure when it
+        raises (cancellation included)."""
+        times, started = RequestTimes(), time.perf_counter()
+        try:
+            yield times
+        except BaseException:
+            self.fail.add(time.perf_counter() - started)
+            raise
+        self.success.add(time.perf_counter() - started)
+        self.inference_count += times.images
+        self.queue.add(times.queue)
+        self.compute_input.add(times.compute_input)
+        self.compute_infer.add(times.compute_infer)
+        self.compute_output.add(times.compute_output)
+
+    # the batcher's observer (service.batching.BatchObserver), beside the metrics'
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, stats: BatchStats) -> None:
+        if stats.failed:
+            return
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.batches.setdefault(stats.size, Duration()).add(stats.compute_seconds)
+
+    def as_dict(self, name: str, version: str) -> dict:
+        """The model's entry of a statistics response, in Triton's JSON shape."""
+        none = Duration().as_dict()
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.as_dict(),
+                "fail": self.fail.as_dict(),
+                "queue": self.queue.as_dict(),
+                "compute_input": self.compute_input.as_dict(),
+                "compute_infer": self.compute_infer.as_dict(),
+                "compute_output": self.compute_output.as_dict(),
+                "cache_hit": none,
+                "cache_miss": none,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": none,
+                    "compute_infer": self.batches[size].as_dict(),
+                    "compute_output": none,
+                }
+                for size in sorted(self.batches)
+            ],
+        }
