@@ -192,7 +192,8 @@ def test_v2_routes_need_the_key_and_answer_in_the_kserve_error_shape(keyed_serve
     assert refused.headers["www-authenticate"] == CHALLENGE
     assert list(refused.json()) == ["error"]
     assert refused.json()["error"].startswith("unauthorized: ")
-    assert httpx.get(f"{base_url}/v2/models/tiny_cls").status_code == 401
+    for path in ("tiny_cls", "tiny_cls/config", "tiny_cls/stats", "stats"):
+        assert httpx.get(f"{base_url}/v2/models/{path}").status_code == 401, path
     served = httpx.post(url, json=v2_infer_body(), headers=bearer(KEY), timeout=30)
     assert served.status_code == 200, served.text
 

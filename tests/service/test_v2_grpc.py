@@ -482,6 +482,8 @@ def test_without_a_key_only_the_health_probes_answer(keyed) -> None:
         lambda: client.get_model_metadata(MODEL),
         lambda: client.is_model_ready(MODEL),
         lambda: client.get_server_metadata(),
+        lambda: client.get_model_config(MODEL),
+        lambda: client.get_inference_statistics(MODEL),
     ):
         refused = refusal(call)
         assert refused.status() == status("UNAUTHENTICATED"), refused
