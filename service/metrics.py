@@ -91,6 +91,27 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.model_requests = Counter(
+            "hornet_model_requests",
+            "inference requests for a model (the image routes and v2 infer, REST or gRPC), "
+            "by outcome: success (answered) or failure (a bad image, a full queue, a "
+            "timeout, an engine failure, a client gone); counted once the body is read",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.model_request_seconds = Histogram(
+            "hornet_model_request_seconds",
+            "a model's successful inference requests, from the body read to the answer ready",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_images = Counter(
+            "hornet_model_images",
+            "images in a model's successful inference requests",
+            ["model"],
+            registry=self.registry,
+        )
         self.upload_buffer = Gauge(
             "hornet_upload_buffer_bytes",
             "bytes of request bodies reserved by requests in progress",
@@ -119,6 +140,19 @@ class ModelObserver:
         self._failures = metrics.engine_failures.labels(model)
         self._decode = metrics.decode_seconds.labels(model)
         self._decoded = {r: metrics.decoded_images.labels(model, str(r)) for r in REDUCTIONS}
+        self._succeeded = metrics.model_requests.labels(model, "success")
+        self._failed = metrics.model_requests.labels(model, "failure")
+        self._request_seconds = metrics.model_request_seconds.labels(model)
+        self._images = metrics.model_images.labels(model)
+
+    def request_done(self, seconds: float, images: int) -> None:
+        """A successful inference request of `images` images, in `seconds`."""
+        self._succeeded.inc()
+        self._request_seconds.observe(seconds)
+        self._images.inc(images)
+
+    def request_failed(self) -> None:
+        self._failed.inc()
 
     def image_prepared(self, seconds: float, reduction: int) -> None:
         """One upload decoded (at 1/`reduction` of its size) and preprocessed."""

@@ -95,7 +95,8 @@ class ModelRunner:
             else None
         )
         self.observer = metrics.for_model(self.name)
-        self.statistics = ModelStatistics()  # Triton's statistics extension
+        # Triton's statistics extension; each request counted in the metrics too
+        self.statistics = ModelStatistics(observer=self.observer)
         workers = [self._worker_for(engine) for engine in self.engines]
         self.queue: batching.BatchQueue[Any, Any] = batching.BatchQueue(
             workers,

@@ -32,7 +32,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from service.batching import BatchStats
 
@@ -75,6 +75,12 @@ class RequestTimes:
             setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
 
 
+class RequestObserver(Protocol):
+    def request_done(self, seconds: float, images: int) -> None: ...
+
+    def request_failed(self) -> None: ...
+
+
 @dataclass
 class ModelStatistics:
     """One model's counters (see the module's docstring for what each one counts)."""
@@ -90,6 +96,8 @@ class ModelStatistics:
     last_inference_ms: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)
 
+    observer: RequestObserver | None = None  # told of each request as well (the metrics)
+
     @contextlib.contextmanager
     def request(self) -> Iterator[RequestTimes]:
         """Times the block as one request: a success when it returns, a failure when it
@@ -99,8 +107,13 @@ class ModelStatistics:
             yield times
         except BaseException:
             self.fail.add(time.perf_counter() - started)
+            if self.observer is not None:
+                self.observer.request_failed()
             raise
-        self.success.add(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        if self.observer is not None:
+            self.observer.request_done(seconds, times.images)
+        self.success.add(seconds)
         self.inference_count += times.images
         self.queue.add(times.queue)
         self.compute_input.add(times.compute_input)

@@ -32,14 +32,16 @@ def stats_of(rest: httpclient.InferenceServerClient, model: str = "") -> dict[st
     return {entry["name"]: entry for entry in answer["model_stats"]}
 
 
-def prometheus(http: httpx.Client, name: str, model: str) -> float:
-    """The sum of a metric's samples for `model` (every other label summed over)."""
+def prometheus(http: httpx.Client, name: str, model: str, **labels: str) -> float:
+    """The sum of a metric's samples for `model` and `labels` (every other label summed
+    over)."""
     families = text_string_to_metric_families(http.get("/metrics").text)
+    wanted = {"model": model, **labels}
     return sum(
         sample.value
         for family in families
         for sample in family.samples
-        if sample.name == name and sample.labels.get("model") == model
+        if sample.name == name and wanted.items() <= sample.labels.items()
     )
 
 
@@ -73,6 +75,12 @@ def timed(call) -> tuple[httpx.Response, int]:
 def test_counts_and_durations_match_the_requests_sent_and_the_metrics(server, photos) -> None:
     http, rest = server
     before = stats_of(rest)
+    counted = {
+        (model, outcome): prometheus(http, "hornet_model_requests_total", model, outcome=outcome)
+        for model in (CLASSIFIER, SEGMENTER)
+        for outcome in ("success", "failure")
+    }
+    images_before = prometheus(http, "hornet_model_images_total", CLASSIFIER)
     jpeg = {name: encode(photos[name], "JPEG", quality=85) for name in photos}
     classify = lambda *images: http.post("/classify", files=upload(*images))  # noqa: E731
     v2_body = {
@@ -110,6 +118,16 @@ def test_counts_and_durations_match_the_requests_sent_and_the_metrics(server, ph
     assert grew(CLASSIFIER, "inference_count") == 6
     assert grew(SEGMENTER, "inference_stats", "success", "count") == 1
     assert grew(SEGMENTER, "inference_count") == 1
+    # the same requests in the per-model Prometheus metrics
+    sent = {(CLASSIFIER, "success"): 3, (CLASSIFIER, "failure"): 1, (SEGMENTER, "success"): 1,
+            (SEGMENTER, "failure"): 0}  # fmt: skip
+    for (model, outcome), count in sent.items():
+        now = prometheus(http, "hornet_model_requests_total", model, outcome=outcome)
+        assert now - counted[model, outcome] == count, (model, outcome)
+    assert prometheus(http, "hornet_model_images_total", CLASSIFIER) - images_before == 6
+    for model in (CLASSIFIER, SEGMENTER):
+        observed = prometheus(http, "hornet_model_request_seconds_count", model)
+        assert observed == after[model]["inference_stats"]["success"]["count"]
     tiles = 0
     for model in (CLASSIFIER, SEGMENTER):
         stats = after[model]
