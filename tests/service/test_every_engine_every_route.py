@@ -1,6 +1,7 @@
-"""Every route answers on every engine this machine runs: a real server per engine on the
-three demo bundles, each GET route of its own OpenAPI document walked for every model,
-an image through each image route and each model's v2 infer, and gRPC's model calls.
+"""Every route answers on every engine this machine runs, in the layouts that take code
+paths of their own: a real server per layout on the three demo bundles, each GET route
+of its own OpenAPI document walked for every model, an image through each image route
+and each model's v2 infer, and gRPC's model calls.
 
 The schemathesis runs (test_openapi_contract.py) exercise the routes on ONNX Runtime only;
 v2 model metadata and config answered 500 with OpenVINO (a table keyed by engine lacked
@@ -52,11 +53,34 @@ def v2_body(metadata: dict) -> dict:
     return {"inputs": [tensor]}
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_every_route_answers_for_every_model(engine: str, tmp_path: Path) -> None:
+def _bf16_cpu() -> bool:
+    from service.engines import cpu_runs_bf16
+
+    return cpu_runs_bf16()
+
+
+# Engines, and layouts and precisions of them that take other code paths (several
+# instances sharing weights, the solo engine, static shapes, bf16).
+LAYOUTS = {
+    "onnxruntime": ["--engine", "onnxruntime"],
+    "openvino": ["--engine", "openvino"],
+    "onnxruntime-2-instances-solo": ["--engine", "onnxruntime", "--instances", "2",
+                                     "--solo-engine"],
+    "openvino-2-shared-static": ["--engine", "openvino", "--instances", "2", "--share-weights",
+                                 "--openvino-static-shapes", "--max-batch-size", "4"],
+    "openvino-bf16": ["--engine", "openvino", "--precision", "bf16",
+                      "--allow-unverified-precision"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_route_answers_for_every_model(layout: str, tmp_path: Path) -> None:
+    engine = layout.split("-")[0]
     pytest.importorskip(ENGINES[engine])
+    if "bf16" in layout and not _bf16_cpu():
+        pytest.skip("this CPU has no bf16 arithmetic (AVX512_BF16 or AMX-BF16)")
     grpc_port = free_port()
-    flags = ["--engine", engine, "--engine-threads", "1", "--grpc-port", str(grpc_port)]
+    flags = [*LAYOUTS[layout], "--engine-threads", "1", "--grpc-port", str(grpc_port)]
     for model in MODELS:
         flags += ["--model-dir", str(DEMO_BUNDLES_DIR / model)]
     with (
