@@ -39,6 +39,8 @@ from service.schemas import (
 ENCODED_IMAGE = "encoded_image"
 PROBABILITIES = "probabilities"
 LABEL_NAMES = "label_names"
+MASK_PNG = "mask_png"
+CLASS_FRACTIONS = "class_fractions"
 
 Answer = ClassifyResult | SegmentResult | DetectResult
 
@@ -296,13 +298,36 @@ class SegmentPipeline(_FittedInput):
 
     @property
     def tensors(self) -> TensorInterface:
-        """One sliding-window tile per row, and the graph's raw tile logits: an image
-        gives a varying number of tiles, so tiling and the final mask stay `prepare`'s
-        and `finish`'s."""
+        """Either one sliding-window tile per row, answered with the graph's raw tile
+        logits; or encoded images, each tiled, run and finished as `/segment` does an
+        upload, answered with `/segment`'s mask (the base64 PNG of class indices at the
+        image's size) and the fraction of its pixels in each class."""
         height, width = self.window.crop
         classes = len(self.manifest.labels)
-        logits = ServedTensor(self.output_names[0], "FP32", [-1, classes, height, width])
-        return TensorInterface(self._image_tensor(height, width), None, [logits])
+        return TensorInterface(
+            self._image_tensor(height, width),
+            ServedTensor(ENCODED_IMAGE, BYTES, [-1, 1]),
+            [
+                ServedTensor(self.output_names[0], "FP32", [-1, classes, height, width]),
+                ServedTensor(MASK_PNG, BYTES, [-1, 1]),
+                ServedTensor(CLASS_FRACTIONS, "FP32", [-1, classes]),
+            ],
+        )
+
+    def output_arrays(
+        self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
+    ) -> TensorOutputs:
+        """Tiles (`prepare_tensor`, no context): their logits. Encoded images (`prepare`):
+        each image's `/segment` answer as a row of `mask_png` and `class_fractions`."""
+        if prepared[0].context is None:
+            return super().output_arrays(prepared, results, options)
+        answers = [self.finish(p, r, options) for p, r in zip(prepared, results, strict=True)]
+        fractions = np.zeros((len(answers), len(self.manifest.labels)), dtype=np.float32)
+        for row, answer in enumerate(answers):
+            for present in answer.classes:
+                fractions[row, present.index] = present.fraction
+        masks = np.array([[a.mask_png.encode()] for a in answers], dtype=object)
+        return TensorOutputs({MASK_PNG: masks, CLASS_FRACTIONS: fractions})
 
     def prepare(self, decoded: imaging.Decoded) -> Prepared:
         array = self._fitted(decoded, self.manifest.preprocess.resize_backend)

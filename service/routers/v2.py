@@ -420,7 +420,9 @@ def _outputs(
     requested = parsed.outputs or [kserve.RequestOutput(name=name) for name in values]
     unknown = [r.name for r in requested if r.name not in values]
     if unknown:
-        raise InvalidInferRequest(f"unknown outputs {unknown}; the model has {list(values)}")
+        raise InvalidInferRequest(
+            f"unknown outputs {unknown}; for this request's input the model answers {list(values)}"
+        )
     tensors = []
     for output in requested:
         binary = bool(output.parameters.get("binary_data", binary_default))

@@ -113,9 +113,9 @@ def test_every_route_answers_for_every_model(layout: str, tmp_path: Path) -> Non
             metadata = http.get(f"/v2/models/{model}").json()
             answer = http.post(f"/v2/models/{model}/infer", json=v2_body(metadata))
             assert answer.status_code == 200, (model, answer.text[:300])
-            assert [o["name"] for o in answer.json()["outputs"]] == [
-                o["name"] for o in metadata["outputs"]
-            ]
+            answered = [o["name"] for o in answer.json()["outputs"]]
+            declared = [o["name"] for o in metadata["outputs"]]
+            assert answered and set(answered) <= set(declared), (answered, declared)
 
         grpcclient = pytest.importorskip("tritonclient.grpc")
         with grpcclient.InferenceServerClient(f"{LOOPBACK}:{grpc_port}") as client:

@@ -260,9 +260,48 @@ async def test_segment_models_answer_raw_tile_logits(segmenter_dir) -> None:
     async with serving([segmenter_dir]) as client:
         meta = (await client.get("/v2/models/tiny_seg")).json()
         response = await client.post("/v2/models/tiny_seg/infer", json=json_infer("image", tile))
-    assert [i["name"] for i in meta["inputs"]] == ["image"]
+    assert [i["name"] for i in meta["inputs"]] == ["image", "encoded_image"]
+    assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [
+        ("logits", [-1, 4, 64, 64]), ("mask_png", [-1, 1]), ("class_fractions", [-1, 4])
+    ]  # fmt: skip
     (output,) = response.json()["outputs"]
     assert output["name"] == "logits" and output["shape"] == [2, 4, 64, 64]
+
+
+async def test_segment_models_answer_encoded_images_as_the_segment_route(
+    segmenter_dir, photos
+) -> None:
+    """Two photographs of different sizes in one request: each row is /segment's answer
+    for that photograph, its mask PNG string for string, its classes' fractions."""
+    images = [encode(photos["rocket"], "JPEG", quality=90), encode(photos["coffee"], "PNG")]
+    body = {
+        "inputs": [{
+            "name": "encoded_image", "datatype": "BYTES", "shape": [2, 1],
+            "data": [base64.b64encode(image).decode() for image in images],
+        }]
+    }  # fmt: skip
+    async with serving([segmenter_dir]) as client:
+        response = await client.post("/v2/models/tiny_seg/infer", json=body)
+        segmented = await client.post("/segment", files=upload(*images))
+        binary, headers = binary_infer([("encoded_image", "BYTES", [2], bytes_tensor(*images))])
+        raw = await client.post("/v2/models/tiny_seg/infer", content=binary, headers=headers)
+        logits = dict(body, outputs=[{"name": "logits"}])
+        refused = await client.post("/v2/models/tiny_seg/infer", json=logits)
+    assert response.status_code == 200 and segmented.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert list(outputs) == ["mask_png", "class_fractions"]
+    assert outputs["mask_png"]["shape"] == [2, 1] and outputs["class_fractions"]["shape"] == [2, 4]
+    fractions = np.array(outputs["class_fractions"]["data"]).reshape(2, 4)
+    for row, expected in enumerate(segmented.json()["results"]):
+        assert outputs["mask_png"]["data"][row] == expected["mask_png"]
+        present = {c["index"]: c["fraction"] for c in expected["classes"]}
+        assert fractions[row] == pytest.approx([present.get(i, 0.0) for i in range(4)])
+        assert fractions[row].sum() == pytest.approx(1.0)
+    # the images sent as raw bytes (the binary extension) answer the same
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["outputs"] == response.json()["outputs"]
+    assert refused.status_code == 400
+    assert "for this request's input the model answers" in refused.json()["error"]
 
 
 async def test_detect_models_describe_one_encoded_image_and_its_detections_unbatched(
