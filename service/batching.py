@@ -3,8 +3,8 @@
 Modelled on Ray Serve's `_BatchQueue`, with what a service facing the internet needs:
 a bounded queue that refuses at once when full, per-request deadlines, requests whose
 client has gone dropped before they reach an engine, an engine failure failing only
-its own batch (logged with its traceback and the ids of the requests it held, read from
-`service.logs.request_id` when they were submitted), and hooks for queue-time/batch-size/
+its own batch (logged with its traceback and the ids of the requests it held, and their
+trace ids, read from `service.logs` when they were submitted), and hooks for queue-time/batch-size/
 compute-time metrics. It knows nothing about HTTP, so it can be tested alone.
 
 A batch closes when it holds `max_batch_size` items or `max_delay_s` after its first
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from service import thread_names
-from service.logs import request_id
+from service.logs import request_id, trace_id
 
 log = logging.getLogger("hornet.service.batching")
 
@@ -131,6 +131,7 @@ class _Pending(Generic[T, R]):
     deadline: float | None
     is_gone: IsGone | None = field(default=None)
     request_id: str | None = field(default_factory=request_id.get)
+    trace_id: str | None = field(default_factory=trace_id.get)
     started_at: float = 0.0  # when its batch began running (time.monotonic)
     ended_at: float = 0.0  # when its batch's engine run ended
 
@@ -487,6 +488,9 @@ class BatchQueue(Generic[T, R]):
                 extra={
                     "batch_size": len(batch),
                     "request_ids": list(dict.fromkeys(entry.request_id for entry in batch)),
+                    "trace_ids": list(
+                        dict.fromkeys(entry.trace_id for entry in batch if entry.trace_id)
+                    ),
                 },
             )
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(_describe(exc))

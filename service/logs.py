@@ -1,16 +1,38 @@
-"""Structured JSON logs; every line written while handling a request carries its id."""
+"""Structured JSON logs; every line written while handling a request carries its id,
+and its trace id when the request came with a W3C `traceparent` (a service mesh or an
+instrumented client), so that the lines can be found from the trace."""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hornet_request_id", default=None
 )
+trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "hornet_trace_id", default=None
+)
+# W3C Trace Context's traceparent: version-trace_id-parent_id-flags, lowercase hex. A
+# future version may append fields after a dash; version ff is invalid.
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$")
+
+
+def trace_id_of(traceparent: str) -> str | None:
+    """The trace id of a valid `traceparent` header's value, else None (a malformed or
+    all-zero one is ignored, as the specification asks of a receiver)."""
+    match = _TRACEPARENT.match(traceparent.strip()) if len(traceparent) <= 512 else None
+    if match is None:
+        return None
+    version, trace, parent, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or not int(trace, 16) or not int(parent, 16):
+        return None
+    return trace
+
 
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -33,6 +55,9 @@ class JsonFormatter(logging.Formatter):
         current = request_id.get()
         if current is not None:
             entry["request_id"] = current
+        trace = trace_id.get()
+        if trace is not None:
+            entry["trace_id"] = trace
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value

@@ -23,7 +23,7 @@ from service.errors import (
     ServiceError,
     error_body,
 )
-from service.logs import request_id
+from service.logs import request_id, trace_id, trace_id_of
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("hornet.access")
@@ -60,10 +60,12 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope[REQUEST_ID_SCOPE_KEY] = rid
         token = request_id.set(rid)
+        trace_token = trace_id.set(trace_id_of(headers.get(b"traceparent", b"").decode("latin-1")))
         status = 500
         started = time.perf_counter()
 
@@ -97,6 +99,7 @@ class RequestContextMiddleware:
                 },
             )
             request_id.reset(token)
+            trace_id.reset(trace_token)
 
 
 class CloseUnreadBodyMiddleware:

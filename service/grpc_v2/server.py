@@ -39,7 +39,7 @@ from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
 from service.errors import ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import request_id
+from service.logs import request_id, trace_id, trace_id_of
 from service.metrics import ServiceMetrics
 from service.middleware import VALID_REQUEST_ID, UploadBuffer
 from service.routers import v2
@@ -346,9 +346,13 @@ class _Calls:
                 (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
                 for k, v in context.invocation_metadata() or ()
             ]
-            incoming = dict(metadata).get(b"x-request-id", b"").decode("latin-1")
+            given = dict(metadata)
+            incoming = given.get(b"x-request-id", b"").decode("latin-1")
             rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
             token = request_id.set(rid)
+            trace_token = trace_id.set(
+                trace_id_of(given.get(b"traceparent", b"").decode("latin-1"))
+            )
             started, status = time.perf_counter(), 200
             self.metrics.in_flight.inc()
             # The id goes back with the status (one frame, not headers of their own).
@@ -380,6 +384,7 @@ class _Calls:
                            "seconds": round(elapsed, 6)},
                 )  # fmt: skip
                 request_id.reset(token)
+                trace_id.reset(trace_token)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
