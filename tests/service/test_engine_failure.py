@@ -86,6 +86,9 @@ def json_log():
         logger.removeHandler(handler)
 
 
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 async def test_engine_error_fails_only_its_batch_with_500_and_request_ids(
     classifier_dir, host_normalised_dir, photos, json_log
 ) -> None:
@@ -102,10 +105,12 @@ async def test_engine_error_fails_only_its_batch_with_500_and_request_ids(
         responses: dict[str, object] = {}
 
         async def classify(name: str, model: str) -> None:
+            headers = {"x-request-id": name}
+            if name == "failing-rest":  # one traced request (W3C Trace Context's example)
+                headers["traceparent"] = f"00-{TRACE}-00f067aa0ba902b7-01"
             responses[name] = await client.post(
-                "/classify", params={"model": model}, files=upload(image),
-                headers={"x-request-id": name},
-            )  # fmt: skip
+                "/classify", params={"model": model}, files=upload(image), headers=headers
+            )
 
         async def v2_infer(name: str) -> None:  # no X-Request-ID: the server makes one up
             responses[name] = await client.post(
@@ -151,6 +156,7 @@ async def test_engine_error_fails_only_its_batch_with_500_and_request_ids(
     (failure,) = [line for line in lines if line["message"] == "batch failed"]
     assert failure["level"] == "error"
     assert sorted(failure["request_ids"]) == sorted(["failing-rest", v2.headers["x-request-id"]])
+    assert failure["trace_ids"] == [TRACE]  # the untraced request adds none
     assert failure["exception"].startswith("Traceback (most recent call last)")
     assert "RuntimeError: engine failure injected by the test" in failure["exception"]
     failed_requests = {line["request_id"] for line in lines if line["message"] == "request failed"}
