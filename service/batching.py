@@ -90,6 +90,7 @@ class BatchStats:
     failed: bool
     closed_by: ClosedBy
     solo: bool = False
+    cancelled: bool = False  # the service shut down while it ran (failed too, not the engine)
 
 
 class BatchObserver(Protocol):
@@ -457,7 +458,7 @@ class BatchQueue(Generic[T, R]):
         queue_seconds = [started - entry.enqueued_at for entry in batch]
         for entry in batch:
             entry.started_at = started
-        failed, idle, ran = True, False, 0.0
+        failed, cancelled, idle, ran = True, False, False, 0.0
         try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(
@@ -478,6 +479,7 @@ class BatchQueue(Generic[T, R]):
                     f"the batched function returned {len(results)} results for {len(batch)} inputs"
                 )
         except asyncio.CancelledError:
+            cancelled = True
             for entry in batch:
                 _fail(entry, QueueClosed("the service shut down while this request ran"))
             raise
@@ -516,6 +518,7 @@ class BatchQueue(Generic[T, R]):
                         failed,
                         closed_by,
                         solo=solo_ran is not None,
+                        cancelled=cancelled,
                     )
                 )
 

@@ -150,6 +150,9 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if app.state.pool.engine_failure is not None:
+        print(f"hornet serve: {app.state.pool.engine_failure}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
 
 
@@ -216,7 +219,8 @@ class _DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signal turns readiness false before anything stops,
     whose shutdown closes the batch queues at the drain bound (503s, not uvicorn's bare
     500s for cancelled requests), and which exits normally after a graceful shutdown;
-    with `exit_on_load_error` it also shuts down when a model fails to load."""
+    with `exit_on_load_error` it also shuts down when a model fails to load, and it shuts
+    down when a model's engines keep failing (--max-engine-failures)."""
 
     def __init__(
         self,
@@ -235,6 +239,9 @@ class _DrainingServer(uvicorn.Server):
         """Checked by uvicorn's main loop every 0.1 s: True shuts the server down."""
         if self._exit_on_load_error and self._pool.load_error is not None:
             self.load_failed = True
+            return True
+        if self._pool.engine_failure is not None:
+            self._pool.begin_drain()
             return True
         return await super().on_tick(counter)
 

@@ -170,5 +170,5 @@ class ModelObserver:
         self._engine.observe(stats.compute_seconds)
         for seconds in stats.queue_seconds:
             self._queue.observe(seconds)
-        if stats.failed:
+        if stats.failed and not stats.cancelled:
             self._failures.inc()

@@ -59,6 +59,27 @@ class LoadingStopped(Exception):
     """Model loading given up because the server is shutting down."""
 
 
+class FailureStreak:
+    """A batch observer counting a model's batches that failed in a row (a successful one
+    starts the count again), calling `at_limit(count)` when it reaches `limit` (0: never)."""
+
+    def __init__(self, limit: int, at_limit: Callable[[int], None]) -> None:
+        self.limit, self.at_limit, self.count = limit, at_limit, 0
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, stats: batching.BatchStats) -> None:
+        if stats.cancelled:  # the service shutting down, not the engine
+            return
+        if not stats.failed:
+            self.count = 0
+            return
+        self.count += 1
+        if self.count == self.limit:
+            self.at_limit(self.count)
+
+
 class ClientDisconnected(ServiceError):
     status_code = 499
     code = "client_disconnected"
@@ -77,8 +98,11 @@ class ModelRunner:
         releaser: MemoryReleaser,
         weight_copies: int = 0,
         solo: InferenceEngine | None = None,
+        on_failing: Callable[[str, int], None] | None = None,
     ) -> None:
         self.bundle = bundle
+        # told (model name, count) when --max-engine-failures batches in a row have failed
+        self.on_failing = on_failing
         self.decoder = decoder
         self.releaser = releaser
         self.manifest = bundle.manifest
@@ -103,10 +127,18 @@ class ModelRunner:
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
-            observer=batching.BatchObservers(self.observer, self.statistics),
+            observer=batching.BatchObservers(
+                self.observer,
+                self.statistics,
+                FailureStreak(settings.max_engine_failures, self._failing),
+            ),
             close_early=settings.close_batches_early,
             solo=self._worker_for(solo) if solo is not None else None,
         )
+
+    def _failing(self, count: int) -> None:
+        if self.on_failing is not None:
+            self.on_failing(self.name, count)
 
     def _worker_for(self, engine: InferenceEngine) -> batching.BatchWorker:
         def run(items: list[Any]) -> list[Any]:
@@ -258,6 +290,9 @@ class ModelPool:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        # set when a model's batches have failed --max-engine-failures times in a row: the
+        # server stops taking work and exits (service.cli) for its supervisor to restart it
+        self.engine_failure: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
         if settings.decode_nice and sys.platform != "linux":
@@ -327,6 +362,7 @@ class ModelPool:
                 self.releaser,
                 weight_copies=copies,
                 solo=engines[-1] if self.settings.solo_engine else None,
+                on_failing=self._engine_failing,
             )
             runner.warm_up(stopping=lambda: self.draining)
         except LoadingStopped:
@@ -348,11 +384,24 @@ class ModelPool:
         )
         return runner
 
+    def _engine_failing(self, model: str, count: int) -> None:
+        """A model's engines failed `count` batches in a row (--max-engine-failures): not
+        ready from now on; the server notices and exits (service.cli)."""
+        if self.engine_failure is None:
+            self.engine_failure = (
+                f"model {model!r}: {count} batches in a row failed in its engines "
+                "(--max-engine-failures); the server exits to be restarted"
+            )
+            log.error("engines failing", extra={"model": model, "batches": count})
+        self.ready = False
+
     def require_ready(self) -> None:
         """Work waits (503) until every model is loaded and warm, and stops at the drain."""
         if not self.ready:
-            detail = self.load_error or (
-                "shutting down" if self.draining else "models are still loading"
+            detail = (
+                self.engine_failure
+                or self.load_error
+                or ("shutting down" if self.draining else "models are still loading")
             )
             raise NotReady(detail, headers={"Retry-After": "5"})
 

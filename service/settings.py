@@ -101,6 +101,15 @@ class Settings(BaseSettings):
         "cannot run, a graph that does not build); off: stay up, not ready, /readyz naming "
         "the error",
     )
+    max_engine_failures: int = Field(
+        0,
+        ge=0,
+        description="after N batches of one model fail in a row in its engines (none of its "
+        "batches succeeding between), turn not ready, drain and exit with status 1, so that "
+        "the supervisor (Kubernetes, Docker's restart policy) starts a fresh process: a GPU "
+        "whose CUDA context broke fails every batch until then. 0 = never; a failing batch "
+        "only fails its own requests",
+    )
     ort_tensorrt: bool = Field(
         False,
         description="on CUDA, run ONNX Runtime engines through its TensorRT execution provider "

@@ -24,7 +24,8 @@ async def healthz() -> HealthResponse:
     responses={
         503: {
             "model": HealthResponse,
-            "description": "not_ready while models load (or failed to), draining on shutdown",
+            "description": "not_ready while models load (or failed to, or after "
+            "--max-engine-failures), draining on shutdown",
             "headers": RETRY_AFTER,
         }
     },
@@ -34,7 +35,11 @@ async def readyz(pool: Pool) -> HealthResponse | JSONResponse:
     if pool.ready:
         return HealthResponse(status="ready", detail=f"{len(pool.runners)} models")
     status = "draining" if pool.draining else "not_ready"
-    detail = pool.load_error or ("shutting down" if pool.draining else "models are loading")
+    detail = (
+        pool.engine_failure
+        or pool.load_error
+        or ("shutting down" if pool.draining else "models are loading")
+    )
     body = HealthResponse(status=status, detail=detail)
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 

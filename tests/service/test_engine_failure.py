@@ -222,3 +222,105 @@ async def test_an_unexpected_error_answers_500_with_the_request_id(classifier_di
     body = response.json()
     assert body["error"] == "internal_error" and body["request_id"] == "unexpected-1"
     assert response.headers["x-request-id"] == "unexpected-1"
+
+
+async def test_engines_failing_in_a_row_turn_the_server_not_ready(classifier_dir) -> None:
+    """--max-engine-failures 3: two failed batches, a good one (the count starts again),
+    two failed: still ready; the third in a row: not ready, naming why."""
+    factory = InstrumentedFactory()
+    async with serving(
+        [classifier_dir], engine_factory=factory, max_batch_size=1, max_engine_failures=3
+    ) as client:
+        (engine,) = factory.engines
+
+        async def classify(fail: bool) -> int:
+            engine.fail = fail
+            answer = await client.post("/v2/models/tiny_cls/infer", json=v2_image_request())
+            return answer.status_code
+
+        statuses = [await classify(fail) for fail in (True, True, False, True, True)]
+        ready_before = (await client.get("/readyz")).status_code
+        statuses.append(await classify(True))
+        readyz = await client.get("/readyz")
+        v2_ready = await client.get("/v2/health/ready")
+        refused = await client.post("/v2/models/tiny_cls/infer", json=v2_image_request())
+        metrics = (await client.get("/metrics")).text
+    assert statuses == [500, 500, 200, 500, 500, 500]
+    assert ready_before == 200
+    assert readyz.status_code == 503 and readyz.json()["status"] == "not_ready"
+    assert "3 batches in a row failed" in readyz.json()["detail"]
+    assert "--max-engine-failures" in readyz.json()["detail"]
+    assert v2_ready.status_code == 503
+    assert refused.status_code == 503 and "3 batches in a row" in refused.json()["error"]
+    assert 'hornet_engine_failures_total{model="tiny_cls"} 5.0' in metrics
+
+
+async def test_without_the_setting_failing_engines_never_turn_the_server_not_ready(
+    classifier_dir,
+) -> None:
+    factory = InstrumentedFactory()
+    async with serving([classifier_dir], engine_factory=factory, max_batch_size=1) as client:
+        factory.engines[0].fail = True
+        for _ in range(12):
+            answer = await client.post("/v2/models/tiny_cls/infer", json=v2_image_request())
+            assert answer.status_code == 500
+        assert (await client.get("/readyz")).status_code == 200
+
+
+def batch_of_one_classifier(directory: Path) -> Path:
+    """The test classifier with its logits reshaped to [1, classes]: a batch of one runs,
+    a batch of two fails in ONNX Runtime (two rows do not reshape into one), so a real
+    server warms up at batch size 1 and then fails every batch of two."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tests.helpers import bundles
+
+    model = onnx.load_from_string(bundles.classifier_onnx(224))
+    graph = model.graph
+    (gemm,) = [node for node in graph.node if node.op_type == "Gemm"]
+    gemm.output[0] = "rows"
+    shape = np.array([1, bundles.NUM_CLASSES], dtype=np.int64)
+    graph.initializer.append(numpy_helper.from_array(shape, "one_row"))
+    graph.node.append(helper.make_node("Reshape", ["rows", "one_row"], ["logits"]))
+    return bundles.write_bundle(
+        directory,
+        name="one_row_cls",
+        task="classify",
+        onnx_bytes=model.SerializeToString(),
+        preprocess=bundles.classify_preprocess(224),
+        labels=bundles.LABELS,
+        inputs=[{"name": "image", "dtype": "uint8", "shape": [-1, 224, 224, 3],
+                 "layout": "NHWC"}],
+        outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, bundles.NUM_CLASSES]}],
+    )  # fmt: skip
+
+
+def test_a_real_server_whose_engine_keeps_failing_exits_with_status_1(photos, tmp_path) -> None:
+    """A real process, --max-engine-failures 2: pairs of requests batched together fail in
+    the engine; after the second such batch the server drains and exits with status 1
+    for its supervisor to restart it, naming why."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.testing import running_server
+
+    bundle = batch_of_one_classifier(tmp_path / "one_row_cls")
+    flags = ["--model-dir", str(bundle), "--engine-threads", "1", "--max-batch-size", "2",
+             "--max-delay-ms", "2000", "--no-close-batches-early",
+             "--warmup-batch-sizes", "one", "--max-engine-failures", "2"]  # fmt: skip
+    image = encode(photos["chelsea"], "JPEG", quality=90)
+    log = tmp_path / "server.log"
+    with running_server(flags, log_path=log, inherit_settings=False) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+
+            def classify(_: int) -> int:
+                return http.post("/classify", files=upload(image)).status_code
+
+            with ThreadPoolExecutor(2) as pool:
+                first = list(pool.map(classify, range(2)))
+                second = list(pool.map(classify, range(2)))
+        status = server.process.wait(60)
+    assert first == [500, 500] and second == [500, 500]
+    assert status == 1
+    text = log.read_text()
+    assert "2 batches in a row failed in its engines" in text and "engines failing" in text
