@@ -42,7 +42,7 @@ def create_app(
     bundles: Sequence[Bundle] | None = None,
     engine_factory: EngineFactory = create_engine,
 ) -> FastAPI:
-    """The service over `settings.model_dir` (or already verified `bundles`).
+    """The service over `settings.bundle_dirs` (or already verified `bundles`).
 
     Models load and warm up in the background after startup, so /healthz answers at once
     and /readyz turns 200 when they are done. `engine_factory` is the seam tests use to

@@ -81,15 +81,21 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if not settings.model_dir:
+    if not settings.bundle_dirs:
+        where = (
+            f"no bundles (subdirectories holding a manifest.json) in the model repository "
+            f"{', '.join(map(str, settings.model_repository))}"
+            if settings.model_repository
+            else f"no demo bundles are installed under {DEMO_BUNDLES_DIR}"
+        )
         print(
-            "hornet serve: no model bundles given: pass --model-dir DIR (or HORNET_MODEL_DIR); "
-            f"no demo bundles are installed under {DEMO_BUNDLES_DIR}",
+            "hornet serve: no model bundles given: pass --model-dir DIR or --model-repository "
+            f"DIR (or HORNET_MODEL_DIR, HORNET_MODEL_REPOSITORY); {where}",
             file=sys.stderr,
         )
         return 2
     try:
-        bundles = [load_bundle(path) for path in settings.model_dir]
+        bundles = [load_bundle(path) for path in settings.bundle_dirs]
     except BundleError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
@@ -113,6 +119,12 @@ def serve(args: argparse.Namespace) -> int:
             "NO --model-dir GIVEN: SERVING THE PACKAGED DEMO MODELS. They are not meant for "
             "real use (see each model's 'demo' flag in /v1/models); pass --model-dir.",
             extra={"demo_bundles": [str(path) for path in settings.model_dir]},
+        )
+    skipped = settings.skipped_in_repositories()
+    if skipped:
+        log.warning(
+            "skipped entries of the model repository that hold no manifest.json",
+            extra={"skipped": [str(path) for path in skipped]},
         )
     if "*" in settings.cors_origins and not settings.accepted_api_keys():
         log.warning(

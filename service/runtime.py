@@ -283,7 +283,7 @@ class ModelPool:
         bundles: Sequence[Bundle] | None = None,
     ) -> None:
         self.settings = settings
-        self._sources: list[Bundle | Any] = list(bundles) if bundles else list(settings.model_dir)
+        self._sources: list[Bundle | Any] = list(bundles) if bundles else settings.bundle_dirs
         self.metrics = metrics
         self._engine_factory = engine_factory
         self.runners: dict[str, ModelRunner] = {}

@@ -32,12 +32,16 @@ def _comma_list(value: object) -> object:
     return [item for item in stripped if item != ""]
 
 
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+
 def default_model_dirs() -> list[Path]:
     """Bundles served when no --model-dir is given: every bundle directory (one holding a
     manifest.json) under the package's demo_bundles/, in name order; none if it is absent."""
     if not DEMO_BUNDLES_DIR.is_dir():
         return []
-    return sorted(p for p in DEMO_BUNDLES_DIR.iterdir() if (p / MANIFEST_NAME).is_file())
+    return sorted(p for p in DEMO_BUNDLES_DIR.iterdir() if _is_bundle(p))
 
 
 def read_api_key_file(path: Path) -> list[SecretStr]:
@@ -67,7 +71,15 @@ class Settings(BaseSettings):
 
     model_dir: Annotated[list[Path], NoDecode, Flag(metavar="DIR")] = Field(
         default_factory=default_model_dirs,
-        description="bundle directory; repeat for several models; unset: the packaged demo bundles",
+        description="bundle directory; repeat for several models; unset (and no "
+        "--model-repository): the packaged demo bundles",
+    )
+    model_repository: Annotated[list[Path], NoDecode, Flag(metavar="DIR")] = Field(
+        default_factory=list,
+        description="a directory of bundles, as Triton's --model-repository: every "
+        "subdirectory holding a manifest.json is served, in name order (others, such as "
+        "lost+found on a volume, are skipped and logged); repeat for several; with "
+        "--model-dir, both",
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
@@ -324,7 +336,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("model_dir", mode="before")
+    @field_validator("model_dir", "model_repository", mode="before")
     @classmethod
     def _split_dirs(cls, value: object) -> object:
         if isinstance(value, str):
@@ -420,10 +432,39 @@ class Settings(BaseSettings):
         from_file = read_api_key_file(self.api_key_file) if self.api_key_file else []
         return [*self.api_keys, *from_file]
 
+    @field_validator("model_repository")
+    @classmethod
+    def _repositories_exist(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_dir():
+                raise ValueError(f"model repository {path} is not a directory")
+        return value
+
     @property
     def uses_demo_bundles(self) -> bool:
-        """True when no model directory was given and the packaged demos are served."""
-        return "model_dir" not in self.model_fields_set and bool(self.model_dir)
+        """True when no model directory or repository was given and the packaged demos
+        are served."""
+        given = "model_dir" in self.model_fields_set or self.model_repository
+        return not given and bool(self.model_dir)
+
+    @property
+    def bundle_dirs(self) -> list[Path]:
+        """The bundles to serve: --model-dir's, then each --model-repository's bundle
+        subdirectories in name order; the demo bundles when neither is given."""
+        given = "model_dir" in self.model_fields_set
+        dirs = list(self.model_dir) if given or not self.model_repository else []
+        for repository in self.model_repository:
+            dirs += [path for path in sorted(repository.iterdir()) if _is_bundle(path)]
+        return dirs
+
+    def skipped_in_repositories(self) -> list[Path]:
+        """Entries of the model repositories that are no bundles (no manifest.json)."""
+        return [
+            path
+            for repository in self.model_repository
+            for path in sorted(repository.iterdir())
+            if not _is_bundle(path)
+        ]
 
     @property
     def decode_workers(self) -> int:
