@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
@@ -383,6 +384,29 @@ class ModelPool:
             },
         )
         return runner
+
+    def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: every bundle given, in order, with its state: READY
+        once the server is ready, LOADING while models load, else UNAVAILABLE with the
+        reason (a model that failed to load, engines that kept failing, the drain)."""
+        if self.ready:
+            state, reason = "READY", ""
+        elif self.engine_failure or self.load_error or self.draining:
+            state = "UNAVAILABLE"
+            reason = self.engine_failure or self.load_error or "the server is shutting down"
+        else:
+            state, reason = "LOADING", ""
+        entries, loaded = [], list(self.runners)  # in the sources' order
+        for number, source in enumerate(self._sources):
+            if isinstance(source, Bundle):
+                name = source.manifest.name
+            else:  # a directory not verified yet: its model's name once loaded
+                name = loaded[number] if number < len(loaded) else Path(source).name
+            entry = {"name": name, "version": "1", "state": state}
+            if reason:
+                entry["reason"] = reason
+            entries.append(entry)
+        return entries
 
     def _engine_failing(self, model: str, count: int) -> None:
         """A model's engines failed `count` batches in a row (--max-engine-failures): not

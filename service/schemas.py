@@ -215,6 +215,13 @@ class V2StatisticsResponse(BaseModel):
     model_stats: list[V2ModelStatistics]
 
 
+class V2ModelIndex(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "LOADING", "UNAVAILABLE"]
+    reason: str | None = Field(None, description="why a model is UNAVAILABLE")
+
+
 class V2ModelReady(BaseModel):
     name: str
     ready: bool

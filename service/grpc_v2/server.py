@@ -37,7 +37,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
-from service.errors import ServiceError
+from service.errors import InvalidParameters, ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_id, trace_id, trace_id_of
 from service.metrics import ServiceMetrics
@@ -171,6 +171,15 @@ class InferenceService:
             inputs=[tensor(**t) for t in metadata["inputs"]],
             outputs=[tensor(**t) for t in metadata["outputs"]],
         )
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Every bundle given and its state, as `POST /v2/repository/index` (read-only)."""
+        if request.repository_name:
+            raise InvalidParameters(
+                "this server's model repositories have no names: send an empty repository_name"
+            )
+        entries = v2.repository_entries(self.pool, request.ready)
+        return json_format.ParseDict({"models": entries}, MESSAGES["RepositoryIndexResponse"]())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The configuration /v2/models/{model}/config answers, as Triton's message."""

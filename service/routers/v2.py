@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse
 from service import __version__, kserve
 from service.batching import IsGone
 from service.dependencies import Pool, request_deadline
-from service.errors import PayloadTooLarge, UnknownModel
+from service.errors import InvalidParameters, PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
 from service.runtime import ModelPool, ModelRunner
@@ -35,6 +36,7 @@ from service.schemas import (
     RETRY_AFTER,
     V2ErrorResponse,
     V2InferResponse,
+    V2ModelIndex,
     V2ModelMetadata,
     V2ModelReady,
     V2ServerLive,
@@ -198,6 +200,49 @@ def statistics(pool: ModelPool, name: str, version: str | None) -> dict:
     since the server started, for the named model or (name empty) every loaded model."""
     runners = [find_model(pool, name, version)] if name else list(pool.runners.values())
     return {"model_stats": [r.statistics.as_dict(r.name, MODEL_VERSION) for r in runners]}
+
+
+@router.post(
+    "/repository/index",
+    response_model=list[V2ModelIndex],
+    response_model_exclude_none=True,
+    responses=error_responses(V2ErrorResponse, {422: "invalid_parameters: a body that is "
+        "not a JSON object with an optional boolean 'ready'"}),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"ready": {"type": "boolean"}},
+            }}},
+        }
+    },
+)  # fmt: skip
+async def repository_index(request: Request, pool: Pool) -> list[dict]:
+    """Triton's repository index, read-only: every bundle the server was given, its version
+    and state (READY, LOADING, or UNAVAILABLE with the reason); with `{"ready": true}`
+    the ready ones only. Models load at start: there is no load or unload."""
+    return repository_entries(pool, _index_ready_only(await request.body()))
+
+
+def repository_entries(pool: ModelPool, ready_only: bool) -> list[dict]:
+    entries = pool.index()
+    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+
+def _index_ready_only(body: bytes) -> bool:
+    if not body.strip():
+        return False
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    ready = parsed.get("ready", False) if isinstance(parsed, dict) else None
+    if not isinstance(ready, bool):
+        raise InvalidParameters(
+            "a repository index request is empty or a JSON object with an optional boolean 'ready'"
+        )
+    return ready
 
 
 # Before /models/{model}: Triton's path for every model's statistics (a model named

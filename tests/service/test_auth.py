@@ -194,6 +194,7 @@ def test_v2_routes_need_the_key_and_answer_in_the_kserve_error_shape(keyed_serve
     assert refused.json()["error"].startswith("unauthorized: ")
     for path in ("tiny_cls", "tiny_cls/config", "tiny_cls/stats", "stats"):
         assert httpx.get(f"{base_url}/v2/models/{path}").status_code == 401, path
+    assert httpx.post(f"{base_url}/v2/repository/index").status_code == 401
     served = httpx.post(url, json=v2_infer_body(), headers=bearer(KEY), timeout=30)
     assert served.status_code == 200, served.text
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -29,11 +30,23 @@ def repository(classifier_dir, segmenter_dir, tmp_path: Path) -> Path:
 
 
 def test_a_server_serves_every_bundle_of_the_repository(repository, tmp_path: Path) -> None:
+    httpclient = pytest.importorskip("tritonclient.http")
     log = tmp_path / "server.log"
     flags = ["--model-repository", str(repository), "--engine-threads", "1"]
     with running_server(flags, log_path=log, inherit_settings=False) as server:
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["models"]
+        triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        index = triton.get_model_repository_index()  # Triton's client: an empty POST
+        ready = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True})
+        refused = httpx.post(f"{server.url}/v2/repository/index", json={"ready": "yes"})
+        triton.close()
     assert [m["name"] for m in models] == ["tiny_cls", "tiny_seg"]  # the directories' order
+    assert index == [
+        {"name": "tiny_cls", "version": "1", "state": "READY"},
+        {"name": "tiny_seg", "version": "1", "state": "READY"},
+    ]
+    assert ready.json() == index
+    assert refused.status_code == 422 and refused.json()["error"].startswith("invalid_parameters")
     assert not any(m["demo"] for m in models)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     (skipped,) = [line for line in lines if line["message"].startswith("skipped entries")]
@@ -69,3 +82,35 @@ def test_a_repository_without_bundles_stops_the_server_with_status_2(tmp_path: P
     assert done.returncode == 2
     assert "no bundles (subdirectories holding a manifest.json)" in done.stderr
     assert str(empty) in done.stderr
+
+
+@pytest.mark.anyio
+async def test_the_index_names_why_a_model_is_unavailable(classifier_dir, tmp_path) -> None:
+    """A second bundle whose graph does not build: the index gives both bundles, the
+    server not ready, each UNAVAILABLE with the loading error; none with ready only."""
+    from tests.helpers.serving import serving
+
+    broken = shutil.copytree(classifier_dir, tmp_path / "broken")
+    graph = broken / "model.onnx"
+    graph.write_bytes(b"not an onnx graph" + graph.read_bytes()[17:])
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["name"] = "broken_cls"
+    from tests.helpers.bundles import sha256_bytes
+
+    manifest["files"]["model.onnx"]["sha256"] = sha256_bytes(graph.read_bytes())
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    async with serving([classifier_dir, broken], wait_ready=False) as client:
+        pool = client.app.state.pool
+        for _ in range(400):
+            if pool.load_error:
+                break
+            await anyio.sleep(0.01)
+        index = (await client.post("/v2/repository/index")).json()
+        ready_only = (await client.post("/v2/repository/index", json={"ready": True})).json()
+    # the one that did not load by its directory's name (`hornet serve` verifies every
+    # bundle's manifest before it starts, so there it is the manifest's)
+    assert [(e["name"], e["state"]) for e in index] == [
+        ("tiny_cls", "UNAVAILABLE"), ("broken", "UNAVAILABLE")
+    ]  # fmt: skip
+    assert all(e["reason"] == pool.load_error for e in index) and pool.load_error
+    assert ready_only == []

@@ -45,7 +45,7 @@ DESCRIPTORS = "grpc_predict_v2.binpb"
 SERVICE = "GRPCInferenceService"
 RPCS = {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-    "ModelConfig", "ModelStatistics",
+    "ModelConfig", "ModelStatistics", "RepositoryIndex",
 }  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
@@ -241,8 +241,33 @@ def test_health_and_metadata_equal_the_rest_routes(served) -> None:
 
 
 def test_rpcs_outside_the_served_set_answer_unimplemented(served) -> None:
-    refused = refusal(lambda: served.client.get_model_repository_index())
-    assert refused.status() == status("UNIMPLEMENTED")
+    for call in (
+        lambda: served.client.load_model(MODEL),
+        lambda: served.client.unload_model(MODEL),
+        lambda: served.client.get_system_shared_memory_status(),
+    ):
+        assert refusal(call).status() == status("UNIMPLEMENTED")
+
+
+def test_the_repository_index_is_the_rest_routes(served) -> None:
+    from google.protobuf import json_format
+
+    rest = served.http.post("/v2/repository/index").json()
+    assert rest == [{"name": MODEL, "version": "1", "state": "READY"}]
+    expected = json_format.ParseDict(
+        {"models": rest}, grpcclient.service_pb2.RepositoryIndexResponse()
+    )
+    assert served.client.get_model_repository_index() == expected
+    ready = served.stub.RepositoryIndex(
+        grpcclient.service_pb2.RepositoryIndexRequest(ready=True), timeout=CALL_TIMEOUT_S
+    )
+    assert ready == expected
+    with pytest.raises(grpc.RpcError) as named:
+        served.stub.RepositoryIndex(
+            grpcclient.service_pb2.RepositoryIndexRequest(repository_name="models"),
+            timeout=CALL_TIMEOUT_S,
+        )
+    assert named.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_model_config_is_the_rest_routes_as_tritons_message(served) -> None:
