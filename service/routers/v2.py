@@ -206,8 +206,11 @@ def statistics(pool: ModelPool, name: str, version: str | None) -> dict:
     "/repository/index",
     response_model=list[V2ModelIndex],
     response_model_exclude_none=True,
-    responses=error_responses(V2ErrorResponse, {422: "invalid_parameters: a body that is "
-        "not a JSON object with an optional boolean 'ready'"}),
+    responses=error_responses(V2ErrorResponse, {
+        413: "payload_too_large: a body over 4096 bytes",
+        422: "invalid_parameters: a body that is not a JSON object with an optional "
+        "boolean 'ready'",
+    }),
     openapi_extra={
         "requestBody": {
             "required": False,
@@ -230,7 +233,17 @@ def repository_entries(pool: ModelPool, ready_only: bool) -> list[dict]:
     return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
 
+# A repository index request is `{"ready": true}` at most: a body past this is refused
+# before it is parsed (413), so that it never costs the event loop a large JSON parse.
+MAX_INDEX_BODY = 4096
+
+
 def _index_ready_only(body: bytes) -> bool:
+    if len(body) > MAX_INDEX_BODY:
+        raise PayloadTooLarge(
+            f"a repository index request of {len(body)} bytes; it takes at most "
+            f'{MAX_INDEX_BODY} ({{"ready": true}} or nothing)'
+        )
     if not body.strip():
         return False
     try:

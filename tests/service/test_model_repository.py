@@ -39,6 +39,8 @@ def test_a_server_serves_every_bundle_of_the_repository(repository, tmp_path: Pa
         index = triton.get_model_repository_index()  # Triton's client: an empty POST
         ready = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True})
         refused = httpx.post(f"{server.url}/v2/repository/index", json={"ready": "yes"})
+        padded = {"ready": True, "padding": "x" * 5000}
+        too_large = httpx.post(f"{server.url}/v2/repository/index", json=padded)
         triton.close()
     assert [m["name"] for m in models] == ["tiny_cls", "tiny_seg"]  # the directories' order
     assert index == [
@@ -47,6 +49,7 @@ def test_a_server_serves_every_bundle_of_the_repository(repository, tmp_path: Pa
     ]
     assert ready.json() == index
     assert refused.status_code == 422 and refused.json()["error"].startswith("invalid_parameters")
+    assert too_large.status_code == 413
     assert not any(m["demo"] for m in models)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     (skipped,) = [line for line in lines if line["message"].startswith("skipped entries")]
