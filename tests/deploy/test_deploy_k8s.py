@@ -491,3 +491,42 @@ def test_api_keys_example_leaves_the_probes_open(api_keys_objects: list[dict]):
     assert not any("httpHeaders" in p for p in probes), "keys in probes would sit in the spec"
     settings = {**_config(api_keys_objects), **{e["name"]: e["value"] for e in server["env"]}}
     assert settings.get("HORNET_PROTECT_PROBES", "false").lower() in ("false", "0")
+
+
+def _wait_for_bundles(objects: list[dict], env: dict[str, str]) -> tuple[bool, str]:
+    """Runs the wait-for-bundles init container's command of `objects` here with `env`:
+    whether it let the pod go on within 5 s, and what it printed."""
+    import subprocess
+    import sys
+
+    pod = _pod(objects, "Deployment")
+    (init,) = [c for c in pod["initContainers"] if c["name"] == "wait-for-bundles"]
+    assert init["command"][:2] == ["python", "-c"]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", init["command"][2]],
+            env={"PATH": os.environ.get("PATH", ""), **env},
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as waited:
+        printed = waited.stdout.decode() if isinstance(waited.stdout, bytes) else waited.stdout
+        return False, printed or ""
+    assert done.returncode == 0, done.stderr
+    return True, done.stdout
+
+
+def test_the_init_container_waits_for_the_bundles_and_repositories_it_is_given(rendered, tmp_path):
+    objects = rendered("overlays/cpu")
+    bundle, repository, empty = tmp_path / "b", tmp_path / "repo", tmp_path / "empty"
+    for folder in (bundle, repository / "m", repository / "lost+found", empty):
+        folder.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    (repository / "m" / "manifest.json").write_text("{}")
+    assert _wait_for_bundles(objects, {"HORNET_MODEL_DIR": str(bundle)}) == (True, "")
+    assert _wait_for_bundles(objects, {"HORNET_MODEL_REPOSITORY": str(repository)}) == (True, "")
+    both = {"HORNET_MODEL_DIR": str(bundle), "HORNET_MODEL_REPOSITORY": f"{repository},{empty}"}
+    went_on, printed = _wait_for_bundles(objects, both)
+    assert not went_on and str(empty) in printed and f"'{repository}'" not in printed
+    later = {"HORNET_MODEL_DIR": f"{bundle},{tmp_path / 'later'}"}
+    went_on, printed = _wait_for_bundles(objects, later)
+    assert not went_on and "waiting for the export Job" in printed
