@@ -24,7 +24,9 @@ threads' names (service.thread_names: `engine` the engines and the threads they 
 engine's at the reference configuration; the mean batch and the engines' busy share;
 and the CPU-bound ceiling: where the raw engine keeps every CPU busy, the most of its
 images/s any server can deliver beside those other threads and the clients on the same
-CPUs (`cpu_bound_ceiling`).
+CPUs (`cpu_bound_ceiling`); and, from the server's statistics (/v2/models/stats), where a
+request's wall time went there: decoding and preprocessing (input), waiting for its batch
+(queue), its batch's engine run (engine) and shaping the answer.
 
 With --rounds N, steps 2 and 3 repeat N times, so that each server figure has raw engine
 figures measured next to it in time (a shared host's speed drifts by 10% or more within
@@ -256,8 +258,14 @@ def memory_mib(pids: list[int]) -> float:
     return kib / 1024
 
 
+# The stages of a request in the server, as its statistics extension counts them.
+STAGES = ("compute_input", "queue", "compute_infer", "compute_output")
+
+
 def server_counters(url: str) -> dict[str, float]:
-    """The server's batch and engine-time counters, summed over its models (/metrics)."""
+    """The server's batch and engine-time counters, summed over its models (/metrics),
+    and its successful requests' time in each stage (Triton's statistics extension,
+    /v2/models/stats; absent from a server without it)."""
     wanted = ("hornet_batch_size_sum", "hornet_batch_size_count", "hornet_engine_seconds_sum")
     totals = dict.fromkeys(wanted, 0.0)
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -265,6 +273,12 @@ def server_counters(url: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
+    stats = httpx.get(f"{url}/v2/models/stats", timeout=10)
+    if stats.status_code == 200:
+        models = [m["inference_stats"] for m in stats.json()["model_stats"]]
+        totals["stats_requests"] = float(sum(m["success"]["count"] for m in models))
+        for stage in STAGES:
+            totals[f"stats_{stage}_ns"] = float(sum(m[stage]["ns"] for m in models))
     return totals
 
 
@@ -569,11 +583,20 @@ def _where(spent: dict[str, float], result: LoadResult, raw_cpu_ms: float) -> st
         server += " (" + ", ".join(f"{r} {s / images * 1000:.1f}" for r, s in roles) + ")"
         beside = sum(s for r, s in roles if r != "engine") / images * 1000 + client_ms
         bound = f"; CPU-bound ceiling {cpu_bound_ceiling(raw_cpu_ms, beside):.3f}"
+    requests = spent.get("stats_requests", 0.0)
+    stages = ""
+    if requests > 0:
+        ms = {stage: spent[f"stats_{stage}_ns"] / requests / 1e6 for stage in STAGES}
+        stages = (
+            f"; a request's wall ms in the server: input {ms['compute_input']:.1f}, queue "
+            f"{ms['queue']:.1f}, engine {ms['compute_infer']:.1f}, answer "
+            f"{ms['compute_output']:.1f}"
+        )
     return (
         f"server {server}, "
         f"client {client_ms:.1f}, raw engine {raw_cpu_ms:.1f}; "
         f"batch {spent['hornet_batch_size_sum'] / batches:.1f}, engine busy "
-        f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}{bound}"
+        f"{spent['hornet_engine_seconds_sum'] / result.seconds:.0%}{bound}{stages}"
     )
 
 

@@ -58,3 +58,13 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     low = (raw_ms - 0.05) / (raw_ms - 0.05 + beside + 0.25)
     high = (raw_ms + 0.05) / (raw_ms + 0.05 + max(beside - 0.25, 0.0))
     assert low - 0.0005 <= ceiling <= high + 0.0005, (low, ceiling, high, level)
+    # A request's wall time in the server by stage (its statistics): all there, and the
+    # engine's share no more than the client's whole round trip (p99 bounds every one).
+    stages = re.search(
+        r"wall ms in the server: input ([\d.]+), queue ([\d.]+), engine ([\d.]+), "
+        r"answer ([\d.]+)",
+        level,
+    )
+    assert stages, level
+    p99 = float(level.split()[6])
+    assert 0 < float(stages[3]) and sum(map(float, stages.groups())) <= p99 + 0.2
