@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ServiceError
+from service.errors import PayloadTooLarge, ServiceError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -94,6 +94,25 @@ class OutputTensor:
     array: np.ndarray
     binary: bool
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def json_part(body: bytes, header_length: str | None) -> bytes:
+    """The request's JSON: the whole body, or its header under the binary extension."""
+    return _split(body, header_length)[0]
+
+
+def check_json_elements(header: bytes, max_elements: int) -> None:
+    """Refuse JSON that could hold more than `max_elements` elements, before it is parsed:
+    a JSON element list costs a Python object per element while it is parsed (holding the
+    interpreter lock throughout), and elements are separated by commas, which the header's
+    other parts and base64 strings use a few of at most."""
+    commas = header.count(b",")
+    if commas >= max_elements:
+        raise PayloadTooLarge(
+            f"a JSON request of {commas + 1} comma-separated values; JSON data is taken up "
+            f"to {max_elements} elements (--max-json-elements): send larger tensors with "
+            "the binary tensor extension (tritonclient: binary_data=True)"
+        )
 
 
 def parse_infer_request(

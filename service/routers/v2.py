@@ -127,8 +127,9 @@ _INFER_ERRORS = error_responses(
         "for a detect model), or a score_threshold outside 0..1; "
         "bad_image: an encoded image that does not decode",
         404: _UNKNOWN,
-        413: "payload_too_large: the body is over --max-upload-mb, more images than "
-        "max_images_per_request, or an encoded image over --max-pixels",
+        413: "payload_too_large: the body is over --max-upload-mb, its JSON could hold more "
+        "than --max-json-elements elements (send those with the binary extension), more "
+        "images than max_images_per_request, or an encoded image over --max-pixels",
         415: "unsupported_media_type: an encoded image in no supported format",
         422: _INVALID,
         500: "engine_error: the engine failed on this request's batch; internal_error",
@@ -350,6 +351,11 @@ async def model_config(pool: Pool, model: str, version: str | None = None) -> di
     return config
 
 
+# JSON past this is parsed in a thread: the parser holds the interpreter lock while it
+# builds each element's object, but numpy's conversion of them lets the loop in between
+# (a 9 MB body: the loop's longest wait 0.12 s in a thread, 0.23 s inline).
+JSON_INLINE_BYTES = 256 * 1024
+
 _INFER_ROUTE = {
     "response_model": V2InferResponse,
     "responses": {200: _INFER_OK, **_INFER_ERRORS},
@@ -366,7 +372,13 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     pool.require_ready()
     deadline = request_deadline(request)
     body = await request.body()
-    parsed, tensors = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH))
+    header_length = request.headers.get(kserve.HEADER_LENGTH)
+    json_part = kserve.json_part(body, header_length)
+    kserve.check_json_elements(json_part, pool.settings.max_json_elements)
+    if len(json_part) > JSON_INLINE_BYTES:  # element lists: parsed beside the event loop
+        parsed, tensors = await asyncio.to_thread(kserve.parse_infer_request, body, header_length)
+    else:
+        parsed, tensors = kserve.parse_infer_request(body, header_length)
     outputs = await infer_outputs(
         pool, runner, parsed, tensors, deadline=deadline, is_gone=request.is_disconnected
     )

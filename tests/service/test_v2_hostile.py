@@ -287,3 +287,21 @@ def test_json_elements_are_not_kept_once_converted() -> None:
     assert tensor.array.shape == (images, 224, 224, 3) and tensor.array.dtype == "uint8"
     assert held < 2 * elements, f"{held / elements:.1f} bytes held per element"
     assert (tensor.array == 1).all() and parsed.inputs[0].name == "image"
+
+
+def test_json_past_the_element_limit_is_refused_before_it_is_parsed(server) -> None:
+    """Seven 224 x 224 RGB images as JSON UINT8 elements (1,053,696 > 2^20): 413 naming the
+    binary extension, before a Python object is made of an element (memory flat); six
+    (903,168) are served."""
+    client, process, before = server
+    for images, status in ((7, 413), (6, 200)):
+        shape = [images, 224, 224, 3]
+        body, headers = json_body("image", shape, "UINT8", [3] * images * IMAGE_ELEMENTS)
+        response = client.post(INFER, content=body, headers=headers)
+        assert response.status_code == status, response.text[:300]
+        if status == 413:
+            error = response.json()["error"]
+            assert error.startswith("payload_too_large: ") and "binary tensor extension" in error
+            after = memory_of(process.pid)
+            assert after["VmHWM"] - before["VmHWM"] < MAX_GROWTH_BYTES, (before, after)
+    assert len(response.json()["outputs"][0]["data"]) == 6 * 10  # six rows of ten logits
