@@ -110,7 +110,7 @@ def check_json_elements(header: bytes, max_elements: int) -> None:
     if commas >= max_elements:
         raise PayloadTooLarge(
             f"a JSON request of {commas + 1} comma-separated values; JSON data is taken up "
-            f"to {max_elements} elements (--max-json-elements): send larger tensors with "
+            f"to {max_elements} elements (--max-listed-elements): send larger tensors with "
             "the binary tensor extension (tritonclient: binary_data=True)"
         )
 

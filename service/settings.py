@@ -210,14 +210,15 @@ class Settings(BaseSettings):
     max_pixels: Annotated[int, Flag(metavar="P")] = Field(
         40_000_000, ge=1, description="larger images (checked before decoding): 413"
     )
-    max_json_elements: int = Field(
+    max_listed_elements: int = Field(
         1 << 20,
         ge=1,
-        description="a KServe v2 request whose JSON could hold more than N elements (counted "
-        "by its commas, before it is parsed): 413, naming the binary tensor extension, which "
-        "carries any tensor with one copy. JSON costs a Python object per element while it is "
-        "parsed (1M elements: about 0.1 s and 40 MB); 2^20 elements is 6 RGB images at 224 "
-        "as UINT8",
+        description="KServe v2 inputs given element by element (JSON data, counted by its "
+        "commas before it is parsed; gRPC's typed contents) hold at most N elements in a "
+        "request, else 413 (gRPC: RESOURCE_EXHAUSTED) naming the binary forms, which carry "
+        "any tensor with one copy. Listed elements cost a Python object each while they are "
+        "converted, with the interpreter lock held (2^20: about 0.07 s); 2^20 is 6 RGB "
+        "images at 224 as UINT8",
     )
     max_images_per_request: Annotated[int, Flag(metavar="N")] = Field(
         64, ge=1, description="more images in one request: 413"

@@ -37,7 +37,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
-from service.errors import InvalidParameters, ServiceError
+from service.errors import InvalidParameters, PayloadTooLarge, ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_id, trace_id, trace_id_of
 from service.metrics import ServiceMetrics
@@ -201,6 +201,7 @@ class InferenceService:
         if request.raw_input_contents:  # numpy views of the message's bytes: at once
             parsed, tensors = parse_infer_request(request)
         else:  # typed contents are converted element by element: off the event loop
+            _check_listed(request, self.settings.max_listed_elements)
             parsed, tensors = await asyncio.to_thread(parse_infer_request, request)
 
         async def gone() -> bool:
@@ -259,6 +260,26 @@ _CONTENTS_TYPES = {
     "fp32_contents": np.float32,
     "fp64_contents": np.float64,
 }
+
+
+_CONTENTS = sorted(set(CONTENTS_FIELDS.values()))  # each field once
+
+
+def _check_listed(request: Any, max_elements: int) -> None:
+    """Typed contents past `max_elements` elements are refused before any is converted
+    (each becomes a Python object with the interpreter lock held): raw_input_contents
+    carries any tensor with one copy."""
+    listed = sum(
+        len(getattr(tensor.contents, field))
+        for tensor in request.inputs[:MAX_TENSORS]
+        for field in _CONTENTS
+    )
+    if listed > max_elements:
+        raise PayloadTooLarge(
+            f"{listed} elements in the inputs' typed contents; they take at most "
+            f"{max_elements} (--max-listed-elements): send larger tensors in "
+            "raw_input_contents (tritonclient sends it)"
+        )
 
 
 def _check_counts(request: Any) -> None:

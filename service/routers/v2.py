@@ -128,7 +128,7 @@ _INFER_ERRORS = error_responses(
         "bad_image: an encoded image that does not decode",
         404: _UNKNOWN,
         413: "payload_too_large: the body is over --max-upload-mb, its JSON could hold more "
-        "than --max-json-elements elements (send those with the binary extension), more "
+        "than --max-listed-elements elements (send those with the binary extension), more "
         "images than max_images_per_request, or an encoded image over --max-pixels",
         415: "unsupported_media_type: an encoded image in no supported format",
         422: _INVALID,
@@ -374,7 +374,7 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     body = await request.body()
     header_length = request.headers.get(kserve.HEADER_LENGTH)
     json_part = kserve.json_part(body, header_length)
-    kserve.check_json_elements(json_part, pool.settings.max_json_elements)
+    kserve.check_json_elements(json_part, pool.settings.max_listed_elements)
     if len(json_part) > JSON_INLINE_BYTES:  # element lists: parsed beside the event loop
         parsed, tensors = await asyncio.to_thread(kserve.parse_infer_request, body, header_length)
     else:

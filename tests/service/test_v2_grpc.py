@@ -903,3 +903,38 @@ def test_a_server_whose_models_do_not_load_is_live_but_not_serving(
             grpc_infer(client, "image", "UINT8", GOOD_PIXELS)
         client.close()
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_listed_elements_past_the_limit_are_refused_before_conversion(
+    classifier_dir, tmp_path
+) -> None:
+    """--max-listed-elements 1000: one image (150,528 elements) as gRPC typed contents is
+    refused (RESOURCE_EXHAUSTED naming raw_input_contents), as JSON data over REST (413
+    naming the binary extension); the same image raw over gRPC is served."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1",
+             "--max-listed-elements", "1000", "--grpc-port", str(port)]  # fmt: skip
+    with (
+        running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as s,
+        httpx.Client(base_url=s.url, timeout=30) as http,
+        grpc.insecure_channel(f"{LOOPBACK}:{port}", options=CHANNEL_ARGS) as channel,
+        connect(port) as client,
+    ):
+        stub = grpcclient.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        typed = grpcclient.service_pb2.ModelInferRequest(model_name=MODEL)
+        tensor = typed.inputs.add(name="image", datatype="UINT8", shape=list(GOOD_PIXELS.shape))
+        tensor.contents.uint_contents.extend(GOOD_PIXELS.reshape(-1).tolist())
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(typed, timeout=CALL_TIMEOUT_S)
+        rest = http.post(
+            f"/v2/models/{MODEL}/infer",
+            json={"inputs": [{"name": "image", "datatype": "UINT8",
+                              "shape": list(GOOD_PIXELS.shape),
+                              "data": GOOD_PIXELS.reshape(-1).tolist()}]},
+        )  # fmt: skip
+        raw = grpc_infer(client, "image", "UINT8", GOOD_PIXELS)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "150528 elements" in refused.value.details()
+    assert "raw_input_contents" in refused.value.details()
+    assert rest.status_code == 413 and "binary tensor extension" in rest.json()["error"]
+    assert raw["probabilities"].shape == (1, 10)
