@@ -938,3 +938,24 @@ def test_listed_elements_past_the_limit_are_refused_before_conversion(
     assert "raw_input_contents" in refused.value.details()
     assert rest.status_code == 413 and "binary tensor extension" in rest.json()["error"]
     assert raw["probabilities"].shape == (1, 10)
+
+
+def test_an_error_quoting_a_huge_model_name_keeps_its_status(served) -> None:
+    """A megabyte of model name: NOT_FOUND with the start of the usual sentence, its
+    details bounded (clients refuse trailers past 8 KiB: unbounded, the call ended in
+    RESOURCE_EXHAUSTED "Stream removed" instead), on every call that names a model."""
+    pb = grpcclient.service_pb2
+    name = "x" * 1_000_000
+    for rpc, request in (
+        ("ModelMetadata", pb.ModelMetadataRequest(name=name)),
+        ("ModelConfig", pb.ModelConfigRequest(name=name)),
+        ("ModelStatistics", pb.ModelStatisticsRequest(name=name)),
+        ("ModelReady", pb.ModelReadyRequest(name=name)),
+        ("ModelInfer", pb.ModelInferRequest(model_name=name)),
+    ):
+        with pytest.raises(grpc.RpcError) as failed:
+            getattr(served.stub, rpc)(request, timeout=CALL_TIMEOUT_S)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND, (rpc, failed.value.details())
+        details = failed.value.details()
+        assert details.startswith("unknown_model: no model named 'xxx") and len(details) < 2100
+    assert served.client.is_server_live()
