@@ -96,30 +96,39 @@ class OutputTensor:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def json_part(body: bytes, header_length: str | None) -> bytes:
-    """The request's JSON: the whole body, or its header under the binary extension."""
-    return _split(body, header_length)[0]
+def json_length(body: bytes, header_length: str | None) -> int:
+    """The byte count of the request's JSON: the whole body, or its header under the
+    binary extension (nothing is copied)."""
+    return len(body) if header_length is None else _header_end(body, header_length)
 
 
-def check_json_elements(header: bytes, max_elements: int) -> None:
-    """Refuse JSON that could hold more than `max_elements` elements, before it is parsed:
-    a JSON element list costs a Python object per element while it is parsed (holding the
-    interpreter lock throughout), and elements are separated by commas, which the header's
-    other parts and base64 strings use a few of at most."""
-    commas = header.count(b",")
-    if commas >= max_elements:
+def check_listed(count: int, max_elements: int, counted: str, instead: str) -> None:
+    """Refuse a request listing more than `max_elements` elements (`count` of `counted`)
+    before any is converted: a listed element costs a Python object while it is parsed or
+    converted, with the interpreter lock held; `instead` names the binary form, which
+    carries any tensor with one copy."""
+    if count > max_elements:
         raise PayloadTooLarge(
-            f"a JSON request of {commas + 1} comma-separated values; JSON data is taken up "
-            f"to {max_elements} elements (--max-listed-elements): send larger tensors with "
-            "the binary tensor extension (tritonclient: binary_data=True)"
+            f"{count} {counted}; listed elements are taken up to {max_elements} a request "
+            f"(--max-listed-elements): send larger tensors {instead}"
         )
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None
+    body: bytes, header_length: str | None, max_elements: int | None = None
 ) -> tuple[InferRequest, list[Tensor]]:
-    """The request's JSON header and its inputs as arrays, checked against their shapes."""
+    """The request's JSON header and its inputs as arrays, checked against their shapes;
+    with `max_elements`, JSON that could list more elements is refused before it is
+    parsed (elements are separated by commas, which the header's other parts and base64
+    strings use a few of at most)."""
     header, binary = _split(body, header_length)
+    if max_elements is not None:
+        check_listed(
+            header.count(b",") + 1,
+            max_elements,
+            "comma-separated values in the request's JSON",
+            "with the binary tensor extension (tritonclient: binary_data=True)",
+        )
     request = validated_request(header)
     tensors, offset = [], 0
     for spec in request.inputs:
@@ -181,14 +190,18 @@ def from_values(spec: RequestInput, values: Sequence[Any], dtype: type | None) -
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
+    length = _header_end(body, header_length)
+    return body[:length], body[length:]
+
+
+def _header_end(body: bytes, header_length: str) -> int:
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()) or int(text) > len(body):
         raise InvalidInferRequest(
             f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's byte count "
             f"(the body has {len(body)} bytes)"
         )
-    length = int(text)
-    return body[:length], body[length:]
+    return int(text)
 
 
 def _element_count(spec: RequestInput) -> int:

@@ -37,7 +37,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
-from service.errors import InvalidParameters, PayloadTooLarge, ServiceError
+from service.errors import InvalidParameters, ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_id, trace_id, trace_id_of
 from service.metrics import ServiceMetrics
@@ -198,11 +198,11 @@ class InferenceService:
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining)
+        limit = self.settings.max_listed_elements
         if request.raw_input_contents:  # numpy views of the message's bytes: at once
-            parsed, tensors = parse_infer_request(request)
+            parsed, tensors = parse_infer_request(request, limit)
         else:  # typed contents are converted element by element: off the event loop
-            _check_listed(request, self.settings.max_listed_elements)
-            parsed, tensors = await asyncio.to_thread(parse_infer_request, request)
+            parsed, tensors = await asyncio.to_thread(parse_infer_request, request, limit)
 
         async def gone() -> bool:
             return context.cancelled()
@@ -213,9 +213,21 @@ class InferenceService:
         return infer_response(request.model_name, parsed.id, outputs)
 
 
-def parse_infer_request(request: Any) -> tuple[kserve.InferRequest, list[Tensor]]:
-    """A ModelInferRequest as the REST route's parsed request and input tensors."""
+def parse_infer_request(
+    request: Any, max_elements: int | None = None
+) -> tuple[kserve.InferRequest, list[Tensor]]:
+    """A ModelInferRequest as the REST route's parsed request and input tensors; with
+    `max_elements`, typed contents listing more elements are refused before any is
+    converted."""
     _check_counts(request)
+    if max_elements is not None and not request.raw_input_contents:
+        listed = sum(len(getattr(t.contents, f)) for t in request.inputs for f in _CONTENTS)
+        kserve.check_listed(
+            listed,
+            max_elements,
+            "elements in the inputs' typed contents",
+            "in raw_input_contents (tritonclient sends it)",
+        )
     header = {
         "id": request.id or None,
         "parameters": parameters(request.parameters),
@@ -263,23 +275,6 @@ _CONTENTS_TYPES = {
 
 
 _CONTENTS = sorted(set(CONTENTS_FIELDS.values()))  # each field once
-
-
-def _check_listed(request: Any, max_elements: int) -> None:
-    """Typed contents past `max_elements` elements are refused before any is converted
-    (each becomes a Python object with the interpreter lock held): raw_input_contents
-    carries any tensor with one copy."""
-    listed = sum(
-        len(getattr(tensor.contents, field))
-        for tensor in request.inputs[:MAX_TENSORS]
-        for field in _CONTENTS
-    )
-    if listed > max_elements:
-        raise PayloadTooLarge(
-            f"{listed} elements in the inputs' typed contents; they take at most "
-            f"{max_elements} (--max-listed-elements): send larger tensors in "
-            "raw_input_contents (tritonclient sends it)"
-        )
 
 
 def _check_counts(request: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 from typing import Any
 
@@ -373,12 +374,13 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     deadline = request_deadline(request)
     body = await request.body()
     header_length = request.headers.get(kserve.HEADER_LENGTH)
-    json_part = kserve.json_part(body, header_length)
-    kserve.check_json_elements(json_part, pool.settings.max_listed_elements)
-    if len(json_part) > JSON_INLINE_BYTES:  # element lists: parsed beside the event loop
-        parsed, tensors = await asyncio.to_thread(kserve.parse_infer_request, body, header_length)
+    parse = functools.partial(
+        kserve.parse_infer_request, body, header_length, pool.settings.max_listed_elements
+    )
+    if kserve.json_length(body, header_length) > JSON_INLINE_BYTES:  # beside the event loop
+        parsed, tensors = await asyncio.to_thread(parse)
     else:
-        parsed, tensors = kserve.parse_infer_request(body, header_length)
+        parsed, tensors = parse()
     outputs = await infer_outputs(
         pool, runner, parsed, tensors, deadline=deadline, is_gone=request.is_disconnected
     )
