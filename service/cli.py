@@ -81,7 +81,8 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if not settings.bundle_dirs:
+    bundle_dirs = settings.bundle_dirs  # the repositories are read once
+    if not bundle_dirs:
         where = (
             f"no bundles (subdirectories holding a manifest.json) in the model repository "
             f"{', '.join(map(str, settings.model_repository))}"
@@ -95,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        bundles = [load_bundle(path) for path in settings.bundle_dirs]
+        bundles = [load_bundle(path) for path in bundle_dirs]
     except BundleError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2

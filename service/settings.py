@@ -463,17 +463,16 @@ class Settings(BaseSettings):
         subdirectories in name order; the demo bundles when neither is given."""
         given = "model_dir" in self.model_fields_set
         dirs = list(self.model_dir) if given or not self.model_repository else []
-        for repository in self.model_repository:
-            dirs += [path for path in sorted(repository.iterdir()) if _is_bundle(path)]
-        return dirs
+        return dirs + [path for path in self._repository_entries() if _is_bundle(path)]
 
     def skipped_in_repositories(self) -> list[Path]:
         """Entries of the model repositories that are no bundles (no manifest.json)."""
+        return [path for path in self._repository_entries() if not _is_bundle(path)]
+
+    def _repository_entries(self) -> list[Path]:
+        """Every entry of the model repositories, each repository's in name order."""
         return [
-            path
-            for repository in self.model_repository
-            for path in sorted(repository.iterdir())
-            if not _is_bundle(path)
+            path for repository in self.model_repository for path in sorted(repository.iterdir())
         ]
 
     @property
