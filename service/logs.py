@@ -4,12 +4,15 @@ instrumented client), so that the lines can be found from the trace."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import re
 import sys
 import time
+import uuid
+from collections.abc import Iterator, Mapping
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hornet_request_id", default=None
@@ -20,6 +23,25 @@ trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # W3C Trace Context's traceparent: version-trace_id-parent_id-flags, lowercase hex. A
 # future version may append fields after a dash; version ff is invalid.
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$")
+
+
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # an X-Request-ID kept as given
+
+
+@contextlib.contextmanager
+def request_context(headers: Mapping[bytes, bytes]) -> Iterator[str]:
+    """The ids every log line written while a request is handled carries (REST headers
+    and gRPC metadata alike): its id, the client's `x-request-id` when valid or a new one,
+    and the trace id of a valid `traceparent`. Yields the request id."""
+    incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+    rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    id_token = request_id.set(rid)
+    trace_token = trace_id.set(trace_id_of(headers.get(b"traceparent", b"").decode("latin-1")))
+    try:
+        yield rid
+    finally:
+        request_id.reset(id_token)
+        trace_id.reset(trace_token)
 
 
 def trace_id_of(traceparent: str) -> str | None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import Sequence
 
 from prometheus_client import Gauge
@@ -23,12 +21,11 @@ from service.errors import (
     ServiceError,
     error_body,
 )
-from service.logs import request_id, trace_id, trace_id_of
+from service.logs import request_context
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("hornet.access")
 
-VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # an X-Request-ID kept as given
 # Where the request's id is kept in the ASGI scope, for handlers that run outside this
 # middleware (Starlette's handler of unexpected exceptions).
 REQUEST_ID_SCOPE_KEY = "hornet.request_id"
@@ -60,12 +57,12 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        scope[REQUEST_ID_SCOPE_KEY] = rid
-        token = request_id.set(rid)
-        trace_token = trace_id.set(trace_id_of(headers.get(b"traceparent", b"").decode("latin-1")))
+        with request_context(dict(scope["headers"])) as rid:
+            scope[REQUEST_ID_SCOPE_KEY] = rid
+            await self._handle(scope, receive, send, rid)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        """The request answered under its ids: counted, timed and logged."""
         status = 500
         started = time.perf_counter()
 
@@ -98,8 +95,6 @@ class RequestContextMiddleware:
                     "seconds": round(elapsed, 6),
                 },
             )
-            request_id.reset(token)
-            trace_id.reset(trace_token)
 
 
 class CloseUnreadBodyMiddleware:

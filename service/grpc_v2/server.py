@@ -26,7 +26,6 @@ import contextlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
@@ -39,9 +38,9 @@ from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
 from service.errors import InvalidParameters, ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import request_id, trace_id, trace_id_of
+from service.logs import request_context
 from service.metrics import ServiceMetrics
-from service.middleware import VALID_REQUEST_ID, UploadBuffer
+from service.middleware import UploadBuffer
 from service.routers import v2
 from service.runtime import ModelPool
 from service.settings import Settings
@@ -384,13 +383,16 @@ class _Calls:
                 (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
                 for k, v in context.invocation_metadata() or ()
             ]
-            given = dict(metadata)
-            incoming = given.get(b"x-request-id", b"").decode("latin-1")
-            rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-            token = request_id.set(rid)
-            trace_token = trace_id.set(
-                trace_id_of(given.get(b"traceparent", b"").decode("latin-1"))
-            )
+            with request_context(dict(metadata)) as rid:
+                return await handled(request, context, metadata, rid)
+
+        async def handled(
+            request: Any,
+            context: grpc.aio.ServicerContext,
+            metadata: list[tuple[bytes, bytes]],
+            rid: str,
+        ) -> Any:
+            """The call answered under its ids: its key checked, counted, timed, logged."""
             started, status = time.perf_counter(), 200
             self.metrics.in_flight.inc()
             # The id goes back with the status (one frame, not headers of their own).
@@ -421,8 +423,6 @@ class _Calls:
                     extra={"method": "gRPC", "path": route, "status": status,
                            "seconds": round(elapsed, 6)},
                 )  # fmt: skip
-                request_id.reset(token)
-                trace_id.reset(trace_token)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
