@@ -84,17 +84,20 @@ class RequestContextMiddleware:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
             route = self._route_template(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "seconds": round(elapsed, 6),
-                },
-            )
+            record_request(self.metrics, route, scope["method"], scope["path"], status, elapsed)
+
+
+def record_request(
+    metrics: ServiceMetrics, route: str, method: str, path: str, status: int, seconds: float
+) -> None:
+    """A request answered (REST or gRPC): counted and timed under its route template (a
+    gRPC method's path) and HTTP status, and its access log line written."""
+    metrics.requests.labels(route, str(status)).inc()
+    metrics.latency.labels(route).observe(seconds)
+    log.info(
+        "request",
+        extra={"method": method, "path": path, "status": status, "seconds": round(seconds, 6)},
+    )
 
 
 class CloseUnreadBodyMiddleware:

@@ -40,13 +40,12 @@ from service.errors import InvalidParameters, ServiceError
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_context
 from service.metrics import ServiceMetrics
-from service.middleware import UploadBuffer
+from service.middleware import UploadBuffer, record_request
 from service.routers import v2
 from service.runtime import ModelPool
 from service.settings import Settings
 
 log = logging.getLogger("hornet.service.grpc")
-access_log = logging.getLogger("hornet.access")  # the REST requests' lines too
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"  # gRPC's health checking protocol (health.proto)
@@ -416,13 +415,7 @@ class _Calls:
             finally:
                 self.metrics.in_flight.dec()
                 elapsed = time.perf_counter() - started
-                self.metrics.requests.labels(route, str(status)).inc()
-                self.metrics.latency.labels(route).observe(elapsed)
-                access_log.info(
-                    "request",
-                    extra={"method": "gRPC", "path": route, "status": status,
-                           "seconds": round(elapsed, 6)},
-                )  # fmt: skip
+                record_request(self.metrics, route, "gRPC", route, status, elapsed)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
