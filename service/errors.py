@@ -9,10 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
+# The most characters of a detail an error sends. Details quote what the client sent (a
+# v2 input's name, a model name), which only the upload limit bounds; over gRPC they
+# travel in a trailer, percent-encoded (up to 3 bytes a character), and clients refuse
+# trailers past 8 KiB by default, so an error quoting a megabyte of model name reached the
+# client as "Stream removed" (RESOURCE_EXHAUSTED) instead of its own status.
+MAX_DETAIL_CHARS = 2000
+
+
+def bounded(detail: str) -> str:
+    """`detail`, cut to MAX_DETAIL_CHARS and saying how much was cut."""
+    if len(detail) <= MAX_DETAIL_CHARS:
+        return detail
+    cut = len(detail) - MAX_DETAIL_CHARS
+    return f"{detail[:MAX_DETAIL_CHARS]}... ({cut} characters more)"
+
 
 def error_body(path: str, code: str, detail: Any) -> dict[str, Any]:
     """`{"error": CODE, "detail": ...}`; under /v2 the Open Inference Protocol's
-    `{"error": "CODE: detail"}`, whose one string its clients show."""
+    `{"error": "CODE: detail"}`, whose one string its clients show. A text detail is
+    `bounded`."""
+    if isinstance(detail, str):
+        detail = bounded(detail)
     if path.startswith("/v2"):
         return {"error": f"{code}: {detail}" if detail else code}
     return {"error": code, "detail": detail}

@@ -36,7 +36,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
-from service.errors import InvalidParameters, ServiceError
+from service.errors import InvalidParameters, ServiceError, bounded
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_context
 from service.metrics import ServiceMetrics
@@ -331,26 +331,13 @@ def infer_response(model: str, request_id_: str | None, outputs: list[OutputTens
     return response
 
 
-# The longest status details sent: they travel in a trailer (grpc-message, percent-encoded:
-# up to 3 bytes a character), and clients refuse trailers past 8 KiB by default, so an
-# error that quoted a client's megabyte of model name reached it as "Stream removed"
-# (RESOURCE_EXHAUSTED) instead of its own status.
-MAX_DETAILS = 2000
-
-
-def _bounded(details: str) -> str:
-    if len(details) <= MAX_DETAILS:
-        return details
-    return details[:MAX_DETAILS] + f"... ({len(details) - MAX_DETAILS} characters more)"
-
-
 def _abort_for(exc: Exception) -> Abort:
     if isinstance(exc, ServiceError):
         code = STATUS_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL)
         metadata = tuple(
             (k.lower(), v) for k, v in exc.headers.items() if k.lower() == "retry-after"
         )
-        return Abort(code, _bounded(f"{exc.code}: {exc.detail}"), exc.status_code, metadata)
+        return Abort(code, bounded(f"{exc.code}: {exc.detail}"), exc.status_code, metadata)
     log.exception("unhandled error")
     return Abort(grpc.StatusCode.INTERNAL, f"internal_error: {type(exc).__name__}", 500)
 

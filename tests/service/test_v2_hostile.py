@@ -305,3 +305,22 @@ def test_json_past_the_element_limit_is_refused_before_it_is_parsed(server) -> N
             after = memory_of(process.pid)
             assert after["VmHWM"] - before["VmHWM"] < MAX_GROWTH_BYTES, (before, after)
     assert len(response.json()["outputs"][0]["data"]) == 6 * 10  # six rows of ten logits
+
+
+def test_an_error_quotes_at_most_a_bounded_part_of_what_the_client_sent(server) -> None:
+    """An input named by a megabyte is refused with an error that quotes its start, cut
+    at service.errors.MAX_DETAIL_CHARS and saying how much was cut, not the megabyte."""
+    from service.errors import MAX_DETAIL_CHARS
+
+    client, process, _ = server
+    name = "n" * (1 << 20)
+    body, headers = binary_body(name, [1], "UINT8", ONE_PIXEL)
+    response = client.post(INFER, content=body, headers=headers)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error.startswith("invalid_infer_request: ") and "nnnnnnnn" in error
+    assert len(response.content) < MAX_DETAIL_CHARS + 100, len(response.content)
+    assert error.endswith(" characters more)")
+    cut = int(error.rsplit("(", 1)[1].split()[0])
+    assert len(error) - len(" characters more)") - len(str(cut)) - len("... (") + cut > 1 << 20
+    assert process.poll() is None
