@@ -100,6 +100,11 @@ def serve(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        settings.check_served(bundle.name for bundle in bundles)
+    except ValueError as exc:
+        print(f"hornet serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     if not _precisions_verified(bundles, settings):
         return 2
@@ -189,13 +194,14 @@ def _raise_open_file_limit() -> None:
         log.info("open-file limit raised", extra={"from": soft, "to": target})
 
 
-def _precisions_verified(bundles: Sequence[Bundle], settings: Settings) -> bool:
+def _precisions_verified(bundles: Sequence[Bundle], served: Settings) -> bool:
     """False, after saying why on stderr, when a bundle was not verified at the requested
     precision; with --allow-unverified-precision a warning instead. A warning too when it
     was verified on another CPU than this one."""
     from service.engines import unverified_precision, verified_elsewhere
 
     for bundle in bundles:
+        settings = served.for_model(bundle.name)
         reason = unverified_precision(bundle, settings)
         if reason is None:
             elsewhere = verified_elsewhere(bundle, settings)

@@ -319,6 +319,7 @@ class ModelPool:
                         f"({self.runners[runner.name].bundle.path} and {runner.bundle.path})"
                     )
                 self.runners[runner.name] = runner
+            self.settings.check_served(self.runners)
             for runner in self.runners.values():
                 runner.queue.start()
         except LoadingStopped:
@@ -340,29 +341,30 @@ class ModelPool:
     def _build_runner_named(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
+        settings = self.settings.for_model(bundle.manifest.name)  # --model-setting
         engines: list[InferenceEngine] = []
         copies = 0  # engines with weights of their own
         try:
             if self.draining:
                 raise LoadingStopped("the server is shutting down")
-            for engine, own in instances_of(bundle, self.settings, self._engine_factory):
+            for engine, own in instances_of(bundle, settings, self._engine_factory):
                 engines.append(engine)
                 copies += own
                 if self.draining:  # before making the next one
                     raise LoadingStopped("the server is shutting down")
-            if self.settings.solo_engine:
-                solo = self._engine_factory(bundle, self.settings.for_solo_engine())
+            if settings.solo_engine:
+                solo = self._engine_factory(bundle, settings.for_solo_engine())
                 engines.append(solo)  # closed with the others if loading stops
                 copies += 1
             runner = ModelRunner(
                 bundle,
-                engines[: self.settings.instances],
-                self.settings,
+                engines[: settings.instances],
+                settings,
                 self.metrics,
                 self.decoder,
                 self.releaser,
                 weight_copies=copies,
-                solo=engines[-1] if self.settings.solo_engine else None,
+                solo=engines[-1] if settings.solo_engine else None,
                 on_failing=self._engine_failing,
             )
             runner.warm_up(stopping=lambda: self.draining)

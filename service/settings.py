@@ -4,10 +4,18 @@ environment variable; `hornet serve --help` lists them."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hornet_bundle import MANIFEST_NAME
@@ -58,6 +66,57 @@ def read_api_key_file(path: Path) -> list[SecretStr]:
             f"API key file {path} holds no key (one a line; blank lines and # comments are ignored)"
         )
     return [SecretStr(key) for key in keys]
+
+
+# The settings a model may be given apart from the server's others (--model-setting): its
+# engine and precision, its batching and the layout of its engine instances. The rest
+# (the device, the limits on requests, decoding, HTTP) are the server's.
+PER_MODEL_SETTINGS = (
+    "engine",
+    "precision",
+    "max_batch_size",
+    "max_delay_ms",
+    "close_batches_early",
+    "warmup_batch_sizes",
+    "max_queue_size",
+    "instances",
+    "engine_threads",
+    "share_weights",
+    "solo_engine",
+    "openvino_static_shapes",
+    "engine_spinning",
+    "max_engine_failures",
+)
+
+
+def parse_model_setting(text: str) -> tuple[str, str, str]:
+    """`MODEL:NAME=VALUE` as (model, name, value); ValueError naming what is wrong. The
+    model is what comes before the last colon, so a model name may hold colons."""
+    head, equals, value = text.partition("=")
+    model, colon, name = head.rpartition(":")
+    name = name.strip().replace("-", "_")
+    if not (equals and colon and model.strip() and name and value.strip()):
+        raise ValueError(f"model setting {text!r} is not MODEL:NAME=VALUE")
+    if name not in PER_MODEL_SETTINGS:
+        raise ValueError(
+            f"model setting {text!r}: {name!r} is not set per model; these are: "
+            + ", ".join(PER_MODEL_SETTINGS)
+        )
+    return model.strip(), name, value.strip()
+
+
+def model_setting_texts(model: str, values: dict[str, object]) -> list[str]:
+    """`MODEL:NAME=VALUE` for each per-model setting in `values` (None left out), the
+    inverse of parse_model_setting: what --model-setting and HORNET_MODEL_SETTINGS take."""
+    texts = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in PER_MODEL_SETTINGS:
+            raise ValueError(f"{name} is not set per model")
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        texts.append(f"{model}:{name}={text}")
+    return texts
 
 
 class Settings(BaseSettings):
@@ -250,6 +309,16 @@ class Settings(BaseSettings):
         "those: 1.1-1.3x the throughput, one more compiled model's memory per size "
         "(the detector stays dynamic)",
     )
+    model_settings: Annotated[
+        list[str], NoDecode, Flag("--model-setting", metavar="MODEL:NAME=VALUE")
+    ] = Field(
+        default_factory=list,
+        description="a setting for one model only, over the server's (repeatable; "
+        "--model-setting detector:max_batch_size=2): NAME is one of "
+        + ", ".join(PER_MODEL_SETTINGS)
+        + " (as their flags, with underscores; a switch takes true or false). Each model "
+        "named must be served",
+    )
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0,
         ge=0,
@@ -355,6 +424,24 @@ class Settings(BaseSettings):
             return [value]
         return value
 
+    @field_validator("model_settings", mode="before")
+    @classmethod
+    def _split_model_settings(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("model_settings")
+    @classmethod
+    def _model_settings_parse(cls, value: list[str]) -> list[str]:
+        seen: dict[tuple[str, str], str] = {}
+        for text in value:
+            model, name, _ = parse_model_setting(text)
+            if (model, name) in seen:
+                raise ValueError(
+                    f"model {model!r} is given {name} twice: {seen[model, name]!r} and {text!r}"
+                )
+            seen[model, name] = text
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -435,6 +522,56 @@ class Settings(BaseSettings):
                 f"graph was calibrated and verified there, not on {self.engine}/{self.device}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _each_model_settings_valid(self) -> Settings:
+        # Each model's settings checked as a whole (their own ranges, and beside the
+        # server's: bf16 with openvino, the solo engine with instances) before any loads.
+        for model in self.models_with_settings():
+            try:
+                self.for_model(model)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    ": ".join(
+                        part
+                        for part in (
+                            ".".join(map(str, err["loc"])),
+                            err["msg"].removeprefix("Value error, "),
+                        )
+                        if part
+                    )
+                    for err in exc.errors()
+                )
+                raise ValueError(f"model {model!r} (--model-setting): {problems}") from None
+        return self
+
+    def models_with_settings(self) -> list[str]:
+        """The models named by --model-setting, in the order first named."""
+        return list(dict.fromkeys(parse_model_setting(text)[0] for text in self.model_settings))
+
+    def for_model(self, model: str) -> Settings:
+        """The settings `model` is served with: the server's, with its --model-setting
+        values over them (validated as the flags are); the server's own where it has none."""
+        update = {
+            name: value
+            for named, name, value in map(parse_model_setting, self.model_settings)
+            if named == model
+        }
+        if not update:
+            return self
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        given.update(update, model_settings=[])
+        return type(self).model_validate(given)
+
+    def check_served(self, models: Iterable[str]) -> None:
+        """ValueError when a --model-setting names a model that is not among `models`."""
+        served = set(models)
+        unknown = [model for model in self.models_with_settings() if model not in served]
+        if unknown:
+            raise ValueError(
+                f"--model-setting names {', '.join(map(repr, unknown))}, not served here "
+                f"(served: {', '.join(sorted(served)) or 'none'})"
+            )
 
     def accepted_api_keys(self) -> list[SecretStr]:
         """Every key a request may present: api_keys, then the lines of api_key_file.

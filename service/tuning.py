@@ -62,7 +62,7 @@ from service.engines import (
 from service.flags import settings_environment, settings_flags
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
-from service.settings import Settings
+from service.settings import Settings, model_setting_texts
 
 MEASURE_TIMEOUT_S = 600.0
 NEAR = 0.05  # candidates this close to the fastest are named with it
@@ -338,9 +338,13 @@ def best(results: Sequence[Measured]) -> Measured | None:
     return max(servable, key=lambda r: r.images_per_s, default=None)
 
 
-def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> str:
+def report(
+    results: Sequence[Measured], model_dir: Path, default: Candidate, model: str | None = None
+) -> str:
     """The table, fastest first, "vs default" against `default` (what `hornet serve`
-    runs here without flags), and the flags of the fastest verified candidate."""
+    runs here without flags), and the flags of the fastest verified candidate (and its
+    --model-setting form for `model`, the bundle's name; default the directory's)."""
+    model = model or model_dir.name
     baseline = next(
         (r.images_per_s for r in results if r.error is None and r.candidate == default), 0.0
     )
@@ -375,7 +379,9 @@ def report(results: Sequence[Measured], model_dir: Path, default: Candidate) -> 
             f"\nfastest verified under load: {chosen.candidate.name}"
             + (f", batches of up to {chosen.batch_size}" if chosen.batch_size else "")
             + f"\n  hornet serve --model-dir {model_dir} {flags}\n"
-            f"  or in the environment (a container's, k8s serve.env): {environment}"
+            f"  or in the environment (a container's, k8s serve.env): {environment}\n"
+            "  or for this model alone, in a server of several: "
+            + " ".join(f"--model-setting {text}" for text in model_setting_texts(model, values))
         )
         if len(chosen.by_batch) > 1:
             lines.append(
@@ -475,7 +481,8 @@ def tune(args: argparse.Namespace) -> int:
             print(json.dumps(asdict(result)), flush=True)
     else:
         # the server's default: ONNX Runtime fp32, one engine of all the CPUs
-        print(report(results, args.model_dir, Candidate("onnxruntime", "fp32", 1, cpus)))
+        default = Candidate("onnxruntime", "fp32", 1, cpus)
+        print(report(results, args.model_dir, default, bundle.name))
     return 0 if best(results) is not None else 1
 
 

@@ -286,11 +286,12 @@ async def model_statistics(pool: Pool, model: str, version: str | None = None) -
 async def model_metadata(pool: Pool, model: str, version: str | None = None) -> dict:
     """The model's name, versions, platform and its tensors (batch axis -1, except a
     detect model's: one image, one row per detection)."""
-    tensors = find_model(pool, model, version).pipeline.tensors
+    runner = find_model(pool, model, version)
+    tensors = runner.pipeline.tensors
     return {
         "name": model,
         "versions": [MODEL_VERSION],
-        "platform": _PLATFORMS[pool.settings.engine][0],
+        "platform": _PLATFORMS[runner.settings.engine][0],
         "inputs": [_metadata(t) for t in tensors.inputs],
         "outputs": [_metadata(t) for t in tensors.outputs],
     }
@@ -315,8 +316,8 @@ async def model_ready(pool: Pool, model: str, version: str | None = None) -> JSO
 @router.get("/models/{model}/versions/{version}/config", responses=_MODEL_ERRORS)
 async def model_config(pool: Pool, model: str, version: str | None = None) -> dict:
     """The fields of Triton's model configuration its clients and tools read."""
-    tensors = find_model(pool, model, version).pipeline.tensors
-    settings = pool.settings
+    runner = find_model(pool, model, version)
+    tensors, settings = runner.pipeline.tensors, runner.settings
     platform, backend = _PLATFORMS[settings.engine]
     batched = tensors.batched
     inputs = []

@@ -18,6 +18,7 @@ import pytest
 from hornet_bundle import load_bundle
 from service.cli import load_settings
 from service.engines import cpu_runs_bf16
+from service.settings import Settings
 from service.tuning import (
     BATCH_NEAR,
     Candidate,
@@ -150,6 +151,16 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
         k: v for k, v in chosen.values().items() if v is not None
     }
     assert from_env.max_batch_size == settings.max_batch_size
+    # And as --model-setting for this model in a server of several: the same settings
+    # for it, the server's own left as they are.
+    per_model = lines[fastest + 3]
+    assert per_model.startswith("  or for this model alone, in a server of several: ")
+    served = load_settings(shlex.split(per_model.split(": ", 1)[1]))
+    alone = served.for_model("tiny_cls")
+    chosen_values = {k: v for k, v in chosen.values().items() if v is not None}
+    assert {k: getattr(alone, k) for k in chosen_values} == chosen_values
+    assert alone.max_batch_size == settings.max_batch_size
+    assert served.max_batch_size == Settings().max_batch_size and served.instances == 1
 
 
 def test_the_solo_engine_is_offered_where_it_answers_a_lone_request_sooner(tmp_path) -> None:
@@ -251,7 +262,8 @@ def test_the_recommended_command_carries_the_batch_size(tmp_path) -> None:
     settings = load_settings(shlex.split(lines[at + 1])[2:])
     assert (settings.instances, settings.engine_threads, settings.max_batch_size) == (2, 1, 2)
     assert "HORNET_MAX_BATCH_SIZE=2" in lines[at + 2].split()
-    assert lines[at + 3].startswith("  its images/s by batch size: 1=28.7  2=31.0  4=28.4  8=25.1")
+    assert lines[at + 3].startswith("  or for this model alone, in a server of several: ")
+    assert lines[at + 4].startswith("  its images/s by batch size: 1=28.7  2=31.0  4=28.4  8=25.1")
     # A detector's row (batch size 0): no batch flag, no batch line.
     chosen.batch_size, chosen.by_batch = 0, {1: 31.0}
     text = report([chosen], tmp_path, chosen.candidate)
