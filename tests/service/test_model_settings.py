@@ -111,6 +111,35 @@ def test_a_setting_for_a_model_not_served_stops_the_server_at_start(classifier_d
     assert "--model-setting names 'tiny_cl', not served here (served: tiny_cls)" in result.stderr
 
 
+def test_a_model_given_a_precision_it_was_not_verified_for_stops_the_server(
+    classifier_dir, segmenter_dir
+) -> None:
+    """The precision gate reads each model's own settings: the segmenter asked for int8,
+    which its bundle has no graph or record for, is refused by name; the classifier on
+    the server's fp32 is not the one named."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model-dir",
+            str(classifier_dir),
+            "--model-dir",
+            str(segmenter_dir),
+            "--model-setting",
+            "tiny_seg:precision=int8",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "bundle 'tiny_seg'" in result.stderr and "no passed parity record for int8" in (
+        result.stderr
+    )
+    assert "tiny_cls" not in result.stderr.split("hornet serve:", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def server(classifier_dir, segmenter_dir, tmp_path_factory):
     """The classifier on OpenVINO batching one image at a time, the segmenter on the
