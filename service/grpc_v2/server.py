@@ -26,7 +26,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
 
@@ -36,7 +36,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 
 from service import __version__, kserve
 from service.auth import key_refusal, presented_keys
-from service.errors import InvalidParameters, ServiceError, bounded
+from service.errors import MAX_DETAIL_CHARS, InvalidParameters, ServiceError, bounded
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_context
 from service.metrics import ServiceMetrics
@@ -82,6 +82,10 @@ CONTENTS_FIELDS = {
 # input; the classification and detection answers have two to five outputs).
 MAX_TENSORS = 16
 MAX_PARAMETERS = 64
+# Requests of one ModelStreamInfer stream held at once, from their reading until their
+# answers are written: enough to fill batches, few enough that one stream cannot take
+# the queue (--max-queue-size: 64 by default).
+STREAM_IN_FLIGHT = 16
 
 
 def _load_services() -> tuple[dict[str, type], dict[str, Any]]:
@@ -356,6 +360,8 @@ class _Calls:
         self.service, self.metrics, self.uploads = service, metrics, uploads
         self._keys = [key.get_secret_value().encode() for key in settings.accepted_api_keys()]
         self._protect_probes = settings.protect_probes
+        self._max_streams = concurrent_streams(settings)
+        self._streams_open = 0
 
     def handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
         body: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = getattr(
@@ -410,6 +416,114 @@ class _Calls:
             response_serializer=MESSAGES[method.output_type.name].SerializeToString,
         )
 
+    def stream_handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
+        """ModelStreamInfer: the stream's key checked once, at its start; each request on it
+        answered as ModelInfer answers it, counted, timed and logged as a request of its
+        own, its failure an `error_message` that leaves the stream open."""
+        route = f"/{service}/{name}"
+        method = SERVICES[service].methods_by_name[name]
+
+        async def call(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            metadata = [
+                (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
+                for k, v in context.invocation_metadata() or ()
+            ]
+            with request_context(dict(metadata)) as rid:
+                context.set_trailing_metadata((("x-request-id", rid),))
+                try:
+                    self._check_key(name, metadata)
+                    if self._streams_open >= self._max_streams:
+                        raise Abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"overloaded: {self._max_streams} streams are open, the most this "
+                            "server keeps (half its concurrent calls, the rest left to unary "
+                            "calls); close one, or call ModelInfer",
+                            503,
+                        )
+                except Abort as abort:
+                    record_request(self.metrics, route, "gRPC", route, abort.http_status, 0.0)
+                    await context.abort(abort.code, abort.details, abort.metadata)
+                self._streams_open += 1
+                try:
+                    async for answer in self._answered(requests, context, route):
+                        yield answer
+                finally:
+                    self._streams_open -= 1
+
+        return grpc.stream_stream_rpc_method_handler(
+            call,
+            request_deserializer=MESSAGES[method.input_type.name].FromString,
+            response_serializer=MESSAGES[method.output_type.name].SerializeToString,
+        )
+
+    async def _answered(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, route: str
+    ) -> AsyncIterator[Any]:
+        """The answers to a stream's requests as they are finished. At most
+        STREAM_IN_FLIGHT of its requests are held at once, from their reading until their
+        answers are written: the next message is read only then, so a client that sends
+        without reading its answers is held back by gRPC's flow control, not buffered."""
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        finished: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        answer_type = MESSAGES["ModelStreamInferResponse"]
+
+        async def answer(request: Any) -> None:
+            started, status = time.perf_counter(), 200
+            self.metrics.in_flight.inc()
+            try:
+                try:
+                    with self._held(request):
+                        response = await self.service.ModelInfer(request, context)
+                    finished.put_nowait(answer_type(infer_response=response))
+                except Abort:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure becomes its message
+                    raise _abort_for(exc) from exc
+            except Abort as abort:
+                status = abort.http_status
+                echo = MESSAGES["ModelInferResponse"](
+                    model_name=request.model_name[:MAX_DETAIL_CHARS], id=request.id
+                )
+                finished.put_nowait(answer_type(error_message=abort.details, infer_response=echo))
+            except asyncio.CancelledError:
+                status = 499
+                raise
+            finally:
+                self.metrics.in_flight.dec()
+                record_request(
+                    self.metrics, route, "gRPC", route, status, time.perf_counter() - started
+                )
+
+        async def read() -> None:
+            try:
+                while True:
+                    await slots.acquire()  # before the next message is read
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                finished.put_nowait(None)  # the end, or the reading failed
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await finished.get()) is not None:
+                yield item
+                slots.release()
+            await reader  # raises what ended the reading early (the client's stream broke)
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
     @contextlib.contextmanager
     def _held(self, request: Any) -> Iterator[None]:
         """The request's message counted in the server's budget for request bodies while
@@ -435,6 +549,13 @@ def concurrent_calls(settings: Settings) -> int:
     return max(settings.upload_buffer_bytes // max(settings.max_upload_bytes, 1), 1)
 
 
+def concurrent_streams(settings: Settings) -> int:
+    """How many ModelStreamInfer streams are open at once: half the concurrent calls (at
+    least one), since an open stream holds its call's slot for as long as it stays open,
+    idle or not, and the other half stays for unary calls."""
+    return max(concurrent_calls(settings) // 2, 1)
+
+
 async def start_server(
     pool: ModelPool, settings: Settings, metrics: ServiceMetrics, uploads: UploadBuffer
 ) -> grpc.aio.Server:
@@ -451,7 +572,13 @@ async def start_server(
     server.add_generic_rpc_handlers(
         [
             grpc.method_handlers_generic_handler(
-                name, {m.name: calls.handler(name, m.name) for m in service.methods}
+                name,
+                {
+                    m.name: (calls.stream_handler if m.client_streaming else calls.handler)(
+                        name, m.name
+                    )
+                    for m in service.methods
+                },
             )
             for name, service in SERVICES.items()
         ]

@@ -6,11 +6,14 @@ match tritonclient's own and protoc's compilation of service/grpc_v2/grpc_predic
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
+import queue
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -45,7 +48,7 @@ DESCRIPTORS = "grpc_predict_v2.binpb"
 SERVICE = "GRPCInferenceService"
 RPCS = {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-    "ModelConfig", "ModelStatistics", "RepositoryIndex",
+    "ModelConfig", "ModelStatistics", "RepositoryIndex", "ModelStreamInfer",
 }  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
@@ -679,8 +682,9 @@ def test_our_rpcs_are_tritonclients(ours) -> None:
     assert {m.name for m in service_descriptor.methods} == RPCS
     for method in service_descriptor.methods:
         triton_method = theirs.methods_by_name[method.name]
+        streaming = method.name == "ModelStreamInfer"  # both ways, as Triton's
         for side in (method, triton_method):
-            assert not (side.client_streaming or side.server_streaming), side.full_name
+            assert side.client_streaming == side.server_streaming == streaming, side.full_name
         assert (method.input_type.full_name, method.output_type.full_name) == (
             triton_method.input_type.full_name,
             triton_method.output_type.full_name,
@@ -959,3 +963,173 @@ def test_an_error_quoting_a_huge_model_name_keeps_its_status(served) -> None:
         details = failed.value.details()
         assert details.startswith("unknown_model: no model named 'xxx") and len(details) < 2100
     assert served.client.is_server_live()
+
+
+# -- streaming inference (ModelStreamInfer) -------------------------------------------------
+
+
+class Collected:
+    """A tritonclient stream callback keeping (result, error) pairs as they come."""
+
+    def __init__(self) -> None:
+        self.answers: queue.Queue = queue.Queue()
+
+    def __call__(self, result, error) -> None:
+        self.answers.put((result, error))
+
+    def take(self, count: int) -> list[tuple]:
+        return [self.answers.get(timeout=CALL_TIMEOUT_S) for _ in range(count)]
+
+
+def test_a_stream_answers_each_request_as_model_infer_does(served, photos) -> None:
+    """tritonclient's streaming API: twelve photos sent on one stream, with an unknown
+    model's request among them, come back one answer each, by request id, equal to
+    ModelInfer's; the bad one is an error naming the model, and the stream goes on."""
+    jpegs = {name: np.array([encode(photos[name], "JPEG")], dtype=object) for name in NAMES}
+    expected = {
+        name: grpc_infer(served.client, "encoded_image", "BYTES", jpeg)["probabilities"]
+        for name, jpeg in jpegs.items()
+    }
+    sent = [(f"req-{i}", NAMES[i % len(NAMES)]) for i in range(12)]
+    collected = Collected()
+    client = connect(served.grpc_port)
+    client.start_stream(callback=collected)
+    try:
+        for number, (request_id, name) in enumerate(sent):
+            tensor = grpc_input("encoded_image", "BYTES", jpegs[name])
+            client.async_stream_infer(MODEL, [tensor], request_id=request_id)
+            if number == 5:
+                pixels = grpc_input("image", "UINT8", GOOD_PIXELS)
+                client.async_stream_infer("nope", [pixels], request_id="bad")
+        answers = collected.take(len(sent) + 1)
+    finally:
+        client.stop_stream()
+        client.close()
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1, errors
+    assert errors[0].message().startswith("unknown_model: no model named 'nope'"), errors[0]
+    results = {result.get_response().id: result for result, error in answers if error is None}
+    assert set(results) == {request_id for request_id, _ in sent}
+    for request_id, name in sent:
+        got = results[request_id].as_numpy("probabilities")
+        np.testing.assert_allclose(got, expected[name], rtol=0, atol=1e-6)
+    assert_still_serving(served)
+
+
+def stream_call(channel: grpc.Channel) -> Callable:
+    """ModelStreamInfer on `channel`, with tritonclient's message classes."""
+    pb = grpcclient.service_pb2
+    return channel.stream_stream(
+        f"/inference.{SERVICE}/ModelStreamInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+
+
+def pixel_request(request_id: str) -> object:
+    pb = grpcclient.service_pb2
+    request = pb.ModelInferRequest(model_name=MODEL, id=request_id)
+    request.inputs.add(name="image", datatype="UINT8", shape=list(GOOD_PIXELS.shape))
+    request.raw_input_contents.append(GOOD_PIXELS.tobytes())
+    return request
+
+
+def test_open_streams_are_capped_and_leave_room_for_unary_calls(served) -> None:
+    """An open stream holds one of the server's concurrent-call slots (16 with a 1 MB
+    upload limit) even while idle: at most half of them are streams. The next stream is
+    refused at once (RESOURCE_EXHAUSTED, saying why) while unary calls are still served;
+    once one closes, a new stream is served."""
+    from service.grpc_v2.server import concurrent_streams
+    from service.settings import Settings
+
+    cap = concurrent_streams(Settings(max_upload_mb=UPLOAD_LIMIT_MB))
+    assert cap == 8
+    release = threading.Event()
+
+    def idle_after_one(request_id: str) -> Iterator[object]:
+        yield pixel_request(request_id)
+        release.wait(CALL_TIMEOUT_S)
+
+    with grpc.insecure_channel(f"{LOOPBACK}:{served.grpc_port}", options=CHANNEL_ARGS) as channel:
+        call = stream_call(channel)
+        streams = [call(idle_after_one(f"s{i}"), timeout=CALL_TIMEOUT_S) for i in range(cap)]
+        try:
+            for number, stream in enumerate(streams):  # each one open and answered once
+                first = next(stream)
+                assert first.error_message == "" and first.infer_response.id == f"s{number}"
+            extra = call(iter([pixel_request("extra")]), timeout=CALL_TIMEOUT_S)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(extra)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"overloaded: {cap} streams are open" in refused.value.details()
+            assert_still_serving(served)  # a unary call while every stream slot is taken
+        finally:
+            release.set()
+        for stream in streams:
+            assert list(stream) == []  # each ended cleanly once its client stopped sending
+        again = list(call(iter([pixel_request("again")]), timeout=CALL_TIMEOUT_S))
+        assert [a.infer_response.id for a in again] == ["again"]
+
+
+def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
+    """One stream's requests are read only while fewer than STREAM_IN_FLIGHT of them are
+    being answered or waiting to be written: 40 sent to an engine that does not finish
+    are read 16 at a time; once it finishes, every one is answered, once."""
+    from service.grpc_v2 import server as grpc_server
+    from service.metrics import ServiceMetrics
+    from service.middleware import UploadBuffer
+    from service.settings import Settings
+
+    pb = grpc_server.MESSAGES
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.go = asyncio.Event()
+
+        async def ModelInfer(self, request, context):
+            await self.go.wait()
+            return pb["ModelInferResponse"](model_name=request.model_name, id=request.id)
+
+    async def scenario() -> tuple[int, list[str]]:
+        service = Stuck()
+        calls = grpc_server._Calls(service, Settings(), ServiceMetrics(), UploadBuffer(1 << 30))
+        pulled = 0
+
+        async def requests():
+            nonlocal pulled
+            for number in range(40):
+                pulled += 1
+                yield pb["ModelInferRequest"](model_name=MODEL, id=str(number))
+
+        answers = calls._answered(requests(), context=None, route="/stream")
+        first = asyncio.ensure_future(anext(answers))
+        await asyncio.sleep(0.2)  # the engine is stuck: the reading stops at the bound
+        held = pulled
+        service.go.set()
+        ids = [(await first).infer_response.id] + [a.infer_response.id async for a in answers]
+        return held, ids
+
+    held, ids = asyncio.run(scenario())
+    assert held == grpc_server.STREAM_IN_FLIGHT == 16
+    assert sorted(ids, key=int) == [str(n) for n in range(40)]
+
+
+def test_a_stream_needs_a_key_as_every_call_does(keyed) -> None:
+    """A stream's key is checked at its start: without one it ends UNAUTHENTICATED before
+    any request is answered; with one (in the stream's metadata) it is served."""
+    for headers, expected in ((None, "UNAUTHENTICATED"), ({"x-api-key": KEY}, None)):
+        collected = Collected()
+        client = connect(keyed.grpc_port)
+        client.start_stream(callback=collected, headers=headers)
+        try:
+            pixels = grpc_input("image", "UINT8", GOOD_PIXELS)
+            client.async_stream_infer(MODEL, [pixels], request_id="one")
+            ((result, error),) = collected.take(1)
+        finally:
+            client.stop_stream()
+            client.close()
+        if expected is None:
+            assert error is None and result.get_response().id == "one"
+            assert result.as_numpy("probabilities").shape == (1, 10)
+        else:
+            assert result is None and error.status() == status(expected), error
