@@ -1,7 +1,10 @@
 """The same image through each of the server's protocols, side by side: the image route
 (`POST /classify`, the raw JPEG as the body), KServe v2 over REST (`POST
-/v2/models/M/infer`, the JPEG as a BYTES input in the binary extension) and KServe v2 over
-gRPC (`ModelInfer`, the JPEG in raw_input_contents; `--grpc-port`).
+/v2/models/M/infer`, the JPEG as a BYTES input in the binary extension), KServe v2 over
+gRPC (`ModelInfer`, the JPEG in raw_input_contents; `--grpc-port`) and Triton's streaming
+form of it (`ModelStreamInfer`: each client keeps one stream open and sends its next
+request on it once the last is answered; the server keeps at most 8 streams by default,
+so at most 8 clients).
 
     python bench/protocols.py --model-dir BUNDLE --concurrency 1,8 --rounds 3 --duration 15
 
@@ -44,7 +47,7 @@ from bench.loadgen import (  # noqa: E402 - after the path insert
 from hornet_bundle import load_bundle  # noqa: E402
 from service.testing import LOOPBACK, free_port  # noqa: E402
 
-PROTOCOLS = ("classify", "v2-rest", "v2-grpc")
+PROTOCOLS = ("classify", "v2-rest", "v2-grpc", "v2-grpc-stream")
 # One request: send it, wait for its answer; True when it succeeded.
 Send = Callable[[], Awaitable[bool]]
 
@@ -77,6 +80,13 @@ def grpc_request(model: str, image: bytes):
     request.outputs.add(name="probabilities")
     request.raw_input_contents.append(struct.pack("<I", len(image)) + image)
     return request
+
+
+def grpc_aio_eof() -> object:
+    """grpc.aio's end-of-stream marker, which a stream's read() returns."""
+    from grpc import aio
+
+    return aio.EOF
 
 
 async def closed_loop(send: Send, concurrency: int, seconds: float) -> LoadResult:
@@ -122,8 +132,12 @@ class Clients:
         self.v2_body, self.v2_header_length = v2_body(image)
         self.grpc_request = grpc_request(model, image)
 
+        self.streams: list = []  # open ModelStreamInfer calls, none waiting for an answer
+
     async def close(self) -> None:
         await self.http.close()
+        for stream in self.streams:
+            await stream.done_writing()
         await self.channel.close()
 
     async def classify(self) -> dict:
@@ -150,6 +164,19 @@ class Clients:
     async def v2_grpc(self):
         return await self.stub.ModelInfer(self.grpc_request, timeout=60)
 
+    async def v2_grpc_stream(self):
+        """The request on an idle stream (a new one if none is idle), and its answer; the
+        stream is kept for the next request unless it broke."""
+        stream = self.streams.pop() if self.streams else self.stub.ModelStreamInfer()
+        await stream.write(self.grpc_request)
+        answer = await stream.read()
+        if answer is grpc_aio_eof():
+            raise RuntimeError("the stream ended without an answer")
+        self.streams.append(stream)
+        if answer.error_message:
+            raise RuntimeError(answer.error_message)
+        return answer.infer_response
+
     def senders(self) -> dict[str, Send]:
         async def classify() -> bool:
             return bool(await self.classify())
@@ -164,7 +191,19 @@ class Clients:
                 return False
             return True
 
-        return {"classify": classify, "v2-rest": rest, "v2-grpc": grpc_call}
+        async def grpc_stream() -> bool:
+            try:
+                await self.v2_grpc_stream()
+            except Exception:  # noqa: BLE001 - a broken stream or an error answer
+                return False
+            return True
+
+        return {
+            "classify": classify,
+            "v2-rest": rest,
+            "v2-grpc": grpc_call,
+            "v2-grpc-stream": grpc_stream,
+        }
 
     async def top_classes(self) -> dict[str, int]:
         """Each protocol's best class for the image."""
@@ -177,7 +216,10 @@ class Clients:
         rest = int(np.frombuffer(body[length:], dtype="<f4").argmax())
         answer = await self.v2_grpc()
         grpc_top = int(np.frombuffer(answer.raw_output_contents[0], dtype="<f4").argmax())
-        return {"classify": classify, "v2-rest": rest, "v2-grpc": grpc_top}
+        streamed = await self.v2_grpc_stream()
+        stream_top = int(np.frombuffer(streamed.raw_output_contents[0], dtype="<f4").argmax())
+        return {"classify": classify, "v2-rest": rest, "v2-grpc": grpc_top,
+                "v2-grpc-stream": stream_top}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -221,12 +263,15 @@ async def _run(
         tops = await clients.top_classes()
         if len(set(tops.values())) != 1:
             raise SystemExit(f"the protocols disagree on the top class: {tops}")
-        print(f"model {model}; image {len(image)} bytes; top class {tops['classify']} by all three")
+        print(
+            f"model {model}; image {len(image)} bytes; "
+            f"top class {tops['classify']} by all {len(tops)}"
+        )
         senders = clients.senders()
         for send in senders.values():  # warm each path
             await closed_loop(send, 2, 1.0)
         rows: dict[tuple[int, str], list[tuple[float, float, float, float, float]]] = {}
-        header = f"{'round':>5} {'conc':>4} {'protocol':10} {'img/s':>7} {'p50 ms':>7} "
+        header = f"{'round':>5} {'conc':>4} {'protocol':14} {'img/s':>7} {'p50 ms':>7} "
         print(header + f"{'p99 ms':>7} {'client ms/img':>13} {'server ms/img':>13}")
         for round_ in range(args.rounds):
             for level in args.levels:
@@ -244,7 +289,7 @@ async def _run(
                     rows.setdefault((level, name), []).append(figures)
                     failed = f"  {sum(result.errors.values())} failed" if result.errors else ""
                     print(
-                        f"{round_ + 1:>5} {level:>4} {name:10} {figures[0]:7.1f} {figures[1]:7.1f} "
+                        f"{round_ + 1:>5} {level:>4} {name:14} {figures[0]:7.1f} {figures[1]:7.1f} "
                         f"{figures[2]:7.1f} {client_ms:13.2f} {server_ms:13.2f}{failed}",
                         flush=True,
                     )
@@ -270,7 +315,7 @@ def summary(rows: dict, levels: list[int]) -> str:
             runs = rows[(level, name)]
             medians = [statistics.median(run[i] for run in runs) for i in range(5)]
             line = (
-                f"  {name:10} {medians[0]:7.1f} img/s  p50 {medians[1]:6.1f}  p99 {medians[2]:6.1f}"
+                f"  {name:14} {medians[0]:7.1f} img/s  p50 {medians[1]:6.1f}  p99 {medians[2]:6.1f}"
                 f"  client {medians[3]:5.2f} ms/img  server {medians[4]:6.2f} ms/img"
             )
             if name != "classify":
