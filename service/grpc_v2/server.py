@@ -335,6 +335,14 @@ def infer_response(model: str, request_id_: str | None, outputs: list[OutputTens
     return response
 
 
+def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[bytes, bytes]]:
+    """The call's metadata as (name, value) bytes, as the REST middleware reads headers."""
+    return [
+        (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
+        for k, v in context.invocation_metadata() or ()
+    ]
+
+
 def _abort_for(exc: Exception) -> Abort:
     if isinstance(exc, ServiceError):
         code = STATUS_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL)
@@ -371,44 +379,22 @@ class _Calls:
         method = SERVICES[service].methods_by_name[name]
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = [
-                (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
-                for k, v in context.invocation_metadata() or ()
-            ]
+            metadata = _metadata(context)
             with request_context(dict(metadata)) as rid:
-                return await handled(request, context, metadata, rid)
-
-        async def handled(
-            request: Any,
-            context: grpc.aio.ServicerContext,
-            metadata: list[tuple[bytes, bytes]],
-            rid: str,
-        ) -> Any:
-            """The call answered under its ids: its key checked, counted, timed, logged."""
-            started, status = time.perf_counter(), 200
-            self.metrics.in_flight.inc()
-            # The id goes back with the status (one frame, not headers of their own).
-            context.set_trailing_metadata((("x-request-id", rid),))
-            try:
+                # The id goes back with the status (one frame, not headers of their own).
+                context.set_trailing_metadata((("x-request-id", rid),))
                 try:
-                    self._check_key(name, metadata)
-                    with self._held(request):
-                        return await body(request, context)
-                except Abort:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                    raise _abort_for(exc) from exc
-            except Abort as abort:
-                status = abort.http_status
-                metadata = (*abort.metadata, ("x-request-id", rid))
-                await context.abort(abort.code, abort.details, metadata)
-            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-                status = 499
-                raise
-            finally:
-                self.metrics.in_flight.dec()
-                elapsed = time.perf_counter() - started
-                record_request(self.metrics, route, "gRPC", route, status, elapsed)
+                    return await self._counted(route, lambda: checked(request, context, metadata))
+                except Abort as abort:
+                    trailing = (*abort.metadata, ("x-request-id", rid))
+                    await context.abort(abort.code, abort.details, trailing)
+
+        async def checked(
+            request: Any, context: grpc.aio.ServicerContext, metadata: list[tuple[bytes, bytes]]
+        ) -> Any:
+            self._check_key(name, metadata)
+            with self._held(request):
+                return await body(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
@@ -426,10 +412,7 @@ class _Calls:
         async def call(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            metadata = [
-                (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
-                for k, v in context.invocation_metadata() or ()
-            ]
+            metadata = _metadata(context)
             with request_context(dict(metadata)) as rid:
                 context.set_trailing_metadata((("x-request-id", rid),))
                 try:
@@ -470,32 +453,20 @@ class _Calls:
         running: set[asyncio.Task[None]] = set()
         answer_type = MESSAGES["ModelStreamInferResponse"]
 
+        async def infer(request: Any) -> Any:
+            with self._held(request):
+                return await self.service.ModelInfer(request, context)
+
         async def answer(request: Any) -> None:
-            started, status = time.perf_counter(), 200
-            self.metrics.in_flight.inc()
             try:
-                try:
-                    with self._held(request):
-                        response = await self.service.ModelInfer(request, context)
-                    finished.put_nowait(answer_type(infer_response=response))
-                except Abort:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every failure becomes its message
-                    raise _abort_for(exc) from exc
+                response = await self._counted(route, lambda: infer(request))
             except Abort as abort:
-                status = abort.http_status
                 echo = MESSAGES["ModelInferResponse"](
                     model_name=request.model_name[:MAX_DETAIL_CHARS], id=request.id
                 )
                 finished.put_nowait(answer_type(error_message=abort.details, infer_response=echo))
-            except asyncio.CancelledError:
-                status = 499
-                raise
-            finally:
-                self.metrics.in_flight.dec()
-                record_request(
-                    self.metrics, route, "gRPC", route, status, time.perf_counter() - started
-                )
+            else:
+                finished.put_nowait(answer_type(infer_response=response))
 
         async def read() -> None:
             try:
@@ -523,6 +494,30 @@ class _Calls:
             reader.cancel()
             for task in list(running):
                 task.cancel()
+
+    async def _counted(self, route: str, run: Callable[[], Awaitable[Any]]) -> Any:
+        """`run()`'s answer to one request, counted in flight, timed and logged under
+        `route` (service.middleware.record_request); any failure raised as the Abort of its
+        status (a client that cancelled: 499)."""
+        started, status = time.perf_counter(), 200
+        self.metrics.in_flight.inc()
+        try:
+            try:
+                return await run()
+            except Abort:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                raise _abort_for(exc) from exc
+        except Abort as abort:
+            status = abort.http_status
+            raise
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            status = 499
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            record_request(self.metrics, route, "gRPC", route, status, elapsed)
 
     @contextlib.contextmanager
     def _held(self, request: Any) -> Iterator[None]:
