@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -62,7 +63,11 @@ STATUS_CODES = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # RPCs that answer without a key unless --protect-probes (as /v2/health/* over REST).
-PROBES = frozenset({"ServerLive", "ServerReady", "Check"})
+PROBES = frozenset({"ServerLive", "ServerReady", "Check", "Watch"})
+# How often an open stream looks at the server's state: a health Watch for a change of
+# status, an idle ModelStreamInfer for the drain, which ends it (so that open streams do
+# not hold the shutdown until --drain-timeout-s).
+STREAM_CHECK_S = 0.5
 # InferTensorContents' field for each datatype (FP16 has none: raw_input_contents only).
 CONTENTS_FIELDS = {
     "BOOL": "bool_contents",
@@ -153,6 +158,26 @@ class InferenceService:
         return MESSAGES["HealthCheckResponse"](
             status=status.Value("SERVING" if ready else "NOT_SERVING")
         )
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """gRPC health checking's streaming form: Check's status at once, then each change
+        of it (seen within STREAM_CHECK_S). Once the server drains: NOT_SERVING, and the
+        call ends, so that it does not hold the shutdown. An unknown service is
+        SERVICE_UNKNOWN, and the call stays open, as the protocol asks."""
+        response = MESSAGES["HealthCheckResponse"]
+        known = request.service in ("", SERVICE)
+        sent = None
+        while True:
+            if not known:
+                status = "SERVICE_UNKNOWN"
+            else:
+                status = "SERVING" if self.pool.ready and not self.pool.draining else "NOT_SERVING"
+            if status != sent:
+                yield response(status=response.ServingStatus.Value(status))
+                sent = status
+            if self.pool.draining:
+                return
+            await asyncio.sleep(STREAM_CHECK_S)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         v2.find_model(self.pool, request.name, request.version or None)
@@ -403,15 +428,21 @@ class _Calls:
         )
 
     def stream_handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
-        """ModelStreamInfer: the stream's key checked once, at its start; each request on it
-        answered as ModelInfer answers it, counted, timed and logged as a request of its
-        own, its failure an `error_message` that leaves the stream open."""
+        """A call that answers with a stream: ModelStreamInfer (each request on it answered
+        as ModelInfer answers it, counted, timed and logged as a request of its own, its
+        failure an `error_message` that leaves the stream open) or the health Watch. Its
+        key is checked once, at its start, and it takes one of the stream slots (at most
+        half the concurrent calls: an open stream holds its call's slot, idle or not)."""
         route = f"/{service}/{name}"
         method = SERVICES[service].methods_by_name[name]
+        if method.client_streaming:
+            answers = functools.partial(self._answered, route=route)
+            make = grpc.stream_stream_rpc_method_handler
+        else:
+            answers = getattr(self.service, name)
+            make = grpc.unary_stream_rpc_method_handler
 
-        async def call(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def call(opening: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata = _metadata(context)
             with request_context(dict(metadata)) as rid:
                 context.set_trailing_metadata((("x-request-id", rid),))
@@ -427,15 +458,16 @@ class _Calls:
                         )
                 except Abort as abort:
                     record_request(self.metrics, route, "gRPC", route, abort.http_status, 0.0)
-                    await context.abort(abort.code, abort.details, abort.metadata)
+                    trailing = (*abort.metadata, ("x-request-id", rid))
+                    await context.abort(abort.code, abort.details, trailing)
                 self._streams_open += 1
                 try:
-                    async for answer in self._answered(requests, context, route):
+                    async for answer in answers(opening, context):
                         yield answer
                 finally:
                     self._streams_open -= 1
 
-        return grpc.stream_stream_rpc_method_handler(
+        return make(
             call,
             request_deserializer=MESSAGES[method.input_type.name].FromString,
             response_serializer=MESSAGES[method.output_type.name].SerializeToString,
@@ -472,9 +504,8 @@ class _Calls:
             try:
                 while True:
                     await slots.acquire()  # before the next message is read
-                    try:
-                        request = await anext(requests)
-                    except StopAsyncIteration:
+                    request = await self._next_request(requests)
+                    if request is None:
                         break
                     task = asyncio.create_task(answer(request))
                     running.add(task)
@@ -494,6 +525,21 @@ class _Calls:
             reader.cancel()
             for task in list(running):
                 task.cancel()
+
+    async def _next_request(self, requests: AsyncIterator[Any]) -> Any:
+        """The stream's next request; None at its end, or once the server drains (the
+        requests already read are still answered, then the stream ends)."""
+        coming = asyncio.ensure_future(anext(requests))
+        try:
+            while not coming.done():
+                if self.service.pool.draining:
+                    return None
+                await asyncio.wait({coming}, timeout=STREAM_CHECK_S)
+            return coming.result()
+        except StopAsyncIteration:
+            return None
+        finally:
+            coming.cancel()
 
     async def _counted(self, route: str, run: Callable[[], Awaitable[Any]]) -> Any:
         """`run()`'s answer to one request, counted in flight, timed and logged under
@@ -569,7 +615,7 @@ async def start_server(
             grpc.method_handlers_generic_handler(
                 name,
                 {
-                    m.name: (calls.stream_handler if m.client_streaming else calls.handler)(
+                    m.name: (calls.stream_handler if m.server_streaming else calls.handler)(
                         name, m.name
                     )
                     for m in service.methods

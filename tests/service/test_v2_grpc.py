@@ -10,11 +10,13 @@ import asyncio
 import ipaddress
 import os
 import queue
+import signal
 import socket
 import ssl
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -882,6 +884,82 @@ def test_grpc_health_checking_answers_serving_for_the_server_and_its_service(ser
 
 def test_grpc_health_checking_needs_no_key_as_the_other_probes(keyed) -> None:
     assert health_check(keyed.grpc_port, "") == b"\x08\x01"
+    with grpc.insecure_channel(f"{LOOPBACK}:{keyed.grpc_port}", options=CHANNEL_ARGS) as channel:
+        watch = health_watch(channel, "")
+        assert next(watch) == b"\x08\x01"
+        watch.cancel()
+
+
+def health_watch(channel: grpc.Channel, service: str) -> grpc.Future:
+    """grpc.health.v1.Health/Watch on `channel`: its stream of answers as wire bytes (the
+    request as `health_check` writes it)."""
+    encoded = service.encode()
+    request = b"\x0a" + bytes([len(encoded)]) + encoded if encoded else b""
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+    return watch(request, timeout=CALL_TIMEOUT_S)
+
+
+def test_a_health_watch_says_the_status_and_an_unknown_service_stays_open(served) -> None:
+    """Watch sends Check's status at once (SERVING); for an unknown service it sends
+    SERVICE_UNKNOWN and keeps the call open, as the protocol asks; watchers take stream
+    slots, so one past the cap is refused."""
+    from service.grpc_v2.server import concurrent_streams
+    from service.settings import Settings
+
+    cap = concurrent_streams(Settings(max_upload_mb=UPLOAD_LIMIT_MB))
+    with grpc.insecure_channel(f"{LOOPBACK}:{served.grpc_port}", options=CHANNEL_ARGS) as channel:
+        watches = [health_watch(channel, "") for _ in range(cap - 1)]
+        watches.append(health_watch(channel, "no.such.Service"))
+        try:
+            assert [next(w) for w in watches] == [b"\x08\x01"] * (cap - 1) + [b"\x08\x03"]
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health_watch(channel, ""))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert health_check(served.grpc_port, "") == b"\x08\x01"  # unary: served
+        finally:
+            for watch in watches:
+                watch.cancel()
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:  # the cancelled watches' slots come free
+            try:
+                assert next(health_watch(channel, "")) == b"\x08\x01"
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the stream slots never came free"
+                time.sleep(0.1)
+
+
+def test_open_streams_end_when_the_server_drains_and_do_not_hold_its_exit(
+    classifier_dir, tmp_path
+) -> None:
+    """SIGTERM with a health Watch and an idle ModelStreamInfer open: the watch says
+    NOT_SERVING and ends, the stream ends (OK) after its answered request, and the server
+    exits 0 well before --drain-timeout-s (20 s), which gRPC's stop would otherwise wait
+    out for calls that never end by themselves."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--engine-threads", "1",
+             "--drain-timeout-s", "20", "--grpc-port", str(port)]  # fmt: skip
+    with (
+        running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as s,
+        grpc.insecure_channel(f"{LOOPBACK}:{port}", options=CHANNEL_ARGS) as channel,
+    ):
+        watch = health_watch(channel, "")
+        assert next(watch) == b"\x08\x01"
+        idle = threading.Event()
+
+        def one_then_idle() -> Iterator[object]:
+            yield pixel_request("before")
+            idle.wait(CALL_TIMEOUT_S)
+
+        stream = stream_call(channel)(one_then_idle(), timeout=CALL_TIMEOUT_S)
+        assert next(stream).infer_response.id == "before"
+        signalled = time.monotonic()
+        s.process.send_signal(signal.SIGTERM)
+        assert list(watch) == [b"\x08\x02"]  # NOT_SERVING, then the end (OK)
+        assert list(stream) == []
+        assert s.process.wait(timeout=15) == 0
+        assert time.monotonic() - signalled < 10
+        idle.set()
 
 
 def test_a_server_whose_models_do_not_load_is_live_but_not_serving(
@@ -1083,6 +1161,8 @@ def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
     pb = grpc_server.MESSAGES
 
     class Stuck:
+        pool = types.SimpleNamespace(draining=False)
+
         def __init__(self) -> None:
             self.go = asyncio.Event()
 
