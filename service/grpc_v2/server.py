@@ -527,14 +527,14 @@ class _Calls:
                 task.cancel()
 
     async def _next_request(self, requests: AsyncIterator[Any]) -> Any:
-        """The stream's next request; None at its end, or once the server drains (the
-        requests already read are still answered, then the stream ends)."""
+        """The stream's next request; None at its end, or when the server drains while
+        none is coming (a request read is always answered: while draining, with 503)."""
         coming = asyncio.ensure_future(anext(requests))
         try:
             while not coming.done():
-                if self.service.pool.draining:
-                    return None
                 await asyncio.wait({coming}, timeout=STREAM_CHECK_S)
+                if not coming.done() and self.service.pool.draining:
+                    return None
             return coming.result()
         except StopAsyncIteration:
             return None
