@@ -29,6 +29,9 @@ candidates whose precision the bundle was not verified for are measured but not
 recommended (`hornet verify`, `hornet export --int8`). The figures are the bare engines'
 (bench/loadgen.py measures the HTTP server against them), and the candidates the CPU's
 (a GPU's are in docs/gpu.md).
+
+`hornet tune A B ...` measures each bundle alone, in turn, and ends with one command that
+serves them all, each with its pick as `--model-setting MODEL:NAME=VALUE`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -431,7 +435,11 @@ def serve_values(result: Measured) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", type=Path, help="the bundle to measure")
+    parser.add_argument(
+        "model_dir", type=Path, nargs="+",
+        help="the bundle to measure; several: each measured alone, in turn, then one "
+        "command serving them all with each one's pick as --model-setting",
+    )  # fmt: skip
     parser.add_argument(
         "--seconds", type=float, default=1.5,
         help="load per candidate and batch size (default 1.5)",
@@ -458,7 +466,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tune(args: argparse.Namespace) -> int:
-    bundle = load_bundle(args.model_dir)
+    picks: list[tuple[Path, str, Measured | None]] = []
+    for model_dir in args.model_dir:
+        name, results = tune_bundle(model_dir, args)
+        picks.append((model_dir, name, best(results)))
+    if len(picks) > 1 and not args.json:
+        print(combined(picks))
+    return 0 if all(pick is not None for _, _, pick in picks) else 1
+
+
+def tune_bundle(model_dir: Path, args: argparse.Namespace) -> tuple[str, list[Measured]]:
+    """Every candidate for the bundle at `model_dir` measured (its report printed, or its
+    figures as JSON lines); the bundle's name and the results."""
+    bundle = load_bundle(model_dir)
     cpus = available_cpus()
     base = Settings(max_batch_size=args.max_batch_size)
     wanted = set(args.engines.split(","))
@@ -473,17 +493,44 @@ def tune(args: argparse.Namespace) -> int:
     rounds: list[list[Measured]] = [[] for _ in found]
     for round_ in range(1, args.rounds + 1):  # each round every candidate once, in turn
         for runs, candidate in zip(rounds, found, strict=True):
-            runs.append(measure_in_child(args.model_dir, candidate, base, args.seconds, args.image))
+            runs.append(measure_in_child(model_dir, candidate, base, args.seconds, args.image))
             print(f"  round {round_}: {candidate.name}", file=sys.stderr, flush=True)
     results = [median_of(runs) for runs in rounds]
     if args.json:
         for result in results:
-            print(json.dumps(asdict(result)), flush=True)
+            print(json.dumps({"model": bundle.name, **asdict(result)}), flush=True)
     else:
         # the server's default: ONNX Runtime fp32, one engine of all the CPUs
         default = Candidate("onnxruntime", "fp32", 1, cpus)
-        print(report(results, args.model_dir, default, bundle.name))
-    return 0 if best(results) is not None else 1
+        print(report(results, model_dir, default, bundle.name))
+    return bundle.name, results
+
+
+def combined(picks: Sequence[tuple[Path, str, Measured | None]]) -> str:
+    """One `hornet serve` command for every bundle measured, each with its fastest
+    verified candidate as --model-setting (a bundle without one keeps the server's
+    settings, and says so)."""
+    words = ["hornet", "serve"]
+    for model_dir, _, _ in picks:
+        words += ["--model-dir", str(model_dir)]
+    texts, notes = [], []
+    for _, name, pick in picks:
+        if pick is None:
+            notes.append(
+                f"  {name}: no verified candidate ran here; it keeps the server's settings"
+            )
+            continue
+        texts += model_setting_texts(name, serve_values(pick))
+    words += [part for text in texts for part in ("--model-setting", text)]
+    return "\n".join(
+        [
+            "\nall of them in one server, each with its pick (each was measured alone: "
+            "under load on several at once they share the CPUs):",
+            "  " + " ".join(shlex.quote(word) for word in words),
+            "  or in the environment: HORNET_MODEL_SETTINGS=" + shlex.quote(",".join(texts)),
+            *notes,
+        ]
+    )
 
 
 tune_command = Command(

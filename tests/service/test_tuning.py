@@ -13,12 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hornet_bundle import load_bundle
 from service.cli import load_settings
 from service.engines import cpu_runs_bf16
 from service.settings import Settings
+from service.testing import running_server
 from service.tuning import (
     BATCH_NEAR,
     Candidate,
@@ -92,6 +94,7 @@ def test_hornet_tune_measures_every_candidate_and_recommends_flags_serve_takes(
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     for row in rows:  # JSON's keys are strings
         row["by_batch"] = {int(size): rate for size, rate in row["by_batch"].items()}
+        assert row.pop("model") == "tiny_cls"
     measured = [Measured(Candidate(**row.pop("candidate")), **row) for row in rows]
     assert [m.candidate for m in measured] == candidates(load_bundle(classifier_dir), _cpus(done))
     for result in measured:
@@ -269,3 +272,46 @@ def test_the_recommended_command_carries_the_batch_size(tmp_path) -> None:
     text = report([chosen], tmp_path, chosen.candidate)
     assert "max-batch-size" not in text and "MAX_BATCH_SIZE" not in text
     assert "by batch size" not in text
+
+
+def test_several_bundles_are_tuned_in_turn_into_one_command_serving_them_all(
+    classifier_dir, tmp_path
+) -> None:
+    """`hornet tune A B`: each bundle's report, then one command serving both with each
+    one's pick as --model-setting; that command, run, serves each model as its own
+    report recommended (read back from /v1/models)."""
+    segmenter = demo.bundle_dir("segment")
+    done = subprocess.run(
+        [*HORNET, "tune", str(classifier_dir), str(segmenter), "--seconds", "0.2",
+         "--engines", "onnxruntime"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    alone = {}  # each report's recommended command, parsed by `hornet serve`'s parser
+    for index, line in enumerate(lines):
+        if line.startswith("fastest"):
+            words = shlex.split(lines[index + 1])
+            alone[load_bundle(Path(words[3])).name] = load_settings(words[4:])
+    assert set(alone) == {"tiny_cls", "shapes_segment"}
+    at = next(i for i, line in enumerate(lines) if line.startswith("all of them in one server"))
+    words = shlex.split(lines[at + 1])
+    assert words[:2] == ["hornet", "serve"]
+    together = load_settings(words[2:])
+    assert together.models_with_settings() == ["tiny_cls", "shapes_segment"]
+    for name, settings in alone.items():
+        own = together.for_model(name)
+        for field in ("engine", "precision", "instances", "engine_threads", "max_batch_size"):
+            assert getattr(own, field) == getattr(settings, field), (name, field)
+    environment = lines[at + 2].split("HORNET_MODEL_SETTINGS=", 1)[1]
+    assert Settings(model_settings=shlex.split(environment)[0]).model_settings == (
+        together.model_settings
+    )
+    with (
+        running_server(words[2:], log_path=tmp_path / "server.log", inherit_settings=False) as s,
+        httpx.Client(base_url=s.url, timeout=30) as http,
+    ):
+        served = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+    for name, settings in alone.items():
+        batching = served[name]["batching"]
+        assert batching["instances"] == settings.instances, name
+        assert batching["max_batch_size"] == settings.max_batch_size, name
