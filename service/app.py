@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from hornet_bundle import Bundle
 from service import __version__
-from service.auth import ApiKeyMiddleware, advertise_api_keys
+from service.auth import ApiKeyMiddleware, KeyRing, advertise_api_keys
 from service.cors import CorsMiddleware
 from service.engines import create_engine
 from service.errors import ServiceError, error_body
@@ -52,6 +52,8 @@ def create_app(
     pool = ModelPool(settings, metrics, engine_factory, bundles=bundles)
     # Request bodies held at once, REST and gRPC together.
     uploads = UploadBuffer(settings.upload_buffer_bytes, metrics.upload_buffer)
+    # The API keys, REST and gRPC together; the key file read again when it changes.
+    keys = KeyRing(settings.api_keys, settings.api_key_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +61,7 @@ def create_app(
         loading.add_done_callback(_retrieve_exception)
         releasing = asyncio.create_task(pool.releaser.run())
         grpc_server = (
-            await start_grpc_server(pool, settings, metrics, uploads)
+            await start_grpc_server(pool, settings, metrics, uploads, keys)
             if settings.grpc_port
             else None
         )
@@ -94,14 +96,13 @@ def create_app(
         buffer=uploads,
         client_timeout_s=settings.client_timeout_s,
     )
-    api_keys = settings.accepted_api_keys()
-    app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_probes=settings.protect_probes)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, protect_probes=settings.protect_probes)
     app.add_middleware(CloseUnreadBodyMiddleware)
     if settings.cors_origins:  # outside the key check: preflights carry no key
         app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
-    advertise_api_keys(app, api_keys, settings.protect_probes)
+    advertise_api_keys(app, keys.enabled, settings.protect_probes)
     return app
 
 

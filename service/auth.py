@@ -4,14 +4,19 @@ Off unless keys are configured (settings.api_keys, settings.api_key_file). A req
 shows its key as `Authorization: Bearer KEY` or `X-API-Key: KEY`; the probes and
 /metrics stay open unless settings.protect_probes, and the API docs and the try-it page
 (which holds no secret: it asks the user for a key) always do. Keys and
-the headers carrying them are never logged.
+the headers carrying them are never logged. The key file is read again when it changes
+(`KeyRing`), so keys rotate without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fastapi import FastAPI
 from pydantic import SecretStr
@@ -25,6 +30,7 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 PAGE_PATHS = frozenset({"/", "/static/page.js", "/static/page.css"})  # service.routers.page
 API_KEY_HEADER = "X-API-Key"
+log = logging.getLogger("hornet.service")
 CHALLENGE = 'Bearer realm="hornet"'
 
 _MISSING = "this route needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
@@ -71,25 +77,93 @@ def presented_keys(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
     return keys
 
 
+# How often the key file's metadata is looked at (one stat call) while requests come.
+KEY_FILE_CHECK_S = 1.0
+
+
+class KeyRing:
+    """The keys a request may present: the settings' own (`fixed`) and the lines of the
+    key file (`path`), read again whenever the file changes (checked at most every
+    KEY_FILE_CHECK_S, as a request asks). A mounted Kubernetes Secret is updated in place
+    when the Secret changes, so keys rotate without a restart: add the next key, move the
+    clients, remove the old one. A file that can no longer be read, or holds no key, keeps
+    the keys read last (logged): it never opens the server. Used from the event loop."""
+
+    def __init__(
+        self,
+        fixed: Sequence[SecretStr],
+        path: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from service.settings import read_api_key_file  # settings imports service modules
+
+        self._read = read_api_key_file
+        self._fixed = [key.get_secret_value().encode() for key in fixed]
+        self._path, self._clock = path, clock
+        self._from_file: list[bytes] = []
+        self._stamp: tuple[int, ...] | None = None
+        self._failure: str | None = None  # why the file's latest change was not taken
+        self._checked_at = clock()
+        if path is not None:  # at start an unreadable or keyless file is an error
+            self._stamp = _stamp(path)
+            self._from_file = [key.get_secret_value().encode() for key in self._read(path)]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether keys are asked for: fixed for the server's life (a key file may change
+        its keys, never remove them all)."""
+        return bool(self._fixed) or self._path is not None
+
+    def keys(self) -> list[bytes]:
+        if self._path is not None and self._clock() - self._checked_at >= KEY_FILE_CHECK_S:
+            self._checked_at = self._clock()
+            self._reload(self._path)
+        return self._fixed + self._from_file
+
+    def _reload(self, path: Path) -> None:
+        try:
+            stamp = _stamp(path)
+            if stamp == self._stamp:
+                return
+            keys = [key.get_secret_value().encode() for key in self._read(path)]
+        except (OSError, ValueError) as exc:  # ValueError names the file, never a key
+            reason = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+            if reason != self._failure:  # said once, not at every check
+                self._failure = reason
+                log.error(
+                    "API key file changed and was not taken: the keys read last stay",
+                    extra={"path": str(path), "reason": reason},
+                )
+            return
+        self._stamp, self._from_file, self._failure = stamp, keys, None
+        log.info("API key file read again", extra={"path": str(path), "keys": len(keys)})
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What changes when the file does (a Secret's update swaps the file behind a link)."""
+    status = os.stat(path)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 class ApiKeyMiddleware:
-    """Answers 401 to requests without one of `keys`, on every protected path; with no
-    keys it passes everything through. Refusals come before routing; the request
+    """Answers 401 to requests without one of the ring's keys, on every protected path;
+    with no keys it passes everything through. Refusals come before routing; the request
     metrics count them under the route template the path matches, status 401."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[SecretStr], protect_probes: bool) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, protect_probes: bool) -> None:
         self.app = app
-        self._keys = [key.get_secret_value().encode() for key in keys]
+        self._keys = keys
         self._protect_probes = protect_probes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or not self._keys
+            or not self._keys.enabled
             or not is_protected(scope["path"], self._protect_probes)
         ):
             await self.app(scope, receive, send)
             return
-        refusal = key_refusal(presented_keys(scope["headers"]), self._keys)
+        refusal = key_refusal(presented_keys(scope["headers"]), self._keys.keys())
         if refusal is None:
             await self.app(scope, receive, send)
             return
@@ -104,7 +178,7 @@ def _unauthorized(path: str, refusal: str) -> JSONResponse:
     return JSONResponse(body, 401, headers={"www-authenticate": challenge})
 
 
-def advertise_api_keys(app: FastAPI, keys: Sequence[SecretStr], protect_probes: bool) -> None:
+def advertise_api_keys(app: FastAPI, keys: bool, protect_probes: bool) -> None:
     """With keys, `app.openapi` adds the two ways to send one as security schemes, and
     to every protected operation their requirement and a 401 response; without keys the
     document stays FastAPI's own."""

@@ -36,7 +36,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 from service import __version__, kserve
-from service.auth import key_refusal, presented_keys
+from service.auth import KeyRing, key_refusal, presented_keys
 from service.errors import MAX_DETAIL_CHARS, InvalidParameters, ServiceError, bounded
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import request_context
@@ -389,9 +389,10 @@ class _Calls:
         settings: Settings,
         metrics: ServiceMetrics,
         uploads: UploadBuffer,
+        keys: KeyRing,
     ) -> None:
         self.service, self.metrics, self.uploads = service, metrics, uploads
-        self._keys = [key.get_secret_value().encode() for key in settings.accepted_api_keys()]
+        self._keys = keys
         self._protect_probes = settings.protect_probes
         self._max_streams = concurrent_streams(settings)
         self._streams_open = 0
@@ -578,9 +579,9 @@ class _Calls:
             self.uploads.release(size)
 
     def _check_key(self, name: str, metadata: list[tuple[bytes, bytes]]) -> None:
-        if not self._keys or (name in PROBES and not self._protect_probes):
+        if not self._keys.enabled or (name in PROBES and not self._protect_probes):
             return
-        refusal = key_refusal(presented_keys(metadata), self._keys)
+        refusal = key_refusal(presented_keys(metadata), self._keys.keys())
         if refusal is not None:
             raise Abort(grpc.StatusCode.UNAUTHENTICATED, f"unauthorized: {refusal}", 401)
 
@@ -598,11 +599,16 @@ def concurrent_streams(settings: Settings) -> int:
 
 
 async def start_server(
-    pool: ModelPool, settings: Settings, metrics: ServiceMetrics, uploads: UploadBuffer
+    pool: ModelPool,
+    settings: Settings,
+    metrics: ServiceMetrics,
+    uploads: UploadBuffer,
+    keys: KeyRing,
 ) -> grpc.aio.Server:
     """The gRPC service listening on --host:--grpc-port (TLS with the HTTPS certificate);
-    `uploads` is the budget for request bodies the REST routes share."""
-    calls = _Calls(InferenceService(pool, settings), settings, metrics, uploads)
+    `uploads` is the budget for request bodies and `keys` the API keys, which the REST
+    routes share."""
+    calls = _Calls(InferenceService(pool, settings), settings, metrics, uploads, keys)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_upload_bytes),

@@ -364,3 +364,103 @@ def test_key_matches_compares_every_key(monkeypatch) -> None:
     monkeypatch.setattr(hmac, "compare_digest", counting)
     assert key_matches(b"first", [b"first", b"second", b"third"])
     assert len(compared) == 3
+
+
+# --- key rotation through the key file -----------------------------------------------------
+
+
+class MountedSecret:
+    """A key file laid out as Kubernetes mounts a Secret: `keys` links to `..data/keys`,
+    `..data` to a timestamped directory, and an update writes a new directory and swaps
+    the `..data` link in one rename (what the kubelet does when the Secret changes)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.version = directory, 0
+        self.file = directory / "keys"
+
+    def write(self, text: str) -> None:
+        self.version += 1
+        target = self.directory / f"..2026_12_05_{self.version:02d}"
+        target.mkdir()
+        (target / "keys").write_text(text)
+        swap = self.directory / "..data_tmp"
+        swap.symlink_to(target.name)
+        swap.rename(self.directory / "..data")
+        if not self.file.is_symlink():
+            self.file.symlink_to("..data/keys")
+
+    def remove(self) -> None:
+        (self.directory / "..data").unlink()
+
+
+def eventually(check, timeout_s: float = 10.0) -> None:
+    """Wait until `check()` is true (the server reads the file again within a second or
+    two of a change)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "the server never took the key file's change"
+        time.sleep(0.1)
+
+
+def test_keys_rotate_through_the_key_file_without_a_restart(classifier_dir, tmp_path) -> None:
+    """A real server on a mounted-Secret key file, asked over REST and gRPC: the next key
+    is added, the old one removed, each change taken within seconds, with no restart; a
+    change to a file without keys, or the file gone, keeps the keys it had (logged once,
+    without a key), never opening the server."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from service.testing import LOOPBACK, free_port
+
+    secret = MountedSecret(tmp_path)
+    secret.write(f"{KEY}\n")
+    port, log_path = free_port(), tmp_path / "server.log"
+    flags = ("--api-key-file", str(secret.file), "--grpc-port", str(port))
+    with running(classifier_dir, log_path, *flags) as server:
+        client = grpcclient.InferenceServerClient(f"{LOOPBACK}:{port}")
+
+        def rest(key: str) -> int:
+            return httpx.get(f"{server.url}/v1/models", headers=bearer(key)).status_code
+
+        def grpc_ok(key: str) -> bool:
+            try:
+                return client.is_model_ready("tiny_cls", headers={"x-api-key": key})
+            except grpcclient.InferenceServerException as refused:
+                assert refused.status() == "StatusCode.UNAUTHENTICATED", refused
+                return False
+
+        assert (rest(KEY), rest(SECOND_KEY)) == (200, 401)
+        secret.write(f"# rotating\n{KEY}\n{SECOND_KEY}\n")  # the next key added
+        eventually(lambda: rest(SECOND_KEY) == 200)
+        assert rest(KEY) == 200 and grpc_ok(SECOND_KEY) and grpc_ok(KEY)
+        secret.write(f"{SECOND_KEY}\n")  # the old one removed
+        eventually(lambda: rest(KEY) == 401)
+        assert rest(SECOND_KEY) == 200 and grpc_ok(SECOND_KEY) and not grpc_ok(KEY)
+
+        secret.write("# emptied by mistake\n")
+        # the file is looked at as requests ask for keys
+        eventually(lambda: rest(SECOND_KEY) == 200 and "holds no key" in log_path.read_text())
+        assert (rest(SECOND_KEY), rest(KEY), rest("# emptied by mistake")) == (200, 401, 401)
+        secret.remove()
+        eventually(lambda: rest(SECOND_KEY) == 200 and "cannot read it" in log_path.read_text())
+        assert rest(SECOND_KEY) == 200 and httpx.get(f"{server.url}/v1/models").status_code == 401
+        client.close()
+    log = log_path.read_text()
+    assert log.count("holds no key") == 1 and log.count("cannot read it") == 1  # said once
+    assert KEY not in log and SECOND_KEY not in log
+
+
+def test_the_key_file_is_looked_at_once_a_second_at_most(tmp_path) -> None:
+    from service.auth import KEY_FILE_CHECK_S, KeyRing
+
+    now = [0.0]
+    secret = MountedSecret(tmp_path)
+    secret.write(f"{KEY}\n")
+    ring = KeyRing([SecretStr(SECOND_KEY)], secret.file, clock=lambda: now[0])
+    assert ring.enabled and ring.keys() == [SECOND_KEY.encode(), KEY.encode()]
+    secret.write(f"{FILE_KEY}\n")
+    now[0] += KEY_FILE_CHECK_S / 2
+    assert ring.keys() == [SECOND_KEY.encode(), KEY.encode()]  # not looked at yet
+    now[0] += KEY_FILE_CHECK_S / 2
+    assert ring.keys() == [SECOND_KEY.encode(), FILE_KEY.encode()]
+    assert not KeyRing([]).enabled and KeyRing([]).keys() == []

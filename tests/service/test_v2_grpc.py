@@ -1153,6 +1153,7 @@ def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
     """One stream's requests are read only while fewer than STREAM_IN_FLIGHT of them are
     being answered or waiting to be written: 40 sent to an engine that does not finish
     are read 16 at a time; once it finishes, every one is answered, once."""
+    from service.auth import KeyRing
     from service.grpc_v2 import server as grpc_server
     from service.metrics import ServiceMetrics
     from service.middleware import UploadBuffer
@@ -1172,7 +1173,9 @@ def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
 
     async def scenario() -> tuple[int, list[str]]:
         service = Stuck()
-        calls = grpc_server._Calls(service, Settings(), ServiceMetrics(), UploadBuffer(1 << 30))
+        calls = grpc_server._Calls(
+            service, Settings(), ServiceMetrics(), UploadBuffer(1 << 30), KeyRing([])
+        )
         pulled = 0
 
         async def requests():
