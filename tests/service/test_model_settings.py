@@ -90,25 +90,21 @@ def test_every_per_model_setting_is_a_server_setting() -> None:
     assert "--model-setting MODEL:NAME=VALUE" in help_text
 
 
+def refused_at_start(*flags: str) -> str:
+    """`python -m service *flags` exits with status 2 before serving: its stderr."""
+    command = [sys.executable, "-m", "service", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    return result.stderr
+
+
 def test_a_setting_for_a_model_not_served_stops_the_server_at_start(classifier_dir) -> None:
     """A typo in a model's name would otherwise leave that model on the server's settings
     without a word."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model-dir",
-            str(classifier_dir),
-            "--model-setting",
-            "tiny_cl:max_batch_size=2",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
+    stderr = refused_at_start(
+        "--model-dir", str(classifier_dir), "--model-setting", "tiny_cl:max_batch_size=2"
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "--model-setting names 'tiny_cl', not served here (served: tiny_cls)" in result.stderr
+    assert "--model-setting names 'tiny_cl', not served here (served: tiny_cls)" in stderr
 
 
 def test_a_model_given_a_precision_it_was_not_verified_for_stops_the_server(
@@ -117,27 +113,12 @@ def test_a_model_given_a_precision_it_was_not_verified_for_stops_the_server(
     """The precision gate reads each model's own settings: the segmenter asked for int8,
     which its bundle has no graph or record for, is refused by name; the classifier on
     the server's fp32 is not the one named."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model-dir",
-            str(classifier_dir),
-            "--model-dir",
-            str(segmenter_dir),
-            "--model-setting",
-            "tiny_seg:precision=int8",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "bundle 'tiny_seg'" in result.stderr and "no passed parity record for int8" in (
-        result.stderr
-    )
-    assert "tiny_cls" not in result.stderr.split("hornet serve:", 1)[1]
+    stderr = refused_at_start(
+        "--model-dir", str(classifier_dir), "--model-dir", str(segmenter_dir),
+        "--model-setting", "tiny_seg:precision=int8",
+    )  # fmt: skip
+    assert "bundle 'tiny_seg'" in stderr and "no passed parity record for int8" in stderr
+    assert "tiny_cls" not in stderr.split("hornet serve:", 1)[1]
 
 
 @pytest.fixture(scope="module")
