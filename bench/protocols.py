@@ -184,25 +184,21 @@ class Clients:
         async def rest() -> bool:
             return (await self.v2_rest())[0] == 200
 
-        async def grpc_call() -> bool:
-            try:
-                await self.v2_grpc()
-            except Exception:  # noqa: BLE001 - an RpcError counts as a failed request
-                return False
-            return True
+        def succeeded(call: Callable[[], Awaitable[object]]) -> Send:
+            async def send() -> bool:
+                try:
+                    await call()
+                except Exception:  # noqa: BLE001 - an RpcError, a broken stream, an error answer
+                    return False
+                return True
 
-        async def grpc_stream() -> bool:
-            try:
-                await self.v2_grpc_stream()
-            except Exception:  # noqa: BLE001 - a broken stream or an error answer
-                return False
-            return True
+            return send
 
         return {
             "classify": classify,
             "v2-rest": rest,
-            "v2-grpc": grpc_call,
-            "v2-grpc-stream": grpc_stream,
+            "v2-grpc": succeeded(self.v2_grpc),
+            "v2-grpc-stream": succeeded(self.v2_grpc_stream),
         }
 
     async def top_classes(self) -> dict[str, int]:
