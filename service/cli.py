@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.access_log)
     if not _precisions_verified(bundles, settings):
         return 2
     configure_allocator()

@@ -88,8 +88,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
-    """Route the service's and uvicorn's logs to stderr as JSON lines."""
+def configure_logging(level: str = "info", access_log: bool = True) -> None:
+    """Route the service's and uvicorn's logs to stderr as JSON lines; without
+    `access_log`, the lines of requests answered below 500 are left out."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for name in ("hornet", "uvicorn", "uvicorn.error"):
@@ -97,4 +98,6 @@ def configure_logging(level: str = "info") -> None:
         logger.handlers = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    access = logging.getLogger("hornet.access")
+    access.setLevel(logging.NOTSET if access_log else max(logging.WARNING, access.parent.level))
     logging.getLogger("uvicorn.access").disabled = True

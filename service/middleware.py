@@ -91,10 +91,12 @@ def record_request(
     metrics: ServiceMetrics, route: str, method: str, path: str, status: int, seconds: float
 ) -> None:
     """A request answered (REST or gRPC): counted and timed under its route template (a
-    gRPC method's path) and HTTP status, and its access log line written."""
+    gRPC method's path) and HTTP status, and its access log line written (a warning for a
+    5xx, which --no-access-log keeps)."""
     metrics.requests.labels(route, str(status)).inc()
     metrics.latency.labels(route).observe(seconds)
-    log.info(
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
         "request",
         extra={"method": method, "path": path, "status": status, "seconds": round(seconds, 6)},
     )

@@ -375,6 +375,12 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown bound in seconds")
     log_level: str = Field("info", description="log level")
+    access_log: bool = Field(
+        True,
+        description="one log line per request answered (method, path, status, time; the "
+        "hornet.access logger); off: only the answers with a 5xx status, which are logged "
+        "as warnings either way",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode, Flag("--api-key", metavar="KEY")] = Field(
         default_factory=list,
         description="require this key (Authorization: Bearer KEY or X-API-Key: KEY); repeat "
