@@ -12,10 +12,13 @@ bounded once, and the process exits with 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import resource
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -47,8 +50,17 @@ _LAST_RESPONSES_S = 1.0
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, generated from `Settings`."""
+    """One flag per setting, generated from `Settings`; and --check, which is none."""
     add_settings_flags(parser, Settings)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        default=None,  # left out of the settings (service.flags.given_settings)
+        help="load, verify and warm every model as the server would, print each one as "
+        "/v1/models lists it and the process's memory, and exit without listening: 0 it "
+        "would serve, 1 a model did not load, 2 settings or bundles refused (a deployment's "
+        "preflight)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +88,10 @@ def serve(args: argparse.Namespace) -> int:
     from hornet_bundle import BundleError, load_bundle
     from service.app import create_app
 
+    given = given_settings(args)
+    check = given.pop("check", False)
     try:
-        settings = Settings(**given_settings(args))
+        settings = Settings(**given)
     except ValidationError as exc:
         print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
@@ -110,6 +124,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_allocator()
     configure_image_cache(settings.image_cache_size_mib)
+    if check:
+        return asyncio.run(_check(settings, bundles))
     log.info(
         "resources",
         extra={
@@ -172,6 +188,45 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hornet serve: {app.state.pool.engine_failure}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+async def _check(settings: Settings, bundles: Sequence[Bundle]) -> int:
+    """--check: every model loaded, verified and warmed as the server would (its engines,
+    instances and warm-up batches), each printed as /v1/models lists it, then the
+    process's memory (what a pod needs before its first request); the engines closed."""
+    from service.metrics import ServiceMetrics
+    from service.runtime import ModelPool
+
+    pool = ModelPool(settings, ServiceMetrics(), bundles=bundles)
+    try:
+        await pool.load()
+    except Exception:  # noqa: BLE001 - the pool keeps the reason
+        print(f"hornet serve --check: model loading failed: {pool.load_error}", file=sys.stderr)
+        return 1
+    finally:
+        loaded = [
+            runner.info(ready=True).model_dump(mode="json") for runner in pool.runners.values()
+        ]
+        await pool.close(0.0)
+    for model in loaded:
+        print(json.dumps({"model": model}), flush=True)
+    print(json.dumps({"memory_mib": _memory_mib()}), flush=True)
+    return 0
+
+
+def _memory_mib() -> dict[str, float]:
+    """The process's resident memory now and at its peak (Linux: /proc; elsewhere the
+    peak alone, from getrusage), in MiB."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        return {
+            name: round(int(fields[key].split()[0]) / 1024, 1)
+            for name, key in (("resident", "VmRSS"), ("peak", "VmHWM"))
+            if key in fields
+        }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return {"peak": round(peak / (1 << 20), 1)}
 
 
 # The soft limit set when the hard one is unlimited.

@@ -27,8 +27,9 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def test_every_setting_has_a_flag():
+    """Every setting, and besides them only --help and --check (a mode, not a setting)."""
     dests = {action.dest for action in _serve_parser()._actions if action.option_strings}
-    assert dests - {"help"} == set(Settings.model_fields)
+    assert dests - {"help", "check"} == set(Settings.model_fields)
 
 
 def test_every_setting_has_a_description():
