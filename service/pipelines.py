@@ -53,6 +53,10 @@ class Prepared:
     width: int
     height: int
     context: Any = None
+    # --response-cache-mib: the upload's digest, and its results when it was cached (the
+    # items are then empty: nothing to run)
+    digest: bytes | None = None
+    cached: list[Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from hornet_bundle import Bundle, load_bundle
 from service import batching, thread_names
+from service.cache import ResponseCache, digest
 from service.engines import InferenceEngine, create_engine, instances_of, static_sizes
 from service.errors import (
     EngineFailure,
@@ -120,6 +121,9 @@ class ModelRunner:
             else None
         )
         self.observer = metrics.for_model(self.name)
+        # --response-cache-mib: engine results of encoded images, by their digest
+        mib = settings.response_cache_mib
+        self.cache = ResponseCache(mib << 20) if mib else None
         # Triton's statistics extension; each request counted in the metrics too
         self.statistics = ModelStatistics(observer=self.observer)
         workers = [self._worker_for(engine) for engine in self.engines]
@@ -168,9 +172,13 @@ class ModelRunner:
         """The instances, and the solo engine where there is one."""
         return self.engines + ([self.solo] if self.solo is not None else [])
 
-    async def prepare(self, uploads: Sequence[bytes]) -> list[Prepared]:
+    async def prepare(
+        self, uploads: Sequence[bytes], times: RequestTimes | None = None
+    ) -> list[Prepared]:
         """Decode and preprocess every upload in the decoding threads, off the event loop
-        (their number bounds how many decoded images exist at once).
+        (their number bounds how many decoded images exist at once); with the response
+        cache, an upload it holds comes back with its results and nothing to run, and
+        `times` gets each lookup.
 
         Announced to the batch queue meanwhile, so a batch being collected waits for these
         items (see BatchQueue.announce). The caller submits them (`infer`) with no await
@@ -178,10 +186,32 @@ class ModelRunner:
         arrival."""
         loop = asyncio.get_running_loop()
         with self.queue.announce():
-            prepared = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
-            return list(await asyncio.gather(*prepared))
+            pending = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
+            done = await asyncio.gather(*pending)
+        if times is not None and self.cache is not None:
+            for image, lookup_s in done:
+                (times.cache_hits if image.cached is not None else times.cache_misses).append(
+                    lookup_s
+                )
+        return [image for image, _ in done]
 
-    def _prepare_one(self, data: bytes) -> Prepared:
+    def _prepare_one(self, data: bytes) -> tuple[Prepared, float]:
+        """The upload made ready (or found in the response cache), and the seconds its
+        cache lookup took (0 without a cache)."""
+        key, lookup_s = None, 0.0
+        if self.cache is not None:
+            started = time.perf_counter()
+            key = digest(data)
+            hit = self.cache.get(key)
+            lookup_s = time.perf_counter() - started
+            if hit is not None:
+                found = Prepared([], hit.width, hit.height, hit.context, key, hit.results)
+                return found, lookup_s
+        prepared = self._decoded(data)
+        prepared.digest = key
+        return prepared, lookup_s
+
+    def _decoded(self, data: bytes) -> Prepared:
         settings = self.settings
         start = time.perf_counter()
         decoded = decode_image(
@@ -210,8 +240,12 @@ class ModelRunner:
         items = [item for image in prepared for item in image.items]
         timing = batching.Timing()
         try:
-            results = await self.queue.submit_many(
-                items, deadline=deadline, is_gone=is_gone, timing=timing
+            results = (
+                await self.queue.submit_many(
+                    items, deadline=deadline, is_gone=is_gone, timing=timing
+                )
+                if items  # none when every image came from the response cache
+                else []
             )
         except batching.QueueFull as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "1"}) from exc
@@ -224,13 +258,19 @@ class ModelRunner:
         except batching.BatchFailed as exc:
             raise EngineFailure(f"model {self.name!r} engine failed: {exc}") from exc
         if times is not None:
-            times.images += len(prepared)
+            times.images += sum(image.cached is None for image in prepared)
             times.queue += timing.queued_s
             times.compute_infer += timing.running_s
         grouped, start = [], 0
         for image in prepared:
-            grouped.append(results[start : start + len(image.items)])
+            if image.cached is not None:
+                grouped.append(image.cached)
+                continue
+            mine = results[start : start + len(image.items)]
             start += len(image.items)
+            grouped.append(mine)
+            if self.cache is not None and image.digest is not None:
+                self.cache.put(image.digest, image.width, image.height, image.context, mine)
         return grouped
 
     def info(self, ready: bool) -> ModelInfo:

@@ -86,6 +86,7 @@ PER_MODEL_SETTINGS = (
     "openvino_static_shapes",
     "engine_spinning",
     "max_engine_failures",
+    "response_cache_mib",
 )
 
 
@@ -308,6 +309,14 @@ class Settings(BaseSettings):
         "(max batch size and the powers of two below it) and run batches as pieces of "
         "those: 1.1-1.3x the throughput, one more compiled model's memory per size "
         "(the detector stays dynamic)",
+    )
+    response_cache_mib: Annotated[int, Flag(metavar="MIB")] = Field(
+        0,
+        ge=0,
+        description="per model, keep the engine results of up to MIB MiB of encoded images "
+        "(found by the SHA-256 of their bytes), so that the same file sent again is "
+        "answered without decoding or running the engine; 0: off. A hit tells a client the "
+        "file was sent before, by anyone: keep it off where that must not be known",
     )
     model_settings: Annotated[
         list[str], NoDecode, Flag("--model-setting", metavar="MODEL:NAME=VALUE")

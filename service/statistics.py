@@ -15,8 +15,14 @@ What each figure counts here, in Triton's terms:
   ended; `compute_output`: shaping the answer (softmax and top classes, masks, boxes).
   Successful requests only, as Triton counts them, so for every request
   queue + compute_input + compute_infer + compute_output <= its success duration;
-- `inference_count`: images in successful requests (a segmentation image is one, however
-  many tiles it runs as); `execution_count`: engine runs (batches) that succeeded;
+- `inference_count`: images in successful requests run by the engine (a segmentation
+  image is one, however many tiles it runs as; an image answered from the response cache
+  is not counted, as Triton does not count cached requests); `execution_count`: engine
+  runs (batches) that succeeded;
+- `cache_hit` / `cache_miss` (--response-cache-mib): per image, not per request as in
+  Triton (a request may hold several images, some cached): the images of successful
+  requests found in the cache / looked up and not found, and their lookups' time (the
+  upload's SHA-256 and the lookup);
 - `batch_stats`: per batch size (in items: crops, tiles or images), the engine runs and
   their duration, as `compute_infer` (the batch's input assembly and output split are
   part of the run; `compute_input` and `compute_output` stay zero there);
@@ -64,6 +70,9 @@ class RequestTimes:
     queue: float = 0.0
     compute_infer: float = 0.0
     compute_output: float = 0.0
+    # --response-cache-mib: the seconds each image's lookup took, found or not
+    cache_hits: list[float] = field(default_factory=list)
+    cache_misses: list[float] = field(default_factory=list)
 
     @contextlib.contextmanager
     def measure(self, stage: Stage) -> Iterator[None]:
@@ -91,6 +100,8 @@ class ModelStatistics:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -119,6 +130,10 @@ class ModelStatistics:
         self.compute_input.add(times.compute_input)
         self.compute_infer.add(times.compute_infer)
         self.compute_output.add(times.compute_output)
+        for seconds in times.cache_hits:
+            self.cache_hit.add(seconds)
+        for seconds in times.cache_misses:
+            self.cache_miss.add(seconds)
 
     # the batcher's observer (service.batching.BatchObserver), beside the metrics'
     def queue_depth(self, depth: int) -> None:
@@ -147,8 +162,8 @@ class ModelStatistics:
                 "compute_input": self.compute_input.as_dict(),
                 "compute_infer": self.compute_infer.as_dict(),
                 "compute_output": self.compute_output.as_dict(),
-                "cache_hit": none,
-                "cache_miss": none,
+                "cache_hit": self.cache_hit.as_dict(),
+                "cache_miss": self.cache_miss.as_dict(),
             },
             "batch_stats": [
                 {

@@ -85,7 +85,7 @@ async def _answer(
     uploads = await read_uploads(request)
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
-            prepared = await runner.prepare(uploads)
+            prepared = await runner.prepare(uploads, times)
         results = await runner.infer(
             prepared, deadline=deadline, is_gone=request.is_disconnected, times=times
         )

@@ -46,6 +46,7 @@ from service.schemas import (
     V2StatisticsResponse,
     error_responses,
 )
+from service.statistics import RequestTimes
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -410,7 +411,7 @@ async def infer_outputs(
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
             options = _answer_options(parsed)
-            prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request)
+            prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request, times)
         results = await runner.infer(prepared, deadline=deadline, is_gone=is_gone, times=times)
         with times.measure("compute_output"):
             answer = await asyncio.to_thread(
@@ -433,7 +434,9 @@ def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:
     return AnswerOptions(score_threshold=float(threshold))
 
 
-async def _prepare(runner: ModelRunner, tensors: list[Tensor], max_images: int) -> list[Prepared]:
+async def _prepare(
+    runner: ModelRunner, tensors: list[Tensor], max_images: int, times: RequestTimes | None = None
+) -> list[Prepared]:
     """The request's one input as the pipeline's items: encoded images decoded and
     preprocessed as the image routes' uploads, an image tensor by the pipeline."""
     declared = runner.pipeline.tensors
@@ -457,7 +460,7 @@ async def _prepare(runner: ModelRunner, tensors: list[Tensor], max_images: int) 
     if count > max_images:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
     if declared.encoded is not None and tensor.name == declared.encoded.name:
-        return await runner.prepare(_encoded_images(tensor))
+        return await runner.prepare(_encoded_images(tensor), times)
     return runner.pipeline.prepare_tensor(tensor)
 
 
