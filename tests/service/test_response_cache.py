@@ -135,3 +135,24 @@ def test_entries_are_bounded_copied_and_read_only() -> None:
     # an entry over an eighth of the capacity is not kept (nothing is copied for it)
     assert not cache.put(b"big", 10, 10, None, [np.zeros(3000, dtype=np.float32)])
     assert cache.get(b"big") is None
+
+
+@pytest.mark.parametrize("model", ["shapes_segment", "shapes_detect"])
+def test_v2_answers_from_cached_results_equal_fresh_ones(servers, model) -> None:
+    """v2's output tensors for segmentation and detection made from cached (read-only)
+    results, twice, equal an uncached server's."""
+    with_cache, without = servers
+    body = {
+        "inputs": [{"name": "encoded_image", "shape": [1], "datatype": "BYTES",
+                    "data": [base64.b64encode(scene(3)).decode()],
+                    "parameters": {"content_type": "base64"}}],
+    }  # fmt: skip
+    route = f"/v2/models/{model}/infer"
+    fresh = without.post(route, json=body)
+    assert fresh.status_code == 200, fresh.text
+    for _ in range(2):  # a miss, then a hit
+        cached = with_cache.post(route, json=body)
+        assert cached.status_code == 200, cached.text
+        assert cached.json()["outputs"] == fresh.json()["outputs"]
+    inference = stats(with_cache, model)["inference_stats"]
+    assert inference["cache_hit"]["count"] >= 1
