@@ -112,6 +112,19 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.cache_lookups = Counter(
+            "hornet_cache_lookups",
+            "uploads looked up in a model's response cache (--response-cache-mib), by "
+            "result: hit (answered from it) or miss",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "hornet_cache_bytes",
+            "bytes a model's response cache holds (its entries' arrays and overhead)",
+            ["model"],
+            registry=self.registry,
+        )
         self.upload_buffer = Gauge(
             "hornet_upload_buffer_bytes",
             "bytes of request bodies reserved by requests in progress",
@@ -144,6 +157,8 @@ class ModelObserver:
         self._failed = metrics.model_requests.labels(model, "failure")
         self._request_seconds = metrics.model_request_seconds.labels(model)
         self._images = metrics.model_images.labels(model)
+        self._cache = {r: metrics.cache_lookups.labels(model, r) for r in ("hit", "miss")}
+        self._cache_bytes = metrics.cache_bytes.labels(model)
 
     def request_done(self, seconds: float, images: int) -> None:
         """A successful inference request of `images` images, in `seconds`."""
@@ -153,6 +168,15 @@ class ModelObserver:
 
     def request_failed(self) -> None:
         self._failed.inc()
+
+    def cache_looked_up(self, hits: int, misses: int) -> None:
+        """A request's uploads looked up in the response cache."""
+        self._cache["hit"].inc(hits)
+        self._cache["miss"].inc(misses)
+
+    def cache_holds(self, size: int) -> None:
+        """The response cache's bytes, once a request's results were put in."""
+        self._cache_bytes.set(size)
 
     def image_prepared(self, seconds: float, reduction: int) -> None:
         """One upload decoded (at 1/`reduction` of its size) and preprocessed."""

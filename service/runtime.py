@@ -188,11 +188,13 @@ class ModelRunner:
         with self.queue.announce():
             pending = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
             done = await asyncio.gather(*pending)
-        if times is not None and self.cache is not None:
-            for image, lookup_s in done:
-                (times.cache_hits if image.cached is not None else times.cache_misses).append(
-                    lookup_s
-                )
+        if self.cache is not None:
+            hits = sum(image.cached is not None for image, _ in done)
+            self.observer.cache_looked_up(hits, len(done) - hits)
+            if times is not None:
+                for image, lookup_s in done:
+                    found = image.cached is not None
+                    (times.cache_hits if found else times.cache_misses).append(lookup_s)
         return [image for image, _ in done]
 
     def _prepare_one(self, data: bytes) -> tuple[Prepared, float]:
@@ -271,6 +273,8 @@ class ModelRunner:
             grouped.append(mine)
             if self.cache is not None and image.digest is not None:
                 self.cache.put(image.digest, image.width, image.height, image.context, mine)
+        if self.cache is not None:
+            self.observer.cache_holds(self.cache.size)
         return grouped
 
     def info(self, ready: bool) -> ModelInfo:

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from service.settings import DEMO_BUNDLES_DIR
@@ -56,6 +57,14 @@ def stats(http: httpx.Client, model: str) -> dict:
     return entry
 
 
+def metrics_of(http: httpx.Client) -> list[tuple[str, dict, float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(http.get("/metrics").text)
+        for sample in family.samples
+    ]
+
+
 def post(http: httpx.Client, route: str, image: bytes, **params) -> dict:
     response = http.post(route, params=params, files=upload(image, content_type="image/jpeg"))
     assert response.status_code == 200, response.text
@@ -87,6 +96,21 @@ def test_a_repeated_image_is_answered_from_the_cache_as_without_it(servers) -> N
         assert inference["cache_hit"]["ns"] > 0
     plain = stats(without, "shapes_classify")["inference_stats"]
     assert plain["cache_hit"]["count"] == plain["cache_miss"]["count"] == 0
+    # the same counts on /metrics
+    metrics = {
+        (name, tuple(sorted(labels.items()))): value
+        for name, labels, value in metrics_of(with_cache)
+    }
+    for model in MODELS:
+        inference = stats(with_cache, model)["inference_stats"]
+        for result, field in (("hit", "cache_hit"), ("miss", "cache_miss")):
+            key = ("hornet_cache_lookups_total", (("model", model), ("result", result)))
+            assert metrics[key] == inference[field]["count"], (model, result)
+        assert metrics[("hornet_cache_bytes", (("model", model),))] > 0
+    uncached = [
+        value for name, labels, value in metrics_of(without) if name == "hornet_cache_lookups_total"
+    ]
+    assert uncached and not any(uncached)  # the series are there, at zero
 
 
 def test_v2_encoded_images_share_the_cache_with_the_image_routes(servers) -> None:
