@@ -153,27 +153,24 @@ class InferenceService:
             raise UnknownService(
                 f"no service {request.service[:200]!r}; this server has {SERVICE!r}"
             )
-        status = MESSAGES["HealthCheckResponse"].ServingStatus
-        ready = self.pool.ready
-        return MESSAGES["HealthCheckResponse"](
-            status=status.Value("SERVING" if ready else "NOT_SERVING")
-        )
+        return _health(self._serving())
+
+    def _serving(self) -> str:
+        """Check's and Watch's status of the server: SERVING once ready (never while
+        draining: the drain turns readiness off), else NOT_SERVING."""
+        return "SERVING" if self.pool.ready else "NOT_SERVING"
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """gRPC health checking's streaming form: Check's status at once, then each change
         of it (seen within STREAM_CHECK_S). Once the server drains: NOT_SERVING, and the
         call ends, so that it does not hold the shutdown. An unknown service is
         SERVICE_UNKNOWN, and the call stays open, as the protocol asks."""
-        response = MESSAGES["HealthCheckResponse"]
         known = request.service in ("", SERVICE)
         sent = None
         while True:
-            if not known:
-                status = "SERVICE_UNKNOWN"
-            else:
-                status = "SERVING" if self.pool.ready and not self.pool.draining else "NOT_SERVING"
+            status = self._serving() if known else "SERVICE_UNKNOWN"
             if status != sent:
-                yield response(status=response.ServingStatus.Value(status))
+                yield _health(status)
                 sent = status
             if self.pool.draining:
                 return
@@ -360,12 +357,23 @@ def infer_response(model: str, request_id_: str | None, outputs: list[OutputTens
     return response
 
 
+def _health(status: str) -> Any:
+    """A HealthCheckResponse of the named ServingStatus."""
+    response = MESSAGES["HealthCheckResponse"]
+    return response(status=response.ServingStatus.Value(status))
+
+
 def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[bytes, bytes]]:
     """The call's metadata as (name, value) bytes, as the REST middleware reads headers."""
     return [
         (k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1"))
         for k, v in context.invocation_metadata() or ()
     ]
+
+
+async def _end(context: grpc.aio.ServicerContext, abort: Abort, rid: str) -> None:
+    """End the call with the abort's status, its trailing metadata and the request id."""
+    await context.abort(abort.code, abort.details, (*abort.metadata, ("x-request-id", rid)))
 
 
 def _abort_for(exc: Exception) -> Abort:
@@ -412,8 +420,7 @@ class _Calls:
                 try:
                     return await self._counted(route, lambda: checked(request, context, metadata))
                 except Abort as abort:
-                    trailing = (*abort.metadata, ("x-request-id", rid))
-                    await context.abort(abort.code, abort.details, trailing)
+                    await _end(context, abort, rid)
 
         async def checked(
             request: Any, context: grpc.aio.ServicerContext, metadata: list[tuple[bytes, bytes]]
@@ -459,8 +466,7 @@ class _Calls:
                         )
                 except Abort as abort:
                     record_request(self.metrics, route, "gRPC", route, abort.http_status, 0.0)
-                    trailing = (*abort.metadata, ("x-request-id", rid))
-                    await context.abort(abort.code, abort.details, trailing)
+                    await _end(context, abort, rid)
                 self._streams_open += 1
                 try:
                     async for answer in answers(opening, context):
