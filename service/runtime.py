@@ -437,9 +437,9 @@ class ModelPool:
         reason (a model that failed to load, engines that kept failing, the drain)."""
         if self.ready:
             state, reason = "READY", ""
-        elif self.engine_failure or self.load_error or self.draining:
+        elif self.failure or self.draining:
             state = "UNAVAILABLE"
-            reason = self.engine_failure or self.load_error or "the server is shutting down"
+            reason = self.failure or "the server is shutting down"
         else:
             state, reason = "LOADING", ""
         entries, loaded = [], list(self.runners)  # in the sources' order
@@ -453,6 +453,12 @@ class ModelPool:
                 entry["reason"] = reason
             entries.append(entry)
         return entries
+
+    @property
+    def failure(self) -> str | None:
+        """Why the models cannot serve, if they failed: engines that kept failing
+        (--max-engine-failures), else a model that did not load; None otherwise."""
+        return self.engine_failure or self.load_error
 
     def _engine_failing(self, model: str, count: int) -> None:
         """A model's engines failed `count` batches in a row (--max-engine-failures): not
@@ -468,10 +474,8 @@ class ModelPool:
     def require_ready(self) -> None:
         """Work waits (503) until every model is loaded and warm, and stops at the drain."""
         if not self.ready:
-            detail = (
-                self.engine_failure
-                or self.load_error
-                or ("shutting down" if self.draining else "models are still loading")
+            detail = self.failure or (
+                "shutting down" if self.draining else "models are still loading"
             )
             raise NotReady(detail, headers={"Retry-After": "5"})
 

@@ -35,11 +35,7 @@ async def readyz(pool: Pool) -> HealthResponse | JSONResponse:
     if pool.ready:
         return HealthResponse(status="ready", detail=f"{len(pool.runners)} models")
     status = "draining" if pool.draining else "not_ready"
-    detail = (
-        pool.engine_failure
-        or pool.load_error
-        or ("shutting down" if pool.draining else "models are loading")
-    )
+    detail = pool.failure or ("shutting down" if pool.draining else "models are loading")
     body = HealthResponse(status=status, detail=detail)
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
