@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace) -> int:
             "skipped entries of the model repository that hold no manifest.json",
             extra={"skipped": [str(path) for path in skipped]},
         )
-    if "*" in settings.cors_origins and not settings.accepted_api_keys():
+    if "*" in settings.cors_origins and not settings.asks_for_keys:
         log.warning(
             "--cors-origin * without API keys: any web page its visitors' browsers can reach "
             "this server from may call the API and read its answers; name the origins, or "

@@ -493,7 +493,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _probes_protected_only_with_keys(self) -> Settings:
         # Fires only when no key is configured, so its error cannot show one.
-        if self.protect_probes and not (self.api_keys or self.api_key_file):
+        if self.protect_probes and not self.asks_for_keys:
             raise ValueError(
                 "protect_probes needs API keys to check: give --api-key-file "
                 "(HORNET_API_KEY_FILE) or HORNET_API_KEYS"
@@ -587,6 +587,12 @@ class Settings(BaseSettings):
                 f"--model-setting names {', '.join(map(repr, unknown))}, not served here "
                 f"(served: {', '.join(sorted(served)) or 'none'})"
             )
+
+    @property
+    def asks_for_keys(self) -> bool:
+        """Whether requests need an API key: keys given, or a key file (read at start
+        and whenever it changes, never left without keys: service.auth.KeyRing)."""
+        return bool(self.api_keys) or self.api_key_file is not None
 
     def accepted_api_keys(self) -> list[SecretStr]:
         """Every key a request may present: api_keys, then the lines of api_key_file.
