@@ -197,6 +197,7 @@ class BatchQueue(Generic[T, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._closed_because = "the service shut down"  # close(because=...)
         self._running_items = 0
         self._item_seconds: float | None = None
 
@@ -241,7 +242,8 @@ class BatchQueue(Generic[T, R]):
         is filled in with where the items' time went.
         """
         if self._closed or self._loop_task is None:
-            raise QueueClosed("the batch queue is not accepting work")
+            closed = f": {self._closed_because}" if self._closed else ""
+            raise QueueClosed(f"the batch queue is not accepting work{closed}")
         free = self.max_queue_size - self.depth
         if len(items) > free:
             raise QueueFull(
@@ -309,9 +311,12 @@ class BatchQueue(Generic[T, R]):
             f"deadline in {max(deadline - now, 0.0):.1f} s"
         )
 
-    async def close(self, drain_timeout_s: float) -> None:
-        """Refuse new work, let queued and running batches finish within the bound, stop."""
+    async def close(self, drain_timeout_s: float, because: str | None = None) -> None:
+        """Refuse new work, let queued and running batches finish within the bound, stop.
+        `because` says why to the requests refused (default: the service shut down)."""
         self._closed = True
+        if because is not None:
+            self._closed_because = because
         give_up_at = time.monotonic() + drain_timeout_s
         while (self.depth or self._running) and time.monotonic() < give_up_at:
             await asyncio.sleep(0.01)
@@ -324,7 +329,7 @@ class BatchQueue(Generic[T, R]):
             leftovers.append(self._queue.get_nowait())
         self._collecting.clear()
         for entry in leftovers:
-            _fail(entry, QueueClosed("the service shut down before this request ran"))
+            _fail(entry, QueueClosed(f"{self._closed_because} before this request ran"))
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -481,7 +486,7 @@ class BatchQueue(Generic[T, R]):
         except asyncio.CancelledError:
             cancelled = True
             for entry in batch:
-                _fail(entry, QueueClosed("the service shut down while this request ran"))
+                _fail(entry, QueueClosed(f"{self._closed_because} while this request ran"))
             raise
         except Exception as exc:
             log.error(

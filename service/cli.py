@@ -95,8 +95,13 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    bundle_dirs = settings.bundle_dirs  # the repositories are read once
-    if not bundle_dirs:
+    bundle_dirs = settings.start_bundle_dirs  # the repositories are read once
+    missing = _load_model_missing(settings)
+    if missing:
+        print(f"hornet serve: {missing}", file=sys.stderr)
+        return 2
+    # under explicit model control a repository may start empty: models come later
+    if not bundle_dirs and not (settings.explicit_control and settings.model_repository):
         where = (
             f"no bundles (subdirectories holding a manifest.json) in the model repository "
             f"{', '.join(map(str, settings.model_repository))}"
@@ -251,33 +256,29 @@ def _raise_open_file_limit() -> None:
 
 def _precisions_verified(bundles: Sequence[Bundle], served: Settings) -> bool:
     """False, after saying why on stderr, when a bundle was not verified at the requested
-    precision; with --allow-unverified-precision a warning instead. A warning too when it
-    was verified on another CPU than this one."""
-    from service.engines import unverified_precision, verified_elsewhere
+    precision (service.runtime.precision_refusal, which warns instead with
+    --allow-unverified-precision)."""
+    from service.runtime import precision_refusal
 
     for bundle in bundles:
-        settings = served.for_model(bundle.name)
-        reason = unverified_precision(bundle, settings)
-        if reason is None:
-            elsewhere = verified_elsewhere(bundle, settings)
-            if elsewhere is not None:
-                log.warning(
-                    "precision verified on another CPU",
-                    extra={
-                        "model": bundle.name,
-                        "precision": settings.precision,
-                        "reason": elsewhere,
-                    },
-                )
-            continue
-        if not settings.allow_unverified_precision:
-            print(f"hornet serve: {reason}", file=sys.stderr)
+        refusal = precision_refusal(bundle, served)
+        if refusal is not None:
+            print(f"hornet serve: {refusal}", file=sys.stderr)
             return False
-        log.warning(
-            "serving an unverified precision (--allow-unverified-precision)",
-            extra={"model": bundle.name, "precision": settings.precision, "reason": reason},
-        )
     return True
+
+
+def _load_model_missing(settings: Settings) -> str | None:
+    """What --load-model names that no bundle is of, said as a refusal; None if nothing."""
+    names = {name for name, _ in settings.loadable()}
+    missing = [name for name in settings.load_model if name != "*" and name not in names]
+    if not missing:
+        return None
+    return (
+        f"--load-model names {', '.join(map(repr, missing))}: no bundle is of "
+        f"{'that model' if len(missing) == 1 else 'those models'} (bundles: "
+        f"{', '.join(sorted(names)) or 'none'})"
+    )
 
 
 def page_url(config: uvicorn.Config, port: int | None = None) -> str:

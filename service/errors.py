@@ -94,3 +94,17 @@ class Timeout(ServiceError):
 class EngineFailure(ServiceError):
     status_code = 500
     code = "engine_error"
+
+
+class ModelControlOff(ServiceError):
+    """A load or unload asked of a server whose models load at start only."""
+
+    status_code = 403
+    code = "model_control_off"
+
+
+class LoadFailed(ServiceError):
+    """A model asked for (explicit model control) that did not load: the reason."""
+
+    status_code = 400
+    code = "load_failed"

@@ -7,23 +7,33 @@ while it works), answers which model a request means, and drains on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hornet_bundle import Bundle, load_bundle
+from hornet_bundle import Bundle, BundleError, load_bundle
 from service import batching, thread_names
 from service.cache import ResponseCache, digest
-from service.engines import InferenceEngine, create_engine, instances_of, static_sizes
+from service.engines import (
+    InferenceEngine,
+    create_engine,
+    instances_of,
+    static_sizes,
+    unverified_precision,
+    verified_elsewhere,
+)
 from service.errors import (
     EngineFailure,
     InvalidParameters,
+    LoadFailed,
+    ModelControlOff,
     NotReady,
     Overloaded,
     ServiceError,
@@ -35,7 +45,7 @@ from service.memory import LARGE_IMAGE_PIXELS, MemoryReleaser
 from service.metrics import ServiceMetrics
 from service.pipelines import Pipeline, Prepared, pipeline_for
 from service.schemas import BatchSettings, ModelInfo
-from service.settings import Settings
+from service.settings import Settings, bundle_name
 from service.statistics import ModelStatistics, RequestTimes
 
 log = logging.getLogger("hornet.service")
@@ -55,6 +65,36 @@ def warmup_sizes(settings: Settings, batched: bool) -> list[int]:
     if mode == "auto":
         return list(static_sizes(settings.max_batch_size))
     return list(range(1, settings.max_batch_size + 1))
+
+
+_RETRY = {"Retry-After": "5"}
+
+
+def _described(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def precision_refusal(bundle: Bundle, served: Settings) -> str | None:
+    """Why `bundle` may not run at the precision its settings ask for (not verified at
+    it), or None; with --allow-unverified-precision None and a warning instead. A
+    warning too when it was verified on another CPU than this one."""
+    settings = served.for_model(bundle.name)
+    reason = unverified_precision(bundle, settings)
+    if reason is None:
+        elsewhere = verified_elsewhere(bundle, settings)
+        if elsewhere is not None:
+            log.warning(
+                "precision verified on another CPU",
+                extra={"model": bundle.name, "precision": settings.precision, "reason": elsewhere},
+            )
+        return None
+    if not settings.allow_unverified_precision:
+        return reason
+    log.warning(
+        "serving an unverified precision (--allow-unverified-precision)",
+        extra={"model": bundle.name, "precision": settings.precision, "reason": reason},
+    )
+    return None
 
 
 class LoadingStopped(Exception):
@@ -121,6 +161,8 @@ class ModelRunner:
             else None
         )
         self.observer = metrics.for_model(self.name)
+        # requests holding this runner (`in_use`): an unload or reload waits for them
+        self.users = 0
         # --response-cache-mib: engine results of encoded images, by their digest
         mib = settings.response_cache_mib
         self.cache = ResponseCache(mib << 20) if mib else None
@@ -140,6 +182,17 @@ class ModelRunner:
             close_early=settings.close_batches_early,
             solo=self._worker_for(solo) if solo is not None else None,
         )
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held by a request from finding this model until its answer is made, so that
+        unloading or reloading the model (ModelPool.unload_model, load_model) answers it
+        before closing the engines. Enter it with no await after finding the model."""
+        self.users += 1
+        try:
+            yield
+        finally:
+            self.users -= 1
 
     def _failing(self, count: int) -> None:
         if self.on_failing is not None:
@@ -328,7 +381,9 @@ class ModelPool:
         bundles: Sequence[Bundle] | None = None,
     ) -> None:
         self.settings = settings
-        self._sources: list[Bundle | Any] = list(bundles) if bundles else settings.bundle_dirs
+        self._sources: list[Bundle | Any] = (
+            list(bundles) if bundles is not None else settings.start_bundle_dirs
+        )
         self.metrics = metrics
         self._engine_factory = engine_factory
         self.runners: dict[str, ModelRunner] = {}
@@ -340,6 +395,13 @@ class ModelPool:
         self.engine_failure: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
+        # explicit model control (--model-control-mode explicit): one load or unload at
+        # a time; the models being loaded; why each model not loaded is not ("unloaded",
+        # or its load's error); the runners retiring (their last requests being answered)
+        self._control = asyncio.Lock()
+        self._loading: set[str] = set()
+        self._unavailable: dict[str, str] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         if settings.decode_nice and sys.platform != "linux":
             log.warning("--decode-nice is ignored: threads have their own nice value on Linux only")
         self.decoder = ThreadPoolExecutor(
@@ -353,7 +415,7 @@ class ModelPool:
     async def load(self) -> None:
         """Load, verify, build and warm every bundle; then start batching and turn ready."""
         try:
-            if not self._sources:
+            if not self._sources and not self.settings.explicit_control:
                 raise ValueError("no model bundles given: pass --model-dir")
             for source in self._sources:
                 runner = await asyncio.to_thread(self._build_runner, source)
@@ -432,27 +494,142 @@ class ModelPool:
         return runner
 
     def index(self) -> list[dict[str, str]]:
-        """Triton's repository index: every bundle given, in order, with its state: READY
-        once the server is ready, LOADING while models load, else UNAVAILABLE with the
-        reason (a model that failed to load, engines that kept failing, the drain)."""
-        if self.ready:
-            state, reason = "READY", ""
-        elif self.failure or self.draining:
-            state = "UNAVAILABLE"
+        """Triton's repository index: every bundle given, in order (under explicit model
+        control, then every other bundle the server may load), each with its state."""
+        started = [
+            source.manifest.name if isinstance(source, Bundle) else bundle_name(Path(source))
+            for source in self._sources
+        ]
+        loadable = (
+            [name for name, _ in self.settings.loadable()] if self.settings.explicit_control else []
+        )
+        names = dict.fromkeys([*started, *loadable, *self.runners])
+        return [self._entry(name, name in started) for name in names]
+
+    def _entry(self, name: str, at_start: bool) -> dict[str, str]:
+        """A model's index entry: READY once loaded and the server ready; LOADING while it
+        loads (at start, or asked to); else UNAVAILABLE with the reason: a failure that
+        stops the server, the drain, or (explicit model control) its unload or the error
+        its last load met, or that it was never loaded."""
+        state, reason = "UNAVAILABLE", ""
+        if self.failure or self.draining:
             reason = self.failure or "the server is shutting down"
+        elif name in self.runners:
+            state = "READY" if self.ready else "LOADING"
+        elif name in self._loading or (at_start and not self.ready):
+            state = "LOADING"
         else:
-            state, reason = "LOADING", ""
-        entries, loaded = [], list(self.runners)  # in the sources' order
-        for number, source in enumerate(self._sources):
-            if isinstance(source, Bundle):
-                name = source.manifest.name
-            else:  # a directory not verified yet: its model's name once loaded
-                name = loaded[number] if number < len(loaded) else Path(source).name
-            entry = {"name": name, "version": "1", "state": state}
-            if reason:
-                entry["reason"] = reason
-            entries.append(entry)
-        return entries
+            reason = self._unavailable.get(name, "not loaded")
+        entry = {"name": name, "version": "1", "state": state}
+        if reason:
+            entry["reason"] = reason
+        return entry
+
+    async def load_model(self, name: str) -> None:
+        """Explicit model control: load the bundle of model `name` (--model-dir's or the
+        repository's, read again from its directory), verified and warmed as at start,
+        while the version in service, if any, goes on answering; then serve it, and
+        retire the old version once the requests holding it are answered."""
+        self._control_allowed()
+        async with self._control:
+            self._control_allowed()
+            path = self._bundle_of(name)
+            self._loading.add(name)
+            try:
+                runner = await asyncio.to_thread(self._loaded_checked, path, name)
+            except LoadingStopped as exc:
+                raise NotReady("the server is shutting down", headers=_RETRY) from exc
+            except Exception as exc:  # noqa: BLE001 - said to the client, the old version kept
+                reason = str(exc) if isinstance(exc, BundleError) else _described(exc)
+                if name not in self.runners:
+                    self._unavailable[name] = reason
+                log.error("model load failed", extra={"model": name, "error": reason})
+                raise LoadFailed(f"model {name!r} did not load: {reason}") from exc
+            finally:
+                self._loading.discard(name)
+            if self.draining:
+                await asyncio.to_thread(runner.close_engines)
+                raise NotReady("the server is shutting down", headers=_RETRY)
+            runner.queue.start()
+            old = self.runners.get(name)
+            self.runners[name] = runner
+            self._unavailable.pop(name, None)
+            log.info("model serving", extra={"model": name, "replaced": old is not None})
+            if old is not None:
+                self._retire(old, f"model {name!r} was reloaded")
+
+    async def unload_model(self, name: str) -> None:
+        """Explicit model control: stop serving model `name` (new requests for it get
+        404), answer the requests it holds (up to --drain-timeout-s; any left then get
+        503), and close its engines. Unloading a model not loaded does nothing."""
+        self._control_allowed()
+        async with self._control:
+            self._control_allowed()
+            runner = self.runners.pop(name, None)
+            if runner is None:
+                self._bundle_of(name)  # 404 for a model the server does not know
+                return
+            self._unavailable[name] = "unloaded"
+            await asyncio.shield(self._retire(runner, f"model {name!r} was unloaded"))
+
+    def _control_allowed(self) -> None:
+        if not self.settings.explicit_control:
+            raise ModelControlOff(
+                "models load at start and stay loaded on this server; load and unload "
+                "need --model-control-mode explicit"
+            )
+        if self.draining:
+            raise NotReady("the server is shutting down", headers=_RETRY)
+        # after the models it starts with: a load racing the start's could serve a model
+        # twice over
+        self.require_ready()
+
+    def _bundle_of(self, name: str) -> Path:
+        """The directory of model `name`'s bundle; UnknownModel where none is named so."""
+        found = [path for model, path in self.settings.loadable() if model == name]
+        if not found:
+            loaded = self.runners.get(name)
+            if loaded is not None:  # its directory no longer in the repository
+                return loaded.bundle.path
+            raise UnknownModel(
+                f"no bundle of a model named {name!r} among the server's bundles and model "
+                "repositories"
+            )
+        if len(found) > 1:
+            raise LoadFailed(
+                f"several bundles are of a model named {name!r}: {', '.join(map(str, found))}"
+            )
+        return found[0]
+
+    def _loaded_checked(self, path: Path, name: str) -> ModelRunner:
+        """The runner of the bundle at `path`, which must still be of model `name` and
+        verified at the precision it would run at (as at start: precision_refusal)."""
+        bundle = load_bundle(path)
+        if bundle.name != name:
+            raise BundleError(f"{path} now holds model {bundle.name!r}, not {name!r}")
+        refusal = precision_refusal(bundle, self.settings)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return self._build_runner(bundle)
+
+    def _retire(self, runner: ModelRunner, because: str) -> asyncio.Task[None]:
+        """In the background: wait (up to --drain-timeout-s) for the requests holding
+        `runner`, close its queue (what is left then gets 503 saying `because`) and its
+        engines."""
+        task = asyncio.ensure_future(self._retired(runner, because))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _retired(self, runner: ModelRunner, because: str) -> None:
+        give_up_at = time.monotonic() + self.settings.drain_timeout_s
+        while runner.users and time.monotonic() < give_up_at:
+            await asyncio.sleep(0.01)
+        await runner.queue.close(max(give_up_at - time.monotonic(), 0.0), because=because)
+        await asyncio.to_thread(runner.close_engines)
+        runner.observer.cache_holds(0)
+        self.releaser.note_large_work()  # hand the freed engines' memory back
+        log.info("model retired", extra={"model": runner.name, "because": because})
 
     @property
     def failure(self) -> str | None:
@@ -536,7 +713,11 @@ class ModelPool:
 
     async def _close(self, give_up_at: float) -> None:
         remaining = max(give_up_at - time.monotonic(), 0.0)
-        await asyncio.gather(*(runner.queue.close(remaining) for runner in self.runners.values()))
+        await asyncio.gather(
+            *(runner.queue.close(remaining) for runner in self.runners.values()),
+            *self._retiring,
+            return_exceptions=True,
+        )
         for runner in self.runners.values():
             runner.close_engines()
         self.decoder.shutdown(wait=False, cancel_futures=True)

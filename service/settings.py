@@ -3,6 +3,7 @@ environment variable; `hornet serve --help` lists them."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,17 @@ def _comma_list(value: object) -> object:
 
 def _is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+
+def bundle_name(path: Path) -> str:
+    """The model name a bundle directory's manifest gives (what the server serves it
+    as); the directory's name where the manifest cannot be read (loading it says why)."""
+    try:
+        with (path / MANIFEST_NAME).open("rb") as manifest:
+            name = json.load(manifest).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else path.name
 
 
 def default_model_dirs() -> list[Path]:
@@ -140,6 +152,19 @@ class Settings(BaseSettings):
         "subdirectory holding a manifest.json is served, in name order (others, such as "
         "lost+found on a volume, are skipped and logged); repeat for several; with "
         "--model-dir, both",
+    )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="none: every bundle given loads at start and stays; explicit (as "
+        "Triton's): models load, reload and unload while the server runs (POST "
+        "/v2/repository/models/NAME/load and /unload; gRPC RepositoryModelLoad and "
+        "RepositoryModelUnload), and at start only --model-dir's bundles and the "
+        "repository's models that --load-model names load",
+    )
+    load_model: Annotated[list[str], NoDecode, Flag(metavar="NAME")] = Field(
+        default_factory=list,
+        description="with --model-control-mode explicit: a model of the repository to load "
+        "at start, by its name (repeat for several; * for all)",
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
@@ -439,6 +464,11 @@ class Settings(BaseSettings):
             return [value]
         return value
 
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _split_load_model(cls, value: object) -> object:
+        return _comma_list(value)
+
     @field_validator("model_settings", mode="before")
     @classmethod
     def _split_model_settings(cls, value: object) -> object:
@@ -497,6 +527,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "protect_probes needs API keys to check: give --api-key-file "
                 "(HORNET_API_KEY_FILE) or HORNET_API_KEYS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _load_model_with_control(self) -> Settings:
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                "load_model names the repository's models to load at start with "
+                "--model-control-mode explicit; without it every bundle given loads"
             )
         return self
 
@@ -581,6 +620,8 @@ class Settings(BaseSettings):
     def check_served(self, models: Iterable[str]) -> None:
         """ValueError when a --model-setting names a model that is not among `models`."""
         served = set(models)
+        if self.explicit_control:  # those it may load later too
+            served |= {name for name, _ in self.loadable()}
         unknown = [model for model in self.models_with_settings() if model not in served]
         if unknown:
             raise ValueError(
@@ -622,6 +663,32 @@ class Settings(BaseSettings):
         given = "model_dir" in self.model_fields_set
         dirs = list(self.model_dir) if given or not self.model_repository else []
         return dirs + [path for path in self._repository_entries() if _is_bundle(path)]
+
+    @property
+    def explicit_control(self) -> bool:
+        """Models load and unload while the server runs (--model-control-mode explicit)."""
+        return self.model_control_mode == "explicit"
+
+    @property
+    def start_bundle_dirs(self) -> list[Path]:
+        """The bundles loaded at start: every one of `bundle_dirs`; under explicit model
+        control --model-dir's and the repository bundles --load-model names (* all)."""
+        if not self.explicit_control or "*" in self.load_model:
+            return self.bundle_dirs
+        given = "model_dir" in self.model_fields_set
+        dirs = list(self.model_dir) if given or not self.model_repository else []
+        wanted = set(self.load_model)
+        in_repository = [
+            path
+            for path in self._repository_entries()
+            if _is_bundle(path) and bundle_name(path) in wanted
+        ]
+        return dirs + in_repository
+
+    def loadable(self) -> list[tuple[str, Path]]:
+        """Every bundle the server may load, as (its model's name, its directory), read
+        again at each call (a bundle added to the repository is found): `bundle_dirs`."""
+        return [(bundle_name(path), path) for path in self.bundle_dirs]
 
     def skipped_in_repositories(self) -> list[Path]:
         """Entries of the model repositories that are no bundles (no manifest.json)."""

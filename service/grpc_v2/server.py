@@ -43,7 +43,7 @@ from service.logs import request_context
 from service.metrics import ServiceMetrics
 from service.middleware import UploadBuffer, record_request
 from service.routers import v2
-from service.runtime import ModelPool
+from service.runtime import ModelPool, ModelRunner
 from service.settings import Settings
 
 log = logging.getLogger("hornet.service.grpc")
@@ -54,6 +54,7 @@ HEALTH = "grpc.health.v1.Health"  # gRPC's health checking protocol (health.prot
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -205,6 +206,20 @@ class InferenceService:
         entries = v2.repository_entries(self.pool, request.ready)
         return json_format.ParseDict({"models": entries}, MESSAGES["RepositoryIndexResponse"]())
 
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Load or reload a model (--model-control-mode explicit), as
+        `POST /v2/repository/models/{model}/load`."""
+        _control_request(request, allowed={})
+        await self.pool.load_model(request.model_name)
+        return MESSAGES["RepositoryModelLoadResponse"]()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Unload a model (--model-control-mode explicit), as
+        `POST /v2/repository/models/{model}/unload`."""
+        _control_request(request, allowed={"unload_dependents": "bool_param"})
+        await self.pool.unload_model(request.model_name)
+        return MESSAGES["RepositoryModelUnloadResponse"]()
+
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The configuration /v2/models/{model}/config answers, as Triton's message."""
         config = await v2.model_config(self.pool, request.name, request.version or None)
@@ -218,6 +233,10 @@ class InferenceService:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         runner = v2.find_model(self.pool, request.model_name, request.model_version or None)
         self.pool.require_ready()
+        with runner.in_use():  # an unload or reload of the model answers this request first
+            return await self._infer(runner, request, context)
+
+    async def _infer(self, runner: ModelRunner, request: Any, context: Any) -> Any:
         deadline = time.monotonic() + self.settings.request_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -235,6 +254,26 @@ class InferenceService:
             self.pool, runner, parsed, tensors, deadline=deadline, is_gone=gone
         )
         return infer_response(request.model_name, parsed.id, outputs)
+
+
+def _control_request(request: Any, allowed: dict[str, str]) -> None:
+    """A load or unload request holds no repository name and only the `allowed`
+    parameters, each of its kind (as the REST routes' bodies: v2._control_parameters)."""
+    if request.repository_name:
+        raise InvalidParameters(
+            "this server's model repositories have no names: send an empty repository_name"
+        )
+    wrong = sorted(
+        name
+        for name, value in request.parameters.items()
+        if allowed.get(name) != value.WhichOneof("parameter_choice")
+    )
+    if wrong:
+        taken = ", ".join(f"{k} ({v})" for k, v in allowed.items()) or "none"
+        raise InvalidParameters(
+            f"parameters not taken: {', '.join(map(repr, wrong))}; the parameters taken: "
+            f"{taken} (a model's settings come from --model-setting, its files from its bundle)"
+        )
 
 
 def parse_infer_request(

@@ -81,6 +81,13 @@ async def _answer(
     """Every uploaded image through the runner's pipeline: decode and prepare, infer,
     finish each answer off the event loop, in upload order; timed in the model's
     statistics once the uploads are read."""
+    with runner.in_use():  # an unload or reload of the model answers this request first
+        return await _answered(request, runner, response, options)
+
+
+async def _answered(
+    request: Request, runner: ModelRunner, response: type[ResponseModel], options: AnswerOptions
+) -> ResponseModel:
     deadline = request_deadline(request)
     uploads = await read_uploads(request)
     with runner.statistics.request() as times:

@@ -51,7 +51,13 @@ from service.statistics import RequestTimes
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 SERVER_NAME = "hornet-serve"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+]
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
 # Triton's platform and backend names for each --engine (Triton's OpenVINO backend has no
@@ -225,9 +231,10 @@ def statistics(pool: ModelPool, name: str, version: str | None) -> dict:
     },
 )  # fmt: skip
 async def repository_index(request: Request, pool: Pool) -> list[dict]:
-    """Triton's repository index, read-only: every bundle the server was given, its version
-    and state (READY, LOADING, or UNAVAILABLE with the reason); with `{"ready": true}`
-    the ready ones only. Models load at start: there is no load or unload."""
+    """Triton's repository index: every bundle the server was given (with
+    --model-control-mode explicit, every bundle it may load), its version and state
+    (READY, LOADING, or UNAVAILABLE with the reason); with `{"ready": true}` the ready
+    ones only."""
     return repository_entries(pool, _index_ready_only(await request.body()))
 
 
@@ -259,6 +266,98 @@ def _index_ready_only(body: bytes) -> bool:
             "a repository index request is empty or a JSON object with an optional boolean 'ready'"
         )
     return ready
+
+
+_CONTROL_ERRORS = error_responses(V2ErrorResponse, {
+    400: "load_failed: the model's bundle did not load (the reason; a version in service "
+    "goes on serving)",
+    403: "model_control_off: the server was not started with --model-control-mode explicit",
+    404: "unknown_model: no bundle of a model of that name",
+    413: "payload_too_large: a body over 4096 bytes",
+    422: "invalid_parameters: a body that is not a JSON object with at most the "
+    "parameters named",
+    503: "not_ready: the server is shutting down",
+})  # fmt: skip
+
+
+def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"parameters": {
+                    "type": "object", "properties": parameters, "additionalProperties": False,
+                }},
+                "additionalProperties": False,
+            }}},
+        }
+    }  # fmt: skip
+
+
+@router.post(
+    "/repository/models/{model}/load",
+    responses=_CONTROL_ERRORS,
+    openapi_extra=_control_body({}),
+)
+async def load_model(request: Request, pool: Pool, model: str) -> Response:
+    """Triton's model control (with --model-control-mode explicit): load the model's
+    bundle from its directory, verified and warmed, and serve it; a model already served
+    goes on answering until the new one is ready, and is then retired once the requests
+    holding it are answered. 200 with an empty body once it serves. Triton's config and
+    file overrides are refused: a model's settings come from --model-setting, its files
+    from its bundle."""
+    _control_parameters(await request.body(), {})
+    await pool.load_model(model)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/repository/models/{model}/unload",
+    responses=_CONTROL_ERRORS,
+    openapi_extra=_control_body({"unload_dependents": {"type": "boolean"}}),
+)
+async def unload_model(request: Request, pool: Pool, model: str) -> Response:
+    """Triton's model control (with --model-control-mode explicit): stop serving the
+    model (requests for it get 404 from now), answer the requests it holds (those still
+    waiting after --drain-timeout-s get 503) and close its engines; 200 with an empty
+    body then. Unloading a model not loaded does nothing. `unload_dependents` is taken
+    and has no effect (no model here depends on another)."""
+    _control_parameters(await request.body(), {"unload_dependents": bool})
+    await pool.unload_model(model)
+    return Response(status_code=200)
+
+
+def _control_parameters(body: bytes, allowed: dict[str, type]) -> dict[str, Any]:
+    """The `parameters` of a load or unload request (empty, or `{"parameters": {...}}`
+    with only the `allowed` names, of their types), bounded as the index request is."""
+    if len(body) > MAX_INDEX_BODY:
+        raise PayloadTooLarge(
+            f"a model control request of {len(body)} bytes; it takes at most {MAX_INDEX_BODY}"
+        )
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
+    fits = (
+        isinstance(parsed, dict)
+        and set(parsed) <= {"parameters"}
+        and isinstance(parameters, dict)
+        and all(isinstance(parameters.get(k), t) for k, t in allowed.items() if k in parameters)
+    )
+    unknown = sorted(set(parameters) - set(allowed)) if isinstance(parameters, dict) else []
+    if not fits or unknown:
+        taken = ", ".join(f"{k} ({t.__name__})" for k, t in allowed.items()) or "none"
+        said = f"; not taken: {', '.join(map(repr, unknown))}" if unknown else ""
+        raise InvalidParameters(
+            "a model control request is empty or a JSON object with an optional "
+            f"'parameters' object; the parameters taken: {taken}{said} (a model's settings "
+            "come from --model-setting, its files from its bundle)"
+        )
+    return parameters
 
 
 # Before /models/{model}: Triton's path for every model's statistics (a model named
@@ -373,6 +472,11 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     detect model); see docs/kserve-v2.md."""
     runner = find_model(pool, model, version)
     pool.require_ready()
+    with runner.in_use():  # an unload or reload of the model answers this request first
+        return await _infer(request, pool, runner, model)
+
+
+async def _infer(request: Request, pool: ModelPool, runner: ModelRunner, model: str) -> Response:
     deadline = request_deadline(request)
     body = await request.body()
     header_length = request.headers.get(kserve.HEADER_LENGTH)

@@ -110,10 +110,9 @@ async def test_the_index_names_why_a_model_is_unavailable(classifier_dir, tmp_pa
             await anyio.sleep(0.01)
         index = (await client.post("/v2/repository/index")).json()
         ready_only = (await client.post("/v2/repository/index", json={"ready": True})).json()
-    # the one that did not load by its directory's name (`hornet serve` verifies every
-    # bundle's manifest before it starts, so there it is the manifest's)
+    # the one that did not load by the name its manifest gives, as once served
     assert [(e["name"], e["state"]) for e in index] == [
-        ("tiny_cls", "UNAVAILABLE"), ("broken", "UNAVAILABLE")
+        ("tiny_cls", "UNAVAILABLE"), ("broken_cls", "UNAVAILABLE")
     ]  # fmt: skip
     assert all(e["reason"] == pool.load_error for e in index) and pool.load_error
     assert ready_only == []

@@ -51,11 +51,13 @@ SERVICE = "GRPCInferenceService"
 RPCS = {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
     "ModelConfig", "ModelStatistics", "RepositoryIndex", "ModelStreamInfer",
+    "RepositoryModelLoad", "RepositoryModelUnload",
 }  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     413: "RESOURCE_EXHAUSTED",
     415: "INVALID_ARGUMENT",
@@ -247,9 +249,9 @@ def test_health_and_metadata_equal_the_rest_routes(served) -> None:
 
 def test_rpcs_outside_the_served_set_answer_unimplemented(served) -> None:
     for call in (
-        lambda: served.client.load_model(MODEL),
-        lambda: served.client.unload_model(MODEL),
         lambda: served.client.get_system_shared_memory_status(),
+        lambda: served.client.get_cuda_shared_memory_status(),
+        lambda: served.client.get_trace_settings(),
     ):
         assert refusal(call).status() == status("UNIMPLEMENTED")
 
