@@ -125,6 +125,13 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.model_control = Counter(
+            "hornet_model_control",
+            "loads and unloads asked of the server (--model-control-mode explicit), by model, "
+            "action (load, unload) and outcome (success, failure: the model did not load)",
+            ["model", "action", "outcome"],
+            registry=self.registry,
+        )
         self.upload_buffer = Gauge(
             "hornet_upload_buffer_bytes",
             "bytes of request bodies reserved by requests in progress",

@@ -544,6 +544,7 @@ class ModelPool:
                 if name not in self.runners:
                     self._unavailable[name] = reason
                 log.error("model load failed", extra={"model": name, "error": reason})
+                self.metrics.model_control.labels(name, "load", "failure").inc()
                 raise LoadFailed(f"model {name!r} did not load: {reason}") from exc
             finally:
                 self._loading.discard(name)
@@ -555,6 +556,7 @@ class ModelPool:
             self.runners[name] = runner
             self._unavailable.pop(name, None)
             log.info("model serving", extra={"model": name, "replaced": old is not None})
+            self.metrics.model_control.labels(name, "load", "success").inc()
             if old is not None:
                 self._retire(old, f"model {name!r} was reloaded")
 
@@ -570,6 +572,7 @@ class ModelPool:
                 self._bundle_of(name)  # 404 for a model the server does not know
                 return
             self._unavailable[name] = "unloaded"
+            self.metrics.model_control.labels(name, "unload", "success").inc()
             await asyncio.shield(self._retire(runner, f"model {name!r} was unloaded"))
 
     def _control_allowed(self) -> None:

@@ -211,6 +211,12 @@ def test_a_version_that_does_not_load_leaves_the_one_in_service(tmp_path) -> Non
         state, reason = _index(s.url)["tiny_seg"]
         assert state == "UNAVAILABLE" and "model.onnx" in reason
         assert httpx.get(f"{s.url}/readyz").status_code == 200  # the server stays ready
+        metrics = httpx.get(f"{s.url}/metrics").text
+        for model in ("tiny_cls", "tiny_seg"):
+            line = (
+                f'hornet_model_control_total{{action="load",model="{model}",outcome="failure"}} 1.0'
+            )
+            assert line in metrics, metrics[-3000:]
 
 
 def test_load_and_unload_refuse_what_they_do_not_take(tmp_path, classifier_dir) -> None:
@@ -459,3 +465,39 @@ async def test_model_control_waits_for_the_models_the_server_starts_with(tmp_pat
     await pool.load_model("tiny_cls")  # once ready
     assert sorted(pool.runners) == ["tiny_cls", "tiny_seg"]
     await pool.close(1.0)
+
+
+@pytest.mark.anyio
+async def test_a_load_under_way_at_the_drain_stops_and_closes_what_it_built(tmp_path) -> None:
+    import asyncio
+
+    from service.engines import create_engine
+    from service.errors import NotReady
+    from service.metrics import ServiceMetrics
+    from service.runtime import ModelPool
+    from service.settings import Settings
+
+    settings = Settings(
+        model_repository=[_repository(tmp_path)], model_control_mode="explicit", engine_threads=1
+    )
+    building, built, closed = threading.Event(), [], []
+
+    def held_engines(bundle, model_settings):
+        building.wait(TIMEOUT_S)
+        engine = create_engine(bundle, model_settings)
+        built.append(engine)
+        close = engine.close
+        engine.close = lambda: (closed.append(engine), close())
+        return engine
+
+    pool = ModelPool(settings, ServiceMetrics(), held_engines)
+    await pool.load()  # nothing named: ready at once, serving nothing
+    loading = asyncio.ensure_future(pool.load_model("tiny_cls"))
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(pool.close(1.0))
+    building.set()
+    with pytest.raises(NotReady, match="shutting down"):
+        await loading
+    await closing
+    assert pool.runners == {}
+    assert len(built) == 1 and closed == built  # what it built is closed, not left behind
