@@ -529,11 +529,15 @@ class ModelPool:
         """Explicit model control: load the bundle of model `name` (--model-dir's or the
         repository's, read again from its directory), verified and warmed as at start,
         while the version in service, if any, goes on answering; then serve it, and
-        retire the old version once the requests holding it are answered."""
+        retire the old version once the requests holding it are answered. A load waits
+        for the versions still retiring: a model never has more than two at once."""
         self._control_allowed()
         async with self._control:
             self._control_allowed()
             path = self._bundle_of(name)
+            # versions retiring first: at most two of a model's versions at once (the one
+            # serving and the one loading), however fast reloads are asked for
+            await asyncio.gather(*self._retiring, return_exceptions=True)
             self._loading.add(name)
             try:
                 runner = await asyncio.to_thread(self._loaded_checked, path, name)

@@ -137,9 +137,20 @@ def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None
         after = _top_label(s.url, image)
         original = reversed_labels[::-1]
         assert after == reversed_labels[original.index(before)] != before
+        # a next reload waits for the old version's retirement (never three versions)
+        again = threading.Thread(
+            target=httpx.post, args=(f"{s.url}/v2/repository/models/tiny_cls/load",),
+            kwargs={"timeout": TIMEOUT_S},
+        )  # fmt: skip
+        again.start()
+        time.sleep(0.5)
+        assert again.is_alive()
         status, answer = held.finish()  # answered by the version it was sent to
         assert status == 200, answer
         assert answer["results"][0]["top_k"][0]["label"] == before
+        again.join(TIMEOUT_S)
+        assert not again.is_alive()
+        assert _top_label(s.url, image) == after
 
         # unload over gRPC (tritonclient.grpc) while a request holds the model: the
         # unload waits for it, a request arriving meanwhile is 404
@@ -169,7 +180,7 @@ def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None
         rest.close()
         rpc.close()
     log = (tmp_path / "server.log").read_text()
-    assert log.count('"message": "model retired"') == 2  # the old tiny_cls, then tiny_cls
+    assert log.count('"message": "model retired"') == 3  # two old versions, then the unload
 
 
 def _holding(url: str) -> bool:
