@@ -7,6 +7,7 @@ failures (an engine that raised). Raised anywhere below the routes and turned in
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The most characters of a detail an error sends. Details quote what the client sent (a
@@ -23,6 +24,22 @@ def bounded(detail: str) -> str:
         return detail
     cut = len(detail) - MAX_DETAIL_CHARS
     return f"{detail[:MAX_DETAIL_CHARS]}... ({cut} characters more)"
+
+
+def validation_problems(errors: Iterable[Mapping[str, Any]], whole: str = "") -> str:
+    """pydantic's errors as one sentence: `where: what` for each, `;`-separated (`whole`
+    stands for an error about the whole object), without pydantic's "Value error, "."""
+    return "; ".join(
+        ": ".join(
+            part
+            for part in (
+                ".".join(map(str, error["loc"])) or whole,
+                error["msg"].removeprefix("Value error, "),
+            )
+            if part
+        )
+        for error in errors
+    )
 
 
 def error_body(path: str, code: str, detail: Any) -> dict[str, Any]:

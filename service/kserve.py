@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import PayloadTooLarge, ServiceError
+from service.errors import PayloadTooLarge, ServiceError, validation_problems
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -160,10 +160,7 @@ def validated_request(header: bytes | dict[str, Any]) -> InferRequest:
             return InferRequest.model_validate(header)
         return InferRequest.model_validate_json(header)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = validation_problems(exc.errors(), whole="body")
         raise InvalidInferRequest(f"not an inference request: {problems}") from exc
 
 

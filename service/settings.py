@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from hornet_bundle import MANIFEST_NAME
 from service.cors import check_origin
 from service.cpus import available_cpus
+from service.errors import validation_problems
 from service.flags import Flag
 from service.image_structure import DEFAULT_MAX_JPEG_SCANS
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
@@ -585,17 +586,7 @@ class Settings(BaseSettings):
             try:
                 self.for_model(model)
             except ValidationError as exc:
-                problems = "; ".join(
-                    ": ".join(
-                        part
-                        for part in (
-                            ".".join(map(str, err["loc"])),
-                            err["msg"].removeprefix("Value error, "),
-                        )
-                        if part
-                    )
-                    for err in exc.errors()
-                )
+                problems = validation_problems(exc.errors())
                 raise ValueError(f"model {model!r} (--model-setting): {problems}") from None
         return self
 
