@@ -159,6 +159,12 @@ def serve(args: argparse.Namespace) -> int:
             "this server from may call the API and read its answers; name the origins, or "
             "require keys"
         )
+    if settings.explicit_control and not settings.asks_for_keys:
+        log.warning(
+            "--model-control-mode explicit without API keys: any client that reaches this "
+            "server may load, reload and unload its models; require keys (--api-key-file), "
+            "or keep the port to trusted callers"
+        )
     # The imports' threads, then the event loop's (the threads it starts take its name).
     thread_names.name_library_threads()
     thread_names.set_current(thread_names.SERVE)

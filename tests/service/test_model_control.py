@@ -181,6 +181,7 @@ def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None
         rpc.close()
     log = (tmp_path / "server.log").read_text()
     assert log.count('"message": "model retired"') == 3  # two old versions, then the unload
+    assert "--model-control-mode explicit without API keys: any client" in log
 
 
 def _holding(url: str) -> bool:
@@ -307,7 +308,8 @@ def test_load_and_unload_need_a_key_where_keys_are_set(tmp_path) -> None:
     keys.write_text("control-key-0123456789\n")
     flags = ["--model-repository", str(repository), "--model-control-mode", "explicit",
              "--api-key-file", str(keys), "--engine-threads", "1"]  # fmt: skip
-    with running_server(flags, inherit_settings=False) as s:
+    log = tmp_path / "server.log"
+    with running_server(flags, log_path=log, inherit_settings=False) as s:
         load = f"{s.url}/v2/repository/models/tiny_cls/load"
         assert httpx.post(load).status_code == 401
         assert httpx.post(load, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -317,6 +319,8 @@ def test_load_and_unload_need_a_key_where_keys_are_set(tmp_path) -> None:
         )
         assert done.status_code == 200, done.text
         assert _index_with(s.url, "control-key-0123456789")["tiny_cls"] == "READY"
+    assert "without API keys" not in log.read_text()
+    assert "control-key-0123456789" not in log.read_text()
 
 
 def _index_with(url: str, key: str) -> dict[str, str]:
