@@ -100,8 +100,8 @@ def serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"hornet serve: {missing}", file=sys.stderr)
         return 2
-    # under explicit model control a repository may start empty: models come later
-    if not bundle_dirs and not (settings.explicit_control and settings.model_repository):
+    # under explicit or poll model control a repository may start empty: models come later
+    if not bundle_dirs and not (settings.models_change and settings.model_repository):
         where = (
             f"no bundles (subdirectories holding a manifest.json) in the model repository "
             f"{', '.join(map(str, settings.model_repository))}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hornet_bundle import Bundle, BundleError, load_bundle
+from hornet_bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
 from service import batching, thread_names
 from service.cache import ResponseCache, digest
 from service.engines import (
@@ -68,6 +69,27 @@ def warmup_sizes(settings: Settings, batched: bool) -> list[int]:
 
 
 _RETRY = {"Retry-After": "5"}
+
+
+def bundle_signature(path: str | Path) -> str:
+    """What tells one version of the bundle at `path` from another: the SHA-256 of its
+    manifest and of each file's path, size and modification time under it. A bundle
+    copied in pieces (its manifest first) changes it again as each file lands."""
+    root = Path(path)
+    digest_ = hashlib.sha256()
+    try:
+        digest_.update((root / MANIFEST_NAME).read_bytes())
+    except OSError as exc:
+        digest_.update(repr(exc.errno).encode())
+    for folder, _, files in sorted(os.walk(root)):
+        for file in sorted(files):
+            try:
+                stat = (Path(folder) / file).stat()
+            except OSError:
+                continue
+            where = os.path.relpath(Path(folder) / file, root)
+            digest_.update(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest_.hexdigest()
 
 
 def _described(exc: Exception) -> str:
@@ -163,6 +185,8 @@ class ModelRunner:
         self.observer = metrics.for_model(self.name)
         # requests holding this runner (`in_use`): an unload or reload waits for them
         self.users = 0
+        # its bundle's files when it was loaded (bundle_signature; "" where not known)
+        self.signature = ""
         # --response-cache-mib: engine results of encoded images, by their digest
         mib = settings.response_cache_mib
         self.cache = ResponseCache(mib << 20) if mib else None
@@ -402,6 +426,7 @@ class ModelPool:
         self._loading: set[str] = set()
         self._unavailable: dict[str, str] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None  # --model-control-mode poll
         if settings.decode_nice and sys.platform != "linux":
             log.warning("--decode-nice is ignored: threads have their own nice value on Linux only")
         self.decoder = ThreadPoolExecutor(
@@ -415,7 +440,7 @@ class ModelPool:
     async def load(self) -> None:
         """Load, verify, build and warm every bundle; then start batching and turn ready."""
         try:
-            if not self._sources and not self.settings.explicit_control:
+            if not self._sources and not self.settings.models_change:
                 raise ValueError("no model bundles given: pass --model-dir")
             for source in self._sources:
                 runner = await asyncio.to_thread(self._build_runner, source)
@@ -437,6 +462,8 @@ class ModelPool:
             raise
         self.ready = not self.draining
         log.info("models ready", extra={"models": sorted(self.runners)})
+        if self.settings.model_control_mode == "poll" and self.ready:
+            self._poller = asyncio.ensure_future(self._poll())
 
     def _build_runner(self, source: Bundle | Any) -> ModelRunner:
         # The engines' own threads (ONNX Runtime's and OpenVINO's pools), started while
@@ -446,6 +473,8 @@ class ModelPool:
 
     def _build_runner_named(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
+        # its files as they were before they were read (a change while loading: a reload)
+        signature = bundle_signature(source.path if isinstance(source, Bundle) else source)
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
         settings = self.settings.for_model(bundle.manifest.name)  # --model-setting
         engines: list[InferenceEngine] = []
@@ -473,6 +502,7 @@ class ModelPool:
                 solo=engines[-1] if settings.solo_engine else None,
                 on_failing=self._engine_failing,
             )
+            runner.signature = signature
             runner.warm_up(stopping=lambda: self.draining)
         except LoadingStopped:
             for engine in engines:
@@ -501,7 +531,7 @@ class ModelPool:
             for source in self._sources
         ]
         loadable = (
-            [name for name, _ in self.settings.loadable()] if self.settings.explicit_control else []
+            [name for name, _ in self.settings.loadable()] if self.settings.models_change else []
         )
         names = dict.fromkeys([*started, *loadable, *self.runners])
         return [self._entry(name, name in started) for name in names]
@@ -531,10 +561,25 @@ class ModelPool:
         while the version in service, if any, goes on answering; then serve it, and
         retire the old version once the requests holding it are answered. A load waits
         for the versions still retiring: a model never has more than two at once."""
-        self._control_allowed()
+        self._asked_allowed()
+        await self._load(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Explicit model control: stop serving model `name` (new requests for it get
+        404), answer the requests it holds (up to --drain-timeout-s; any left then get
+        503), and close its engines. Unloading a model not loaded does nothing."""
+        self._asked_allowed()
+        await self._unload(name)
+
+    async def _load(self, name: str) -> None:
         async with self._control:
             self._control_allowed()
-            path = self._bundle_of(name)
+            try:
+                path = self._bundle_of(name)
+            except LoadFailed as exc:  # several bundles of the model
+                log.error("model load failed", extra={"model": name, "error": exc.detail})
+                self.metrics.model_control.labels(name, "load", "failure").inc()
+                raise
             # versions retiring first: at most two of a model's versions at once (the one
             # serving and the one loading), however fast reloads are asked for
             await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -564,11 +609,7 @@ class ModelPool:
             if old is not None:
                 self._retire(old, f"model {name!r} was reloaded")
 
-    async def unload_model(self, name: str) -> None:
-        """Explicit model control: stop serving model `name` (new requests for it get
-        404), answer the requests it holds (up to --drain-timeout-s; any left then get
-        503), and close its engines. Unloading a model not loaded does nothing."""
-        self._control_allowed()
+    async def _unload(self, name: str) -> None:
         async with self._control:
             self._control_allowed()
             runner = self.runners.pop(name, None)
@@ -579,17 +620,72 @@ class ModelPool:
             self.metrics.model_control.labels(name, "unload", "success").inc()
             await asyncio.shield(self._retire(runner, f"model {name!r} was unloaded"))
 
-    def _control_allowed(self) -> None:
+    def _asked_allowed(self) -> None:
+        """A client may load and unload: explicit model control only."""
+        if self.settings.model_control_mode == "poll":
+            raise ModelControlOff(
+                "this server loads, reloads and unloads models as their bundles appear, "
+                "change and go (--model-control-mode poll); load and unload by request "
+                "need --model-control-mode explicit"
+            )
         if not self.settings.explicit_control:
             raise ModelControlOff(
                 "models load at start and stay loaded on this server; load and unload "
                 "need --model-control-mode explicit"
             )
+
+    def _control_allowed(self) -> None:
         if self.draining:
             raise NotReady("the server is shutting down", headers=_RETRY)
         # after the models it starts with: a load racing the start's could serve a model
         # twice over
         self.require_ready()
+
+    async def _poll(self) -> None:
+        """--model-control-mode poll: every --repository-poll-secs, the bundles looked at
+        again (`_poll_once`) until the drain."""
+        failed: dict[str, str] = {}
+        missing: set[str] = set()
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            if self.draining:
+                return
+            try:
+                missing = await self._poll_once(failed, missing)
+            except NotReady:
+                return  # the drain began
+            except Exception as exc:  # noqa: BLE001 - a repository not readable this time
+                log.warning("model repository not read", extra={"error": _described(exc)})
+
+    async def _poll_once(self, failed: dict[str, str], missing: set[str]) -> set[str]:
+        """Load each bundle whose model is not served, reload each whose files changed
+        (`bundle_signature`), and unload each model whose bundle has gone, at the second
+        look in a row (a bundle being rewritten in place is not unloaded in between). A
+        bundle that did not load is tried again once its files change. Returns the
+        models found gone this time."""
+        found = await asyncio.to_thread(self._bundles_found)
+        for name, signature in found.items():
+            runner = self.runners.get(name)
+            if signature in (failed.get(name), runner.signature if runner else None):
+                continue
+            try:
+                await self._load(name)
+            except LoadFailed:
+                failed[name] = signature  # logged and counted; not again until it changes
+            else:
+                failed.pop(name, None)
+        gone = {name for name in self.runners if name not in found}
+        for name in gone & missing:
+            await self._unload(name)
+        return gone - missing
+
+    def _bundles_found(self) -> dict[str, str]:
+        """Each model the bundles are of, with its bundle's signature (the signatures of
+        all its bundles where several are of one model: that one does not load)."""
+        found: dict[str, list[str]] = {}
+        for name, path in self.settings.loadable():
+            found.setdefault(name, []).append(bundle_signature(path))
+        return {name: " ".join(signatures) for name, signatures in found.items()}
 
     def _bundle_of(self, name: str) -> Path:
         """The directory of model `name`'s bundle; UnknownModel where none is named so."""
@@ -719,6 +815,8 @@ class ModelPool:
         await asyncio.shield(self._closing)
 
     async def _close(self, give_up_at: float) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         remaining = max(give_up_at - time.monotonic(), 0.0)
         await asyncio.gather(
             *(runner.queue.close(remaining) for runner in self.runners.values()),

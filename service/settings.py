@@ -154,13 +154,21 @@ class Settings(BaseSettings):
         "lost+found on a volume, are skipped and logged); repeat for several; with "
         "--model-dir, both",
     )
-    model_control_mode: Literal["none", "explicit"] = Field(
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
         "none",
         description="none: every bundle given loads at start and stays; explicit (as "
         "Triton's): models load, reload and unload while the server runs (POST "
         "/v2/repository/models/NAME/load and /unload; gRPC RepositoryModelLoad and "
         "RepositoryModelUnload), and at start only --model-dir's bundles and the "
-        "repository's models that --load-model names load",
+        "repository's models that --load-model names load; poll (as Triton's): every "
+        "bundle loads at start, and every --repository-poll-secs the bundles are looked at "
+        "again: one that appears loads, one whose files change reloads, one that goes "
+        "unloads",
+    )
+    repository_poll_secs: float = Field(
+        15.0,
+        ge=0.1,
+        description="with --model-control-mode poll: seconds between two looks at the bundles",
     )
     load_model: Annotated[list[str], NoDecode, Flag(metavar="NAME")] = Field(
         default_factory=list,
@@ -611,7 +619,7 @@ class Settings(BaseSettings):
     def check_served(self, models: Iterable[str]) -> None:
         """ValueError when a --model-setting names a model that is not among `models`."""
         served = set(models)
-        if self.explicit_control:  # those it may load later too
+        if self.models_change:  # those it may load later too
             served |= {name for name, _ in self.loadable()}
         unknown = [model for model in self.models_with_settings() if model not in served]
         if unknown:
@@ -657,8 +665,14 @@ class Settings(BaseSettings):
 
     @property
     def explicit_control(self) -> bool:
-        """Models load and unload while the server runs (--model-control-mode explicit)."""
+        """Clients load and unload models (--model-control-mode explicit)."""
         return self.model_control_mode == "explicit"
+
+    @property
+    def models_change(self) -> bool:
+        """Models load and unload while the server runs (explicit or poll model
+        control): every bundle the server may load counts, loaded or not."""
+        return self.model_control_mode != "none"
 
     @property
     def start_bundle_dirs(self) -> list[Path]:

@@ -516,3 +516,89 @@ async def test_a_load_under_way_at_the_drain_stops_and_closes_what_it_built(tmp_
     await closing
     assert pool.runners == {}
     assert len(built) == 1 and closed == built  # what it built is closed, not left behind
+
+
+def _wait_for_index(url: str, condition) -> dict:
+    give_up_at = time.monotonic() + TIMEOUT_S
+    while True:
+        index = _index(url)
+        if condition(index):
+            return index
+        assert time.monotonic() < give_up_at, index
+        time.sleep(0.05)
+
+
+def test_polling_loads_reloads_and_unloads_as_bundles_come_change_and_go(tmp_path) -> None:
+    repository = tmp_path / "repository"
+    bundles.write_classifier(repository / "classifier")
+    flags = ["--model-repository", str(repository), "--model-control-mode", "poll",
+             "--repository-poll-secs", "0.2", "--engine-threads", "1"]  # fmt: skip
+    image = _photo()
+    log = tmp_path / "server.log"
+    with running_server(flags, log_path=log, inherit_settings=False) as s:
+        before = _top_label(s.url, image)
+        bundles.write_segmenter(repository / "segmenter")  # a new bundle: loaded
+        _wait_for_index(s.url, lambda index: index.get("tiny_seg") == ("READY", ""))
+        segmented = httpx.post(f"{s.url}/segment", files=upload(image), timeout=TIMEOUT_S)
+        assert segmented.status_code == 200, segmented.text
+
+        reversed_labels = _reverse_labels(repository / "classifier")  # a new version
+        after = reversed_labels[reversed_labels[::-1].index(before)]
+        _wait_for(lambda: _top_label(s.url, image) == after)
+
+        # a version that does not verify: the one in service stays, and it is not
+        # tried again at every look, only once its files change again
+        graph = repository / "classifier" / "model.onnx"
+        good = graph.read_bytes()
+        graph.write_bytes(good + b"\0")
+        _wait_for(lambda: log.read_text().count('"message": "model load failed"') == 1)
+        time.sleep(1.0)  # five looks more
+        assert log.read_text().count('"message": "model load failed"') == 1
+        assert _top_label(s.url, image) == after
+        serving = log.read_text().count('"message": "model serving"')
+        graph.write_bytes(good)  # the copy completes: loaded
+        _wait_for(lambda: log.read_text().count('"message": "model serving"') == serving + 1)
+        assert _top_label(s.url, image) == after
+
+        shutil.rmtree(repository / "segmenter")  # gone: unloaded
+        _wait_for_index(s.url, lambda index: "tiny_seg" not in index)
+        gone = httpx.post(f"{s.url}/segment?model=tiny_seg", files=upload(image))
+        assert gone.status_code == 404, gone.text
+
+        refused = httpx.post(f"{s.url}/v2/repository/models/tiny_cls/unload")
+        assert refused.status_code == 403, refused.text
+        assert "--model-control-mode poll" in refused.json()["error"]
+    metrics_lines = log.read_text()
+    assert metrics_lines.count('"message": "model retired"') == 3  # two reloads, an unload
+
+
+@pytest.mark.anyio
+async def test_a_bundle_missing_for_one_look_is_not_unloaded(tmp_path) -> None:
+    """A bundle being rewritten in place (its manifest gone for a moment) stays served;
+    gone at two looks in a row, it is unloaded."""
+    from service.metrics import ServiceMetrics
+    from service.runtime import ModelPool
+    from service.settings import Settings
+
+    repository = _repository(tmp_path)
+    settings = Settings(
+        model_repository=[repository],
+        model_control_mode="poll",
+        repository_poll_secs=3600,  # the looks are made here, by hand
+        engine_threads=1,
+    )
+    pool = ModelPool(settings, ServiceMetrics())
+    await pool.load()
+    manifest = repository / "segmenter" / "manifest.json"
+    kept = manifest.read_bytes()
+    failed: dict[str, str] = {}
+    manifest.unlink()
+    missing = await pool._poll_once(failed, set())
+    assert missing == {"tiny_seg"} and "tiny_seg" in pool.runners
+    manifest.write_bytes(kept)
+    missing = await pool._poll_once(failed, missing)
+    assert missing == set() and "tiny_seg" in pool.runners and failed == {}
+    manifest.unlink()
+    missing = await pool._poll_once(failed, await pool._poll_once(failed, set()))
+    assert "tiny_seg" not in pool.runners and sorted(pool.runners) == ["tiny_cls"]
+    await pool.close(1.0)
