@@ -425,6 +425,7 @@ class ModelPool:
         self._control = asyncio.Lock()
         self._loading: set[str] = set()
         self._unavailable: dict[str, str] = {}
+        self._stale: dict[str, str] = {}  # served models whose new version did not load: why
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None  # --model-control-mode poll
         if settings.decode_nice and sys.platform != "linux":
@@ -539,13 +540,17 @@ class ModelPool:
     def _entry(self, name: str, at_start: bool) -> dict[str, str]:
         """A model's index entry: READY once loaded and the server ready; LOADING while it
         loads (at start, or asked to); else UNAVAILABLE with the reason: a failure that
-        stops the server, the drain, or (explicit model control) its unload or the error
-        its last load met, or that it was never loaded."""
+        stops the server, the drain, or (model control) its unload or the error its last
+        load met, or that it was never loaded; a READY model whose new version did not
+        load says so too."""
         state, reason = "UNAVAILABLE", ""
         if self.failure or self.draining:
             reason = self.failure or "the server is shutting down"
         elif name in self.runners:
             state = "READY" if self.ready else "LOADING"
+            if name in self._stale:
+                reason = "serving the version loaded before: a new one did not load: "
+                reason += self._stale[name]
         elif name in self._loading or (at_start and not self.ready):
             state = "LOADING"
         else:
@@ -590,7 +595,9 @@ class ModelPool:
                 raise NotReady("the server is shutting down", headers=_RETRY) from exc
             except Exception as exc:  # noqa: BLE001 - said to the client, the old version kept
                 reason = str(exc) if isinstance(exc, BundleError) else _described(exc)
-                if name not in self.runners:
+                if name in self.runners:
+                    self._stale[name] = reason
+                else:
                     self._unavailable[name] = reason
                 log.error("model load failed", extra={"model": name, "error": reason})
                 self.metrics.model_control.labels(name, "load", "failure").inc()
@@ -604,6 +611,7 @@ class ModelPool:
             old = self.runners.get(name)
             self.runners[name] = runner
             self._unavailable.pop(name, None)
+            self._stale.pop(name, None)
             log.info("model serving", extra={"model": name, "replaced": old is not None})
             self.metrics.model_control.labels(name, "load", "success").inc()
             if old is not None:
@@ -617,6 +625,7 @@ class ModelPool:
                 self._bundle_of(name)  # 404 for a model the server does not know
                 return
             self._unavailable[name] = "unloaded"
+            self._stale.pop(name, None)
             self.metrics.model_control.labels(name, "unload", "success").inc()
             await asyncio.shield(self._retire(runner, f"model {name!r} was unloaded"))
 

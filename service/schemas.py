@@ -219,7 +219,11 @@ class V2ModelIndex(BaseModel):
     name: str
     version: str
     state: Literal["READY", "LOADING", "UNAVAILABLE"]
-    reason: str | None = Field(None, description="why a model is UNAVAILABLE")
+    reason: str | None = Field(
+        None,
+        description="why a model is UNAVAILABLE; for a READY one, that it serves the "
+        "version loaded before because a new one did not load, and why",
+    )
 
 
 class V2ModelReady(BaseModel):

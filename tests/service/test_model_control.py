@@ -214,7 +214,11 @@ def test_a_version_that_does_not_load_leaves_the_one_in_service(tmp_path) -> Non
         error = failed.json()["error"]
         assert error.startswith("load_failed: model 'tiny_cls' did not load: ")
         assert f"{graph.name}: " in error and "the file was modified" in error
-        assert _index(s.url)["tiny_cls"] == ("READY", "")  # the old version still serves
+        state, reason = _index(s.url)["tiny_cls"]  # the old version still serves
+        assert state == "READY" and reason.startswith(
+            "serving the version loaded before: a new one did not load: "
+        )
+        assert "the file was modified" in reason
         assert _top_label(s.url, image) == before
         # a model never loaded whose load fails is listed with the reason
         (repository / "segmenter" / "model.onnx").unlink()
