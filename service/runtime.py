@@ -419,9 +419,9 @@ class ModelPool:
         self.engine_failure: str | None = None
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None
-        # explicit model control (--model-control-mode explicit): one load or unload at
-        # a time; the models being loaded; why each model not loaded is not ("unloaded",
-        # or its load's error); the runners retiring (their last requests being answered)
+        # model control (--model-control-mode explicit or poll): one load or unload at a
+        # time; the models being loaded; why each model not loaded is not ("unloaded", or
+        # its load's error); the runners retiring (their last requests being answered)
         self._control = asyncio.Lock()
         self._loading: set[str] = set()
         self._unavailable: dict[str, str] = {}
