@@ -606,3 +606,39 @@ async def test_a_bundle_missing_for_one_look_is_not_unloaded(tmp_path) -> None:
     missing = await pool._poll_once(failed, await pool._poll_once(failed, set()))
     assert "tiny_seg" not in pool.runners and sorted(pool.runners) == ["tiny_cls"]
     await pool.close(1.0)
+
+
+def test_a_grpc_stream_loses_no_request_across_reloads(tmp_path) -> None:
+    """tritonclient's stream (as ModelMesh-style clients keep one open) while the model
+    is reloaded three times: every request sent is answered, none with an error."""
+    import queue
+
+    grpc_port = free_port()
+    flags = ["--model-repository", str(_repository(tmp_path)), "--model-control-mode",
+             "explicit", "--load-model", "tiny_cls", "--engine-threads", "1",
+             "--grpc-port", str(grpc_port)]  # fmt: skip
+    image = np.array([_photo()], dtype=object)
+    with running_server(flags, log_path=tmp_path / "server.log", inherit_settings=False) as s:
+        rest = httpclient.InferenceServerClient(s.url.removeprefix("http://"))
+        client = grpcclient.InferenceServerClient(f"{LOOPBACK}:{grpc_port}")
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        tensor = grpcclient.InferInput("encoded_image", [1], "BYTES")
+        tensor.set_data_from_numpy(image)
+        sent = 0
+        try:
+            for round_ in range(4):
+                for _ in range(10):
+                    client.async_stream_infer("tiny_cls", [tensor], request_id=str(sent))
+                    sent += 1
+                if round_ < 3:
+                    rest.load_model("tiny_cls")  # with those in flight
+            got = [answers.get(timeout=TIMEOUT_S) for _ in range(sent)]
+        finally:
+            client.stop_stream()
+            client.close()
+            rest.close()
+    errors = [error.message() for _, error in got if error is not None]
+    assert errors == []
+    assert sorted(int(result.get_response().id) for result, _ in got) == list(range(sent))
+    assert (tmp_path / "server.log").read_text().count('"message": "model retired"') == 3
