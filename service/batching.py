@@ -336,6 +336,15 @@ class BatchQueue(Generic[T, R]):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._report_depth()
+        # Closed for good: the workers and observers go, so that what they point at (a
+        # model's engines, pipeline and buffers, which point back at this queue) is freed
+        # at once, not at the interpreter's next full collection (an unloaded model).
+        self._loop_task = None  # its cancellation's traceback holds the former's frame
+        self._workers = []
+        self._solo = None
+        while not self._idle.empty():
+            self._idle.get_nowait()
+        self._observer = BatchObservers()
 
     async def _former_wait(self, waiting: Awaitable[Any], for_engine: bool = False) -> Any:
         """Await `waiting`, which blocks the batch former, flagged as such."""
