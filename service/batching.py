@@ -509,7 +509,7 @@ class BatchQueue(Generic[T, R]):
                     ),
                 },
             )
-            error = exc if isinstance(exc, BatchFailed) else BatchFailed(_describe(exc))
+            error = exc if isinstance(exc, BatchFailed) else BatchFailed(describe(exc))
             for entry in batch:
                 _fail(entry, error)
         else:
@@ -557,5 +557,6 @@ def _fail(entry: _Pending, error: Exception) -> None:
         entry.future.set_exception(error)
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
+    """An exception as its type and message, the way errors are reported."""
     return f"{type(exc).__name__}: {exc}"

@@ -71,6 +71,10 @@ def warmup_sizes(settings: Settings, batched: bool) -> list[int]:
 _RETRY = {"Retry-After": "5"}
 
 
+def _shutting_down() -> NotReady:
+    return NotReady("the server is shutting down", headers=_RETRY)
+
+
 def bundle_signature(path: str | Path) -> str:
     """What tells one version of the bundle at `path` from another: the SHA-256 of its
     manifest and of each file's path, size and modification time under it. A bundle
@@ -90,10 +94,6 @@ def bundle_signature(path: str | Path) -> str:
             where = os.path.relpath(Path(folder) / file, root)
             digest_.update(f"{where}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest_.hexdigest()
-
-
-def _described(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def precision_refusal(bundle: Bundle, served: Settings) -> str | None:
@@ -329,7 +329,7 @@ class ModelRunner:
         except batching.QueueFull as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "1"}) from exc
         except batching.QueueClosed as exc:
-            raise NotReady(str(exc), headers={"Retry-After": "5"}) from exc
+            raise NotReady(str(exc), headers=_RETRY) from exc
         except batching.DeadlineExceeded as exc:
             raise Timeout(f"model {self.name!r}: {exc}") from exc
         except batching.ClientGone as exc:
@@ -458,7 +458,7 @@ class ModelPool:
             log.info("model loading stopped: shutting down")
             return
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = batching.describe(exc)
             log.error("model loading failed", extra={"error": self.load_error})
             raise
         self.ready = not self.draining
@@ -592,9 +592,9 @@ class ModelPool:
             try:
                 runner = await asyncio.to_thread(self._loaded_checked, path, name)
             except LoadingStopped as exc:
-                raise NotReady("the server is shutting down", headers=_RETRY) from exc
+                raise _shutting_down() from exc
             except Exception as exc:  # noqa: BLE001 - said to the client, the old version kept
-                reason = str(exc) if isinstance(exc, BundleError) else _described(exc)
+                reason = str(exc) if isinstance(exc, BundleError) else batching.describe(exc)
                 if name in self.runners:
                     self._stale[name] = reason
                 else:
@@ -606,7 +606,7 @@ class ModelPool:
                 self._loading.discard(name)
             if self.draining:
                 await asyncio.to_thread(runner.close_engines)
-                raise NotReady("the server is shutting down", headers=_RETRY)
+                raise _shutting_down()
             runner.queue.start()
             old = self.runners.get(name)
             self.runners[name] = runner
@@ -645,7 +645,7 @@ class ModelPool:
 
     def _control_allowed(self) -> None:
         if self.draining:
-            raise NotReady("the server is shutting down", headers=_RETRY)
+            raise _shutting_down()
         # after the models it starts with: a load racing the start's could serve a model
         # twice over
         self.require_ready()
@@ -664,7 +664,7 @@ class ModelPool:
             except NotReady:
                 return  # the drain began
             except Exception as exc:  # noqa: BLE001 - a repository not readable this time
-                log.warning("model repository not read", extra={"error": _described(exc)})
+                log.warning("model repository not read", extra={"error": batching.describe(exc)})
 
     async def _poll_once(self, failed: dict[str, str], missing: set[str]) -> set[str]:
         """Load each bundle whose model is not served, reload each whose files changed
@@ -766,7 +766,7 @@ class ModelPool:
             detail = self.failure or (
                 "shutting down" if self.draining else "models are still loading"
             )
-            raise NotReady(detail, headers={"Retry-After": "5"})
+            raise NotReady(detail, headers=_RETRY)
 
     def get(self, name: str | None, task: str | None = None, *, ready: bool = True) -> ModelRunner:
         """The model a request means: the one named (which must serve `task`, when given),
