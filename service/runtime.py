@@ -185,7 +185,7 @@ class ModelRunner:
         self.observer = metrics.for_model(self.name)
         # requests holding this runner (`in_use`): an unload or reload waits for them
         self.users = 0
-        # its bundle's files when it was loaded (bundle_signature; "" where not known)
+        # its bundle's files when it was loaded (bundle_signature; "" unless polling)
         self.signature = ""
         # --response-cache-mib: engine results of encoded images, by their digest
         mib = settings.response_cache_mib
@@ -474,8 +474,13 @@ class ModelPool:
 
     def _build_runner_named(self, source: Bundle | Any) -> ModelRunner:
         started = time.monotonic()
-        # its files as they were before they were read (a change while loading: a reload)
-        signature = bundle_signature(source.path if isinstance(source, Bundle) else source)
+        # polling: its files as they were before they were read (a change while loading:
+        # a reload); not looked at otherwise
+        signature = (
+            bundle_signature(source.path if isinstance(source, Bundle) else source)
+            if self.settings.model_control_mode == "poll"
+            else ""
+        )
         bundle = source if isinstance(source, Bundle) else load_bundle(source)
         settings = self.settings.for_model(bundle.manifest.name)  # --model-setting
         engines: list[InferenceEngine] = []
