@@ -98,7 +98,7 @@ class KeyRing:
         from service.settings import read_api_key_file  # settings imports service modules
 
         self._read = read_api_key_file
-        self._fixed = [key.get_secret_value().encode() for key in fixed]
+        self._fixed = _encoded(fixed)
         self._path, self._clock = path, clock
         self._from_file: list[bytes] = []
         self._stamp: tuple[int, ...] | None = None
@@ -106,7 +106,7 @@ class KeyRing:
         self._checked_at = clock()
         if path is not None:  # at start an unreadable or keyless file is an error
             self._stamp = _stamp(path)
-            self._from_file = [key.get_secret_value().encode() for key in self._read(path)]
+            self._from_file = _encoded(self._read(path))
 
     @property
     def enabled(self) -> bool:
@@ -125,7 +125,7 @@ class KeyRing:
             stamp = _stamp(path)
             if stamp == self._stamp:
                 return
-            keys = [key.get_secret_value().encode() for key in self._read(path)]
+            keys = _encoded(self._read(path))
         except (OSError, ValueError) as exc:  # ValueError names the file, never a key
             reason = f"cannot read it: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
             if reason != self._failure:  # said once, not at every check
@@ -137,6 +137,10 @@ class KeyRing:
             return
         self._stamp, self._from_file, self._failure = stamp, keys, None
         log.info("API key file read again", extra={"path": str(path), "keys": len(keys)})
+
+
+def _encoded(keys: Sequence[SecretStr]) -> list[bytes]:
+    return [key.get_secret_value().encode() for key in keys]
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

@@ -659,9 +659,13 @@ class Settings(BaseSettings):
     def bundle_dirs(self) -> list[Path]:
         """The bundles to serve: --model-dir's, then each --model-repository's bundle
         subdirectories in name order; the demo bundles when neither is given."""
+        return self._model_dirs() + [p for p in self._repository_entries() if _is_bundle(p)]
+
+    def _model_dirs(self) -> list[Path]:
+        """--model-dir's bundles: those given, or the demo bundles when no repository
+        is given either."""
         given = "model_dir" in self.model_fields_set
-        dirs = list(self.model_dir) if given or not self.model_repository else []
-        return dirs + [path for path in self._repository_entries() if _is_bundle(path)]
+        return list(self.model_dir) if given or not self.model_repository else []
 
     @property
     def explicit_control(self) -> bool:
@@ -680,15 +684,13 @@ class Settings(BaseSettings):
         control --model-dir's and the repository bundles --load-model names (* all)."""
         if not self.explicit_control or "*" in self.load_model:
             return self.bundle_dirs
-        given = "model_dir" in self.model_fields_set
-        dirs = list(self.model_dir) if given or not self.model_repository else []
         wanted = set(self.load_model)
         in_repository = [
             path
             for path in self._repository_entries()
             if _is_bundle(path) and bundle_name(path) in wanted
         ]
-        return dirs + in_repository
+        return self._model_dirs() + in_repository
 
     def loadable(self) -> list[tuple[str, Path]]:
         """Every bundle the server may load, as (its model's name, its directory), read
