@@ -243,23 +243,29 @@ def repository_entries(pool: ModelPool, ready_only: bool) -> list[dict]:
     return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
 
-# A repository index request is `{"ready": true}` at most: a body past this is refused
-# before it is parsed (413), so that it never costs the event loop a large JSON parse.
+# A repository request (the index's `{"ready": true}`, a load's or unload's parameters)
+# is small: a body past this is refused before it is parsed (413), so that it never costs
+# the event loop a large JSON parse.
 MAX_INDEX_BODY = 4096
 
 
-def _index_ready_only(body: bytes) -> bool:
+def _small_json(body: bytes, what: str, holds: str = "") -> Any:
+    """A repository request's body parsed: {} when empty, None when not JSON; 413 past
+    MAX_INDEX_BODY (`what` the request, `holds` what it may hold, for the refusal)."""
     if len(body) > MAX_INDEX_BODY:
         raise PayloadTooLarge(
-            f"a repository index request of {len(body)} bytes; it takes at most "
-            f'{MAX_INDEX_BODY} ({{"ready": true}} or nothing)'
+            f"{what} of {len(body)} bytes; it takes at most {MAX_INDEX_BODY}{holds}"
         )
     if not body.strip():
-        return False
+        return {}
     try:
-        parsed = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError):
-        parsed = None
+        return None
+
+
+def _index_ready_only(body: bytes) -> bool:
+    parsed = _small_json(body, "a repository index request", ' ({"ready": true} or nothing)')
     ready = parsed.get("ready", False) if isinstance(parsed, dict) else None
     if not isinstance(ready, bool):
         raise InvalidParameters(
@@ -331,16 +337,7 @@ async def unload_model(request: Request, pool: Pool, model: str) -> Response:
 def _control_parameters(body: bytes, allowed: dict[str, type]) -> dict[str, Any]:
     """The `parameters` of a load or unload request (empty, or `{"parameters": {...}}`
     with only the `allowed` names, of their types), bounded as the index request is."""
-    if len(body) > MAX_INDEX_BODY:
-        raise PayloadTooLarge(
-            f"a model control request of {len(body)} bytes; it takes at most {MAX_INDEX_BODY}"
-        )
-    if not body.strip():
-        return {}
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        parsed = None
+    parsed = _small_json(body, "a model control request")
     parameters = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
     fits = (
         isinstance(parsed, dict)
