@@ -121,7 +121,7 @@ class ModelControlOff(ServiceError):
 
 
 class LoadFailed(ServiceError):
-    """A model asked for (explicit model control) that did not load: the reason."""
+    """A model to load (explicit or poll model control) that did not load: the reason."""
 
     status_code = 400
     code = "load_failed"

@@ -127,8 +127,9 @@ class ServiceMetrics:
         )
         self.model_control = Counter(
             "hornet_model_control",
-            "loads and unloads asked of the server (--model-control-mode explicit), by model, "
-            "action (load, unload) and outcome (success, failure: the model did not load)",
+            "loads and unloads of models while the server runs (--model-control-mode "
+            "explicit or poll), by model, action (load, unload) and outcome (success, "
+            "failure: the model did not load)",
             ["model", "action", "outcome"],
             registry=self.registry,
         )

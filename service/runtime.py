@@ -530,8 +530,8 @@ class ModelPool:
         return runner
 
     def index(self) -> list[dict[str, str]]:
-        """Triton's repository index: every bundle given, in order (under explicit model
-        control, then every other bundle the server may load), each with its state."""
+        """Triton's repository index: every bundle given, in order (under explicit or poll
+        model control, then every other bundle the server may load), each with its state."""
         started = [
             source.manifest.name if isinstance(source, Bundle) else bundle_name(Path(source))
             for source in self._sources

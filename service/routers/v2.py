@@ -232,7 +232,7 @@ def statistics(pool: ModelPool, name: str, version: str | None) -> dict:
 )  # fmt: skip
 async def repository_index(request: Request, pool: Pool) -> list[dict]:
     """Triton's repository index: every bundle the server was given (with
-    --model-control-mode explicit, every bundle it may load), its version and state
+    --model-control-mode explicit or poll, every bundle it may load), its version and state
     (READY, LOADING, or UNAVAILABLE with the reason); with `{"ready": true}` the ready
     ones only."""
     return repository_entries(pool, _index_ready_only(await request.body()))
