@@ -47,9 +47,10 @@ def _reverse_labels(bundle: Path) -> list[str]:
     return manifest["labels"]
 
 
-def _index(url: str) -> dict[str, tuple[str, str]]:
-    entries = httpx.post(f"{url}/v2/repository/index", timeout=TIMEOUT_S).json()
-    return {e["name"]: (e["state"], e.get("reason", "")) for e in entries}
+def _index(url: str, key: str | None = None) -> dict[str, tuple[str, str]]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    entries = httpx.post(f"{url}/v2/repository/index", headers=headers, timeout=TIMEOUT_S)
+    return {e["name"]: (e["state"], e.get("reason", "")) for e in entries.json()}
 
 
 def _photo() -> bytes:
@@ -317,21 +318,14 @@ def test_load_and_unload_need_a_key_where_keys_are_set(tmp_path) -> None:
         load = f"{s.url}/v2/repository/models/tiny_cls/load"
         assert httpx.post(load).status_code == 401
         assert httpx.post(load, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert _index_with(s.url, "control-key-0123456789")["tiny_cls"] == "UNAVAILABLE"
+        assert _index(s.url, "control-key-0123456789")["tiny_cls"][0] == "UNAVAILABLE"
         done = httpx.post(
             load, headers={"Authorization": "Bearer control-key-0123456789"}, timeout=TIMEOUT_S
         )
         assert done.status_code == 200, done.text
-        assert _index_with(s.url, "control-key-0123456789")["tiny_cls"] == "READY"
+        assert _index(s.url, "control-key-0123456789")["tiny_cls"][0] == "READY"
     assert "without API keys" not in log.read_text()
     assert "control-key-0123456789" not in log.read_text()
-
-
-def _index_with(url: str, key: str) -> dict[str, str]:
-    entries = httpx.post(
-        f"{url}/v2/repository/index", headers={"Authorization": f"Bearer {key}"}
-    ).json()
-    return {e["name"]: e["state"] for e in entries}
 
 
 def test_a_model_added_to_the_repository_later_loads_and_reloads_keep_no_old_version(
@@ -522,16 +516,6 @@ async def test_a_load_under_way_at_the_drain_stops_and_closes_what_it_built(tmp_
     assert len(built) == 1 and closed == built  # what it built is closed, not left behind
 
 
-def _wait_for_index(url: str, condition) -> dict:
-    give_up_at = time.monotonic() + TIMEOUT_S
-    while True:
-        index = _index(url)
-        if condition(index):
-            return index
-        assert time.monotonic() < give_up_at, index
-        time.sleep(0.05)
-
-
 def test_polling_loads_reloads_and_unloads_as_bundles_come_change_and_go(tmp_path) -> None:
     repository = tmp_path / "repository"
     bundles.write_classifier(repository / "classifier")
@@ -542,7 +526,7 @@ def test_polling_loads_reloads_and_unloads_as_bundles_come_change_and_go(tmp_pat
     with running_server(flags, log_path=log, inherit_settings=False) as s:
         before = _top_label(s.url, image)
         bundles.write_segmenter(repository / "segmenter")  # a new bundle: loaded
-        _wait_for_index(s.url, lambda index: index.get("tiny_seg") == ("READY", ""))
+        _wait_for(lambda: _index(s.url).get("tiny_seg") == ("READY", ""))
         segmented = httpx.post(f"{s.url}/segment", files=upload(image), timeout=TIMEOUT_S)
         assert segmented.status_code == 200, segmented.text
 
@@ -565,7 +549,7 @@ def test_polling_loads_reloads_and_unloads_as_bundles_come_change_and_go(tmp_pat
         assert _top_label(s.url, image) == after
 
         shutil.rmtree(repository / "segmenter")  # gone: unloaded
-        _wait_for_index(s.url, lambda index: "tiny_seg" not in index)
+        _wait_for(lambda: "tiny_seg" not in _index(s.url))
         gone = httpx.post(f"{s.url}/segment?model=tiny_seg", files=upload(image))
         assert gone.status_code == 404, gone.text
 
