@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Route
 
 from hornet_bundle import Bundle
 from service import __version__
@@ -89,7 +90,8 @@ def create_app(
     routers = (health.router, models.router, inference.router, v2.router, page.router)
     for router in routers:
         app.include_router(router)
-    _install_error_handlers(app)
+    routes = [route for router in routers for route in router.routes]
+    _install_error_handlers(app, routes)
     app.add_middleware(
         UploadLimitsMiddleware,
         max_bytes=settings.max_upload_bytes,
@@ -100,7 +102,6 @@ def create_app(
     app.add_middleware(CloseUnreadBodyMiddleware)
     if settings.cors_origins:  # outside the key check: preflights carry no key
         app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
-    routes = [route for router in routers for route in router.routes]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     advertise_api_keys(app, keys.enabled, settings.protect_probes)
     return app
@@ -129,7 +130,19 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> str:
+    """The Allow header of a 405: every method of every route at `path` (Starlette's names
+    only the first route's, where GET and POST are two routes)."""
+    methods = {
+        method
+        for route in routes
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path)
+        for method in route.methods
+    }
+    return ", ".join(sorted(methods))
+
+
+def _install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
@@ -158,6 +171,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
         headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(routes, request.url.path)}
         return _error(request, exc.status_code, code, exc.detail, headers, rid=request_id.get())
 
     # Starlette runs this handler outside every middleware, after RequestContextMiddleware

@@ -166,6 +166,7 @@ class BatchQueue(Generic[T, R]):
         dispatch_first: bool = True,
         solo: BatchWorker | None = None,
         solo_max_items: int = 1,
+        name: str = "",
     ) -> None:
         if not workers:
             raise ValueError("a BatchQueue needs at least one worker")
@@ -174,6 +175,7 @@ class BatchQueue(Generic[T, R]):
         if solo_max_items < 1:
             raise ValueError("solo_max_items >= 1")
         self._workers = list(workers)
+        self.name = name  # the model's, for the debug lines
         self._solo = solo
         self.solo_max_items = solo_max_items
         self.max_batch_size = max_batch_size
@@ -535,6 +537,35 @@ class BatchQueue(Generic[T, R]):
                         cancelled=cancelled,
                     )
                 )
+            if log.isEnabledFor(logging.DEBUG):
+                outcome = "cancelled" if cancelled else "failed" if failed else "ok"
+                self._log_batch(batch, closed_by, solo_ran is not None, outcome, started, ran)
+
+    def _log_batch(
+        self,
+        batch: list[_Pending[T, R]],
+        closed_by: ClosedBy,
+        solo: bool,
+        outcome: str,
+        started: float,
+        ran: float,
+    ) -> None:
+        """A debug line per batch run (the verbose log): what closed it, how long its
+        items waited, its engine time and the requests it held."""
+        log.debug(
+            "batch ran",
+            extra={
+                "model": self.name,
+                "batch_size": len(batch),
+                "closed_by": closed_by,
+                "solo": solo,
+                "outcome": outcome,
+                "engine_ms": round((ran or time.monotonic() - started) * 1000, 3),
+                "queue_ms": [round((started - e.enqueued_at) * 1000, 3) for e in batch],
+                "request_ids": list(dict.fromkeys(entry.request_id for entry in batch)),
+                "trace_ids": list(dict.fromkeys(e.trace_id for e in batch if e.trace_id)),
+            },
+        )
 
     def _hand_back(self, worker: BatchWorker, solo_ran: asyncio.Future[None] | None) -> None:
         if solo_ran is None:

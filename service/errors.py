@@ -120,6 +120,13 @@ class ModelControlOff(ServiceError):
     code = "model_control_off"
 
 
+class LogSettingsOff(ServiceError):
+    """A change of the log settings asked of a server started without --allow-log-settings."""
+
+    status_code = 403
+    code = "log_settings_off"
+
+
 class LoadFailed(ServiceError):
     """A model to load (explicit or poll model control) that did not load: the reason."""
 

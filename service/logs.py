@@ -88,16 +88,123 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Triton's log settings (its logging extension) as this server keeps them: the severities
+# written and the verbose (debug) lines; the log goes to standard error as JSON lines.
+LOG_FORMAT = "json"
+_SEVERITIES = {"log_info": "info", "log_warnings": "warnings", "log_errors": "errors"}
+_MAX_VERBOSE = 2**32 - 1  # Triton's log_verbose_level is a uint32
+LOG_SETTINGS = (*_SEVERITIES, "log_verbose_level", "log_format", "log_file")
+# The loggers configure_logging routes; their levels follow the switches.
+_ROUTED = ("hornet", "uvicorn", "uvicorn.error")
+
+
+class LogSwitches(logging.Filter):
+    """Which of the server's log lines are written, as Triton's logging extension sets
+    them (GET and POST /v2/logging, gRPC LogSettings): info, warning and error lines each
+    on or off, and the debug lines on while `verbose_level` is above 0 (the server has one
+    verbose level: any above 0 writes them all). A filter on the log's handler; the routed
+    loggers' levels follow, so that a line no switch lets through is not even made.
+    Critical lines, and a line logged with `extra={"_always": True}`, are written whatever
+    the switches say."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = self.warnings = self.errors = True
+        self.verbose_level = 0
+
+    def start_at(self, level: str) -> None:
+        """The switches of a --log-level: every severity from it up on, below it off."""
+        threshold = logging.getLevelName(level.upper())
+        if not isinstance(threshold, int):
+            raise ValueError(f"unknown log level {level!r}")
+        self.info = threshold <= logging.INFO
+        self.warnings = threshold <= logging.WARNING
+        self.errors = threshold <= logging.ERROR
+        self.verbose_level = int(threshold <= logging.DEBUG)
+        self._set_levels()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = record.levelno
+        if level >= logging.CRITICAL or getattr(record, "_always", False):
+            return True
+        if level >= logging.ERROR:
+            return self.errors
+        if level >= logging.WARNING:
+            return self.warnings
+        if level >= logging.INFO:
+            return self.info
+        return self.verbose_level > 0
+
+    def settings(self) -> dict[str, bool | int | str]:
+        """The settings in Triton's names and types."""
+        return {
+            "log_file": "",
+            **{name: getattr(self, field) for name, field in _SEVERITIES.items()},
+            "log_verbose_level": self.verbose_level,
+            "log_format": LOG_FORMAT,
+        }
+
+    def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
+        """Apply `changes` (Triton's names: only those given change), all of them or,
+        with a ValueError naming every one that cannot be taken, none; the settings then."""
+        problems = [p for name, value in changes.items() if (p := _refusal(name, value))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        for name, value in changes.items():
+            if name in _SEVERITIES:
+                setattr(self, _SEVERITIES[name], value)
+            elif name == "log_verbose_level":
+                self.verbose_level = value
+        self._set_levels()
+        return self.settings()
+
+    def _set_levels(self) -> None:
+        lowest = logging.DEBUG if self.verbose_level else logging.INFO
+        for name in _ROUTED:
+            logging.getLogger(name).setLevel(lowest)
+
+
+def _refusal(name: str, value: object) -> str | None:
+    """Why log setting `name` cannot take `value`, or None when it can."""
+    if name in _SEVERITIES:
+        return None if isinstance(value, bool) else f"{name} is a boolean"
+    if name == "log_verbose_level":
+        fits = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_VERBOSE
+        return None if fits else f"log_verbose_level is an integer from 0 to {_MAX_VERBOSE}"
+    if name == "log_format":
+        return (
+            None
+            if value == LOG_FORMAT
+            else f"log_format is {LOG_FORMAT!r} only: the server writes JSON lines (Triton's "
+            "'default' and 'ISO8601' text formats are not written)"
+        )
+    if name == "log_file":
+        return (
+            None
+            if value == ""
+            else "log_file is '' only: the server writes its log to standard error, never to "
+            "a file a request names"
+        )
+    return f"unknown log setting {name!r}; the settings: {', '.join(LOG_SETTINGS)}"
+
+
+# The server's switches: one log per process.
+log_switches = LogSwitches()
+
+
 def configure_logging(level: str = "info", access_log: bool = True) -> None:
-    """Route the service's and uvicorn's logs to stderr as JSON lines; without
-    `access_log`, the lines of requests answered below 500 are left out."""
+    """Route the service's and uvicorn's logs to stderr as JSON lines, through
+    `log_switches` set from `level`; without `access_log`, the lines of requests answered
+    below 500 are left out."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("hornet", "uvicorn", "uvicorn.error"):
+    handler.addFilter(log_switches)
+    for name in _ROUTED:
         logger = logging.getLogger(name)
         logger.handlers = [handler]
-        logger.setLevel(level.upper())
         logger.propagate = False
+    log_switches.start_at(level)
     access = logging.getLogger("hornet.access")
-    access.setLevel(logging.NOTSET if access_log else max(logging.WARNING, access.parent.level))
+    # the access lines are info lines; without access_log only the 5xx ones (warnings)
+    access.setLevel(logging.NOTSET if access_log else logging.WARNING)
     logging.getLogger("uvicorn.access").disabled = True

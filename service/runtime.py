@@ -205,6 +205,7 @@ class ModelRunner:
             ),
             close_early=settings.close_batches_early,
             solo=self._worker_for(solo) if solo is not None else None,
+            name=self.name,
         )
 
     @contextlib.contextmanager
@@ -678,6 +679,14 @@ class ModelPool:
         bundle that did not load is tried again once its files change. Returns the
         models found gone this time."""
         found = await asyncio.to_thread(self._bundles_found)
+        log.debug(
+            "model repository polled",
+            extra={
+                "bundles": sorted(found),
+                "gone": sorted(name for name in self.runners if name not in found),
+                "not_loading": sorted(n for n, sig in failed.items() if found.get(n) == sig),
+            },
+        )
         for name, signature in found.items():
             runner = self.runners.get(name)
             if signature in (failed.get(name), runner.signature if runner else None):

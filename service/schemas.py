@@ -156,6 +156,19 @@ class V2ServerMetadata(BaseModel):
     extensions: list[str]
 
 
+class V2LogSettings(BaseModel):
+    """Triton's log settings (its logging extension), as this server keeps them."""
+
+    log_file: str = Field(description="always '': the log goes to standard error")
+    log_info: bool = Field(description="whether info lines (the access log's) are written")
+    log_warnings: bool = Field(description="whether warning lines are written")
+    log_errors: bool = Field(description="whether error lines are written")
+    log_verbose_level: int = Field(
+        ge=0, le=2**32 - 1, description="above 0: the debug lines are written too"
+    )
+    log_format: str = Field(description="always 'json': one JSON object per line")
+
+
 class V2ServerLive(BaseModel):
     live: bool
 

@@ -417,7 +417,19 @@ class Settings(BaseSettings):
         "uvloop", description="event loop: uvloop (libuv) or the standard library's asyncio"
     )
     drain_timeout_s: float = Field(10.0, ge=0, description="graceful shutdown bound in seconds")
-    log_level: str = Field("info", description="log level")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info",
+        description="the lowest severity logged at start (debug: the verbose lines too); "
+        "Triton's logging extension reads it at /v2/logging and, with "
+        "--allow-log-settings, changes it while the server runs",
+    )
+    allow_log_settings: bool = Field(
+        False,
+        description="let clients change the log settings while the server runs (Triton's "
+        "logging extension: POST /v2/logging, gRPC LogSettings: which severities are "
+        "written, and the verbose lines); off: they can only read them (403 "
+        "log_settings_off). Where API keys are set, only holders of a key can",
+    )
     access_log: bool = Field(
         True,
         description="one log line per request answered (method, path, status, time; the "
@@ -472,6 +484,12 @@ class Settings(BaseSettings):
         if isinstance(value, Path):
             return [value]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_lower_case(cls, value: object) -> object:
+        """HORNET_LOG_LEVEL=INFO as info (the flag's choices are lower case)."""
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("load_model", mode="before")
     @classmethod

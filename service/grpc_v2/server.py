@@ -220,6 +220,19 @@ class InferenceService:
         await self.pool.unload_model(request.model_name)
         return MESSAGES["RepositoryModelUnloadResponse"]()
 
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's logging extension, as GET (an empty request) and POST /v2/logging."""
+        changes = {}
+        for name, value in request.settings.items():
+            kind = value.WhichOneof("parameter_choice")
+            changes[name] = None if kind is None else getattr(value, kind)
+        settings = v2.change_log_settings(self.settings, changes)
+        answer = MESSAGES["LogSettingsResponse"]()
+        for name, value in settings.items():
+            kind = _SETTING_KINDS[type(value)]
+            setattr(answer.settings[name], kind, value)
+        return answer
+
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The configuration /v2/models/{model}/config answers, as Triton's message."""
         config = await v2.model_config(self.pool, request.name, request.version or None)
@@ -254,6 +267,10 @@ class InferenceService:
             self.pool, runner, parsed, tensors, deadline=deadline, is_gone=gone
         )
         return infer_response(request.model_name, parsed.id, outputs)
+
+
+# A log setting's value in Triton's message, by its type.
+_SETTING_KINDS = {bool: "bool_param", int: "uint32_param", str: "string_param"}
 
 
 def _control_request(request: Any, allowed: dict[str, str]) -> None:

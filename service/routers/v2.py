@@ -20,6 +20,7 @@ import base64
 import binascii
 import functools
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -29,14 +30,16 @@ from fastapi.responses import JSONResponse
 from service import __version__, kserve
 from service.batching import IsGone
 from service.dependencies import Pool, request_deadline
-from service.errors import InvalidParameters, PayloadTooLarge, UnknownModel
+from service.errors import InvalidParameters, LogSettingsOff, PayloadTooLarge, UnknownModel
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
+from service.logs import LOG_SETTINGS, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
     V2ErrorResponse,
     V2InferResponse,
+    V2LogSettings,
     V2ModelIndex,
     V2ModelMetadata,
     V2ModelReady,
@@ -46,14 +49,18 @@ from service.schemas import (
     V2StatisticsResponse,
     error_responses,
 )
+from service.settings import Settings
 from service.statistics import RequestTimes
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 SERVER_NAME = "hornet-serve"
+log = logging.getLogger("hornet.service")
+
 EXTENSIONS = [
     "binary_tensor_data",
     "classification",
+    "logging",
     "model_configuration",
     "model_repository",
     "statistics",
@@ -355,6 +362,81 @@ def _control_parameters(body: bytes, allowed: dict[str, type]) -> dict[str, Any]
             "come from --model-setting, its files from its bundle)"
         )
     return parameters
+
+
+_LOG_SETTINGS_ERRORS = error_responses(V2ErrorResponse, {
+    403: "log_settings_off: a change asked of a server started without --allow-log-settings",
+    413: "payload_too_large: a body over 4096 bytes",
+    422: "invalid_parameters: a body that is not a JSON object of the settings, each of its "
+    "type and a value this server takes (every one refused is named; none is applied)",
+})  # fmt: skip
+
+
+@router.get("/logging", response_model=V2LogSettings)
+async def get_log_settings() -> dict:
+    """Triton's logging extension: the log settings (the severities written, whether the
+    verbose lines are)."""
+    return log_switches.settings()
+
+
+@router.post(
+    "/logging",
+    response_model=V2LogSettings,
+    responses=_LOG_SETTINGS_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {
+                    "log_file": {"type": "string", "enum": [""]},
+                    "log_info": {"type": "boolean"},
+                    "log_warnings": {"type": "boolean"},
+                    "log_errors": {"type": "boolean"},
+                    "log_verbose_level": {
+                        "type": "integer", "minimum": 0, "maximum": 2**32 - 1,
+                    },
+                    "log_format": {"type": "string", "enum": ["json"]},
+                },
+                "additionalProperties": False,
+            }}},
+        }
+    },
+)  # fmt: skip
+async def update_log_settings(request: Request) -> dict:
+    """Triton's logging extension: change the settings given (with --allow-log-settings),
+    the others kept; every setting after the change. Info, warning and error lines can
+    each be turned off or on, and the debug lines on with a log_verbose_level above 0 (one
+    verbose level: every debug line). The log stays JSON lines on standard error: log_file
+    takes only '' and log_format only 'json'. An empty body changes nothing."""
+    changes = _small_json(await request.body(), "a log settings request")
+    if not isinstance(changes, dict):
+        raise InvalidParameters(
+            "a log settings request is empty or a JSON object of settings: "
+            + ", ".join(LOG_SETTINGS)
+        )
+    return change_log_settings(request.app.state.settings, changes)
+
+
+def change_log_settings(settings: Settings, changes: dict[str, Any]) -> dict[str, Any]:
+    """The log settings after `changes` (REST and gRPC): all applied or none; no change is
+    a read, which needs no --allow-log-settings. A change is logged, whatever the settings
+    (a change that turns the warnings off is recorded too)."""
+    if not changes:
+        return log_switches.settings()
+    if not settings.allow_log_settings:
+        raise LogSettingsOff(
+            "the log settings are read-only here: start the server with --allow-log-settings "
+            "to change them"
+        )
+    before = log_switches.settings()
+    try:
+        after = log_switches.update(changes)
+    except ValueError as exc:
+        raise InvalidParameters(str(exc)) from exc
+    changed = {name: value for name, value in after.items() if before[name] != value}
+    log.warning("log settings changed", extra={"_always": True, "changed": changed})
+    return after
 
 
 # Before /models/{model}: Triton's path for every model's statistics (a model named

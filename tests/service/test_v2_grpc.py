@@ -51,7 +51,7 @@ SERVICE = "GRPCInferenceService"
 RPCS = {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
     "ModelConfig", "ModelStatistics", "RepositoryIndex", "ModelStreamInfer",
-    "RepositoryModelLoad", "RepositoryModelUnload",
+    "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings",
 }  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
