@@ -224,6 +224,16 @@ def test_flag_without_keys_is_warned_of_and_trace_level_refused(classifier, tmp_
     assert "--log-level: invalid choice: 'trace'" in (tmp_path / "trace.log").read_text()
 
 
+@pytest.fixture
+def loggers_kept():
+    """The routed loggers' levels as they were before a test moved them."""
+    names = ("hornet", "uvicorn", "uvicorn.error")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def _record(level: int) -> logging.LogRecord:
     return logging.LogRecord("hornet.test", level, __file__, 1, "m", None, None)
 
@@ -232,7 +242,7 @@ def _record(level: int) -> logging.LogRecord:
 @pytest.mark.parametrize("warnings", [True, False])
 @pytest.mark.parametrize("errors", [True, False])
 @pytest.mark.parametrize("verbose", [0, 1, 7])
-def test_each_switch_lets_through_its_own_severity(info, warnings, errors, verbose):
+def test_each_switch_lets_through_its_own_severity(info, warnings, errors, verbose, loggers_kept):
     """Triton's settings are one switch per severity, not a threshold: each severity is
     written exactly when its own switch is on (debug: a verbose level above 0), critical
     always."""
@@ -257,7 +267,6 @@ def test_each_switch_lets_through_its_own_severity(info, warnings, errors, verbo
     always._always = True
     assert switches.filter(always)
     assert logging.getLogger("hornet").level == (logging.DEBUG if verbose else logging.INFO)
-    switches.start_at("info")  # the loggers as the other tests expect them
 
 
 @pytest.mark.parametrize(
@@ -270,10 +279,9 @@ def test_each_switch_lets_through_its_own_severity(info, warnings, errors, verbo
         ("critical", (False, False, False, 0)),
     ],
 )
-def test_the_start_level_sets_the_switches(level, expected):
+def test_the_start_level_sets_the_switches(level, expected, loggers_kept):
     switches = LogSwitches()
     switches.start_at(level)
     settings = switches.settings()
     keys = ("log_info", "log_warnings", "log_errors", "log_verbose_level")
     assert tuple(settings[key] for key in keys) == expected
-    switches.start_at("info")
