@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from service import thread_names
 from service.logs import request_id, trace_id
@@ -131,10 +132,21 @@ class _Pending(Generic[T, R]):
     enqueued_at: float
     deadline: float | None
     is_gone: IsGone | None = field(default=None)
+    level: int = 1  # its priority level: 1 the highest
+    order: int = 0  # its place in arrival order
     request_id: str | None = field(default_factory=request_id.get)
     trace_id: str | None = field(default_factory=trace_id.get)
     started_at: float = 0.0  # when its batch began running (time.monotonic)
     ended_at: float = 0.0  # when its batch's engine run ended
+
+
+class _Queued(NamedTuple, Generic[T, R]):
+    """A waiting item as the priority queue orders it: by level, then arrival (the two
+    never tie, so the item itself is never compared)."""
+
+    level: int
+    order: int
+    entry: _Pending[T, R]
 
 
 # The longest a finished batch's answers wait for the next batch to be dispatched (it
@@ -167,11 +179,14 @@ class BatchQueue(Generic[T, R]):
         solo: BatchWorker | None = None,
         solo_max_items: int = 1,
         name: str = "",
+        priority_levels: int = 1,
     ) -> None:
         if not workers:
             raise ValueError("a BatchQueue needs at least one worker")
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size >= 1, max_delay_s >= 0")
+        if priority_levels < 1:
+            raise ValueError("priority_levels >= 1")
         if solo_max_items < 1:
             raise ValueError("solo_max_items >= 1")
         self._workers = list(workers)
@@ -192,7 +207,12 @@ class BatchQueue(Generic[T, R]):
         self._former_wants_engine = False
         self._announced = 0
         self._news = asyncio.Event()  # an item was queued, or the announced ones ran out
-        self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
+        # Waiting items by (priority level, arrival): the highest level first, each level
+        # first come first served; `max_queue_size` places per level.
+        self.priority_levels = priority_levels
+        self._queue: asyncio.PriorityQueue[_Queued[T, R]] = asyncio.PriorityQueue()
+        self._queued_at = [0] * (priority_levels + 1)  # queued items per level
+        self._arrivals = itertools.count()
         self._idle: asyncio.Queue[BatchWorker] = asyncio.Queue()
         self._collecting: list[_Pending[T, R]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -224,10 +244,15 @@ class BatchQueue(Generic[T, R]):
         self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
 
     async def submit(
-        self, item: T, *, deadline: float | None = None, is_gone: IsGone | None = None
+        self,
+        item: T,
+        *,
+        deadline: float | None = None,
+        is_gone: IsGone | None = None,
+        level: int = 1,
     ) -> R:
         """The worker's result for `item`; `deadline` is on the time.monotonic() clock."""
-        return (await self.submit_many([item], deadline=deadline, is_gone=is_gone))[0]
+        return (await self.submit_many([item], deadline=deadline, is_gone=is_gone, level=level))[0]
 
     async def submit_many(
         self,
@@ -236,34 +261,45 @@ class BatchQueue(Generic[T, R]):
         deadline: float | None = None,
         is_gone: IsGone | None = None,
         timing: Timing | None = None,
+        level: int = 1,
     ) -> list[R]:
         """Results for several independent items, in their order; admitted all or none.
 
         The items may land in different batches. If one fails, the others are abandoned
         (dropped if still queued) and the first failure is raised. `timing`, when given,
-        is filled in with where the items' time went.
+        is filled in with where the items' time went. `level` is their priority level, 1
+        (the highest) to `priority_levels`: they run before every item of a lower level
+        still waiting, and each level holds `max_queue_size` items.
         """
+        if not 1 <= level <= self.priority_levels:
+            raise ValueError(f"priority level {level} is not in 1..{self.priority_levels}")
         if self._closed or self._loop_task is None:
             closed = f": {self._closed_because}" if self._closed else ""
             raise QueueClosed(f"the batch queue is not accepting work{closed}")
-        free = self.max_queue_size - self.depth
-        if len(items) > free:
+        waiting = self._waiting_at(level)
+        if len(items) > self.max_queue_size - waiting:
+            at = f" at priority level {level}" if self.priority_levels > 1 else ""
             raise QueueFull(
-                f"queue holds {self.depth} of {self.max_queue_size} items; "
+                f"queue holds {waiting} of {self.max_queue_size} items{at}; "
                 f"{len(items)} more do not fit"
             )
         now = time.monotonic()
-        self._refuse_past_deadline(len(items), now, deadline)
+        self._refuse_past_deadline(len(items), now, deadline, level)
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future(), now, deadline, is_gone) for item in items]
+        pending = [
+            _Pending(
+                item, loop.create_future(), now, deadline, is_gone, level, next(self._arrivals)
+            )
+            for item in items
+        ]
         for entry in pending:
-            self._queue.put_nowait(entry)
+            self._put(entry)
         self._news.set()
         self._report_depth()
         timeout = None if deadline is None else max(deadline - now, 0.0)
-        waiting = asyncio.gather(*(entry.future for entry in pending))
+        answers = asyncio.gather(*(entry.future for entry in pending))
         try:
-            results = list(await asyncio.wait_for(waiting, timeout))
+            results = list(await asyncio.wait_for(answers, timeout))
             if timing is not None:
                 began = max(entry.started_at for entry in pending)
                 timing.queued_s = began - now
@@ -288,24 +324,34 @@ class BatchQueue(Generic[T, R]):
             if not self._announced:
                 self._news.set()
 
-    @property
-    def work_ahead(self) -> int:
-        """Items queued or running: what a new item waits behind."""
-        return self.depth + self._running_items
+    def work_ahead(self, level: int = 1) -> int:
+        """Items a new item of priority `level` waits behind: those running, those being
+        collected into a batch, and those queued at its level or a higher one."""
+        queued = sum(self._queued_at[1 : level + 1])
+        return queued + len(self._collecting) + self._running_items
 
-    def expected_wait_s(self, items: int) -> float | None:
-        """Seconds until `items` more would be answered, from the measured compute time
-        per item (an exponential average over recent batches) and the work ahead of
-        them; None before the first batch has run."""
+    def _waiting_at(self, level: int) -> int:
+        """Items of priority `level` waiting for a batch (queued or being collected)."""
+        if self.priority_levels == 1:
+            return self.depth
+        collecting = sum(entry.level == level for entry in self._collecting)
+        return self._queued_at[level] + collecting
+
+    def expected_wait_s(self, items: int, level: int = 1) -> float | None:
+        """Seconds until `items` more of priority `level` would be answered, from the
+        measured compute time per item (an exponential average over recent batches) and
+        the work ahead of them; None before the first batch has run."""
         if self._item_seconds is None:
             return None
-        return (self.work_ahead + items) * self._item_seconds / len(self._workers)
+        return (self.work_ahead(level) + items) * self._item_seconds / len(self._workers)
 
-    def _refuse_past_deadline(self, items: int, now: float, deadline: float | None) -> None:
+    def _refuse_past_deadline(
+        self, items: int, now: float, deadline: float | None, level: int = 1
+    ) -> None:
         """Shed at once (QueueFull: 503 with Retry-After) what could only time out (504)
         after holding a place in the queue: a slow model's full queue can take longer
         than a request's deadline, however few items it holds."""
-        expected = self.expected_wait_s(items)
+        expected = self.expected_wait_s(items, level)
         if deadline is None or expected is None or now + ADMISSION_MARGIN * expected <= deadline:
             return
         raise QueueFull(
@@ -328,7 +374,7 @@ class BatchQueue(Generic[T, R]):
         self._former_waits.set()
         leftovers = list(self._collecting)
         while not self._queue.empty():
-            leftovers.append(self._queue.get_nowait())
+            leftovers.append(self._take())
         self._collecting.clear()
         for entry in leftovers:
             _fail(entry, QueueClosed(f"{self._closed_because} before this request ran"))
@@ -404,9 +450,9 @@ class BatchQueue(Generic[T, R]):
         (with `close_early`, or until nothing more is queued or announced); the batch and
         what closed it."""
         if self._queue.empty():
-            self._collecting = [await self._former_wait(self._queue.get())]
-        else:
-            self._collecting = [self._queue.get_nowait()]
+            first = await self._former_wait(self._queue.get())
+            self._queue.put_nowait(first)  # back in line: one of a higher level may be ahead
+        self._collecting = [self._take()]
         close_at = self._collecting[0].enqueued_at + self.max_delay_s
         closed_by: ClosedBy = "full"
         while len(self._collecting) < self.max_batch_size:
@@ -414,7 +460,7 @@ class BatchQueue(Generic[T, R]):
                 closed_by = "split"
                 break
             if not self._queue.empty():
-                self._collecting.append(self._queue.get_nowait())
+                self._collecting.append(self._take())
                 continue
             if self.close_early and not self._announced:
                 closed_by = "early"
@@ -430,6 +476,16 @@ class BatchQueue(Generic[T, R]):
                 closed_by = "delay"
                 break
         return list(self._collecting), closed_by
+
+    def _put(self, entry: _Pending[T, R]) -> None:
+        self._queue.put_nowait(_Queued(entry.level, entry.order, entry))
+        self._queued_at[entry.level] += 1
+
+    def _take(self) -> _Pending[T, R]:
+        """The waiting item that goes next: the highest level's earliest."""
+        entry = self._queue.get_nowait().entry
+        self._queued_at[entry.level] -= 1
+        return entry
 
     def _holds_its_share(self) -> bool:
         """Whether the batch being collected holds its share of the work ahead (collected,

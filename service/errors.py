@@ -127,6 +127,13 @@ class LogSettingsOff(ServiceError):
     code = "log_settings_off"
 
 
+class InvalidPriority(ServiceError):
+    """A request's priority that is not one of its model's levels (--priority-levels)."""
+
+    status_code = 400
+    code = "invalid_priority"
+
+
 class LoadFailed(ServiceError):
     """A model to load (explicit or poll model control) that did not load: the reason."""
 

@@ -33,6 +33,7 @@ from service.engines import (
 from service.errors import (
     EngineFailure,
     InvalidParameters,
+    InvalidPriority,
     LoadFailed,
     ModelControlOff,
     NotReady,
@@ -206,7 +207,22 @@ class ModelRunner:
             close_early=settings.close_batches_early,
             solo=self._worker_for(solo) if solo is not None else None,
             name=self.name,
+            priority_levels=settings.priority_levels,
         )
+
+    def priority_level(self, asked: object) -> int:
+        """The priority level a request that asked for `asked` waits at (Triton's
+        `priority`): 1 (the highest) to --priority-levels, or 0 for the model's default
+        level; InvalidPriority for anything else (asked before its images are decoded)."""
+        levels = self.settings.priority_levels
+        if isinstance(asked, bool) or not isinstance(asked, int) or not 0 <= asked <= levels:
+            default = self.settings.default_priority_level or levels
+            raise InvalidPriority(
+                f"priority {asked!r} is not a priority level of model {self.name!r}: 1 (the "
+                f"highest) to {levels}, or 0 for its default level, {default} "
+                "(--priority-levels, --default-priority-level)"
+            )
+        return asked or self.settings.default_priority_level or levels
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
@@ -314,15 +330,18 @@ class ModelRunner:
         deadline: float,
         is_gone: batching.IsGone | None = None,
         times: RequestTimes | None = None,
+        level: int | None = None,
     ) -> list[list[Any]]:
         """The engine results of every item of every image, grouped per image in order;
-        `times` (a request's statistics) gets the images and their time in the batcher."""
+        `times` (a request's statistics) gets the images and their time in the batcher.
+        `level` is the request's priority level (`priority_level`; None: the default)."""
         items = [item for image in prepared for item in image.items]
         timing = batching.Timing()
+        level = self.priority_level(0) if level is None else level
         try:
             results = (
                 await self.queue.submit_many(
-                    items, deadline=deadline, is_gone=is_gone, timing=timing
+                    items, deadline=deadline, is_gone=is_gone, timing=timing, level=level
                 )
                 if items  # none when every image came from the response cache
                 else []

@@ -92,6 +92,8 @@ PER_MODEL_SETTINGS = (
     "close_batches_early",
     "warmup_batch_sizes",
     "max_queue_size",
+    "priority_levels",
+    "default_priority_level",
     "instances",
     "engine_threads",
     "share_weights",
@@ -277,7 +279,27 @@ class Settings(BaseSettings):
         "seen under load would stall a batch for a second or more), one on the CPU",
     )
     max_queue_size: Annotated[int, Flag(metavar="Q")] = Field(
-        64, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After at once"
+        64,
+        ge=1,
+        description="images waiting per model (per priority level, with --priority-levels); "
+        "beyond it: 503 with Retry-After at once",
+    )
+    priority_levels: Annotated[int, Flag(metavar="N")] = Field(
+        1,
+        ge=1,
+        le=16,
+        description="priority levels of a model's requests (Triton's dynamic batching "
+        "priority_levels): a request asks for level 1 (the highest) to N (v2's 'priority' "
+        "parameter, the image routes' 'priority' query parameter); a batch takes the "
+        "waiting images of the highest level first, each level first come first served, "
+        "and each level holds --max-queue-size images. 1: first come first served",
+    )
+    default_priority_level: Annotated[int, Flag(metavar="L")] = Field(
+        0,
+        ge=0,
+        le=16,
+        description="the level of a request that asks for none (or for 0, as Triton's "
+        "clients send); 0: the lowest level, --priority-levels",
     )
     instances: Annotated[int, Flag(metavar="K")] = Field(
         1, ge=1, le=64, description="engine instances (worker threads) per model"
@@ -563,6 +585,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "load_model names the repository's models to load at start with "
                 "--model-control-mode explicit; without it every bundle given loads"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _default_level_is_a_level(self) -> Settings:
+        if self.default_priority_level > self.priority_levels:
+            raise ValueError(
+                f"--default-priority-level {self.default_priority_level} is not one of the "
+                f"{self.priority_levels} priority levels (--priority-levels)"
             )
         return self
 

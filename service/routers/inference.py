@@ -54,7 +54,8 @@ _ERRORS = error_responses(
     ErrorResponse,
     {
         400: "bad_image: an upload is empty, truncated or not decodable; bad_request: a "
-        "malformed multipart body",
+        "malformed multipart body; invalid_priority: a priority that is not one of the "
+        "model's levels",
         404: "unknown_model: no model of that name, the named model serves another task, "
         "or no model of this task is loaded",
         413: "payload_too_large: the body is over --max-upload-mb, more images than "
@@ -75,18 +76,37 @@ ModelName = Annotated[
 ]
 
 
+Priority = Annotated[
+    int,
+    Query(
+        ge=0,
+        description="priority level: 1 (the highest) to the model's --priority-levels; 0, "
+        "the model's default level (--default-priority-level)",
+    ),
+]
+
+
 async def _answer(
-    request: Request, runner: ModelRunner, response: type[ResponseModel], options: AnswerOptions
+    request: Request,
+    runner: ModelRunner,
+    response: type[ResponseModel],
+    options: AnswerOptions,
+    priority: int,
 ) -> ResponseModel:
-    """Every uploaded image through the runner's pipeline: decode and prepare, infer,
-    finish each answer off the event loop, in upload order; timed in the model's
-    statistics once the uploads are read."""
+    """Every uploaded image through the runner's pipeline: decode and prepare, infer at
+    the priority asked for, finish each answer off the event loop, in upload order; timed
+    in the model's statistics once the uploads are read."""
+    level = runner.priority_level(priority)  # before the upload is read and decoded
     with runner.in_use():  # an unload or reload of the model answers this request first
-        return await _answered(request, runner, response, options)
+        return await _answered(request, runner, response, options, level)
 
 
 async def _answered(
-    request: Request, runner: ModelRunner, response: type[ResponseModel], options: AnswerOptions
+    request: Request,
+    runner: ModelRunner,
+    response: type[ResponseModel],
+    options: AnswerOptions,
+    level: int,
 ) -> ResponseModel:
     deadline = request_deadline(request)
     uploads = await read_uploads(request)
@@ -94,7 +114,7 @@ async def _answered(
         with times.measure("compute_input"):
             prepared = await runner.prepare(uploads, times)
         results = await runner.infer(
-            prepared, deadline=deadline, is_gone=request.is_disconnected, times=times
+            prepared, deadline=deadline, is_gone=request.is_disconnected, times=times, level=level
         )
         with times.measure("compute_output"):
             finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
@@ -117,19 +137,23 @@ async def classify(
     top_k: Annotated[
         int, Query(ge=1, le=100_000, description="classes per image")
     ] = AnswerOptions.top_k,
+    priority: Priority = 0,
 ) -> ClassifyResponse:
     """Top-k softmax probabilities per image, in upload order."""
     runner = pool.get(model, "classify")
-    return await _answer(request, runner, ClassifyResponse, AnswerOptions(top_k=top_k))
+    options = AnswerOptions(top_k=top_k)
+    return await _answer(request, runner, ClassifyResponse, options, priority)
 
 
 @router.post(
     "/segment", response_model=SegmentResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
 )
-async def segment(request: Request, pool: Pool, model: ModelName = None) -> SegmentResponse:
+async def segment(
+    request: Request, pool: Pool, model: ModelName = None, priority: Priority = 0
+) -> SegmentResponse:
     """Per image: the class-index mask at the image's size and the classes present."""
     runner = pool.get(model, "segment")
-    return await _answer(request, runner, SegmentResponse, AnswerOptions())
+    return await _answer(request, runner, SegmentResponse, AnswerOptions(), priority)
 
 
 @router.post(
@@ -140,9 +164,9 @@ async def detect(
     pool: Pool,
     model: ModelName = None,
     score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = AnswerOptions.score_threshold,
+    priority: Priority = 0,
 ) -> DetectResponse:
     """Per image: boxes in input pixels, labels, scores and COCO RLE instance masks."""
     runner = pool.get(model, "detect")
-    return await _answer(
-        request, runner, DetectResponse, AnswerOptions(score_threshold=score_threshold)
-    )
+    options = AnswerOptions(score_threshold=score_threshold)
+    return await _answer(request, runner, DetectResponse, options, priority)

@@ -30,7 +30,13 @@ from fastapi.responses import JSONResponse
 from service import __version__, kserve
 from service.batching import IsGone
 from service.dependencies import Pool, request_deadline
-from service.errors import InvalidParameters, LogSettingsOff, PayloadTooLarge, UnknownModel
+from service.errors import (
+    InvalidParameters,
+    InvalidPriority,
+    LogSettingsOff,
+    PayloadTooLarge,
+    UnknownModel,
+)
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import LOG_SETTINGS, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
@@ -67,6 +73,7 @@ EXTENSIONS = [
 ]
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
+PRIORITY = "priority"
 # Triton's platform and backend names for each --engine (Triton's OpenVINO backend has no
 # platform name of its own: its models name the backend).
 _PLATFORMS = {
@@ -526,9 +533,17 @@ async def model_config(pool: Pool, model: str, version: str | None = None) -> di
         ],
     }
     if batched:
+        levels = settings.priority_levels
         config["dynamic_batching"] = {
-            "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)
+            "max_queue_delay_microseconds": int(settings.max_delay_ms * 1000),
+            # Triton's: each priority level holds the default queue policy's size
+            "default_queue_policy": {"max_queue_size": settings.max_queue_size},
         }
+        if levels > 1:
+            config["dynamic_batching"]["priority_levels"] = levels
+            config["dynamic_batching"]["default_priority_level"] = (
+                settings.default_priority_level or levels
+            )
     return config
 
 
@@ -594,8 +609,11 @@ async def infer_outputs(
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
             options = _answer_options(parsed)
+            level = _priority_level(runner, parsed)
             prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request, times)
-        results = await runner.infer(prepared, deadline=deadline, is_gone=is_gone, times=times)
+        results = await runner.infer(
+            prepared, deadline=deadline, is_gone=is_gone, times=times, level=level
+        )
         with times.measure("compute_output"):
             answer = await asyncio.to_thread(
                 runner.pipeline.output_arrays, prepared, results, options
@@ -615,6 +633,15 @@ def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:
             f"parameters.{SCORE_THRESHOLD} takes a number in 0..1; got {threshold!r}"
         )
     return AnswerOptions(score_threshold=float(threshold))
+
+
+def _priority_level(runner: ModelRunner, parsed: kserve.InferRequest) -> int:
+    """The level the request's `priority` parameter (Triton's; tritonclient's `infer(...,
+    priority=N)`) asks for: 1 the highest, 0 or none the model's default."""
+    try:
+        return runner.priority_level(parsed.parameters.get(PRIORITY, 0))
+    except InvalidPriority as exc:
+        raise InvalidInferRequest(f"parameters.{PRIORITY}: {exc.detail}") from exc
 
 
 async def _prepare(

@@ -276,3 +276,52 @@ def write_detector(directory: Path) -> Path:
             {"name": "masks", "dtype": "float32", "shape": [-1, 1, -1, -1]},
         ],
     )
+
+
+def slow_classifier_onnx(size: int, matmuls: int) -> bytes:
+    """A classifier of the usual contract whose engine run takes long enough for requests
+    to queue behind it: the image's rows through `matmuls` MatMul + Tanh layers of width
+    3 x size (about matmuls x 0.1 GMAC per image at 224), averaged, then 10 logits."""
+    width = 3 * size
+    rng = np.random.default_rng(11)
+    inits = [
+        _const("shape", np.array([0, size, width], np.int64)),
+        _const("w", (rng.normal(0, 1, (width, width)) / np.sqrt(width)).astype(np.float32)),
+        _const("head", rng.normal(0, 1, (width, NUM_CLASSES)).astype(np.float32)),
+        _const("scale", np.float32(255.0)),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "scale"], ["f01"]),
+        helper.make_node("Reshape", ["f01", "shape"], ["h0"]),
+    ]
+    for layer in range(matmuls):
+        nodes += [
+            helper.make_node("MatMul", [f"h{layer}", "w"], [f"m{layer}"]),
+            helper.make_node("Tanh", [f"m{layer}"], [f"h{layer + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceMean", [f"h{matmuls}"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES])
+    return _model(nodes, [image], [logits], inits)
+
+
+def write_slow_classifier(
+    directory: Path, name: str = "slow_cls", size: int = 224, matmuls: int = 10
+) -> Path:
+    """A classifier bundle (slow_classifier_onnx) whose requests queue behind each other."""
+    return write_bundle(
+        directory,
+        name=name,
+        task="classify",
+        onnx_bytes=slow_classifier_onnx(size, matmuls),
+        preprocess=classify_preprocess(size),
+        labels=LABELS,
+        inputs=[
+            {"name": "image", "dtype": "uint8", "shape": [-1, size, size, 3], "layout": "NHWC"}
+        ],
+        outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, NUM_CLASSES]}],
+    )

@@ -75,7 +75,7 @@ async def test_a_request_that_could_only_time_out_is_refused_at_once() -> None:
         for item in range(1, 21):  # about 1 s of work ahead, held until released
             group.start_soon(lambda i=item: queue.submit(i, deadline=time.monotonic() + 30))
         await anyio.sleep(0)
-        while queue.work_ahead < 20:
+        while queue.work_ahead() < 20:
             await anyio.sleep(0.001)
         started = time.monotonic()
         with pytest.raises(QueueFull, match="past this request's deadline"):

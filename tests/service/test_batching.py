@@ -600,3 +600,115 @@ async def test_timing_splits_a_calls_wait_from_its_batches_runs() -> None:
     assert timing.queued_s + timing.running_s <= elapsed
     assert timing.queued_s >= first.compute_seconds
     assert [len(recorder.observers[0].batches), len(second.batches)] == [2, 2]
+
+
+# -- priority levels (Triton's dynamic batching priority_levels) ----------------------------
+
+
+class SteppedWorker:
+    """A doubling worker that runs one batch each time the test lets it (`step`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+        self.steps = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.entered.release()
+        if not self.steps.acquire(timeout=5):
+            raise TimeoutError("the test never let the worker run")
+        self.seen.append(list(items))
+        return [2 * item for item in items]
+
+    async def wait_entered(self) -> None:
+        assert await within(asyncio.to_thread(self.entered.acquire, True, 5)), "no batch came"
+
+
+async def test_the_highest_level_runs_first_each_level_in_arrival_order() -> None:
+    worker, recorder = SteppedWorker(), Recorder()
+    queue = _queue(
+        [worker], max_batch_size=1, max_delay_s=0.0, observer=recorder, priority_levels=3
+    )
+    first = asyncio.ensure_future(queue.submit(0, level=3))
+    await worker.wait_entered()  # the engine is busy with it; the rest queue behind it
+    arrivals = [(3, 1), (3, 2), (1, 3), (2, 4), (1, 5), (3, 6), (2, 7)]  # (level, item)
+    waiting = []
+    for depth, (level, item) in enumerate(arrivals, 1):
+        waiting.append(asyncio.ensure_future(queue.submit(item, level=level)))
+        await recorder.depth_becomes(depth)
+    for _ in range(len(arrivals) + 1):
+        worker.steps.release()
+    assert await within(asyncio.gather(first, *waiting)) == [0, *(2 * i for _, i in arrivals)]
+    # the definition: by level, then by arrival (Python's sort is stable)
+    expected = [item for _, item in sorted(arrivals, key=lambda pair: pair[0])]
+    assert [batch[0] for batch in worker.seen] == [0, *expected]
+    await within(queue.close(1.0))
+
+
+async def test_a_batch_takes_the_higher_levels_first() -> None:
+    worker, recorder = SteppedWorker(), Recorder()
+    queue = _queue(
+        [worker], max_batch_size=3, max_delay_s=0.0, observer=recorder, priority_levels=2
+    )
+    first = asyncio.ensure_future(queue.submit(0))
+    await worker.wait_entered()
+    low = asyncio.ensure_future(queue.submit_many([1, 2, 3, 4], level=2))
+    await recorder.depth_becomes(4)
+    high = asyncio.ensure_future(queue.submit_many([5, 6], level=1))
+    await recorder.depth_becomes(6)
+    for _ in range(3):
+        worker.steps.release()
+    await within(asyncio.gather(first, low, high))
+    assert worker.seen == [[0], [5, 6, 1], [2, 3, 4]]
+    await within(queue.close(1.0))
+
+
+async def test_each_level_holds_its_own_queue_and_its_own_work_ahead() -> None:
+    worker, recorder = HeldWorker(), Recorder()
+    queue = _queue(
+        [worker],
+        max_batch_size=1,
+        max_delay_s=0.0,
+        max_queue_size=2,
+        observer=recorder,
+        priority_levels=2,
+    )
+    running = [asyncio.ensure_future(queue.submit(0))]
+    await worker.wait_entered()
+    running += [asyncio.ensure_future(queue.submit(i, level=2)) for i in (1, 2)]
+    await recorder.depth_becomes(2)
+    with pytest.raises(QueueFull, match="queue holds 2 of 2 items at priority level 2"):
+        await within(queue.submit(3, level=2))
+    # the high level's places are its own: bulk traffic filling the low level never
+    # refuses it
+    running += [asyncio.ensure_future(queue.submit(i, level=1)) for i in (4, 5)]
+    await recorder.depth_becomes(4)
+    with pytest.raises(QueueFull, match="at priority level 1"):
+        await within(queue.submit(6, level=1))
+    # a high item waits behind the running one and the high ones; a low one behind all
+    assert (queue.work_ahead(1), queue.work_ahead(2)) == (1 + 2, 1 + 4)
+    for level in (0, 3):
+        with pytest.raises(ValueError, match="not in 1..2"):
+            await within(queue.submit(7, level=level))
+    worker.released.set()
+    assert await within(asyncio.gather(*running)) == [0, 2, 4, 8, 10]
+    assert worker.seen == [[0], [4], [5], [1], [2]]
+    await within(queue.close(1.0))
+
+
+async def test_one_level_is_first_come_first_served() -> None:
+    worker, recorder = SteppedWorker(), Recorder()
+    queue = _queue([worker], max_batch_size=1, max_delay_s=0.0, observer=recorder)
+    first = asyncio.ensure_future(queue.submit(0))
+    await worker.wait_entered()
+    waiting = []
+    for depth, item in enumerate(range(1, 9), 1):
+        waiting.append(asyncio.ensure_future(queue.submit(item)))
+        await recorder.depth_becomes(depth)
+    for _ in range(9):
+        worker.steps.release()
+    await within(asyncio.gather(first, *waiting))
+    assert [batch[0] for batch in worker.seen] == list(range(9))
+    with pytest.raises(ValueError, match="not in 1..1"):
+        await within(queue.submit(1, level=2))
+    await within(queue.close(1.0))
