@@ -213,16 +213,22 @@ class ModelRunner:
     def priority_level(self, asked: object) -> int:
         """The priority level a request that asked for `asked` waits at (Triton's
         `priority`): 1 (the highest) to --priority-levels, or 0 for the model's default
-        level; InvalidPriority for anything else (asked before its images are decoded)."""
+        level; InvalidPriority for anything else (asked before its images are decoded).
+        A model of one level takes any priority, as Triton's without priority levels
+        does: every request waits at the one level."""
         levels = self.settings.priority_levels
-        if isinstance(asked, bool) or not isinstance(asked, int) or not 0 <= asked <= levels:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+            valid = False
+        else:
+            valid = asked <= levels or levels == 1
+        if not valid:
             default = self.settings.default_priority_level or levels
             raise InvalidPriority(
                 f"priority {asked!r} is not a priority level of model {self.name!r}: 1 (the "
                 f"highest) to {levels}, or 0 for its default level, {default} "
                 "(--priority-levels, --default-priority-level)"
             )
-        return asked or self.settings.default_priority_level or levels
+        return min(asked, levels) or self.settings.default_priority_level or levels
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:

@@ -196,3 +196,23 @@ def test_each_level_has_its_own_places_in_the_queue(slow_classifier, tmp_path):
             thread.join(TIMEOUT_S)
     assert 503 in statuses[2], "the low level's queue never filled: the test could not tell"
     assert statuses[1] == [200, 200, 200]  # the full low level refused none of them
+
+
+def test_a_model_of_one_level_takes_any_priority(slow_classifier, tmp_path):
+    """As Triton's without priority levels: a client that always sends a priority is
+    served, every request at the one level; a priority that is no level at all is not."""
+    server, grpc_port, _ = _server(slow_classifier, tmp_path)
+    image = _photo()
+    with server as running:
+        url = f"{running.url}/classify"
+        headers = {"content-type": "image/jpeg"}
+        for query, status in (("0", 200), ("1", 200), ("7", 200), ("-1", 422), ("1.5", 422)):
+            answer = httpx.post(f"{url}?priority={query}", content=image, headers=headers)
+            assert answer.status_code == status, (query, answer.text)
+        remote = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        tensor = grpcclient.InferInput("encoded_image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+        answer = remote.infer("slow_cls", [tensor], priority=9)
+        assert answer.as_numpy("probabilities").shape == (1, 10)
+        config = remote.get_model_config("slow_cls", as_json=True)["config"]
+        assert "priority_levels" not in config["dynamic_batching"]
