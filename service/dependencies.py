@@ -30,9 +30,11 @@ async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def request_deadline(request: Request) -> float:
-    """The time.monotonic() instant by which the request must be answered."""
-    return time.monotonic() + request.app.state.settings.request_timeout_s
+def request_deadline(request: Request, timeout_s: float | None = None) -> float:
+    """The time.monotonic() instant by which the request must be answered: within
+    --request-timeout-s, or the client's own `timeout_s` where that is sooner."""
+    allowed = request.app.state.settings.request_timeout_s
+    return time.monotonic() + (allowed if timeout_s is None else min(allowed, timeout_s))
 
 
 async def read_uploads(request: Request) -> list[bytes]:

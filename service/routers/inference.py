@@ -84,6 +84,15 @@ Priority = Annotated[
         "the model's default level (--default-priority-level)",
     ),
 ]
+TimeoutMs = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        description="the client's deadline in milliseconds, where sooner than "
+        "--request-timeout-s: past it 504, and 503 at once when the work queued ahead "
+        "would outlast it",
+    ),
+]
 
 
 async def _answer(
@@ -92,13 +101,15 @@ async def _answer(
     response: type[ResponseModel],
     options: AnswerOptions,
     priority: int,
+    timeout_ms: int | None,
 ) -> ResponseModel:
     """Every uploaded image through the runner's pipeline: decode and prepare, infer at
     the priority asked for, finish each answer off the event loop, in upload order; timed
     in the model's statistics once the uploads are read."""
+    deadline = request_deadline(request, None if timeout_ms is None else timeout_ms / 1000)
     level = runner.priority_level(priority)  # before the upload is read and decoded
     with runner.in_use():  # an unload or reload of the model answers this request first
-        return await _answered(request, runner, response, options, level)
+        return await _answered(request, runner, response, options, level, deadline)
 
 
 async def _answered(
@@ -107,8 +118,8 @@ async def _answered(
     response: type[ResponseModel],
     options: AnswerOptions,
     level: int,
+    deadline: float,
 ) -> ResponseModel:
-    deadline = request_deadline(request)
     uploads = await read_uploads(request)
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
@@ -138,22 +149,27 @@ async def classify(
         int, Query(ge=1, le=100_000, description="classes per image")
     ] = AnswerOptions.top_k,
     priority: Priority = 0,
+    timeout_ms: TimeoutMs = None,
 ) -> ClassifyResponse:
     """Top-k softmax probabilities per image, in upload order."""
     runner = pool.get(model, "classify")
     options = AnswerOptions(top_k=top_k)
-    return await _answer(request, runner, ClassifyResponse, options, priority)
+    return await _answer(request, runner, ClassifyResponse, options, priority, timeout_ms)
 
 
 @router.post(
     "/segment", response_model=SegmentResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
 )
 async def segment(
-    request: Request, pool: Pool, model: ModelName = None, priority: Priority = 0
+    request: Request,
+    pool: Pool,
+    model: ModelName = None,
+    priority: Priority = 0,
+    timeout_ms: TimeoutMs = None,
 ) -> SegmentResponse:
     """Per image: the class-index mask at the image's size and the classes present."""
     runner = pool.get(model, "segment")
-    return await _answer(request, runner, SegmentResponse, AnswerOptions(), priority)
+    return await _answer(request, runner, SegmentResponse, AnswerOptions(), priority, timeout_ms)
 
 
 @router.post(
@@ -165,8 +181,9 @@ async def detect(
     model: ModelName = None,
     score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = AnswerOptions.score_threshold,
     priority: Priority = 0,
+    timeout_ms: TimeoutMs = None,
 ) -> DetectResponse:
     """Per image: boxes in input pixels, labels, scores and COCO RLE instance masks."""
     runner = pool.get(model, "detect")
     options = AnswerOptions(score_threshold=score_threshold)
-    return await _answer(request, runner, DetectResponse, options, priority)
+    return await _answer(request, runner, DetectResponse, options, priority, timeout_ms)

@@ -21,6 +21,7 @@ import binascii
 import functools
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,7 @@ EXTENSIONS = [
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
 PRIORITY = "priority"
+TIMEOUT = "timeout"
 # Triton's platform and backend names for each --engine (Triton's OpenVINO backend has no
 # platform name of its own: its models name the backend).
 _PLATFORMS = {
@@ -606,6 +608,7 @@ async def infer_outputs(
     """A parsed inference request answered: its inputs through the model's pipeline and
     batcher, the outputs it asks for (REST and gRPC alike), timed in the model's
     statistics."""
+    deadline = _client_deadline(parsed, deadline)
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
             options = _answer_options(parsed)
@@ -633,6 +636,19 @@ def _answer_options(parsed: kserve.InferRequest) -> AnswerOptions:
             f"parameters.{SCORE_THRESHOLD} takes a number in 0..1; got {threshold!r}"
         )
     return AnswerOptions(score_threshold=float(threshold))
+
+
+def _client_deadline(parsed: kserve.InferRequest, deadline: float) -> float:
+    """`deadline`, or the request's `timeout` parameter (Triton's, in microseconds:
+    tritonclient's `infer(..., timeout=N)`) from now where that is sooner; 0 or none:
+    `deadline`."""
+    timeout = parsed.parameters.get(TIMEOUT, 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise InvalidInferRequest(
+            f"parameters.{TIMEOUT} takes a whole number of microseconds (0: the server's "
+            f"--request-timeout-s); got {timeout!r}"
+        )
+    return min(deadline, time.monotonic() + timeout / 1e6) if timeout else deadline
 
 
 def _priority_level(runner: ModelRunner, parsed: kserve.InferRequest) -> int:

@@ -54,6 +54,14 @@ def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier whose engine takes about 45 ms per image on one thread: requests
+    queue behind each other (bundles.write_slow_classifier)."""
+    directory = tmp_path_factory.mktemp("bundles") / "slow_cls"
+    return bundles.write_slow_classifier(directory, matmuls=40)
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photographs shipped with scikit-image, in several aspect ratios."""
     from skimage import data

@@ -17,7 +17,10 @@ example database), single-worker and bounded (`--max-examples`). Its configurati
 - `positive_data_acceptance` also expects 400, 413 and 415 from the image and infer
   routes: the schema says "bytes" and "a tensor", it cannot say "bytes that decode as an
   image of at most --max-pixels" or "a tensor of this model's shape", so a schema-valid
-  body can still be refused with a documented client error.
+  body can still be refused with a documented client error;
+- `not_a_server_error` allows 503 and 504 from those routes: a client's own deadline
+  (`?timeout_ms=1`, v2's `timeout`) that cannot be met is refused at once (503) or
+  times out (504) by design; a 500 still fails.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ versions = { values = ["1"] }
 [[operations]]
 include-path-regex = "^/(classify|segment|detect)$|/infer$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "413", "415", "5xx"]
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "503", "504"]
 """
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from service.testing import free_port, running_server
-from tests.helpers import bundles
 from tests.helpers.images import encode
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -26,13 +25,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TIMEOUT_S = 60
 LOW, HIGH = 16, 3  # requests at the default (lowest) level, then at level 1
-
-
-@pytest.fixture(scope="module")
-def slow_classifier(tmp_path_factory) -> Path:
-    # about 45 ms per image on one thread: requests queue behind each other
-    directory = tmp_path_factory.mktemp("priority") / "slow"
-    return bundles.write_slow_classifier(directory, matmuls=40)
 
 
 def _photo() -> bytes:
@@ -62,8 +54,8 @@ def _queue_depth(url: str) -> float:
     return 0.0
 
 
-def test_higher_levels_run_before_the_lower_ones_waiting(slow_classifier, tmp_path):
-    server, _, log = _server(slow_classifier, tmp_path, "--priority-levels", "2")
+def test_higher_levels_run_before_the_lower_ones_waiting(slow_classifier_dir, tmp_path):
+    server, _, log = _server(slow_classifier_dir, tmp_path, "--priority-levels", "2")
     image = _photo()
     levels: dict[str, int] = {}
     errors: list[str] = []
@@ -111,9 +103,9 @@ def test_higher_levels_run_before_the_lower_ones_waiting(slow_classifier, tmp_pa
     assert len(low_after) >= ahead - HIGH - 2, order
 
 
-def test_the_priority_parameter_over_every_protocol(slow_classifier, tmp_path):
+def test_the_priority_parameter_over_every_protocol(slow_classifier_dir, tmp_path):
     server, grpc_port, log = _server(
-        slow_classifier, tmp_path, "--priority-levels", "3", "--default-priority-level", "2",
+        slow_classifier_dir, tmp_path, "--priority-levels", "3", "--default-priority-level", "2",
         "--max-queue-size", "5",
     )  # fmt: skip
     image = _photo()
@@ -166,9 +158,9 @@ def test_the_priority_parameter_over_every_protocol(slow_classifier, tmp_path):
     assert len(batches) == 6 + 2  # the 6 tritonclient answers, /classify at 1 and 3
 
 
-def test_each_level_has_its_own_places_in_the_queue(slow_classifier, tmp_path):
+def test_each_level_has_its_own_places_in_the_queue(slow_classifier_dir, tmp_path):
     server, _, _ = _server(
-        slow_classifier, tmp_path, "--priority-levels", "2", "--max-queue-size", "3"
+        slow_classifier_dir, tmp_path, "--priority-levels", "2", "--max-queue-size", "3"
     )
     image = _photo()
     statuses: dict[int, list[int]] = {1: [], 2: []}
@@ -198,10 +190,10 @@ def test_each_level_has_its_own_places_in_the_queue(slow_classifier, tmp_path):
     assert statuses[1] == [200, 200, 200]  # the full low level refused none of them
 
 
-def test_a_model_of_one_level_takes_any_priority(slow_classifier, tmp_path):
+def test_a_model_of_one_level_takes_any_priority(slow_classifier_dir, tmp_path):
     """As Triton's without priority levels: a client that always sends a priority is
     served, every request at the one level; a priority that is no level at all is not."""
-    server, grpc_port, _ = _server(slow_classifier, tmp_path)
+    server, grpc_port, _ = _server(slow_classifier_dir, tmp_path)
     image = _photo()
     with server as running:
         url = f"{running.url}/classify"
