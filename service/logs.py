@@ -104,8 +104,7 @@ class LogSwitches(logging.Filter):
     on or off, and the debug lines on while `verbose_level` is above 0 (the server has one
     verbose level: any above 0 writes them all). A filter on the log's handler; the routed
     loggers' levels follow, so that a line no switch lets through is not even made.
-    Critical lines, and a line logged with `extra={"_always": True}`, are written whatever
-    the switches say."""
+    Critical lines, and `log_always`'s, are written whatever the switches say."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -159,7 +158,15 @@ class LogSwitches(logging.Filter):
         return self.settings()
 
     def _set_levels(self) -> None:
-        lowest = logging.DEBUG if self.verbose_level else logging.INFO
+        """The loggers' level: the lowest severity a switch lets through (a line below it
+        is not made at all, e.g. the access lines with info off)."""
+        on = [
+            (self.verbose_level > 0, logging.DEBUG),
+            (self.info, logging.INFO),
+            (self.warnings, logging.WARNING),
+            (self.errors, logging.ERROR),
+        ]
+        lowest = next((level for enabled, level in on if enabled), logging.CRITICAL)
         for name in _ROUTED:
             logging.getLogger(name).setLevel(lowest)
 
@@ -190,6 +197,16 @@ def _refusal(name: str, value: object) -> str | None:
 
 # The server's switches: one log per process.
 log_switches = LogSwitches()
+
+
+def log_always(logger: logging.Logger, message: str, **extra: object) -> None:
+    """A warning line written whatever the log settings (its logger's level and the
+    switches): a change of the settings themselves is always recorded."""
+    record = logger.makeRecord(
+        logger.name, logging.WARNING, "(log_always)", 0, message, (), None,
+        extra={**extra, "_always": True},
+    )  # fmt: skip
+    logger.handle(record)  # handle, unlike warning(), does not look at the level
 
 
 def configure_logging(level: str = "info", access_log: bool = True) -> None:

@@ -39,7 +39,7 @@ from service.errors import (
     UnknownModel,
 )
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import LOG_SETTINGS, log_switches
+from service.logs import LOG_SETTINGS, log_always, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
@@ -444,7 +444,7 @@ def change_log_settings(settings: Settings, changes: dict[str, Any]) -> dict[str
     except ValueError as exc:
         raise InvalidParameters(str(exc)) from exc
     changed = {name: value for name, value in after.items() if before[name] != value}
-    log.warning("log settings changed", extra={"_always": True, "changed": changed})
+    log_always(log, "log settings changed", changed=changed)
     return after
 
 
