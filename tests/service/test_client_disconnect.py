@@ -3,13 +3,17 @@ error line, the server unaffected (found by bench/soak.py as 500s)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from service.testing import running_server
+from tests.helpers.images import encode
 
 PNG_START = b"\x89PNG\r\n\x1a\n" + b"\0" * 1000
 MULTIPART_START = (
@@ -60,3 +64,68 @@ def test_a_client_hanging_up_mid_body_is_a_499_without_an_error_line(
         assert process.poll() is None
     log = log_path.read_text()
     assert "unhandled error" not in log and "Exception in ASGI application" not in log
+
+
+def _queue_depth(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith('hornet_queue_depth{model="slow_cls"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_for_depth(url: str, depth: int) -> None:
+    deadline = time.monotonic() + 30
+    while _queue_depth(url) < depth:
+        assert time.monotonic() < deadline, f"the queue never held {depth} requests"
+        time.sleep(0.005)
+
+
+def test_a_client_gone_while_queued_never_reaches_the_engine(
+    slow_classifier_dir: Path, tmp_path: Path
+) -> None:
+    """A client that sent its whole request and hung up while it waited in the queue:
+    its image is dropped before the engine (the batch log never names it), counted as
+    499; the requests around it are answered."""
+    image = encode(np.random.default_rng(2).integers(0, 256, (240, 320, 3), np.uint8), "JPEG")
+    log = tmp_path / "server.log"
+    flags = [
+        "--model-dir", str(slow_classifier_dir), "--instances", "1", "--engine-threads", "1",
+        "--max-batch-size", "1", "--log-level", "debug",
+    ]  # fmt: skip
+    with running_server(flags, log_path=log, inherit_settings=False) as server:
+        statuses: list[int] = []
+
+        def post() -> None:
+            answer = httpx.post(
+                f"{server.url}/classify",
+                content=image,
+                headers={"content-type": "image/jpeg"},
+                timeout=30,
+            )
+            statuses.append(answer.status_code)
+
+        before = threading.Thread(target=post)  # in the engine while the rest queue
+        before.start()
+        bulk = [threading.Thread(target=post) for _ in range(5)]
+        for thread in bulk:
+            thread.start()
+        _wait_for_depth(server.url, 4)
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            head = (
+                f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                f"X-Request-ID: gone-while-queued\r\nContent-Length: {len(image)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + image)
+            _wait_for_depth(server.url, 5)  # queued behind the others
+        after = threading.Thread(target=post)  # queued behind the departed one
+        after.start()
+        for thread in [before, *bulk, after]:
+            thread.join(30)
+        time.sleep(0.3)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert statuses == [200] * 7
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    ran = [line["request_ids"] for line in lines if line.get("message") == "batch ran"]
+    assert len(ran) == 7 and all("gone-while-queued" not in ids for ids in ran)
+    assert _count(metrics, "/classify", "499") == 1.0
