@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from service.testing import running_server
 from tests.helpers.images import encode
@@ -80,17 +81,19 @@ def _wait_for_depth(url: str, depth: int) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_a_client_gone_while_queued_never_reaches_the_engine(
-    slow_classifier_dir: Path, tmp_path: Path
+    slow_classifier_dir: Path, tmp_path: Path, parser: str
 ) -> None:
     """A client that sent its whole request and hung up while it waited in the queue:
     its image is dropped before the engine (the batch log never names it), counted as
-    499; the requests around it are answered."""
+    499; the requests around it are answered. With either HTTP parser (each marks a
+    lost connection its own way; Starlette's Request.is_disconnected reads it)."""
     image = encode(np.random.default_rng(2).integers(0, 256, (240, 320, 3), np.uint8), "JPEG")
     log = tmp_path / "server.log"
     flags = [
         "--model-dir", str(slow_classifier_dir), "--instances", "1", "--engine-threads", "1",
-        "--max-batch-size", "1", "--log-level", "debug",
+        "--max-batch-size", "1", "--log-level", "debug", "--http-parser", parser,
     ]  # fmt: skip
     with running_server(flags, log_path=log, inherit_settings=False) as server:
         statuses: list[int] = []
