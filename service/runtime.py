@@ -222,13 +222,12 @@ class ModelRunner:
         else:
             valid = asked <= levels or levels == 1
         if not valid:
-            default = self.settings.default_priority_level or levels
             raise InvalidPriority(
                 f"priority {asked!r} is not a priority level of model {self.name!r}: 1 (the "
-                f"highest) to {levels}, or 0 for its default level, {default} "
+                f"highest) to {levels}, or 0 for its default level, {self.settings.default_level} "
                 "(--priority-levels, --default-priority-level)"
             )
-        return min(asked, levels) or self.settings.default_priority_level or levels
+        return min(asked, levels) or self.settings.default_level
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:

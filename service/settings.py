@@ -717,6 +717,12 @@ class Settings(BaseSettings):
         return list(self.model_dir) if given or not self.model_repository else []
 
     @property
+    def default_level(self) -> int:
+        """The priority level of a request that asks for none (--default-priority-level;
+        0: the lowest, --priority-levels)."""
+        return self.default_priority_level or self.priority_levels
+
+    @property
     def explicit_control(self) -> bool:
         """Clients load and unload models (--model-control-mode explicit)."""
         return self.model_control_mode == "explicit"

@@ -543,9 +543,7 @@ async def model_config(pool: Pool, model: str, version: str | None = None) -> di
         }
         if levels > 1:
             config["dynamic_batching"]["priority_levels"] = levels
-            config["dynamic_batching"]["default_priority_level"] = (
-                settings.default_priority_level or levels
-            )
+            config["dynamic_batching"]["default_priority_level"] = settings.default_level
     return config
 
 
