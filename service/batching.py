@@ -92,6 +92,7 @@ class BatchStats:
     closed_by: ClosedBy
     solo: bool = False
     cancelled: bool = False  # the service shut down while it ran (failed too, not the engine)
+    levels: list[int] = field(default_factory=list)  # each item's priority level, in order
 
 
 class BatchObserver(Protocol):
@@ -591,6 +592,7 @@ class BatchQueue(Generic[T, R]):
                         closed_by,
                         solo=solo_ran is not None,
                         cancelled=cancelled,
+                        levels=[entry.level for entry in batch],
                     )
                 )
             if log.isEnabledFor(logging.DEBUG):

@@ -37,8 +37,9 @@ class ServiceMetrics:
         )
         self.queue_seconds = Histogram(
             "hornet_queue_seconds",
-            "time an item waited for its batch",
-            ["model"],
+            "time an item waited for its batch, by its priority level (1 where the model has "
+            "one level: --priority-levels)",
+            ["model", "priority"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -151,7 +152,9 @@ class ModelObserver:
 
     def __init__(self, metrics: ServiceMetrics, model: str) -> None:
         self._depth = metrics.queue_depth_gauge.labels(model)
-        self._queue = metrics.queue_seconds.labels(model)
+        # per priority level, made as levels are first seen (level 1 from the start)
+        self._queue = {1: metrics.queue_seconds.labels(model, "1")}
+        self._queue_seconds, self._model = metrics.queue_seconds, model
         self._batch = metrics.batch_size.labels(model)
         self._closed_by = {
             reason: metrics.batches.labels(model, reason) for reason in get_args(ClosedBy)
@@ -200,7 +203,11 @@ class ModelObserver:
         if stats.solo:
             self._solo.inc()
         self._engine.observe(stats.compute_seconds)
-        for seconds in stats.queue_seconds:
-            self._queue.observe(seconds)
+        levels = stats.levels or [1] * len(stats.queue_seconds)
+        for seconds, level in zip(stats.queue_seconds, levels, strict=True):
+            queue = self._queue.get(level)
+            if queue is None:
+                queue = self._queue[level] = self._queue_seconds.labels(self._model, str(level))
+            queue.observe(seconds)
         if stats.failed and not stats.cancelled:
             self._failures.inc()

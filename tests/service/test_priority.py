@@ -86,7 +86,16 @@ def test_higher_levels_run_before_the_lower_ones_waiting(slow_classifier_dir, tm
         for thread in low + high:
             thread.join(TIMEOUT_S)
         time.sleep(0.3)  # the last lines written
+        metrics = httpx.get(f"{running.url}/metrics", timeout=TIMEOUT_S).text
     assert errors == [] and len(levels) == LOW + HIGH
+    # each image's wait in the queue is counted at its level (the warm-up has none)
+    counts = {
+        level: float(line.split()[-1])
+        for level in ("1", "2")
+        for line in metrics.splitlines()
+        if line.startswith(f'hornet_queue_seconds_count{{model="slow_cls",priority="{level}"}}')
+    }
+    assert counts == {"1": HIGH, "2": LOW}
     assert ahead >= LOW - 4, f"only {ahead} requests queued: the test could not tell"
     order = [
         levels[line["request_ids"][0]]
