@@ -134,7 +134,6 @@ class _Pending(Generic[T, R]):
     deadline: float | None
     is_gone: IsGone | None = field(default=None)
     level: int = 1  # its priority level: 1 the highest
-    order: int = 0  # its place in arrival order
     request_id: str | None = field(default_factory=request_id.get)
     trace_id: str | None = field(default_factory=trace_id.get)
     started_at: float = 0.0  # when its batch began running (time.monotonic)
@@ -288,10 +287,7 @@ class BatchQueue(Generic[T, R]):
         self._refuse_past_deadline(len(items), now, deadline, level)
         loop = asyncio.get_running_loop()
         pending = [
-            _Pending(
-                item, loop.create_future(), now, deadline, is_gone, level, next(self._arrivals)
-            )
-            for item in items
+            _Pending(item, loop.create_future(), now, deadline, is_gone, level) for item in items
         ]
         for entry in pending:
             self._put(entry)
@@ -333,8 +329,6 @@ class BatchQueue(Generic[T, R]):
 
     def _waiting_at(self, level: int) -> int:
         """Items of priority `level` waiting for a batch (queued or being collected)."""
-        if self.priority_levels == 1:
-            return self.depth
         collecting = sum(entry.level == level for entry in self._collecting)
         return self._queued_at[level] + collecting
 
@@ -479,7 +473,7 @@ class BatchQueue(Generic[T, R]):
         return list(self._collecting), closed_by
 
     def _put(self, entry: _Pending[T, R]) -> None:
-        self._queue.put_nowait(_Queued(entry.level, entry.order, entry))
+        self._queue.put_nowait(_Queued(entry.level, next(self._arrivals), entry))
         self._queued_at[entry.level] += 1
 
     def _take(self) -> _Pending[T, R]:
@@ -582,44 +576,35 @@ class BatchQueue(Generic[T, R]):
             self._running_items -= len(batch)
             if not idle:
                 self._hand_back(worker, solo_ran)
+            stats = BatchStats(
+                len(batch),
+                queue_seconds,
+                ran or time.monotonic() - started,
+                failed,
+                closed_by,
+                solo=solo_ran is not None,
+                cancelled=cancelled,
+                levels=[entry.level for entry in batch],
+            )
             if self._observer is not None:
-                self._observer.batch_done(
-                    BatchStats(
-                        len(batch),
-                        queue_seconds,
-                        ran or time.monotonic() - started,
-                        failed,
-                        closed_by,
-                        solo=solo_ran is not None,
-                        cancelled=cancelled,
-                        levels=[entry.level for entry in batch],
-                    )
-                )
+                self._observer.batch_done(stats)
             if log.isEnabledFor(logging.DEBUG):
-                outcome = "cancelled" if cancelled else "failed" if failed else "ok"
-                self._log_batch(batch, closed_by, solo_ran is not None, outcome, started, ran)
+                self._log_batch(batch, stats)
 
-    def _log_batch(
-        self,
-        batch: list[_Pending[T, R]],
-        closed_by: ClosedBy,
-        solo: bool,
-        outcome: str,
-        started: float,
-        ran: float,
-    ) -> None:
+    def _log_batch(self, batch: list[_Pending[T, R]], stats: BatchStats) -> None:
         """A debug line per batch run (the verbose log): what closed it, how long its
         items waited, its engine time and the requests it held."""
+        outcome = "cancelled" if stats.cancelled else "failed" if stats.failed else "ok"
         log.debug(
             "batch ran",
             extra={
                 "model": self.name,
-                "batch_size": len(batch),
-                "closed_by": closed_by,
-                "solo": solo,
+                "batch_size": stats.size,
+                "closed_by": stats.closed_by,
+                "solo": stats.solo,
                 "outcome": outcome,
-                "engine_ms": round((ran or time.monotonic() - started) * 1000, 3),
-                "queue_ms": [round((started - e.enqueued_at) * 1000, 3) for e in batch],
+                "engine_ms": round(stats.compute_seconds * 1000, 3),
+                "queue_ms": [round(seconds * 1000, 3) for seconds in stats.queue_seconds],
                 "request_ids": list(dict.fromkeys(entry.request_id for entry in batch)),
                 "trace_ids": list(dict.fromkeys(e.trace_id for e in batch if e.trace_id)),
             },

@@ -92,7 +92,7 @@ class JsonFormatter(logging.Formatter):
 # written and the verbose (debug) lines; the log goes to standard error as JSON lines.
 LOG_FORMAT = "json"
 _SEVERITIES = {"log_info": "info", "log_warnings": "warnings", "log_errors": "errors"}
-_MAX_VERBOSE = 2**32 - 1  # Triton's log_verbose_level is a uint32
+MAX_VERBOSE_LEVEL = 2**32 - 1  # Triton's log_verbose_level is a uint32
 LOG_SETTINGS = (*_SEVERITIES, "log_verbose_level", "log_format", "log_file")
 # The loggers configure_logging routes; their levels follow the switches.
 _ROUTED = ("hornet", "uvicorn", "uvicorn.error")
@@ -176,8 +176,9 @@ def _refusal(name: str, value: object) -> str | None:
     if name in _SEVERITIES:
         return None if isinstance(value, bool) else f"{name} is a boolean"
     if name == "log_verbose_level":
-        fits = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_VERBOSE
-        return None if fits else f"log_verbose_level is an integer from 0 to {_MAX_VERBOSE}"
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        fits = whole and 0 <= value <= MAX_VERBOSE_LEVEL
+        return None if fits else f"log_verbose_level is an integer from 0 to {MAX_VERBOSE_LEVEL}"
     if name == "log_format":
         return (
             None

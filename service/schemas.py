@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.logs import MAX_VERBOSE_LEVEL
+
 _REQUEST_ID = "5xx only: the request's X-Request-ID, to quote when reporting the failure"
 
 
@@ -164,7 +166,7 @@ class V2LogSettings(BaseModel):
     log_warnings: bool = Field(description="whether warning lines are written")
     log_errors: bool = Field(description="whether error lines are written")
     log_verbose_level: int = Field(
-        ge=0, le=2**32 - 1, description="above 0: the debug lines are written too"
+        ge=0, le=MAX_VERBOSE_LEVEL, description="above 0: the debug lines are written too"
     )
     log_format: str = Field(description="always 'json': one JSON object per line")
 

@@ -222,11 +222,7 @@ class InferenceService:
 
     async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's logging extension, as GET (an empty request) and POST /v2/logging."""
-        changes = {}
-        for name, value in request.settings.items():
-            kind = value.WhichOneof("parameter_choice")
-            changes[name] = None if kind is None else getattr(value, kind)
-        settings = v2.change_log_settings(self.settings, changes)
+        settings = v2.change_log_settings(self.settings, parameters(request.settings))
         answer = MESSAGES["LogSettingsResponse"]()
         for name, value in settings.items():
             kind = _SETTING_KINDS[type(value)]

@@ -39,7 +39,7 @@ from service.errors import (
     UnknownModel,
 )
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import LOG_SETTINGS, log_always, log_switches
+from service.logs import LOG_SETTINGS, MAX_VERBOSE_LEVEL, log_always, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
@@ -403,7 +403,7 @@ async def get_log_settings() -> dict:
                     "log_warnings": {"type": "boolean"},
                     "log_errors": {"type": "boolean"},
                     "log_verbose_level": {
-                        "type": "integer", "minimum": 0, "maximum": 2**32 - 1,
+                        "type": "integer", "minimum": 0, "maximum": MAX_VERBOSE_LEVEL,
                     },
                     "log_format": {"type": "string", "enum": ["json"]},
                 },
