@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import re
 import signal
 import subprocess
 import time
@@ -24,6 +23,7 @@ import uvicorn
 
 from service.testing import RunningServer, running_server
 from tests.helpers import bundles
+from tests.helpers.queueing import metric
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -99,9 +99,7 @@ def _classify(url: str) -> httpx.Response:
 
 
 def _queue_depth(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=2).text
-    match = re.search(r'^hornet_queue_depth\{model="tiny_cls"\} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(url, 'hornet_queue_depth{model="tiny_cls"}', timeout_s=2)
 
 
 def _fire(server: RunningServer, pool: ThreadPoolExecutor, count: int) -> list[Future]:

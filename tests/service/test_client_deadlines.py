@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.testing import free_port, running_server
-from tests.helpers.images import encode
+from tests.helpers.queueing import metric, queued_photo
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -26,22 +26,14 @@ TIMEOUT_S = 60
 QUEUED = 10
 
 
-def _photo() -> bytes:
-    rng = np.random.default_rng(9)
-    return encode(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), "JPEG")
-
-
 def _queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=TIMEOUT_S).text.splitlines():
-        if line.startswith('hornet_queue_depth{model="slow_cls"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(url, 'hornet_queue_depth{model="slow_cls"}')
 
 
 def test_a_deadline_the_queue_would_outlast_is_refused_at_once(slow_classifier_dir, tmp_path):
     grpc_port = free_port()
     log = tmp_path / "server.log"
-    image = _photo()
+    image = queued_photo(9)
     headers = {"content-type": "image/jpeg"}
     with running_server(
         [

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from service.testing import running_server
-from tests.helpers.images import encode
+from tests.helpers.queueing import metric, queued_photo, wait_for_metric
 
 PNG_START = b"\x89PNG\r\n\x1a\n" + b"\0" * 1000
 MULTIPART_START = (
@@ -67,18 +66,9 @@ def test_a_client_hanging_up_mid_body_is_a_499_without_an_error_line(
     assert "unhandled error" not in log and "Exception in ASGI application" not in log
 
 
-def _queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith('hornet_queue_depth{model="slow_cls"}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def _wait_for_depth(url: str, depth: int) -> None:
-    deadline = time.monotonic() + 30
-    while _queue_depth(url) < depth:
-        assert time.monotonic() < deadline, f"the queue never held {depth} requests"
-        time.sleep(0.005)
+DEPTH = 'hornet_queue_depth{model="slow_cls"}'
+DECODED = 'hornet_decode_seconds_count{model="slow_cls"}'
+BULK = 8  # queued ahead of the departed request: about 0.36 s of engine
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
@@ -89,7 +79,7 @@ def test_a_client_gone_while_queued_never_reaches_the_engine(
     its image is dropped before the engine (the batch log never names it), counted as
     499; the requests around it are answered. With either HTTP parser (each marks a
     lost connection its own way; Starlette's Request.is_disconnected reads it)."""
-    image = encode(np.random.default_rng(2).integers(0, 256, (240, 320, 3), np.uint8), "JPEG")
+    image = queued_photo(2)
     log = tmp_path / "server.log"
     flags = [
         "--model-dir", str(slow_classifier_dir), "--instances", "1", "--engine-threads", "1",
@@ -109,10 +99,13 @@ def test_a_client_gone_while_queued_never_reaches_the_engine(
 
         before = threading.Thread(target=post)  # in the engine while the rest queue
         before.start()
-        bulk = [threading.Thread(target=post) for _ in range(5)]
+        bulk = [threading.Thread(target=post) for _ in range(BULK)]
         for thread in bulk:
             thread.start()
-        _wait_for_depth(server.url, 4)
+        # every one decoded, so queued (the queue's depth, read instead, could fall
+        # below a bound as the engine took them, before the next arrived)
+        wait_for_metric(server.url, DECODED, 1 + BULK)
+        assert metric(server.url, DEPTH) >= 3  # work ahead of the departed one
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             head = (
@@ -120,15 +113,15 @@ def test_a_client_gone_while_queued_never_reaches_the_engine(
                 f"X-Request-ID: gone-while-queued\r\nContent-Length: {len(image)}\r\n\r\n"
             )
             sock.sendall(head.encode() + image)
-            _wait_for_depth(server.url, 5)  # queued behind the others
+            wait_for_metric(server.url, DECODED, 2 + BULK)  # decoded: queued behind them
         after = threading.Thread(target=post)  # queued behind the departed one
         after.start()
         for thread in [before, *bulk, after]:
             thread.join(30)
         time.sleep(0.3)
         metrics = httpx.get(f"{server.url}/metrics").text
-    assert statuses == [200] * 7
+    assert statuses == [200] * (2 + BULK)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     ran = [line["request_ids"] for line in lines if line.get("message") == "batch ran"]
-    assert len(ran) == 7 and all("gone-while-queued" not in ids for ids in ran)
+    assert len(ran) == 2 + BULK and all("gone-while-queued" not in ids for ids in ran)
     assert _count(metrics, "/classify", "499") == 1.0

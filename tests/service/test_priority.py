@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from service.testing import free_port, running_server
-from tests.helpers.images import encode
+from tests.helpers.queueing import metric, queued_photo
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -25,11 +25,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TIMEOUT_S = 60
 LOW, HIGH = 16, 3  # requests at the default (lowest) level, then at level 1
-
-
-def _photo() -> bytes:
-    rng = np.random.default_rng(5)
-    return encode(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), "JPEG")
 
 
 def _server(bundle: Path, tmp_path: Path, *flags: str):
@@ -48,15 +43,12 @@ def _server(bundle: Path, tmp_path: Path, *flags: str):
 
 
 def _queue_depth(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=TIMEOUT_S).text.splitlines():
-        if line.startswith('hornet_queue_depth{model="slow_cls"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric(url, 'hornet_queue_depth{model="slow_cls"}')
 
 
 def test_higher_levels_run_before_the_lower_ones_waiting(slow_classifier_dir, tmp_path):
     server, _, log = _server(slow_classifier_dir, tmp_path, "--priority-levels", "2")
-    image = _photo()
+    image = queued_photo()
     levels: dict[str, int] = {}
     errors: list[str] = []
 
@@ -117,7 +109,7 @@ def test_the_priority_parameter_over_every_protocol(slow_classifier_dir, tmp_pat
         slow_classifier_dir, tmp_path, "--priority-levels", "3", "--default-priority-level", "2",
         "--max-queue-size", "5",
     )  # fmt: skip
-    image = _photo()
+    image = queued_photo()
     with server as running:
         rest = httpclient.InferenceServerClient(running.url.removeprefix("http://"))
         remote = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -171,7 +163,7 @@ def test_each_level_has_its_own_places_in_the_queue(slow_classifier_dir, tmp_pat
     server, _, _ = _server(
         slow_classifier_dir, tmp_path, "--priority-levels", "2", "--max-queue-size", "3"
     )
-    image = _photo()
+    image = queued_photo()
     statuses: dict[int, list[int]] = {1: [], 2: []}
 
     def post(level: int) -> None:
@@ -203,7 +195,7 @@ def test_a_model_of_one_level_takes_any_priority(slow_classifier_dir, tmp_path):
     """As Triton's without priority levels: a client that always sends a priority is
     served, every request at the one level; a priority that is no level at all is not."""
     server, grpc_port, _ = _server(slow_classifier_dir, tmp_path)
-    image = _photo()
+    image = queued_photo()
     with server as running:
         url = f"{running.url}/classify"
         headers = {"content-type": "image/jpeg"}
