@@ -46,7 +46,7 @@ from service.imaging import decode_image, draft_size
 from service.memory import LARGE_IMAGE_PIXELS, MemoryReleaser
 from service.metrics import ServiceMetrics
 from service.pipelines import Pipeline, Prepared, pipeline_for
-from service.schemas import BatchSettings, ModelInfo
+from service.schemas import UINT64_MAX, BatchSettings, ModelInfo
 from service.settings import Settings, bundle_name
 from service.statistics import ModelStatistics, RequestTimes
 
@@ -217,7 +217,7 @@ class ModelRunner:
         A model of one level takes any priority, as Triton's without priority levels
         does: every request waits at the one level."""
         levels = self.settings.priority_levels
-        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+        if isinstance(asked, bool) or not isinstance(asked, int) or not 0 <= asked <= UINT64_MAX:
             valid = False
         else:
             valid = asked <= levels or levels == 1

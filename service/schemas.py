@@ -8,6 +8,11 @@ from pydantic import BaseModel, Field
 
 from service.logs import MAX_VERBOSE_LEVEL
 
+# The largest priority or timeout a request can name: Triton's are unsigned 64-bit
+# integers (its gRPC parameters' uint64_param), so a larger number is refused as it would be
+# there, before it reaches float arithmetic that cannot hold it.
+UINT64_MAX = 2**64 - 1
+
 _REQUEST_ID = "5xx only: the request's X-Request-ID, to quote when reporting the failure"
 
 

@@ -12,6 +12,7 @@ from service.imaging import SUPPORTED_CONTENT_TYPES
 from service.pipelines import AnswerOptions
 from service.runtime import ModelRunner
 from service.schemas import (
+    UINT64_MAX,
     ClassifyResponse,
     DetectResponse,
     ErrorResponse,
@@ -80,6 +81,7 @@ Priority = Annotated[
     int,
     Query(
         ge=0,
+        le=UINT64_MAX,
         description="priority level: 1 (the highest) to the model's --priority-levels; 0, "
         "the model's default level (--default-priority-level)",
     ),
@@ -88,6 +90,7 @@ TimeoutMs = Annotated[
     int | None,
     Query(
         ge=1,
+        le=UINT64_MAX // 1000,
         description="the client's deadline in milliseconds, where sooner than "
         "--request-timeout-s: past it 504, and 503 at once when the work queued ahead "
         "would outlast it",

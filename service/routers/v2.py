@@ -44,6 +44,7 @@ from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutpu
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
+    UINT64_MAX,
     V2ErrorResponse,
     V2InferResponse,
     V2LogSettings,
@@ -641,10 +642,10 @@ def _client_deadline(parsed: kserve.InferRequest, deadline: float) -> float:
     tritonclient's `infer(..., timeout=N)`) from now where that is sooner; 0 or none:
     `deadline`."""
     timeout = parsed.parameters.get(TIMEOUT, 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= UINT64_MAX:
         raise InvalidInferRequest(
-            f"parameters.{TIMEOUT} takes a whole number of microseconds (0: the server's "
-            f"--request-timeout-s); got {timeout!r}"
+            f"parameters.{TIMEOUT} takes a whole number of microseconds up to 2**64 - 1 (0: "
+            f"the server's --request-timeout-s); got {timeout!r}"
         )
     return min(deadline, time.monotonic() + timeout / 1e6) if timeout else deadline
 

@@ -199,7 +199,10 @@ def test_a_model_of_one_level_takes_any_priority(slow_classifier_dir, tmp_path):
     with server as running:
         url = f"{running.url}/classify"
         headers = {"content-type": "image/jpeg"}
-        for query, status in (("0", 200), ("1", 200), ("7", 200), ("-1", 422), ("1.5", 422)):
+        for query, status in (
+            ("0", 200), ("1", 200), ("7", 200), (str(2**64 - 1), 200),  # Triton's uint64
+            ("-1", 422), ("1.5", 422), (str(2**64), 422),
+        ):  # fmt: skip
             answer = httpx.post(f"{url}?priority={query}", content=image, headers=headers)
             assert answer.status_code == status, (query, answer.text)
         remote = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -207,5 +210,14 @@ def test_a_model_of_one_level_takes_any_priority(slow_classifier_dir, tmp_path):
         tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
         answer = remote.infer("slow_cls", [tensor], priority=9)
         assert answer.as_numpy("probabilities").shape == (1, 10)
+        for priority, status in ((2**64 - 1, 200), (2**64, 400), (10**400, 400)):
+            v2 = httpx.post(
+                f"{running.url}/v2/models/slow_cls/infer",
+                json={"parameters": {"priority": priority},
+                      "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 224, 224, 3],
+                                  "data": [0] * (224 * 224 * 3)}]},
+                timeout=TIMEOUT_S,
+            )  # fmt: skip
+            assert v2.status_code == status, (priority, v2.text)
         config = remote.get_model_config("slow_cls", as_json=True)["config"]
         assert "priority_levels" not in config["dynamic_batching"]

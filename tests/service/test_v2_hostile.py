@@ -237,6 +237,24 @@ CASES = {
         json_body("image", [1] * 100, "UINT8", [0]),
         "inputs.0.shape: List should have at most 32 items after validation, not 100",
     ),
+    # Request parameters past what Triton's types hold (uint64; a float for the threshold):
+    # 10**400 was a 500 from the timeout, whose microseconds no float holds.
+    **{
+        f"parameter_{name}_{label}": (
+            raw_body(
+                json.dumps(
+                    {**json_image([0] * IMAGE_ELEMENTS), "parameters": {name: value}}
+                ).encode()
+            ),
+            fact,
+        )
+        for name, label, value, fact in [
+            ("timeout", "10_to_400", 10**400, "parameters.timeout takes a whole number"),
+            ("timeout", "2_to_64", 2**64, "microseconds up to 2**64 - 1"),
+            ("priority", "10_to_400", 10**400, "is not a priority level"),
+            ("score_threshold", "10_to_400", 10**400, "takes a number in 0..1"),
+        ]
+    },
     # A few MB of invalid inputs: refused at the first, not with a million error messages.
     "a_million_empty_inputs": (
         raw_body(b'{"inputs":[' + b"{}," * 1_000_000 + b"{}]}"),
