@@ -183,7 +183,12 @@ def serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         # Never uvicorn's own protocols: its httptools one buffers a request head of any
         # size, and neither times a head out (service.http_protocol).
-        http=protocol_class(settings.http_parser, settings.client_timeout_s),
+        http=protocol_class(
+            settings.http_parser,
+            settings.client_timeout_s,
+            settings.max_connections,
+            refused=app.state.metrics.connections_refused.inc,
+        ),
         loop=settings.event_loop,
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
@@ -193,6 +198,7 @@ def serve(args: argparse.Namespace) -> int:
     server = _DrainingServer(
         config, app.state.pool, settings.drain_timeout_s, settings.exit_on_load_error
     )
+    app.state.metrics.http_connections.set_function(lambda: len(server.server_state.connections))
     server.run()
     if server.load_failed:
         print(

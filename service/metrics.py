@@ -134,6 +134,16 @@ class ServiceMetrics:
             ["model", "action", "outcome"],
             registry=self.registry,
         )
+        self.http_connections = Gauge(
+            "hornet_http_connections",
+            "HTTP connections open (at most --max-connections)",
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "hornet_connections_refused",
+            "HTTP connections answered 503 and closed as they opened: --max-connections were open",
+            registry=self.registry,
+        )
         self.upload_buffer = Gauge(
             "hornet_upload_buffer_bytes",
             "bytes of request bodies reserved by requests in progress",

@@ -316,6 +316,13 @@ class Settings(BaseSettings):
         description="request bodies held at once across all requests (MB); a request that "
         "would go past it: 503 with Retry-After. 0 = 16 x --max-upload-mb",
     )
+    max_connections: Annotated[int, Flag(metavar="N")] = Field(
+        10_000,
+        ge=0,
+        description="open connections the server holds at once, on each of its ports (HTTP, "
+        "gRPC); past it a new HTTP connection is answered 503 with Retry-After and closed, a "
+        "gRPC one closed. 0: no limit",
+    )
     client_timeout_s: Annotated[float, Flag(metavar="S")] = Field(
         10.0,
         gt=0,

@@ -671,6 +671,12 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_upload_bytes),
             ("grpc.max_send_message_length", -1),
+            # gRPC core closes a connection past it as it is accepted (its connection quota)
+            *(
+                [("grpc.max_allowed_incoming_connections", n)]
+                if (n := settings.max_connections)
+                else []
+            ),
         ],
         maximum_concurrent_rpcs=concurrent_calls(settings),
     )
