@@ -272,21 +272,29 @@ class ModelRunner:
         return self.engines + ([self.solo] if self.solo is not None else [])
 
     async def prepare(
-        self, uploads: Sequence[bytes], times: RequestTimes | None = None
+        self,
+        uploads: Sequence[bytes],
+        times: RequestTimes | None = None,
+        *,
+        deadline: float | None = None,
+        is_gone: batching.IsGone | None = None,
     ) -> list[Prepared]:
         """Decode and preprocess every upload in the decoding threads, off the event loop
         (their number bounds how many decoded images exist at once); with the response
         cache, an upload it holds comes back with its results and nothing to run, and
         `times` gets each lookup.
 
+        A request has at most one upload per decoding thread waiting or being decoded at a
+        time (`_decoded_all`): its next is handed over as one finishes, so requests take
+        turns in the decoding queue, and once one of its uploads fails, its `deadline`
+        passes or its client goes (`is_gone`), the uploads not yet begun are never decoded.
+
         Announced to the batch queue meanwhile, so a batch being collected waits for these
         items (see BatchQueue.announce). The caller submits them (`infer`) with no await
         in between, so no batch can close between the announcement's end and the items'
         arrival."""
-        loop = asyncio.get_running_loop()
         with self.queue.announce():
-            pending = [loop.run_in_executor(self.decoder, self._prepare_one, d) for d in uploads]
-            done = await asyncio.gather(*pending)
+            done = await self._decoded_all(uploads, deadline, is_gone)
         if self.cache is not None:
             hits = sum(image.cached is not None for image, _ in done)
             self.observer.cache_looked_up(hits, len(done) - hits)
@@ -295,6 +303,48 @@ class ModelRunner:
                     found = image.cached is not None
                     (times.cache_hits if found else times.cache_misses).append(lookup_s)
         return [image for image, _ in done]
+
+    async def _decoded_all(
+        self,
+        uploads: Sequence[bytes],
+        deadline: float | None,
+        is_gone: batching.IsGone | None,
+    ) -> list[tuple[Prepared, float]]:
+        """`_prepare_one` of each upload, in order, with at most --decode-threads of them
+        handed to the decoding threads at once. Before, every upload of a request was
+        queued at once and decoded whatever became of the request: a request of one
+        undecodable image and 30 flat 36-megapixel PNGs was answered 400 in 0.12 s and
+        left 4 s of decoding behind it, ahead of every later request's images."""
+        loop = asyncio.get_running_loop()
+        window = max(1, self.settings.decode_workers)
+        done: list[tuple[Prepared, float] | None] = [None] * len(uploads)
+        running: dict[asyncio.Future, int] = {}
+        handed = 0
+        try:
+            while True:
+                while handed < len(uploads) and len(running) < window:
+                    job = loop.run_in_executor(self.decoder, self._prepare_one, uploads[handed])
+                    running[job] = handed
+                    handed += 1
+                if not running:
+                    return done  # type: ignore[return-value] (every one set)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout(
+                        f"model {self.name!r}: the request's deadline passed while its "
+                        f"images were decoded ({len(uploads)} images)"
+                    )
+                finished, _ = await asyncio.wait(
+                    running, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                for job in finished:
+                    done[running.pop(job)] = job.result()  # a bad upload raises here
+                # before handing over more (asked once per image, and not for the last)
+                if handed < len(uploads) and is_gone is not None and await is_gone():
+                    raise ClientDisconnected("client disconnected while its images were decoded")
+        finally:
+            for job in running:  # those not begun are never decoded
+                job.cancel()
 
     def _prepare_one(self, data: bytes) -> tuple[Prepared, float]:
         """The upload made ready (or found in the response cache), and the seconds its

@@ -126,7 +126,9 @@ async def _answered(
     uploads = await read_uploads(request)
     with runner.statistics.request() as times:
         with times.measure("compute_input"):
-            prepared = await runner.prepare(uploads, times)
+            prepared = await runner.prepare(
+                uploads, times, deadline=deadline, is_gone=request.is_disconnected
+            )
         results = await runner.infer(
             prepared, deadline=deadline, is_gone=request.is_disconnected, times=times, level=level
         )

@@ -612,7 +612,9 @@ async def infer_outputs(
         with times.measure("compute_input"):
             options = _answer_options(parsed)
             level = _priority_level(runner, parsed)
-            prepared = await _prepare(runner, tensors, pool.settings.max_images_per_request, times)
+            prepared = await _prepare(
+                runner, tensors, pool.settings.max_images_per_request, times, deadline, is_gone
+            )
         results = await runner.infer(
             prepared, deadline=deadline, is_gone=is_gone, times=times, level=level
         )
@@ -660,7 +662,12 @@ def _priority_level(runner: ModelRunner, parsed: kserve.InferRequest) -> int:
 
 
 async def _prepare(
-    runner: ModelRunner, tensors: list[Tensor], max_images: int, times: RequestTimes | None = None
+    runner: ModelRunner,
+    tensors: list[Tensor],
+    max_images: int,
+    times: RequestTimes | None,
+    deadline: float,
+    is_gone: IsGone | None,
 ) -> list[Prepared]:
     """The request's one input as the pipeline's items: encoded images decoded and
     preprocessed as the image routes' uploads, an image tensor by the pipeline."""
@@ -685,7 +692,9 @@ async def _prepare(
     if count > max_images:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
     if declared.encoded is not None and tensor.name == declared.encoded.name:
-        return await runner.prepare(_encoded_images(tensor), times)
+        return await runner.prepare(
+            _encoded_images(tensor), times, deadline=deadline, is_gone=is_gone
+        )
     return runner.pipeline.prepare_tensor(tensor)
 
 
