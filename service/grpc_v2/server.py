@@ -70,6 +70,10 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# A connection with no call open this long is sent GOAWAY. Not --client-timeout-s (10 s) as
+# for HTTP: an idle channel between a client's calls is ordinary, and gRPC clients log
+# each GOAWAY they get.
+IDLE_CONNECTION_S = 300.0
 # RPCs that answer without a key unless --protect-probes (as /v2/health/* over REST).
 PROBES = frozenset({"ServerLive", "ServerReady", "Check", "Watch"})
 # How often an open stream looks at the server's state: a health Watch for a change of
@@ -446,6 +450,26 @@ def _abort_for(exc: Exception) -> Abort:
     return Abort(grpc.StatusCode.INTERNAL, f"internal_error: {type(exc).__name__}", 500)
 
 
+class _Stream:
+    """An open stream's place: the requests it holds (read, their answers not yet
+    written), since when it has held none, and the task serving it (to end it when a new
+    stream needs its place)."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.idle_since = time.monotonic()
+        self.task = asyncio.current_task()
+        self.evicted = False
+
+    def took(self) -> None:
+        self.held += 1
+
+    def answered(self) -> None:
+        self.held -= 1
+        if self.held == 0:
+            self.idle_since = time.monotonic()
+
+
 class _Calls:
     """Wraps each RPC body with what the REST middleware does around a route: the API
     key, a request id, the errors as statuses, the request metrics and log line."""
@@ -462,7 +486,8 @@ class _Calls:
         self._keys = keys
         self._protect_probes = settings.protect_probes
         self._max_streams = concurrent_streams(settings)
-        self._streams_open = 0
+        self._streams: set[_Stream] = set()
+        self._idle_s = settings.client_timeout_s
         self._message_timeout_s = settings.client_timeout_s
 
     def handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
@@ -522,14 +547,22 @@ class _Calls:
         as ModelInfer answers it, counted, timed and logged as a request of its own, its
         failure an `error_message` that leaves the stream open) or the health Watch. Its
         key is checked once, at its start, and it takes one of the stream slots (at most
-        half the concurrent calls: an open stream holds its call's slot, idle or not)."""
+        half the concurrent calls: an open stream holds its call's slot, idle or not).
+        When every slot is taken, the stream that has held no request for longest, if for
+        --client-timeout-s or more, is ended (UNAVAILABLE) and its slot given to the new
+        one: 8 streams opened and left idle, or sending a message that never completes,
+        no longer keep every other client's streams out."""
         route = f"/{service}/{name}"
         method = SERVICES[service].methods_by_name[name]
         if method.client_streaming:
             answers = functools.partial(self._answered, route=route)
             make = grpc.stream_stream_rpc_method_handler
         else:
-            answers = getattr(self.service, name)
+            watch = getattr(self.service, name)
+
+            def answers(opening: Any, context: grpc.aio.ServicerContext, _: _Stream) -> Any:
+                return watch(opening, context)  # idle from its start: it holds no request
+
             make = grpc.unary_stream_rpc_method_handler
 
         async def call(opening: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -538,23 +571,30 @@ class _Calls:
                 context.set_trailing_metadata((("x-request-id", rid),))
                 try:
                     self._check_key(name, metadata)
-                    if self._streams_open >= self._max_streams:
+                    if len(self._streams) >= self._max_streams and not self._evict_idlest():
                         raise Abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"overloaded: {self._max_streams} streams are open, the most this "
                             "server keeps (half its concurrent calls, the rest left to unary "
-                            "calls); close one, or call ModelInfer",
+                            "calls), none idle for --client-timeout-s; close one, or call "
+                            "ModelInfer",
                             503,
                         )
                 except Abort as abort:
                     record_request(self.metrics, route, "gRPC", route, abort.http_status, 0.0)
                     await _end(context, abort, rid)
-                self._streams_open += 1
+                stream = _Stream()
+                self._streams.add(stream)
                 try:
-                    async for answer in answers(opening, context):
+                    async for answer in answers(opening, context, stream):
                         yield answer
+                except asyncio.CancelledError:
+                    if not stream.evicted or stream.task is None:
+                        raise
+                    stream.task.uncancel()
+                    await _end(context, self._evicted(), rid)
                 finally:
-                    self._streams_open -= 1
+                    self._streams.discard(stream)
 
         return make(
             call,
@@ -562,8 +602,35 @@ class _Calls:
             response_serializer=MESSAGES[method.output_type.name].SerializeToString,
         )
 
+    def _evict_idlest(self) -> bool:
+        """End the open stream idle longest, if for --client-timeout-s or more (its task
+        cancelled: it ends UNAVAILABLE); False when none has been idle that long."""
+        now = time.monotonic()
+        idle = [s for s in self._streams if s.held == 0 and now - s.idle_since >= self._idle_s]
+        if not idle:
+            return False
+        idlest = min(idle, key=lambda stream: stream.idle_since)
+        idlest.evicted = True
+        self._streams.discard(idlest)  # its place is the new stream's from now
+        if idlest.task is not None:
+            idlest.task.cancel()
+        return True
+
+    def _evicted(self) -> Abort:
+        return Abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"overloaded: this stream held no request for {self._idle_s:g} s or more "
+            "(--client-timeout-s) while every stream slot was taken, and its slot went to a "
+            "new stream; open another when it is needed",
+            503,
+        )
+
     async def _answered(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, route: str
+        self,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        stream: _Stream,
+        route: str,
     ) -> AsyncIterator[Any]:
         """The answers to a stream's requests as they are finished. At most
         STREAM_IN_FLIGHT of its requests are held at once, from their reading until their
@@ -596,6 +663,7 @@ class _Calls:
                     request = await self._next_request(requests)
                     if request is None:
                         break
+                    stream.took()
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -608,6 +676,7 @@ class _Calls:
         try:
             while (item := await finished.get()) is not None:
                 yield item
+                stream.answered()
                 slots.release()
             await reader  # raises what ended the reading early (the client's stream broke)
         finally:
@@ -701,6 +770,13 @@ async def start_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_upload_bytes),
             ("grpc.max_send_message_length", -1),
+            # A connection that has not begun HTTP/2 (its preface) --client-timeout-s after
+            # it opened is closed, as an HTTP connection's head clock closes it (it stayed
+            # 60 s), and one with no call open for IDLE_CONNECTION_S gets GOAWAY (a client
+            # makes a new one at its next call; it stayed for ever), so that neither can
+            # fill --max-connections for long.
+            ("grpc.server_handshake_timeout_ms", round(settings.client_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", round(IDLE_CONNECTION_S * 1000)),
             # gRPC core closes a connection past it as it is accepted (its connection quota)
             *(
                 [("grpc.max_allowed_incoming_connections", n)]

@@ -1,6 +1,8 @@
-"""A gRPC call whose request message never completes, against a real server: it is ended
-with DEADLINE_EXCEEDED (`request_timeout`) --client-timeout-s after it began, and the
-place it held among the server's concurrent calls is free again.
+"""gRPC clients that hold the server's places and send nothing, against a real server. A
+call whose request message never completes is ended with DEADLINE_EXCEEDED
+(`request_timeout`) --client-timeout-s after it began, and the place it held among the
+server's concurrent calls is free again; a stream idle that long gives its slot up to
+a new stream when every slot is taken.
 
 gRPC counts a call among its concurrent ones (--max-upload-buffer-mb / --max-upload-mb,
 16 by default) from its start, and awaited a unary call's message for ever: one
@@ -12,6 +14,7 @@ hand with h2 (HTTP/2), since no gRPC client sends a message cut short.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import time
@@ -19,10 +22,11 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import numpy as np
 import pytest
 
 from service.testing import free_port, running_server
-from tests.helpers.queueing import metric
+from tests.helpers.queueing import metric, queued_photo
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -112,3 +116,79 @@ def test_a_call_whose_message_never_completes_is_ended_and_its_place_freed(
             client.close()
         timed_out = metric(server.url, f'hornet_requests_total{{route="{INFER}",status="408"}}')
         assert timed_out == CALLS
+
+
+def test_a_new_stream_takes_the_place_of_the_one_idle_longest(classifier_dir, tmp_path) -> None:
+    """Every stream slot taken (8): a ninth stream is refused while none has been idle
+    for --client-timeout-s, and once some have, the next one ends the stream idle
+    longest (UNAVAILABLE) and takes its slot; a stream that answered a request since is
+    not the one ended. Before, 8 streams opened and left idle kept every other stream
+    out for as long as they stayed open."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--grpc-port", str(port)]
+    flags += ["--client-timeout-s", str(CLIENT_TIMEOUT_S)]
+    ended: dict[int, list[str]] = {}
+    answered: dict[int, int] = {}
+
+    def callback(index: int, result, error) -> None:
+        if error is not None:
+            ended.setdefault(index, []).append(error.message())
+        else:
+            answered[index] = answered.get(index, 0) + 1
+
+    def photo() -> list:
+        tensor = grpcclient.InferInput("encoded_image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([queued_photo()], dtype=np.object_))
+        return [tensor]
+
+    clients = []
+    with running_server(flags, log_path=tmp_path / "server.log"):
+        try:
+            clients += [grpcclient.InferenceServerClient(f"127.0.0.1:{port}") for _ in range(10)]
+            for index in range(8):
+                clients[index].start_stream(functools.partial(callback, index))
+                time.sleep(0.02)  # opened in order: stream 0 first
+            opened = time.monotonic()
+            clients[8].start_stream(functools.partial(callback, 8))
+            _wait_for(lambda: 8 in ended)
+            assert "8 streams are open" in ended[8][0] and "none idle" in ended[8][0]
+            # stream 0 answers a request halfway through the idle time: no longer the idlest
+            time.sleep(CLIENT_TIMEOUT_S / 2)
+            clients[0].async_stream_infer("tiny_cls", photo())
+            _wait_for(lambda: answered.get(0) == 1)
+            time.sleep(max(opened + CLIENT_TIMEOUT_S + 0.3 - time.monotonic(), 0))
+            clients[9].start_stream(functools.partial(callback, 9))
+            _wait_for(lambda: 1 in ended)
+            assert "held no request for 2 s or more" in ended[1][0]
+            assert set(ended) == {1, 8}  # stream 0, busy since, and the rest kept open
+            clients[9].async_stream_infer("tiny_cls", photo())
+            _wait_for(lambda: answered.get(9) == 1)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def _wait_for(condition, within_s: float = 10.0) -> None:
+    give_up_at = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < give_up_at, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_connection_that_never_begins_http2_is_closed(classifier_dir, tmp_path) -> None:
+    """--client-timeout-s after it opened, as an HTTP connection with no request head (it
+    stayed open 60 s, gRPC's own handshake timeout)."""
+    port = free_port()
+    flags = ["--model-dir", str(classifier_dir), "--grpc-port", str(port)]
+    flags += ["--client-timeout-s", str(CLIENT_TIMEOUT_S)]
+    with running_server(flags, log_path=tmp_path / "server.log"):
+        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        opened = time.monotonic()
+        try:
+            while silent.recv(1 << 16):  # the server's SETTINGS, then its end
+                pass
+        except ConnectionResetError:
+            pass
+        finally:
+            silent.close()
+        assert time.monotonic() - opened < CLIENT_TIMEOUT_S + 3

@@ -1186,12 +1186,15 @@ def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
                 pulled += 1
                 yield pb["ModelInferRequest"](model_name=MODEL, id=str(number))
 
-        answers = calls._answered(requests(), context=None, route="/stream")
+        stream = grpc_server._Stream()
+        answers = calls._answered(requests(), context=None, stream=stream, route="/stream")
         first = asyncio.ensure_future(anext(answers))
         await asyncio.sleep(0.2)  # the engine is stuck: the reading stops at the bound
         held = pulled
+        assert stream.held == held  # not idle: no new stream may take its place
         service.go.set()
         ids = [(await first).infer_response.id] + [a.infer_response.id async for a in answers]
+        assert stream.held == 0
         return held, ids
 
     held, ids = asyncio.run(scenario())
