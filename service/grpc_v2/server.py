@@ -487,8 +487,8 @@ class _Calls:
         self._protect_probes = settings.protect_probes
         self._max_streams = concurrent_streams(settings)
         self._streams: set[_Stream] = set()
-        self._idle_s = settings.client_timeout_s
-        self._message_timeout_s = settings.client_timeout_s
+        # a unary call's message must arrive within it; a stream idle as long may be ended
+        self._client_timeout_s = settings.client_timeout_s
 
     def handler(self, service: str, name: str) -> grpc.RpcMethodHandler:
         """A unary call. Registered as one whose request streams in (the same frames on the
@@ -531,11 +531,11 @@ class _Calls:
         """A unary call's one request message, once it has all arrived; RequestTimeout
         (DEADLINE_EXCEEDED) when it has not within --client-timeout-s."""
         try:
-            async with asyncio.timeout(self._message_timeout_s):
+            async with asyncio.timeout(self._client_timeout_s):
                 request = await context.read()
         except TimeoutError:
             raise RequestTimeout(
-                f"the request message did not arrive within {self._message_timeout_s:g} s of "
+                f"the request message did not arrive within {self._client_timeout_s:g} s of "
                 "the call's start (--client-timeout-s)"
             ) from None
         if request is grpc.aio.EOF:
@@ -606,7 +606,9 @@ class _Calls:
         """End the open stream idle longest, if for --client-timeout-s or more (its task
         cancelled: it ends UNAVAILABLE); False when none has been idle that long."""
         now = time.monotonic()
-        idle = [s for s in self._streams if s.held == 0 and now - s.idle_since >= self._idle_s]
+        idle = [
+            s for s in self._streams if s.held == 0 and now - s.idle_since >= self._client_timeout_s
+        ]
         if not idle:
             return False
         idlest = min(idle, key=lambda stream: stream.idle_since)
@@ -619,7 +621,7 @@ class _Calls:
     def _evicted(self) -> Abort:
         return Abort(
             grpc.StatusCode.UNAVAILABLE,
-            f"overloaded: this stream held no request for {self._idle_s:g} s or more "
+            f"overloaded: this stream held no request for {self._client_timeout_s:g} s or more "
             "(--client-timeout-s) while every stream slot was taken, and its slot went to a "
             "new stream; open another when it is needed",
             503,
