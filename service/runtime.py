@@ -14,10 +14,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hornet_bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
 from service import batching, thread_names
@@ -51,6 +51,9 @@ from service.settings import Settings, bundle_name
 from service.statistics import ModelStatistics, RequestTimes
 
 log = logging.getLogger("hornet.service")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 EngineFactory = Callable[[Bundle, Settings], InferenceEngine]
 
@@ -150,6 +153,50 @@ class ClientDisconnected(ServiceError):
     code = "client_disconnected"
 
 
+async def in_turns(
+    start: Callable[[T], Awaitable[R]],
+    items: Sequence[T],
+    *,
+    window: int,
+    deadline: float | None,
+    is_gone: batching.IsGone | None,
+    doing: str,
+) -> list[R]:
+    """`start(item)`'s result for each of a request's items, in order, with at most
+    `window` of them started and not finished at once: the next is started as one
+    finishes, so that another request's work handed to the same threads meanwhile waits
+    behind `window` of this one's, not all of them. Once one fails (its exception is
+    raised), `deadline` (time.monotonic()) passes (Timeout, 504) or the client is gone
+    (`is_gone`, ClientDisconnected, 499), the items not yet started never are, and those
+    waiting for a thread are cancelled. `doing` says what was being done, for the
+    messages."""
+    window = max(1, window)
+    done: list[Any] = [None] * len(items)
+    running: dict[asyncio.Future[R], int] = {}
+    started = 0
+    try:
+        while True:
+            while started < len(items) and len(running) < window:
+                running[asyncio.ensure_future(start(items[started]))] = started
+                started += 1
+            if not running:
+                return done
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(f"the request's deadline passed while {doing}")
+            finished, _ = await asyncio.wait(
+                running, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            for job in finished:
+                done[running.pop(job)] = job.result()  # a failure raises here
+            # before starting more (asked once per item, and not after the last)
+            if started < len(items) and is_gone is not None and await is_gone():
+                raise ClientDisconnected(f"client disconnected while {doing}")
+    finally:
+        for job in running:  # waiting for a thread: never run; running: left to finish
+            job.cancel()
+
+
 class ModelRunner:
     """One bundle being served: pipeline + engines + batcher."""
 
@@ -169,6 +216,9 @@ class ModelRunner:
         # told (model name, count) when --max-engine-failures batches in a row have failed
         self.on_failing = on_failing
         self.decoder = decoder
+        # a request's images decoded, or answers made, at once (in_turns): one per
+        # decoding thread (read once: it looks at the cgroup's files)
+        self.turns = settings.decode_workers
         self.releaser = releaser
         self.manifest = bundle.manifest
         self.name = bundle.manifest.name
@@ -311,40 +361,19 @@ class ModelRunner:
         is_gone: batching.IsGone | None,
     ) -> list[tuple[Prepared, float]]:
         """`_prepare_one` of each upload, in order, with at most --decode-threads of them
-        handed to the decoding threads at once. Before, every upload of a request was
-        queued at once and decoded whatever became of the request: a request of one
-        undecodable image and 30 flat 36-megapixel PNGs was answered 400 in 0.12 s and
-        left 4 s of decoding behind it, ahead of every later request's images."""
+        handed to the decoding threads at once (`in_turns`). Before, every upload of a
+        request was queued at once and decoded whatever became of the request: a request
+        of one undecodable image and 30 flat 36-megapixel PNGs was answered 400 in 0.12 s
+        and left 4 s of decoding behind it, ahead of every later request's images."""
         loop = asyncio.get_running_loop()
-        window = max(1, self.settings.decode_workers)
-        done: list[tuple[Prepared, float] | None] = [None] * len(uploads)
-        running: dict[asyncio.Future, int] = {}
-        handed = 0
-        try:
-            while True:
-                while handed < len(uploads) and len(running) < window:
-                    job = loop.run_in_executor(self.decoder, self._prepare_one, uploads[handed])
-                    running[job] = handed
-                    handed += 1
-                if not running:
-                    return done  # type: ignore[return-value] (every one set)
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise Timeout(
-                        f"model {self.name!r}: the request's deadline passed while its "
-                        f"images were decoded ({len(uploads)} images)"
-                    )
-                finished, _ = await asyncio.wait(
-                    running, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-                for job in finished:
-                    done[running.pop(job)] = job.result()  # a bad upload raises here
-                # before handing over more (asked once per image, and not for the last)
-                if handed < len(uploads) and is_gone is not None and await is_gone():
-                    raise ClientDisconnected("client disconnected while its images were decoded")
-        finally:
-            for job in running:  # those not begun are never decoded
-                job.cancel()
+        return await in_turns(
+            lambda data: loop.run_in_executor(self.decoder, self._prepare_one, data),
+            uploads,
+            window=self.turns,
+            deadline=deadline,
+            is_gone=is_gone,
+            doing=f"its {len(uploads)} images were decoded (model {self.name!r})",
+        )
 
     def _prepare_one(self, data: bytes) -> tuple[Prepared, float]:
         """The upload made ready (or found in the response cache), and the seconds its

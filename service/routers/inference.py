@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from service.dependencies import Pool, read_uploads, request_deadline
 from service.imaging import SUPPORTED_CONTENT_TYPES
 from service.pipelines import AnswerOptions
-from service.runtime import ModelRunner
+from service.runtime import ModelRunner, in_turns
 from service.schemas import (
     UINT64_MAX,
     ClassifyResponse,
@@ -136,9 +136,14 @@ async def _answered(
             finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
             if runner.pipeline.finish_is_light(options):
                 answers = [finish(p, r, options) for p, r in pairs]
-            else:
-                answers = await asyncio.gather(
-                    *(asyncio.to_thread(finish, p, r, options) for p, r in pairs)
+            else:  # a mask at the upload's size each: in turns, as the decoding
+                answers = await in_turns(
+                    lambda pair: asyncio.to_thread(finish, *pair, options),
+                    pairs,
+                    window=runner.turns,
+                    deadline=deadline,
+                    is_gone=request.is_disconnected,
+                    doing=f"its {len(pairs)} answers were made (model {runner.name!r})",
                 )
     return response(model=runner.name, results=list(answers))
 
