@@ -190,6 +190,10 @@ def serve(args: argparse.Namespace) -> int:
             refused=app.state.metrics.connections_refused.inc,
         ),
         loop=settings.event_loop,
+        # No WebSocket route is served: an Upgrade request is answered as plain HTTP (the
+        # route's JSON), never handed to a WebSocket library (wsproto, when installed,
+        # took it and answered an empty 403).
+        ws="none",
         timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
         access_log=False,
         ssl_certfile=settings.tls_certfile,

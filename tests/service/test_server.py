@@ -23,7 +23,7 @@ from service.settings import Settings
 from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode, upload
 from tests.helpers.memory import memory_of
-from tests.helpers.raw_http import connect, read_until_closed, send
+from tests.helpers.raw_http import connect, read_one_answer, read_until_closed, send
 from tests.helpers.references import assert_official_scores
 
 
@@ -332,3 +332,19 @@ def test_decoding_threads_run_at_the_nice_value_asked(classifier_dir, tmp_path, 
     assert 1 <= len(lowered) <= 2  # the decoding threads, started by the requests
     assert after[process.pid] == base  # the event loop's thread keeps its priority
     assert sum(nice == base for nice in after.values()) == len(after) - len(lowered)
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(parser_server) -> None:
+    """No WebSocket route is served, so an Upgrade request gets the route's own JSON
+    answer; before, uvicorn handed it to wsproto (installed beside the test tools), which
+    answered an empty 403 that no route had said."""
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+    for path, status, error in (("/healthz", 200, None), ("/nope", 404, "not_found")):
+        with connect(parser_server.url) as connection:
+            assert send(connection, f"GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n".encode())
+            got, headers, body = read_one_answer(connection)
+        assert got == status and headers["content-type"] == "application/json"
+        assert json.loads(body).get("error") == error
