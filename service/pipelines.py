@@ -135,6 +135,16 @@ class Pipeline(Protocol):
         self, prepared: list[Prepared], results: list[list[Any]], options: AnswerOptions
     ) -> TensorOutputs: ...
 
+    def answers_per_image(self, prepared: list[Prepared]) -> bool:
+        """Whether `output_arrays` would make each image's answer with `finish` (a
+        segmenter's encoded images): the caller may then make them itself, in turns, and
+        have `arrays_of` put them in the output tensors."""
+        ...
+
+    def arrays_of(self, answers: list[Answer]) -> TensorOutputs:
+        """The output tensors of the answers `finish` made, where `answers_per_image`."""
+        ...
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Stable softmax in float64 over the last axis."""
@@ -153,6 +163,12 @@ class _GraphIO:
 
     def finish_is_light(self, options: AnswerOptions) -> bool:
         return False
+
+    def answers_per_image(self, prepared: list[Prepared]) -> bool:
+        return False
+
+    def arrays_of(self, answers: list[Any]) -> TensorOutputs:
+        raise NotImplementedError(f"{type(self).__name__} makes its output arrays whole")
 
     def _image_tensor(self, height: int, width: int) -> ServedTensor:
         """The graph's image input as the host hands it over: RGB pixels, NHWC."""
@@ -323,9 +339,15 @@ class SegmentPipeline(_FittedInput):
     ) -> TensorOutputs:
         """Tiles (`prepare_tensor`, no context): their logits. Encoded images (`prepare`):
         each image's `/segment` answer as a row of `mask_png` and `class_fractions`."""
-        if prepared[0].context is None:
+        if not self.answers_per_image(prepared):
             return super().output_arrays(prepared, results, options)
-        answers = [self.finish(p, r, options) for p, r in zip(prepared, results, strict=True)]
+        pairs = zip(prepared, results, strict=True)
+        return self.arrays_of([self.finish(p, r, options) for p, r in pairs])
+
+    def answers_per_image(self, prepared: list[Prepared]) -> bool:
+        return prepared[0].context is not None  # encoded images, not tiles
+
+    def arrays_of(self, answers: list[SegmentResult]) -> TensorOutputs:
         fractions = np.zeros((len(answers), len(self.manifest.labels)), dtype=np.float32)
         for row, answer in enumerate(answers):
             for present in answer.classes:

@@ -41,7 +41,7 @@ from service.errors import (
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import LOG_SETTINGS, MAX_VERBOSE_LEVEL, log_always, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
-from service.runtime import ModelPool, ModelRunner
+from service.runtime import ModelPool, ModelRunner, in_turns
 from service.schemas import (
     RETRY_AFTER,
     UINT64_MAX,
@@ -619,9 +619,19 @@ async def infer_outputs(
             prepared, deadline=deadline, is_gone=is_gone, times=times, level=level
         )
         with times.measure("compute_output"):
-            answer = await asyncio.to_thread(
-                runner.pipeline.output_arrays, prepared, results, options
-            )
+            pipeline = runner.pipeline
+            if pipeline.answers_per_image(prepared):  # a mask each: in turns, as /segment
+                answers = await in_turns(
+                    lambda pair: asyncio.to_thread(pipeline.finish, *pair, options),
+                    list(zip(prepared, results, strict=True)),
+                    window=runner.turns,
+                    deadline=deadline,
+                    is_gone=is_gone,
+                    doing=f"its {len(prepared)} answers were made (model {runner.name!r})",
+                )
+                answer = pipeline.arrays_of(answers)
+            else:
+                answer = await asyncio.to_thread(pipeline.output_arrays, prepared, results, options)
             return _outputs(runner, parsed, answer)
 
 

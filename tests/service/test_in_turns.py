@@ -8,6 +8,7 @@ made this way. The real-server decoding cases are in test_decode_bounds.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -129,3 +130,43 @@ async def test_segment_answers_are_made_in_turns_and_stop_at_the_deadline() -> N
     assert answered - asked < 2.0
     assert len(made) < 8
     assert sum(t > answered for t in made) <= 2
+
+
+async def test_v2_segment_answers_are_made_in_turns_too() -> None:
+    """The same over v2, a segmenter's encoded-image tensor of 8 images: 504 once the
+    deadline has passed (before, the 8 masks were made in one thread call whatever it)."""
+    from tests.helpers.images import encode
+
+    async with serving([bundle_dir("segment")], decode_threads=2) as client:
+        pipeline = client.app.state.pool.runners["shapes_segment"].pipeline
+        made, lock, real = [], threading.Lock(), pipeline.finish
+
+        def slow_finish(prepared, results, options):
+            time.sleep(0.3)
+            with lock:
+                made.append(time.monotonic())
+            return real(prepared, results, options)
+
+        pipeline.finish = slow_finish
+        images = [encode(np.full((64, 96, 3), 30 * n, dtype=np.uint8), "PNG") for n in range(8)]
+        body = {
+            "parameters": {"timeout": 1_000_000},  # microseconds
+            "inputs": [{"name": "encoded_image", "datatype": "BYTES", "shape": [8, 1],
+                        "parameters": {"binary_data_size": 0}}],
+        }  # fmt: skip
+        binary = b"".join(len(i).to_bytes(4, "little") + i for i in images)
+        body["inputs"][0]["parameters"]["binary_data_size"] = len(binary)
+        header = json.dumps(body).encode()
+        asked = time.monotonic()
+        answer = await client.post(
+            "/v2/models/shapes_segment/infer",
+            content=header + binary,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+            timeout=30,
+        )
+        answered = time.monotonic()
+        await asyncio.sleep(0.8)
+    assert answer.status_code == 504, answer.text[:300]
+    assert "deadline passed while its 8 answers were made" in answer.json()["error"]
+    assert answered - asked < 2.0
+    assert len(made) < 8 and sum(t > answered for t in made) <= 2
