@@ -45,7 +45,7 @@ from service.errors import (
 from service.imaging import decode_image, draft_size
 from service.memory import LARGE_IMAGE_PIXELS, MemoryReleaser
 from service.metrics import ServiceMetrics
-from service.pipelines import Pipeline, Prepared, pipeline_for
+from service.pipelines import Answer, AnswerOptions, Pipeline, Prepared, pipeline_for
 from service.schemas import UINT64_MAX, BatchSettings, ModelInfo
 from service.settings import Settings, bundle_name
 from service.statistics import ModelStatistics, RequestTimes
@@ -373,6 +373,29 @@ class ModelRunner:
             deadline=deadline,
             is_gone=is_gone,
             doing=f"its {len(uploads)} images were decoded (model {self.name!r})",
+        )
+
+    async def answers(
+        self,
+        prepared: Sequence[Prepared],
+        results: Sequence[list[Any]],
+        options: AnswerOptions,
+        *,
+        deadline: float,
+        is_gone: batching.IsGone | None,
+    ) -> list[Answer]:
+        """Each image's answer, `pipeline.finish` off the event loop, in turns as the
+        decoding (`in_turns`): a segmenter's or detector's mask at the upload's size each,
+        none begun once the deadline passes or the client goes. Before, all of a
+        request's were handed to threads at once and made whatever the deadline."""
+        finish = self.pipeline.finish
+        return await in_turns(
+            lambda pair: asyncio.to_thread(finish, *pair, options),
+            list(zip(prepared, results, strict=True)),
+            window=self.turns,
+            deadline=deadline,
+            is_gone=is_gone,
+            doing=f"its {len(prepared)} answers were made (model {self.name!r})",
         )
 
     def _prepare_one(self, data: bytes) -> tuple[Prepared, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from service.dependencies import Pool, read_uploads, request_deadline
 from service.imaging import SUPPORTED_CONTENT_TYPES
 from service.pipelines import AnswerOptions
-from service.runtime import ModelRunner, in_turns
+from service.runtime import ModelRunner
 from service.schemas import (
     UINT64_MAX,
     ClassifyResponse,
@@ -133,17 +132,12 @@ async def _answered(
             prepared, deadline=deadline, is_gone=request.is_disconnected, times=times, level=level
         )
         with times.measure("compute_output"):
-            finish, pairs = runner.pipeline.finish, list(zip(prepared, results, strict=True))
-            if runner.pipeline.finish_is_light(options):
-                answers = [finish(p, r, options) for p, r in pairs]
-            else:  # a mask at the upload's size each: in turns, as the decoding
-                answers = await in_turns(
-                    lambda pair: asyncio.to_thread(finish, *pair, options),
-                    pairs,
-                    window=runner.turns,
-                    deadline=deadline,
-                    is_gone=request.is_disconnected,
-                    doing=f"its {len(pairs)} answers were made (model {runner.name!r})",
+            if runner.pipeline.finish_is_light(options):  # on the event loop
+                finish = runner.pipeline.finish
+                answers = [finish(p, r, options) for p, r in zip(prepared, results, strict=True)]
+            else:
+                answers = await runner.answers(
+                    prepared, results, options, deadline=deadline, is_gone=request.is_disconnected
                 )
     return response(model=runner.name, results=list(answers))
 

@@ -41,7 +41,7 @@ from service.errors import (
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
 from service.logs import LOG_SETTINGS, MAX_VERBOSE_LEVEL, log_always, log_switches
 from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutputs
-from service.runtime import ModelPool, ModelRunner, in_turns
+from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
     UINT64_MAX,
@@ -621,13 +621,8 @@ async def infer_outputs(
         with times.measure("compute_output"):
             pipeline = runner.pipeline
             if pipeline.answers_per_image(prepared):  # a mask each: in turns, as /segment
-                answers = await in_turns(
-                    lambda pair: asyncio.to_thread(pipeline.finish, *pair, options),
-                    list(zip(prepared, results, strict=True)),
-                    window=runner.turns,
-                    deadline=deadline,
-                    is_gone=is_gone,
-                    doing=f"its {len(prepared)} answers were made (model {runner.name!r})",
+                answers = await runner.answers(
+                    prepared, results, options, deadline=deadline, is_gone=is_gone
                 )
                 answer = pipeline.arrays_of(answers)
             else:

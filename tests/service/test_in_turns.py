@@ -102,26 +102,36 @@ async def test_a_departed_client_stops_it_before_the_next_item_starts() -> None:
     assert items.started == [0, 1, 2] and asked == [1, 2, 3]
 
 
+SLOW_MASK_S = 0.3
+IMAGES = [np.full((64, 96, 3), 30 * n, dtype=np.uint8) for n in range(8)]
+
+
+def _masks_made_slowly(client) -> list[float]:
+    """The demo segmenter's masks made in SLOW_MASK_S each; the list gets the time each
+    is done."""
+    pipeline = client.app.state.pool.runners["shapes_segment"].pipeline
+    made, lock, real = [], threading.Lock(), pipeline.finish
+
+    def slow_finish(prepared, results, options):
+        time.sleep(SLOW_MASK_S)
+        with lock:
+            made.append(time.monotonic())
+        return real(prepared, results, options)
+
+    pipeline.finish = slow_finish
+    return made
+
+
 async def test_segment_answers_are_made_in_turns_and_stop_at_the_deadline() -> None:
     """Each mask made in 0.3 s (a stand-in for a photograph's at 36 megapixels, about 2
     s): 8 images with a 1 s deadline are answered 504 once it passes, and at most the two
     begun then are made after it (before, all 8 were handed to threads at once after the
     engine and made whatever the deadline)."""
     async with serving([bundle_dir("segment")], decode_threads=2) as client:
-        pipeline = client.app.state.pool.runners["shapes_segment"].pipeline
-        made, lock, real = [], threading.Lock(), pipeline.finish
-
-        def slow_finish(prepared, results, options):
-            time.sleep(0.3)
-            with lock:
-                made.append(time.monotonic())
-            return real(prepared, results, options)
-
-        pipeline.finish = slow_finish
-        images = [np.full((64, 96, 3), 30 * n, dtype=np.uint8) for n in range(8)]
+        made = _masks_made_slowly(client)
         asked = time.monotonic()
         answer = await client.post(
-            "/segment", params={"timeout_ms": 1000}, files=uploads(images), timeout=30
+            "/segment", params={"timeout_ms": 1000}, files=uploads(IMAGES), timeout=30
         )
         answered = time.monotonic()
         await asyncio.sleep(0.8)  # those begun finish
@@ -138,17 +148,8 @@ async def test_v2_segment_answers_are_made_in_turns_too() -> None:
     from tests.helpers.images import encode
 
     async with serving([bundle_dir("segment")], decode_threads=2) as client:
-        pipeline = client.app.state.pool.runners["shapes_segment"].pipeline
-        made, lock, real = [], threading.Lock(), pipeline.finish
-
-        def slow_finish(prepared, results, options):
-            time.sleep(0.3)
-            with lock:
-                made.append(time.monotonic())
-            return real(prepared, results, options)
-
-        pipeline.finish = slow_finish
-        images = [encode(np.full((64, 96, 3), 30 * n, dtype=np.uint8), "PNG") for n in range(8)]
+        made = _masks_made_slowly(client)
+        images = [encode(image, "PNG") for image in IMAGES]
         body = {
             "parameters": {"timeout": 1_000_000},  # microseconds
             "inputs": [{"name": "encoded_image", "datatype": "BYTES", "shape": [8, 1],
