@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hornet_bundle import Bundle
 from service import __version__
-from service.auth import ApiKeyMiddleware, KeyRing, advertise_api_keys
+from service.auth import PROBE_PATHS, ApiKeyMiddleware, KeyRing, advertise_api_keys
 from service.cors import CorsMiddleware
 from service.engines import create_engine
 from service.errors import ServiceError, error_body
@@ -105,6 +106,25 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     advertise_api_keys(app, keys.enabled, settings.protect_probes)
     return app
+
+
+def probes_only(app: ASGIApp) -> ASGIApp:
+    """`app` as --metrics-port serves it: /metrics and the health probes go to the app,
+    through all its middleware (API keys with --protect-probes, request ids, metrics);
+    any other path is answered 404 here, so the port serves nothing else."""
+    served = ", ".join(sorted(PROBE_PATHS))
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
+            path = scope["path"]
+            detail = f"{path} is not served on the metrics port (it serves {served})"
+            answer = JSONResponse(error_body(path, "not_found", detail), 404)
+            # a body sent with it is not read: the connection closes after the answer
+            await CloseUnreadBodyMiddleware(answer)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return serve
 
 
 def _retrieve_exception(task: asyncio.Task) -> None:

@@ -29,7 +29,7 @@ from hornet_cli import Command
 from service import thread_names
 from service.cpus import available_cpus
 from service.flags import add_settings_flags, given_settings
-from service.http_protocol import protocol_class
+from service.http_protocol import PortConnections, protocol_class
 from service.logs import configure_logging
 from service.memory import configure_allocator, configure_image_cache
 from service.settings import DEMO_BUNDLES_DIR, Settings
@@ -37,7 +37,10 @@ from service.settings import DEMO_BUNDLES_DIR, Settings
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from starlette.types import ASGIApp
+
     from hornet_bundle import Bundle
+    from service.metrics import ServiceMetrics
     from service.runtime import ModelPool
 
 log = logging.getLogger("hornet.service")
@@ -86,7 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     # The app (FastAPI, the engines) is imported here, so building the `hornet` parser
     # for another subcommand does not pay for it.
     from hornet_bundle import BundleError, load_bundle
-    from service.app import create_app
+    from service.app import create_app, probes_only
 
     given = given_settings(args)
     check = given.pop("check", False)
@@ -175,35 +178,24 @@ def serve(args: argparse.Namespace) -> int:
     thread_names.name_library_threads()
     thread_names.set_current(thread_names.SERVE)
     app = create_app(settings, bundles=bundles)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        # Never uvicorn's own protocols: its httptools one buffers a request head of any
-        # size, and neither times a head out (service.http_protocol).
-        http=protocol_class(
-            settings.http_parser,
-            settings.client_timeout_s,
-            settings.max_connections,
-            refused=app.state.metrics.connections_refused.inc,
-        ),
-        loop=settings.event_loop,
-        # No WebSocket route is served: an Upgrade request is answered as plain HTTP (the
-        # route's JSON), never handed to a WebSocket library (wsproto, when installed,
-        # took it and answered an empty 403).
-        ws="none",
-        timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
-        access_log=False,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
+    metrics = app.state.metrics
+    config = _http_config(settings, app, metrics, "api")
+    metrics_config = (
+        _http_config(settings, probes_only(app), metrics, "metrics")
+        if settings.metrics_port
+        else None
     )
     server = _DrainingServer(
-        config, app.state.pool, settings.drain_timeout_s, settings.exit_on_load_error
+        config,
+        app.state.pool,
+        settings.drain_timeout_s,
+        settings.exit_on_load_error,
+        metrics_config,
     )
-    app.state.metrics.http_connections.set_function(lambda: len(server.server_state.connections))
     server.run()
+    if server.metrics_port_failed:
+        print(f"hornet serve: {server.metrics_port_failed}", file=sys.stderr)
+        return 1
     if server.load_failed:
         print(
             f"hornet serve: model loading failed: {app.state.pool.load_error} "
@@ -215,6 +207,36 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hornet serve: {app.state.pool.engine_failure}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+def _http_config(
+    settings: Settings, app: ASGIApp, metrics: ServiceMetrics, listener: str
+) -> uvicorn.Config:
+    """uvicorn's configuration of one HTTP port (`listener`: "api", --port, or "metrics",
+    --metrics-port), its connections counted and bounded on their own."""
+    connections = PortConnections(
+        settings.max_connections, metrics.connections_refused.labels(listener).inc, listener
+    )
+    metrics.http_connections.labels(listener).set_function(lambda: len(connections.open))
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port if listener == "api" else settings.metrics_port,
+        log_config=None,
+        log_level=settings.log_level,
+        # Never uvicorn's own protocols: its httptools one buffers a request head of any
+        # size, and neither times a head out (service.http_protocol).
+        http=protocol_class(settings.http_parser, settings.client_timeout_s, connections),
+        loop=settings.event_loop,
+        # No WebSocket route is served: an Upgrade request is answered as plain HTTP (the
+        # route's JSON), never handed to a WebSocket library (wsproto, when installed,
+        # took it and answered an empty 403).
+        ws="none",
+        timeout_graceful_shutdown=settings.drain_timeout_s + _LAST_RESPONSES_S,
+        access_log=False,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+    )
 
 
 async def _check(settings: Settings, bundles: Sequence[Bundle]) -> int:
@@ -325,12 +347,15 @@ class _DrainingServer(uvicorn.Server):
         pool: ModelPool,
         drain_timeout_s: float = 10.0,
         exit_on_load_error: bool = False,
+        metrics_config: uvicorn.Config | None = None,
     ) -> None:
         super().__init__(config)
         self._pool = pool
         self._drain_timeout_s = drain_timeout_s
         self._exit_on_load_error = exit_on_load_error
+        self._metrics_config = metrics_config
         self.load_failed = False
+        self.metrics_port_failed: str | None = None
 
     async def on_tick(self, counter: int) -> bool:
         """Checked by uvicorn's main loop every 0.1 s: True shuts the server down."""
@@ -351,10 +376,42 @@ class _DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
-            bound = [s.getsockname()[1] for server in self.servers for s in server.sockets]
-            url = page_url(self.config, bound[0] if bound else None)
-            log.info(f"try the models in a browser: {url}", extra={"url": url})
+        if not self.started:
+            return
+        bound = [s.getsockname()[1] for server in self.servers for s in server.sockets]
+        if self._metrics_config is not None:
+            await self._listen_for_metrics(self._metrics_config)
+            if self.metrics_port_failed:
+                return
+        url = page_url(self.config, bound[0] if bound else None)
+        log.info(f"try the models in a browser: {url}", extra={"url": url})
+
+    async def _listen_for_metrics(self, config: uvicorn.Config) -> None:
+        """--metrics-port: a second listener of this server (uvicorn's shutdown closes it
+        and its connections with the API port's), its own protocol class and app."""
+        config.load()
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+
+        try:
+            listener = await loop.create_server(
+                protocol, host=config.host, port=config.port, ssl=config.ssl, backlog=config.backlog
+            )
+        except OSError as exc:
+            self.metrics_port_failed = f"--metrics-port {config.port}: {exc}"
+            log.error("the metrics port cannot be served", extra={"error": str(exc)})
+            self.should_exit = True
+            return
+        self.servers.append(listener)
+        port = listener.sockets[0].getsockname()[1]
+        log.info("metrics and probes served on their own port", extra={"port": port})
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._pool.close_within(self._drain_timeout_s)

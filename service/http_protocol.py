@@ -29,9 +29,10 @@ and a JSON body if part of a head came, silently if nothing did.
 Nor do they bound the connections open at once: each costs the server about 7 KiB
 (measured: 5000 idle ones grew it by 34 MB) and a descriptor, and a client that opens
 them from many addresses faster than the head clock closes them would grow the server
-without limit. Past `max_connections` open (`--max-connections`), a new connection is
-answered 503 with Retry-After and a JSON body and closed as it opens, before a byte of
-it is read: it never becomes one of uvicorn's connections. Over TLS a connection counts
+without limit. Past `--max-connections` open on its port (each port, the API's and
+--metrics-port's, counts its own: `PortConnections`), a new connection is answered 503
+with Retry-After and a JSON body and closed as it opens, before a byte of it is read: it
+never becomes one of uvicorn's connections. Over TLS a connection counts
 once its handshake is done (asyncio's handshake timeout, 60 s, bounds those before).
 """
 
@@ -75,15 +76,24 @@ def _json_response(status_line: bytes, code: str, detail: str, headers: bytes = 
     )
 
 
-class _Refusals:
-    """Connections refused for --max-connections: counted (`counted`, the metric), and
-    logged at most once in REFUSALS_LOGGED_EVERY_S with how many since the last line."""
+class PortConnections:
+    """One port's open HTTP connections (`open`; each port counts its own, so a flood of
+    one leaves the other's places free) and its --max-connections (`limit`, 0: none):
+    those refused are counted (`counted`, the metric) and logged at most once in
+    REFUSALS_LOGGED_EVERY_S with how many since the last line."""
 
-    def __init__(self, limit: int, counted: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, limit: int, counted: Callable[[], None] | None = None, listener: str = "api"
+    ) -> None:
         self.limit = limit
         self.counted = counted
+        self.listener = listener
+        self.open: set[asyncio.Protocol] = set()
         self.unlogged = 0
         self.logged_at = float("-inf")
+
+    def full(self) -> bool:
+        return bool(self.limit) and len(self.open) >= self.limit
 
     def refused(self) -> None:
         if self.counted is not None:
@@ -92,38 +102,43 @@ class _Refusals:
         now = time.monotonic()
         if now - self.logged_at >= REFUSALS_LOGGED_EVERY_S:
             log.warning(
-                "connections refused: the server holds --max-connections open connections",
-                extra={"refused": self.unlogged, "max_connections": self.limit},
+                f"connections refused: the {self.listener} port holds --max-connections open "
+                "connections",
+                extra={
+                    "refused": self.unlogged,
+                    "max_connections": self.limit,
+                    "listener": self.listener,
+                },
             )
             self.unlogged = 0
             self.logged_at = now
 
 
 class _ConnectionLimit:
-    """For uvicorn's HTTP protocols: a connection opening while `refusals.limit` are open
-    is answered 503 and closed at once, and never joins uvicorn's connections (so none of
-    the protocol's state is made for it). No limit where `refusals` is None."""
+    """For uvicorn's HTTP protocols: a connection opening while its port holds
+    `port_connections.limit` is answered 503 and closed at once, and never joins
+    uvicorn's connections (so none of the protocol's state is made for it)."""
 
-    refusals: _Refusals | None = None
-    connections: set
+    port_connections: PortConnections
     _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        limits = self.refusals
-        if limits is not None and len(self.connections) >= limits.limit:
+        port = self.port_connections
+        if port.full():
             self._refused = True
             transport.write(
                 _json_response(
                     b"HTTP/1.1 503 Service Unavailable\r\n",
                     "too_many_connections",
-                    f"the server holds its {limits.limit} open connections "
+                    f"this port of the server holds its {port.limit} open connections "
                     "(--max-connections); try again, or reuse a connection",
                     headers=b"retry-after: 1\r\n",
                 )
             )
             transport.close()
-            limits.refused()
+            port.refused()
             return
+        port.open.add(self)  # type: ignore[arg-type]
         super().connection_made(transport)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
@@ -136,6 +151,7 @@ class _ConnectionLimit:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._refused:
+            self.port_connections.open.discard(self)  # type: ignore[arg-type]
             super().connection_lost(exc)  # type: ignore[misc]
 
     def pause_writing(self) -> None:
@@ -280,15 +296,13 @@ class BoundedHttpToolsProtocol(_ConnectionLimit, _HeadClock, HttpToolsProtocol):
 
 
 def protocol_class(
-    parser: str,
-    client_timeout_s: float,
-    max_connections: int = 0,
-    refused: Callable[[], None] | None = None,
+    parser: str, client_timeout_s: float, connections: PortConnections | None = None
 ) -> type:
-    """The uvicorn protocol class for `parser` ("httptools" or "h11"), its head clock and
-    its connection limit set (0: none; `refused` is called for each connection refused)."""
+    """The uvicorn protocol class for `parser` ("httptools" or "h11") with its head clock,
+    for one port: its `connections` (by default, no limit)."""
     base = BoundedHttpToolsProtocol if parser == "httptools" else BoundedH11Protocol
-    refusals = _Refusals(max_connections, refused) if max_connections else None
-    return type(
-        base.__name__, (base,), {"client_timeout_s": client_timeout_s, "refusals": refusals}
-    )
+    attributes = {
+        "client_timeout_s": client_timeout_s,
+        "port_connections": connections or PortConnections(0),
+    }
+    return type(base.__name__, (base,), attributes)

@@ -136,12 +136,16 @@ class ServiceMetrics:
         )
         self.http_connections = Gauge(
             "hornet_http_connections",
-            "HTTP connections open (at most --max-connections)",
+            "HTTP connections open, by listener (api: --port, metrics: --metrics-port; each "
+            "at most --max-connections)",
+            ["listener"],
             registry=self.registry,
         )
         self.connections_refused = Counter(
             "hornet_connections_refused",
-            "HTTP connections answered 503 and closed as they opened: --max-connections were open",
+            "HTTP connections answered 503 and closed as they opened, by listener: its port "
+            "held --max-connections",
+            ["listener"],
             registry=self.registry,
         )
         self.upload_buffer = Gauge(

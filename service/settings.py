@@ -186,6 +186,16 @@ class Settings(BaseSettings):
         description="also serve the KServe v2 protocol over gRPC on this port, on the same "
         "host (Triton's clients: 8001); 0: no gRPC",
     )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="also serve /metrics and the health probes (/healthz, /readyz, "
+        "/v2/health/live, /v2/health/ready), and nothing else, on this port of the same host, "
+        "with its own --max-connections: the kubelet's probes and Prometheus' scrapes get "
+        "through while the API port holds all its connections (Triton's metrics port: "
+        "8002); 0: none",
+    )
     engine: Literal["onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "onnxruntime",
         description="onnxruntime, openvino (CPU; fp32 or bf16), tensorrt (the bundle's native "
@@ -585,6 +595,17 @@ class Settings(BaseSettings):
                 "protect_probes needs API keys to check: give --api-key-file "
                 "(HORNET_API_KEY_FILE) or HORNET_API_KEYS"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        ports = {"--port": self.port, "--grpc-port": self.grpc_port}
+        ports["--metrics-port"] = self.metrics_port  # 0: any (--port) or none
+        taken: dict[int, str] = {}
+        for flag, port in ports.items():
+            if port and port in taken:
+                raise ValueError(f"{taken[port]} and {flag} are both {port}: give each its own")
+            taken.setdefault(port, flag)
         return self
 
     @model_validator(mode="after")

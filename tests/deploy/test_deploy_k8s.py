@@ -134,11 +134,17 @@ def _config(objects: list[dict]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("kustomization", SERVING)
-def test_probes_use_readyz_and_healthz_on_the_configured_port(kustomization: str, rendered):
+def test_probes_and_scrapes_use_the_metrics_port(kustomization: str, rendered):
+    """The kubelet's probes and Prometheus' annotation go to HORNET_METRICS_PORT, which
+    the container declares as `metrics` and the Service does not forward: a flood of the
+    API port's connections does not fail them (docs/limits.md)."""
     objects = rendered(kustomization)
-    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    config = _config(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]
+    server = _container(pod["spec"], "hornet-serve")
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports["http"] == int(_config(objects)["HORNET_PORT"])
+    assert ports["http"] == int(config["HORNET_PORT"])
+    assert ports["metrics"] == int(config["HORNET_METRICS_PORT"]) != ports["http"]
     probes = {
         kind: server[kind]["httpGet"]
         for kind in ("startupProbe", "readinessProbe", "livenessProbe")
@@ -148,7 +154,12 @@ def test_probes_use_readyz_and_healthz_on_the_configured_port(kustomization: str
         "readinessProbe": "/readyz",
         "livenessProbe": "/healthz",
     }
-    assert all(p["port"] in ("http", ports["http"]) for p in probes.values())
+    assert all(p["port"] in ("metrics", ports["metrics"]) for p in probes.values())
+    annotations = pod["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    forwarded = {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert not forwarded & {"metrics", ports["metrics"]}
 
 
 @pytest.mark.parametrize("kustomization", SERVING)
