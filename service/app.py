@@ -34,6 +34,7 @@ from service.middleware import (
 from service.routers import health, inference, models, page, v2
 from service.runtime import ClientDisconnected, EngineFactory, ModelPool
 from service.settings import Settings
+from service.tls import ServedCertificate
 
 log = logging.getLogger("hornet.service")
 
@@ -56,6 +57,16 @@ def create_app(
     uploads = UploadBuffer(settings.upload_buffer_bytes, metrics.upload_buffer)
     # The API keys, REST and gRPC together; the key file read again when it changes.
     keys = KeyRing(settings.api_keys, settings.api_key_file)
+    # The TLS pair, HTTP and gRPC together; read again when its files change.
+    certificate = (
+        ServedCertificate(
+            settings.tls_certfile,
+            settings.tls_keyfile,
+            lambda outcome: metrics.tls_certificate_reloads.labels(outcome).inc(),
+        )
+        if settings.tls_certfile is not None
+        else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,7 +74,7 @@ def create_app(
         loading.add_done_callback(_retrieve_exception)
         releasing = asyncio.create_task(pool.releaser.run())
         grpc_server = (
-            await start_grpc_server(pool, settings, metrics, uploads, keys)
+            await start_grpc_server(pool, settings, metrics, uploads, keys, certificate)
             if settings.grpc_port
             else None
         )
@@ -88,6 +99,7 @@ def create_app(
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
+    app.state.certificate = certificate
     routers = (health.router, models.router, inference.router, v2.router, page.router)
     for router in routers:
         app.include_router(router)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from hornet_bundle import Bundle
     from service.metrics import ServiceMetrics
     from service.runtime import ModelPool
+    from service.tls import ServedCertificate
 
 log = logging.getLogger("hornet.service")
 
@@ -191,10 +192,12 @@ def serve(args: argparse.Namespace) -> int:
         settings.drain_timeout_s,
         settings.exit_on_load_error,
         metrics_config,
+        app.state.certificate,
+        settings.client_timeout_s,
     )
     server.run()
-    if server.metrics_port_failed:
-        print(f"hornet serve: {server.metrics_port_failed}", file=sys.stderr)
+    if server.listen_failed:
+        print(f"hornet serve: {server.listen_failed}", file=sys.stderr)
         return 1
     if server.load_failed:
         print(
@@ -348,14 +351,18 @@ class _DrainingServer(uvicorn.Server):
         drain_timeout_s: float = 10.0,
         exit_on_load_error: bool = False,
         metrics_config: uvicorn.Config | None = None,
+        certificate: ServedCertificate | None = None,
+        handshake_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(config)
         self._pool = pool
         self._drain_timeout_s = drain_timeout_s
         self._exit_on_load_error = exit_on_load_error
         self._metrics_config = metrics_config
+        self._certificate = certificate
+        self._handshake_timeout_s = handshake_timeout_s
         self.load_failed = False
-        self.metrics_port_failed: str | None = None
+        self.listen_failed: str | None = None
 
     async def on_tick(self, counter: int) -> bool:
         """Checked by uvicorn's main loop every 0.1 s: True shuts the server down."""
@@ -375,21 +382,30 @@ class _DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        # uvicorn starts the app's lifespan (the models begin loading) and its state; the
+        # listeners are made here, where a TLS handshake gets a time limit.
+        await super().startup(sockets=[])
         if not self.started:
             return
-        bound = [s.getsockname()[1] for server in self.servers for s in server.sockets]
+        listeners = [(self.config, "--port")]
         if self._metrics_config is not None:
-            await self._listen_for_metrics(self._metrics_config)
-            if self.metrics_port_failed:
+            listeners.append((self._metrics_config, "--metrics-port"))
+        for config, flag in listeners:
+            if not await self._listen(config, flag):
                 return
-        url = page_url(self.config, bound[0] if bound else None)
+        url = page_url(self.config, self.servers[0].sockets[0].getsockname()[1])
         log.info(f"try the models in a browser: {url}", extra={"url": url})
 
-    async def _listen_for_metrics(self, config: uvicorn.Config) -> None:
-        """--metrics-port: a second listener of this server (uvicorn's shutdown closes it
-        and its connections with the API port's), its own protocol class and app."""
-        config.load()
+    async def _listen(self, config: uvicorn.Config, flag: str) -> bool:
+        """Listen on `config`'s port with its protocol class and app (uvicorn's shutdown
+        closes the listener and its connections). Over TLS a connection's handshake must
+        end within --client-timeout-s (asyncio's default is 60 s): until it has, the
+        connection is not yet one that --max-connections counts, and holds about 60 KiB
+        of the server's memory. False, logged and the server stopping, where the port
+        cannot be had."""
+        if not config.loaded:
+            config.load()
+        self._follow_certificate(config)
         loop = asyncio.get_running_loop()
 
         def protocol() -> asyncio.Protocol:
@@ -402,16 +418,29 @@ class _DrainingServer(uvicorn.Server):
 
         try:
             listener = await loop.create_server(
-                protocol, host=config.host, port=config.port, ssl=config.ssl, backlog=config.backlog
+                protocol,
+                host=config.host,
+                port=config.port,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self._handshake_timeout_s if config.ssl else None,
             )
         except OSError as exc:
-            self.metrics_port_failed = f"--metrics-port {config.port}: {exc}"
-            log.error("the metrics port cannot be served", extra={"error": str(exc)})
+            self.listen_failed = f"{flag} {config.port}: {exc}"
+            log.error(f"cannot listen on {flag}", extra={"error": str(exc)})
             self.should_exit = True
-            return
+            return False
         self.servers.append(listener)
-        port = listener.sockets[0].getsockname()[1]
-        log.info("metrics and probes served on their own port", extra={"port": port})
+        host, port = listener.sockets[0].getsockname()[:2]
+        scheme = "https" if config.ssl else "http"
+        served = "the API" if flag == "--port" else "/metrics and the probes"
+        log.info(f"listening: {served}", extra={"url": f"{scheme}://{host}:{port}"})
+        return True
+
+    def _follow_certificate(self, config: uvicorn.Config) -> None:
+        """A TLS listener's new handshakes get the certificate read last (service.tls)."""
+        if self._certificate is not None and config.ssl is not None:
+            self._certificate.serve_on(config.ssl)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._pool.close_within(self._drain_timeout_s)

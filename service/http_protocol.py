@@ -32,8 +32,8 @@ them from many addresses faster than the head clock closes them would grow the s
 without limit. Past `--max-connections` open on its port (each port, the API's and
 --metrics-port's, counts its own: `PortConnections`), a new connection is answered 503
 with Retry-After and a JSON body and closed as it opens, before a byte of it is read: it
-never becomes one of uvicorn's connections. Over TLS a connection counts
-once its handshake is done (asyncio's handshake timeout, 60 s, bounds those before).
+never becomes one of uvicorn's connections. Over TLS a connection counts once its
+handshake is done, which must be within --client-timeout-s (service.cli's listeners).
 """
 
 from __future__ import annotations

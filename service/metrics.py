@@ -148,6 +148,14 @@ class ServiceMetrics:
             ["listener"],
             registry=self.registry,
         )
+        self.tls_certificate_reloads = Counter(
+            "hornet_tls_certificate_reloads",
+            "changes of the --tls-certfile/--tls-keyfile files read while serving, by "
+            "outcome: success (new connections are served the new pair), failure (it did not "
+            "load: the pair read last is still served)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.upload_buffer = Gauge(
             "hornet_upload_buffer_bytes",
             "bytes of request bodies reserved by requests in progress",

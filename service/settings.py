@@ -338,8 +338,9 @@ class Settings(BaseSettings):
         gt=0,
         description="longest wait for a client: for a request's head (from the connection's "
         "opening or its last answer) and for each next piece of a body; past it: 408, "
-        "connection closed. gRPC: for a unary call's message and a connection's first "
-        "frames; a stream idle this long may be ended for a new one when all are taken",
+        "connection closed. With TLS: for a connection's handshake. gRPC: for a unary "
+        "call's message and a connection's first frames; a stream idle this long may be "
+        "ended for a new one when all are taken",
     )
     max_pixels: Annotated[int, Flag(metavar="P")] = Field(
         40_000_000, ge=1, description="larger images (checked before decoding): 413"

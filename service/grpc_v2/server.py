@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
@@ -51,6 +50,7 @@ from service.middleware import UploadBuffer, record_request
 from service.routers import v2
 from service.runtime import ModelPool, ModelRunner
 from service.settings import Settings
+from service.tls import ServedCertificate
 
 log = logging.getLogger("hornet.service.grpc")
 
@@ -763,10 +763,11 @@ async def start_server(
     metrics: ServiceMetrics,
     uploads: UploadBuffer,
     keys: KeyRing,
+    certificate: ServedCertificate | None = None,
 ) -> grpc.aio.Server:
-    """The gRPC service listening on --host:--grpc-port (TLS with the HTTPS certificate);
-    `uploads` is the budget for request bodies and `keys` the API keys, which the REST
-    routes share."""
+    """The gRPC service listening on --host:--grpc-port (TLS with the HTTPS `certificate`,
+    read again as its files change); `uploads` is the budget for request bodies and
+    `keys` the API keys, which the REST routes share."""
     calls = _Calls(InferenceService(pool, settings), settings, metrics, uploads, keys)
     server = grpc.aio.server(
         options=[
@@ -803,31 +804,31 @@ async def start_server(
         ]
     )
     address = f"{settings.host}:{settings.grpc_port}"
-    if settings.tls_certfile is not None:
-        bound = server.add_secure_port(address, _credentials(settings))
+    if certificate is not None:
+        bound = server.add_secure_port(address, _credentials(certificate))
     else:
         bound = server.add_insecure_port(address)
     if not bound:
         raise RuntimeError(f"gRPC could not listen on {address}")
     await server.start()
-    log.info("gRPC listening", extra={"address": address, "tls": settings.tls_certfile is not None})
+    log.info("gRPC listening", extra={"address": address, "tls": certificate is not None})
     return server
 
 
-def _credentials(settings: Settings) -> grpc.ServerCredentials:
-    """The HTTPS certificate and key (PEM; the key in the certificate's file when no
-    --tls-keyfile), as gRPC server credentials."""
-    assert settings.tls_certfile is not None
-    chain = settings.tls_certfile.read_bytes()
-    keyfile = settings.tls_keyfile or settings.tls_certfile
-    key = b"".join(
-        block
-        for block in re.findall(
-            rb"-----BEGIN [^-]*-----.*?-----END [^-]*-----\s*", keyfile.read_bytes(), re.S
-        )
-        if b"PRIVATE KEY" in block.split(b"\n", 1)[0]
+def _credentials(certificate: ServedCertificate) -> grpc.ServerCredentials:
+    """The HTTPS certificate and key as gRPC server credentials that follow the files: gRPC
+    asks the fetcher before each new connection's handshake, and it answers the pair read
+    last where that is newer than the one gRPC has (None: keep it)."""
+    served, key, chain = certificate.grpc_pair()
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
+        generation, key, chain = certificate.grpc_pair()
+        if generation == served:
+            return None
+        served = generation
+        return grpc.ssl_server_certificate_configuration([(key, chain)])
+
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key, chain)]), fetch
     )
-    certificates = b"".join(
-        re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\s*", chain, re.S)
-    )
-    return grpc.ssl_server_credentials([(key, certificates)])

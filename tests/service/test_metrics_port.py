@@ -162,21 +162,23 @@ def test_api_keys_apply_on_the_metrics_port_as_on_the_api_port(
         assert httpx.get(f"{metrics_url}/v1/models", headers=keyed).status_code == 404
 
 
-def test_a_metrics_port_in_use_stops_the_server(classifier_dir: Path) -> None:
+@pytest.mark.parametrize("taken_flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_stops_the_server(classifier_dir: Path, taken_flag: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        api_port = free_port()
+        ports = {"--port": free_port(), "--metrics-port": free_port()}
+        ports[taken_flag] = taken.getsockname()[1]
         command = [sys.executable, "-m", "service", "--model-dir", str(classifier_dir)]
-        command += ["--port", str(api_port), "--metrics-port", str(port)]
+        command += [str(part) for flag_port in ports.items() for part in flag_port]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert f"hornet serve: --metrics-port {port}: " in done.stderr
+    assert f"hornet serve: {taken_flag} {ports[taken_flag]}: " in done.stderr
     assert "address already in use" in done.stderr
     assert "try the models in a browser" not in done.stderr  # it never said it was up
-    with socket.socket() as again:  # the API port was let go with the process
-        again.bind(("127.0.0.1", api_port))
+    for port in ports.values():  # the other port was let go with the process
+        with socket.socket() as again:
+            again.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,13 @@ naming the files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +142,25 @@ def test_the_images_health_check_finds_an_https_server(https_server) -> None:
     command = [sys.executable, "-m", "service.healthcheck"]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_tls_handshake_must_end_within_the_client_timeout(pki, tmp_path) -> None:
+    """A connection that opens and begins no handshake, or sends a ClientHello cut short,
+    is closed after --client-timeout-s (asyncio's default was 60 s, during which it was
+    not yet a connection --max-connections counts, and held about 60 KiB)."""
+    flags = ["--model-dir", str(CLASSIFIER), "--tls-certfile", str(pki["cert"])]
+    flags += ["--tls-keyfile", str(pki["key"]), "--client-timeout-s", "1"]
+    with running_server(
+        flags, log_path=tmp_path / "server.log", inherit_settings=False, tls_ca_file=pki["ca"]
+    ) as server:
+        host, port = server.url.removeprefix("https://").rsplit(":", 1)
+        for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+            with socket.create_connection((host, int(port)), timeout=20) as raw:
+                raw.sendall(first_bytes)
+                begun = time.monotonic()
+                with contextlib.suppress(ConnectionResetError):
+                    while raw.recv(65536):
+                        pass
+                assert time.monotonic() - begun < 5, first_bytes
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        assert httpx.get(f"{server.url}/readyz", verify=trusting).status_code == 200
