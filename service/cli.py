@@ -229,7 +229,13 @@ def _http_config(
         log_level=settings.log_level,
         # Never uvicorn's own protocols: its httptools one buffers a request head of any
         # size, and neither times a head out (service.http_protocol).
-        http=protocol_class(settings.http_parser, settings.client_timeout_s, connections),
+        http=protocol_class(
+            settings.http_parser,
+            settings.client_timeout_s,
+            connections,
+            # the API's clients spread over new replicas; a scraper's connection stays
+            settings.max_connection_age_s if listener == "api" else 0.0,
+        ),
         loop=settings.event_loop,
         # No WebSocket route is served: an Upgrade request is answered as plain HTTP (the
         # route's JSON), never handed to a WebSocket library (wsproto, when installed,

@@ -166,15 +166,20 @@ class _ConnectionLimit:
 class _HeadClock:
     """For uvicorn's HTTP protocols: the next request's head must be complete within
     `client_timeout_s` of the connection's opening or its last answer. The clock stops
-    when a head completes (uvicorn starts a new request-response cycle)."""
+    when a head completes (uvicorn starts a new request-response cycle). And with
+    `max_age_s`, a request whose head completes once the connection has been open that
+    long is its last: its answer closes the connection (--max-connection-age-s; the
+    httptools protocol also says `connection: close`, h11's just closes after it)."""
 
     client_timeout_s = 10.0
+    max_age_s = 0.0
     cycle: Any
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        self._opened_at = self.loop.time()
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False
         self._start_head_clock()
@@ -186,6 +191,8 @@ class _HeadClock:
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # a head completed
             self._stop_head_clock()
+            if self.max_age_s and self.loop.time() - self._opened_at >= self.max_age_s:
+                self.cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -296,13 +303,17 @@ class BoundedHttpToolsProtocol(_ConnectionLimit, _HeadClock, HttpToolsProtocol):
 
 
 def protocol_class(
-    parser: str, client_timeout_s: float, connections: PortConnections | None = None
+    parser: str,
+    client_timeout_s: float,
+    connections: PortConnections | None = None,
+    max_age_s: float = 0.0,
 ) -> type:
     """The uvicorn protocol class for `parser` ("httptools" or "h11") with its head clock,
-    for one port: its `connections` (by default, no limit)."""
+    for one port: its `connections` (by default, no limit) and their age (0: any)."""
     base = BoundedHttpToolsProtocol if parser == "httptools" else BoundedH11Protocol
     attributes = {
         "client_timeout_s": client_timeout_s,
         "port_connections": connections or PortConnections(0),
+        "max_age_s": max_age_s,
     }
     return type(base.__name__, (base,), attributes)

@@ -333,6 +333,15 @@ class Settings(BaseSettings):
         "gRPC); past it a new HTTP connection is answered 503 with Retry-After and closed, a "
         "gRPC one closed. 0: no limit",
     )
+    max_connection_age_s: Annotated[float, Flag(metavar="S")] = Field(
+        0.0,
+        ge=0,
+        description="end a connection to the API once it has been open this long, so that "
+        "its client spreads over the replicas added since (a Kubernetes Service balances "
+        "connections, not requests): over HTTP the first answer after it says connection: "
+        "close and the connection is closed after it; over gRPC, GOAWAY, the calls in "
+        "progress given --request-timeout-s to end. 0: never",
+    )
     client_timeout_s: Annotated[float, Flag(metavar="S")] = Field(
         10.0,
         gt=0,

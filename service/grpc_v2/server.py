@@ -780,6 +780,17 @@ async def start_server(
             # fill --max-connections for long.
             ("grpc.server_handshake_timeout_ms", round(settings.client_timeout_s * 1000)),
             ("grpc.max_connection_idle_ms", round(IDLE_CONNECTION_S * 1000)),
+            # --max-connection-age-s: GOAWAY once a connection is that old (its client
+            # reconnects, through the Service, to any replica); its calls then have
+            # --request-timeout-s before the connection is closed under them.
+            *(
+                [
+                    ("grpc.max_connection_age_ms", round(age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", round(settings.request_timeout_s * 1000)),
+                ]
+                if (age := settings.max_connection_age_s)
+                else []
+            ),
             # gRPC core closes a connection past it as it is accepted (its connection quota)
             *(
                 [("grpc.max_allowed_incoming_connections", n)]
