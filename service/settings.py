@@ -722,12 +722,6 @@ class Settings(BaseSettings):
         and whenever it changes, never left without keys: service.auth.KeyRing)."""
         return bool(self.api_keys) or self.api_key_file is not None
 
-    def accepted_api_keys(self) -> list[SecretStr]:
-        """Every key a request may present: api_keys, then the lines of api_key_file.
-        Empty means authentication is off."""
-        from_file = read_api_key_file(self.api_key_file) if self.api_key_file else []
-        return [*self.api_keys, *from_file]
-
     @field_validator("model_repository")
     @classmethod
     def _repositories_exist(cls, value: list[Path]) -> list[Path]:

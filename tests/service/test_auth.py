@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from service import cli
-from service.auth import key_matches
+from service.auth import KeyRing, key_matches
 from service.settings import Settings
 from service.testing import running_server
 from tests.helpers.images import encode, upload
@@ -293,7 +293,9 @@ def test_settings_repr_hides_the_keys(tmp_path: Path) -> None:
     settings = Settings(model_dir=[tmp_path], api_keys=[KEY], api_key_file=key_file)
     assert KEY not in repr(settings) and KEY not in str(settings)
     assert FILE_KEY not in repr(settings)
-    assert [k.get_secret_value() for k in settings.accepted_api_keys()] == [KEY, FILE_KEY]
+    # the keys the server accepts (its KeyRing, as create_app makes it)
+    accepted = KeyRing(settings.api_keys, settings.api_key_file).keys()
+    assert accepted == [KEY.encode(), FILE_KEY.encode()]
 
 
 def test_keys_from_the_environment_are_comma_separated(monkeypatch, tmp_path: Path) -> None:
@@ -306,7 +308,8 @@ def test_keys_are_off_by_default(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("HORNET_API_KEYS", raising=False)
     monkeypatch.delenv("HORNET_API_KEY_FILE", raising=False)
     settings = Settings(model_dir=[tmp_path])
-    assert settings.accepted_api_keys() == [] and settings.protect_probes is False
+    keys = KeyRing(settings.api_keys, settings.api_key_file)
+    assert not keys.enabled and keys.keys() == [] and settings.protect_probes is False
 
 
 def test_repeated_api_key_flags_give_several_keys() -> None:
@@ -451,7 +454,7 @@ def test_keys_rotate_through_the_key_file_without_a_restart(classifier_dir, tmp_
 
 
 def test_the_key_file_is_looked_at_once_a_second_at_most(tmp_path) -> None:
-    from service.auth import KEY_FILE_CHECK_S, KeyRing
+    from service.auth import KEY_FILE_CHECK_S
 
     now = [0.0]
     secret = MountedSecret(tmp_path)
