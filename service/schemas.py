@@ -41,6 +41,17 @@ class V2ErrorResponse(BaseModel):
     request_id: str | None = Field(None, description=_REQUEST_ID)
 
 
+SERVER_TIMING_HEADER = {
+    "Server-Timing": {
+        "description": "where the request's time in the server went, in milliseconds (W3C "
+        "Server Timing): compute_input (decoding and preprocessing), queue (waiting for a "
+        "batch), compute_infer (the engine), compute_output (making the answer), as the "
+        "model's statistics count them",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+
 RETRY_AFTER = {
     "Retry-After": {
         "description": "seconds to wait before trying again",

@@ -44,6 +44,14 @@ from service.batching import BatchStats
 
 Stage = Literal["compute_input", "compute_output"]
 _NS = 1_000_000_000
+SERVER_TIMING = "Server-Timing"
+# A request's stages in its Server-Timing header: Triton's names, and what each one is.
+_SERVER_TIMING = (
+    ("compute_input", "decoding and preprocessing"),
+    ("queue", "waiting for a batch"),
+    ("compute_infer", "the engine"),
+    ("compute_output", "making the answer"),
+)
 
 
 @dataclass
@@ -73,6 +81,14 @@ class RequestTimes:
     # --response-cache-mib: the seconds each image's lookup took, found or not
     cache_hits: list[float] = field(default_factory=list)
     cache_misses: list[float] = field(default_factory=list)
+
+    def server_timing(self) -> str:
+        """The stages as an HTTP `Server-Timing` header (W3C Server Timing: browsers'
+        developer tools show it), in milliseconds: what the model's statistics add up."""
+        return ", ".join(
+            f'{name};dur={getattr(self, name) * 1000:.3f};desc="{description}"'
+            for name, description in _SERVER_TIMING
+        )
 
     @contextlib.contextmanager
     def measure(self, stage: Stage) -> Iterator[None]:
@@ -110,10 +126,10 @@ class ModelStatistics:
     observer: RequestObserver | None = None  # told of each request as well (the metrics)
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[RequestTimes]:
-        """Times the block as one request: a success when it returns, a failure when it
-        raises (cancellation included)."""
-        times, started = RequestTimes(), time.perf_counter()
+    def request(self, times: RequestTimes | None = None) -> Iterator[RequestTimes]:
+        """Times the block as one request (in `times`, or new ones): a success when it
+        returns, a failure when it raises (cancellation included)."""
+        times, started = times or RequestTimes(), time.perf_counter()
         try:
             yield times
         except BaseException:

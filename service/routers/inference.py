@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from service.dependencies import Pool, read_uploads, request_deadline
 from service.imaging import SUPPORTED_CONTENT_TYPES
 from service.pipelines import AnswerOptions
 from service.runtime import ModelRunner
 from service.schemas import (
+    SERVER_TIMING_HEADER,
     UINT64_MAX,
     ClassifyResponse,
     DetectResponse,
@@ -18,6 +19,7 @@ from service.schemas import (
     SegmentResponse,
     error_responses,
 )
+from service.statistics import SERVER_TIMING
 
 router = APIRouter(tags=["inference"])
 
@@ -70,6 +72,7 @@ _ERRORS = error_responses(
         504: "timeout: no answer within --request-timeout-s",
     },
 )
+_RESPONSES = {200: {"headers": SERVER_TIMING_HEADER}, **_ERRORS}
 ModelName = Annotated[
     str | None,
     Query(description="model name; optional when one model of the task is loaded"),
@@ -99,6 +102,7 @@ TimeoutMs = Annotated[
 
 async def _answer(
     request: Request,
+    answer: Response,
     runner: ModelRunner,
     response: type[ResponseModel],
     options: AnswerOptions,
@@ -111,11 +115,12 @@ async def _answer(
     deadline = request_deadline(request, None if timeout_ms is None else timeout_ms / 1000)
     level = runner.priority_level(priority)  # before the upload is read and decoded
     with runner.in_use():  # an unload or reload of the model answers this request first
-        return await _answered(request, runner, response, options, level, deadline)
+        return await _answered(request, answer, runner, response, options, level, deadline)
 
 
 async def _answered(
     request: Request,
+    answer: Response,
     runner: ModelRunner,
     response: type[ResponseModel],
     options: AnswerOptions,
@@ -139,14 +144,16 @@ async def _answered(
                 answers = await runner.answers(
                     prepared, results, options, deadline=deadline, is_gone=request.is_disconnected
                 )
+    answer.headers[SERVER_TIMING] = times.server_timing()
     return response(model=runner.name, results=list(answers))
 
 
 @router.post(
-    "/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+    "/classify", response_model=ClassifyResponse, responses=_RESPONSES, openapi_extra=_UPLOAD_BODY
 )
 async def classify(
     request: Request,
+    answer: Response,
     pool: Pool,
     model: ModelName = None,
     top_k: Annotated[
@@ -158,14 +165,15 @@ async def classify(
     """Top-k softmax probabilities per image, in upload order."""
     runner = pool.get(model, "classify")
     options = AnswerOptions(top_k=top_k)
-    return await _answer(request, runner, ClassifyResponse, options, priority, timeout_ms)
+    return await _answer(request, answer, runner, ClassifyResponse, options, priority, timeout_ms)
 
 
 @router.post(
-    "/segment", response_model=SegmentResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+    "/segment", response_model=SegmentResponse, responses=_RESPONSES, openapi_extra=_UPLOAD_BODY
 )
 async def segment(
     request: Request,
+    answer: Response,
     pool: Pool,
     model: ModelName = None,
     priority: Priority = 0,
@@ -173,14 +181,16 @@ async def segment(
 ) -> SegmentResponse:
     """Per image: the class-index mask at the image's size and the classes present."""
     runner = pool.get(model, "segment")
-    return await _answer(request, runner, SegmentResponse, AnswerOptions(), priority, timeout_ms)
+    options = AnswerOptions()
+    return await _answer(request, answer, runner, SegmentResponse, options, priority, timeout_ms)
 
 
 @router.post(
-    "/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=_UPLOAD_BODY
+    "/detect", response_model=DetectResponse, responses=_RESPONSES, openapi_extra=_UPLOAD_BODY
 )
 async def detect(
     request: Request,
+    answer: Response,
     pool: Pool,
     model: ModelName = None,
     score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = AnswerOptions.score_threshold,
@@ -190,4 +200,4 @@ async def detect(
     """Per image: boxes in input pixels, labels, scores and COCO RLE instance masks."""
     runner = pool.get(model, "detect")
     options = AnswerOptions(score_threshold=score_threshold)
-    return await _answer(request, runner, DetectResponse, options, priority, timeout_ms)
+    return await _answer(request, answer, runner, DetectResponse, options, priority, timeout_ms)

@@ -44,6 +44,7 @@ from service.pipelines import AnswerOptions, Prepared, ServedTensor, TensorOutpu
 from service.runtime import ModelPool, ModelRunner
 from service.schemas import (
     RETRY_AFTER,
+    SERVER_TIMING_HEADER,
     UINT64_MAX,
     V2ErrorResponse,
     V2InferResponse,
@@ -58,7 +59,7 @@ from service.schemas import (
     error_responses,
 )
 from service.settings import Settings
-from service.statistics import RequestTimes
+from service.statistics import SERVER_TIMING, RequestTimes
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -187,6 +188,7 @@ _INFER_BODY = {
 _INFER_OK = {
     "description": "the outputs as JSON, or with binary outputs the JSON header (of "
     "Inference-Header-Content-Length bytes) followed by their bytes",
+    "headers": SERVER_TIMING_HEADER,
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 
@@ -582,16 +584,19 @@ async def _infer(request: Request, pool: ModelPool, runner: ModelRunner, model: 
         parsed, tensors = await asyncio.to_thread(parse)
     else:
         parsed, tensors = parse()
+    times = RequestTimes()
+    gone = request.is_disconnected
     outputs = await infer_outputs(
-        pool, runner, parsed, tensors, deadline=deadline, is_gone=request.is_disconnected
+        pool, runner, parsed, tensors, deadline=deadline, is_gone=gone, times=times
     )
     content, header_length = kserve.encode_response(model, MODEL_VERSION, parsed.id, outputs)
+    timing = {SERVER_TIMING: times.server_timing()}
     if header_length is None:
-        return Response(content, media_type="application/json")
+        return Response(content, media_type="application/json", headers=timing)
     return Response(
         content,
         media_type="application/octet-stream",
-        headers={kserve.HEADER_LENGTH: str(header_length)},
+        headers={kserve.HEADER_LENGTH: str(header_length), **timing},
     )
 
 
@@ -603,12 +608,13 @@ async def infer_outputs(
     *,
     deadline: float,
     is_gone: IsGone | None,
+    times: RequestTimes | None = None,
 ) -> list[OutputTensor]:
     """A parsed inference request answered: its inputs through the model's pipeline and
     batcher, the outputs it asks for (REST and gRPC alike), timed in the model's
-    statistics."""
+    statistics (and in `times`, where given)."""
     deadline = _client_deadline(parsed, deadline)
-    with runner.statistics.request() as times:
+    with runner.statistics.request(times) as times:
         with times.measure("compute_input"):
             options = _answer_options(parsed)
             level = _priority_level(runner, parsed)

@@ -1,0 +1,106 @@
+"""Every answered inference request says where its time in the server went, in a
+`Server-Timing` header (W3C Server Timing; browsers' developer tools show it): decoding
+and preprocessing, the batch queue, the engine and the answer, in milliseconds. Checked
+against a real server: the engine's stage covers the slow classifier's known cost, the
+stages' sum is within the time the client saw, and the model's statistics (Triton's
+statistics extension) grew by exactly these figures, so the two views agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.testing import RunningServer, running_server
+from tests.helpers.images import encode
+
+STAGES = ["compute_input", "queue", "compute_infer", "compute_output"]
+# The slow classifier's engine takes about 45 ms an image (conftest); at least this much.
+ENGINE_MS_AT_LEAST = 20.0
+
+
+def parse(header: str) -> dict[str, float]:
+    """name -> milliseconds, in the header's order; each entry `name;dur=MS;desc="..."`."""
+    stages = {}
+    for entry in header.split(", "):
+        match = re.fullmatch(r'(\w+);dur=(\d+\.\d{3});desc="[^"]+"', entry)
+        assert match, entry
+        stages[match[1]] = float(match[2])
+    return stages
+
+
+def _stats(url: str, model: str) -> dict[str, int]:
+    """The model's cumulative ns per stage (GET /v2/models/M/stats)."""
+    stats = httpx.get(f"{url}/v2/models/{model}/stats").json()["model_stats"][0]
+    return {stage: stats["inference_stats"][stage]["ns"] for stage in STAGES}
+
+
+@pytest.fixture(scope="module")
+def served(slow_classifier_dir: Path, tmp_path_factory) -> Iterator[RunningServer]:
+    log = tmp_path_factory.mktemp("timing") / "server.log"
+    flags = ["--model-dir", str(slow_classifier_dir), "--engine-threads", "1"]
+    with running_server(flags, log_path=log) as server:
+        yield server
+
+
+def _check_against_the_statistics(url: str, send, model: str = "slow_cls") -> dict[str, float]:  # noqa: ANN001
+    before = _stats(url, model)
+    began = time.perf_counter()
+    answer = send()
+    seen_ms = (time.perf_counter() - began) * 1000
+    assert answer.status_code == 200, answer.text
+    stages = parse(answer.headers["server-timing"])
+    assert list(stages) == STAGES
+    after = _stats(url, model)
+    for stage in STAGES:  # the statistics grew by the header's figure (to its microsecond)
+        assert abs((after[stage] - before[stage]) / 1e6 - stages[stage]) <= 0.001, stage
+    assert stages["compute_infer"] >= ENGINE_MS_AT_LEAST
+    assert sum(stages.values()) <= seen_ms
+    return stages
+
+
+def test_the_image_routes_time_their_stages(served: RunningServer) -> None:
+    image = encode(np.full((300, 400, 3), 120, np.uint8), "PNG")
+    for _ in range(2):
+        _check_against_the_statistics(
+            served.url,
+            lambda: httpx.post(
+                f"{served.url}/classify", content=image, headers={"content-type": "image/png"}
+            ),
+        )
+
+
+def test_v2_infer_times_its_stages(served: RunningServer) -> None:
+    pixels = np.full((1, 224, 224, 3), 90, np.uint8)
+    for binary in (True, False):
+        tensor = {"name": "image", "shape": list(pixels.shape), "datatype": "UINT8"}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": pixels.nbytes}
+            head = json.dumps({"inputs": [tensor]}).encode()
+            body, headers = (
+                head + pixels.tobytes(),
+                {"Inference-Header-Content-Length": str(len(head))},
+            )
+        else:
+            tensor["data"] = pixels.ravel().tolist()
+            body, headers = json.dumps({"inputs": [tensor]}).encode(), {}
+        _check_against_the_statistics(
+            served.url,
+            lambda body=body, headers=headers: httpx.post(
+                f"{served.url}/v2/models/slow_cls/infer", content=body, headers=headers
+            ),
+        )
+
+
+def test_a_refused_request_has_no_timing(served: RunningServer) -> None:
+    answer = httpx.post(
+        f"{served.url}/classify", content=b"not an image", headers={"content-type": "image/png"}
+    )
+    assert answer.status_code in (400, 415) and "server-timing" not in answer.headers
