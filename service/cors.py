@@ -27,6 +27,7 @@ ALLOWED_HEADERS = (
     "Content-Type",
     "X-Request-ID",
     "Inference-Header-Content-Length",
+    "Server-Timing",
 )
 EXPOSED_HEADERS = (
     "X-Request-ID",

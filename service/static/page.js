@@ -111,7 +111,8 @@ const HornetPage = (() => {
     return text ? `${body.error}: ${text}` : body.error;
   }
 
-  async function callApi(path, init = {}) {
+  // `seen`, when given, gets the answer's Server-Timing header (its `timing`).
+  async function callApi(path, init = {}, seen = {}) {
     const key = sessionStorage.getItem(KEY_STORAGE);
     const headers = key ? { Authorization: `Bearer ${key}` } : {};
     let response;
@@ -120,6 +121,7 @@ const HornetPage = (() => {
     } catch (err) {
       throw new ApiError(0, `the server did not answer (${err.message})`);
     }
+    seen.timing = response.headers.get("Server-Timing");
     let body = null;
     try {
       body = await response.json();
@@ -296,16 +298,17 @@ const HornetPage = (() => {
     if (model.task === "classify") params.set("top_k", String(Math.max(1, Number($("top-k").value) || 1)));
     if (model.task === "detect") params.set("score_threshold", String(DETECT_FLOOR));
     const started = performance.now();
+    const seen = {};
     let body;
     try {
-      body = await callApi(`/${model.task}?${params}`, { method: "POST", body: form });
+      body = await callApi(`/${model.task}?${params}`, { method: "POST", body: form }, seen);
     } catch (err) {
       if (generation === state.generation) refuse(err);
       return;
     }
     const ms = performance.now() - started;
     if (generation !== state.generation) return; // a newer request took this one's place
-    state.answer = { model, result: body.results[0], ms };
+    state.answer = { model, result: body.results[0], ms, stages: serverStages(seen.timing) };
     try {
       await showAnswer();
     } catch (err) {
@@ -351,8 +354,33 @@ const HornetPage = (() => {
     canvas.getContext("2d").clearRect(0, 0, width, height);
   }
 
+  // The server's account of a request's time, its Server-Timing header: stage -> ms.
+  function serverStages(header) {
+    const stages = {};
+    for (const entry of (header || "").split(",")) {
+      const [name, ...params] = entry.trim().split(";");
+      const duration = params.map((p) => p.trim()).find((p) => p.startsWith("dur="));
+      if (name && duration) stages[name] = Number(duration.slice(4));
+    }
+    return stages;
+  }
+
+  const STAGE_NAMES = [
+    ["compute_input", "decoding"],
+    ["queue", "queue"],
+    ["compute_infer", "engine"],
+    ["compute_output", "answer"],
+  ];
+
+  function inTheServer(stages) {
+    const known = STAGE_NAMES.filter(([name]) => Number.isFinite(stages[name]));
+    if (!known.length) return "";
+    const parts = known.map(([name, said]) => `${said} ${stages[name].toFixed(1)}`);
+    return ` (in the server: ${parts.join(", ")} ms)`;
+  }
+
   async function showAnswer() {
-    const { model, result, ms } = state.answer;
+    const { model, result, ms, stages } = state.answer;
     await loadPhoto();
     const width = result.width || $("photo").naturalWidth || 1;
     const height = result.height || $("photo").naturalHeight || 1;
@@ -364,7 +392,8 @@ const HornetPage = (() => {
     $("overlay").style.opacity = $("opacity").value;
     $("result").dataset.task = model.task;
     $("result").dataset.model = model.name;
-    $("timing").textContent = `${Math.round(ms)} ms round trip · ${model.name} · ${model.engine}`;
+    $("timing").textContent =
+      `${Math.round(ms)} ms round trip${inTheServer(stages)} · ${model.name} · ${model.engine}`;
     if (model.task === "classify") showClasses(result);
     else if (model.task === "segment") await showSegmentation(result);
     else showDetections();

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -158,6 +159,15 @@ def test_classification_shows_the_top_label_first_with_bars_latency_and_engine(
     engine = httpx.get(f"{demo_server}/v1/models").json()["models"][0]["engine"]
     timing = browser.find_element(By.ID, "timing").text
     assert " ms round trip" in timing and engine in timing
+    # the server's own account (its Server-Timing header), within the round trip
+    said = re.search(
+        r"(\d+) ms round trip \(in the server: decoding (\d+\.\d), queue (\d+\.\d), "
+        r"engine (\d+\.\d), answer (\d+\.\d) ms\)",
+        timing,
+    )
+    assert said, timing
+    round_trip, *stages = (float(figure) for figure in said.groups())
+    assert float(said[4]) > 0 and sum(stages) <= round_trip + 0.5
     screenshot(browser, "page-classify.png")
 
 
