@@ -438,9 +438,9 @@ class _DrainingServer(uvicorn.Server):
             return False
         self.servers.append(listener)
         host, port = listener.sockets[0].getsockname()[:2]
-        scheme = "https" if config.ssl else "http"
+        address = f"{'https' if config.ssl else 'http'}://{f'[{host}]' if ':' in host else host}"
         served = "the API" if flag == "--port" else "/metrics and the probes"
-        log.info(f"listening: {served}", extra={"url": f"{scheme}://{host}:{port}"})
+        log.info(f"listening: {served}", extra={"url": f"{address}:{port}"})
         return True
 
     def _follow_certificate(self, config: uvicorn.Config) -> None:
