@@ -29,6 +29,7 @@ SERVING = (
     "overlays/gpu",
     "examples/queue-depth-hpa",
     "examples/grpc",
+    "examples/network-policy",
 )
 GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
 # CPU overlays and the engine each serves with.
@@ -36,6 +37,7 @@ CPU_RENDERS = {
     "overlays/cpu": "onnxruntime",
     "overlays/cpu-openvino": "openvino",
     "examples/grpc": "onnxruntime",
+    "examples/network-policy": "onnxruntime",
 }
 # Where the export Job must run on the kind of hardware that serves: a TensorRT engine
 # runs only on the GPU type that built it; a bf16 verification holds for the CPU it ran on.
@@ -177,6 +179,37 @@ def test_a_grpc_port_is_the_containers_and_the_services(kustomization: str, rend
     assert ports["grpc"] == grpc_port and ports["http"] != grpc_port
     assert service_ports["grpc"]["targetPort"] in ("grpc", grpc_port)
     assert service_ports["grpc"].get("appProtocol") == "grpc"
+
+
+def test_the_network_policy_lets_each_port_only_its_own_peers_in(rendered):
+    """The example's policy selects the serving pods (not the export Job); the API port,
+    which the Service forwards, is open to the ingress controller and the namespace's pods;
+    the metrics port to Prometheus' namespace only, and no rule opens every port."""
+    objects = rendered("examples/network-policy")
+    policy = one(objects, "NetworkPolicy")["spec"]
+    selector = policy["podSelector"]["matchLabels"]
+    served = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    exported = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= served.items() and not selector.items() <= exported.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    ports = {p["name"] for p in server["ports"]}
+    rules = {}
+    for rule in policy["ingress"]:
+        assert rule.get("ports"), "a rule without ports opens every port"
+        for port in rule["ports"]:
+            assert port["port"] in ports and port["protocol"] == "TCP"
+            rules[port["port"]] = rule["from"]
+    assert set(rules) == {"http", "metrics"}
+    forwarded = {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert forwarded == {"http"}
+    namespaces = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for peer in rules["metrics"]
+    }
+    assert namespaces == {"monitoring"}
+    assert all(set(peer) == {"namespaceSelector"} for peer in rules["metrics"])
+    assert {"podSelector": {}} in rules["http"]
 
 
 def test_the_grpc_example_serves_grpc(rendered):

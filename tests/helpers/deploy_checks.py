@@ -37,6 +37,7 @@ RENDERS = (
     "examples/queue-depth-hpa",
     "examples/grpc",
     "examples/grafana",
+    "examples/network-policy",
 )
 # Oldest supported (the preStop `sleep` action is on by default from 1.30) and newest known.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
