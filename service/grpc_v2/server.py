@@ -44,12 +44,13 @@ from service.errors import (
     bounded,
 )
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import request_context
+from service.logs import request_context, request_id
 from service.metrics import ServiceMetrics
 from service.middleware import UploadBuffer, record_request
 from service.routers import v2
 from service.runtime import ModelPool, ModelRunner
 from service.settings import Settings
+from service.statistics import RequestTimes
 from service.tls import ServedCertificate
 
 log = logging.getLogger("hornet.service.grpc")
@@ -250,13 +251,26 @@ class InferenceService:
         answer = v2.statistics(self.pool, request.name, request.version or None)
         return json_format.ParseDict(answer, MESSAGES["ModelStatisticsResponse"]())
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfer(
+        self, request: Any, context: grpc.aio.ServicerContext, *, unary: bool = True
+    ) -> Any:
+        """One inference; a unary call's trailing metadata also carries its stages
+        (`server-timing`, as the REST answers' Server-Timing header), a stream's
+        requests do not (a stream's trailers come once, at its end)."""
         runner = v2.find_model(self.pool, request.model_name, request.model_version or None)
         self.pool.require_ready()
+        times = RequestTimes()
         with runner.in_use():  # an unload or reload of the model answers this request first
-            return await self._infer(runner, request, context)
+            answer = await self._infer(runner, request, context, times)
+        if unary:
+            context.set_trailing_metadata(
+                (("x-request-id", request_id.get() or ""), ("server-timing", times.server_timing()))
+            )
+        return answer
 
-    async def _infer(self, runner: ModelRunner, request: Any, context: Any) -> Any:
+    async def _infer(
+        self, runner: ModelRunner, request: Any, context: Any, times: RequestTimes
+    ) -> Any:
         deadline = time.monotonic() + self.settings.request_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -271,7 +285,7 @@ class InferenceService:
             return context.cancelled()
 
         outputs = await v2.infer_outputs(
-            self.pool, runner, parsed, tensors, deadline=deadline, is_gone=gone
+            self.pool, runner, parsed, tensors, deadline=deadline, is_gone=gone, times=times
         )
         return infer_response(request.model_name, parsed.id, outputs)
 
@@ -645,7 +659,7 @@ class _Calls:
 
         async def infer(request: Any) -> Any:
             with self._held(request):
-                return await self.service.ModelInfer(request, context)
+                return await self.service.ModelInfer(request, context, unary=False)
 
         async def answer(request: Any) -> None:
             try:

@@ -1,9 +1,10 @@
 """Every answered inference request says where its time in the server went, in a
-`Server-Timing` header (W3C Server Timing; browsers' developer tools show it): decoding
-and preprocessing, the batch queue, the engine and the answer, in milliseconds. Checked
-against a real server: the engine's stage covers the slow classifier's known cost, the
-stages' sum is within the time the client saw, and the model's statistics (Triton's
-statistics extension) grew by exactly these figures, so the two views agree.
+`Server-Timing` header (W3C Server Timing; browsers' developer tools show it), and a gRPC
+ModelInfer in its `server-timing` trailing metadata: decoding and preprocessing, the
+batch queue, the engine and the answer, in milliseconds. Checked against a real server:
+the engine's stage covers the slow classifier's known cost, the stages' sum is within
+the time the client saw, and the model's statistics (Triton's statistics extension) grew
+by exactly these figures, so the two views agree.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.testing import RunningServer, running_server
+from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode
 
 STAGES = ["compute_input", "queue", "compute_infer", "compute_output"]
@@ -42,10 +43,14 @@ def _stats(url: str, model: str) -> dict[str, int]:
     return {stage: stats["inference_stats"][stage]["ns"] for stage in STAGES}
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def served(slow_classifier_dir: Path, tmp_path_factory) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("timing") / "server.log"
     flags = ["--model-dir", str(slow_classifier_dir), "--engine-threads", "1"]
+    flags += ["--grpc-port", str(GRPC_PORT)]
     with running_server(flags, log_path=log) as server:
         yield server
 
@@ -97,6 +102,37 @@ def test_v2_infer_times_its_stages(served: RunningServer) -> None:
                 f"{served.url}/v2/models/slow_cls/infer", content=body, headers=headers
             ),
         )
+
+
+class _Answer:
+    """A gRPC call's outcome in the shape _check_against_the_statistics reads."""
+
+    def __init__(self, trailing: tuple) -> None:
+        self.status_code = 200
+        self.text = ""
+        self.headers = {"server-timing": dict(trailing)["server-timing"]}
+
+
+def test_a_grpc_model_infer_carries_its_stages_in_its_trailing_metadata(
+    served: RunningServer,
+) -> None:
+    grpc = pytest.importorskip("grpc")
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    pixels = np.full((1, 224, 224, 3), 60, np.uint8)
+    request = service_pb2.ModelInferRequest(model_name="slow_cls")
+    request.inputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def send() -> _Answer:
+            _, call = stub.ModelInfer.with_call(request, timeout=30)
+            trailing = call.trailing_metadata()
+            assert dict(trailing)["x-request-id"]
+            return _Answer(trailing)
+
+        _check_against_the_statistics(served.url, send)
 
 
 def test_a_refused_request_has_no_timing(served: RunningServer) -> None:
