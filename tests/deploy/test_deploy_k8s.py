@@ -450,6 +450,52 @@ def test_queue_depth_example_scales_on_the_metric_the_adapter_serves(rendered):
     assert all(re.match(r"hornet_queue_depth\b", r["seriesQuery"]) for r in rules)
 
 
+def _exported_series() -> dict[str, set[str]]:
+    """Each series name the server's metrics can have (a counter's `_total`, a
+    histogram's `_bucket`, ...), with the labels it carries."""
+    metrics = pytest.importorskip("service.metrics")
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    series = {}
+    for collector in vars(metrics.ServiceMetrics()).values():
+        if not hasattr(collector, "_labelnames"):
+            continue
+        family = collector._name  # noqa: SLF001 (prometheus_client keeps it there)
+        labels = set(collector._labelnames)  # noqa: SLF001
+        kind = collector._type  # noqa: SLF001
+        for suffix in suffixes.get(kind, ("",)):
+            series[family + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+def test_the_alerts_name_only_series_and_labels_the_server_exports():
+    """Every `hornet_*` series an alert reads is one the server exports, every label an
+    alert selects or groups by is one of that series' (or `namespace`/`pod`, which
+    Prometheus' service discovery adds), and each alert says how bad it is and what."""
+    config = yaml.safe_load((K8S_DIR / "examples/prometheus-alerts.yaml").read_text())
+    groups = yaml.safe_load(config["data"]["hornet-serve.rules.yaml"])["groups"]
+    alerts = [rule for group in groups for rule in group["rules"]]
+    assert len({alert["alert"] for alert in alerts}) == len(alerts) >= 5
+    exported = _exported_series()
+    discovered = {"namespace", "pod"}
+    for alert in alerts:
+        expr = alert["expr"]
+        names = re.findall(r"\b(hornet_\w+)", expr)
+        assert names, alert["alert"]
+        for name in names:
+            assert name in exported, f"{alert['alert']}: {name} is not exported"
+        labels = set().union(*(exported[name] for name in names)) | discovered
+        selected = re.findall(r"(\w+)\s*(?:=~|!=|!~|=)\s*\"", expr)
+        grouped = [
+            label.strip()
+            for clause in re.findall(r"\bby\s*\(([^)]*)\)", expr)
+            for label in clause.split(",")
+        ]
+        for label in [*selected, *grouped]:
+            assert label in labels, f"{alert['alert']}: no label {label!r} on {names}"
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert alert["annotations"]["summary"]
+
+
 # --- settings ------------------------------------------------------------------------------
 
 
