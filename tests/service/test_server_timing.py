@@ -2,9 +2,9 @@
 `Server-Timing` header (W3C Server Timing; browsers' developer tools show it), and a gRPC
 ModelInfer in its `server-timing` trailing metadata: decoding and preprocessing, the
 batch queue, the engine and the answer, in milliseconds. Checked against a real server:
-the engine's stage covers the slow classifier's known cost, the stages' sum is within
-the time the client saw, and the model's statistics (Triton's statistics extension) grew
-by exactly these figures, so the two views agree.
+the engine's stage covers the slow classifier's graph timed alone in the test, the
+stages' sum is within the time the client saw, and the model's statistics (Triton's
+statistics extension) grew by exactly these figures, so the two views agree.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode
 
 STAGES = ["compute_input", "queue", "compute_infer", "compute_output"]
-# The slow classifier's engine takes about 45 ms an image (conftest); at least this much.
-ENGINE_MS_AT_LEAST = 20.0
 
 
 def parse(header: str) -> dict[str, float]:
@@ -55,7 +53,30 @@ def served(slow_classifier_dir: Path, tmp_path_factory) -> Iterator[RunningServe
         yield server
 
 
-def _check_against_the_statistics(url: str, send, model: str = "slow_cls") -> dict[str, float]:  # noqa: ANN001
+@pytest.fixture(scope="module")
+def engine_ms(slow_classifier_dir: Path) -> float:
+    """The slow classifier's graph run by ONNX Runtime in this process, on one thread as
+    the server runs it: the fastest of five runs, in ms."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(slow_classifier_dir / "model.onnx"), options)
+    feed = {session.get_inputs()[0].name: np.zeros((1, 224, 224, 3), np.uint8)}
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - began) * 1000)
+    return min(times)
+
+
+def _check_against_the_statistics(
+    url: str,
+    engine_ms: float,
+    send,
+    model: str = "slow_cls",  # noqa: ANN001
+) -> dict[str, float]:
     before = _stats(url, model)
     began = time.perf_counter()
     answer = send()
@@ -66,23 +87,24 @@ def _check_against_the_statistics(url: str, send, model: str = "slow_cls") -> di
     after = _stats(url, model)
     for stage in STAGES:  # the statistics grew by the header's figure (to its microsecond)
         assert abs((after[stage] - before[stage]) / 1e6 - stages[stage]) <= 0.001, stage
-    assert stages["compute_infer"] >= ENGINE_MS_AT_LEAST
+    assert stages["compute_infer"] >= 0.5 * engine_ms  # the engine's run, timed alone
     assert sum(stages.values()) <= seen_ms
     return stages
 
 
-def test_the_image_routes_time_their_stages(served: RunningServer) -> None:
+def test_the_image_routes_time_their_stages(served: RunningServer, engine_ms: float) -> None:
     image = encode(np.full((300, 400, 3), 120, np.uint8), "PNG")
     for _ in range(2):
         _check_against_the_statistics(
             served.url,
+            engine_ms,
             lambda: httpx.post(
                 f"{served.url}/classify", content=image, headers={"content-type": "image/png"}
             ),
         )
 
 
-def test_v2_infer_times_its_stages(served: RunningServer) -> None:
+def test_v2_infer_times_its_stages(served: RunningServer, engine_ms: float) -> None:
     pixels = np.full((1, 224, 224, 3), 90, np.uint8)
     for binary in (True, False):
         tensor = {"name": "image", "shape": list(pixels.shape), "datatype": "UINT8"}
@@ -98,6 +120,7 @@ def test_v2_infer_times_its_stages(served: RunningServer) -> None:
             body, headers = json.dumps({"inputs": [tensor]}).encode(), {}
         _check_against_the_statistics(
             served.url,
+            engine_ms,
             lambda body=body, headers=headers: httpx.post(
                 f"{served.url}/v2/models/slow_cls/infer", content=body, headers=headers
             ),
@@ -114,7 +137,7 @@ class _Answer:
 
 
 def test_a_grpc_model_infer_carries_its_stages_in_its_trailing_metadata(
-    served: RunningServer,
+    served: RunningServer, engine_ms: float
 ) -> None:
     grpc = pytest.importorskip("grpc")
     from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -132,7 +155,7 @@ def test_a_grpc_model_infer_carries_its_stages_in_its_trailing_metadata(
             assert dict(trailing)["x-request-id"]
             return _Answer(trailing)
 
-        _check_against_the_statistics(served.url, send)
+        _check_against_the_statistics(served.url, engine_ms, send)
 
 
 def test_a_refused_request_has_no_timing(served: RunningServer) -> None:
