@@ -218,7 +218,10 @@ def _http_config(
     """uvicorn's configuration of one HTTP port (`listener`: "api", --port, or "metrics",
     --metrics-port), its connections counted and bounded on their own."""
     connections = PortConnections(
-        settings.max_connections, metrics.connections_refused.labels(listener).inc, listener
+        settings.max_connections,
+        metrics.connections_refused.labels(listener).inc,
+        listener,
+        settings.max_connections_per_client if listener == "api" else 0,
     )
     metrics.http_connections.labels(listener).set_function(lambda: len(connections.open))
     return uvicorn.Config(

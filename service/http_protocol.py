@@ -78,35 +78,77 @@ def _json_response(status_line: bytes, code: str, detail: str, headers: bytes = 
 
 class PortConnections:
     """One port's open HTTP connections (`open`; each port counts its own, so a flood of
-    one leaves the other's places free) and its --max-connections (`limit`, 0: none):
-    those refused are counted (`counted`, the metric) and logged at most once in
-    REFUSALS_LOGGED_EVERY_S with how many since the last line."""
+    one leaves the other's places free), its --max-connections (`limit`, 0: none) and its
+    --max-connections-per-client (`per_client`, 0: none; the connections open from each
+    client address, `by_client`). Those refused are counted (`counted`, the metric) and
+    logged at most once in REFUSALS_LOGGED_EVERY_S, with how many since the last line."""
 
     def __init__(
-        self, limit: int, counted: Callable[[], None] | None = None, listener: str = "api"
+        self,
+        limit: int,
+        counted: Callable[[], None] | None = None,
+        listener: str = "api",
+        per_client: int = 0,
     ) -> None:
         self.limit = limit
+        self.per_client = per_client
         self.counted = counted
         self.listener = listener
         self.open: set[asyncio.Protocol] = set()
+        self.by_client: dict[str, int] = {}
         self.unlogged = 0
         self.logged_at = float("-inf")
 
-    def full(self) -> bool:
-        return bool(self.limit) and len(self.open) >= self.limit
+    def refusal(self, client: str) -> bytes | None:
+        """The answer that refuses a connection opening from `client` (its address), or
+        None where it may open."""
+        if self.limit and len(self.open) >= self.limit:
+            return _json_response(
+                b"HTTP/1.1 503 Service Unavailable\r\n",
+                "too_many_connections",
+                f"this port of the server holds its {self.limit} open connections "
+                "(--max-connections); try again, or reuse a connection",
+                headers=b"retry-after: 1\r\n",
+            )
+        if self.per_client and self.by_client.get(client, 0) >= self.per_client:
+            return _json_response(
+                b"HTTP/1.1 429 Too Many Requests\r\n",
+                "too_many_connections_from_client",
+                f"this port of the server holds {self.per_client} open connections from "
+                "your address, the most it takes from one (--max-connections-per-client); "
+                "reuse them, or close one",
+                headers=b"retry-after: 1\r\n",
+            )
+        return None
 
-    def refused(self) -> None:
+    def opened(self, protocol: asyncio.Protocol, client: str) -> None:
+        self.open.add(protocol)
+        if self.per_client:
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+
+    def closed(self, protocol: asyncio.Protocol, client: str) -> None:
+        self.open.discard(protocol)
+        if self.per_client:
+            left = self.by_client.get(client, 1) - 1
+            if left > 0:
+                self.by_client[client] = left
+            else:
+                self.by_client.pop(client, None)
+
+    def refused(self, client: str) -> None:
         if self.counted is not None:
             self.counted()
         self.unlogged += 1
         now = time.monotonic()
         if now - self.logged_at >= REFUSALS_LOGGED_EVERY_S:
             log.warning(
-                f"connections refused: the {self.listener} port holds --max-connections open "
-                "connections",
+                f"connections refused on the {self.listener} port: --max-connections open, "
+                "or --max-connections-per-client from one address",
                 extra={
                     "refused": self.unlogged,
                     "max_connections": self.limit,
+                    "max_connections_per_client": self.per_client,
+                    "last_client": client,
                     "listener": self.listener,
                 },
             )
@@ -116,29 +158,26 @@ class PortConnections:
 
 class _ConnectionLimit:
     """For uvicorn's HTTP protocols: a connection opening while its port holds
-    `port_connections.limit` is answered 503 and closed at once, and never joins
-    uvicorn's connections (so none of the protocol's state is made for it)."""
+    `port_connections.limit`, or its per-client bound from the connection's address, is
+    answered (503, 429) and closed at once, and never joins uvicorn's connections (so none
+    of the protocol's state is made for it)."""
 
     port_connections: PortConnections
     _refused = False
+    _client = ""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         port = self.port_connections
-        if port.full():
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        refusal = port.refusal(self._client)
+        if refusal is not None:
             self._refused = True
-            transport.write(
-                _json_response(
-                    b"HTTP/1.1 503 Service Unavailable\r\n",
-                    "too_many_connections",
-                    f"this port of the server holds its {port.limit} open connections "
-                    "(--max-connections); try again, or reuse a connection",
-                    headers=b"retry-after: 1\r\n",
-                )
-            )
+            transport.write(refusal)
             transport.close()
-            port.refused()
+            port.refused(self._client)
             return
-        port.open.add(self)  # type: ignore[arg-type]
+        port.opened(self, self._client)  # type: ignore[arg-type]
         super().connection_made(transport)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
@@ -151,7 +190,7 @@ class _ConnectionLimit:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._refused:
-            self.port_connections.open.discard(self)  # type: ignore[arg-type]
+            self.port_connections.closed(self, self._client)  # type: ignore[arg-type]
             super().connection_lost(exc)  # type: ignore[misc]
 
     def pause_writing(self) -> None:

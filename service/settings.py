@@ -333,6 +333,14 @@ class Settings(BaseSettings):
         "gRPC); past it a new HTTP connection is answered 503 with Retry-After and closed, a "
         "gRPC one closed. 0: no limit",
     )
+    max_connections_per_client: Annotated[int, Flag(metavar="N")] = Field(
+        0,
+        ge=0,
+        description="open HTTP connections to the API port from one client address; past "
+        "it a new one from that address is answered 429 with Retry-After and closed as it "
+        "opens. 0: no limit (keep it 0, or above the proxy's connections, behind a proxy "
+        "or ingress: every connection then comes from its addresses)",
+    )
     max_connection_age_s: Annotated[float, Flag(metavar="S")] = Field(
         0.0,
         ge=0,

@@ -157,3 +157,59 @@ def test_the_grpc_listener_refuses_past_the_limit(classifier_dir, tmp_path) -> N
     finally:
         for channel in channels:
             channel.close()
+
+
+def _connect_from(url: str, source: str) -> socket.socket:
+    """A connection to the server at `url` from the loopback address `source`."""
+    address = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection(
+        (address[0], int(address[1])), timeout=30, source_address=(source, 0)
+    )
+
+
+def test_past_the_per_client_limit_a_connection_from_that_address_is_answered_429(
+    http_parser, classifier_dir, tmp_path
+) -> None:
+    """--max-connections-per-client: one address holding its connections keeps no one
+    else out, and gets 429 (JSON, Retry-After) for its next as it opens."""
+    per_client = 3
+    flags = ["--http-parser", http_parser, "--max-connections-per-client", str(per_client)]
+    with _serve(classifier_dir, tmp_path, *flags) as server:
+        held = [_connect_from(server.url, "127.0.0.2") for _ in range(per_client)]
+        try:
+            for connection in held:
+                assert send(connection, _get("/healthz"))
+                assert read_one_answer(connection)[0] == 200
+            status, headers, body = parse_answer(
+                read_until_closed(_connect_from(server.url, "127.0.0.2"))
+            )
+            assert status == 429 and headers["retry-after"] == "1"
+            answer = json.loads(body)
+            assert answer["error"] == "too_many_connections_from_client"
+            assert "(--max-connections-per-client)" in answer["detail"]
+            # another address is served, and counted apart
+            others = [_connect_from(server.url, "127.0.0.3") for _ in range(per_client)]
+            for connection in others:
+                assert send(connection, _get("/readyz"))
+                assert read_one_answer(connection)[0] == 200
+                connection.close()
+            # a place of the first address freed: its next connection is taken
+            held.pop().close()
+            deadline = time.monotonic() + 10
+            while True:
+                again = _connect_from(server.url, "127.0.0.2")
+                if send(again, _get("/healthz")):
+                    try:
+                        if read_one_answer(again)[0] == 200:
+                            held.append(again)
+                            break
+                    except (ConnectionError, ValueError, OSError):
+                        pass
+                again.close()
+                assert time.monotonic() < deadline, "the freed place was never taken"
+                time.sleep(0.05)
+            counters = _counters(server.url)
+            assert counters["hornet_connections_refused_total"] == 1
+        finally:
+            for connection in held:
+                connection.close()

@@ -114,7 +114,7 @@ def test_a_flooded_api_port_leaves_the_metrics_port_its_places(served: Served) -
     said = {
         line["listener"]: line for line in log if line["message"].startswith("connections refused")
     }
-    assert said["api"]["message"].startswith("connections refused: the api port")
+    assert said["api"]["message"].startswith("connections refused on the api port")
     assert said["metrics"]["refused"] == 1 and said["metrics"]["max_connections"] == LIMIT
 
 
