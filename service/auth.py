@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import error_body
 from service.schemas import ErrorResponse, V2ErrorResponse
+from service.watched import file_stamp
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
@@ -105,7 +105,7 @@ class KeyRing:
         self._failure: str | None = None  # why the file's latest change was not taken
         self._checked_at = clock()
         if path is not None:  # at start an unreadable or keyless file is an error
-            self._stamp = _stamp(path)
+            self._stamp = file_stamp(path)
             self._from_file = _encoded(self._read(path))
 
     @property
@@ -122,7 +122,7 @@ class KeyRing:
 
     def _reload(self, path: Path) -> None:
         try:
-            stamp = _stamp(path)
+            stamp = file_stamp(path)
             if stamp == self._stamp:
                 return
             keys = _encoded(self._read(path))
@@ -141,12 +141,6 @@ class KeyRing:
 
 def _encoded(keys: Sequence[SecretStr]) -> list[bytes]:
     return [key.get_secret_value().encode() for key in keys]
-
-
-def _stamp(path: Path) -> tuple[int, ...]:
-    """What changes when the file does (a Secret's update swaps the file behind a link)."""
-    status = os.stat(path)
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 class ApiKeyMiddleware:

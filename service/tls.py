@@ -7,13 +7,14 @@ a renewed certificate is served without a restart."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from service.watched import file_stamp
 
 log = logging.getLogger("hornet.service.tls")
 
@@ -24,10 +25,8 @@ def check_certificate(certfile: Path, keyfile: Path | None) -> None:
     for path in (certfile, keyfile):
         if path is not None and not path.is_file():
             raise ValueError(f"TLS: {path} is no file")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        # An encrypted key would make OpenSSL prompt on the terminal: refuse it instead.
-        context.load_cert_chain(certfile, keyfile, password=_no_password)
+        server_context(certfile, keyfile)
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         if keyfile is None:
@@ -53,9 +52,9 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([^-]*)-----.*?-----END \1-----\s*", re.S)
 
 
 def server_context(certfile: Path, keyfile: Path | None) -> ssl.SSLContext:
-    """A server context holding the pair, as uvicorn makes one from the same settings; an
-    encrypted key raises instead of asking for a password on the terminal."""
+    """A server context holding the pair, as uvicorn makes one from the same settings."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # An encrypted key would make OpenSSL prompt on the terminal: refuse it instead.
     context.load_cert_chain(certfile, keyfile, password=_no_password)
     return context
 
@@ -167,6 +166,5 @@ class ServedCertificate:
             )
 
     def _files_stamp(self) -> tuple[tuple[int, ...], ...]:
-        """What changes when a file does (a Secret's update swaps it behind a link)."""
         paths = (self.certfile,) if self.keyfile is None else (self.certfile, self.keyfile)
-        return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, paths))
+        return tuple(map(file_stamp, paths))
