@@ -7,10 +7,21 @@ import socket
 from urllib.parse import urlsplit
 
 
-def connect(url: str, timeout_s: float = 30.0) -> socket.socket:
-    """A fresh connection to the server at `url`; reads give up after `timeout_s`."""
+def connect(url: str, timeout_s: float = 30.0, source: str | None = None) -> socket.socket:
+    """A fresh connection to the server at `url`, from the local address `source` where
+    given (127.0.0.2, ...: another client on the loopback); reads give up after
+    `timeout_s`."""
     address = urlsplit(url)
-    return socket.create_connection((address.hostname, address.port), timeout=timeout_s)
+    return socket.create_connection(
+        (address.hostname, address.port),
+        timeout=timeout_s,
+        source_address=None if source is None else (source, 0),
+    )
+
+
+def get(path: str, host: str = "x") -> bytes:
+    """A GET request's bytes, for `send`."""
+    return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
 
 
 def send(connection: socket.socket, data: bytes) -> bool:

@@ -14,13 +14,9 @@ import time
 import pytest
 
 from service.testing import free_port, running_server
-from tests.helpers.raw_http import connect, read_one_answer, read_until_closed, send
+from tests.helpers.raw_http import connect, get, read_one_answer, read_until_closed, send
 
 AGE_S = 1.0
-
-
-def _get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
 
 
 def test_an_http_connection_past_its_age_is_closed_after_its_next_answer(
@@ -32,11 +28,11 @@ def test_an_http_connection_past_its_age_is_closed_after_its_next_answer(
         connection = connect(server.url)
         try:
             for _ in range(3):  # young: kept alive
-                assert send(connection, _get("/healthz"))
+                assert send(connection, get("/healthz"))
                 status, headers, _ = read_one_answer(connection)
                 assert status == 200 and headers.get("connection") != "close"
             time.sleep(AGE_S + 0.3)
-            assert send(connection, _get("/readyz"))
+            assert send(connection, get("/readyz"))
             status, headers, body = read_one_answer(connection)
             assert status == 200 and b'"ready"' in body  # answered whole
             if http_parser == "httptools":
@@ -47,7 +43,7 @@ def test_an_http_connection_past_its_age_is_closed_after_its_next_answer(
         # a new connection is young again
         fresh = connect(server.url)
         try:
-            assert send(fresh, _get("/healthz"))
+            assert send(fresh, get("/healthz"))
             assert read_one_answer(fresh)[1].get("connection") != "close"
         finally:
             fresh.close()
@@ -59,7 +55,7 @@ def test_without_an_age_a_connection_stays(classifier_dir, tmp_path) -> None:
         try:
             time.sleep(AGE_S + 0.3)
             for _ in range(2):
-                assert send(connection, _get("/healthz"))
+                assert send(connection, get("/healthz"))
                 assert read_one_answer(connection)[1].get("connection") != "close"
         finally:
             connection.close()

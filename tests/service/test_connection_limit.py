@@ -21,7 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.testing import RunningServer, free_port, running_server
 from tests.helpers.memory import memory_of
-from tests.helpers.raw_http import connect, parse_answer, read_one_answer, read_until_closed, send
+from tests.helpers.raw_http import (
+    connect,
+    get,
+    parse_answer,
+    read_one_answer,
+    read_until_closed,
+    send,
+)
 
 MIB = 1 << 20
 LIMIT = 8
@@ -44,10 +51,6 @@ def server(http_parser, classifier_dir: Path, tmp_path: Path) -> Iterator[Runnin
         yield running
 
 
-def _get(path: str, host: str = "x") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
-
-
 def _counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     return {
@@ -62,7 +65,7 @@ def test_past_the_limit_a_connection_is_answered_503_and_closed(server) -> None:
     try:
         # every one of them is served: uvicorn has made them its connections
         for connection in held:
-            assert send(connection, _get("/healthz"))
+            assert send(connection, get("/healthz"))
             assert read_one_answer(connection)[0] == 200
         extra = connect(server.url)
         status, headers, body = parse_answer(read_until_closed(extra))
@@ -72,7 +75,7 @@ def test_past_the_limit_a_connection_is_answered_503_and_closed(server) -> None:
         assert answer["error"] == "too_many_connections"
         assert f"its {LIMIT} open connections (--max-connections)" in answer["detail"]
         # the open ones are unaffected, keep-alive and all
-        assert send(held[0], _get("/readyz"))
+        assert send(held[0], get("/readyz"))
         assert read_one_answer(held[0])[0] == 200
         for connection in held[:2]:
             connection.close()
@@ -159,14 +162,6 @@ def test_the_grpc_listener_refuses_past_the_limit(classifier_dir, tmp_path) -> N
             channel.close()
 
 
-def _connect_from(url: str, source: str) -> socket.socket:
-    """A connection to the server at `url` from the loopback address `source`."""
-    address = url.removeprefix("http://").rsplit(":", 1)
-    return socket.create_connection(
-        (address[0], int(address[1])), timeout=30, source_address=(source, 0)
-    )
-
-
 def test_past_the_per_client_limit_a_connection_from_that_address_is_answered_429(
     http_parser, classifier_dir, tmp_path
 ) -> None:
@@ -175,30 +170,30 @@ def test_past_the_per_client_limit_a_connection_from_that_address_is_answered_42
     per_client = 3
     flags = ["--http-parser", http_parser, "--max-connections-per-client", str(per_client)]
     with _serve(classifier_dir, tmp_path, *flags) as server:
-        held = [_connect_from(server.url, "127.0.0.2") for _ in range(per_client)]
+        held = [connect(server.url, source="127.0.0.2") for _ in range(per_client)]
         try:
             for connection in held:
-                assert send(connection, _get("/healthz"))
+                assert send(connection, get("/healthz"))
                 assert read_one_answer(connection)[0] == 200
             status, headers, body = parse_answer(
-                read_until_closed(_connect_from(server.url, "127.0.0.2"))
+                read_until_closed(connect(server.url, source="127.0.0.2"))
             )
             assert status == 429 and headers["retry-after"] == "1"
             answer = json.loads(body)
             assert answer["error"] == "too_many_connections_from_client"
             assert "(--max-connections-per-client)" in answer["detail"]
             # another address is served, and counted apart
-            others = [_connect_from(server.url, "127.0.0.3") for _ in range(per_client)]
+            others = [connect(server.url, source="127.0.0.3") for _ in range(per_client)]
             for connection in others:
-                assert send(connection, _get("/readyz"))
+                assert send(connection, get("/readyz"))
                 assert read_one_answer(connection)[0] == 200
                 connection.close()
             # a place of the first address freed: its next connection is taken
             held.pop().close()
             deadline = time.monotonic() + 10
             while True:
-                again = _connect_from(server.url, "127.0.0.2")
-                if send(again, _get("/healthz")):
+                again = connect(server.url, source="127.0.0.2")
+                if send(again, get("/healthz")):
                     try:
                         if read_one_answer(again)[0] == 200:
                             held.append(again)

@@ -27,6 +27,7 @@ import pytest
 
 from service.testing import free_port, running_server
 from tests.helpers.queueing import metric, queued_photo
+from tests.helpers.waiting import wait_until
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -150,29 +151,22 @@ def test_a_new_stream_takes_the_place_of_the_one_idle_longest(classifier_dir, tm
                 time.sleep(0.02)  # opened in order: stream 0 first
             opened = time.monotonic()
             clients[8].start_stream(functools.partial(callback, 8))
-            _wait_for(lambda: 8 in ended)
+            wait_until(lambda: 8 in ended, 10.0, every_s=0.01)
             assert "8 streams are open" in ended[8][0] and "none idle" in ended[8][0]
             # stream 0 answers a request halfway through the idle time: no longer the idlest
             time.sleep(CLIENT_TIMEOUT_S / 2)
             clients[0].async_stream_infer("tiny_cls", photo())
-            _wait_for(lambda: answered.get(0) == 1)
+            wait_until(lambda: answered.get(0) == 1, 10.0, every_s=0.01)
             time.sleep(max(opened + CLIENT_TIMEOUT_S + 0.3 - time.monotonic(), 0))
             clients[9].start_stream(functools.partial(callback, 9))
-            _wait_for(lambda: 1 in ended)
+            wait_until(lambda: 1 in ended, 10.0, every_s=0.01)
             assert "held no request for 2 s or more" in ended[1][0]
             assert set(ended) == {1, 8}  # stream 0, busy since, and the rest kept open
             clients[9].async_stream_infer("tiny_cls", photo())
-            _wait_for(lambda: answered.get(9) == 1)
+            wait_until(lambda: answered.get(9) == 1, 10.0, every_s=0.01)
         finally:
             for client in clients:
                 client.close()
-
-
-def _wait_for(condition, within_s: float = 10.0) -> None:
-    give_up_at = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < give_up_at, "timed out"
-        time.sleep(0.01)
 
 
 def test_a_connection_that_never_begins_http2_is_closed(classifier_dir, tmp_path) -> None:

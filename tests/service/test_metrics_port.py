@@ -26,16 +26,19 @@ from pydantic import ValidationError
 from service.healthcheck import probed_port
 from service.settings import Settings
 from service.testing import RunningServer, free_port, running_server
-from tests.helpers.raw_http import connect, parse_answer, read_one_answer, read_until_closed, send
+from tests.helpers.raw_http import (
+    connect,
+    get,
+    parse_answer,
+    read_one_answer,
+    read_until_closed,
+    send,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 4
 KEY = "metrics-port-test-key-0123456789"
 JPEG = {"content-type": "image/jpeg"}
-
-
-def _get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
 
 
 def _samples(url: str, **headers: str) -> dict[tuple[str, str], float]:
@@ -53,7 +56,7 @@ def _hold(url: str, count: int) -> list[socket.socket]:
     """`count` connections to `url`, each answered once (so the server has taken it)."""
     held = [connect(url) for _ in range(count)]
     for connection in held:
-        assert send(connection, _get("/healthz"))
+        assert send(connection, get("/healthz"))
         assert read_one_answer(connection)[0] == 200
     return held
 

@@ -21,6 +21,7 @@ import pytest
 from service.testing import LOOPBACK, free_port, running_server
 from tests.helpers import bundles
 from tests.helpers.images import encode, upload
+from tests.helpers.waiting import wait_until
 
 grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -97,13 +98,6 @@ class HeldUpload:
         return len(head) + 4 + int(found.group(1)) if found else 1 << 30
 
 
-def _wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
-    give_up_at = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < give_up_at, "timed out"
-        time.sleep(0.02)
-
-
 def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None:
     repository = _repository(tmp_path)
     grpc_port = free_port()
@@ -132,7 +126,7 @@ def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None
         # reload a new version while a request holds the old one
         before = _top_label(s.url, image)
         held = HeldUpload(s.url, image)
-        _wait_for(lambda: _holding(s.url))
+        wait_until(lambda: _holding(s.url), TIMEOUT_S)
         reversed_labels = _reverse_labels(repository / "classifier")
         rest.load_model("tiny_cls")  # returns once the new version serves
         after = _top_label(s.url, image)
@@ -156,10 +150,10 @@ def test_models_load_reload_and_unload_while_the_server_serves(tmp_path) -> None
         # unload over gRPC (tritonclient.grpc) while a request holds the model: the
         # unload waits for it, a request arriving meanwhile is 404
         held = HeldUpload(s.url, image)
-        _wait_for(lambda: _holding(s.url))
+        wait_until(lambda: _holding(s.url), TIMEOUT_S)
         unloaded = threading.Thread(target=rpc.unload_model, args=("tiny_cls",))
         unloaded.start()
-        _wait_for(lambda: _index(s.url)["tiny_cls"][1] == "unloaded")
+        wait_until(lambda: _index(s.url)["tiny_cls"][1] == "unloaded", TIMEOUT_S)
         late = httpx.post(
             f"{s.url}/classify?model=tiny_cls", files=upload(image), timeout=TIMEOUT_S
         )
@@ -354,12 +348,12 @@ def test_a_model_added_to_the_repository_later_loads_and_reloads_keep_no_old_ver
         for _ in range(3):  # settle: the first reloads grow caches and pools
             assert httpx.post(load, timeout=TIMEOUT_S).status_code == 200
             assert _top_label(s.url, image) == label
-        _wait_for(lambda: _retired(tmp_path / "server.log") == 3)
+        wait_until(lambda: _retired(tmp_path / "server.log") == 3, TIMEOUT_S)
         rss = resident_mib()
         for _ in range(8):
             assert httpx.post(load, timeout=TIMEOUT_S).status_code == 200
             assert _top_label(s.url, image) == label
-        _wait_for(lambda: _retired(tmp_path / "server.log") == 11)
+        wait_until(lambda: _retired(tmp_path / "server.log") == 11, TIMEOUT_S)
         time.sleep(1.0)  # the memory releaser's trim
         rss_after = resident_mib()
         # each reload frees the old version at once: the eight retired would hold over
@@ -526,30 +520,31 @@ def test_polling_loads_reloads_and_unloads_as_bundles_come_change_and_go(tmp_pat
     with running_server(flags, log_path=log, inherit_settings=False) as s:
         before = _top_label(s.url, image)
         bundles.write_segmenter(repository / "segmenter")  # a new bundle: loaded
-        _wait_for(lambda: _index(s.url).get("tiny_seg") == ("READY", ""))
+        wait_until(lambda: _index(s.url).get("tiny_seg") == ("READY", ""), TIMEOUT_S)
         segmented = httpx.post(f"{s.url}/segment", files=upload(image), timeout=TIMEOUT_S)
         assert segmented.status_code == 200, segmented.text
 
         reversed_labels = _reverse_labels(repository / "classifier")  # a new version
         after = reversed_labels[reversed_labels[::-1].index(before)]
-        _wait_for(lambda: _top_label(s.url, image) == after)
+        wait_until(lambda: _top_label(s.url, image) == after, TIMEOUT_S)
 
         # a version that does not verify: the one in service stays, and it is not
         # tried again at every look, only once its files change again
         graph = repository / "classifier" / "model.onnx"
         good = graph.read_bytes()
         graph.write_bytes(good + b"\0")
-        _wait_for(lambda: log.read_text().count('"message": "model load failed"') == 1)
+        wait_until(lambda: log.read_text().count('"message": "model load failed"') == 1, TIMEOUT_S)
         time.sleep(1.0)  # five looks more
         assert log.read_text().count('"message": "model load failed"') == 1
         assert _top_label(s.url, image) == after
-        serving = log.read_text().count('"message": "model serving"')
+        serving_line = '"message": "model serving"'
+        serving = log.read_text().count(serving_line)
         graph.write_bytes(good)  # the copy completes: loaded
-        _wait_for(lambda: log.read_text().count('"message": "model serving"') == serving + 1)
+        wait_until(lambda: log.read_text().count(serving_line) == serving + 1, TIMEOUT_S)
         assert _top_label(s.url, image) == after
 
         shutil.rmtree(repository / "segmenter")  # gone: unloaded
-        _wait_for(lambda: "tiny_seg" not in _index(s.url))
+        wait_until(lambda: "tiny_seg" not in _index(s.url), TIMEOUT_S)
         gone = httpx.post(f"{s.url}/segment?model=tiny_seg", files=upload(image))
         assert gone.status_code == 404, gone.text
 

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.testing import RunningServer, free_port, running_server
 from service.tls import CERTIFICATE_CHECK_S, ServedCertificate
+from tests.helpers.waiting import wait_until
 
 trustme = pytest.importorskip("trustme", reason="trustme is in the dev extra")
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSIFIER = REPO / "service" / "demo_bundles" / "shapes_classify"
+# Each look is a new handshake: a few a second, for up to 15 s.
+EACH_HANDSHAKE = {"timeout_s": 15.0, "every_s": 0.2}
 
 
 class Pki:
@@ -90,13 +92,6 @@ def _reloads(url: str, pki: Pki) -> dict[str, float]:
     }
 
 
-def _until(condition, timeout_s: float = 15.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.2)
-
-
 class Served:
     def __init__(self, running: RunningServer, metrics_port: int, grpc_port: int) -> None:
         self.running = running
@@ -147,17 +142,18 @@ def test_a_renewed_certificate_is_served_on_every_port_without_a_restart(
         # A Secret updated with a key of another certificate: not taken, the pair read
         # last still served, counted and said once.
         secret.publish(pki.pairs["b"][0], pki.pairs["a"][1])
-        _until(
+        wait_until(
             lambda: (
                 served_by(served.https_port, pki) == "a"
                 and _reloads(served.running.url, pki).get("failure") == 1
-            )
+            ),
+            **EACH_HANDSHAKE,
         )
         assert served.all_served_by(pki) == {"a"}
         # The right key: every port's new connections are served the new certificate.
         secret.publish(*pki.pairs["b"])
-        _until(lambda: served_by(served.https_port, pki) == "b")
-        _until(lambda: served.all_served_by(pki) == {"b"})
+        wait_until(lambda: served_by(served.https_port, pki) == "b", **EACH_HANDSHAKE)
+        wait_until(lambda: served.all_served_by(pki) == {"b"}, **EACH_HANDSHAKE)
         assert client.get(f"{served.running.url}/readyz").status_code == 200
     assert _reloads(served.running.url, pki) == {"success": 1, "failure": 1}
     log = [json.loads(line) for line in served.running.log_path.read_text().splitlines()]
@@ -177,7 +173,7 @@ def test_a_connection_keeps_the_certificate_it_began_with(
         context.wrap_socket(raw, server_hostname="127.0.0.1") as before,
     ):
         secret.publish(*pki.pairs["b"])
-        _until(lambda: served_by(served.https_port, pki) == "b")
+        wait_until(lambda: served_by(served.https_port, pki) == "b", **EACH_HANDSHAKE)
         assert pki.which(before.getpeercert(binary_form=True)) == "a"
         before.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         answer = b""
