@@ -44,7 +44,7 @@ from service.errors import (
     bounded,
 )
 from service.kserve import BYTES, InvalidInferRequest, OutputTensor, Tensor
-from service.logs import request_context, request_id
+from service.logs import request_context
 from service.metrics import ServiceMetrics
 from service.middleware import UploadBuffer, record_request
 from service.routers import v2
@@ -262,10 +262,9 @@ class InferenceService:
         times = RequestTimes()
         with runner.in_use():  # an unload or reload of the model answers this request first
             answer = await self._infer(runner, request, context, times)
-        if unary:
-            context.set_trailing_metadata(
-                (("x-request-id", request_id.get() or ""), ("server-timing", times.server_timing()))
-            )
+        if unary:  # beside the request id the call's wrapper put there
+            timing = ("server-timing", times.server_timing())
+            context.set_trailing_metadata((*context.trailing_metadata(), timing))
         return answer
 
     async def _infer(
