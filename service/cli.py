@@ -216,18 +216,21 @@ def _http_config(
     settings: Settings, app: ASGIApp, metrics: ServiceMetrics, listener: str
 ) -> uvicorn.Config:
     """uvicorn's configuration of one HTTP port (`listener`: "api", --port, or "metrics",
-    --metrics-port), its connections counted and bounded on their own."""
+    --metrics-port), its connections counted and bounded on their own. The per-client
+    bound and the connection age are the API's: its clients spread over new replicas,
+    while the kubelet and a scraper come from few addresses and may keep a connection."""
+    api = listener == "api"
     connections = PortConnections(
         settings.max_connections,
         metrics.connections_refused.labels(listener).inc,
         listener,
-        settings.max_connections_per_client if listener == "api" else 0,
+        settings.max_connections_per_client if api else 0,
     )
     metrics.http_connections.labels(listener).set_function(lambda: len(connections.open))
     return uvicorn.Config(
         app,
         host=settings.host,
-        port=settings.port if listener == "api" else settings.metrics_port,
+        port=settings.port if api else settings.metrics_port,
         log_config=None,
         log_level=settings.log_level,
         # Never uvicorn's own protocols: its httptools one buffers a request head of any
@@ -236,8 +239,7 @@ def _http_config(
             settings.http_parser,
             settings.client_timeout_s,
             connections,
-            # the API's clients spread over new replicas; a scraper's connection stays
-            settings.max_connection_age_s if listener == "api" else 0.0,
+            settings.max_connection_age_s if api else 0.0,
         ),
         loop=settings.event_loop,
         # No WebSocket route is served: an Upgrade request is answered as plain HTTP (the
