@@ -88,6 +88,7 @@ def create_app(
             releasing.cancel()
             await asyncio.gather(loading, releasing, return_exceptions=True)
             await pool.close(settings.drain_timeout_s)
+            await asyncio.to_thread(pool.tracing.shutdown)  # the last spans exported
             log.info("shut down")
 
     app = FastAPI(

@@ -120,8 +120,10 @@ class BatchObservers:
 class Timing:
     """Where a `submit_many` call's items spent their time (filled in once it returns):
     `queued_s` from being queued until the last of them began running, `running_s` from
-    then until the last of their batches' engine runs ended."""
+    then until the last of their batches' engine runs ended; `queued_at` when they were
+    queued (time.monotonic())."""
 
+    queued_at: float = 0.0
     queued_s: float = 0.0
     running_s: float = 0.0
 
@@ -299,6 +301,7 @@ class BatchQueue(Generic[T, R]):
             results = list(await asyncio.wait_for(answers, timeout))
             if timing is not None:
                 began = max(entry.started_at for entry in pending)
+                timing.queued_at = now
                 timing.queued_s = began - now
                 timing.running_s = max(entry.ended_at for entry in pending) - began
             return results

@@ -175,6 +175,12 @@ def serve(args: argparse.Namespace) -> int:
             "turn its log lines off, errors included, or on; require keys (--api-key-file), "
             "or keep the port to trusted callers"
         )
+    if settings.allow_trace_settings and not settings.asks_for_keys:
+        log.warning(
+            "--allow-trace-settings without API keys: any client that reaches this server "
+            "may have every inference request traced and sent to the collector, or none; "
+            "require keys (--api-key-file), or keep the port to trusted callers"
+        )
     # The imports' threads, then the event loop's (the threads it starts take its name).
     thread_names.name_library_threads()
     thread_names.set_current(thread_names.SERVE)

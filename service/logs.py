@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hornet_request_id", default=None
@@ -20,9 +21,23 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 trace_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hornet_trace_id", default=None
 )
+
+
+class TraceParent(NamedTuple):
+    """A valid `traceparent`'s trace id and parent span id (lowercase hex), and whether
+    its caller sampled the trace (service.tracing follows it)."""
+
+    trace_id: str
+    span_id: str
+    sampled: bool
+
+
+trace_parent: contextvars.ContextVar[TraceParent | None] = contextvars.ContextVar(
+    "hornet_trace_parent", default=None
+)
 # W3C Trace Context's traceparent: version-trace_id-parent_id-flags, lowercase hex. A
 # future version may append fields after a dash; version ff is invalid.
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # an X-Request-ID kept as given
@@ -36,24 +51,33 @@ def request_context(headers: Mapping[bytes, bytes]) -> Iterator[str]:
     incoming = headers.get(b"x-request-id", b"").decode("latin-1")
     rid = incoming if VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
     id_token = request_id.set(rid)
-    trace_token = trace_id.set(trace_id_of(headers.get(b"traceparent", b"").decode("latin-1")))
+    parent = parse_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))
+    parent_token = trace_parent.set(parent)
+    trace_token = trace_id.set(None if parent is None else parent.trace_id)
     try:
         yield rid
     finally:
         request_id.reset(id_token)
         trace_id.reset(trace_token)
+        trace_parent.reset(parent_token)
 
 
-def trace_id_of(traceparent: str) -> str | None:
-    """The trace id of a valid `traceparent` header's value, else None (a malformed or
-    all-zero one is ignored, as the specification asks of a receiver)."""
+def parse_traceparent(traceparent: str) -> TraceParent | None:
+    """A valid `traceparent` header's value, else None (a malformed or all-zero one is
+    ignored, as the specification asks of a receiver)."""
     match = _TRACEPARENT.match(traceparent.strip()) if len(traceparent) <= 512 else None
     if match is None:
         return None
-    version, trace, parent, rest = match.groups()
+    version, trace, parent, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest) or not int(trace, 16) or not int(parent, 16):
         return None
-    return trace
+    return TraceParent(trace, parent, bool(int(flags, 16) & 1))
+
+
+def trace_id_of(traceparent: str) -> str | None:
+    """The trace id of a valid `traceparent` header's value, else None."""
+    parsed = parse_traceparent(traceparent)
+    return None if parsed is None else parsed.trace_id
 
 
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -222,6 +246,11 @@ def configure_logging(level: str = "info", access_log: bool = True) -> None:
         logger.handlers = [handler]
         logger.propagate = False
     log_switches.start_at(level)
+    # OpenTelemetry's exporter (--trace-endpoint): a line for each batch of spans it could
+    # not deliver, not one for each retry
+    exporter = logging.getLogger("opentelemetry")
+    exporter.handlers, exporter.propagate = [handler], False
+    exporter.setLevel(logging.ERROR)
     access = logging.getLogger("hornet.access")
     # the access lines are info lines; without access_log only the 5xx ones (warnings)
     access.setLevel(logging.NOTSET if access_log else logging.WARNING)

@@ -49,6 +49,7 @@ from service.pipelines import Answer, AnswerOptions, Pipeline, Prepared, pipelin
 from service.schemas import UINT64_MAX, BatchSettings, ModelInfo
 from service.settings import Settings, bundle_name
 from service.statistics import ModelStatistics, RequestTimes
+from service.tracing import Tracing
 
 log = logging.getLogger("hornet.service")
 
@@ -465,8 +466,7 @@ class ModelRunner:
             raise EngineFailure(f"model {self.name!r} engine failed: {exc}") from exc
         if times is not None:
             times.images += sum(image.cached is None for image in prepared)
-            times.queue += timing.queued_s
-            times.compute_infer += timing.running_s
+            times.batched(timing.queued_at, timing.queued_s, timing.running_s)
         grouped, start = [], 0
         for image in prepared:
             if image.cached is not None:
@@ -537,6 +537,14 @@ class ModelPool:
         )
         self.metrics = metrics
         self._engine_factory = engine_factory
+        # OpenTelemetry traces of the inference requests (--trace-endpoint), and their
+        # settings (Triton's trace extension)
+        self.tracing = Tracing(
+            settings.trace_endpoint,
+            rate=settings.trace_rate,
+            count=settings.trace_count,
+            changeable=settings.allow_trace_settings,
+        )
         self.runners: dict[str, ModelRunner] = {}
         self.ready = False
         self.draining = False

@@ -187,6 +187,23 @@ class V2LogSettings(BaseModel):
     log_format: str = Field(description="always 'json': one JSON object per line")
 
 
+class V2TraceSettings(BaseModel):
+    """Triton's trace settings (its trace extension), as this server keeps them: strings,
+    the level a list of one."""
+
+    trace_level: list[Literal["OFF", "TIMESTAMPS"]] = Field(
+        description="TIMESTAMPS: sampled inference requests are traced (with "
+        "--trace-endpoint); OFF: none"
+    )
+    trace_rate: str = Field(
+        description="one request in this many of those without a traceparent is traced"
+    )
+    trace_count: str = Field(description="how many more traces (-1: no limit)")
+    log_frequency: str = Field(description="always '0': spans go to the collector in batches")
+    trace_file: str = Field(description="always '': traces go to --trace-endpoint")
+    trace_mode: str = Field(description="always 'opentelemetry'")
+
+
 class V2ServerLive(BaseModel):
     live: bool
 

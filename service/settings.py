@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -488,6 +489,36 @@ class Settings(BaseSettings):
         "written, and the verbose lines); off: they can only read them (403 "
         "log_settings_off). Where API keys are set, only holders of a key can",
     )
+    trace_endpoint: Annotated[str | None, Flag(metavar="URL")] = Field(
+        None,
+        description="export OpenTelemetry traces of inference requests to this OTLP/HTTP "
+        "collector URL (e.g. http://otel-collector:4318/v1/traces): a server span per "
+        "sampled request with its stages (compute_input, queue, compute_infer, "
+        "compute_output); a request with a valid traceparent joins its trace, sampled as "
+        "its caller sampled it; OpenTelemetry's OTEL_EXPORTER_OTLP_* and OTEL_BSP_* "
+        "variables apply. Unset: no traces",
+    )
+    trace_rate: int = Field(
+        1000,
+        ge=1,
+        le=2**31 - 1,
+        description="with --trace-endpoint: trace one request in this many of those that "
+        "come without a traceparent (Triton's trace_rate; the first is traced)",
+    )
+    trace_count: int = Field(
+        -1,
+        ge=-1,
+        le=2**31 - 1,
+        description="with --trace-endpoint: stop after this many traces (Triton's "
+        "trace_count; -1: no limit)",
+    )
+    allow_trace_settings: bool = Field(
+        False,
+        description="let clients change the trace settings while the server runs (Triton's "
+        "trace extension: POST /v2/trace/setting and /v2/models/{model}/trace/setting, "
+        "gRPC TraceSetting: trace_level, trace_rate, trace_count); off: they can only read "
+        "them (403 trace_settings_off). Where API keys are set, only holders of a key can",
+    )
     access_log: bool = Field(
         True,
         description="one log line per request answered (method, path, status, time; the "
@@ -531,6 +562,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 "a reducing gap under 1 would resize up from a decode smaller than the "
                 "model's resize; use 0 (off) or 1 and above"
+            )
+        return value
+
+    @field_validator("trace_endpoint")
+    @classmethod
+    def _trace_endpoint_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{value[:200]!r} is not an http:// or https:// URL of an OTLP/HTTP collector "
+                "(e.g. http://otel-collector:4318/v1/traces)"
             )
         return value
 

@@ -81,6 +81,9 @@ class RequestTimes:
     # --response-cache-mib: the seconds each image's lookup took, found or not
     cache_hits: list[float] = field(default_factory=list)
     cache_misses: list[float] = field(default_factory=list)
+    # each stage's spans of time as (stage, start, end) in time.monotonic() seconds, in
+    # the order they ended: a traced request's spans (service.tracing)
+    intervals: list[tuple[str, float, float]] = field(default_factory=list)
 
     def server_timing(self) -> str:
         """The stages as an HTTP `Server-Timing` header (W3C Server Timing: browsers'
@@ -93,11 +96,24 @@ class RequestTimes:
     @contextlib.contextmanager
     def measure(self, stage: Stage) -> Iterator[None]:
         """Add the wall time of the block to `stage`."""
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             yield
         finally:
-            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+            ended = time.monotonic()
+            setattr(self, stage, getattr(self, stage) + ended - started)
+            self.intervals.append((stage, started, ended))
+
+    def batched(self, queued_at: float, queued_s: float, running_s: float) -> None:
+        """Add a batcher's wait and engine run (service.batching.Timing) that began at
+        `queued_at` (time.monotonic())."""
+        self.queue += queued_s
+        self.compute_infer += running_s
+        if not queued_at:  # nothing was queued (every image from the response cache)
+            return
+        began = queued_at + queued_s
+        self.intervals.append(("queue", queued_at, began))
+        self.intervals.append(("compute_infer", began, began + running_s))
 
 
 class RequestObserver(Protocol):

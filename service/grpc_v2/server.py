@@ -52,6 +52,7 @@ from service.runtime import ModelPool, ModelRunner
 from service.settings import Settings
 from service.statistics import RequestTimes
 from service.tls import ServedCertificate
+from service.tracing import grpc_attributes
 
 log = logging.getLogger("hornet.service.grpc")
 
@@ -241,6 +242,17 @@ class InferenceService:
             setattr(answer.settings[name], kind, value)
         return answer
 
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's trace extension, as GET (no settings) and POST /v2/trace/setting, or
+        /v2/models/{model}/trace/setting for a request's model_name; a setting given
+        without a value is cleared (JSON's null over REST)."""
+        changes = {name: list(value.value) or None for name, value in request.settings.items()}
+        settings = v2.change_trace_settings(self.pool, request.model_name or None, changes)
+        answer = MESSAGES["TraceSettingResponse"]()
+        for name, value in settings.items():
+            answer.settings[name].value.extend(value if isinstance(value, list) else [value])
+        return answer
+
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The configuration /v2/models/{model}/config answers, as Triton's message."""
         config = await v2.model_config(self.pool, request.name, request.version or None)
@@ -260,7 +272,11 @@ class InferenceService:
         runner = v2.find_model(self.pool, request.model_name, request.model_version or None)
         self.pool.require_ready()
         times = RequestTimes()
-        with runner.in_use():  # an unload or reload of the model answers this request first
+        method = "ModelInfer" if unary else "ModelStreamInfer"
+        traced = self.pool.tracing.request(
+            runner.name, f"{SERVICE}/{method}", grpc_attributes(SERVICE, method), times
+        )
+        with traced, runner.in_use():  # an unload or reload answers this request first
             answer = await self._infer(runner, request, context, times)
         if unary:  # beside the request id the call's wrapper put there
             timing = ("server-timing", times.server_timing())

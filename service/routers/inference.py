@@ -19,7 +19,8 @@ from service.schemas import (
     SegmentResponse,
     error_responses,
 )
-from service.statistics import SERVER_TIMING
+from service.statistics import SERVER_TIMING, RequestTimes
+from service.tracing import http_attributes
 
 router = APIRouter(tags=["inference"])
 
@@ -114,8 +115,12 @@ async def _answer(
     in the model's statistics once the uploads are read."""
     deadline = request_deadline(request, None if timeout_ms is None else timeout_ms / 1000)
     level = runner.priority_level(priority)  # before the upload is read and decoded
-    with runner.in_use():  # an unload or reload of the model answers this request first
-        return await _answered(request, answer, runner, response, options, level, deadline)
+    path, times = request.url.path, RequestTimes()
+    traced = request.app.state.pool.tracing.request(
+        runner.name, f"POST {path}", http_attributes(path, path), times
+    )
+    with traced, runner.in_use():  # an unload or reload answers this request first
+        return await _answered(request, answer, runner, response, options, level, deadline, times)
 
 
 async def _answered(
@@ -126,9 +131,10 @@ async def _answered(
     options: AnswerOptions,
     level: int,
     deadline: float,
+    times: RequestTimes,
 ) -> ResponseModel:
     uploads = await read_uploads(request)
-    with runner.statistics.request() as times:
+    with runner.statistics.request(times):
         with times.measure("compute_input"):
             prepared = await runner.prepare(
                 uploads, times, deadline=deadline, is_gone=request.is_disconnected

@@ -28,7 +28,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import __version__, kserve
+from service import __version__, kserve, tracing
 from service.batching import IsGone
 from service.dependencies import Pool, request_deadline
 from service.errors import (
@@ -56,6 +56,7 @@ from service.schemas import (
     V2ServerMetadata,
     V2ServerReady,
     V2StatisticsResponse,
+    V2TraceSettings,
     error_responses,
 )
 from service.settings import Settings
@@ -73,6 +74,7 @@ EXTENSIONS = [
     "model_configuration",
     "model_repository",
     "statistics",
+    "trace",
 ]
 MODEL_VERSION = "1"
 SCORE_THRESHOLD = "score_threshold"
@@ -451,6 +453,101 @@ def change_log_settings(settings: Settings, changes: dict[str, Any]) -> dict[str
     return after
 
 
+_TRACE_SETTINGS_ERRORS = error_responses(V2ErrorResponse, {
+    403: "trace_settings_off: a change asked of a server started without "
+    "--allow-trace-settings",
+    413: "payload_too_large: a body over 4096 bytes",
+    422: "invalid_parameters: a body that is not a JSON object of the settings, each a "
+    "string (or a list of one) this server takes, or null to clear it (every one refused "
+    "is named; none is applied)",
+})  # fmt: skip
+_TRACE_SETTINGS_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "properties": {
+                "trace_level": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string", "enum": ["OFF", "TIMESTAMPS"]},
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
+                "trace_rate": {"type": ["string", "null"], "pattern": "^[0-9]{1,10}$"},
+                "trace_count": {"type": ["string", "null"], "pattern": "^-?[0-9]{1,10}$"},
+                "log_frequency": {"type": ["string", "null"], "enum": ["0", None]},
+                "trace_file": {"type": ["string", "null"], "enum": ["", None]},
+                "trace_mode": {"type": ["string", "null"], "enum": ["opentelemetry", None]},
+            },
+            "additionalProperties": False,
+        }}},
+    }
+}  # fmt: skip
+
+
+@router.get("/trace/setting", response_model=V2TraceSettings)
+async def get_trace_settings(pool: Pool) -> dict:
+    """Triton's trace extension: the server's trace settings (--trace-endpoint: whether
+    inference requests are traced, one in how many, how many more)."""
+    return pool.tracing.settings()
+
+
+@router.post(
+    "/trace/setting",
+    response_model=V2TraceSettings,
+    responses=_TRACE_SETTINGS_ERRORS,
+    openapi_extra=_TRACE_SETTINGS_BODY,
+)
+async def update_trace_settings(request: Request, pool: Pool) -> dict:
+    """Triton's trace extension: change the server's settings given (with
+    --allow-trace-settings), the others kept; null restores one's value at start. Every
+    setting after the change; an empty body changes nothing."""
+    changes = await _trace_changes(request)
+    return change_trace_settings(pool, None, changes)
+
+
+@router.get(
+    "/models/{model}/trace/setting", response_model=V2TraceSettings, responses=_MODEL_ERRORS
+)
+async def get_model_trace_settings(pool: Pool, model: str) -> dict:
+    """Triton's trace extension: the trace settings in force for the model (its own where
+    set, the server's for the rest)."""
+    return change_trace_settings(pool, model, {})
+
+
+@router.post(
+    "/models/{model}/trace/setting",
+    response_model=V2TraceSettings,
+    responses={**_MODEL_ERRORS, **_TRACE_SETTINGS_ERRORS},
+    openapi_extra=_TRACE_SETTINGS_BODY,
+)
+async def update_model_trace_settings(request: Request, pool: Pool, model: str) -> dict:
+    """Triton's trace extension: change the model's own settings (with
+    --allow-trace-settings); null clears one, the server's then in force."""
+    changes = await _trace_changes(request)
+    return change_trace_settings(pool, model, changes)
+
+
+async def _trace_changes(request: Request) -> dict[str, Any]:
+    changes = _small_json(await request.body(), "a trace settings request")
+    if not isinstance(changes, dict):
+        raise InvalidParameters(
+            "a trace settings request is empty or a JSON object of settings: "
+            + ", ".join((*tracing.CHANGEABLE, *tracing.READ_ONLY))
+        )
+    return changes
+
+
+def change_trace_settings(
+    pool: ModelPool, model: str | None, changes: dict[str, Any]
+) -> dict[str, Any]:
+    """The trace settings of `model` (the server's where None) after `changes` (REST and
+    gRPC): all applied or none; no change is a read. A model is one served here."""
+    if model is not None:
+        find_model(pool, model, None)
+    return pool.tracing.update(changes, model)
+
+
 # Before /models/{model}: Triton's path for every model's statistics (a model named
 # "stats" has its own at /models/stats/stats).
 @router.get("/models/stats", response_model=V2StatisticsResponse)
@@ -569,11 +666,21 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     detect model); see docs/kserve-v2.md."""
     runner = find_model(pool, model, version)
     pool.require_ready()
-    with runner.in_use():  # an unload or reload of the model answers this request first
-        return await _infer(request, pool, runner, model)
+    times = RequestTimes()
+    route = _INFER_PATH if version is None else _VERSION_INFER_PATH
+    attributes = tracing.http_attributes(route, request.url.path)
+    traced = pool.tracing.request(runner.name, f"POST {route}", attributes, times)
+    with traced, runner.in_use():  # an unload or reload answers this request first
+        return await _infer(request, pool, runner, model, times)
 
 
-async def _infer(request: Request, pool: ModelPool, runner: ModelRunner, model: str) -> Response:
+_INFER_PATH = "/v2/models/{model}/infer"
+_VERSION_INFER_PATH = "/v2/models/{model}/versions/{version}/infer"
+
+
+async def _infer(
+    request: Request, pool: ModelPool, runner: ModelRunner, model: str, times: RequestTimes
+) -> Response:
     deadline = request_deadline(request)
     body = await request.body()
     header_length = request.headers.get(kserve.HEADER_LENGTH)
@@ -584,7 +691,6 @@ async def _infer(request: Request, pool: ModelPool, runner: ModelRunner, model: 
         parsed, tensors = await asyncio.to_thread(parse)
     else:
         parsed, tensors = parse()
-    times = RequestTimes()
     gone = request.is_disconnected
     outputs = await infer_outputs(
         pool, runner, parsed, tensors, deadline=deadline, is_gone=gone, times=times

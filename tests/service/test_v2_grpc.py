@@ -51,7 +51,7 @@ SERVICE = "GRPCInferenceService"
 RPCS = {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
     "ModelConfig", "ModelStatistics", "RepositoryIndex", "ModelStreamInfer",
-    "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings",
+    "RepositoryModelLoad", "RepositoryModelUnload", "LogSettings", "TraceSetting",
 }  # fmt: skip
 # The REST status of an error, and the gRPC status the same error has.
 GRPC_STATUS_OF_HTTP = {
@@ -251,7 +251,6 @@ def test_rpcs_outside_the_served_set_answer_unimplemented(served) -> None:
     for call in (
         lambda: served.client.get_system_shared_memory_status(),
         lambda: served.client.get_cuda_shared_memory_status(),
-        lambda: served.client.get_trace_settings(),
     ):
         assert refusal(call).status() == status("UNIMPLEMENTED")
 
