@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from service import __version__
 from service.errors import InvalidParameters, ServiceError
-from service.logs import TraceParent, request_id, trace_id, trace_parent
+from service.logs import TraceParent, log_always, request_id, trace_id, trace_parent
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -71,25 +71,16 @@ class Tracing:
     """The server's trace settings and, with an endpoint, its OpenTelemetry exporter."""
 
     def __init__(
-        self,
-        endpoint: str | None,
-        *,
-        level: str = "TIMESTAMPS",
-        rate: int = 1000,
-        count: int = -1,
-        changeable: bool = False,
-        provider: TracerProvider | None = None,
+        self, endpoint: str | None, *, rate: int = 1000, count: int = -1, changeable: bool = False
     ) -> None:
-        self.endpoint = endpoint
         self.changeable = changeable
-        self._initial = _Scope(level if endpoint else "OFF", rate, count)
+        self._initial = _Scope("TIMESTAMPS" if endpoint else "OFF", rate, count)
         self._server = dataclasses.replace(self._initial)
         self._models: dict[str, _Scope] = {}
-        self._lock = threading.Lock()  # the counts: requests decide on the event loop only,
-        # but gRPC's and the HTTP app's loops are one; the lock keeps it true if not
-        self._provider = (
-            provider if provider is not None or endpoint is None else _provider(endpoint)
-        )
+        # The counts and settings: REST and gRPC requests all decide on the event loop,
+        # the lock keeps them right for a caller on another thread too.
+        self._lock = threading.Lock()
+        self._provider = None if endpoint is None else _provider(endpoint)
         self._tracer = None if self._provider is None else self._provider.get_tracer("hornet")
 
     # ---- the settings (Triton's trace extension)
@@ -127,10 +118,9 @@ class Tracing:
                 if name == "rate":
                     scope.seen = 0
             after = self._effective(model)
-        log.info(
-            "trace settings changed",
-            extra={"model": model or "", "before": list(before), "after": list(after)},
-        )
+        before = dict(zip(CHANGEABLE, before, strict=True))
+        after = dict(zip(CHANGEABLE, after, strict=True))
+        log_always(log, "trace settings changed", model=model, before=before, after=after)
         return self.settings(model)
 
     def _parse(self, changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -157,6 +157,35 @@ def test_v2_rest_and_grpc_requests_are_traced(served: RunningServer, collector: 
     assert root.attributes["hornet.model"] == "tiny_cls"
 
 
+def test_each_request_on_a_grpc_stream_is_a_span_of_its_own(
+    served: RunningServer, collector: Collector
+) -> None:
+    """A stream's traceparent (its call's metadata) is the parent of every request sent
+    on it: one server span each."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    header, trace, parent = _traceparent()
+    answers: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}") as client:
+        client.start_stream(
+            callback=lambda result, error: answers.put(error), headers={"traceparent": header}
+        )
+        image = grpcclient.InferInput("encoded_image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([IMAGE], dtype=np.object_))
+        for index in range(2):
+            client.async_stream_infer("tiny_cls", [image], request_id=f"stream-{index}")
+            assert answers.get(timeout=30) is None
+        client.stop_stream()
+    spans = _spans_of(collector, trace, 10)
+    roots = [span for span in spans if span.parent_span_id == parent]
+    assert [root.name for root in roots] == ["inference.GRPCInferenceService/ModelStreamInfer"] * 2
+    for root in roots:
+        children = [span for span in spans if span.parent_span_id == root.span_id]
+        assert sorted(child.name for child in children) == sorted(STAGES)
+
+
 def test_a_refused_request_is_traced_with_its_error(
     served: RunningServer, collector: Collector
 ) -> None:
