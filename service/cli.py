@@ -128,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.access_log)
+    configure_logging(settings.log_level, settings.access_log, settings.log_buffer_kib << 10)
     if not _precisions_verified(bundles, settings):
         return 2
     configure_allocator()

@@ -4,16 +4,19 @@ instrumented client), so that the lines can be found from the trace."""
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import contextvars
 import json
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hornet_request_id", default=None
@@ -234,11 +237,122 @@ def log_always(logger: logging.Logger, message: str, **extra: object) -> None:
     logger.handle(record)  # handle, unlike warning(), does not look at the level
 
 
-def configure_logging(level: str = "info", access_log: bool = True) -> None:
+class LineWriter:
+    """Writes log lines to a stream from a thread of its own, so that no thread that logs
+    (the event loop above all) ever waits for the stream: a standard error that is read
+    slowly or not at all (a full pipe: a container runtime's log driver that blocks, a
+    stalled collector) held the event loop in its write, and after 281 requests the server
+    answered nothing, probes included. Lines wait up to `capacity_bytes` in all; past it
+    the newest are dropped and counted (`dropped`), and once everything waiting is written
+    a line says how many were lost. A process exiting waits up to FLUSH_TIMEOUT_S for the
+    rest."""
+
+    FLUSH_TIMEOUT_S = 2.0
+    _MOST_AT_ONCE = 256  # lines in one write
+
+    def __init__(self, stream: TextIO, capacity_bytes: int) -> None:
+        self._stream = stream
+        self._capacity = capacity_bytes
+        self._lines: collections.deque[str] = collections.deque()
+        self._bytes = 0  # waiting, or being written
+        self._ready = threading.Condition()
+        self.dropped = 0  # in all, since the start
+        self._unreported = 0
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush, self.FLUSH_TIMEOUT_S)
+
+    def put(self, line: str) -> None:
+        with self._ready:
+            if self._bytes + len(line) > self._capacity:
+                self.dropped += 1
+                self._unreported += 1
+                self._ready.notify()  # to be said, once the rest is written
+                return
+            self._lines.append(line)
+            self._bytes += len(line)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        from service import thread_names
+
+        thread_names.set_current(thread_names.LOG)
+        while True:
+            with self._ready:
+                while not self._lines and not self._unreported:
+                    self._ready.wait()
+                count = min(len(self._lines), self._MOST_AT_ONCE)
+                lines = [self._lines.popleft() for _ in range(count)]
+                size = sum(map(len, lines))
+                if self._unreported and not self._lines:  # said once all is written
+                    lines.append(_dropped_line(self._unreported))
+                    self._unreported = 0
+            try:
+                self._stream.write("".join(lines))
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed stream: nothing can be said there
+                pass
+            with self._ready:
+                self._bytes -= size
+                self._ready.notify_all()
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every line waiting is written, `timeout_s` at most."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._bytes == 0, timeout_s)
+
+
+def _dropped_line(count: int) -> str:
+    return (
+        json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+                "level": "warning",
+                "logger": "hornet.service",
+                "message": "log lines dropped: standard error was not read fast enough",
+                "dropped": count,
+            }
+        )
+        + "\n"
+    )
+
+
+class _QueuedHandler(logging.Handler):
+    """Formats a record where it is logged (the JSON line reads the request's context
+    there) and hands the line to the writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging.Handler's own policy
+            self.handleError(record)
+            return
+        self.writer.put(line + "\n")
+
+
+_writer: LineWriter | None = None
+
+
+def dropped_lines() -> int:
+    """Log lines dropped since the start because standard error was read too slowly."""
+    return 0 if _writer is None else _writer.dropped
+
+
+def configure_logging(
+    level: str = "info", access_log: bool = True, buffer_bytes: int = 4 << 20
+) -> None:
     """Route the service's and uvicorn's logs to stderr as JSON lines, through
-    `log_switches` set from `level`; without `access_log`, the lines of requests answered
-    below 500 are left out."""
-    handler = logging.StreamHandler(sys.stderr)
+    `log_switches` set from `level`, written by a thread of their own that holds
+    `buffer_bytes` of lines at most (LineWriter); without `access_log`, the lines of
+    requests answered below 500 are left out."""
+    global _writer
+    if _writer is None:
+        _writer = LineWriter(sys.stderr, buffer_bytes)
+    handler = _QueuedHandler(_writer)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(log_switches)
     for name in _ROUTED:

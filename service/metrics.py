@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from service.batching import BatchStats, ClosedBy
+from service.logs import dropped_lines
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -164,9 +168,22 @@ class ServiceMetrics:
         self.queue_depth_gauge = Gauge(
             "hornet_queue_depth", "items waiting for a batch", ["model"], registry=self.registry
         )
+        self.registry.register(_DroppedLogLines())
 
     def for_model(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
+
+
+class _DroppedLogLines(Collector):
+    """hornet_log_lines_dropped_total, read from the log writer at each scrape."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "hornet_log_lines_dropped",
+            "log lines dropped because standard error was read too slowly to take them "
+            "(--log-buffer-kib)",
+            value=dropped_lines(),
+        )
 
 
 class ModelObserver:

@@ -525,6 +525,15 @@ class Settings(BaseSettings):
         "hornet.access logger); off: only the answers with a 5xx status, which are logged "
         "as warnings either way",
     )
+    log_buffer_kib: Annotated[int, Flag(metavar="KIB")] = Field(
+        4096,
+        ge=1,
+        le=1 << 20,
+        description="log lines held for standard error when it is read slowly (a blocking "
+        "log driver, a full pipe), in KiB: the lines are written by a thread of their own, "
+        "so the server never waits for them; past this the newest are dropped, counted in "
+        "hornet_log_lines_dropped_total and said in a line once the rest is written",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode, Flag("--api-key", metavar="KEY")] = Field(
         default_factory=list,
         description="require this key (Authorization: Bearer KEY or X-API-Key: KEY); repeat "

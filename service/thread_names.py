@@ -10,6 +10,7 @@ and warms the engines, and the threads that run them, names the libraries' threa
 - `hornet-serve`: the main thread, which runs the event loop (HTTP, routes, batching);
 - `hornet-decode`: the decoding and preprocessing threads;
 - `hornet-engine`: the threads that run batches and every thread an engine started;
+- `hornet-log`: the thread that writes the log lines to standard error;
 - `hornet-lib`: the threads libraries start when imported, before the server names
   anything (numpy's OpenBLAS, OpenCV's and ONNX Runtime's pools), which work for
   whichever thread calls them.
@@ -31,6 +32,7 @@ SERVE = "hornet-serve"
 DECODE = "hornet-decode"
 ENGINE = "hornet-engine"
 LIBRARY = "hornet-lib"
+LOG = "hornet-log"
 
 _PR_SET_NAME = 15
 _MAX_BYTES = 15  # the kernel's TASK_COMM_LEN less the terminating NUL

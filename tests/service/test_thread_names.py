@@ -20,7 +20,7 @@ from tests.helpers.images import encode
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="thread names are Linux's")
 
-ROLES = {thread_names.SERVE, thread_names.DECODE, thread_names.ENGINE}
+ROLES = {thread_names.SERVE, thread_names.DECODE, thread_names.ENGINE, thread_names.LOG}
 # The imports' pools, and uvloop's getaddrinfo threads (libuv names its own).
 OTHERS = {thread_names.LIBRARY, "libuv-worker"}
 

@@ -1,0 +1,104 @@
+"""A standard error that nobody reads (a full pipe: a container runtime's log driver that
+blocks, a stalled collector) must not stop the server: its log lines are written by a
+thread of their own (service.logs.LineWriter), held up to --log-buffer-kib and dropped
+past it, counted, and said once the stream takes lines again.
+
+Before: the event loop wrote each line itself, and a real server whose stderr pipe was
+not read answered 281 requests and then nothing, its probes included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from service.logs import LineWriter
+from service.testing import free_port, wait_ready
+
+
+def _dropped_metric(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("hornet_log_lines_dropped_total "):
+            return float(line.split()[1])
+    raise AssertionError("no hornet_log_lines_dropped_total")
+
+
+def test_a_server_whose_stderr_is_not_read_goes_on_answering(tmp_path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--port", str(port), "--engine-threads", "1"]
+    command += ["--log-buffer-kib", "16"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server, timeout_s=60)
+        # the pipe's 64 KiB and the 16 KiB held fill after about 350 access lines
+        with httpx.Client(base_url=url, timeout=5) as client:
+            for _ in range(800):
+                assert client.get("/healthz").status_code == 200
+            assert client.get("/readyz").status_code == 200
+        dropped = _dropped_metric(url)
+        assert dropped >= 300
+        # Read the pipe again: the lines held come out whole, then one line saying how
+        # many were dropped; the server still answers.
+        lines: list[str] = []
+
+        def read() -> None:
+            for raw in server.stderr:
+                lines.append(raw.decode())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while not any("log lines dropped" in line for line in lines):
+            assert time.monotonic() < deadline, lines[-3:]
+            time.sleep(0.05)
+        parsed = [json.loads(line) for line in list(lines)]  # every line whole JSON
+        (notice,) = [line for line in parsed if line["message"].startswith("log lines dropped")]
+        assert notice["level"] == "warning"
+        assert dropped <= notice["dropped"] <= dropped + 2  # + the scrape's own line
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode == 0
+
+
+class _BlockedStream(io.StringIO):
+    """A stream whose writes wait until it is opened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.open.wait()
+        return super().write(text)
+
+
+def test_the_writer_never_waits_and_counts_what_it_drops() -> None:
+    stream = _BlockedStream()
+    writer = LineWriter(stream, capacity_bytes=100)
+    started = time.monotonic()
+    for index in range(50):
+        writer.put(f"line {index:04d} of ten characters and more\n")  # 40 characters
+    assert time.monotonic() - started < 1.0  # put never waited on the stream
+    # The first line is taken for writing at once (and held in the blocked write): it
+    # and one more fit in the 100 characters, the other 48 are dropped.
+    assert writer.dropped == 48
+    stream.open.set()
+    writer.flush(5)
+    written = stream.getvalue().splitlines()
+    assert written[:2] == [
+        "line 0000 of ten characters and more",
+        "line 0001 of ten characters and more",
+    ]
+    assert json.loads(written[2])["dropped"] == 48
+    writer.put("after\n")
+    writer.flush(5)
+    assert stream.getvalue().endswith("after\n") and writer.dropped == 48
