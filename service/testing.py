@@ -130,6 +130,7 @@ def running_server(
     ready_timeout_s: float = 60.0,
     stop_timeout_s: float = 30.0,
     tls_ca_file: Path | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[RunningServer]:
     """`python -m service *flags` on a free loopback port, ready; stopped at the end.
 
@@ -146,6 +147,8 @@ def running_server(
     ready_path: the route whose 200 means started (/healthz: up, whether or not ready).
     tls_ca_file: the server serves HTTPS (--tls-certfile among `flags`) with a
         certificate this authority signed: the URL is https and the probe checks it.
+    cwd: the server's working directory (`python -m service` imports the `service`
+        package found there first: another source tree's, bench/revisions.py).
     """
     port = free_port()
     environment = {
@@ -165,6 +168,7 @@ def running_server(
             env=environment,
             stdout=stdout,
             stderr=stderr,
+            cwd=cwd,
         )
     url = f"{'https' if tls_ca_file else 'http'}://{LOOPBACK}:{port}"
     try:
