@@ -16,7 +16,6 @@ time); then the medians, and this tree over the base round by round.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import statistics
@@ -29,21 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.loadgen import (  # noqa: E402 - after the path insert
-    ROUTES,
-    LoadResult,
-    add_server_arguments,
-    closed_loop,
-    cpu_seconds,
-    paused,
-    process_tree,
-    server_flags,
-    serving,
-    test_image,
-)
+from bench.alternating import alternate, medians  # noqa: E402 - after the path insert
+from bench.loadgen import add_server_arguments, server_flags, serving, test_image  # noqa: E402
 
 DEMO = REPO / "service" / "demo_bundles" / "shapes_classify"
-NAMES = ("this", "base")
 
 
 @contextlib.contextmanager
@@ -86,59 +74,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     width, height = map(int, args.image_size.split("x"))
     image = test_image((width, height))
-    path, query = ROUTES["classify"]
     flags = server_flags(args)
     print(f"server: python -m service {' '.join(flags)}")
     print(
         f"this tree against {args.base}; {args.concurrency} clients, {args.rounds} rounds of "
         f"{args.duration:g} s per server"
     )
-    results: dict[str, list[tuple[LoadResult, float]]] = {name: [] for name in NAMES}
     with (
         worktree(args.base) as base_tree,
-        serving(None, flags) as (this_url, this_process),
-        serving(None, flags, env={"PYTHONPATH": str(base_tree)}, cwd=base_tree) as (
-            base_url,
-            base_process,
-        ),
+        serving(None, flags) as this,
+        serving(None, flags, env={"PYTHONPATH": str(base_tree)}, cwd=base_tree) as base,
     ):
-        servers = {"this": (this_url, this_process), "base": (base_url, base_process)}
-        header = f"{'round':>5} {'server':<6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        print(f"{header} {'CPU ms/req':>10}")
-        for round_ in range(1, args.rounds + 1):
-            order = NAMES if round_ % 2 else NAMES[::-1]
-            for name in order:
-                url, process = servers[name]
-                other = servers[NAMES[1 - NAMES.index(name)]][1]
-                with paused(other):
-                    warm = closed_loop(url, path, image, dict(query), args.concurrency, 1, 10**9)
-                    asyncio.run(warm)
-                    pids = process_tree(process.pid)
-                    cpu_before = cpu_seconds(pids)
-                    load = asyncio.run(
-                        closed_loop(
-                            url, path, image, dict(query), args.concurrency, args.duration, 10**9
-                        )
-                    )
-                    cpu_ms = (cpu_seconds(pids) - cpu_before) * 1000 / max(load.ok, 1)
-                results[name].append((load, cpu_ms))
-                print(
-                    f"{round_:>5} {name:<6} {load.throughput:>8.1f} {load.percentile(50):>8.1f}"
-                    f" {load.percentile(99):>8.1f} {cpu_ms:>10.2f}"
-                    + (f"  errors {load.errors}" if load.errors else "")
-                )
-    print("\nmedians over the rounds:")
-    for name in NAMES:
-        runs = results[name]
-        print(
-            f"  {name:<6} {statistics.median(load.throughput for load, _ in runs):.1f} req/s, "
-            f"p50 {statistics.median(load.percentile(50) for load, _ in runs):.1f} ms, "
-            f"p99 {statistics.median(load.percentile(99) for load, _ in runs):.1f} ms, "
-            f"{statistics.median(cpu for _, cpu in runs):.2f} ms of server CPU per request"
+        runs = alternate(
+            {"this": this, "base": base},
+            image,
+            args.concurrency,
+            args.rounds,
+            args.duration,
+            warm_s=1.0,
         )
+    medians(runs)
     ratios = [
-        this.throughput / base.throughput
-        for (this, _), (base, _) in zip(results["this"], results["base"], strict=True)
+        this.load.throughput / base.load.throughput
+        for this, base in zip(runs["this"], runs["base"], strict=True)
     ]
     print(
         f"this / base req/s: {statistics.median(ratios):.3f} (rounds: "

@@ -19,21 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadgen import (  # noqa: E402 - after the path insert
-    ROUTES,
-    LoadResult,
+from bench.alternating import alternate, medians  # noqa: E402 - after the path insert
+from bench.loadgen import (  # noqa: E402
     add_server_arguments,
-    closed_loop,
-    cpu_seconds,
-    paused,
-    process_tree,
     server_flags,
     serving,
     test_image,
@@ -41,7 +35,6 @@ from bench.loadgen import (  # noqa: E402 - after the path insert
 )
 from tests.helpers.otlp import running_collector  # noqa: E402
 
-MODES = ("plain", "traced")
 SPANS_PER_REQUEST = 5
 
 
@@ -60,71 +53,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     width, height = map(int, args.image_size.split("x"))
     image = test_image((width, height))
-    path, query = ROUTES["classify"]
     flags = server_flags(args)
     print(f"server: python -m service {' '.join(flags)}")
     print(
         f"{args.concurrency} clients, {args.rounds} rounds of {args.duration:g} s per server; "
         "traced: --trace-rate 1 to an OTLP receiver in this process"
     )
-    results: dict[str, list[tuple[LoadResult, float]]] = {mode: [] for mode in MODES}
     with (
         running_collector() as collector,
-        serving(None, flags) as (plain_url, plain),
-        serving(None, [*flags, "--trace-endpoint", collector.url, "--trace-rate", "1"]) as (
-            traced_url,
-            traced,
-        ),
+        serving(None, flags) as plain,
+        serving(None, [*flags, "--trace-endpoint", collector.url, "--trace-rate", "1"]) as traced,
     ):
-        servers = {"plain": (plain_url, plain), "traced": (traced_url, traced)}
-        for url, _ in servers.values():
+        for url, _ in (plain, traced):
             asyncio.run(warm(url, image, None, "classify"))
         time.sleep(6.0)  # OpenTelemetry's batch delay (5 s): the warm-up's spans exported
         spans_before = len(collector.spans())
-        header = f"{'round':>5} {'server':<7} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        print(f"{header} {'CPU ms/req':>10}")
-        for round_ in range(1, args.rounds + 1):
-            order = MODES if round_ % 2 else MODES[::-1]
-            for mode in order:
-                url, process = servers[mode]
-                other = servers[MODES[1 - MODES.index(mode)]][1]
-                with paused(other):
-                    pids = process_tree(process.pid)
-                    cpu_before = cpu_seconds(pids)
-                    load = asyncio.run(
-                        closed_loop(
-                            url, path, image, dict(query), args.concurrency, args.duration, 10**9
-                        )
-                    )
-                    cpu_ms = (cpu_seconds(pids) - cpu_before) * 1000 / max(load.ok, 1)
-                results[mode].append((load, cpu_ms))
-                print(
-                    f"{round_:>5} {mode:<7} {load.throughput:>8.1f} {load.percentile(50):>8.1f}"
-                    f" {load.percentile(99):>8.1f} {cpu_ms:>10.2f}"
-                    + (f"  errors {load.errors}" if load.errors else "")
-                )
-        time.sleep(6.0)  # OpenTelemetry's batch delay: the last spans exported
-        traced_requests = sum(load.ok + sum(load.errors.values()) for load, _ in results["traced"])
-        spans = len(collector.spans()) - spans_before
-    print("\nmedians over the rounds:")
-    medians = {}
-    for mode in MODES:
-        runs = results[mode]
-        medians[mode] = {
-            "img/s": statistics.median(load.throughput for load, _ in runs),
-            "p50": statistics.median(load.percentile(50) for load, _ in runs),
-            "p99": statistics.median(load.percentile(99) for load, _ in runs),
-            "cpu": statistics.median(cpu for _, cpu in runs),
-        }
-        m = medians[mode]
-        print(
-            f"  {mode:<7} {m['img/s']:.1f} img/s, p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms, "
-            f"{m['cpu']:.2f} ms of server CPU per request"
+        runs = alternate(
+            {"plain": plain, "traced": traced}, image, args.concurrency, args.rounds, args.duration
         )
-    t, p = medians["traced"], medians["plain"]
+        time.sleep(6.0)  # the last spans exported
+        traced_requests = sum(run.load.ok + sum(run.load.errors.values()) for run in runs["traced"])
+        spans = len(collector.spans()) - spans_before
+    found = medians(runs)
+    t, p = found["traced"], found["plain"]
     print(
-        f"traced / plain: img/s {t['img/s'] / p['img/s']:.3f}x, p50 {t['p50'] / p['p50']:.2f}x, "
-        f"p99 {t['p99'] / p['p99']:.2f}x, CPU per request +{t['cpu'] - p['cpu']:.2f} ms"
+        f"traced / plain: req/s {t.throughput / p.throughput:.3f}x, p50 {t.p50 / p.p50:.2f}x, "
+        f"p99 {t.p99 / p.p99:.2f}x, CPU per request +{t.cpu_ms - p.cpu_ms:.2f} ms"
     )
     print(
         f"spans received: {spans} for {traced_requests} traced requests "

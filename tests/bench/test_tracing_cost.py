@@ -24,6 +24,6 @@ def test_both_servers_run_and_every_traced_request_is_exported():
     for row in rows:
         throughput, p50, p99, cpu = map(float, row[2:6])
         assert throughput > 0 and 0 < p50 <= p99 and cpu > 0
-    assert "traced / plain: img/s " in done.stdout
+    assert "traced / plain: req/s " in done.stdout
     spans = re.search(r"spans received: (\d+) for (\d+) traced requests", done.stdout)
     assert spans and int(spans[2]) > 0 and int(spans[1]) == 5 * int(spans[2])
