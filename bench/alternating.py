@@ -4,12 +4,22 @@ bench/revisions.py and bench/tracing_cost.py compare with."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import subprocess
 from dataclasses import dataclass
 
-from bench.loadgen import ROUTES, LoadResult, closed_loop, cpu_seconds, paused, process_tree
+from bench.loadgen import (
+    ROUTES,
+    LoadResult,
+    add_server_arguments,
+    closed_loop,
+    cpu_seconds,
+    paused,
+    process_tree,
+    test_image,
+)
 
 
 @dataclass
@@ -24,6 +34,22 @@ class Medians:
     p50: float
     p99: float
     cpu_ms: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load's arguments (clients, rounds, seconds, the JPEG's size) and the server's
+    (loadgen's server flags)."""
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--image-size", default="384x256", help="the JPEG's WxH")
+    add_server_arguments(parser)
+
+
+def image_of(args: argparse.Namespace) -> bytes:
+    """The JPEG --image-size asks for (loadgen's test image)."""
+    width, height = map(int, args.image_size.split("x"))
+    return test_image((width, height))
 
 
 def measure(

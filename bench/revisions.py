@@ -28,8 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.alternating import alternate, medians  # noqa: E402 - after the path insert
-from bench.loadgen import add_server_arguments, server_flags, serving, test_image  # noqa: E402
+from bench.alternating import (  # noqa: E402 - after the path insert
+    add_arguments,
+    alternate,
+    image_of,
+    medians,
+)
+from bench.loadgen import server_flags, serving  # noqa: E402
 
 DEMO = REPO / "service" / "demo_bundles" / "shapes_classify"
 
@@ -62,18 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git revision to compare with")
     parser.add_argument("--model-dir", type=Path, default=DEMO, help="a classifier bundle")
-    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--image-size", default="384x256", help="the JPEG's WxH")
-    add_server_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    width, height = map(int, args.image_size.split("x"))
-    image = test_image((width, height))
+    image = image_of(args)
     flags = server_flags(args)
     print(f"server: python -m service {' '.join(flags)}")
     print(

@@ -25,12 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.alternating import alternate, medians  # noqa: E402 - after the path insert
+from bench.alternating import (  # noqa: E402 - after the path insert
+    add_arguments,
+    alternate,
+    image_of,
+    medians,
+)
 from bench.loadgen import (  # noqa: E402
-    add_server_arguments,
     server_flags,
     serving,
-    test_image,
     warm,
 )
 from tests.helpers.otlp import running_collector  # noqa: E402
@@ -41,18 +44,13 @@ SPANS_PER_REQUEST = 5
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="a classifier bundle")
-    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--image-size", default="384x256", help="the JPEG's WxH")
-    add_server_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    width, height = map(int, args.image_size.split("x"))
-    image = test_image((width, height))
+    image = image_of(args)
     flags = server_flags(args)
     print(f"server: python -m service {' '.join(flags)}")
     print(
