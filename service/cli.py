@@ -30,7 +30,7 @@ from service import thread_names
 from service.cpus import available_cpus
 from service.flags import add_settings_flags, given_settings
 from service.http_protocol import PortConnections, protocol_class
-from service.logs import configure_logging
+from service.logs import configure_logging, flush_logging
 from service.memory import configure_allocator, configure_image_cache
 from service.settings import DEMO_BUNDLES_DIR, Settings
 
@@ -203,19 +203,25 @@ def serve(args: argparse.Namespace) -> int:
     )
     server.run()
     if server.listen_failed:
-        print(f"hornet serve: {server.listen_failed}", file=sys.stderr)
+        _say(f"hornet serve: {server.listen_failed}")
         return 1
     if server.load_failed:
-        print(
+        _say(
             f"hornet serve: model loading failed: {app.state.pool.load_error} "
-            "(--no-exit-on-load-error keeps the server up, not ready)",
-            file=sys.stderr,
+            "(--no-exit-on-load-error keeps the server up, not ready)"
         )
         return 1
     if app.state.pool.engine_failure is not None:
-        print(f"hornet serve: {app.state.pool.engine_failure}", file=sys.stderr)
+        _say(f"hornet serve: {app.state.pool.engine_failure}")
         return 1
     return 0 if server.started else 1
+
+
+def _say(message: str) -> None:
+    """`message` on standard error after every log line waiting (the log's own thread
+    writes those): an exit's reason stays the process's last line."""
+    flush_logging()
+    print(message, file=sys.stderr, flush=True)
 
 
 def _http_config(
@@ -270,7 +276,7 @@ async def _check(settings: Settings, bundles: Sequence[Bundle]) -> int:
     try:
         await pool.load()
     except Exception:  # noqa: BLE001 - the pool keeps the reason
-        print(f"hornet serve --check: model loading failed: {pool.load_error}", file=sys.stderr)
+        _say(f"hornet serve --check: model loading failed: {pool.load_error}")
         return 1
     finally:
         loaded = [
@@ -327,7 +333,7 @@ def _precisions_verified(bundles: Sequence[Bundle], served: Settings) -> bool:
     for bundle in bundles:
         refusal = precision_refusal(bundle, served)
         if refusal is not None:
-            print(f"hornet serve: {refusal}", file=sys.stderr)
+            _say(f"hornet serve: {refusal}")
             return False
     return True
 

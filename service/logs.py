@@ -346,6 +346,14 @@ class _QueuedHandler(logging.Handler):
 _writer: LineWriter | None = None
 
 
+def flush_logging() -> None:
+    """Write every log line waiting (LineWriter.FLUSH_TIMEOUT_S at most): before a line
+    printed to standard error directly, so that it comes after them (an exit's reason is
+    the process's last line)."""
+    if _writer is not None:
+        _writer.flush(LineWriter.FLUSH_TIMEOUT_S)
+
+
 def dropped_lines() -> int:
     """Log lines dropped since the start because standard error was read too slowly."""
     return 0 if _writer is None else _writer.dropped
