@@ -30,6 +30,7 @@ SERVING = (
     "examples/queue-depth-hpa",
     "examples/grpc",
     "examples/network-policy",
+    "examples/tracing",
 )
 GPU_RENDERS = ("overlays/gpu", "examples/queue-depth-hpa")
 # CPU overlays and the engine each serves with.
@@ -38,6 +39,7 @@ CPU_RENDERS = {
     "overlays/cpu-openvino": "openvino",
     "examples/grpc": "onnxruntime",
     "examples/network-policy": "onnxruntime",
+    "examples/tracing": "onnxruntime",
 }
 # Where the export Job must run on the kind of hardware that serves: a TensorRT engine
 # runs only on the GPU type that built it; a bf16 verification holds for the CPU it ran on.
@@ -521,6 +523,35 @@ def test_configmap_values_are_accepted_by_the_settings(
     for name, value in _config(rendered(kustomization)).items():
         monkeypatch.setenv(name, value)
     settings_class()
+
+
+# --- tracing (k8s/examples/tracing) --------------------------------------------------------
+
+
+def test_the_tracing_example_exports_and_names_the_pod(rendered, settings_class: type):
+    """The endpoint and rate reach the settings; the resource attributes use only
+    variables defined before them in the container's env (Kubernetes expands $(NAME) from
+    earlier entries only, and leaves the text as it is otherwise); the collector's headers
+    come from an optional Secret, never a literal."""
+    objects = rendered("examples/tracing")
+    config = _config(objects)
+    settings = settings_class(
+        model_dir=[Path("/models")],
+        trace_endpoint=config["HORNET_TRACE_ENDPOINT"],
+        trace_rate=config["HORNET_TRACE_RATE"],
+    )
+    assert settings.trace_endpoint.endswith("/v1/traces") and settings.trace_rate == 100
+    server = _container(_pod(objects, "Deployment"), "hornet-serve")
+    env = server["env"]
+    names = [entry["name"] for entry in env]
+    attributes = next(e for e in env if e["name"] == "OTEL_RESOURCE_ATTRIBUTES")["value"]
+    used = re.findall(r"\$\((\w+)\)", attributes)
+    position = names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert used and all(names.index(name) < position for name in used)
+    pairs = dict(pair.split("=", 1) for pair in attributes.split(","))
+    assert set(pairs) == {"k8s.pod.name", "k8s.namespace.name", "k8s.node.name"}
+    headers = next(e for e in env if e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+    assert "value" not in headers and headers["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 # --- API keys (k8s/examples/api-keys) ------------------------------------------------------

@@ -38,6 +38,7 @@ RENDERS = (
     "examples/grpc",
     "examples/grafana",
     "examples/network-policy",
+    "examples/tracing",
 )
 # Oldest supported (the preStop `sleep` action is on by default from 1.30) and newest known.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
