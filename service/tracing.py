@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from service import __version__
@@ -199,15 +199,18 @@ class Tracing:
 
     @contextlib.contextmanager
     def request(
-        self, model: str, name: str, attributes: Mapping[str, Any], times: RequestTimes
+        self, model: str, times: RequestTimes, span: Callable[[], tuple[str, dict[str, Any]]]
     ) -> Iterator[None]:
-        """One inference request for `model` named `name` (a route or a gRPC method),
-        traced if sampled: its server span ends with the block, its stages' spans taken
-        from `times`, its status the error that ended it, if one did."""
-        if self._tracer is None or not self._sampled(model, trace_parent.get()):
+        """One inference request for `model`, traced if sampled: its server span (named
+        and attributed by `span`, called only then: `http_span`, `grpc_span`) ends with
+        the block, its stages' spans taken from `times`, its status the error that ended
+        it, if one did."""
+        parent = trace_parent.get()
+        if self._tracer is None or not self._sampled(model, parent):
             yield
             return
-        traced = _Traced(self._tracer, model, name, attributes, trace_parent.get())
+        name, attributes = span()
+        traced = _Traced(self._tracer, model, name, attributes, parent)
         # The request's log lines from here to its end carry the trace's id, its access
         # line too: not reset here but with the rest of the request's context
         # (service.logs.request_context; a stream's requests each run in a task of their own).
@@ -260,7 +263,11 @@ class _Traced:
             name,
             context=context,
             kind=trace.SpanKind.SERVER,
-            attributes={"hornet.model": model, **attributes},
+            attributes={
+                "hornet.model": model,
+                "hornet.request_id": request_id.get() or "",
+                **attributes,
+            },
         )
         self.trace_id = format(self._span.get_span_context().trace_id, "032x")
         self.http = "http.request.method" in attributes
@@ -287,23 +294,18 @@ class _Traced:
         span.end()
 
 
-def http_attributes(route: str, path: str) -> dict[str, Any]:
-    """A POST's span attributes (OpenTelemetry's HTTP server conventions)."""
-    return {
-        "http.request.method": "POST",
-        "http.route": route,
-        "url.path": path,
-        "hornet.request_id": request_id.get() or "",
-    }
+def http_span(route: str, path: str) -> tuple[str, dict[str, Any]]:
+    """A POST's span name and attributes (OpenTelemetry's HTTP server conventions)."""
+    attributes = {"http.request.method": "POST", "http.route": route, "url.path": path}
+    return f"POST {route}", attributes
 
 
-def grpc_attributes(service: str, method: str) -> dict[str, Any]:
-    """A gRPC call's span attributes (OpenTelemetry's RPC conventions)."""
-    return {
+def grpc_span(service: str, method: str) -> tuple[str, dict[str, Any]]:
+    """A gRPC call's span name and attributes (OpenTelemetry's RPC conventions)."""
+    return f"{service}/{method}", {
         "rpc.system": "grpc",
         "rpc.service": service,
         "rpc.method": method,
-        "hornet.request_id": request_id.get() or "",
     }
 
 

@@ -52,7 +52,7 @@ from service.runtime import ModelPool, ModelRunner
 from service.settings import Settings
 from service.statistics import RequestTimes
 from service.tls import ServedCertificate
-from service.tracing import grpc_attributes
+from service.tracing import grpc_span
 
 log = logging.getLogger("hornet.service.grpc")
 
@@ -273,9 +273,8 @@ class InferenceService:
         self.pool.require_ready()
         times = RequestTimes()
         method = "ModelInfer" if unary else "ModelStreamInfer"
-        traced = self.pool.tracing.request(
-            runner.name, f"{SERVICE}/{method}", grpc_attributes(SERVICE, method), times
-        )
+        span = functools.partial(grpc_span, SERVICE, method)
+        traced = self.pool.tracing.request(runner.name, times, span)
         with traced, runner.in_use():  # an unload or reload answers this request first
             answer = await self._infer(runner, request, context, times)
         if unary:  # beside the request id the call's wrapper put there

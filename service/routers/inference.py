@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response
@@ -20,7 +21,7 @@ from service.schemas import (
     error_responses,
 )
 from service.statistics import SERVER_TIMING, RequestTimes
-from service.tracing import http_attributes
+from service.tracing import http_span
 
 router = APIRouter(tags=["inference"])
 
@@ -116,9 +117,8 @@ async def _answer(
     deadline = request_deadline(request, None if timeout_ms is None else timeout_ms / 1000)
     level = runner.priority_level(priority)  # before the upload is read and decoded
     path, times = request.url.path, RequestTimes()
-    traced = request.app.state.pool.tracing.request(
-        runner.name, f"POST {path}", http_attributes(path, path), times
-    )
+    span = functools.partial(http_span, path, path)
+    traced = request.app.state.pool.tracing.request(runner.name, times, span)
     with traced, runner.in_use():  # an unload or reload answers this request first
         return await _answered(request, answer, runner, response, options, level, deadline, times)
 

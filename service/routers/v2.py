@@ -668,8 +668,8 @@ async def infer(request: Request, pool: Pool, model: str, version: str | None = 
     pool.require_ready()
     times = RequestTimes()
     route = _INFER_PATH if version is None else _VERSION_INFER_PATH
-    attributes = tracing.http_attributes(route, request.url.path)
-    traced = pool.tracing.request(runner.name, f"POST {route}", attributes, times)
+    span = functools.partial(tracing.http_span, route, request.url.path)
+    traced = pool.tracing.request(runner.name, times, span)
     with traced, runner.in_use():  # an unload or reload answers this request first
         return await _infer(request, pool, runner, model, times)
 
