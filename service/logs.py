@@ -77,12 +77,6 @@ def parse_traceparent(traceparent: str) -> TraceParent | None:
     return TraceParent(trace, parent, bool(int(flags, 16) & 1))
 
 
-def trace_id_of(traceparent: str) -> str | None:
-    """The trace id of a valid `traceparent` header's value, else None."""
-    parsed = parse_traceparent(traceparent)
-    return None if parsed is None else parsed.trace_id
-
-
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
@@ -312,18 +306,13 @@ class LineWriter:
 
 
 def _dropped_line(count: int) -> str:
-    return (
-        json.dumps(
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-                "level": "warning",
-                "logger": "hornet.service",
-                "message": "log lines dropped: standard error was not read fast enough",
-                "dropped": count,
-            }
-        )
-        + "\n"
-    )
+    """The line saying how many lines were dropped, as the service's other lines are."""
+    record = logging.getLogger("hornet.service").makeRecord(
+        "hornet.service", logging.WARNING, "(log writer)", 0,
+        "log lines dropped: standard error was not read fast enough", (), None,
+        extra={"dropped": count},
+    )  # fmt: skip
+    return JsonFormatter().format(record) + "\n"
 
 
 class _QueuedHandler(logging.Handler):

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.logs import trace_id_of
+from service.logs import parse_traceparent
 from service.testing import LOOPBACK, free_port, running_server
 from tests.helpers.images import encode, upload
 
@@ -38,7 +38,8 @@ TRACEPARENT = f"00-{SPEC_TRACE}-{SPEC_PARENT}-01"
     ],
 )
 def test_a_traceparent_gives_its_trace_id_or_nothing(header: str, expected: str | None) -> None:
-    assert trace_id_of(header) == expected
+    parsed = parse_traceparent(header)
+    assert (None if parsed is None else parsed.trace_id) == expected
 
 
 def _lines(log: Path) -> list[dict]:
