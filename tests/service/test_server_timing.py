@@ -10,7 +10,6 @@ statistics extension) grew by exactly these figures, so the two views agree.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,18 +20,9 @@ import pytest
 
 from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode
+from tests.helpers.server_timing import parse_server_timing
 
 STAGES = ["compute_input", "queue", "compute_infer", "compute_output"]
-
-
-def parse(header: str) -> dict[str, float]:
-    """name -> milliseconds, in the header's order; each entry `name;dur=MS;desc="..."`."""
-    stages = {}
-    for entry in header.split(", "):
-        match = re.fullmatch(r'(\w+);dur=(\d+\.\d{3});desc="[^"]+"', entry)
-        assert match, entry
-        stages[match[1]] = float(match[2])
-    return stages
 
 
 def _stats(url: str, model: str) -> dict[str, int]:
@@ -82,7 +72,7 @@ def _check_against_the_statistics(
     answer = send()
     seen_ms = (time.perf_counter() - began) * 1000
     assert answer.status_code == 200, answer.text
-    stages = parse(answer.headers["server-timing"])
+    stages = parse_server_timing(answer.headers["server-timing"])
     assert list(stages) == STAGES
     after = _stats(url, model)
     for stage in STAGES:  # the statistics grew by the header's figure (to its microsecond)

@@ -25,6 +25,7 @@ import pytest
 from service.testing import RunningServer, free_port, running_server
 from tests.helpers.images import encode
 from tests.helpers.otlp import Collector, Span, running_collector
+from tests.helpers.server_timing import parse_server_timing
 from tests.helpers.waiting import wait_until
 
 STAGES = ["compute_input", "queue", "compute_infer", "compute_output"]
@@ -70,13 +71,6 @@ def _spans_of(collector: Collector, trace: str, count: int) -> list[Span]:
     return collector.trace(trace)
 
 
-def _server_timing(header: str) -> dict[str, float]:
-    return {
-        entry.split(";")[0]: float(entry.split(";")[1].removeprefix("dur="))
-        for entry in header.split(", ")
-    }
-
-
 def _check_request_trace(spans: list[Span], parent: str, name: str) -> tuple[Span, list[Span]]:
     """The server span (under `parent`) and its four stage spans, in order, within it."""
     (root,) = [span for span in spans if span.parent_span_id == parent]
@@ -110,7 +104,7 @@ def test_a_request_sampled_by_its_caller_gets_the_servers_spans(
         "http.response.status_code": 200,
     }
     assert root.status_code == 0  # unset: no error
-    timing = _server_timing(answer.headers["server-timing"])
+    timing = parse_server_timing(answer.headers["server-timing"])
     for child in children:  # the same measurement as the header's (3 decimals of a ms)
         assert abs((child.end_ns - child.start_ns) / 1e6 - timing[child.name]) <= 0.002
     # the request's log lines carry the trace id
