@@ -33,6 +33,7 @@ from service.http_protocol import PortConnections, protocol_class
 from service.logs import configure_logging, flush_logging
 from service.memory import configure_allocator, configure_image_cache
 from service.settings import DEMO_BUNDLES_DIR, Settings
+from service.tls_listener import TlsListener, listening_sockets
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -421,11 +422,11 @@ class _DrainingServer(uvicorn.Server):
 
     async def _listen(self, config: uvicorn.Config, flag: str) -> bool:
         """Listen on `config`'s port with its protocol class and app (uvicorn's shutdown
-        closes the listener and its connections). Over TLS a connection's handshake must
-        end within --client-timeout-s (asyncio's default is 60 s): until it has, the
-        connection is not yet one that --max-connections counts, and holds about 60 KiB
-        of the server's memory. False, logged and the server stopping, where the port
-        cannot be had."""
+        closes the listener and its connections). Over TLS a connection is counted by
+        --max-connections from its acceptance and its handshake must end within
+        --client-timeout-s (service.tls_listener; asyncio's TLS listeners count a
+        connection only once its handshake is done, which may take 60 s). False,
+        logged and the server stopping, where the port cannot be had."""
         if not config.loaded:
             config.load()
         self._follow_certificate(config)
@@ -440,14 +441,18 @@ class _DrainingServer(uvicorn.Server):
             )
 
         try:
-            listener = await loop.create_server(
-                protocol,
-                host=config.host,
-                port=config.port,
-                ssl=config.ssl,
-                backlog=config.backlog,
-                ssl_handshake_timeout=self._handshake_timeout_s if config.ssl else None,
-            )
+            if config.ssl:
+                listener: asyncio.Server | TlsListener = TlsListener(
+                    listening_sockets(config.host, config.port, config.backlog),
+                    protocol,
+                    config.http_protocol_class.port_connections,
+                    config.ssl,
+                    self._handshake_timeout_s,
+                )
+            else:
+                listener = await loop.create_server(
+                    protocol, host=config.host, port=config.port, backlog=config.backlog
+                )
         except OSError as exc:
             self.listen_failed = f"{flag} {config.port}: {exc}"
             log.error(f"cannot listen on {flag}", extra={"error": str(exc)})

@@ -32,8 +32,9 @@ them from many addresses faster than the head clock closes them would grow the s
 without limit. Past `--max-connections` open on its port (each port, the API's and
 --metrics-port's, counts its own: `PortConnections`), a new connection is answered 503
 with Retry-After and a JSON body and closed as it opens, before a byte of it is read: it
-never becomes one of uvicorn's connections. Over TLS a connection counts once its
-handshake is done, which must be within --client-timeout-s (service.cli's listeners).
+never becomes one of uvicorn's connections. Over TLS a connection counts from the moment
+it is accepted, its handshake pending (service.tls_listener): past the bounds it is
+closed before its handshake begins, and the handshake must end within --client-timeout-s.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class PortConnections:
         self.per_client = per_client
         self.counted = counted
         self.listener = listener
-        self.open: set[asyncio.Protocol] = set()
+        self.open: set[object] = set()  # protocols, and Places a handshake holds
         self.by_client: dict[str, int] = {}
         self.unlogged = 0
         self.logged_at = float("-inf")
@@ -121,13 +122,23 @@ class PortConnections:
             )
         return None
 
-    def opened(self, protocol: asyncio.Protocol, client: str) -> None:
-        self.open.add(protocol)
+    def hold(self, client: str) -> Place | None:
+        """A place for a connection opening from `client` before a protocol takes it
+        (`Place.release` gives it back), or None, counted as refused, past the limits."""
+        if self.refusal(client) is not None:
+            self.refused(client)
+            return None
+        place = Place(self, client)
+        self.opened(place, client)
+        return place
+
+    def opened(self, holder: object, client: str) -> None:
+        self.open.add(holder)
         if self.per_client:
             self.by_client[client] = self.by_client.get(client, 0) + 1
 
-    def closed(self, protocol: asyncio.Protocol, client: str) -> None:
-        self.open.discard(protocol)
+    def closed(self, holder: object, client: str) -> None:
+        self.open.discard(holder)
         if self.per_client:
             left = self.by_client.get(client, 1) - 1
             if left > 0:
@@ -156,6 +167,22 @@ class PortConnections:
             self.logged_at = now
 
 
+class Place:
+    """A connection's place among its port's open connections while no protocol holds
+    it yet (a TLS handshake in progress): counted from `PortConnections.hold` until
+    `release`, which may be called more than once."""
+
+    def __init__(self, port: PortConnections, client: str) -> None:
+        self.port = port
+        self.client = client
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.port.closed(self, self.client)
+
+
 class _ConnectionLimit:
     """For uvicorn's HTTP protocols: a connection opening while its port holds
     `port_connections.limit`, or its per-client bound from the connection's address, is
@@ -165,9 +192,15 @@ class _ConnectionLimit:
     port_connections: PortConnections
     _refused = False
     _client = ""
+    # Over TLS, the place its port kept for the connection during the handshake, given
+    # back as the connection takes its own (service.tls_listener)
+    handshake_place: Place | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         port = self.port_connections
+        if self.handshake_place is not None:
+            self.handshake_place.release()
+            self.handshake_place = None
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         refusal = port.refusal(self._client)
@@ -177,7 +210,7 @@ class _ConnectionLimit:
             transport.close()
             port.refused(self._client)
             return
-        port.opened(self, self._client)  # type: ignore[arg-type]
+        port.opened(self, self._client)
         super().connection_made(transport)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
@@ -190,7 +223,7 @@ class _ConnectionLimit:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._refused:
-            self.port_connections.closed(self, self._client)  # type: ignore[arg-type]
+            self.port_connections.closed(self, self._client)
             super().connection_lost(exc)  # type: ignore[misc]
 
     def pause_writing(self) -> None:

@@ -141,14 +141,15 @@ class ServiceMetrics:
         self.http_connections = Gauge(
             "hornet_http_connections",
             "HTTP connections open, by listener (api: --port, metrics: --metrics-port; each "
-            "at most --max-connections)",
+            "at most --max-connections; over TLS, handshakes in progress included)",
             ["listener"],
             registry=self.registry,
         )
         self.connections_refused = Counter(
             "hornet_connections_refused",
-            "HTTP connections answered 503 and closed as they opened, by listener: its port "
-            "held --max-connections",
+            "HTTP connections answered 503 (429 past --max-connections-per-client) and closed "
+            "as they opened, by listener: its port held --max-connections (over TLS closed "
+            "before the handshake, with no answer)",
             ["listener"],
             registry=self.registry,
         )

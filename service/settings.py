@@ -331,16 +331,18 @@ class Settings(BaseSettings):
         10_000,
         ge=0,
         description="open connections the server holds at once, on each of its ports (HTTP, "
-        "gRPC); past it a new HTTP connection is answered 503 with Retry-After and closed, a "
-        "gRPC one closed. 0: no limit",
+        "gRPC; over TLS from its acceptance, the handshake in progress counted); past it a "
+        "new HTTP connection is answered 503 with Retry-After and closed (over TLS closed "
+        "before its handshake), a gRPC one closed. 0: no limit",
     )
     max_connections_per_client: Annotated[int, Flag(metavar="N")] = Field(
         0,
         ge=0,
-        description="open HTTP connections to the API port from one client address; past "
-        "it a new one from that address is answered 429 with Retry-After and closed as it "
-        "opens. 0: no limit (keep it 0, or above the proxy's connections, behind a proxy "
-        "or ingress: every connection then comes from its addresses)",
+        description="open HTTP connections to the API port from one client address (over "
+        "TLS, handshakes in progress counted); past it a new one from that address is "
+        "answered 429 with Retry-After and closed as it opens. 0: no limit (keep it 0, or "
+        "above the proxy's connections, behind a proxy or ingress: every connection then "
+        "comes from its addresses)",
     )
     max_connection_age_s: Annotated[float, Flag(metavar="S")] = Field(
         0.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import socket
 import ssl
 import subprocess
@@ -19,16 +20,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.settings import Settings
-from service.testing import running_server
+from service.testing import free_port, running_server
 from tests.helpers.images import encode
+from tests.helpers.memory import memory_of
 
 trustme = pytest.importorskip("trustme", reason="trustme is in the dev extra")
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSIFIER = REPO / "service" / "demo_bundles" / "shapes_classify"
+MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +168,166 @@ def test_a_tls_handshake_must_end_within_the_client_timeout(pki, tmp_path) -> No
                 assert time.monotonic() - begun < 5, first_bytes
         trusting = ssl.create_default_context(cafile=str(pki["ca"]))
         assert httpx.get(f"{server.url}/readyz", verify=trusting).status_code == 200
+
+
+def _closed_at_once(connection: socket.socket, within_s: float = 3.0) -> bool:
+    """Whether the server closes `connection` (which sent nothing) within `within_s`,
+    having sent nothing on it."""
+    connection.settimeout(within_s)
+    try:
+        return connection.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _api_connections(metrics_url: str, ca: Path) -> dict[str, float]:
+    """The API port's open connections and the connections it refused, as /metrics on
+    --metrics-port says them."""
+    trusting = ssl.create_default_context(cafile=str(ca))
+    text = httpx.get(f"{metrics_url}/metrics", verify=trusting, timeout=30).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("listener") == "api"
+        and sample.name in ("hornet_http_connections", "hornet_connections_refused_total")
+    }
+
+
+@contextlib.contextmanager
+def _tls_server(pki, tmp_path: Path, *flags: str) -> Iterator[tuple[str, str, int]]:
+    """A TLS server with `flags`: its API URL, its --metrics-port URL (whose
+    connections are counted apart from the API's) and its process id."""
+    metrics_port = free_port()
+    command = ["--model-dir", str(CLASSIFIER), "--tls-certfile", str(pki["cert"])]
+    command += ["--tls-keyfile", str(pki["key"]), "--metrics-port", str(metrics_port)]
+    with running_server(
+        [*command, *flags],
+        log_path=tmp_path / "server.log",
+        inherit_settings=False,
+        tls_ca_file=pki["ca"],
+        memory_limit_bytes=6 << 30,
+    ) as server:
+        yield server.url, f"https://127.0.0.1:{metrics_port}", server.process.pid
+
+
+def _served_soon(url: str, ca: Path, within_s: float = 10.0) -> bool:
+    """Whether a real TLS client is answered 200 by `url` within `within_s`."""
+    trusting = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(f"{url}/readyz", verify=trusting, timeout=10).status_code == 200
+        time.sleep(0.1)
+    return False
+
+
+def _no_connections_open(metrics_url: str, ca: Path, within_s: float = 10.0) -> bool:
+    """Whether the API port holds no connection within `within_s` (the server closes
+    the start-up check's as it sees it closed)."""
+    deadline = time.monotonic() + within_s
+    while _api_connections(metrics_url, ca)["hornet_http_connections"] != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_handshakes_in_progress_count_against_max_connections(pki, tmp_path) -> None:
+    """A TLS connection takes a place among --max-connections as it is accepted, before
+    its handshake: past the limit, connections that begin no handshake make the server
+    close the next one at once, a real client's too; places come back as the held
+    connections close or their handshakes time out, and the next client is served."""
+    flags = ("--max-connections", "16", "--client-timeout-s", "3")
+    with _tls_server(pki, tmp_path, *flags) as (url, metrics_url, _):
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        assert _no_connections_open(metrics_url, pki["ca"])
+        held = [_connect(url) for _ in range(16)]
+        try:
+            extra = _connect(url)
+            assert _closed_at_once(extra)
+            extra.close()
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"{url}/readyz", verify=trusting, timeout=10)
+            counted = _api_connections(metrics_url, pki["ca"])
+            assert counted["hornet_http_connections"] == 16
+            assert counted["hornet_connections_refused_total"] == 2
+            # half closed by their client, the others left to the handshake's time limit
+            for connection in held[:8]:
+                connection.close()
+            for connection in held[8:]:
+                assert _closed_at_once(connection, within_s=10)
+        finally:
+            for connection in held:
+                connection.close()
+        assert _served_soon(url, pki["ca"])
+        assert _no_connections_open(metrics_url, pki["ca"]), "places not given back"
+
+
+def test_handshakes_from_one_address_count_against_its_limit(pki, tmp_path) -> None:
+    flags = ("--max-connections-per-client", "2", "--client-timeout-s", "30")
+    with _tls_server(pki, tmp_path, *flags) as (url, metrics_url, _):
+        assert _no_connections_open(metrics_url, pki["ca"])
+        held = [_connect(url) for _ in range(2)]
+        try:
+            extra = _connect(url)
+            assert _closed_at_once(extra)
+            extra.close()
+            counted = _api_connections(metrics_url, pki["ca"])
+            assert counted["hornet_connections_refused_total"] == 1
+        finally:
+            for connection in held:
+                connection.close()
+        assert _served_soon(url, pki["ca"])  # once the server has seen them close
+
+
+def test_handshakes_past_the_limit_cost_the_server_no_memory(pki, tmp_path) -> None:
+    """2000 connections opened and held without a handshake against --max-connections
+    16: the server grows by well under what 2000 pending handshakes cost it before they
+    were counted (1000 grew it by 56 MiB)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2000 + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    count = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+    held: list[socket.socket] = []
+    flags = ("--max-connections", "16", "--client-timeout-s", "60")
+    try:
+        with _tls_server(pki, tmp_path, *flags) as (url, metrics_url, pid):
+            trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+            httpx.get(f"{url}/readyz", verify=trusting, timeout=10)  # its objects made
+            assert _no_connections_open(metrics_url, pki["ca"])
+            before = memory_of(pid)
+            for _ in range(count):
+                held.append(_connect(url))
+            assert _closed_at_once(held[-1])
+            after = memory_of(pid)
+            counted = _api_connections(metrics_url, pki["ca"])
+        assert counted["hornet_connections_refused_total"] == count - 16
+        assert counted["hornet_http_connections"] == 16
+        assert after["VmRSS"] - before["VmRSS"] < 4 * MIB, (count, before, after)
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_a_tls_port_in_use_stops_the_server_naming_it(pki) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "service", "--model-dir", str(CLASSIFIER)]
+        command += ["--port", str(port), "--tls-certfile", str(pki["cert"])]
+        command += ["--tls-keyfile", str(pki["key"])]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"hornet serve: --port {port}: " in done.stderr
+    assert "address already in use" in done.stderr
+    assert "try the models in a browser" not in done.stderr
