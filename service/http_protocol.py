@@ -53,6 +53,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 MAX_HEAD_BYTES = 16 * 1024
 # Requests parsed and waiting behind the one being answered, on one connection.
 MAX_PIPELINED = 16
+# The header of a connection's last answer.
+_CLOSE = (b"connection", b"close")
 # Refused connections are logged at most once in this many seconds, with their count.
 REFUSALS_LOGGED_EVERY_S = 10.0
 
@@ -240,8 +242,8 @@ class _HeadClock:
     `client_timeout_s` of the connection's opening or its last answer. The clock stops
     when a head completes (uvicorn starts a new request-response cycle). And with
     `max_age_s`, a request whose head completes once the connection has been open that
-    long is its last: its answer closes the connection (--max-connection-age-s; the
-    httptools protocol also says `connection: close`, h11's just closes after it)."""
+    long is its last: its answer says `connection: close` and closes the connection
+    (--max-connection-age-s)."""
 
     client_timeout_s = 10.0
     max_age_s = 0.0
@@ -265,6 +267,10 @@ class _HeadClock:
             self._stop_head_clock()
             if self.max_age_s and self.loop.time() - self._opened_at >= self.max_age_s:
                 self.cycle.keep_alive = False
+                if isinstance(self, H11Protocol):
+                    # uvicorn's h11 cycle closes the connection after the answer without
+                    # saying so; the header tells the client not to send another on it
+                    self.cycle.default_headers = [*self.cycle.default_headers, _CLOSE]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
