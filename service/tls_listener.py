@@ -129,6 +129,8 @@ class TlsListener:
         except Exception as exc:  # noqa: BLE001 (whatever ended it, the connection is done)
             # a client that hung up, spoke no TLS or took too long: nothing to say to it
             log.debug("TLS handshake did not end", extra={"error": repr(exc)})
+            # The loop has closed its transport; once it holds the socket (uvloop counts
+            # itself among the socket's users) this only marks it closed.
             connection.close()
         finally:
             place.release()  # a no-op once the protocol has taken it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 
@@ -19,3 +20,13 @@ def reset_peak(pid: int) -> None:
     """Set the process's VmHWM back to its resident size now (Linux's clear_refs 5), so
     that the next reading is the peak from here."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def descriptors_for(connections: int, spare: int = 64) -> int:
+    """Raise this process's open-file limit (up to its hard limit) so that it can hold
+    `connections` sockets beside `spare` other descriptors; how many it can hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + spare
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return min(connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - spare)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.testing import RunningServer, free_port, running_server
-from tests.helpers.memory import memory_of
+from tests.helpers.memory import descriptors_for, memory_of
 from tests.helpers.raw_http import (
     connect,
     get,
@@ -97,11 +96,7 @@ def test_past_the_limit_a_connection_is_answered_503_and_closed(server) -> None:
 def test_connections_past_the_limit_cost_the_server_no_memory(classifier_dir, tmp_path) -> None:
     """2000 connections opened and held by the client, 16 of them accepted: the server's
     resident size grows by well under the 14 MB that 2000 connections of its own cost."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2000 + 64
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    count = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+    count = descriptors_for(2000)
     held: list[socket.socket] = []
     try:
         with _serve(classifier_dir, tmp_path, "--max-connections", "16") as running:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import socket
 import ssl
 import subprocess
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from service.settings import Settings
 from service.testing import free_port, running_server
 from tests.helpers.images import encode
-from tests.helpers.memory import memory_of
+from tests.helpers.memory import descriptors_for, memory_of
 
 trustme = pytest.importorskip("trustme", reason="trustme is in the dev extra")
 
@@ -292,11 +291,7 @@ def test_handshakes_past_the_limit_cost_the_server_no_memory(pki, tmp_path) -> N
     """2000 connections opened and held without a handshake against --max-connections
     16: the server grows by well under what 2000 pending handshakes cost it before they
     were counted (1000 grew it by 56 MiB)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2000 + 64
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    count = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+    count = descriptors_for(2000)
     held: list[socket.socket] = []
     flags = ("--max-connections", "16", "--client-timeout-s", "60")
     try:
