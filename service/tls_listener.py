@@ -17,7 +17,6 @@ times out or is cut short gives the place back, and the connection is closed.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl
@@ -29,7 +28,8 @@ log = logging.getLogger("hornet.service.tls")
 
 # Connections accepted per wake-up at most (asyncio's own accept loop takes its backlog).
 ACCEPTS_PER_WAKEUP = 64
-# Past a descriptor or memory shortage, accepting resumes after this (as asyncio does).
+# Past a descriptor or memory shortage (any failure to accept), accepting resumes after
+# this (as asyncio's own listeners do).
 ACCEPT_PAUSE_S = 1.0
 
 
@@ -95,9 +95,7 @@ class TlsListener:
             except ConnectionAbortedError:  # gone before it was accepted
                 continue
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # out of descriptors or memory: the backlog waits a while
+                # out of descriptors or memory (or worse): the backlog waits a while
                 log.error("cannot accept connections", extra={"error": str(exc)})
                 self._loop.remove_reader(listening.fileno())
                 self._loop.call_later(ACCEPT_PAUSE_S, self._resume, listening)
@@ -126,12 +124,14 @@ class TlsListener:
             await self._loop.connect_accepted_socket(
                 protocol, connection, ssl=self._context, ssl_handshake_timeout=self._timeout_s
             )
-        except Exception as exc:  # noqa: BLE001 (whatever ended it, the connection is done)
-            # a client that hung up, spoke no TLS or took too long: nothing to say to it
-            log.debug("TLS handshake did not end", extra={"error": repr(exc)})
+        except BaseException as exc:  # whatever ended it (a shutdown too), the connection is done
+            # A client that hung up, spoke no TLS or took too long: nothing to say to it.
             # The loop has closed its transport; once it holds the socket (uvloop counts
-            # itself among the socket's users) this only marks it closed.
+            # itself among the socket's users) this only marks the socket closed.
             connection.close()
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("TLS handshake did not end", extra={"error": repr(exc)})
         finally:
             place.release()  # a no-op once the protocol has taken it
 
