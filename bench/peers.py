@@ -35,7 +35,8 @@ stops. Each is warmed up (--warmup requests, then 10 s windows of load until its
 per image stops falling: TorchServe's TorchScript model took 0.41 s per image in the
 first round of one run and 0.23 in the sixth), and the CPU each takes with no requests
 is printed. Then per concurrency level, --rounds rounds of
-ours, TorchServe, LitServe in turn, each run --duration seconds of that many clients
+ours, TorchServe, LitServe in turn (the order reversed every other round), each run
+--duration seconds of that many clients
 POSTing the same raw JPEG body and waiting for the answer, the other two servers paused
 (SIGSTOP) meanwhile. Printed per run: ok, errors, img/s, p50/p95/p99, the CPU seconds
 per image of the server's processes and their memory at the run's end (PSS: pages shared
@@ -488,6 +489,13 @@ def idle_cpu(servers: list[Server], seconds: float = 3.0) -> dict[str, float]:
 # ---------------------------------------------------------------- report
 
 
+def round_order(servers: list[Server], round_: int) -> list[Server]:
+    """The servers in the order given in odd rounds, reversed in even ones: on a host whose
+    speed drifts during the rounds (it does, by up to a quarter over a few minutes), the
+    first server of every round would otherwise always run in the slower part."""
+    return list(servers) if round_ % 2 else list(reversed(servers))
+
+
 def print_run(run: Run, level: int) -> None:
     r = run.result
     errors = ",".join(f"{k}:{v}" for k, v in sorted(r.errors.items())) or "-"
@@ -681,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[int, list[Run]] = {level: [] for level in levels}
         for level in levels:
             for round_ in range(1, args.rounds + 1):
-                for server in servers:
+                for server in round_order(servers, round_):
                     with paused([other for other in servers if other is not server]):
                         run = measure(server, image, args, level, round_)
                     runs[level].append(run)

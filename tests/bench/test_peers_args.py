@@ -1,8 +1,11 @@
-"""bench/peers.py's --work: a previous run's folder (TorchServe's model store and pid file
-in it) is refused before any server starts, with the reason; a new or empty one is taken."""
+"""bench/peers.py's arguments and rounds: a previous run's folder given as --work
+(TorchServe's model store and pid file in it) is refused before any server starts, with
+the reason, and a new or empty one is taken; the servers' order is reversed every other
+round."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +38,22 @@ def test_a_file_given_as_work_folder_is_refused_with_one_line(tmp_path):
     assert refused.returncode == 2
     assert f"--work {given} is a file" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_the_servers_order_is_reversed_every_other_round():
+    servers = ["ours", "litserve", "torchserve"]
+    code = (
+        "import json, sys; sys.path.insert(0, 'bench'); import peers; "
+        f"print(json.dumps([peers.round_order({servers!r}, r) for r in range(1, 5)]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    orders = json.loads(done.stdout)
+    assert orders[0] == orders[2] == servers
+    assert orders[1] == orders[3] == servers[::-1]
+    # over two rounds each server runs first and last once, or in the middle twice
+    for server in servers:
+        positions = sorted(order.index(server) for order in orders[:2])
+        assert positions in ([0, 2], [1, 1])
