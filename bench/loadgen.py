@@ -30,8 +30,9 @@ request's wall time went there: decoding and preprocessing (input), waiting for 
 
 With --rounds N, steps 2 and 3 repeat N times, so that each server figure has raw engine
 figures measured next to it in time (a shared host's speed drifts by 10% or more within
-minutes). The summary then takes as the reference the raw configuration with the highest
-median over the rounds, not the single luckiest measurement (the best of ten noisy
+minutes), in turn: even rounds load the server first, then measure the raw engine. The
+summary then takes as the reference the raw configuration with the highest median over
+the rounds, not the single luckiest measurement (the best of ten noisy
 figures overstates the engine), and prints the median and range of the per-round ratios
 of the server to that configuration measured in the same round.
 """
@@ -486,22 +487,25 @@ def main(argv: list[str] | None = None) -> int:
               f"max_delay_ms {args.max_delay_ms}  instances {args.instances}  "
               f"spinning {args.engine_spinning}")  # fmt: skip
         for round_ in range(1, args.rounds + 1):
-            with paused(process):
-                raw = raw_engine_throughput(args.model_dir, image, settings, args.engine_seconds)
+            loads: list[tuple[int, LoadResult, dict[str, float]]] = []
+            for step in round_steps(round_):
+                if step == "raw":
+                    with paused(process):
+                        raw = raw_engine_throughput(
+                            args.model_dir, image, settings, args.engine_seconds
+                        )
+                else:
+                    loads = [load_level(url, process, image, args, task, lv) for lv in levels]
             raws.append(raw)
             best_batch = max(raw, key=raw.get)
-            print(("" if args.rounds == 1 else f"round {round_}: ")
+            print(("" if args.rounds == 1 else f"round {round_}"
+                   + (" (the server first)" if round_steps(round_)[0] == "load" else "") + ": ")
                   + "raw engine images/s by batch: "
                   + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
                   + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
             print(f"{'conc':>5} {'ok':>6} {'errors':>10} {'img/s':>8} {'p50 ms':>8} "
                   f"{'p95 ms':>8} {'p99 ms':>8} {'vs engine':>9}  where the CPU went")  # fmt: skip
-            for level in levels:
-                before = _accounting(url, process)
-                result = asyncio.run(
-                    run_load(url, image, args.model, level, args.duration, args.requests, task)
-                )
-                spent = {k: v - before[k] for k, v in _accounting(url, process).items()}
+            for level, result, spent in loads:
                 served[level].append(result.throughput)
                 errors = ",".join(f"{k}:{v}" for k, v in sorted(result.errors.items())) or "-"
                 print(
@@ -513,6 +517,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds > 1:
         print(summary(raws, served))
     return 0
+
+
+def round_steps(round_: int) -> tuple[str, str]:
+    """The order of a round's two steps: odd rounds measure the raw engine ("raw") and
+    then load the server ("load"), even rounds the other way round, so that on a host
+    whose speed drifts neither always runs in the slower part of a round."""
+    return ("raw", "load") if round_ % 2 else ("load", "raw")
+
+
+def load_level(
+    url: str,
+    process: subprocess.Popen | None,
+    image: bytes,
+    args: argparse.Namespace,
+    task: str,
+    level: int,
+) -> tuple[int, LoadResult, dict[str, float]]:
+    """One concurrency level's load on the server: the level, its result, and what the
+    server and the clients spent meanwhile (`_accounting`'s counters, differenced)."""
+    before = _accounting(url, process)
+    result = asyncio.run(
+        run_load(url, image, args.model, level, args.duration, args.requests, task)
+    )
+    return level, result, {k: v - before[k] for k, v in _accounting(url, process).items()}
 
 
 def summary(raws: list[dict[str, float]], served: dict[int, list[float]]) -> str:
