@@ -87,16 +87,22 @@ class RequestContextMiddleware:
             record_request(self.metrics, route, scope["method"], scope["path"], status, elapsed)
 
 
+# The readiness probes' paths (REST and KServe v2), whose 503 is an answer, not a failure.
+READINESS_PATHS = frozenset({"/readyz", "/v2/health/ready"})
+
+
 def record_request(
     metrics: ServiceMetrics, route: str, method: str, path: str, status: int, seconds: float
 ) -> None:
     """A request answered (REST or gRPC): counted and timed under its route template (a
     gRPC method's path) and HTTP status, and its access log line written (a warning for a
-    5xx, which --no-access-log keeps)."""
+    5xx, which --no-access-log keeps; but a readiness probe's 503, which says "not ready"
+    while models load or the server drains, as it is meant to, every few seconds)."""
     metrics.requests.labels(route, str(status)).inc()
     metrics.latency.labels(route).observe(seconds)
+    failed = status >= 500 and not (status == 503 and path in READINESS_PATHS)
     log.log(
-        logging.WARNING if status >= 500 else logging.INFO,
+        logging.WARNING if failed else logging.INFO,
         "request",
         extra={"method": method, "path": path, "status": status, "seconds": round(seconds, 6)},
     )

@@ -525,7 +525,7 @@ class Settings(BaseSettings):
         True,
         description="one log line per request answered (method, path, status, time; the "
         "hornet.access logger); off: only the answers with a 5xx status, which are logged "
-        "as warnings either way",
+        "as warnings either way (but a readiness probe's 503, 'not ready': an info line)",
     )
     log_buffer_kib: Annotated[int, Flag(metavar="KIB")] = Field(
         4096,

@@ -1,5 +1,6 @@
 """The access log: one line per request answered, on the `hornet.access` logger, a 5xx
-among them as a warning; `--no-access-log` leaves out all but the 5xx ones. Real
+among them as a warning (but a readiness probe's 503, "not ready"); `--no-access-log`
+leaves out all but the warnings. Real
 `python -m service` processes whose model cannot load (`--engine tensorrt` on a host
 without it, kept up by --no-exit-on-load-error), so that /classify answers 503."""
 
@@ -33,7 +34,11 @@ def test_the_access_log_and_what_no_access_log_keeps(classifier_dir, tmp_path, a
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.get("/v1/models").status_code == 200
             assert http.post("/classify", files=upload(image)).status_code == 503
+            for probe in ("/readyz", "/v2/health/ready"):
+                assert http.get(probe).status_code == 503  # not ready: an answer, no failure
     lines = access_lines(log_path.read_text())
     by_path = {(line["path"], line["status"]): line["level"] for line in lines}
     assert by_path.get(("/classify", 503)) == "warning", lines  # kept either way
     assert (("/v1/models", 200) in by_path) == access_log, lines
+    for probe in ("/readyz", "/v2/health/ready"):
+        assert by_path.get((probe, 503)) == ("info" if access_log else None), lines
