@@ -169,6 +169,12 @@ class PortConnections:
             self.logged_at = now
 
 
+def client_address(peer: object) -> str:
+    """The client's address in a connection's peer name (a socket address), or "" where it
+    has none: the key of --max-connections-per-client."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 class Place:
     """A connection's place among its port's open connections while no protocol holds
     it yet (a TLS handshake in progress): counted from `PortConnections.hold` until
@@ -203,8 +209,7 @@ class _ConnectionLimit:
         if self.handshake_place is not None:
             self.handshake_place.release()
             self.handshake_place = None
-        peer = transport.get_extra_info("peername")
-        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._client = client_address(transport.get_extra_info("peername"))
         refusal = port.refusal(self._client)
         if refusal is not None:
             self._refused = True
@@ -266,11 +271,11 @@ class _HeadClock:
         if self.cycle is not cycle:  # a head completed
             self._stop_head_clock()
             if self.max_age_s and self.loop.time() - self._opened_at >= self.max_age_s:
-                self.cycle.keep_alive = False
-                if isinstance(self, H11Protocol):
-                    # uvicorn's h11 cycle closes the connection after the answer without
-                    # saying so; the header tells the client not to send another on it
-                    self.cycle.default_headers = [*self.cycle.default_headers, _CLOSE]
+                self._answer_is_last()
+
+    def _answer_is_last(self) -> None:
+        """The request whose head just completed gets the connection's last answer."""
+        self.cycle.keep_alive = False  # the httptools cycle says `connection: close` then
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -311,6 +316,12 @@ class _HeadClock:
 class BoundedH11Protocol(_ConnectionLimit, _HeadClock, H11Protocol):
     """uvicorn's h11 protocol (which bounds a head at 16 KiB itself) with the connection
     limit and the head clock."""
+
+    def _answer_is_last(self) -> None:
+        super()._answer_is_last()
+        # uvicorn's h11 cycle closes the connection after the answer without saying so;
+        # the header tells the client not to send another request on it
+        self.cycle.default_headers = [*self.cycle.default_headers, _CLOSE]
 
 
 class BoundedHttpToolsProtocol(_ConnectionLimit, _HeadClock, HttpToolsProtocol):

@@ -22,7 +22,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from service.http_protocol import Place, PortConnections
+from service.http_protocol import Place, PortConnections, client_address
 
 log = logging.getLogger("hornet.service.tls")
 
@@ -100,7 +100,7 @@ class TlsListener:
                 self._loop.remove_reader(listening.fileno())
                 self._loop.call_later(ACCEPT_PAUSE_S, self._resume, listening)
                 return
-            client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            client = client_address(peer)
             place = self._port.hold(client)
             if place is None:
                 connection.close()
