@@ -50,10 +50,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
               f"spinning {args.engine_spinning}")  # fmt: skip
         for round_ in range(1, args.rounds + 1):
             loads: list[tuple[int, LoadResult, dict[str, float]]] = []
-            for step in round_steps(round_):
+            steps = round_order(("raw", "load"), round_)
+            for step in steps:
                 if step == "raw":
                     with paused(process):
                         raw = raw_engine_throughput(
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             raws.append(raw)
             best_batch = max(raw, key=raw.get)
             print(("" if args.rounds == 1 else f"round {round_}"
-                   + (" (the server first)" if round_steps(round_)[0] == "load" else "") + ": ")
+                   + (" (the server first)" if steps[0] == "load" else "") + ": ")
                   + "raw engine images/s by batch: "
                   + "  ".join(f"{b}={v:.1f}" for b, v in raw.items())
                   + f"  (best {best_batch} = {raw[best_batch]:.1f})")  # fmt: skip
@@ -519,11 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def round_steps(round_: int) -> tuple[str, str]:
-    """The order of a round's two steps: odd rounds measure the raw engine ("raw") and
-    then load the server ("load"), even rounds the other way round, so that on a host
-    whose speed drifts neither always runs in the slower part of a round."""
-    return ("raw", "load") if round_ % 2 else ("load", "raw")
+T = TypeVar("T")
+
+
+def round_order(steps: Sequence[T], round_: int) -> list[T]:
+    """A round's steps (the raw engine and the load here; the servers in bench/peers.py)
+    in the order given in odd rounds, reversed in even ones: on a host whose speed drifts
+    during the rounds (by up to a quarter over a few minutes), the first step of every
+    round would otherwise always run in the slower part."""
+    return list(steps) if round_ % 2 else list(reversed(steps))
 
 
 def load_level(

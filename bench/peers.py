@@ -78,6 +78,7 @@ from loadgen import (  # noqa: E402
     cpu_seconds,
     memory_mib,
     process_tree,
+    round_order,
     server_flags,
     serving,
     test_image,
@@ -487,13 +488,6 @@ def idle_cpu(servers: list[Server], seconds: float = 3.0) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- report
-
-
-def round_order(servers: list[Server], round_: int) -> list[Server]:
-    """The servers in the order given in odd rounds, reversed in even ones: on a host whose
-    speed drifts during the rounds (it does, by up to a quarter over a few minutes), the
-    first server of every round would otherwise always run in the slower part."""
-    return list(servers) if round_ % 2 else list(reversed(servers))
 
 
 def print_run(run: Run, level: int) -> None:
