@@ -74,13 +74,13 @@ def _settled(url: str) -> float:
 
 def test_after_a_bad_image_the_rest_are_never_decoded(server, flat_png) -> None:
     bad = b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
-    started = time.monotonic()
     answer = httpx.post(f"{server.url}/classify", files=_files(bad, *[flat_png] * DEAR), timeout=60)
     assert answer.status_code == 400 and answer.json()["error"] == "bad_image"
     # the one handed over beside the bad image may have been decoded; none after it
     assert _settled(server.url) <= THREADS - 1
-    # and the server is free at once: a photograph is answered in well under the 4.5 s
-    # of decoding the 30 would take
+    # and the server is free: a photograph is then decoded next (counted by the decoded
+    # total, not timed: a busy machine's clock says nothing about the 4.5 s of decoding
+    # the 30 would take)
     photo = httpx.post(
         f"{server.url}/classify",
         content=queued_photo(),
@@ -88,7 +88,7 @@ def test_after_a_bad_image_the_rest_are_never_decoded(server, flat_png) -> None:
         timeout=60,
     )
     assert photo.status_code == 200
-    assert time.monotonic() - started < 4.0
+    assert metric(server.url, DECODED) <= THREADS
 
 
 def test_the_same_over_v2_with_an_encoded_image_tensor(server, flat_png) -> None:
@@ -130,13 +130,11 @@ def test_a_later_request_takes_its_turn_between_a_large_ones_images(server, flat
 
 
 def test_a_passed_deadline_stops_the_decoding(server, flat_png) -> None:
-    started = time.monotonic()
     answer = httpx.post(
         f"{server.url}/classify?timeout_ms=400", files=_files(*[flat_png] * DEAR), timeout=60
     )
     assert answer.status_code == 504, answer.text
     assert f"deadline passed while its {DEAR} images were decoded" in answer.json()["detail"]
-    assert time.monotonic() - started < 2.0
     assert _settled(server.url) < DEAR / 2
 
 
@@ -151,8 +149,8 @@ def test_a_departed_client_stops_the_decoding(server, flat_png) -> None:
     assert send(client, head.encode() + content)
     wait_for_metric(server.url, DECODED, 1)
     client.close()
+    # the request ends (counted 499) once a decoding job finishes after the close; only
+    # then is the count settled: a job slowed by a busy machine can pause it for longer
+    # than _settled's half second while the request still runs
+    wait_for_metric(server.url, 'hornet_requests_total{route="/classify",status="499"}', 1)
     assert _settled(server.url) < DEAR / 2
-    assert (
-        'hornet_requests_total{route="/classify",status="499"} 1.0'
-        in httpx.get(f"{server.url}/metrics").text
-    )
