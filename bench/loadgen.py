@@ -541,11 +541,12 @@ def load_level(
 ) -> tuple[int, LoadResult, dict[str, float]]:
     """One concurrency level's load on the server: the level, its result, and what the
     server and the clients spent meanwhile (`_accounting`'s counters, differenced)."""
-    before = _accounting(url, process)
+    before = _accounting(url, process, opening=True)
     result = asyncio.run(
         run_load(url, image, args.model, level, args.duration, args.requests, task)
     )
-    return level, result, {k: v - before[k] for k, v in _accounting(url, process).items()}
+    after = _accounting(url, process, opening=False)
+    return level, result, {k: v - before[k] for k, v in after.items()}
 
 
 def summary(raws: list[dict[str, float]], served: dict[int, list[float]]) -> str:
@@ -586,17 +587,25 @@ def paused(process: subprocess.Popen | None) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
-def _accounting(url: str, process: subprocess.Popen | None) -> dict[str, float]:
+def _accounting(url: str, process: subprocess.Popen | None, *, opening: bool) -> dict[str, float]:
+    """The counters at the start (`opening`) or the end of a level. The server's threads
+    and its whole process cannot be read at one instant, and the server still works
+    between the two reads (the answers to these very /metrics and statistics requests
+    are still being logged): so the whole is read first at the start and last at the
+    end, and the span it covers holds the threads' span (read the other way round at the
+    start, the server's work between the two reads would be counted in its parts and not
+    in the whole). /proc rounds the whole's user and system times each down to a tick."""
     counters = server_counters(url)
     counters["client_cpu"] = time.process_time()
     if process is None:
         counters["server_cpu"] = float("nan")
         return counters
-    # The threads first, the whole process after: a server still finishing its last
-    # answers then shows its parts adding up to no more than the whole.
+    if opening:
+        counters["server_cpu"] = cpu_seconds([process.pid])
     for role, seconds in thread_cpu_seconds(process.pid).items():
         counters[f"server_cpu_{role}"] = seconds
-    counters["server_cpu"] = cpu_seconds([process.pid])
+    if not opening:
+        counters["server_cpu"] = cpu_seconds([process.pid])
     return counters
 
 

@@ -28,7 +28,7 @@ def test_the_rounds_alternate_which_step_comes_first():
 def test_two_rounds_each_measure_the_engine_and_the_server():
     command = [
         sys.executable, "bench/loadgen.py", "--model-dir", str(CLASSIFIER),
-        "--concurrency", "2", "--duration", "1", "--requests", "6", "--engine-seconds", "0.05",
+        "--concurrency", "2", "--duration", "120", "--requests", "6", "--engine-seconds", "0.05",
         "--max-batch-size", "2", "--rounds", "2",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)

@@ -23,7 +23,7 @@ DEMO = REPO / "service" / "demo_bundles"
 def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     command = [
         sys.executable, "bench/loadgen.py", "--model-dir", str(DEMO / bundle),
-        "--concurrency", "2", "--duration", "1", "--requests", "6", "--engine-seconds", "0.05",
+        "--concurrency", "2", "--duration", "120", "--requests", "6", "--engine-seconds", "0.05",
         "--max-batch-size", "2",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -38,8 +38,10 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     ok, errors = level.split()[1:3]
     assert int(ok) >= 6 and errors == "-"
     # The server's CPU per image, then by its threads' names (service.thread_names): the
-    # parts are the same process's threads' run times, read just before its ticks, so they
-    # add up to no more than the whole, give or take its rounding to a tick (10 ms).
+    # parts are the same process's threads' run times, read within the span of its ticks
+    # (the whole read first at the start, last at the end), so they add up to no more
+    # than the whole, but for its rounding: /proc rounds its user and its system time
+    # each down to a tick (10 ms), so the whole can read up to two ticks short.
     where = re.search(
         r"server ([\d.]+) ms/img \(engine ([\d.]+), decode ([\d.]+), loop ([\d.]+), "
         r"other ([\d.]+)\)",
@@ -48,7 +50,7 @@ def test_loadgen_measures_the_bundles_task(bundle, task, sizes):
     assert where, level
     total, *parts = map(float, where.groups())
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-    assert total > 0 and sum(parts) <= total + tick_ms / int(ok) + 0.25
+    assert total > 0 and sum(parts) <= total + 2 * tick_ms / int(ok) + 0.25
     # The ceiling is the raw engine's CPU per image over that plus everything else's.
     beside = sum(parts[1:]) + float(re.search(r"client ([\d.]+),", level)[1])
     raw_ms = float(re.search(r"raw engine ([\d.]+);", level)[1])
