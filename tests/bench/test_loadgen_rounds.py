@@ -8,21 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers.bench import bench_module
+
 REPO = Path(__file__).resolve().parents[2]
 CLASSIFIER = REPO / "service" / "demo_bundles" / "shapes_classify"
 
 
 def test_the_rounds_alternate_which_step_comes_first():
-    code = (
-        "import sys; sys.path.insert(0, 'bench'); import loadgen; "
-        "print([loadgen.round_order(('raw', 'load'), r) for r in range(1, 5)])"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    with bench_module("loadgen") as loadgen:
+        orders = [loadgen.round_order(("raw", "load"), r) for r in range(1, 5)]
     raw_first, load_first = ["raw", "load"], ["load", "raw"]
-    assert done.stdout.strip() == repr([raw_first, load_first, raw_first, load_first])
+    assert orders == [raw_first, load_first, raw_first, load_first]
 
 
 def test_two_rounds_each_measure_the_engine_and_the_server():

@@ -5,10 +5,11 @@ round."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers.bench import bench_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,15 +43,9 @@ def test_a_file_given_as_work_folder_is_refused_with_one_line(tmp_path):
 
 def test_the_servers_order_is_reversed_every_other_round():
     servers = ["ours", "litserve", "torchserve"]
-    code = (
-        "import json, sys; sys.path.insert(0, 'bench'); import peers; "
-        f"print(json.dumps([peers.round_order({servers!r}, r) for r in range(1, 5)]))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    orders = json.loads(done.stdout)
+    # peers.py imports loadgen as a top-level module: loaded first, it is found there
+    with bench_module("loadgen"), bench_module("peers") as peers:
+        orders = [peers.round_order(servers, r) for r in range(1, 5)]
     assert orders[0] == orders[2] == servers
     assert orders[1] == orders[3] == servers[::-1]
     # over two rounds each server runs first and last once, or in the middle twice
