@@ -5,16 +5,20 @@ STAMP := $(VENV)/.installed
 # The test-only OpenMMLab environment of the cross-checks (docs/cross-checks.md).
 MM_VENV ?= .venv-mm
 MM_STAMP := $(MM_VENV)/.installed
+# The exact versions the tests run on: pip constraints over the whole closure of the
+# export and dev extras, made by docker/lock_requirements.py (docs/deploy.md), so that a
+# dependency's new release cannot change CI between two commits.
+CONSTRAINTS := .ci/constraints.txt
 
 .PHONY: test install mm-env lint serve clean
 
 # `make test` builds .venv and .venv-mm at the same time (each is mostly unpacking wheels).
 MAKEFLAGS += --jobs=2
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e '.[export,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

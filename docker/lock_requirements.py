@@ -1,8 +1,12 @@
-"""Regenerate the images' lock files (docker/requirements-{cpu,gpu,export}.txt).
+"""Regenerate the lock files: the images' (docker/requirements-{cpu,gpu,export}.txt) and
+the test environment's (.ci/constraints.txt).
 
 pyproject.toml keeps version ranges for people who pip-install the package; the images
 install these exact pins with `--no-deps`, so a rebuild next month ships the same bits and
-a dependency bump is a reviewed diff. Run after changing dependencies (needs PyPI):
+a dependency bump is a reviewed diff. `make install` (and so `make test` and CI) installs
+the project's `export` and `dev` extras with .ci/constraints.txt as pip constraints, so
+that a release of any dependency, direct or not, cannot change what the tests run on
+between two commits. Run after changing dependencies (needs PyPI):
 
     .venv/bin/python docker/lock_requirements.py [--upgrade]
 
@@ -31,6 +35,8 @@ from pathlib import Path
 
 DOCKER_DIR = Path(__file__).resolve().parent
 PYPROJECT = DOCKER_DIR.parent / "pyproject.toml"
+# The test environment's pins (`make install`; Python 3.11, as the Makefile's venv).
+TEST_CONSTRAINTS = DOCKER_DIR.parent / ".ci" / "constraints.txt"
 # What `pip install --no-build-isolation .` needs in the image to build our own wheel.
 BUILD_BACKEND = "setuptools"
 # Every manylinux tag up to the oldest glibc among the bases (Ubuntu 24.04: 2.39).
@@ -45,9 +51,14 @@ def without_tensorrt(requirements: list[str]) -> list[str]:
     return [r for r in requirements if not requirement_name(r).startswith("tensorrt")]
 
 
+def lock_path(name: str) -> Path:
+    """Where lock `name` lives: docker/requirements-{name}.txt, the test one in .ci/."""
+    return TEST_CONSTRAINTS if name == "test" else DOCKER_DIR / f"requirements-{name}.txt"
+
+
 def current_pins(name: str) -> list[str]:
-    """The `name==version` lines of docker/requirements-{name}.txt (none if absent)."""
-    lock = DOCKER_DIR / f"requirements-{name}.txt"
+    """The `name==version` lines of lock `name` (none if absent)."""
+    lock = lock_path(name)
     if not lock.exists():
         return []
     lines = (line.strip() for line in lock.read_text().splitlines())
@@ -96,8 +107,9 @@ def write_lock(name: str, python: str, requirements: list[str], *, upgrade: bool
         f"# Top-level: {', '.join(requirements)}\n"
     )
     lines = locked(requirements, python, [] if upgrade else current_pins(name))
-    (DOCKER_DIR / f"requirements-{name}.txt").write_text(header + "\n".join(lines) + "\n")
-    print(f"requirements-{name}.txt: {len(lines)} pins")
+    path = lock_path(name)
+    path.write_text(header + "\n".join(lines) + "\n")
+    print(f"{path.relative_to(DOCKER_DIR.parent)}: {len(lines)} pins")
 
 
 def main() -> None:
@@ -117,6 +129,7 @@ def main() -> None:
     write_lock("gpu", "3.12", [*core_gpu, BUILD_BACKEND], upgrade=upgrade)
     export = [*core_gpu, *extras["export"], *openvino, BUILD_BACKEND]
     write_lock("export", "3.12", export, upgrade=upgrade)
+    write_lock("test", "3.11", [*core, *extras["export"], *extras["dev"]], upgrade=upgrade)
 
 
 if __name__ == "__main__":

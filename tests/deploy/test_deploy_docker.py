@@ -37,6 +37,8 @@ from tests.helpers.deploy_checks import (
 
 DOCKERFILE_IDS = [p.name for p in DOCKERFILES]
 LOCKS = {name: DOCKER_DIR / f"requirements-{name}.txt" for name in ("cpu", "gpu", "export")}
+# The test environment's lock: pip constraints for `make install` (the Makefile).
+LOCKS["test"] = REPO / ".ci" / "constraints.txt"
 TENSORRT_LOCK = DOCKER_DIR / "requirements-tensorrt.txt"
 
 
@@ -196,6 +198,8 @@ def _required(lock_name: str) -> list[Requirement]:
     project = _project()
     extras = project["optional-dependencies"]
     wanted = [Requirement(r) for r in project["dependencies"]]
+    if lock_name == "test":
+        return wanted + [Requirement(r) for r in [*extras["export"], *extras["dev"]]]
     if lock_name != "cpu":
         wanted = [r for r in wanted if r.name != "onnxruntime"]
         wanted += [Requirement(r) for r in extras["gpu"] if not r.startswith("tensorrt")]
@@ -218,6 +222,30 @@ def test_lock_satisfies_pyproject(lock_name: str):
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{name}=={pins[name]} does not satisfy {requirement}"
         )
+
+
+def test_this_environment_runs_the_test_locks_versions():
+    """`make install` installs with the test lock as constraints (the Makefile), so the
+    environment running these tests holds exactly its versions; a mismatch means the
+    environment was made another way, or the lock changed since: `make install`."""
+    from importlib import metadata
+
+    pins = _pins(LOCKS["test"])
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in metadata.distributions()
+    }
+    differ = {
+        name: (version, installed.get(name))
+        for name, version in pins.items()
+        if installed.get(name) != version
+    }
+    assert not differ, f"pinned vs installed (run make install): {differ}"
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(
+        r"pip install .*--constraint \$\(CONSTRAINTS\) -e '\.\[export,dev\]'", makefile
+    )
+    assert "CONSTRAINTS := .ci/constraints.txt" in makefile
 
 
 @pytest.mark.parametrize("lock_name", ["gpu", "export"], ids=lambda n: LOCKS[n].name)
