@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
-$(MM_STAMP): tools/make_mm_env.sh
+$(MM_STAMP): tools/make_mm_env.sh .ci/constraints-mm.txt
 	tools/make_mm_env.sh $(MM_VENV) $(PYTHON)
 
 mm-env: $(MM_STAMP)
