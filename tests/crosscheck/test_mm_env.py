@@ -4,21 +4,16 @@ file as pip constraints, so a release of any package it pulls in cannot change t
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 from tests.crosscheck.mm_env import REPO, mm_python
+from tests.helpers.pins import pinned_versions
 
 CONSTRAINTS = REPO / ".ci" / "constraints-mm.txt"
 
 
-def _versions(lines: list[str]) -> dict[str, str]:
-    pins = (line.split("==") for line in lines if line and not line.startswith("#"))
-    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
-
-
-def test_mm_env_holds_the_pinned_versions() -> None:
-    pinned = _versions(CONSTRAINTS.read_text().splitlines())
+def test_mm_env_holds_the_pinnedpinned_versions() -> None:
+    pinned = pinned_versions(CONSTRAINTS.read_text().splitlines())
     assert {"mmcv", "mmsegmentation", "mmdet", "torch", "timm", "numpy"} <= set(pinned)
     frozen = subprocess.run(
         [str(mm_python()), "-m", "pip", "freeze", "--exclude-editable"],
@@ -27,6 +22,6 @@ def test_mm_env_holds_the_pinned_versions() -> None:
         check=True,
         timeout=60,
     ).stdout.splitlines()
-    installed = _versions(frozen)
+    installed = pinned_versions(frozen)
     differ = {n: (v, installed.get(n)) for n, v in pinned.items() if installed.get(n) != v}
     assert not differ, f"pinned vs installed (run make mm-env): {differ}"

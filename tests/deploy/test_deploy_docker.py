@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.testing import running_server
 from tests.helpers.deploy_checks import (
@@ -34,6 +35,7 @@ from tests.helpers.deploy_checks import (
     stage_names,
     verified_precisions,
 )
+from tests.helpers.pins import pinned_versions
 
 DOCKERFILE_IDS = [p.name for p in DOCKERFILES]
 LOCKS = {name: DOCKER_DIR / f"requirements-{name}.txt" for name in ("cpu", "gpu", "export")}
@@ -185,9 +187,7 @@ def test_lock_pins_exact_versions(lock: Path):
 
 
 def _pins(lock: Path) -> dict[str, str]:
-    lines = [ln for ln in lock.read_text().splitlines() if ln and not ln.startswith("#")]
-    pins = (line.split("==") for line in lines)
-    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
+    return pinned_versions(lock.read_text().splitlines())
 
 
 def _project() -> dict:
@@ -217,7 +217,7 @@ def test_lock_satisfies_pyproject(lock_name: str):
     """Catches a dependency added to pyproject.toml without regenerating the locks."""
     pins = _pins(LOCKS[lock_name])
     for requirement in _required(lock_name):
-        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} missing: run docker/lock_requirements.py"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{name}=={pins[name]} does not satisfy {requirement}"
@@ -231,10 +231,7 @@ def test_this_environment_runs_the_test_locks_versions():
     from importlib import metadata
 
     pins = _pins(LOCKS["test"])
-    installed = {
-        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
-        for d in metadata.distributions()
-    }
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     differ = {
         name: (version, installed.get(name))
         for name, version in pins.items()

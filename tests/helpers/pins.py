@@ -1,0 +1,13 @@
+"""Lock and constraints files, and `pip freeze` output: `name==version` lines (comments
+and blank lines aside) as {canonical name: version}."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from packaging.utils import canonicalize_name
+
+
+def pinned_versions(lines: Iterable[str]) -> dict[str, str]:
+    pins = (line.split("==") for line in lines if line and not line.startswith("#"))
+    return {canonicalize_name(name): version for name, version in pins}
