@@ -7,7 +7,8 @@ MM_VENV ?= .venv-mm
 MM_STAMP := $(MM_VENV)/.installed
 # The exact versions the tests run on: pip constraints over the whole closure of the
 # export and dev extras, made by docker/lock_requirements.py (docs/deploy.md), so that a
-# dependency's new release cannot change CI between two commits.
+# dependency's new release cannot change CI between two commits; the same file holds the
+# build backend that makes the editable install (setuptools) to its version.
 CONSTRAINTS := .ci/constraints.txt
 
 .PHONY: test install mm-env lint serve clean
@@ -18,7 +19,8 @@ MAKEFLAGS += --jobs=2
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e '.[export,dev]'
+	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) \
+		-e '.[export,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
