@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +48,32 @@ LEVELS = ("OFF", "TIMESTAMPS")
 # only (this server exports to OpenTelemetry, not to a file).
 CHANGEABLE = ("trace_level", "trace_rate", "trace_count")
 READ_ONLY = {"log_frequency": "0", "trace_file": "", "trace_mode": "opentelemetry"}
+# The largest trace_rate and trace_count taken (as the --trace-rate/--trace-count flags).
+MAX_SETTING = 2**31 - 1
+
+
+def decimal_pattern(maximum: int) -> str:
+    """A regular expression (unanchored) for the integers 1..`maximum` written in ASCII
+    digits without leading zeros: those with fewer digits than `maximum`, then for each
+    digit of `maximum` the numbers that share its digits before it and have a lower one
+    there, then `maximum` itself (2147: [1-9][0-9]{0,2}|1[0-9]{3}|20[0-9]{2}|21[0-3][0-9]|
+    214[0-6]|2147)."""
+    top = str(maximum)
+    parts = [f"[1-9][0-9]{{0,{len(top) - 2}}}"] if len(top) > 1 else []
+    for at, digit in enumerate(top):
+        low, high = (1 if at == 0 else 0), int(digit) - 1
+        if high >= low:
+            rest = len(top) - at - 1
+            parts.append(f"{top[:at]}[{low}-{high}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "|".join([*parts, top])
+
+
+# What trace_rate and trace_count take, as the OpenAPI document states them too: decimal
+# strings, 1 to MAX_SETTING (the count also -1, no limit, and 0, no more traces).
+SETTING_PATTERNS = {
+    "trace_rate": f"^(?:{decimal_pattern(MAX_SETTING)})$",
+    "trace_count": f"^(?:-1|0|{decimal_pattern(MAX_SETTING)})$",
+}
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
@@ -155,13 +182,14 @@ class Tracing:
                     )
                 else:
                     parsed["level"] = value
-            else:
+            elif re.fullmatch(SETTING_PATTERNS[name], value) is None:
                 low = 1 if name == "trace_rate" else -1
-                number = _integer(value)
-                if number is None or not low <= number <= 2**31 - 1:
-                    problems.append(f"{name}: {value[:40]!r} is not an integer from {low}")
-                else:
-                    parsed[name.removeprefix("trace_")] = number
+                problems.append(
+                    f"{name}: {value[:40]!r} is not an integer from {low} to {MAX_SETTING} "
+                    "in decimal digits"
+                )
+            else:
+                parsed[name.removeprefix("trace_")] = int(value)
         if problems:
             raise InvalidParameters("; ".join(problems))
         return parsed
@@ -328,10 +356,3 @@ def _one_string(value: Any) -> str | None:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     return value if isinstance(value, str) else None
-
-
-def _integer(value: str) -> int | None:
-    text = value.strip()
-    if not text.lstrip("-").isdigit() or len(text) > 12:
-        return None
-    return int(text)

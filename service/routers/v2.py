@@ -473,8 +473,12 @@ _TRACE_SETTINGS_BODY = {
                     "minItems": 1,
                     "maxItems": 1,
                 },
-                "trace_rate": {"type": ["string", "null"], "pattern": "^[0-9]{1,10}$"},
-                "trace_count": {"type": ["string", "null"], "pattern": "^-?[0-9]{1,10}$"},
+                "trace_rate": {
+                    "type": ["string", "null"], "pattern": tracing.SETTING_PATTERNS["trace_rate"],
+                },
+                "trace_count": {
+                    "type": ["string", "null"], "pattern": tracing.SETTING_PATTERNS["trace_count"],
+                },
                 "log_frequency": {"type": ["string", "null"], "enum": ["0", None]},
                 "trace_file": {"type": ["string", "null"], "enum": ["", None]},
                 "trace_mode": {"type": ["string", "null"], "enum": ["opentelemetry", None]},

@@ -13,6 +13,7 @@ request ids and trace ids in the server's log lines against the spans' attribute
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from service.testing import RunningServer, free_port, running_server
+from service.tracing import decimal_pattern
 from tests.helpers.images import encode
 from tests.helpers.otlp import Collector, Span, running_collector
 from tests.helpers.server_timing import parse_server_timing
@@ -280,6 +282,13 @@ def test_a_models_own_settings_over_grpc_and_rest(
     [
         ({"trace_rate": "0"}, "trace_rate"),
         ({"trace_count": "-2"}, "trace_count"),
+        # what int() takes or isdigit() calls a digit: neither is a decimal setting
+        ({"trace_count": "--5"}, "trace_count"),
+        ({"trace_rate": "\u00b2"}, "trace_rate"),  # superscript two
+        ({"trace_rate": "\u0661\u0662"}, "trace_rate"),  # Arabic-Indic twelve
+        ({"trace_rate": " 7"}, "trace_rate"),
+        ({"trace_rate": "007"}, "trace_rate"),
+        ({"trace_rate": "2147483648"}, "trace_rate"),
         ({"trace_level": ["TENSORS"]}, "trace_level"),
         ({"trace_level": 1}, "trace_level"),
         ({"trace_file": "/tmp/trace.json"}, "trace_file"),
@@ -368,3 +377,34 @@ def test_changing_the_settings_takes_a_key_where_keys_are_set(
         if json.loads(line)["level"] == "warning"
     ]
     assert any(m.startswith("--allow-trace-settings without API keys") for m in warned)
+
+
+@pytest.mark.parametrize("maximum", [1, 9, 10, 99, 100, 101, 2147, 9990, 10000, 30509])
+def test_decimal_pattern_takes_exactly_one_to_its_maximum(maximum: int) -> None:
+    """Against every number written out: str(n) for 1..maximum is taken, and nothing else
+    of up to one digit more (0, maximum + 1.., leading zeros, signs)."""
+    pattern = re.compile(f"^(?:{decimal_pattern(maximum)})$")
+    written = {str(n) for n in range(1, maximum + 1)}
+    candidates = (
+        {str(n) for n in range(0, 10 * maximum + 10)}
+        | {"0" + text for text in written}
+        | {"-" + text for text in written}
+        | {"+1", "", " 1", "1 "}
+    )
+    taken = {text for text in candidates if pattern.fullmatch(text)}
+    assert taken == written
+
+
+def test_trace_settings_take_the_largest_value_and_say_the_range(served: RunningServer) -> None:
+    url = f"{served.url}/v2/trace/setting"
+    before = httpx.get(url).json()
+    try:
+        changed = httpx.post(url, json={"trace_rate": str(2**31 - 1), "trace_count": "0"})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["trace_rate"] == "2147483647"
+        refused = httpx.post(url, json={"trace_count": "2147483648"})
+        assert refused.status_code == 422
+        assert "from -1 to 2147483647 in decimal digits" in refused.json()["error"]
+    finally:
+        httpx.post(url, json={name: before[name] for name in ("trace_rate", "trace_count")})
+    assert httpx.get(url).json() == before
