@@ -174,7 +174,7 @@ class LogSwitches(logging.Filter):
             if name in _SEVERITIES:
                 setattr(self, _SEVERITIES[name], value)
             elif name == "log_verbose_level":
-                self.verbose_level = value
+                self.verbose_level = _whole(value)
         self._set_levels()
         return self.settings()
 
@@ -192,13 +192,23 @@ class LogSwitches(logging.Filter):
             logging.getLogger(name).setLevel(lowest)
 
 
+def _whole(value: object) -> int | None:
+    """`value` as JSON Schema's integer, which the OpenAPI document promises: an int, or a
+    number with no fractional part (`2.0`); never a boolean. None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
 def _refusal(name: str, value: object) -> str | None:
     """Why log setting `name` cannot take `value`, or None when it can."""
     if name in _SEVERITIES:
         return None if isinstance(value, bool) else f"{name} is a boolean"
     if name == "log_verbose_level":
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        fits = whole and 0 <= value <= MAX_VERBOSE_LEVEL
+        whole = _whole(value)
+        fits = whole is not None and 0 <= whole <= MAX_VERBOSE_LEVEL
         return None if fits else f"log_verbose_level is an integer from 0 to {MAX_VERBOSE_LEVEL}"
     if name == "log_format":
         return (

@@ -168,6 +168,18 @@ def test_a_change_is_refused_whole_with_each_reason(classifier, tmp_path):
     assert not any(line["message"] == "log settings changed" for line in _lines(log))
 
 
+def test_a_whole_number_written_with_a_fraction_is_taken_as_the_integer(classifier, tmp_path):
+    """The document says `log_verbose_level` is an integer, and JSON Schema's integer
+    includes 2.0: taken as 2 (1.5 stays refused, above)."""
+    server, _, _ = _serve(classifier, tmp_path, "--allow-log-settings")
+    with server as running:
+        url = f"{running.url}/v2/logging"
+        answer = httpx.post(url, content=b'{"log_verbose_level": 2.0}', timeout=TIMEOUT_S)
+        assert answer.status_code == 200, answer.text
+        assert b'"log_verbose_level":2,' in answer.content
+        assert httpx.get(url, timeout=TIMEOUT_S).json()["log_verbose_level"] == 2
+
+
 def test_changes_need_the_flag_and_a_key_where_keys_are_set(classifier, tmp_path):
     server, grpc_port, log = _serve(classifier, tmp_path)
     with server as running:
