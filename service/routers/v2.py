@@ -307,6 +307,10 @@ _CONTROL_ERRORS = error_responses(V2ErrorResponse, {
 })  # fmt: skip
 
 
+# A load or unload done: 200 with an empty body, as Triton answers (no content documented).
+_CONTROL_DONE: dict[int | str, dict[str, Any]] = {200: {"description": "done; no body"}}
+
+
 def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
     return {
         "requestBody": {
@@ -324,7 +328,8 @@ def _control_body(parameters: dict[str, Any]) -> dict[str, Any]:
 
 @router.post(
     "/repository/models/{model}/load",
-    responses=_CONTROL_ERRORS,
+    response_class=Response,
+    responses={**_CONTROL_DONE, **_CONTROL_ERRORS},
     openapi_extra=_control_body({}),
 )
 async def load_model(request: Request, pool: Pool, model: str) -> Response:
@@ -341,7 +346,8 @@ async def load_model(request: Request, pool: Pool, model: str) -> Response:
 
 @router.post(
     "/repository/models/{model}/unload",
-    responses=_CONTROL_ERRORS,
+    response_class=Response,
+    responses={**_CONTROL_DONE, **_CONTROL_ERRORS},
     openapi_extra=_control_body({"unload_dependents": {"type": "boolean"}}),
 )
 async def unload_model(request: Request, pool: Pool, model: str) -> Response:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,8 +37,11 @@ from service.app import create_app
 from service.schemas import ErrorResponse, V2ErrorResponse
 from service.settings import Settings
 from service.testing import running_server
+from tests.helpers.otlp import running_collector
 
 SERVER_MEMORY_BYTES = 8 * 1024**3
+DEMO_BUNDLES = Path(__file__).resolve().parents[2] / "service" / "demo_bundles"
+API_KEY = "contract-test-key-0123456789abcdef"
 MAX_EXAMPLES = 20
 PHASE_TIMEOUT_S = 100
 IMAGE_ROUTES = ("/classify", "/segment", "/detect")
@@ -119,6 +123,18 @@ def test_no_route_documents_fastapis_validation_error_shape(document) -> None:
             assert schema_of(operation["responses"]["422"])["$ref"] in (ERROR_REF, V2_ERROR_REF)
 
 
+def test_no_answer_is_documented_as_json_of_no_shape(document) -> None:
+    """A route whose answer FastAPI was not told gets `application/json` with an empty
+    schema in the document: model control's 200 has no body at all (as Triton's)."""
+    for path, method, operation in operations(document):
+        for status, response in operation["responses"].items():
+            json_body = response.get("content", {}).get("application/json")
+            assert json_body is None or json_body["schema"] != {}, (method, path, status)
+    for action in ("load", "unload"):
+        done = document["paths"][f"/v2/repository/models/{{model}}/{action}"]["post"]
+        assert "content" not in done["responses"]["200"]
+
+
 def test_every_503_promises_retry_after(document) -> None:
     for path, _, operation in operations(document):
         if "503" in operation["responses"]:
@@ -167,20 +183,58 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
-@pytest.mark.parametrize("phase", ["coverage", "fuzzing", "stateful"])
-def test_schemathesis_finds_no_failure(demo_server, tmp_path, phase) -> None:
-    config = tmp_path / "schemathesis.toml"
+@pytest.fixture(scope="module")
+def controlled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo bundles as a model repository with every control on: explicit model
+    control (load and unload), log and trace settings changeable, traces exported to a
+    collector (so every trace level is taken), and an API key on every route; the routes
+    that answer 403 on `demo_server` answer for real here."""
+    folder = tmp_path_factory.mktemp("controlled")
+    (folder / "keys").write_text(f"{API_KEY}\n")
+    with running_collector() as collector:
+        flags = [
+            "--model-repository", str(DEMO_BUNDLES), "--model-control-mode", "explicit",
+            "--load-model", "*", "--allow-log-settings", "--allow-trace-settings",
+            "--trace-endpoint", collector.url, "--api-key-file", str(folder / "keys"),
+            "--engine-threads", "1",
+        ]  # fmt: skip
+        with running_server(
+            flags,
+            log_path=folder / "server.log",
+            memory_limit_bytes=SERVER_MEMORY_BYTES,
+            inherit_settings=False,
+        ) as server:
+            yield server.url
+
+
+def _schemathesis(url: str, folder: Path, phase: str, *extra: str) -> None:
+    config = folder / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
     command = [
         sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; "
         "sys.exit(schemathesis())",
-        "--config-file", str(config), "run", f"{demo_server}/openapi.json",
+        "--config-file", str(config), "run", f"{url}/openapi.json",
         "--checks", "all", "--phases", phase, "--max-examples", str(MAX_EXAMPLES),
         "--generation-deterministic", "--workers", "1", "--request-timeout", "30",
-        "--no-color",
+        "--no-color", *extra,
     ]  # fmt: skip
     result = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S
+        command, cwd=folder, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S
     )
     assert result.returncode == 0, result.stdout[-20_000:] + result.stderr[-5_000:]
     assert " passed" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("phase", ["coverage", "fuzzing", "stateful"])
+def test_schemathesis_finds_no_failure(demo_server, tmp_path, phase) -> None:
+    _schemathesis(demo_server, tmp_path, phase)
+
+
+@pytest.mark.parametrize("phase", ["coverage", "fuzzing", "stateful"])
+def test_schemathesis_finds_no_failure_with_every_control_on(
+    controlled_server, tmp_path, phase
+) -> None:
+    """The key as a bearer token: schemathesis' authentication check sends requests
+    without it, or with it changed, and expects 401."""
+    bearer = f"Authorization: Bearer {API_KEY}"
+    _schemathesis(controlled_server, tmp_path, phase, "--header", bearer)
