@@ -28,6 +28,7 @@ from service.flags import Flag
 from service.image_structure import DEFAULT_MAX_JPEG_SCANS
 from service.memory import IMAGE_CACHE_MIB_PER_THREAD
 from service.tls import check_certificate
+from service.tracing import MAX_SETTING
 
 DEMO_BUNDLES_DIR = Path(__file__).parent / "demo_bundles"
 
@@ -503,14 +504,14 @@ class Settings(BaseSettings):
     trace_rate: int = Field(
         1000,
         ge=1,
-        le=2**31 - 1,
+        le=MAX_SETTING,
         description="with --trace-endpoint: trace one request in this many of those that "
         "come without a traceparent (Triton's trace_rate; the first is traced)",
     )
     trace_count: int = Field(
         -1,
         ge=-1,
-        le=2**31 - 1,
+        le=MAX_SETTING,
         description="with --trace-endpoint: stop after this many traces (Triton's "
         "trace_count; -1: no limit)",
     )

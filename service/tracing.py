@@ -48,7 +48,8 @@ LEVELS = ("OFF", "TIMESTAMPS")
 # only (this server exports to OpenTelemetry, not to a file).
 CHANGEABLE = ("trace_level", "trace_rate", "trace_count")
 READ_ONLY = {"log_frequency": "0", "trace_file": "", "trace_mode": "opentelemetry"}
-# The largest trace_rate and trace_count taken (as the --trace-rate/--trace-count flags).
+# The largest trace_rate and trace_count taken, by the --trace-rate and --trace-count flags
+# (service.settings) and by trace setting requests.
 MAX_SETTING = 2**31 - 1
 
 
