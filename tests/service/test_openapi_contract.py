@@ -3,8 +3,10 @@ the body it carries, and requests the schema calls valid are served.
 
 Two kinds of test. The document itself, walked as `app.openapi()` returns it: which
 statuses each route lists and with which error schema. And schemathesis against a real
-`python -m service` process on the demo bundles, through its CLI (`st run`, in a
-subprocess): the CLI runs the same phases and checks as a manual run does (coverage,
+`python -m service` process on the demo bundles, twice: a plain server, and one with every
+control on (explicit model control, log and trace settings, an API key), whose control
+routes answer for real where the plain one refuses them with 403. Through its CLI (`st
+run`, in a subprocess): the CLI runs the same phases and checks as a manual run does (coverage,
 fuzzing, stateful), where the pytest plugin runs fewer; it needs no schema at collection
 time; and a subprocess keeps hypothesis' hostile inputs away from this test process.
 One test per phase, so each stays well inside conftest's TEST_TIMEOUT_S; the examples
@@ -35,12 +37,11 @@ import pytest
 
 from service.app import create_app
 from service.schemas import ErrorResponse, V2ErrorResponse
-from service.settings import Settings
+from service.settings import DEMO_BUNDLES_DIR, Settings
 from service.testing import running_server
 from tests.helpers.otlp import running_collector
 
 SERVER_MEMORY_BYTES = 8 * 1024**3
-DEMO_BUNDLES = Path(__file__).resolve().parents[2] / "service" / "demo_bundles"
 API_KEY = "contract-test-key-0123456789abcdef"
 MAX_EXAMPLES = 20
 PHASE_TIMEOUT_S = 100
@@ -193,7 +194,7 @@ def controlled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     (folder / "keys").write_text(f"{API_KEY}\n")
     with running_collector() as collector:
         flags = [
-            "--model-repository", str(DEMO_BUNDLES), "--model-control-mode", "explicit",
+            "--model-repository", str(DEMO_BUNDLES_DIR), "--model-control-mode", "explicit",
             "--load-model", "*", "--allow-log-settings", "--allow-trace-settings",
             "--trace-endpoint", collector.url, "--api-key-file", str(folder / "keys"),
             "--engine-threads", "1",
