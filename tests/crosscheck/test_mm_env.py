@@ -7,12 +7,12 @@ from __future__ import annotations
 import subprocess
 
 from tests.crosscheck.mm_env import REPO, mm_python
-from tests.helpers.pins import pinned_versions
+from tests.helpers.pins import mismatches, pinned_versions
 
 CONSTRAINTS = REPO / ".ci" / "constraints-mm.txt"
 
 
-def test_mm_env_holds_the_pinnedpinned_versions() -> None:
+def test_mm_env_holds_the_pinned_versions() -> None:
     pinned = pinned_versions(CONSTRAINTS.read_text().splitlines())
     assert {"mmcv", "mmsegmentation", "mmdet", "torch", "timm", "numpy"} <= set(pinned)
     frozen = subprocess.run(
@@ -22,6 +22,5 @@ def test_mm_env_holds_the_pinnedpinned_versions() -> None:
         check=True,
         timeout=60,
     ).stdout.splitlines()
-    installed = pinned_versions(frozen)
-    differ = {n: (v, installed.get(n)) for n, v in pinned.items() if installed.get(n) != v}
+    differ = mismatches(pinned, pinned_versions(frozen))
     assert not differ, f"pinned vs installed (run make mm-env): {differ}"

@@ -35,7 +35,7 @@ from tests.helpers.deploy_checks import (
     stage_names,
     verified_precisions,
 )
-from tests.helpers.pins import pinned_versions
+from tests.helpers.pins import mismatches, pinned_versions
 
 DOCKERFILE_IDS = [p.name for p in DOCKERFILES]
 LOCKS = {name: DOCKER_DIR / f"requirements-{name}.txt" for name in ("cpu", "gpu", "export")}
@@ -230,13 +230,8 @@ def test_this_environment_runs_the_test_locks_versions():
     environment was made another way, or the lock changed since: `make install`."""
     from importlib import metadata
 
-    pins = _pins(LOCKS["test"])
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    differ = {
-        name: (version, installed.get(name))
-        for name, version in pins.items()
-        if installed.get(name) != version
-    }
+    differ = mismatches(_pins(LOCKS["test"]), installed)
     assert not differ, f"pinned vs installed (run make install): {differ}"
     makefile = (REPO / "Makefile").read_text()
     for option in ("--constraint $(CONSTRAINTS)", "--build-constraint $(CONSTRAINTS)"):
