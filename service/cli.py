@@ -30,6 +30,7 @@ from service import thread_names
 from service.cpus import available_cpus
 from service.flags import add_settings_flags, given_settings
 from service.http_protocol import PortConnections, protocol_class
+from service.imaging import configure_decoding
 from service.logs import configure_logging, flush_logging
 from service.memory import configure_allocator, configure_image_cache
 from service.settings import DEMO_BUNDLES_DIR, Settings
@@ -134,6 +135,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_allocator()
     configure_image_cache(settings.image_cache_size_mib)
+    configure_decoding()
     if check:
         return asyncio.run(_check(settings, bundles))
     log.info(

@@ -80,6 +80,30 @@ _TRANSPOSED = frozenset(range(2, 9))  # EXIF orientations other than 1 (as store
 # EXIF orientations that turn the stored image a quarter turn (exif_transpose swaps its sides).
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
+
+def configure_decoding() -> None:
+    """Pillow's process-wide settings for a server decoding untrusted uploads (`hornet
+    serve` sets them at start):
+
+    - Pillow's own bomb check is off (`Image.MAX_IMAGE_PIXELS`: a warning past 89.5
+      megapixels, an error past 179): `decode_image` refuses an image over its
+      `max_pixels` (--max-pixels) from the size Image.open read in the header, before any
+      pixel is decoded, and Pillow's limit would refuse what --max-pixels allows (a
+      200-megapixel phone photo under `--max-pixels 250000000`) with a message of its own.
+    - The warnings Pillow gives about an upload's malformed parts (UserWarning: a
+      corrupt EXIF block, a truncated read, an invalid APNG) are dropped: the request is
+      answered either way (its image decoded, or 400), and otherwise any client could
+      have the decoding threads write them to standard error at will, in plain text
+      beside the JSON log and waiting on a full pipe. Other warnings go to the JSON log
+      (`configure_logging`).
+
+    Warnings filters are process-wide (`warnings.catch_warnings` around each decode, as
+    before, swapped the filter list under the other decoding threads), so this is done
+    once, before the server's threads start."""
+    Image.MAX_IMAGE_PIXELS = None
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+
+
 # The smallest (width, height) worth decoding an upright image of this (width, height)
 # at, or None for its full size.
 DraftSize = Callable[[int, int], tuple[int, int] | None]
@@ -132,13 +156,11 @@ def decode_image(
         raise BadImage("empty upload: no image bytes received")
     check_structure(data, max_jpeg_scans)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # only these formats' plugins ever see an upload: Pillow's others (PSD, FITS,
-            # XPM, ...) read their headers in Python and are not checked here; an upload
-            # in one of them gets 415 naming it (`_other_format`)
-            image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # only these formats' plugins ever see an upload: Pillow's others (PSD, FITS, XPM,
+        # ...) read their headers in Python and are not checked here; an upload in one of
+        # them gets 415 naming it (`_other_format`)
+        image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, where it is on
         raise PayloadTooLarge(f"image refused before decoding: {exc}") from exc
     except UnidentifiedImageError as exc:
         other = _other_format(data)

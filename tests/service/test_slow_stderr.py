@@ -102,3 +102,23 @@ def test_the_writer_never_waits_and_counts_what_it_drops() -> None:
     writer.put("after\n")
     writer.flush(5)
     assert stream.getvalue().endswith("after\n") and writer.dropped == 48
+
+
+def test_a_python_warning_is_a_line_of_the_json_log() -> None:
+    """A library's warning in the server (any thread) goes through the log's writer as a
+    JSON warning line, not in plain text straight to standard error, where a full pipe
+    would hold the warning thread."""
+    script = (
+        "import threading, warnings\n"
+        "from service.logs import configure_logging, flush_logging\n"
+        "configure_logging('info')\n"
+        "thread = threading.Thread(target=warnings.warn, args=('a library warned',))\n"
+        "thread.start(); thread.join(); flush_logging()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "warning"
+    assert "UserWarning: a library warned" in record["message"]
