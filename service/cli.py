@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import resource
 import socket
 import sys
@@ -89,6 +90,11 @@ def serve_main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Run the server the parsed flags (over the environment) describe until it is
     stopped; 2 for settings or bundles it cannot serve, 1 if it never started."""
+    # gRPC core (C++) writes log lines of its own to standard error, in plain text, from
+    # its threads, and at its default level an INFO line for every failed TLS handshake,
+    # which any client can cause; its errors only, unless the operator's GRPC_VERBOSITY
+    # says otherwise. Read as gRPC is loaded, with the app just below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # The app (FastAPI, the engines) is imported here, so building the `hornet` parser
     # for another subcommand does not pay for it.
     from hornet_bundle import BundleError, load_bundle

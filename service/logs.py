@@ -116,7 +116,7 @@ _SEVERITIES = {"log_info": "info", "log_warnings": "warnings", "log_errors": "er
 MAX_VERBOSE_LEVEL = 2**32 - 1  # Triton's log_verbose_level is a uint32
 LOG_SETTINGS = (*_SEVERITIES, "log_verbose_level", "log_format", "log_file")
 # The loggers configure_logging routes; their levels follow the switches.
-_ROUTED = ("hornet", "uvicorn", "uvicorn.error", "py.warnings")
+_ROUTED = ("hornet", "uvicorn", "uvicorn.error")
 
 
 class LogSwitches(logging.Filter):
@@ -376,8 +376,12 @@ def configure_logging(
         logger.handlers = [handler]
         logger.propagate = False
     log_switches.start_at(level)
-    # Python's warnings (a library's deprecation, say) as warning lines of the log, not
-    # plain text written to standard error by whichever thread warned
+    # Every other logger's warnings and errors (asyncio's, gRPC's Python layer, Python's
+    # warnings through "py.warnings") as lines of the same log, not plain text written to
+    # standard error by logging's last resort, or by `warnings`, from whichever thread
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
     logging.captureWarnings(True)
     # OpenTelemetry's exporter (--trace-endpoint): a line for each batch of spans it could
     # not deliver, not one for each retry

@@ -104,21 +104,24 @@ def test_the_writer_never_waits_and_counts_what_it_drops() -> None:
     assert stream.getvalue().endswith("after\n") and writer.dropped == 48
 
 
-def test_a_python_warning_is_a_line_of_the_json_log() -> None:
-    """A library's warning in the server (any thread) goes through the log's writer as a
-    JSON warning line, not in plain text straight to standard error, where a full pipe
-    would hold the warning thread."""
+def test_a_librarys_warnings_and_errors_are_lines_of_the_json_log() -> None:
+    """A Python warning in the server (any thread) and another library's log lines go
+    through the log's writer as JSON lines, not in plain text straight to standard error
+    (where a full pipe would hold the thread); a library's info lines are not written."""
     script = (
-        "import threading, warnings\n"
+        "import logging, threading, warnings\n"
         "from service.logs import configure_logging, flush_logging\n"
         "configure_logging('info')\n"
         "thread = threading.Thread(target=warnings.warn, args=('a library warned',))\n"
-        "thread.start(); thread.join(); flush_logging()\n"
+        "thread.start(); thread.join()\n"
+        "logging.getLogger('asyncio').error('a transport failed')\n"
+        "logging.getLogger('asyncio').info('a chatty library')\n"
+        "flush_logging()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
-    (line,) = done.stderr.splitlines()
-    record = json.loads(line)
-    assert record["level"] == "warning"
-    assert "UserWarning: a library warned" in record["message"]
+    warned, failed = (json.loads(line) for line in done.stderr.splitlines())
+    assert warned["level"] == "warning"
+    assert "UserWarning: a library warned" in warned["message"]
+    assert (failed["level"], failed["message"]) == ("error", "a transport failed")

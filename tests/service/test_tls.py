@@ -326,3 +326,27 @@ def test_a_tls_port_in_use_stops_the_server_naming_it(pki) -> None:
     assert f"hornet serve: --port {port}: " in done.stderr
     assert "address already in use" in done.stderr
     assert "try the models in a browser" not in done.stderr
+
+
+def test_failed_handshakes_on_the_grpc_port_write_nothing_but_json_lines(pki, tmp_path) -> None:
+    """gRPC core logs a failed TLS handshake in plain text on its threads' standard error
+    at its default level: three connections sending anything but a handshake used to add
+    three such lines beside the JSON log. Now its errors only (GRPC_VERBOSITY)."""
+    grpc_port = free_port()
+    log = tmp_path / "server.log"
+    command = ["--model-dir", str(CLASSIFIER), "--tls-certfile", str(pki["cert"])]
+    command += ["--tls-keyfile", str(pki["key"]), "--grpc-port", str(grpc_port)]
+    with running_server(
+        command, log_path=log, inherit_settings=False, tls_ca_file=pki["ca"]
+    ) as server:
+        for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello", b"\0"):
+            with socket.create_connection(("127.0.0.1", grpc_port), timeout=10) as connection:
+                connection.sendall(garbage)
+                with contextlib.suppress(OSError):
+                    connection.recv(1024)  # the server closes it
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        assert httpx.get(f"{server.url}/readyz", verify=trusting, timeout=30).status_code == 200
+    lines = log.read_text().splitlines()
+    assert lines
+    for line in lines:
+        json.loads(line)  # no plain-text line of gRPC core's
