@@ -17,7 +17,9 @@ do), with one exception: 16-bit greyscale ('I;16*', 'I') which PIL would clip to
 
 from __future__ import annotations
 
+import ctypes
 import io
+import logging
 import math
 import struct
 import warnings
@@ -95,13 +97,42 @@ def configure_decoding() -> None:
       answered either way (its image decoded, or 400), and otherwise any client could
       have the decoding threads write them to standard error at will, in plain text
       beside the JSON log and waiting on a full pipe. Other warnings go to the JSON log
-      (`configure_logging`).
+      (`configure_logging`). libtiff's own messages, which it prints itself, are turned
+      off (`quiet_libtiff`).
 
     Warnings filters are process-wide (`warnings.catch_warnings` around each decode, as
     before, swapped the filter list under the other decoding threads), so this is done
     once, before the server's threads start."""
     Image.MAX_IMAGE_PIXELS = None
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+    # Pillow's own log lines are about the files it reads, a client's (an error line for
+    # a TIFF's impossible samples per pixel, before it raises): none is written
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    quiet_libtiff()
+
+
+def quiet_libtiff() -> int:
+    """Turn off the default warning and error handlers of the libtiff Pillow decodes
+    TIFFs with, which print each message about a file to standard error themselves (C,
+    from the decoding thread: a mutated compressed TIFF gives lines such as "ZIPDecode:
+    Decoding error at scanline 0, incorrect data check"); Pillow raises for the failure
+    anyway (400). The copies of libtiff loaded in this process are found in
+    /proc/self/maps (Linux; elsewhere none is found and the handlers stay). How many."""
+    Image.init()  # Pillow's C core, and the libtiff it links, are loaded
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:
+        return 0
+    quieted = 0
+    for path in paths:
+        library = ctypes.CDLL(path)  # the copy already loaded: dlopen finds it by its path
+        setters = [getattr(library, f"TIFFSet{kind}Handler", None) for kind in ("Error", "Warning")]
+        for setter in filter(None, setters):
+            setter.argtypes, setter.restype = [ctypes.c_void_p], ctypes.c_void_p
+            setter(None)
+        quieted += all(setters)
+    return quieted
 
 
 # The smallest (width, height) worth decoding an upright image of this (width, height)

@@ -3,7 +3,8 @@
 - a client's malformed EXIF makes Pillow warn (in plain text, from the decoding thread);
   the server used to write those warnings to standard error beside its JSON log lines,
   two a request, as often as a client cared to send the file: now nothing but JSON
-  lines is written, and the image is still answered;
+  lines is written, and the image is still answered; likewise libtiff, which printed
+  its own messages about a malformed compressed TIFF from the decoding thread;
 - --max-pixels is the only pixel limit: Pillow's own (a warning turned error past 89.5
   megapixels, an error past 179) refused images --max-pixels allowed, with Pillow's
   message instead of the server's.
@@ -21,7 +22,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.imaging import quiet_libtiff
 from service.testing import running_server
+from tests.helpers.images import tiff_file
 
 
 def _corrupt_exif_jpeg() -> bytes:
@@ -74,6 +77,33 @@ def test_pillows_warnings_on_a_clients_file_are_not_written(
     for line in text.splitlines():
         json.loads(line)  # every line of the log is JSON: no warning in plain text
     assert "Truncated File Read" not in text
+
+
+def _corrupt_deflate_tiff() -> bytes:
+    """A zlib-compressed greyscale TIFF whose stream's checksum is wrong: Pillow decodes
+    it with libtiff, which prints "ZIPDecode: Decoding error ..., incorrect data check"
+    to standard error itself by default, and Pillow raises."""
+    grey = (np.arange(24 * 32).reshape(24, 32) % 256).astype(np.uint8)
+    data = bytearray(tiff_file(grey, deflate=True))
+    end = 8 + len(zlib.compress(grey.tobytes()))  # the one strip follows the 8-byte header
+    data[end - 4 : end] = bytes(4)  # its Adler-32
+    return bytes(data)
+
+
+def test_libtiffs_messages_on_a_clients_file_are_not_written(
+    classifier_dir: Path, tmp_path: Path
+) -> None:
+    assert quiet_libtiff() >= 1  # the libtiff Pillow loaded is found here
+    log = tmp_path / "server.log"
+    with running_server(["--model-dir", str(classifier_dir)], log_path=log) as server:
+        for _ in range(3):
+            answer = _post(server.url, _corrupt_deflate_tiff(), "image/tiff")
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"] == "bad_image"
+    text = log.read_text()
+    for line in text.splitlines():
+        json.loads(line)  # no line of libtiff's, in plain text
+    assert "ZIPDecode" not in text
 
 
 def test_max_pixels_is_the_only_pixel_limit(classifier_dir: Path, tmp_path: Path) -> None:
