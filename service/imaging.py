@@ -100,9 +100,9 @@ def configure_decoding() -> None:
       (`configure_logging`). libtiff's own messages, which it prints itself, are turned
       off (`quiet_libtiff`).
 
-    Warnings filters are process-wide (`warnings.catch_warnings` around each decode, as
-    before, swapped the filter list under the other decoding threads), so this is done
-    once, before the server's threads start."""
+    Warnings filters are process-wide, so this is done once, before the server's threads
+    start (the `warnings.catch_warnings` that each decode used to enter swapped the
+    filter list under the other decoding threads)."""
     Image.MAX_IMAGE_PIXELS = None
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
     # Pillow's own log lines are about the files it reads, a client's (an error line for
