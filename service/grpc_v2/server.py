@@ -101,6 +101,8 @@ CONTENTS_FIELDS = {
 # input; the classification and detection answers have two to five outputs).
 MAX_TENSORS = 16
 MAX_PARAMETERS = 64
+# The parameter of a stream's answer that carries its stages (Server-Timing's syntax).
+STREAM_TIMING = "server_timing"
 # Requests of one ModelStreamInfer stream held at once, from their reading until their
 # answers are written: enough to fill batches, few enough that one stream cannot take
 # the queue (--max-queue-size: 64 by default).
@@ -266,9 +268,9 @@ class InferenceService:
     async def ModelInfer(
         self, request: Any, context: grpc.aio.ServicerContext, *, unary: bool = True
     ) -> Any:
-        """One inference; a unary call's trailing metadata also carries its stages
-        (`server-timing`, as the REST answers' Server-Timing header), a stream's
-        requests do not (a stream's trailers come once, at its end)."""
+        """One inference, with its stages (as the REST answers' Server-Timing header): a
+        unary call's in its trailing metadata (`server-timing`), a stream's answer in its
+        `server_timing` parameter (a stream's trailers come once, at its end)."""
         runner = v2.find_model(self.pool, request.model_name, request.model_version or None)
         self.pool.require_ready()
         times = RequestTimes()
@@ -280,6 +282,8 @@ class InferenceService:
         if unary:  # beside the request id the call's wrapper put there
             timing = ("server-timing", times.server_timing())
             context.set_trailing_metadata((*context.trailing_metadata(), timing))
+        else:
+            answer.parameters[STREAM_TIMING].string_param = times.server_timing()
         return answer
 
     async def _infer(

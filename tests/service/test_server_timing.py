@@ -1,6 +1,7 @@
 """Every answered inference request says where its time in the server went, in a
 `Server-Timing` header (W3C Server Timing; browsers' developer tools show it), and a gRPC
-ModelInfer in its `server-timing` trailing metadata: decoding and preprocessing, the
+ModelInfer in its `server-timing` trailing metadata (a stream's answer in its
+`server_timing` parameter): decoding and preprocessing, the
 batch queue, the engine and the answer, in milliseconds. Checked against a real server:
 the engine's stage covers the slow classifier's graph timed alone in the test, the
 stages' sum is within the time the client saw, and the model's statistics (Triton's
@@ -146,6 +147,32 @@ def test_a_grpc_model_infer_carries_its_stages_in_its_trailing_metadata(
             return _Answer(trailing)
 
         _check_against_the_statistics(served.url, engine_ms, send)
+
+
+def test_a_grpc_streams_answers_carry_their_stages_in_a_parameter(
+    served: RunningServer, engine_ms: float
+) -> None:
+    """A stream's trailing metadata comes once, at its end: each answer carries its own
+    stages in its `server_timing` parameter instead, as tritonclient's stream callback
+    receives it."""
+    grpc = pytest.importorskip("grpc")
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    pixels = np.full((1, 224, 224, 3), 30, np.uint8)
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def send() -> _Answer:
+            request = service_pb2.ModelInferRequest(model_name="slow_cls", id="streamed")
+            request.inputs.add(name="image", datatype="UINT8", shape=list(pixels.shape))
+            request.raw_input_contents.append(pixels.tobytes())
+            (answer,) = stub.ModelStreamInfer(iter([request]), timeout=30)
+            assert not answer.error_message and answer.infer_response.id == "streamed"
+            timing = answer.infer_response.parameters["server_timing"].string_param
+            return _Answer((("server-timing", timing),))
+
+        for _ in range(2):
+            _check_against_the_statistics(served.url, engine_ms, send)
 
 
 def test_a_refused_request_has_no_timing(served: RunningServer) -> None:
