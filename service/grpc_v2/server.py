@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf.message import DecodeError
 
 from service import __version__, kserve
 from service.auth import KeyRing, key_refusal, presented_keys
@@ -132,6 +133,18 @@ MESSAGES, SERVICES = _load_services()
 class UnknownService(ServiceError):
     status_code = 404
     code = "unknown_service"
+
+
+class MalformedMessage(ServiceError):
+    """A request message that is not the method's protobuf message (gRPC's framing held,
+    its bytes did not parse): the REST routes' 400 for a malformed body."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+def _malformed(message_type: str, error: DecodeError) -> MalformedMessage:
+    return MalformedMessage(f"the request is not a valid {message_type} message: {error}")
 
 
 class Abort(Exception):
@@ -549,7 +562,7 @@ class _Calls:
             context: grpc.aio.ServicerContext, metadata: list[tuple[bytes, bytes]]
         ) -> Any:
             self._check_key(name, metadata)  # before its message is waited for
-            request = await self._message(context)
+            request = await self._message(context, method.input_type.name)
             with self._held(request):
                 return await body(request, context)
 
@@ -559,12 +572,14 @@ class _Calls:
             response_serializer=MESSAGES[method.output_type.name].SerializeToString,
         )
 
-    async def _message(self, context: grpc.aio.ServicerContext) -> Any:
+    async def _message(self, context: grpc.aio.ServicerContext, message_type: str) -> Any:
         """A unary call's one request message, once it has all arrived; RequestTimeout
         (DEADLINE_EXCEEDED) when it has not within --client-timeout-s."""
         try:
             async with asyncio.timeout(self._client_timeout_s):
                 request = await context.read()
+        except DecodeError as exc:
+            raise _malformed(message_type, exc) from None
         except TimeoutError:
             raise RequestTimeout(
                 f"the request message did not arrive within {self._client_timeout_s:g} s of "
@@ -661,7 +676,7 @@ class _Calls:
 
     async def _answered(
         self,
-        requests: AsyncIterator[Any],
+        _requests: AsyncIterator[Any],  # read with context.read() instead: _next_request
         context: grpc.aio.ServicerContext,
         stream: _Stream,
         route: str,
@@ -676,6 +691,8 @@ class _Calls:
         answer_type = MESSAGES["ModelStreamInferResponse"]
 
         async def infer(request: Any) -> Any:
+            if isinstance(request, MalformedMessage):
+                raise request  # answered as any failed request is, the stream left open
             with self._held(request):
                 return await self.service.ModelInfer(request, context, unary=False)
 
@@ -683,9 +700,9 @@ class _Calls:
             try:
                 response = await self._counted(route, lambda: infer(request))
             except Abort as abort:
-                echo = MESSAGES["ModelInferResponse"](
-                    model_name=request.model_name[:MAX_DETAIL_CHARS], id=request.id
-                )
+                echo = MESSAGES["ModelInferResponse"]()
+                if not isinstance(request, MalformedMessage):
+                    echo.model_name, echo.id = request.model_name[:MAX_DETAIL_CHARS], request.id
                 finished.put_nowait(answer_type(error_message=abort.details, infer_response=echo))
             else:
                 finished.put_nowait(answer_type(infer_response=response))
@@ -694,7 +711,7 @@ class _Calls:
             try:
                 while True:
                     await slots.acquire()  # before the next message is read
-                    request = await self._next_request(requests)
+                    request = await self._next_request(context)
                     if request is None:
                         break
                     stream.took()
@@ -718,20 +735,24 @@ class _Calls:
             for task in list(running):
                 task.cancel()
 
-    async def _next_request(self, requests: AsyncIterator[Any]) -> Any:
+    async def _next_request(self, context: grpc.aio.ServicerContext) -> Any:
         """The stream's next request; None at its end, or when the server drains while
-        none is coming (a request read is always answered: while draining, with 503)."""
-        coming = asyncio.ensure_future(anext(requests))
+        none is coming (a request read is always answered: while draining, with 503); a
+        message that is not a ModelInferRequest as its MalformedMessage, to be answered.
+        Read with context.read(), not the call's request iterator, which ends for good at
+        a message it cannot parse: the messages after it would go unanswered."""
+        coming = asyncio.ensure_future(context.read())
         try:
             while not coming.done():
                 await asyncio.wait({coming}, timeout=STREAM_CHECK_S)
                 if not coming.done() and self.service.pool.draining:
                     return None
-            return coming.result()
-        except StopAsyncIteration:
-            return None
+            request = coming.result()
+        except DecodeError as exc:
+            return _malformed("ModelInferRequest", exc)
         finally:
             coming.cancel()
+        return None if request is grpc.aio.EOF else request
 
     async def _counted(self, route: str, run: Callable[[], Awaitable[Any]]) -> Any:
         """`run()`'s answer to one request, counted in flight, timed and logged under

@@ -1179,14 +1179,16 @@ def test_a_stream_holds_a_bounded_number_of_requests_at_once() -> None:
         )
         pulled = 0
 
-        async def requests():
-            nonlocal pulled
-            for number in range(40):
+        class Context:  # what the stream reads its messages with
+            async def read(self):
+                nonlocal pulled
+                if pulled == 40:
+                    return grpc.aio.EOF
                 pulled += 1
-                yield pb["ModelInferRequest"](model_name=MODEL, id=str(number))
+                return pb["ModelInferRequest"](model_name=MODEL, id=str(pulled - 1))
 
         stream = grpc_server._Stream()
-        answers = calls._answered(requests(), context=None, stream=stream, route="/stream")
+        answers = calls._answered(None, context=Context(), stream=stream, route="/stream")
         first = asyncio.ensure_future(anext(answers))
         await asyncio.sleep(0.2)  # the engine is stuck: the reading stops at the bound
         held = pulled
@@ -1225,3 +1227,45 @@ def test_a_stream_needs_a_key_as_every_call_does(keyed) -> None:
             assert result.as_numpy("probabilities").shape == (1, 10)
         else:
             assert result is None and error.status() == status(expected), error
+
+
+def test_a_message_protobuf_cannot_parse_is_a_bad_request_and_a_stream_goes_on(
+    served,
+) -> None:
+    """Bytes that gRPC frames but that are no message of the method's type: a unary call
+    ends INVALID_ARGUMENT `bad_request` naming the type; on a stream such a message gets
+    an error answer of its own and the requests after it are answered. Before: INTERNAL
+    `internal_error: DecodeError` with an error line and its traceback in the log for
+    each, and on a stream UNKNOWN, or (with the call's request iterator, which ends at
+    such a message) the requests after it unanswered under an OK status."""
+    messages = grpcclient.service_pb2
+    log_before = served.server.log_path.read_text().count('"level": "error"')
+    with grpc.insecure_channel(f"{LOOPBACK}:{served.grpc_port}") as channel:
+        for method in ("ModelInfer", "ModelMetadata"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as raised:
+                call(b"\xff\xff\xff", timeout=CALL_TIMEOUT_S)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.details().startswith(
+                f"bad_request: the request is not a valid {method}Request message"
+            )
+        good = []
+        for number in range(3):
+            request = messages.ModelInferRequest(model_name=MODEL, id=f"good-{number}")
+            request.inputs.add(name="image", datatype="UINT8", shape=list(GOOD_PIXELS.shape))
+            request.raw_input_contents.append(GOOD_PIXELS.tobytes())
+            good.append(request.SerializeToString())
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        sent = [good[0], b"\xff\xff\xff", good[1], b"\x0a", good[2]]
+        answers = stream(iter(sent), timeout=CALL_TIMEOUT_S)
+        parsed = [messages.ModelStreamInferResponse.FromString(answer) for answer in answers]
+        assert answers.code() == grpc.StatusCode.OK
+    answered = sorted(a.infer_response.id for a in parsed if not a.error_message)
+    assert answered == ["good-0", "good-1", "good-2"]
+    errors = [a.error_message for a in parsed if a.error_message]
+    assert len(errors) == 2
+    assert all("not a valid ModelInferRequest message" in error for error in errors)
+    assert_still_serving(served)
+    time.sleep(0.5)  # the log's writer thread has written what came before
+    # a client's malformed bytes are no error of the server's
+    assert served.server.log_path.read_text().count('"level": "error"') == log_before
