@@ -383,6 +383,9 @@ def configure_logging(
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
     logging.captureWarnings(True)
+    # python-multipart writes a warning for each malformed part of a client's body (the
+    # request's 400 and its access line say it already): only its errors are written
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     # OpenTelemetry's exporter (--trace-endpoint): a line for each batch of spans it could
     # not deliver, not one for each retry
     exporter = logging.getLogger("opentelemetry")
