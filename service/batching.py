@@ -297,6 +297,10 @@ class BatchQueue(Generic[T, R]):
         self._report_depth()
         timeout = None if deadline is None else max(deadline - now, 0.0)
         answers = asyncio.gather(*(entry.future for entry in pending))
+        # A gather cancelled under its waiter (a gRPC client cancelling its call) ends with
+        # the CancelledError as its exception, which nothing reads: asyncio would log an
+        # error line, "exception was never retrieved", for each such request.
+        answers.add_done_callback(_retrieved)
         try:
             results = list(await asyncio.wait_for(answers, timeout))
             if timing is not None:
@@ -627,6 +631,11 @@ class BatchQueue(Generic[T, R]):
     def _report_depth(self) -> None:
         if self._observer is not None:
             self._observer.queue_depth(self.depth)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail(entry: _Pending, error: Exception) -> None:
