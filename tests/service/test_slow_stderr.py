@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -125,3 +126,18 @@ def test_a_librarys_warnings_and_errors_are_lines_of_the_json_log() -> None:
     assert warned["level"] == "warning"
     assert "UserWarning: a library warned" in warned["message"]
     assert (failed["level"], failed["message"]) == ("error", "a transport failed")
+
+
+def test_uvicorns_coloured_template_is_not_a_field_of_the_line() -> None:
+    """uvicorn logs its start and end with `color_message`, the message's template with
+    terminal colour codes, as an extra: the line keeps the message, not the codes."""
+    from service.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Started [%d]", (7,), None
+    )
+    record.color_message = "Started [\x1b[36m%d\x1b[0m]"
+    record.worker = "extras stay"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "Started [7]" and line["worker"] == "extras stay"
+    assert "color_message" not in line and "\x1b" not in json.dumps(line)
