@@ -264,7 +264,14 @@ def _cast_checked(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
             raise InvalidInferRequest(
                 f"input {name!r}: values outside {info.min}..{info.max} for {dtype}"
             )
-    return values.astype(dtype)
+    # a JSON number past FP32's range would become inf, with numpy's overflow warning
+    with np.errstate(over="raise"):
+        try:
+            return values.astype(dtype)
+        except FloatingPointError:
+            raise InvalidInferRequest(
+                f"input {name!r}: values outside the range of {dtype}"
+            ) from None
 
 
 def _numeric_dtype(spec: RequestInput) -> np.dtype:
