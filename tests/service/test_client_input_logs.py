@@ -6,7 +6,6 @@ text on standard error before the server's log took every library's lines
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from service.testing import free_port, running_server
+from tests.helpers.logs import json_lines
 
 
 def test_a_malformed_multipart_body_is_one_access_line(classifier_dir: Path, tmp_path) -> None:
@@ -36,7 +36,7 @@ def test_a_malformed_multipart_body_is_one_access_line(classifier_dir: Path, tmp
             )
             assert answer.status_code == 400, answer.text
             assert answer.json()["error"] == "bad_request"
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = json_lines(log)
     refused = [line for line in lines if line.get("path") == "/classify"]
     assert [line["status"] for line in refused] == [400, 400, 400]
     assert not [line for line in lines if line["logger"].startswith("python_multipart")]
@@ -74,7 +74,7 @@ def test_cancelled_grpc_calls_leave_no_error_line(slow_classifier_dir: Path, tmp
             call(data, timeout=60)  # still served
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         time.sleep(0.5)  # the log's writer has written every line
-        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        lines = json_lines(log)
     errors = [line for line in lines if line["level"] == "error"]
     assert not errors, errors[:3]
     cancelled = [line for line in lines if line.get("status") == 499]

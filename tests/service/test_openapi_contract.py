@@ -27,7 +27,6 @@ example database), single-worker and bounded (`--max-examples`). Its configurati
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from service.app import create_app
 from service.schemas import ErrorResponse, V2ErrorResponse
 from service.settings import DEMO_BUNDLES_DIR, Settings
 from service.testing import running_server
+from tests.helpers.logs import json_lines
 from tests.helpers.otlp import running_collector
 
 SERVER_MEMORY_BYTES = 8 * 1024**3
@@ -183,7 +183,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ["--engine-threads", "1"], log_path=log_path, memory_limit_bytes=SERVER_MEMORY_BYTES
     ) as server:
         yield server.url
-    _json_lines_only(log_path)
+    json_lines(log_path)  # after every phase of the fuzz: JSON lines only
 
 
 @pytest.fixture(scope="module")
@@ -208,17 +208,7 @@ def controlled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             inherit_settings=False,
         ) as server:
             yield server.url
-    _json_lines_only(folder / "server.log")
-
-
-def _json_lines_only(log_path: Path) -> None:
-    """After every phase of the fuzz: the server's log holds JSON lines only (no library
-    writing plain text to standard error at a client's will)."""
-    for line in log_path.read_text().splitlines():
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            pytest.fail(f"a line of the server's log is not JSON: {line[:300]!r}")
+    json_lines(folder / "server.log")  # after every phase of the fuzz: JSON lines only
 
 
 def _schemathesis(url: str, folder: Path, phase: str, *extra: str) -> None:
