@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def image_of(args: argparse.Namespace) -> bytes:
     """The JPEG --image-size asks for (loadgen's test image)."""
-    width, height = map(int, args.image_size.split("x"))
+    width, height = map(int, args.image_size.lower().split("x"))
     return test_image((width, height))
 
 

@@ -48,15 +48,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.alternating import image_of  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     READY_TIMEOUT_S,
-    SERVER_SETTINGS,
     add_server_arguments,
     cpu_seconds,
     paused,
     process_tree,
     round_order,
-    test_image,
+    server_values,
 )
 from hornet_bundle import load_bundle  # noqa: E402
 from service.engines import instances_of  # noqa: E402
@@ -144,9 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(**{name: getattr(args, name) for name in SERVER_SETTINGS})
-    width, height = (int(v) for v in args.image_size.lower().split("x"))
-    image = test_image((width, height))
+    settings = Settings(**server_values(args))
+    image = image_of(args)
     bundle = load_bundle(args.model_dir)
     if bundle.manifest.task != "classify":
         raise SystemExit(f"{args.model_dir} is a {bundle.manifest.task} bundle: give a classifier")

@@ -332,12 +332,16 @@ SERVER_SETTINGS = (
 SERVER_DEFAULTS = {"max_queue_size": 256, "precision": "fp32"}
 
 
+def server_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark's settings of the server, by their Settings names."""
+    return {name: getattr(args, name) for name in SERVER_SETTINGS}
+
+
 def server_flags(args: argparse.Namespace) -> list[str]:
     """The `python -m service` flags for the benchmark's settings."""
-    values = {name: getattr(args, name) for name in SERVER_SETTINGS}
     return [
         "--model-dir", str(args.model_dir), "--log-level", "warning",
-        *settings_flags(Settings, values),
+        *settings_flags(Settings, server_values(args)),
     ]  # fmt: skip
 
 
