@@ -29,7 +29,12 @@ from pydantic import ValidationError
 from hornet_cli import Command
 from service import thread_names
 from service.cpus import available_cpus
-from service.flags import add_settings_flags, given_settings
+from service.flags import (
+    add_settings_flags,
+    given_settings,
+    settings_problems,
+    unknown_environment,
+)
 from service.http_protocol import PortConnections, protocol_class
 from service.imaging import configure_decoding
 from service.logs import configure_logging, flush_logging
@@ -105,7 +110,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**given)
     except ValidationError as exc:
-        print(f"hornet serve: invalid settings:\n{exc}", file=sys.stderr)
+        for problem in settings_problems(Settings, exc):
+            print(f"hornet serve: invalid setting: {problem}", file=sys.stderr)
         return 2
     bundle_dirs = settings.start_bundle_dirs  # the repositories are read once
     missing = _load_model_missing(settings)
@@ -137,6 +143,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.access_log, settings.log_buffer_kib << 10)
+    unknown = unknown_environment(Settings, os.environ)
+    if unknown:
+        log.warning(
+            "environment variables named like settings that are none: ignored",
+            extra={
+                "ignored": list(unknown),
+                "did_you_mean": {name: near for name, near in unknown.items() if near},
+            },
+        )
     if not _precisions_verified(bundles, settings):
         return 2
     configure_allocator()

@@ -11,6 +11,7 @@ override the environment.
 from __future__ import annotations
 
 import argparse
+import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
@@ -100,6 +101,49 @@ def settings_environment(model: type[BaseSettings], values: Mapping[str, Any]) -
             text = str(value)
         environment[env_name(model, name)] = text
     return environment
+
+
+def settings_problems(model: type[BaseSettings], exc: ValidationError) -> list[str]:
+    """What pydantic found wrong with `model`'s settings, one line each, naming the flag
+    and the environment variable (`--max-upload-mb (HORNET_MAX_UPLOAD_MB): input should
+    be greater than 0, given '-1'`). The value given is quoted for a field that is not a
+    secret, cut at 100 characters; pydantic's own text is not used, as it quotes the
+    input of a check over several settings whole, API keys included."""
+    problems = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=True):
+        message = error["msg"].removeprefix("Value error, ")
+        field = model.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+        if field is None:  # a check of several settings together: its message names them
+            problems.append(message)
+            continue
+        name = str(error["loc"][0])
+        where = f"{flag_name(name, field)} ({env_name(model, name)})"
+        given = error.get("input")
+        if not _is_secret(field.annotation) and isinstance(given, str | int | float | Path):
+            text = str(given)
+            shown = text if len(text) <= 100 else text[:100] + "..."
+            if message[1:2].islower():  # "Input should be ..." within the sentence
+                message = message[0].lower() + message[1:]
+            message = f"{message}, given {shown!r}"
+        problems.append(f"{where}: {message}")
+    return problems
+
+
+def unknown_environment(model: type[BaseSettings], environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `environ` with `model`'s prefix that are none of its settings (a
+    typo, a setting of another version), each with the setting it is closest to, or ""
+    (names only: a value could be a secret). pydantic-settings ignores them."""
+    prefix = model.model_config.get("env_prefix", "").upper()
+    if not prefix:
+        return {}
+    known = [env_name(model, name) for name in model.model_fields]
+    unknown = sorted(
+        name for name in environ if name.upper().startswith(prefix) and name.upper() not in known
+    )
+    return {
+        name: next(iter(difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)), "")
+        for name in unknown
+    }
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -137,6 +137,10 @@ def model_setting_texts(model: str, values: dict[str, object]) -> list[str]:
     return texts
 
 
+# Threads of one kind (engine, decoding): the runtimes take the count as a C int.
+MAX_THREADS = 1024
+
+
 class Settings(BaseSettings):
     """What the server runs and the limits that keep it standing.
 
@@ -144,7 +148,10 @@ class Settings(BaseSettings):
     (HORNET_MODEL_DIR=bundles/a,bundles/b).
     """
 
-    model_config = SettingsConfigDict(env_prefix="HORNET_", extra="forbid")
+    # allow_inf_nan: an infinite limit is the setting's own "off" (0) or a large number;
+    # infinity itself failed later, where the setting became an int (a traceback at start,
+    # or every JPEG answered 400 under --jpeg-reducing-gap inf)
+    model_config = SettingsConfigDict(env_prefix="HORNET_", extra="forbid", allow_inf_nan=False)
 
     model_dir: Annotated[list[Path], NoDecode, Flag(metavar="DIR")] = Field(
         default_factory=default_model_dirs,
@@ -382,6 +389,7 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         0,
         ge=0,
+        le=MAX_THREADS,
         description="ONNX Runtime intra-op threads, OpenVINO inference threads; 0 = the CPUs "
         "the process may use where a CPU limit or affinity allows fewer than the machine "
         "has (a container), else the runtime's default",
@@ -427,6 +435,7 @@ class Settings(BaseSettings):
     decode_threads: Annotated[int, Flag(metavar="N")] = Field(
         0,
         ge=0,
+        le=MAX_THREADS,
         description="threads decoding uploads, 0 = one per CPU the process may use (its "
         "affinity, a container's CPU limit)",
     )
@@ -448,6 +457,7 @@ class Settings(BaseSettings):
     image_cache_mib: Annotated[int | None, Flag(metavar="MIB")] = Field(
         None,
         ge=0,
+        le=1 << 20,  # 1 TiB: Pillow counts its blocks in a C int
         description="freed image memory Pillow keeps for the next images while they keep "
         "coming, emptied within a second of the last (MiB): reused, it costs no page "
         "faults (about 50 ms of kernel time per 12 MP photo decoded in full); 0 = none; "

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from hornet_bundle import Bundle, EngineUnavailable, load_bundle
 from hornet_cli import Command
@@ -63,7 +64,7 @@ from service.engines import (
     static_sizes,
     unverified_precision,
 )
-from service.flags import settings_environment, settings_flags
+from service.flags import settings_environment, settings_flags, settings_problems
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
 from service.settings import Settings, model_setting_texts
@@ -445,7 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load per candidate and batch size (default 1.5)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-batch-size", type=int, default=Settings().max_batch_size,
+        "--max-batch-size", type=int, default=Settings.model_fields["max_batch_size"].default,
         help="the largest batch measured under load (images; a segmenter's tiles), and the "
         "powers of two below it (default 8)",
     )  # fmt: skip
@@ -466,6 +467,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tune(args: argparse.Namespace) -> int:
+    try:  # the server's settings the candidates are measured under (the environment's)
+        Settings(max_batch_size=args.max_batch_size)
+    except ValidationError as exc:
+        for problem in settings_problems(Settings, exc):
+            print(f"hornet tune: invalid setting: {problem}", file=sys.stderr)
+        return 2
     picks: list[tuple[Path, str, Measured | None]] = []
     for model_dir in args.model_dir:
         name, results = tune_bundle(model_dir, args)
