@@ -7,6 +7,7 @@ refuses.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -58,8 +59,7 @@ def write_manifest(bundle_dir: str | Path, fields: dict) -> Manifest:
     manifest = Manifest.model_validate(
         fields | {"files": file_entries(bundle_dir, names), "tools": tool_versions()}
     )
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    (bundle_dir / MANIFEST_NAME).write_text(text)
+    _write_manifest_file(bundle_dir, manifest)
     return manifest
 
 
@@ -75,6 +75,18 @@ def rewrite_manifest(bundle: Bundle, changes: dict) -> Manifest:
     manifest = Manifest.model_validate(
         fields | {"files": file_entries(bundle.path, names), "tools": current["tools"]}
     )
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    (bundle.path / MANIFEST_NAME).write_text(text)
+    _write_manifest_file(bundle.path, manifest)
     return manifest
+
+
+def _write_manifest_file(bundle_dir: Path, manifest: Manifest) -> None:
+    """`manifest.json` replaced whole (a temporary file renamed over it): a server reading
+    the bundle meanwhile (`--model-control-mode poll`) reads the old one or the new one,
+    never a half-written file."""
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+    temporary = bundle_dir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, bundle_dir / MANIFEST_NAME)
+    finally:
+        temporary.unlink(missing_ok=True)

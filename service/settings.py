@@ -864,9 +864,14 @@ class Settings(BaseSettings):
         return [path for path in self._repository_entries() if not _is_bundle(path)]
 
     def _repository_entries(self) -> list[Path]:
-        """Every entry of the model repositories, each repository's in name order."""
+        """Every entry of the model repositories, each repository's in name order, but the
+        hidden ones (`.NAME`: an export in progress writes its bundle under
+        `.NAME.export-XXXX`; an editor's or a volume's own entries)."""
         return [
-            path for repository in self.model_repository for path in sorted(repository.iterdir())
+            path
+            for repository in self.model_repository
+            for path in sorted(repository.iterdir())
+            if not path.name.startswith(".")
         ]
 
     @property

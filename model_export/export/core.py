@@ -12,11 +12,18 @@ until an export runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from os import PathLike
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from hornet_bundle import MANIFEST_NAME
 from model_export.export.options import ExportOptions
 
 if TYPE_CHECKING:
@@ -47,6 +54,11 @@ def export(
     Each of options.verify_precisions is then checked and recorded on the written bundle
     (model_export.export.precision), and with options.int8_calibration an int8 graph is
     written and verified (model_export.export.int8), failing the same way.
+
+    All of it is written in a hidden directory beside `out_dir` (`staged`) and moved
+    into `out_dir` once the bundle's manifest is written (`publish`), even where a step
+    after that fails; an export that fails or is stopped before leaves `out_dir` as it
+    was.
     """
     options = options or ExportOptions()
     unknown = set(options.verify_precisions) - set(VERIFIABLE_PRECISIONS)
@@ -74,16 +86,80 @@ def export(
         int8.check_min_agreement(options.min_agreement)
         int8.calibration_files(options.int8_calibration)
     module, function = EXPORTERS[task]
-    manifest = getattr(importlib.import_module(module), function)(model, Path(out_dir), options)
-    for precision in options.verify_precisions:
-        from model_export.export.precision import verify_precision
+    exporter = getattr(importlib.import_module(module), function)
+    out = Path(out_dir)
+    with staged(out) as bundle_dir:
+        try:
+            manifest = exporter(model, bundle_dir, options)
+            for precision in options.verify_precisions:
+                from model_export.export.precision import verify_precision
 
-        manifest = verify_precision(out_dir, precision, options.say, options.verify_images)
-    if options.int8_calibration is not None:
-        manifest = int8.quantize_int8(
-            out_dir, options.int8_calibration, options.min_agreement, options.say
-        )
+                manifest = verify_precision(
+                    bundle_dir, precision, options.say, options.verify_images
+                )
+            if options.int8_calibration is not None:
+                manifest = int8.quantize_int8(
+                    bundle_dir, options.int8_calibration, options.min_agreement, options.say
+                )
+        except BaseException as err:
+            # A bundle whose manifest was written is complete (its records may say a check
+            # failed, a later step may not have run: as the error says) and is published;
+            # before that, `out` is left as it was. The error names `out`, not the staging.
+            if (bundle_dir / MANIFEST_NAME).is_file():
+                publish(bundle_dir, out)
+            err.args = tuple(
+                arg.replace(str(bundle_dir), str(out)) if isinstance(arg, str) else arg
+                for arg in err.args
+            )
+            raise
+        publish(bundle_dir, out)
     return manifest
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A directory of `out`'s name to write the bundle into, in a hidden directory beside
+    `out` (`.NAME.export-XXXX`: the same file system, so `publish` renames; skipped by
+    a model repository), removed afterwards whatever happened. An export that fails or
+    is killed before `publish` leaves `out` as it was: a served bundle exported again
+    is replaced only by a written and verified one (a kill -9 leaves the hidden
+    directory behind)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        bundle_dir = holder / out.name
+        bundle_dir.mkdir()
+        yield bundle_dir
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def publish(bundle_dir: Path, out: Path) -> None:
+    """Move the bundle written in `bundle_dir` into `out`: each file its manifest lists
+    by an atomic rename (a reader never sees one half written), the manifest last, so a
+    loader in between sees new files under the old manifest and refuses the bundle
+    (hash mismatch) rather than serving a mixture; then the files only the old manifest
+    listed are removed. Other files in `out` are left alone."""
+    written = json.loads((bundle_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+    before = _listed_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in written:
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(bundle_dir / name, target)
+    os.replace(bundle_dir / MANIFEST_NAME, out / MANIFEST_NAME)
+    for name in sorted(before - set(written)):
+        (out / name).unlink(missing_ok=True)
+
+
+def _listed_files(out: Path) -> set[str]:
+    """The files the manifest in `out` lists (names inside the bundle only), or none."""
+    try:
+        files = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    inside = (PurePosixPath(n) for n in files if isinstance(n, str))
+    return {str(n) for n in inside if not n.is_absolute() and ".." not in n.parts}
 
 
 def _model(variant_or_model: str | nn.Module, options: ExportOptions) -> nn.Module:

@@ -20,12 +20,15 @@ from service.testing import running_server
 
 @pytest.fixture
 def repository(classifier_dir, segmenter_dir, tmp_path: Path) -> Path:
-    """Two bundles, and what a volume also holds: lost+found and a stray file."""
+    """Two bundles, and what a volume also holds: lost+found and a stray file; and a
+    hidden entry, neither served nor reported."""
     root = tmp_path / "models"
     shutil.copytree(segmenter_dir, root / "b_segmenter")
     shutil.copytree(classifier_dir, root / "a_classifier")
     (root / "lost+found").mkdir()
     (root / "README.txt").write_text("not a bundle")
+    # an export in progress: `hornet export --out models/a_classifier` writes here first
+    shutil.copytree(classifier_dir, root / ".a_classifier.export-x1y2" / "a_classifier")
     return root
 
 
