@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from os import PathLike
@@ -38,6 +39,47 @@ def file_sha256(path: str | PathLike) -> str:
     return digest.hexdigest()
 
 
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason, in one line: torch's message around it
+    suggests loading with weights_only=False (never, for a file from elsewhere) and
+    carries terminal colour codes."""
+    text = str(err)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    first = first.split(" Please use `torch.serialization", 1)[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", first)[:300]
+
+
+def _check_record_sizes(path: Path) -> None:
+    """torch.save writes a zip of uncompressed records, each as long as the data it holds.
+    A checkpoint whose records claim more bytes than the file has (compressed records: a
+    few kilobytes could claim gigabytes, which torch's reader would allocate and inflate)
+    is refused before torch reads it, so that reading takes no more memory than the file
+    is long. A file that does not begin as a zip (torch's legacy format; torch.load tells
+    the two apart the same way) is left to torch.load."""
+    with open(path, "rb") as file:
+        if file.read(4) != b"PK\x03\x04":
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as err:  # noqa: BLE001 - zipfile raises several kinds on damage
+        raise CheckpointError(
+            f"{path} is truncated, damaged or not a torch checkpoint (its zip directory: "
+            f"{type(err).__name__}: {str(err)[:300]})"
+        ) from err
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    claimed = sum(r.file_size for r in records)
+    if compressed or claimed > path.stat().st_size:
+        how = f", {len(compressed)} of them compressed" if compressed else ""
+        raise CheckpointError(
+            f"{path} is not a checkpoint as torch.save writes it: its zip records claim "
+            f"{claimed} bytes in a file of {path.stat().st_size}{how}; load it with the "
+            "torch that wrote it and save the state dict again"
+        )
+
+
 def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
     """The state dict stored in `path`, unwrapped from its training container."""
     return read_checkpoint_file(path)[0]
@@ -57,15 +99,26 @@ def read_checkpoint_file(path: str | PathLike) -> tuple[dict[str, torch.Tensor],
             return load_file(path), {}
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    _check_record_sizes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(err)
+        if reason.startswith("Unsupported global"):
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers; refusing to "
+                f"unpickle it (weights_only=True). Re-save only the state dict. ({reason})"
+            ) from err
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers; refusing to "
-            f"unpickle it (weights_only=True). Re-save only the state dict. ({err})"
+            f"{path} is truncated, damaged or not a torch checkpoint ({reason})"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path} is truncated or not a torch checkpoint: {err}") from err
+    except Exception as err:  # noqa: BLE001 - on a damaged file torch's readers raise anything
+        # (a fuzz of damaged small checkpoints: IndexError, KeyError, UnicodeDecodeError,
+        # struct.error, AssertionError, TypeError, and MemoryError from the legacy format)
+        raise CheckpointError(
+            f"{path} is truncated, damaged or not a torch checkpoint "
+            f"({type(err).__name__}: {str(err)[:300]})"
+        ) from err
     meta = obj.get("meta") if isinstance(obj, Mapping) else None
     return unwrap_state_dict(obj, source=str(path)), dict(meta) if isinstance(meta, Mapping) else {}
 

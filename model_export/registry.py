@@ -127,6 +127,10 @@ def get_variant(name: str) -> Variant:
     return _VARIANTS[canonical]
 
 
+# The square input sizes a variant may be built at (`image_size`).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+
+
 def create_model(
     name: str,
     checkpoint: str | PathLike | None = None,
@@ -146,6 +150,14 @@ def create_model(
 
     variant = get_variant(name)
     cfg = variant.cfg
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes {num_classes}: a classifier needs at least one class")
+    if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image size {image_size}: HorNet downsamples its input 32 times, so at least "
+            f"{MIN_IMAGE_SIZE}; and at most {MAX_IMAGE_SIZE} (a Global Filter's weights grow "
+            "with the square of the size)"
+        )
     if num_classes is not None:
         cfg = cfg.with_num_classes(num_classes)
     if image_size is not None:

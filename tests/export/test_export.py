@@ -266,6 +266,30 @@ def test_cli_reports_bad_arguments_with_a_non_zero_exit(tmp_path):
     assert run.returncode == 2 and "MIN:OPT:MAX" in run.stderr
     run = _hornet("export", "--variant", "hornet_t_7x7", "--checkpoint", str(tmp_path / "nope.pth"))
     assert run.returncode == 1 and "does not exist" in run.stderr
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    for flags, said in [
+        (["--image-size", "16"], "image size 16: HorNet downsamples its input 32 times"),
+        (["--num-classes", "0"], "num_classes 0: a classifier needs at least one class"),
+        (["--checkpoint", str(tmp_path / "notes.pth")], "not a torch checkpoint"),
+    ]:
+        # before: torch.export's report of a kernel larger than its input, a failure after
+        # the export ("argmax of an empty sequence"), the unpickler's IndexError
+        run = _hornet("export", "--variant", "hornet_t_7x7", "--out", str(tmp_path / "b"), *flags)
+        assert run.returncode == 1 and said in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"image_size": 31}, "at least 32"),
+        ({"image_size": 100_000}, "at most 2048"),  # GF filters of 100000/16 squared
+        ({"num_classes": 0}, "at least one class"),
+    ],
+)
+def test_a_variant_is_built_only_at_sizes_it_has(given, said):
+    with pytest.raises(ValueError, match=said):
+        create_model("hornet_tiny_gf", **TINY, **given)
 
 
 # --------------------------------------------------------------------------- TensorRT (GPU)
