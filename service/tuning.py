@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import shlex
 import statistics
@@ -64,6 +65,7 @@ from service.engines import (
     static_sizes,
     unverified_precision,
 )
+from service.errors import ServiceError
 from service.flags import settings_environment, settings_flags, settings_problems
 from service.imaging import decode_image
 from service.pipelines import pipeline_for
@@ -442,7 +444,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "command serving them all with each one's pick as --model-setting",
     )  # fmt: skip
     parser.add_argument(
-        "--seconds", type=float, default=1.5,
+        "--seconds", type=_positive_seconds, default=1.5,
         help="load per candidate and batch size (default 1.5)",
     )  # fmt: skip
     parser.add_argument(
@@ -451,28 +453,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "powers of two below it (default 8)",
     )  # fmt: skip
     parser.add_argument(
-        "--engines", default="onnxruntime,openvino", help="comma-separated (default both)"
-    )
+        "--engines", type=_engine_names, default="onnxruntime,openvino",
+        help="comma-separated (default both)",
+    )  # fmt: skip
     parser.add_argument(
         "--image", type=Path,
         help="a picture like those it will serve (default: a synthetic one without "
         "objects; a detector's speed depends on what it finds)",
     )  # fmt: skip
     parser.add_argument(
-        "--rounds", type=int, default=1,
+        "--rounds", type=_positive_count, default=1,
         help="measure every candidate this many times, in turn, and take the medians "
         "(a shared host's speed moves 10-20%% between runs; default 1)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="the figures as JSON lines")
 
 
+TUNED_ENGINES = ("onnxruntime", "openvino")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds of load, above 0 and finite")
+    return value
+
+
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 1")
+    return value
+
+
+def _engine_names(text: str) -> str:
+    unknown = sorted(set(text.split(",")) - set(TUNED_ENGINES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown))}: the engines measured are {', '.join(TUNED_ENGINES)}"
+        )
+    return text
+
+
 def tune(args: argparse.Namespace) -> int:
     try:  # the server's settings the candidates are measured under (the environment's)
-        Settings(max_batch_size=args.max_batch_size)
+        base = Settings(max_batch_size=args.max_batch_size)
     except ValidationError as exc:
         for problem in settings_problems(Settings, exc):
             print(f"hornet tune: invalid setting: {problem}", file=sys.stderr)
         return 2
+    if args.image is not None:  # once here, not as each candidate's failure
+        try:
+            decode_image(args.image.read_bytes(), base.max_pixels, base.max_aspect_ratio)
+        except (OSError, ServiceError) as exc:
+            print(f"hornet tune: --image {args.image}: {exc}", file=sys.stderr)
+            return 2
     picks: list[tuple[Path, str, Measured | None]] = []
     for model_dir in args.model_dir:
         name, results = tune_bundle(model_dir, args)

@@ -315,3 +315,39 @@ def test_several_bundles_are_tuned_in_turn_into_one_command_serving_them_all(
         batching = served[name]["batching"]
         assert batching["instances"] == settings.instances, name
         assert batching["max_batch_size"] == settings.max_batch_size, name
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--seconds", "0"], "argument --seconds: '0': seconds of load, above 0 and finite"),
+        (["--seconds", "inf"], "argument --seconds: 'inf': seconds of load"),  # ran forever
+        (["--rounds", "0"], "argument --rounds: '0': a whole number, at least 1"),  # IndexError
+        (["--engines", "onnxruntime,tensorrt"], "'tensorrt': the engines measured are"),
+    ],
+)
+def test_hornet_tune_refuses_arguments_it_cannot_measure_with(capsys, flags, said) -> None:
+    """Before: --seconds 0 recommended flags from no load at all, --seconds inf measured
+    without end, --rounds 0 ended in IndexError, an unknown engine gave "no verified
+    candidate ran here"."""
+    from hornet_cli import subcommand_parsers
+
+    with pytest.raises(SystemExit) as exited:
+        subcommand_parsers()["tune"].parse_args([str(demo.bundle_dir("classify")), *flags])
+    assert exited.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_hornet_tune_refuses_an_image_it_could_not_serve_before_measuring(tmp_path) -> None:
+    """Before, each candidate reported "cannot run here: UnsupportedMediaType", and the
+    command ended "no verified candidate ran here"."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    bundle = str(demo.bundle_dir("classify"))
+    done = subprocess.run(
+        [*HORNET, "tune", bundle, "--image", str(text)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"hornet tune: --image {text}: not a recognised image; send JPEG, PNG, WebP, BMP, "
+        "TIFF or GIF"
+    ]
