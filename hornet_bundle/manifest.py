@@ -8,7 +8,7 @@ version are read through `hornet_bundle.versions`, which says which versions it 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,10 @@ DType = Literal["uint8", "float32", "float16", "int64", "int32", "bool"]
 # What a bundle may be served at: its engines' file precisions (int8: a quantized QDQ
 # graph), and bf16 (OpenVINO runs the fp32 graph at it).
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
+# A side of an image the preprocessing makes (pixels): the service allocates batches of
+# them, so a manifest's size is bounded as an upload's is (8192 x 8192 x 3 is 200 MB).
+MAX_SIDE = 8192
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 
 
 class _Strict(BaseModel):
@@ -37,16 +41,29 @@ class TensorSpec(_Strict):
 
     name: str
     dtype: DType
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=-1)]]
     layout: Literal["NCHW", "NHWC"] | None = None
     description: str = ""
+
+    @model_validator(mode="after")
+    def _axes_sized(self) -> TensorSpec:
+        if 0 in self.shape:
+            raise ValueError(f"shape {self.shape}: an axis is -1 (dynamic) or at least 1")
+        return self
+
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of an image input of fixed size, by its layout; else None."""
+        if self.layout is None or len(self.shape) < 3:
+            return None
+        height, width = self.shape[-3:-1] if self.layout == "NHWC" else self.shape[-2:]
+        return None if -1 in (height, width) else (height, width)
 
 
 class SlidingWindow(_Strict):
     """mmseg's slide inference: crop tiles of `crop`, step `stride`, average overlaps."""
 
-    crop: tuple[int, int]
-    stride: tuple[int, int]
+    crop: tuple[Side, Side]
+    stride: tuple[Side, Side]
 
 
 class Preprocess(_Strict):
@@ -64,15 +81,15 @@ class Preprocess(_Strict):
     """
 
     resize_mode: Literal["shorter_side_center_crop", "direct", "fit"]
-    input_size: tuple[int, int]
-    crop_pct: float | None = None
+    input_size: tuple[Side, Side]
+    crop_pct: float | None = Field(None, gt=0, le=1)
     interpolation: Literal["bicubic", "bilinear", "nearest"]
     resize_backend: Literal["pil", "opencv"] = "pil"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pixel_range: Literal[1, 255] = 1
     normalize_in_graph: bool = True
-    scale: tuple[int, int] | None = None
+    scale: tuple[Side, Side] | None = None
     sliding_window: SlidingWindow | None = None
 
 
@@ -202,6 +219,19 @@ class Manifest(_Strict):
     @classmethod
     def _read_older_versions(cls, data: object) -> object:
         return upgrade(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _input_is_the_preprocessed_size(self) -> Manifest:
+        # The service makes images of preprocess.input_size for the graph's first input:
+        # a graph of another fixed size would refuse every batch (or warm-up) with the
+        # runtime's own message
+        fixed = self.inputs[0].image_size()
+        if fixed is not None and fixed != tuple(self.preprocess.input_size):
+            raise ValueError(
+                f"preprocess.input_size {list(self.preprocess.input_size)} is not the size of "
+                f"input {self.inputs[0].name!r} ({self.inputs[0].layout} {self.inputs[0].shape})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _engines_are_listed_files(self) -> Manifest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -80,3 +81,30 @@ def test_file_outside_the_bundle_is_refused(bundle_copy: Path) -> None:
     _edit_manifest(bundle_copy, escape)
     with pytest.raises(BundleError, match="lies outside the bundle"):
         load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"input_size": [0, 0]},
+            "preprocess.input_size.0: Input should be greater than or equal to 1",
+        ),
+        ({"input_size": [100_000, 100_000]}, "less than or equal to 8192"),  # 28 GiB warm-up
+        ({"input_size": [64, 65]}, "preprocess.input_size [64, 65] is not the size of input"),
+        ({"crop_pct": 0}, "preprocess.crop_pct: Input should be greater than 0"),
+    ],
+)
+def test_a_manifest_s_preprocessing_is_bounded_and_fits_its_graph(
+    classifier_dir, tmp_path, change, said
+) -> None:
+    """Before, these loaded, and the first batch (the warm-up) failed with the runtime's
+    message ("index: 2 Got: 65 Expected: 96"), or numpy's ("Unable to allocate 27.9
+    GiB"), or would have taken the memory."""
+    bundle = tmp_path / "b"
+    shutil.copytree(classifier_dir, bundle)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["preprocess"] |= change
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=re.escape(said)):
+        load_bundle(bundle)
