@@ -234,6 +234,22 @@ class Manifest(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _a_label_per_class(self) -> Manifest:
+        # The answers name each class by its label: a class without one was a 500
+        # (IndexError) for every image whose top class it was
+        logits = self.outputs[0]
+        axis = {"classify": (2, -1), "segment": (4, 1)}.get(self.task)
+        if axis is None or len(logits.shape) != axis[0] or logits.shape[axis[1]] == -1:
+            return self
+        classes = logits.shape[axis[1]]
+        if classes != len(self.labels):
+            raise ValueError(
+                f"{len(self.labels)} labels for the {classes} classes of output "
+                f"{logits.name!r} {logits.shape}: one label per class"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _engines_are_listed_files(self) -> Manifest:
         missing = [e.file for e in self.engines if e.file not in self.files]
         if missing:

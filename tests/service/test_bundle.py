@@ -108,3 +108,17 @@ def test_a_manifest_s_preprocessing_is_bounded_and_fits_its_graph(
     (bundle / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match=re.escape(said)):
         load_bundle(bundle)
+
+
+@pytest.mark.parametrize("bundle", ["classifier_dir", "segmenter_dir"])
+@pytest.mark.parametrize("change", [-1, 1])
+def test_a_manifest_has_one_label_per_class(request, tmp_path, bundle, change) -> None:
+    """Before, a classifier with a label too few loaded and answered 500 (IndexError) for
+    every image whose top class had none."""
+    copy = tmp_path / "b"
+    shutil.copytree(request.getfixturevalue(bundle), copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["labels"] = raw["labels"][:-1] if change < 0 else [*raw["labels"], "one more"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"labels for the \d+ classes of output 'logits'"):
+        load_bundle(copy)
