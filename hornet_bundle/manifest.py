@@ -65,6 +65,14 @@ class SlidingWindow(_Strict):
     crop: tuple[Side, Side]
     stride: tuple[Side, Side]
 
+    @model_validator(mode="after")
+    def _tiles_cover_the_image(self) -> SlidingWindow:
+        # a stride past the crop leaves rows and columns no tile covers: their logits
+        # would be 0 / 0
+        if self.stride[0] > self.crop[0] or self.stride[1] > self.crop[1]:
+            raise ValueError(f"stride {list(self.stride)} is past crop {list(self.crop)}")
+        return self
+
 
 class Preprocess(_Strict):
     """How a decoded RGB image becomes the graph input.
@@ -225,6 +233,12 @@ class Manifest(_Strict):
         # The service makes images of preprocess.input_size for the graph's first input:
         # a graph of another fixed size would refuse every batch (or warm-up) with the
         # runtime's own message
+        window = self.preprocess.sliding_window
+        if window is not None and tuple(window.crop) != tuple(self.preprocess.input_size):
+            raise ValueError(
+                f"preprocess.sliding_window.crop {list(window.crop)} is not "
+                f"preprocess.input_size {list(self.preprocess.input_size)}: each tile is one input"
+            )
         fixed = self.inputs[0].image_size()
         if fixed is not None and fixed != tuple(self.preprocess.input_size):
             raise ValueError(

@@ -122,3 +122,22 @@ def test_a_manifest_has_one_label_per_class(request, tmp_path, bundle, change) -
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match=r"labels for the \d+ classes of output 'logits'"):
         load_bundle(copy)
+
+
+@pytest.mark.parametrize(
+    ("window", "said"),
+    [
+        ({"crop": [128, 128], "stride": [129, 64]}, "stride [129, 64] is past crop [128, 128]"),
+        ({"crop": [96, 96], "stride": [64, 64]}, "sliding_window.crop [96, 96] is not"),
+    ],
+)
+def test_a_segmenter_s_tiles_are_its_input_and_cover_the_image(
+    segmenter_dir, tmp_path, window, said
+) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(segmenter_dir, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["preprocess"]["sliding_window"] = window
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=re.escape(said)):
+        load_bundle(copy)
