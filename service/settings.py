@@ -14,7 +14,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -652,17 +651,16 @@ class Settings(BaseSettings):
             return value
         return [check_origin(o) if isinstance(o, str) else o for o in value]
 
-    @field_validator("tls_keyfile")
-    @classmethod
-    def _tls_pair_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        # Runs after tls_certfile's own check (fields validate in order); an error names
-        # the files and what is wrong, never their contents.
-        certfile = info.data.get("tls_certfile")
-        if value is not None and certfile is None and "tls_certfile" in info.data:
+    @model_validator(mode="after")
+    def _tls_pair_loads(self) -> Settings:
+        # A check of the pair, not of the key alone (a field validator's problem is named
+        # after its field: "--tls-keyfile" for a certificate given without one); an error
+        # names the files and what is wrong, never their contents.
+        if self.tls_keyfile is not None and self.tls_certfile is None:
             raise ValueError("a TLS key without a certificate: give --tls-certfile too")
-        if certfile is not None:
-            check_certificate(certfile, value)
-        return value
+        if self.tls_certfile is not None:
+            check_certificate(self.tls_certfile, self.tls_keyfile)
+        return self
 
     @field_validator("api_key_file")
     @classmethod

@@ -166,3 +166,13 @@ def test_the_server_says_which_environment_variables_it_ignored(tmp_path) -> Non
         "HORNET_API_KEY": "HORNET_API_KEYS",
         "HORNET_MAX_UPLOAD": "HORNET_MAX_UPLOAD_MB",
     }
+
+
+def test_a_certificate_that_does_not_load_is_not_blamed_on_the_key_flag(capsys, tmp_path) -> None:
+    """The pair was checked as the key's field: a certificate given alone, and wrong,
+    was refused as "--tls-keyfile (HORNET_TLS_KEYFILE): ..."."""
+    text = tmp_path / "cert.pem"
+    text.write_text("not a certificate\n")
+    (line,) = _refusal(capsys, ["--tls-certfile", str(text)])
+    assert line.startswith(f"hornet serve: invalid setting: TLS: {text} does not hold a PEM")
+    assert "--tls-keyfile (" not in line
