@@ -143,6 +143,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hornet serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.access_log, settings.log_buffer_kib << 10)
+    if not _precisions_verified(bundles, settings):
+        return 2
+    configure_allocator()
+    configure_image_cache(settings.image_cache_size_mib)
+    configure_decoding()
     unknown = unknown_environment(Settings, os.environ)
     if unknown:
         log.warning(
@@ -152,11 +157,6 @@ def serve(args: argparse.Namespace) -> int:
                 "did_you_mean": {name: near for name, near in unknown.items() if near},
             },
         )
-    if not _precisions_verified(bundles, settings):
-        return 2
-    configure_allocator()
-    configure_image_cache(settings.image_cache_size_mib)
-    configure_decoding()
     if check:
         return asyncio.run(_check(settings, bundles))
     log.info(

@@ -207,7 +207,10 @@ def test_flags_override_the_environment(monkeypatch, tmp_path: Path) -> None:
 
 def test_invalid_flag_values_exit_with_status_2(capsys) -> None:
     assert cli.serve_main(["--max-batch-size", "0", "--model-dir", "x"]) == 2
-    assert "max_batch_size" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "hornet serve: invalid setting: --max-batch-size (HORNET_MAX_BATCH_SIZE): input should "
+        "be greater than or equal to 1, given '0'\n"
+    )
 
 
 def test_without_model_dirs_or_demo_bundles_serve_exits_with_status_2(
