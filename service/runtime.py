@@ -82,16 +82,19 @@ def _shutting_down() -> NotReady:
 
 def bundle_signature(path: str | Path) -> str:
     """What tells one version of the bundle at `path` from another: the SHA-256 of its
-    manifest and of each file's path, size and modification time under it. A bundle
-    copied in pieces (its manifest first) changes it again as each file lands."""
+    manifest and of each file's path, size and modification time under it, hidden ones
+    aside (an export in progress writes the next version under `.export-XXXX`, and a
+    manifest is written as a hidden file first). A bundle copied in pieces (its manifest
+    first) changes it again as each file lands."""
     root = Path(path)
     digest_ = hashlib.sha256()
     try:
         digest_.update((root / MANIFEST_NAME).read_bytes())
     except OSError as exc:
         digest_.update(repr(exc.errno).encode())
-    for folder, _, files in sorted(os.walk(root)):
-        for file in sorted(files):
+    for folder, folders, files in os.walk(root):  # top-down: pruned of hidden folders
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for file in sorted(name for name in files if not name.startswith(".")):
             try:
                 stat = (Path(folder) / file).stat()
             except OSError:

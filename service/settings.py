@@ -863,8 +863,7 @@ class Settings(BaseSettings):
 
     def _repository_entries(self) -> list[Path]:
         """Every entry of the model repositories, each repository's in name order, but the
-        hidden ones (`.NAME`: an export in progress writes its bundle under
-        `.NAME.export-XXXX`; an editor's or a volume's own entries)."""
+        hidden ones (`.NAME`: a copy set aside, an editor's or a volume's own entries)."""
         return [
             path
             for repository in self.model_repository

@@ -55,10 +55,9 @@ def export(
     (model_export.export.precision), and with options.int8_calibration an int8 graph is
     written and verified (model_export.export.int8), failing the same way.
 
-    All of it is written in a hidden directory beside `out_dir` (`staged`) and moved
-    into `out_dir` once the bundle's manifest is written (`publish`), even where a step
-    after that fails; an export that fails or is stopped before leaves `out_dir` as it
-    was.
+    All of it is written in a hidden directory in `out_dir` (`staged`) and moved into
+    `out_dir` once the bundle's manifest is written (`publish`), even where a step after
+    that fails; an export that fails or is stopped before leaves `out_dir` as it was.
     """
     options = options or ExportOptions()
     unknown = set(options.verify_precisions) - set(VERIFIABLE_PRECISIONS)
@@ -118,20 +117,26 @@ def export(
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A directory of `out`'s name to write the bundle into, in a hidden directory beside
-    `out` (`.NAME.export-XXXX`: the same file system, so `publish` renames; skipped by
-    a model repository), removed afterwards whatever happened. An export that fails or
-    is killed before `publish` leaves `out` as it was: a served bundle exported again
-    is replaced only by a written and verified one (a kill -9 leaves the hidden
-    directory behind)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    """A directory of `out`'s name to write the bundle into, inside a hidden directory in
+    `out` (`out/.export-XXXX/NAME`: the same file system, so `publish` renames, and no
+    other directory need be writable; a server polling `out` does not look at hidden
+    entries), removed afterwards whatever happened, with `out` itself where this made
+    it and nothing was published. An export that fails or is stopped before `publish`
+    leaves `out` as it was: a served bundle exported again is replaced only by a
+    written one (a kill -9 leaves the hidden directory behind)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a directory for the bundle")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        bundle_dir = holder / out.name
+        bundle_dir = holder / out.resolve().name
         bundle_dir.mkdir()
         yield bundle_dir
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def publish(bundle_dir: Path, out: Path) -> None:

@@ -43,6 +43,7 @@ def served(tmp_path_factory) -> Path:
 def test_the_export_writes_its_bundle_and_nothing_else_beside_it(served: Path) -> None:
     assert load_bundle(served).name == "tiny"  # named after --out, not the hidden folder
     assert sorted(p.name for p in served.parent.iterdir()) == ["tiny"]
+    assert not [p for p in served.iterdir() if p.name.startswith(".")]
     assert sorted(_digests(served)) == [
         "NOTES.txt",
         "manifest.json",
@@ -114,3 +115,19 @@ def test_a_manifest_is_replaced_whole_never_rewritten_in_place(served: Path, tmp
     assert os.stat(out / "manifest.json").st_ino != inode
     assert load_bundle(out).manifest.description == "described again"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_first_export_leaves_no_directory(tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("the verification broke")
+
+    monkeypatch.setattr(classify, "_verify", broken)
+    with pytest.raises(RuntimeError):
+        export(_model(5), tmp_path / "new" / "tiny", ExportOptions())
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "tiny").write_text("a file")
+    with pytest.raises(ValueError, match="is a file; give a directory"):
+        export(_model(6), tmp_path / "tiny", ExportOptions())

@@ -141,3 +141,23 @@ def test_a_segmenter_s_tiles_are_its_input_and_cover_the_image(
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match=re.escape(said)):
         load_bundle(copy)
+
+
+def test_a_bundle_s_signature_leaves_out_what_an_export_in_progress_writes(
+    classifier_dir, tmp_path
+) -> None:
+    """--model-control-mode poll reloads a bundle whose signature changes: an export
+    writing its next version under `.export-XXXX` in the bundle, or a manifest being
+    written as a hidden file, is not a change until the files are moved in."""
+    from service.runtime import bundle_signature
+
+    bundle = tmp_path / "b"
+    shutil.copytree(classifier_dir, bundle)
+    before = bundle_signature(bundle)
+    staging = bundle / ".export-abc" / "b"
+    staging.mkdir(parents=True)
+    (staging / "model.onnx").write_bytes(b"the next version, half written")
+    (bundle / ".manifest.json.12.tmp").write_text("{")
+    assert bundle_signature(bundle) == before
+    (bundle / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes() + b" ")
+    assert bundle_signature(bundle) != before

@@ -27,8 +27,8 @@ def repository(classifier_dir, segmenter_dir, tmp_path: Path) -> Path:
     shutil.copytree(classifier_dir, root / "a_classifier")
     (root / "lost+found").mkdir()
     (root / "README.txt").write_text("not a bundle")
-    # an export in progress: `hornet export --out models/a_classifier` writes here first
-    shutil.copytree(classifier_dir, root / ".a_classifier.export-x1y2" / "a_classifier")
+    # a hidden copy (an operator's, set aside): neither served nor reported
+    shutil.copytree(classifier_dir, root / ".a_classifier.previous")
     return root
 
 
