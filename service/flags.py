@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 _STRING_LIKE = (str, Path, SecretStr)
+# A URL's user and password (`scheme://user:password@host`), never quoted back.
+_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]*@")
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,9 @@ def settings_problems(model: type[BaseSettings], exc: ValidationError) -> list[s
     """What pydantic found wrong with `model`'s settings, one line each, naming the flag
     and the environment variable (`--max-upload-mb (HORNET_MAX_UPLOAD_MB): input should
     be greater than 0, given '-1'`). The value given is quoted for a field that is not a
-    secret, cut at 100 characters; pydantic's own text is not used, as it quotes the
-    input of a check over several settings whole, API keys included."""
+    secret, cut at 100 characters, a URL's user and password left out; pydantic's own
+    text is not used, as it quotes the input of a check over several settings whole,
+    API keys included."""
     problems = []
     for error in exc.errors(include_url=False, include_context=False, include_input=True):
         message = error["msg"].removeprefix("Value error, ")
@@ -120,7 +124,7 @@ def settings_problems(model: type[BaseSettings], exc: ValidationError) -> list[s
         where = f"{flag_name(name, field)} ({env_name(model, name)})"
         given = error.get("input")
         if not _is_secret(field.annotation) and isinstance(given, str | int | float | Path):
-            text = str(given)
+            text = _CREDENTIALS.sub(r"\1***@", str(given))
             shown = text if len(text) <= 100 else text[:100] + "..."
             if message[1:2].islower():  # "Input should be ..." within the sentence
                 message = message[0].lower() + message[1:]

@@ -593,8 +593,8 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"{value[:200]!r} is not an http:// or https:// URL of an OTLP/HTTP collector "
+            raise ValueError(  # the value is quoted by settings_problems, credentials cut
+                "not an http:// or https:// URL of an OTLP/HTTP collector "
                 "(e.g. http://otel-collector:4318/v1/traces)"
             )
         return value

@@ -176,3 +176,11 @@ def test_a_certificate_that_does_not_load_is_not_blamed_on_the_key_flag(capsys, 
     (line,) = _refusal(capsys, ["--tls-certfile", str(text)])
     assert line.startswith(f"hornet serve: invalid setting: TLS: {text} does not hold a PEM")
     assert "--tls-keyfile (" not in line
+
+
+def test_a_url_s_credentials_are_never_quoted(capsys) -> None:
+    """The collector URL's check quoted it whole, user and password included."""
+    (line,) = _refusal(capsys, ["--trace-endpoint", "ftp://tracer:pa55word@collector:4318"])
+    assert line.startswith("hornet serve: invalid setting: --trace-endpoint (")
+    assert line.endswith("given 'ftp://***@collector:4318'")
+    assert "pa55word" not in line and "tracer" not in line
