@@ -92,6 +92,19 @@ def serve_main(argv: list[str] | None = None) -> int:
     return serve(build_parser().parse_args(argv))
 
 
+def _one_name_twice(bundles: Sequence[Bundle]) -> str | None:
+    """Why `bundles` cannot all be served at once: two of one model's name (the same
+    directory given twice, or two exports named alike), found before any loads; else
+    None. The server would load the first and then stop at the second (status 1)."""
+    paths: dict[str, list[str]] = {}
+    for bundle in bundles:
+        paths.setdefault(bundle.name, []).append(str(bundle.path))
+    for name, where in paths.items():
+        if len(where) > 1:
+            return f"several bundles are of a model named {name!r}: {', '.join(where)}"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server the parsed flags (over the environment) describe until it is
     stopped; 2 for settings or bundles it cannot serve, 1 if it never started."""
@@ -141,6 +154,10 @@ def serve(args: argparse.Namespace) -> int:
         settings.check_served(bundle.name for bundle in bundles)
     except ValueError as exc:
         print(f"hornet serve: {exc}", file=sys.stderr)
+        return 2
+    twice = _one_name_twice(bundles) if not settings.models_change else None
+    if twice:  # (a repository that changes loads the others and retries this one)
+        print(f"hornet serve: {twice}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.access_log, settings.log_buffer_kib << 10)
     if not _precisions_verified(bundles, settings):

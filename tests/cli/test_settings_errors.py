@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -184,3 +185,15 @@ def test_a_url_s_credentials_are_never_quoted(capsys) -> None:
     assert line.startswith("hornet serve: invalid setting: --trace-endpoint (")
     assert line.endswith("given 'ftp://***@collector:4318'")
     assert "pa55word" not in line and "tracer" not in line
+
+
+def test_two_bundles_of_one_name_are_refused_before_any_loads(capsys, tmp_path) -> None:
+    """The same directory given twice loaded the first, then stopped at the second
+    ("model loading failed", status 1), after compiling its engines."""
+    twin = tmp_path / "twin"
+    shutil.copytree(CLASSIFIER, twin)
+    assert cli.serve_main(["--model-dir", CLASSIFIER, "--model-dir", str(twin)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hornet serve: several bundles are of a model named 'shapes_classify': "
+        f"{CLASSIFIER}, {twin}"
+    ]
