@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hornet_bundle import Bundle
 from service import __version__
 from service.auth import PROBE_PATHS, ApiKeyMiddleware, KeyRing, advertise_api_keys
+from service.batching import retrieve_exception
 from service.cors import CorsMiddleware
 from service.engines import create_engine
 from service.errors import ServiceError, error_body
@@ -71,7 +72,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(pool.load())
-        loading.add_done_callback(_retrieve_exception)
+        loading.add_done_callback(retrieve_exception)
         releasing = asyncio.create_task(pool.releaser.run())
         grpc_server = (
             await start_grpc_server(pool, settings, metrics, uploads, keys, certificate)
@@ -138,11 +139,6 @@ def probes_only(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return serve
-
-
-def _retrieve_exception(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _error(

@@ -300,7 +300,7 @@ class BatchQueue(Generic[T, R]):
         # A gather cancelled under its waiter (a gRPC client cancelling its call) ends with
         # the CancelledError as its exception, which nothing reads: asyncio would log an
         # error line, "exception was never retrieved", for each such request.
-        answers.add_done_callback(_retrieved)
+        answers.add_done_callback(retrieve_exception)
         try:
             results = list(await asyncio.wait_for(answers, timeout))
             if timing is not None:
@@ -633,7 +633,9 @@ class BatchQueue(Generic[T, R]):
             self._observer.queue_depth(self.depth)
 
 
-def _retrieved(future: asyncio.Future) -> None:
+def retrieve_exception(future: asyncio.Future) -> None:
+    """A done callback that reads `future`'s exception, so that asyncio does not log one
+    nothing else reads ("exception was never retrieved")."""
     if not future.cancelled():
         future.exception()
 
