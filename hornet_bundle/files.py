@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from os import PathLike
+from pathlib import PurePosixPath
 
 MANIFEST_NAME = "manifest.json"
 ONNX_FP32 = "model.onnx"
@@ -16,6 +17,13 @@ TRT_FP32 = "model.plan"
 TRT_FP16 = "model.fp16.plan"
 # TensorRT's timing cache: kept next to the engines to speed up rebuilds, never listed.
 TIMING_CACHE = "timing.cache"
+
+
+def inside_bundle(name: str) -> bool:
+    """Whether a file name the manifest lists stays inside the bundle's directory
+    (relative, no `..`)."""
+    relative = PurePosixPath(name)
+    return not relative.is_absolute() and ".." not in relative.parts
 
 
 def sha256_of(path: str | PathLike, chunk_size: int = 1 << 20) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
-from hornet_bundle.files import MANIFEST_NAME, sha256_of
+from hornet_bundle.files import MANIFEST_NAME, inside_bundle, sha256_of
 from hornet_bundle.manifest import Manifest
 
 
@@ -58,10 +58,9 @@ def _read_manifest(path: Path) -> Manifest:
 
 
 def _verify_file(root: Path, name: str, expected_sha256: str, expected_bytes: int) -> None:
-    relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts:
+    if not inside_bundle(name):
         raise BundleError(f"{root / MANIFEST_NAME}: file {name!r} lies outside the bundle")
-    path = root / relative
+    path = root / PurePosixPath(name)
     if not path.is_file():
         raise BundleError(f"{path}: listed in {MANIFEST_NAME} but missing")
     size = path.stat().st_size

@@ -20,10 +20,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from os import PathLike
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hornet_bundle import MANIFEST_NAME
+from hornet_bundle.files import inside_bundle
 from model_export.export.options import ExportOptions
 
 if TYPE_CHECKING:
@@ -163,8 +164,7 @@ def _listed_files(out: Path) -> set[str]:
         files = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    inside = (PurePosixPath(n) for n in files if isinstance(n, str))
-    return {str(n) for n in inside if not n.is_absolute() and ".." not in n.parts}
+    return {name for name in files if isinstance(name, str) and inside_bundle(name)}
 
 
 def _model(variant_or_model: str | nn.Module, options: ExportOptions) -> nn.Module:
