@@ -516,19 +516,21 @@ def tune(args: argparse.Namespace) -> int:
             return 2
     picks: list[tuple[Path, str, Measured | None]] = []
     for model_dir in args.model_dir:
-        name, results = tune_bundle(model_dir, args)
+        name, results = tune_bundle(model_dir, args, base)
         picks.append((model_dir, name, best(results)))
     if len(picks) > 1 and not args.json:
         print(combined(picks))
     return 0 if all(pick is not None for _, _, pick in picks) else 1
 
 
-def tune_bundle(model_dir: Path, args: argparse.Namespace) -> tuple[str, list[Measured]]:
-    """Every candidate for the bundle at `model_dir` measured (its report printed, or its
-    figures as JSON lines); the bundle's name and the results."""
+def tune_bundle(
+    model_dir: Path, args: argparse.Namespace, base: Settings
+) -> tuple[str, list[Measured]]:
+    """Every candidate for the bundle at `model_dir` measured under the server's settings
+    `base`, its report printed (or its figures as JSON lines); the bundle's name and the
+    results."""
     bundle = load_bundle(model_dir)
     cpus = available_cpus()
-    base = Settings(max_batch_size=args.max_batch_size)
     wanted = set(args.engines.split(","))
     found = [c for c in candidates(bundle, cpus) if c.engine in wanted]
     print(
